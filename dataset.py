@@ -1,0 +1,340 @@
+"""Streaming readers for parsed log sessions, and the IterableDataset that feeds training.
+
+Examples:
+
+    python dataset.py data/sample                 # count sessions/windows per file, validate every record
+    python dataset.py ../shared/data/hdfs/hdfs_train --vocab-size 29
+
+    from dataset import iter_sessions
+    for record in iter_sessions("data/sample", vocab_size=29):
+        print(record.file, record.index, record.session_id, record.event_ids, record.label)
+
+Formats (files read in sorted order; `.gz` of each read transparently):
+    *.json   a top-level array of session objects, or an object holding that array under `json_array_key`
+    *.jsonl  one session object per line
+    other    DeepLog text: one session per line, event IDs separated by spaces (.txt, .log or no suffix)
+A session object holds a list of integer IDs under `event_ids_field`, optionally `label` (0 normal,
+1 abnormal) and `session_id`. JSON is streamed with ijson; no file is read whole into memory.
+
+This module knows nothing of training: it reads, validates, splits, windows, shuffles and pads.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import ijson
+import torch
+from torch.utils.data import IterableDataset
+
+from model import IGNORE_INDEX, special_tokens
+
+JSON_SUFFIXES = (".json", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".log", "")
+IJSON_BACKEND = ijson.backend  # "yajl2_c" when the C extension is available, else a slower pure-Python one
+
+
+class DataError(Exception):
+    """Bad input data. The message names the file and the record (or line)."""
+
+
+@dataclass
+class Record:
+    file: str
+    index: int  # 1-based record number in a .json array, line number in .jsonl and text files
+    session_id: str
+    event_ids: list[int]
+    label: int
+
+
+def list_data_files(path: str | os.PathLike) -> list[Path]:
+    """The readable data files under `path` (a file or a directory), sorted. Raises DataError if none."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _format_of(p))
+    if not files:
+        raise DataError(f"{path}: directory holds no readable data file "
+                        f"(*.json, *.jsonl, DeepLog text *.txt/*.log/no suffix, or .gz of these)")
+    return files
+
+
+def _format_of(path: Path) -> str | None:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    suffix = Path(name).suffix
+    if suffix in JSON_SUFFIXES:
+        return suffix[1:]
+    return "text" if suffix in TEXT_SUFFIXES else None
+
+
+def _open(path: Path, mode: str = "rb"):
+    return gzip.open(path, mode) if path.name.endswith(".gz") else open(path, mode)
+
+
+def iter_sessions(path, vocab_size: int | None = None, event_ids_field: str = "event_ids",
+                  label_field: str = "label", session_id_field: str = "session_id",
+                  json_array_key: str = "sessions", skip_bad_records: bool = False,
+                  counters: dict | None = None) -> Iterator[Record]:
+    """Stream validated sessions from every data file under `path`.
+
+    A bad record raises DataError naming file and record; with skip_bad_records it is counted in
+    counters["bad_records"] (and the first message kept in counters["first_bad_record"]) instead.
+    """
+    counters = counters if counters is not None else {}
+    counters.setdefault("bad_records", 0)
+    for file in list_data_files(path):
+        fmt = _format_of(file) or "text"
+        raw = {"json": _iter_json_array, "jsonl": _iter_jsonl, "text": _iter_text}[fmt]
+        fields = (event_ids_field, label_field, session_id_field)
+        for index, item in raw(file, json_array_key):
+            try:
+                yield _validate(file, index, item, fields, vocab_size, fmt)
+            except DataError as error:
+                if not skip_bad_records:
+                    raise
+                counters["bad_records"] += 1
+                counters.setdefault("first_bad_record", str(error))
+
+
+def _iter_json_array(file: Path, array_key: str):
+    with _open(file) as handle:
+        head = handle.read(4096).lstrip()
+    if not head:
+        raise DataError(f"{file}: empty file")
+    prefix = "item" if head[:1] == b"[" else f"{array_key}.item"
+    count = 0
+    with _open(file) as handle:
+        try:
+            for count, item in enumerate(ijson.items(handle, prefix, use_float=True), start=1):
+                yield count, item
+        except ijson.JSONError as error:
+            raise DataError(f"{file}: malformed JSON after record {count} (at record {count + 1}): {error}") from None
+        except (OSError, EOFError) as error:
+            raise DataError(f"{file}: unreadable: {error}") from None
+    if count == 0 and prefix != "item":
+        raise DataError(f"{file}: no session array found: expected a top-level array or an object "
+                        f"with the array under '{array_key}' (data.json_array_key)")
+
+
+def _iter_jsonl(file: Path, _array_key: str):
+    with _open(file, "rt") as handle:
+        for line_no, line in _lines(file, handle):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{file}: line {line_no}: malformed JSON: {error}") from None
+
+
+def _iter_text(file: Path, _array_key: str):
+    with _open(file, "rt") as handle:
+        for line_no, line in _lines(file, handle):
+            tokens = line.split()
+            if not tokens:
+                continue
+            try:
+                yield line_no, [int(token) for token in tokens]
+            except ValueError:
+                bad = next(t for t in tokens if not t.lstrip("-").isdigit())
+                raise DataError(f"{file}: line {line_no}: '{bad}' is not an integer event ID "
+                                f"(DeepLog text holds space-separated integers)") from None
+
+
+def _lines(file: Path, handle):
+    try:
+        yield from enumerate(handle, start=1)
+    except (UnicodeDecodeError, OSError, EOFError) as error:
+        raise DataError(f"{file}: unreadable as text: {error}") from None
+
+
+def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt: str) -> Record:
+    event_ids_field, label_field, session_id_field = fields
+    where = f"{file}: {'record' if fmt == 'json' else 'line'} {index}"
+    label, session_id = 0, f"{file.name}:{index}"
+    if fmt == "text":
+        events = item
+    else:
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected a session object, got {type(item).__name__}")
+        if event_ids_field not in item:
+            raise DataError(f"{where}: missing field '{event_ids_field}' (data.event_ids_field)")
+        events = item[event_ids_field]
+        if not isinstance(events, list):
+            raise DataError(f"{where}: '{event_ids_field}' must be a list of integers, got {type(events).__name__}")
+        label = item.get(label_field, 0)
+        if label not in (0, 1) or isinstance(label, bool):
+            raise DataError(f"{where}: '{label_field}' must be 0 (normal) or 1 (abnormal), got {label!r}")
+        session_id = str(item.get(session_id_field, session_id))
+    if not events:
+        raise DataError(f"{where}: empty session (no event IDs)")
+    for event in events:
+        if not isinstance(event, int) or isinstance(event, bool):
+            raise DataError(f"{where}: event ID {event!r} is not an integer")
+        if event < 0:
+            raise DataError(f"{where}: event ID {event} is negative")
+        if vocab_size is not None and event >= vocab_size:
+            raise DataError(f"{where}: event ID {event} >= vocab_size {vocab_size} (raise model.vocab_size)")
+    return Record(str(file), index, session_id, events, int(label))
+
+
+def is_validation(file: str, index: int, seed: int, validation_split: float) -> bool:
+    """Deterministic per-session split: a hash of (seed, file name, record index), never of the epoch."""
+    if validation_split <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}:{os.path.basename(file)}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2 ** 64 < validation_split
+
+
+def make_windows(event_ids: list[int], vocab_size: int, max_seq_length: int, window_context: int):
+    """Session -> training samples (inputs, targets), each at most max_seq_length positions.
+
+    A session of n events has n + 1 predictions (inputs [start, e1..en], targets [e1..en, end]). When
+    that exceeds max_seq_length, consecutive windows advance by max_seq_length - window_context: each
+    later window re-reads the previous window_context positions as context, and their targets are
+    masked, so every prediction is trained exactly once and nothing is dropped or truncated.
+    """
+    end_id, _, start_id, _ = special_tokens(vocab_size)
+    inputs = [start_id] + event_ids
+    targets = event_ids + [end_id]
+    total = len(inputs)
+    if total <= max_seq_length:
+        return [(inputs, targets)]
+    stride = max_seq_length - window_context
+    windows, begin = [], 0
+    while True:
+        end = min(begin + max_seq_length, total)
+        window_targets = targets[begin:end]
+        if begin > 0:
+            window_targets = [IGNORE_INDEX] * window_context + window_targets[window_context:]
+        windows.append((inputs[begin:end], window_targets))
+        if end == total:
+            return windows
+        begin += stride
+
+
+def collate(samples, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest member: inputs with pad_id, targets with IGNORE_INDEX (never in loss or metrics)."""
+    longest = max(len(inputs) for inputs, _ in samples)
+    input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+    for row, (inputs, sample_targets) in enumerate(samples):
+        input_ids[row, :len(inputs)] = torch.tensor(inputs)
+        targets[row, :len(sample_targets)] = torch.tensor(sample_targets)
+    lengths = torch.tensor([len(inputs) for inputs, _ in samples])
+    return {"input_ids": input_ids, "targets": targets, "lengths": lengths}
+
+
+class SessionDataset(IterableDataset):
+    """Windows of normal sessions from one side of the split, streamed, shuffled through a bounded buffer.
+
+    Memory holds at most `buffer_size` samples. Shuffling is seeded by (seed, epoch, rank), so an epoch
+    replays identically, which is what makes mid-epoch resume exact: `batches(start_batch=N)` replays
+    the epoch's sample order and skips the first N batches without touching the model.
+    With `world_size > 1` each rank takes every world_size-th sample and stops at `samples_per_rank`
+    so that all ranks run the same number of steps.
+    """
+
+    def __init__(self, path, vocab_size: int, split: str = "train", validation_split: float = 0.1,
+                 seed: int = 42, max_seq_length: int = 256, window_context: int = 32,
+                 shuffle: bool = True, buffer_size: int = 10000, rank: int = 0, world_size: int = 1,
+                 samples_per_rank: int | None = None, **reader_options):
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split must be train, val or all, got {split}")
+        if not 0 <= window_context < max_seq_length:
+            raise ValueError("window_context must be in [0, max_seq_length)")
+        self.path, self.vocab_size, self.split = path, vocab_size, split
+        self.validation_split, self.seed = validation_split, seed
+        self.max_seq_length, self.window_context = max_seq_length, window_context
+        self.shuffle, self.buffer_size = shuffle, max(1, buffer_size)
+        self.rank, self.world_size, self.samples_per_rank = rank, world_size, samples_per_rank
+        self.reader_options = reader_options
+        self.epoch = 0
+        self.counters: dict = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _windows(self) -> Iterator[tuple[list[int], list[int]]]:
+        """All windows of this split, in file order, before sharding and shuffling."""
+        counters = self.counters = {"sessions": 0, "abnormal_skipped": 0, "bad_records": 0}
+        for record in iter_sessions(self.path, self.vocab_size, counters=counters, **self.reader_options):
+            if record.label != 0:  # DeepLog learns normal behaviour only
+                counters["abnormal_skipped"] += 1
+                continue
+            if self.split != "all" and is_validation(record.file, record.index, self.seed,
+                                                     self.validation_split) != (self.split == "val"):
+                continue
+            counters["sessions"] += 1
+            yield from make_windows(record.event_ids, self.vocab_size, self.max_seq_length, self.window_context)
+
+    def __iter__(self):
+        shard = (s for i, s in enumerate(self._windows()) if i % self.world_size == self.rank)
+        if self.samples_per_rank is not None:
+            shard = (s for i, s in zip(range(self.samples_per_rank), shard))
+        if not self.shuffle:
+            yield from shard
+            return
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}")
+        buffer = []
+        for sample in shard:
+            if len(buffer) < self.buffer_size:
+                buffer.append(sample)
+                continue
+            slot = rng.randrange(self.buffer_size)
+            yield buffer[slot]
+            buffer[slot] = sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def count(self) -> dict:
+        """One pass without shuffling: sessions, windows (samples) and predicted tokens of this split."""
+        windows = tokens = 0
+        for _, targets in self._windows():
+            windows += 1
+            tokens += sum(t != IGNORE_INDEX for t in targets)
+        return {**self.counters, "windows": windows, "tokens": tokens}
+
+    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[tuple[dict, int]]:
+        """Padded batches with their position: the number of batches of this epoch done after this one."""
+        _, pad_id, _, _ = special_tokens(self.vocab_size)
+        chunk, done = [], 0
+        for sample in self:
+            chunk.append(sample)
+            if len(chunk) == batch_size:
+                done += 1
+                if done > start_batch:
+                    yield collate(chunk, pad_id), done
+                chunk = []
+        if chunk and done + 1 > start_batch:
+            yield collate(chunk, pad_id), done + 1
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description="Validate data files and count their sessions.")
+    parser.add_argument("path", help="a data file or a directory of them")
+    parser.add_argument("--vocab-size", type=int, default=None, help="reject IDs >= this")
+    parser.add_argument("--event-ids-field", default="event_ids", help="field holding the event IDs")
+    cli = parser.parse_args()
+    try:
+        for data_file in list_data_files(cli.path):
+            counts = {"normal": 0, "abnormal": 0}
+            lengths, max_id = [], 0
+            for rec in iter_sessions(data_file, cli.vocab_size, event_ids_field=cli.event_ids_field):
+                counts["abnormal" if rec.label else "normal"] += 1
+                lengths.append(len(rec.event_ids))
+                max_id = max(max_id, max(rec.event_ids))
+            print(f"{data_file}: {counts['normal']} normal, {counts['abnormal']} abnormal sessions, "
+                  f"length {min(lengths, default=0)}..{max(lengths, default=0)}, max ID {max_id}")
+    except DataError as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,178 @@
+"""DeepLog: an LSTM that predicts the next log event key of a session.
+
+Examples (after `python train.py` has produced a checkpoint):
+
+    from model import DeepLog
+    model = DeepLog.from_checkpoint("outputs/checkpoints/best_model.pt", map_location="cpu")
+    scores = model.calculate_anomaly_score([22, 5, 5, 5, 11, 9], top_k=10)   # tensor([0.1429])
+    print(model.diagnose([22, 5, 5, 5, 11, 9], top_k=10))
+
+    # the manual route works too
+    import torch
+    ckpt = torch.load("outputs/checkpoints/best_model.pt", map_location="cpu", weights_only=True)
+    model = DeepLog(**ckpt["model_args"])
+    model.load_state_dict(ckpt["model_state_dict"])
+
+Token layout. User event IDs 0..vocab_size-1 are used unchanged. The special tokens live above them:
+
+    end_id   = vocab_size      end of session: a prediction target, never an input
+    pad_id   = vocab_size + 1  right padding of a batch
+    start_id = vocab_size + 2  session start: the first input, so the first event is predicted too
+    unk_id   = vocab_size + 3  input stand-in for an ID the model never had (>= vocab_size)
+
+A session e1..en becomes inputs [start, e1..en] and targets [e1..en, end]: n + 1 predictions. The
+head scores vocab_size + 1 classes (every event plus "end"), so an unexpected first event or a session
+that stops early is a miss like any other. This file knows nothing of files or training.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # target value for padding: cross_entropy skips it, metrics mask it
+
+
+def special_tokens(vocab_size: int) -> tuple[int, int, int, int]:
+    """(end_id, pad_id, start_id, unk_id): all above the user's IDs, which are never shifted."""
+    return vocab_size, vocab_size + 1, vocab_size + 2, vocab_size + 3
+
+
+class DeepLog(nn.Module):
+    def __init__(self, vocab_size: int, embedding_dim: int = 128, hidden_size: int = 256,
+                 num_layers: int = 2, dropout: float = 0.2):
+        super().__init__()
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.end_id, self.pad_id, self.start_id, self.unk_id = special_tokens(vocab_size)
+        self.num_classes = vocab_size + 1  # every event, plus end-of-session
+        self.model_args = dict(vocab_size=vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size,
+                               num_layers=num_layers, dropout=dropout)
+        self.embedding = nn.Embedding(vocab_size + 4, embedding_dim, padding_idx=self.pad_id)
+        # PyTorch applies LSTM dropout between layers only, so it is a no-op (and warns) with one layer.
+        self.lstm = nn.LSTM(embedding_dim, hidden_size, num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size, self.num_classes)
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-event logits [batch, time, vocab_size + 1] for every input position.
+
+        `lengths` is accepted for API symmetry but not needed: batches are right-padded and the LSTM is
+        causal, so padding can only influence positions after a sequence's end, which every loss and
+        metric masks. Skipping pack_padded_sequence keeps the fast fused cuDNN kernel on GPU.
+        """
+        hidden_states, _ = self.lstm(self.embedding(input_ids))
+        return self.head(self.dropout(hidden_states))
+
+    # ------------------------------------------------------------------ detection helpers
+    def encode(self, sessions: Sequence[Sequence[int]] | torch.Tensor,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw sessions -> (inputs, targets), both [batch, longest + 1].
+
+        Accepts one 1-D sequence, a list of sequences, or a 2-D tensor right-padded with any negative
+        value (or pad_id). IDs >= vocab_size become unk_id as inputs; as targets they can never be
+        predicted, so they always count as misses.
+        """
+        sessions = _as_list_of_lists(sessions, self.pad_id)
+        longest = max((len(s) for s in sessions), default=0) + 1
+        inputs = torch.full((len(sessions), longest), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(sessions), longest), IGNORE_INDEX, dtype=torch.long)
+        for row, events in enumerate(sessions):
+            events_t = torch.as_tensor(events, dtype=torch.long)
+            n = len(events)
+            inputs[row, 0] = self.start_id
+            inputs[row, 1:n + 1] = torch.where(events_t >= self.vocab_size, self.unk_id, events_t)
+            targets[row, :n] = events_t
+            targets[row, n] = self.end_id
+        device = device or next(self.parameters()).device
+        return inputs.to(device), targets.to(device)
+
+    @torch.no_grad()
+    def prediction_ranks(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each position: the rank of the actual event among the logits (0 = top-1) and its log-probability.
+
+        One LSTM pass over whole sessions. Targets outside the head (IDs >= vocab_size) get rank
+        num_classes and log-probability -inf, so they miss at every k. Padding gets rank -1.
+        """
+        return self.ranks_from_logits(self(inputs), targets)
+
+    def ranks_from_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float()
+        log_probs = F.log_softmax(logits, dim=-1)
+        valid = targets != IGNORE_INDEX
+        known = valid & (targets < self.num_classes)
+        safe_targets = torch.where(known, targets, 0)
+        target_logit = logits.gather(-1, safe_targets.unsqueeze(-1))
+        ranks = (logits > target_logit).sum(-1)
+        target_log_prob = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+        ranks = torch.where(known, ranks, torch.where(valid, self.num_classes, -1))
+        target_log_prob = torch.where(known, target_log_prob,
+                                      torch.where(valid, float("-inf"), 0.0))
+        return ranks, target_log_prob
+
+    @torch.no_grad()
+    def calculate_anomaly_score(self, input_ids, top_k: int = 10) -> torch.Tensor:
+        """Per session: the fraction of its next-event predictions (start and end included) whose
+        actual event is outside the top_k. Takes a 1-D sequence or a right-padded 2-D batch."""
+        was_training = self.training
+        self.eval()
+        try:
+            inputs, targets = self.encode(input_ids)
+            ranks, _ = self.prediction_ranks(inputs, targets)
+        finally:
+            self.train(was_training)
+        valid = ranks >= 0
+        misses = ((ranks >= top_k) & valid).sum(1)
+        return (misses.float() / valid.sum(1).clamp(min=1)).cpu()
+
+    @torch.no_grad()
+    def diagnose(self, input_ids, top_k: int = 10, max_misses: int | None = None) -> list[list[dict]]:
+        """Per session, each miss: its position (0 = the first event, n = the end), the actual event
+        ("<end>" for the end of session) and the top_k events the model expected, best first."""
+        was_training = self.training
+        self.eval()
+        try:
+            inputs, targets = self.encode(input_ids)
+            logits = self(inputs)
+            ranks, log_probs = self.ranks_from_logits(logits, targets)
+            expected = logits.topk(min(top_k, self.num_classes), dim=-1).indices
+        finally:
+            self.train(was_training)
+        label = lambda token: "<end>" if token == self.end_id else int(token)  # noqa: E731
+        report = []
+        for row in range(inputs.size(0)):
+            misses = []
+            for pos in torch.nonzero(ranks[row] >= top_k).flatten().tolist():
+                misses.append({"position": pos, "actual": label(targets[row, pos].item()),
+                               "probability": float(log_probs[row, pos].exp()),
+                               "expected": [label(t) for t in expected[row, pos].tolist()]})
+                if max_misses is not None and len(misses) >= max_misses:
+                    break
+            report.append(misses)
+        return report
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu") -> "DeepLog":
+        """Build the model from a checkpoint written by train.py (weights_only load, no pickled code)."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        model = cls(**checkpoint["model_args"])
+        model.load_state_dict(checkpoint["model_state_dict"])
+        model.calibration = checkpoint.get("calibration")
+        return model.eval()
+
+
+def _as_list_of_lists(sessions, pad_id: int) -> list[list[int]]:
+    if isinstance(sessions, torch.Tensor):
+        if sessions.dim() == 1:
+            sessions = sessions.unsqueeze(0)
+        if sessions.dim() != 2:
+            raise ValueError(f"input_ids must be 1-D or 2-D, got shape {tuple(sessions.shape)}")
+        return [[int(x) for x in row if 0 <= x < pad_id or x > pad_id] for row in sessions.tolist()]
+    sessions = list(sessions)
+    if not sessions or not isinstance(sessions[0], (list, tuple, torch.Tensor)):
+        sessions = [sessions]
+    return [[int(x) for x in s if int(x) >= 0] for s in sessions]

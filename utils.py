@@ -1,0 +1,490 @@
+"""Plumbing shared by train.py and evaluate.py: config, logging, distributed setup, checkpoints, GPU stats.
+
+Examples:
+
+    from utils import load_config
+    config = load_config("config.yaml", {"training.epochs": 3})   # defaults < YAML < overrides
+    print(config.training.learning_rate)
+
+    python -c "import utils; print(utils.GPUMonitor(__import__('logging').getLogger()).summary())"
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+
+# ----------------------------------------------------------------------------- config
+# The one place where defaults live. config.yaml overrides them, CLI flags override config.yaml.
+@dataclass
+class ModelConfig:
+    vocab_size: int = 29          # event IDs are 0..vocab_size-1 (HDFS keys are 1..28)
+    embedding_dim: int = 128
+    hidden_size: int = 256
+    num_layers: int = 2
+    dropout: float = 0.2
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 64          # global: split across GPUs (DataParallel) or ranks (DDP)
+    epochs: int = 10
+    learning_rate: float = 0.001
+    optimizer: str = "adamw"      # adam | adamw
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"   # cosine | linear | constant, after linear warm-up
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1     # the decay ends at learning_rate * min_lr_ratio
+    max_grad_norm: float = 1.0    # 0 disables clipping
+    mixed_precision: bool = True  # CUDA: bf16 where supported, else fp16 + GradScaler; CPU: fp32
+    amp_dtype: str = "auto"       # auto | bfloat16 | float16
+    use_multi_gpu: bool = True    # DataParallel over all visible GPUs (torchrun uses DDP instead)
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    seed: int = 42
+    output_dir: str = "outputs"
+    log_every_steps: int = 20
+    gpu_stats_every_steps: int = 200
+    save_every_steps: int = 500   # 0 disables step checkpoints
+    keep_last_checkpoints: int = 3
+    save_every_epoch: bool = True
+    evaluate_after_training: bool = True
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = True
+    patience: int = 3
+    min_delta: float = 0.0001
+
+
+@dataclass
+class LazyLoadingConfig:
+    buffer_size: int = 10000      # samples held in memory by the shuffle buffer
+    shuffle_buffer: bool = True
+
+
+@dataclass
+class DataConfig:
+    preprocessed_dir: str = "data/sample/train"
+    abnormal_dir: typing.Optional[str] = None
+    event_ids_field: str = "event_ids"
+    label_field: str = "label"
+    session_id_field: str = "session_id"
+    json_array_key: str = "sessions"
+    max_seq_length: int = 256
+    window_context: int = 32
+    validation_split: float = 0.1
+    skip_bad_records: bool = False
+    samples_per_epoch: typing.Optional[int] = None  # skip the counting pass on huge data
+
+
+@dataclass
+class EvaluationConfig:
+    top_k: int = 10
+    top_g: int = 9                # DeepLog's rule: abnormal when any event is outside the top-g
+    decision_rule: str = "probability"  # probability | top_g | score_p90 | score_p95 | score_p99
+    probability_margin: float = 0.1     # bound = this fraction of the least likely normal event
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    lazy_loading: LazyLoadingConfig = field(default_factory=LazyLoadingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+class ConfigError(Exception):
+    """A bad config file, key or value; the message names it."""
+
+
+CHOICES = {"training.optimizer": ("adam", "adamw"), "training.lr_schedule": ("cosine", "linear", "constant"),
+           "training.amp_dtype": ("auto", "bfloat16", "float16"),
+           "evaluation.decision_rule": ("probability", "top_g", "score_p90", "score_p95", "score_p99")}
+POSITIVE = ("model.vocab_size", "model.embedding_dim", "model.hidden_size", "model.num_layers",
+            "training.batch_size", "training.epochs", "training.learning_rate", "training.log_every_steps",
+            "training.gpu_stats_every_steps", "training.keep_last_checkpoints", "lazy_loading.buffer_size",
+            "data.max_seq_length", "evaluation.top_k", "evaluation.top_g", "evaluation.batch_size")
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> Config:
+    """Dataclass defaults < YAML file < overrides ({"section.key": value}); every value type-checked."""
+    config = Config()
+    if path:
+        try:
+            with open(path) as handle:
+                raw = yaml.safe_load(handle) or {}
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: invalid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        for section_name, values in raw.items():
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section '{section_name}' must be a mapping")
+            for key, value in values.items():
+                _set(config, f"{section_name}.{key}", value, source=path)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set(config, dotted, value, source="command line")
+    _check_values(config)
+    return config
+
+
+def _set(config: Config, dotted: str, value, source: str) -> None:
+    section_name, _, key = dotted.partition(".")
+    section = getattr(config, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        raise ConfigError(f"{source}: unknown config section '{section_name}' "
+                          f"(known: {', '.join(f.name for f in dataclasses.fields(Config))})")
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise ConfigError(f"{source}: unknown config key '{dotted}' "
+                          f"(known in {section_name}: {', '.join(hints)})")
+    setattr(section, key, _coerce(hints[key], value, dotted, source))
+
+
+def _coerce(expected, value, dotted: str, source: str):
+    optional = typing.get_origin(expected) is typing.Union
+    if optional:
+        if value is None:
+            return None
+        expected = next(t for t in typing.get_args(expected) if t is not type(None))
+    ok = (isinstance(value, bool) if expected is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else
+          isinstance(value, int) and not isinstance(value, bool) if expected is int else
+          isinstance(value, expected))
+    if not ok:
+        raise ConfigError(f"{source}: '{dotted}' must be {'null or ' if optional else ''}{expected.__name__}, "
+                          f"got {value!r} ({type(value).__name__})")
+    return float(value) if expected is float else value
+
+
+def _check_values(config: Config) -> None:
+    def get(dotted):
+        section, key = dotted.split(".")
+        return getattr(getattr(config, section), key)
+    for dotted, allowed in CHOICES.items():
+        if get(dotted) not in allowed:
+            raise ConfigError(f"'{dotted}' must be one of {', '.join(allowed)}, got {get(dotted)!r}")
+    for dotted in POSITIVE:
+        if get(dotted) <= 0:
+            raise ConfigError(f"'{dotted}' must be > 0, got {get(dotted)!r}")
+    checks = [("model.dropout", 0 <= config.model.dropout < 1, "in [0, 1)"),
+              ("data.validation_split", 0 <= config.data.validation_split < 1, "in [0, 1)"),
+              ("data.window_context", 0 <= config.data.window_context < config.data.max_seq_length,
+               "in [0, data.max_seq_length)"),
+              ("training.max_grad_norm", config.training.max_grad_norm >= 0, ">= 0"),
+              ("training.warmup_steps", config.training.warmup_steps >= 0, ">= 0"),
+              ("training.save_every_steps", config.training.save_every_steps >= 0, ">= 0"),
+              ("training.min_lr_ratio", 0 <= config.training.min_lr_ratio <= 1, "in [0, 1]"),
+              ("early_stopping.patience", config.early_stopping.patience >= 1, ">= 1"),
+              ("evaluation.probability_margin", 0 < config.evaluation.probability_margin <= 1, "in (0, 1]")]
+    for dotted, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"'{dotted}' must be {rule}, got {get(dotted)!r}")
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config saved in a checkpoint (same type checks as a YAML file)."""
+    flat = {f"{section}.{key}": value for section, keys in values.items() for key, value in keys.items()}
+    config = Config()
+    for dotted, value in flat.items():
+        _set(config, dotted, value, source="checkpoint config")
+    return config
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- errors and files
+class CheckpointError(Exception):
+    """A missing, corrupt or incompatible checkpoint."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError)  # dataset.DataError is added by the scripts
+
+
+def exit_on_user_error(main, errors: tuple, logger: logging.Logger | None = None):
+    """Run main(); a user error becomes one clear line and exit code 2, never a traceback."""
+    try:
+        return main()
+    except errors as error:
+        message = f"error: {error}"
+        if logger is not None and logger.handlers:
+            logger.error(message)
+        else:
+            print(message, file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def atomic_write_text(path, text: str) -> None:
+    _atomic(path, lambda handle: handle.write(text.encode()))
+
+
+def save_json(path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _atomic(path, write) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Tensors and plain types only (loadable with weights_only=True), written atomically."""
+    _atomic(path, lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    missing = {"model_state_dict", "model_args", "config"} - set(checkpoint if isinstance(checkpoint, dict) else ())
+    if missing:
+        raise CheckpointError(f"{path}: not a DeepLog checkpoint (missing {', '.join(sorted(missing))})")
+    return checkpoint
+
+
+def prune_checkpoints(directory: Path, prefix: str, keep: int) -> None:
+    """Keep the newest `keep` files named prefix_N.pt (by N)."""
+    found = sorted(directory.glob(f"{prefix}_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    for old in found[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state() -> dict:
+    """Every RNG training touches, as tensors and plain types."""
+    numpy_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                      "has_gauss": int(numpy_state[3]), "gauss": float(numpy_state[4])},
+            "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]][:torch.cuda.device_count()])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    internal, version, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+    data_parallel_gpus: int = 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device_name: str, use_multi_gpu: bool) -> Runtime:
+    """DDP when launched by torchrun (RANK/WORLD_SIZE set), else one process, DataParallel if asked and possible."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        use_cuda = torch.cuda.is_available() and device_name != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        return Runtime(device, rank, local_rank, world_size, distributed=True)
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"training.device is '{device_name}' but no CUDA GPU is available")
+    device = torch.device(device_name)
+    gpus = torch.cuda.device_count() if device.type == "cuda" and use_multi_gpu and device.index is None else 1
+    return Runtime(device, data_parallel_gpus=max(gpus, 1))
+
+
+def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
+    """Sum metrics over ranks (no-op in a single process)."""
+    if not runtime.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ----------------------------------------------------------------------------- logging and progress
+LOG_FORMAT = "%(asctime)s | %(levelname)s | %(message)s"
+
+
+def setup_logger(output_dir: str | None, is_master: bool = True, log_file: str = "training.log",
+                 logger: logging.Logger | None = None) -> logging.Logger:
+    """Console + output_dir/<log_file> on the master; other ranks only print warnings."""
+    logger = logger or logging.getLogger("deeplog")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_master else logging.WARNING)
+    formatter = logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if is_master and output_dir:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(output_dir) / log_file))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
+
+
+def format_duration(seconds: float) -> str:
+    """10.5s, 10.5m, 2h 30m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m"
+    hours, minutes = divmod(int(seconds // 60), 60)
+    return f"{hours}h {minutes}m"
+
+
+class EarlyStopping:
+    """Stop when validation loss has not improved by min_delta for `patience` epochs."""
+
+    def __init__(self, patience: int, min_delta: float):
+        self.patience, self.min_delta = patience, min_delta
+        self.best_loss, self.bad_epochs = math.inf, 0
+
+    def step(self, val_loss: float) -> bool:
+        """Record an epoch's loss; True when it is a new best."""
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.bad_epochs = val_loss, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss, self.bad_epochs = float(state["best_loss"]), int(state["bad_epochs"])
+
+
+def lr_multiplier(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):
+    """LR factor per optimizer step: linear warm-up, then cosine or linear decay to min_ratio."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * shape
+    return factor
+
+
+# ----------------------------------------------------------------------------- GPU stats
+class GPUMonitor:
+    """Per-GPU memory, utilisation, temperature and power via pynvml; a one-time note when unavailable."""
+
+    def __init__(self, logger: logging.Logger, device_indices: list[int] | None = None):
+        self.handles = []
+        self.indices = []
+        if not torch.cuda.is_available():
+            logger.info("GPU stats: no CUDA GPU, running on CPU (no GPU field in step lines)")
+            return
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            count = pynvml.nvmlDeviceGetCount()
+            self.indices = device_indices if device_indices is not None else list(range(count))
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self.indices]
+        except Exception as error:  # ImportError, NVMLError (driver missing, no permission, ...)
+            self.handles = []
+            logger.info(f"GPU stats: pynvml unavailable ({type(error).__name__}: {error}); "
+                        f"install nvidia-ml-py for per-GPU memory/utilisation; no GPU field in step lines")
+
+    def _query(self, handle):
+        memory = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+        utilisation = self.nvml.nvmlDeviceGetUtilizationRates(handle)
+        return memory, utilisation
+
+    def summary(self) -> str | None:
+        """'GPU: [0:12345MB|95%] [1:...]' or None without pynvml."""
+        if not self.handles:
+            return None
+        try:
+            parts = []
+            for index, handle in zip(self.indices, self.handles):
+                memory, utilisation = self._query(handle)
+                parts.append(f"[{index}:{memory.used // 2**20}MB|{utilisation.gpu}%]")
+            return "GPU: " + " ".join(parts)
+        except Exception:
+            return None
+
+    def details(self) -> list[str]:
+        lines = []
+        for index, handle in zip(self.indices, self.handles):
+            try:
+                memory, utilisation = self._query(handle)
+                temperature = self.nvml.nvmlDeviceGetTemperature(handle, self.nvml.NVML_TEMPERATURE_GPU)
+                power = self.nvml.nvmlDeviceGetPowerUsage(handle) / 1000
+                lines.append(f"GPU {index}: memory {memory.used // 2**20}/{memory.total // 2**20}MB | "
+                             f"util {utilisation.gpu}% | temp {temperature}C | power {power:.0f}W")
+            except Exception as error:
+                lines.append(f"GPU {index}: stats unavailable ({error})")
+        return lines
