@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny data sets written on the fly, and a runner for the scripts as subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+HDFS_DIR = REPO.parent / "shared" / "data" / "hdfs"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "data"))
+
+needs_hdfs = pytest.mark.skipif(not (HDFS_DIR / "hdfs_train").exists(),
+                                reason="../shared/data/hdfs is absent")
+
+# A model small enough that an end-to-end run takes seconds on 2 cores.
+TINY = {"model": {"vocab_size": 29, "embedding_dim": 16, "hidden_size": 32, "num_layers": 1, "dropout": 0.0},
+        "training": {"batch_size": 16, "epochs": 2, "log_every_steps": 5, "save_every_steps": 7,
+                     "warmup_steps": 3, "evaluate_after_training": False},
+        "early_stopping": {"enabled": False}}
+
+
+def run_script(script: str, *args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(path: Path, overrides: dict | None = None, base: dict | None = None) -> Path:
+    config = json.loads(json.dumps(TINY if base is None else base))
+    for section, values in (overrides or {}).items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_sessions():
+    """A few hundred normal and abnormal sessions from the sample generator (seeded)."""
+    import random
+
+    import generate_sample
+    rng = random.Random(123)
+    normal = [generate_sample.normal_session(rng) for _ in range(240)]
+    abnormal = [generate_sample.abnormal_session(rng)[0] for _ in range(60)]
+    return normal, abnormal
+
+
+@pytest.fixture
+def tiny_data(tmp_path, sample_sessions):
+    """A data directory with the normal sessions split over a JSON array, a JSONL file and a text file."""
+    normal, _ = sample_sessions
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.json").write_text(json.dumps([{"event_ids": s} for s in normal[:80]]))
+    (data / "b.jsonl").write_text("".join(json.dumps({"event_ids": s, "label": 0}) + "\n" for s in normal[80:160]))
+    (data / "c.txt").write_text("".join(" ".join(map(str, s)) + "\n" for s in normal[160:]))
+    return data

@@ -1,0 +1,147 @@
+"""One config object: dataclass defaults < YAML < CLI flags, strict keys and types."""
+import pytest
+import yaml
+
+import train
+import utils
+from utils import ConfigError, load_config
+
+
+def test_defaults_then_yaml_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"training": {"epochs": 7, "learning_rate": 0.01},
+                                    "data": {"preprocessed_dir": "from_yaml"}}))
+    assert load_config().training.epochs == utils.TrainingConfig().epochs
+    config = train.resolve_config(train.parse_args(["--config", str(path), "--lr", "0.5", "--seed", "9"]))
+    assert config.training.epochs == 7                  # YAML over the default
+    assert config.training.learning_rate == 0.5         # flag over YAML
+    assert config.data.preprocessed_dir == "from_yaml"  # YAML kept where no flag is given
+    assert config.training.seed == 9
+    assert config.training.batch_size == utils.TrainingConfig().batch_size   # default kept
+    assert train.resolve_config(train.parse_args(["--config", str(path), "--data-dir", "d", "--epochs", "2",
+                                                  "--batch-size", "8", "--output-dir", "o", "--device", "cpu"])
+                                ).training.output_dir == "o"
+
+
+def test_shipped_config_yaml_matches_the_dataclass_keys():
+    """config.yaml carries every key, so users see the whole surface in one place."""
+    shipped = yaml.safe_load(open(train.Path(__file__).parent.parent / "config.yaml"))
+    assert {s: set(v) for s, v in shipped.items()} == \
+        {s: set(v) for s, v in utils.config_to_dict(utils.Config()).items()}
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"training": {"epochz": 3}}, "unknown config key 'training.epochz'"),
+    ({"trainin": {"epochs": 3}}, "unknown config section 'trainin'"),
+    ({"training": {"epochs": "3"}}, "'training.epochs' must be int"),
+    ({"training": {"epochs": 2.5}}, "'training.epochs' must be int"),
+    ({"training": {"mixed_precision": "yes"}}, "'training.mixed_precision' must be bool"),
+    ({"training": {"epochs": 0}}, "'training.epochs' must be > 0"),
+    ({"training": {"optimizer": "sgd"}}, "'training.optimizer' must be one of adam, adamw"),
+    ({"data": {"validation_split": 1.5}}, "'data.validation_split' must be in [0, 1)"),
+    ({"data": {"max_seq_length": 16, "window_context": 16}}, "'data.window_context' must be in"),
+    ({"model": {"dropout": 1.0}}, "'model.dropout' must be in [0, 1)"),
+    ({"data": {"abnormal_dir": 5}}, "'data.abnormal_dir' must be null or str"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert message in str(error.value)
+
+
+def test_ints_are_accepted_for_floats_and_null_for_optionals(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate: 1\ndata:\n  abnormal_dir: null\n")
+    config = load_config(str(path))
+    assert config.training.learning_rate == 1.0 and isinstance(config.training.learning_rate, float)
+    assert config.data.abnormal_dir is None
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("training: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config(None, {"training.epochs": 3, "model.hidden_size": 12})
+    utils.save_config(config, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")) == config
+    assert utils.config_from_dict(utils.config_to_dict(config)) == config
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    factor = utils.lr_multiplier(warmup_steps=10, total_steps=110, schedule="cosine", min_ratio=0.1)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.55)
+    assert factor(110) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)
+    linear = utils.lr_multiplier(0, 100, "linear", 0.0)
+    assert linear(50) == pytest.approx(0.5)
+    assert utils.lr_multiplier(0, 100, "constant", 0.0)(99) == 1.0
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    stopper = utils.EarlyStopping(patience=2, min_delta=0.1)
+    assert stopper.step(1.0) and not stopper.should_stop
+    assert not stopper.step(0.95) and not stopper.should_stop   # within min_delta: no improvement
+    assert not stopper.step(0.99) and stopper.should_stop
+    restored = utils.EarlyStopping(2, 0.1)
+    restored.load_state_dict(stopper.state_dict())
+    assert restored.best_loss == 1.0 and restored.should_stop
+
+
+def test_format_duration():
+    assert [utils.format_duration(s) for s in (10.5, 630, 9000)] == ["10.5s", "10.5m", "2h 30m"]
+
+
+def test_gpu_monitor_without_gpu_says_so_once_and_gives_no_field(caplog):
+    import logging
+    logger = logging.getLogger("test-gpu")
+    with caplog.at_level(logging.INFO, logger="test-gpu"):
+        monitor = utils.GPUMonitor(logger)
+    if utils.torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert monitor.summary() is None and monitor.details() == []
+    assert len([r for r in caplog.records if "GPU stats" in r.message]) == 1
+
+
+def test_gpu_monitor_when_pynvml_fails(monkeypatch, caplog):
+    import logging
+    import sys
+    import types
+    broken = types.ModuleType("pynvml")
+
+    def fail():
+        raise RuntimeError("NVML Shared Library Not Found")
+    broken.nvmlInit = fail
+    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: True)
+    logger = logging.getLogger("test-gpu2")
+    with caplog.at_level(logging.INFO, logger="test-gpu2"):
+        monitor = utils.GPUMonitor(logger)
+    assert monitor.summary() is None
+    assert any("pynvml unavailable" in r.message and "NVML Shared Library" in r.message for r in caplog.records)
+
+
+def test_gpu_monitor_formats_pynvml_readings(monkeypatch):
+    import logging
+    import sys
+    import types
+    fake = types.ModuleType("pynvml")
+    fake.NVML_TEMPERATURE_GPU = 0
+    fake.nvmlInit = lambda: None
+    fake.nvmlDeviceGetCount = lambda: 2
+    fake.nvmlDeviceGetHandleByIndex = lambda i: i
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=(h + 1) * 1000 * 2**20, total=80000 * 2**20)
+    fake.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=90 + h)
+    fake.nvmlDeviceGetTemperature = lambda h, kind: 60
+    fake.nvmlDeviceGetPowerUsage = lambda h: 250000
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: True)
+    monitor = utils.GPUMonitor(logging.getLogger("x"))
+    assert monitor.summary() == "GPU: [0:1000MB|90%] [1:2000MB|91%]"
+    assert monitor.details()[1] == "GPU 1: memory 2000/80000MB | util 91% | temp 60C | power 250W"

@@ -1,0 +1,212 @@
+"""Parsing of every input format, every bad-input case, the split, windowing, padding and positions."""
+import gzip
+import json
+
+import pytest
+import torch
+
+from dataset import (DataError, SessionDataset, collate, is_validation, iter_sessions, list_data_files,
+                     make_windows)
+from model import IGNORE_INDEX, special_tokens
+
+SESSIONS = [[1, 2, 3], [4, 5], [6]]
+
+
+def ids(path, **options):
+    return [r.event_ids for r in iter_sessions(path, **options)]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("fmt", ["array", "object", "jsonl", "text", "text_noext"])
+def test_every_format_reads_the_same_sessions(tmp_path, fmt, gz):
+    objects = [{"event_ids": s, "session_id": f"s{i}"} for i, s in enumerate(SESSIONS)]
+    name, text = {
+        "array": ("x.json", json.dumps(objects)),
+        "object": ("x.json", json.dumps({"sessions": objects, "meta": {"n": 3}})),
+        "jsonl": ("x.jsonl", "\n".join(json.dumps(o) for o in objects) + "\n\n"),
+        "text": ("x.txt", "1 2 3\n4  5\n\n6\n"),
+        "text_noext": ("hdfs_like", "1 2 3\n4 5\n6\n"),
+    }[fmt]
+    path = tmp_path / (name + (".gz" if gz else ""))
+    if gz:
+        with gzip.open(path, "wt") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text)
+    records = list(iter_sessions(path, vocab_size=7))
+    assert [r.event_ids for r in records] == SESSIONS
+    assert all(r.label == 0 for r in records)
+    if fmt in ("array", "object", "jsonl"):
+        assert [r.session_id for r in records] == ["s0", "s1", "s2"]
+
+
+def test_directory_is_read_in_sorted_order_and_skips_other_files(tmp_path):
+    (tmp_path / "b.txt").write_text("4 5\n")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"event_ids": [1]}) + "\n")
+    (tmp_path / "README.md").write_text("# not data\n")
+    (tmp_path / ".hidden").write_text("9 9\n")
+    assert [p.name for p in list_data_files(tmp_path)] == ["a.jsonl", "b.txt"]
+    assert ids(tmp_path) == [[1], [4, 5]]
+
+
+def test_configurable_field_names_and_array_key(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"data": [{"keys": [3, 4], "y": 1, "blk": "b1"}]}))
+    record, = iter_sessions(path, event_ids_field="keys", label_field="y", session_id_field="blk",
+                            json_array_key="data")
+    assert (record.event_ids, record.label, record.session_id) == ([3, 4], 1, "b1")
+
+
+BAD = [
+    ("x.json", '[{"event_ids": [1, 2]}, {"event_ids": [1, 2}]', "record 2"),
+    ("x.jsonl", '{"event_ids": [1]}\n{"event_ids": [1,\n', "line 2"),
+    ("x.jsonl", '{"event_ids": [1, "a"]}\n', "'a' is not an integer"),
+    ("x.jsonl", '{"event_ids": [1, 2.5]}\n', "2.5 is not an integer"),
+    ("x.jsonl", '{"event_ids": [1, true]}\n', "True is not an integer"),
+    ("x.jsonl", '{"event_ids": [1, -3]}\n', "-3 is negative"),
+    ("x.jsonl", '{"event_ids": [1, 2]}\n{"event_ids": [1, 50]}\n', "line 2: event ID 50 >= vocab_size 29"),
+    ("x.jsonl", '{"events": [1]}\n', "missing field 'event_ids'"),
+    ("x.jsonl", '{"event_ids": "1 2"}\n', "must be a list"),
+    ("x.jsonl", '{"event_ids": []}\n', "empty session"),
+    ("x.jsonl", '{"event_ids": [1], "label": 2}\n', "must be 0 (normal) or 1"),
+    ("x.jsonl", '[1, 2]\n', "expected a session object"),
+    ("x.txt", "1 2\n3 x 4\n", "line 2: 'x' is not an integer"),
+    ("x.json", '{"other": []}', "no session array found"),
+    ("x.json", "   ", "empty file"),
+]
+
+
+@pytest.mark.parametrize("name,content,message", BAD)
+def test_bad_input_names_file_and_record(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as error:
+        ids(path, vocab_size=29)
+    assert str(path) in str(error.value)
+    assert message in str(error.value)
+
+
+def test_missing_path_and_empty_directories(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        list_data_files(tmp_path / "nope")
+    with pytest.raises(DataError, match="no readable data file"):
+        list_data_files(tmp_path)
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(DataError, match="no readable data file"):
+        list_data_files(tmp_path)
+
+
+def test_skip_bad_records_counts_them(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"event_ids": [1]}\n{"event_ids": [99]}\n{"event_ids": [2]}\n{"event_ids": []}\n')
+    counters = {}
+    assert ids(path, vocab_size=29, skip_bad_records=True, counters=counters) == [[1], [2]]
+    assert counters["bad_records"] == 2
+    assert "line 2" in counters["first_bad_record"]
+
+
+def test_validation_split_is_deterministic_disjoint_and_near_the_fraction(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("".join(f"{i % 7} {i % 5}\n" for i in range(2000)))
+    common = dict(vocab_size=29, validation_split=0.2, seed=3, shuffle=False)
+    train = SessionDataset(path, split="train", **common)
+    val = SessionDataset(path, split="val", **common)
+    train_ids = [r for r in range(1, 2001) if not is_validation(str(path), r, 3, 0.2)]
+    assert 0.17 < 1 - len(train_ids) / 2000 < 0.23
+    assert train.count()["sessions"] + val.count()["sessions"] == 2000
+    assert train.count()["sessions"] == len(train_ids)
+    # the same sessions every time, and another seed gives another split
+    assert [is_validation(str(path), r, 3, 0.2) for r in range(1, 200)] == \
+        [is_validation(str(path), r, 3, 0.2) for r in range(1, 200)]
+    assert [is_validation(str(path), r, 4, 0.2) for r in range(1, 200)] != \
+        [is_validation(str(path), r, 3, 0.2) for r in range(1, 200)]
+
+
+def test_training_skips_abnormal_sessions_and_counts_them(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text("".join(json.dumps({"event_ids": [1, 2], "label": i % 3 == 0}).replace("true", "1")
+                            .replace("false", "0") + "\n" for i in range(30)))
+    counts = SessionDataset(path, 29, split="all", shuffle=False).count()
+    assert (counts["sessions"], counts["abnormal_skipped"]) == (20, 10)
+
+
+def test_short_session_is_one_window_with_start_and_end():
+    end_id, _, start_id, _ = special_tokens(29)
+    assert make_windows([5, 6, 7], 29, 8, 2) == [([start_id, 5, 6, 7], [5, 6, 7, end_id])]
+
+
+@pytest.mark.parametrize("length,max_len,context", [(20, 8, 3), (7, 8, 0), (30, 10, 9), (8, 8, 2)])
+def test_long_sessions_are_windowed_and_every_prediction_counts_once(length, max_len, context):
+    events = list(range(length))
+    windows = make_windows(events, 29, max_len, context)
+    assert all(len(inputs) <= max_len and len(inputs) == len(targets) for inputs, targets in windows)
+    counted = [t for _, targets in windows for t in targets if t != IGNORE_INDEX]
+    assert counted == events + [29]
+    end_id, _, start_id, _ = special_tokens(29)
+    stream = [start_id] + events
+    stride = max_len - context
+    for k, (inputs, targets) in enumerate(windows):
+        assert inputs == stream[k * stride:k * stride + max_len]  # later windows re-read `context` inputs
+        if k:
+            assert targets[:context] == [IGNORE_INDEX] * context
+
+
+def test_collate_pads_inputs_and_masks_targets():
+    batch = collate([([30, 1, 2], [1, 2, 29]), ([30], [29])], pad_id=30)
+    assert batch["input_ids"].tolist() == [[30, 1, 2], [30, 30, 30]]
+    assert batch["targets"].tolist() == [[1, 2, 29], [29, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["lengths"].tolist() == [3, 1]
+
+
+def test_shuffle_is_seeded_per_epoch_and_batches_resume_at_their_position(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("".join(f"{i % 20} {(i * 7) % 20}\n" for i in range(300)))
+    data = SessionDataset(path, 29, split="all", shuffle=True, buffer_size=50, seed=1)
+    data.set_epoch(1)
+    first = list(data)
+    assert list(data) == first                       # the same epoch replays identically
+    data.set_epoch(2)
+    assert list(data) != first and sorted(list(data)) == sorted(first)   # a new order, same samples
+    data.set_epoch(1)
+    full = [(b["input_ids"].tolist(), pos) for b, pos in data.batches(32)]
+    assert [pos for _, pos in full] == list(range(1, 11))  # 300 samples: 9 full batches and one of 12
+    resumed = [(b["input_ids"].tolist(), pos) for b, pos in data.batches(32, start_batch=4)]
+    assert resumed == full[4:]
+
+
+def test_ranks_take_disjoint_equal_shards(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("".join(f"{i}\n" for i in range(25)))
+    shards = [list(SessionDataset(path, 29, split="all", shuffle=False, rank=r, world_size=2,
+                                  samples_per_rank=12)) for r in range(2)]
+    firsts = [[inputs[1] for inputs, _ in shard] for shard in shards]
+    assert len(firsts[0]) == len(firsts[1]) == 12
+    assert not set(firsts[0]) & set(firsts[1])
+
+
+def test_iter_sessions_streams_json_without_reading_it_whole(tmp_path, monkeypatch):
+    """ijson pulls the file in chunks: the first record arrives before the file is read to the end."""
+    path = tmp_path / "big.json"
+    path.write_text("[" + ",".join(json.dumps({"event_ids": [i % 29]}) for i in range(50000)) + "]")
+    reads = []
+    real_open = open
+
+    class Spy:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def read(self, n=-1):
+            reads.append(n)
+            return self.handle.read(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    import dataset
+    monkeypatch.setattr(dataset, "open", lambda p, mode="r": Spy(real_open(p, mode)), raising=False)
+    first = next(iter_sessions(path))
+    assert first.event_ids == [0]
+    assert -1 not in reads and sum(reads) < path.stat().st_size / 4

@@ -1,0 +1,163 @@
+"""End-to-end: python train.py as a subprocess on tiny data, exact resume, bad input, torchrun."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, run_script, write_config
+
+
+def params(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, sample_sessions):
+    """One uninterrupted 2-epoch run on 240 sessions (14 steps/epoch, step checkpoints every 7)."""
+    root = tmp_path_factory.mktemp("straight")
+    data = root / "data"
+    data.mkdir()
+    normal, abnormal = sample_sessions
+    lines = [{"event_ids": s, "label": 0} for s in normal] + [{"event_ids": s, "label": 1} for s in abnormal[:5]]
+    (data / "sessions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    config = write_config(root / "config.yaml", {"training": {"keep_last_checkpoints": 10}})
+    out = root / "out"
+    result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", out)
+    assert result.returncode == 0, result.stderr
+    return root, config, data, out, result
+
+
+def test_outputs_logs_and_checkpoints(straight_run):
+    root, config, data, out, result = straight_run
+    log = (out / "training.log").read_text()
+    step_line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| INFO \| \[Step (\d+)\] Loss: \d+\.\d{4} "
+                           r"\(avg: \d+\.\d{4}\) \| LR: \d\.\d\de-\d\d \| Time: [\d.]+[smh] \(ETA: .+\)$", re.M)
+    assert [int(s) for s in step_line.findall(log)] == list(range(5, 30, 5))  # every log_every_steps
+    assert "skipped: 5 abnormal, 0 bad records" in log
+    assert "GPU stats: no CUDA GPU" in log and "GPU:" not in log
+    assert len(re.findall(r"\| Epoch \d/2 \| train loss", log)) == 2
+    assert "Traceback" not in result.stderr
+
+    history = json.loads((out / "training_history.json").read_text())
+    assert history["epoch"] == [1, 2]
+    for key in ("train_loss", "val_loss", "learning_rate", "epoch_time"):
+        assert len(history[key]) == 2 and all(isinstance(v, float) for v in history[key])
+    assert history["val_loss"][1] < history["val_loss"][0]   # it learns
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["hidden_size"] == 32 and saved["data"]["preprocessed_dir"] == str(data)
+
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["best_model.pt", "epoch_1.pt", "epoch_2.pt", "step_14.pt", "step_21.pt", "step_28.pt",
+                     "step_7.pt"]
+    checkpoint = torch.load(out / "checkpoints" / "step_21.pt", weights_only=True)
+    assert checkpoint["step"] == 21 and checkpoint["data_position"]["epoch"] == 2
+    assert checkpoint["data_position"]["batches_done"] == 7
+    assert checkpoint["config"]["model"]["hidden_size"] == 32
+    assert {"optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict", "rng_state",
+            "early_stopping", "history"} <= set(checkpoint)
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("checkpoint", ["step_7.pt", "step_21.pt", "epoch_1.pt"])
+def test_resume_is_bit_identical(straight_run, tmp_path, checkpoint):
+    """N steps straight == N/2 steps, stop, resume for the rest (mid-epoch and at an epoch boundary)."""
+    root, config, data, out, _ = straight_run
+    resumed = tmp_path / "resumed"
+    result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", resumed,
+                        "--resume", out / "checkpoints" / checkpoint)
+    assert result.returncode == 0, result.stderr
+    assert_same_params(params(out / "checkpoints" / "epoch_2.pt"), params(resumed / "checkpoints" / "epoch_2.pt"))
+    straight_history = json.loads((out / "training_history.json").read_text())
+    resumed_history = json.loads((resumed / "training_history.json").read_text())
+    for key in ("train_loss", "val_loss", "learning_rate"):
+        assert resumed_history[key] == straight_history[key]
+
+
+def test_keep_last_n_and_early_stopping(tmp_path, tiny_data):
+    config = write_config(tmp_path / "c.yaml", {
+        "training": {"epochs": 8, "keep_last_checkpoints": 2, "save_every_steps": 3, "learning_rate": 1e-9},
+        "early_stopping": {"enabled": True, "patience": 2, "min_delta": 0.01}})
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    # learning rate ~0: the loss never improves by min_delta after epoch 1, so patience 2 stops after epoch 3
+    history = json.loads((tmp_path / "o" / "training_history.json").read_text())
+    assert history["epoch"] == [1, 2, 3]
+    assert "Early stopping" in result.stdout
+    checkpoints = sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir())
+    assert [n for n in checkpoints if n.startswith("epoch")] == ["epoch_2.pt", "epoch_3.pt"]
+    assert len([n for n in checkpoints if n.startswith("step")]) == 2
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"event_ids": [1, 2]}\n{"event_ids": [1, 2\n', "sessions.jsonl: line 2: malformed JSON"),
+    ('{"event_ids": [1, 200]}\n', "sessions.jsonl: line 1: event ID 200 >= vocab_size 29"),
+    ('{"event_ids": [1, "x"]}\n', "line 1: event ID 'x' is not an integer"),
+    ('{"label": 0}\n', "line 1: missing field 'event_ids'"),
+    ('{"event_ids": [1], "label": 1}\n', "no normal training sessions"),
+])
+def test_bad_data_is_one_clear_error_and_no_checkpoint(tmp_path, content, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "sessions.jsonl").write_text(content)
+    config = write_config(tmp_path / "c.yaml")
+    result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", tmp_path / "o")
+    assert result.returncode == 2
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data-dir", "/nonexistent/dir"], "/nonexistent/dir: no such file or directory"),
+    (["--config", "/nonexistent.yaml"], "cannot read config file /nonexistent.yaml"),
+    (["--epochs", "0"], "'training.epochs' must be > 0"),
+    (["--resume", "/nonexistent.pt"], "/nonexistent.pt: checkpoint not found"),
+])
+def test_bad_arguments_are_one_clear_error(tmp_path, tiny_data, args, message):
+    config = write_config(tmp_path / "c.yaml")
+    base = ["--config", config, "--data-dir", tiny_data, "--output-dir", tmp_path / "o"]
+    result = run_script("train.py", *base, *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_corrupt_resume_checkpoint_is_rejected_and_left_alone(tmp_path, tiny_data):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    config = write_config(tmp_path / "c.yaml")
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", tmp_path / "o",
+                        "--resume", bad)
+    assert result.returncode == 2 and "not a readable checkpoint" in result.stdout + result.stderr
+    assert bad.read_bytes() == b"not a checkpoint"
+
+
+def test_torchrun_ddp_on_cpu(tmp_path, tiny_data):
+    """Two processes with the gloo backend: equal steps per rank, metrics reduced, master-only files."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}})
+    out = tmp_path / "o"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29731", str(REPO / "train.py"), "--config", str(config),
+                             "--data-dir", str(tiny_data), "--output-dir", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "processes: 2" in result.stdout
+    history = json.loads((out / "training_history.json").read_text())
+    assert len(history["train_loss"]) == 1
+    checkpoint = torch.load(out / "checkpoints" / "epoch_1.pt", weights_only=True)
+    assert len(checkpoint["rng_state"]) == 2   # each rank's dropout stream, for an exact resume
+    assert (out / "training.log").read_text().count("Epoch 1/1") == 1
