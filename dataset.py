@@ -296,12 +296,16 @@ class SessionDataset(IterableDataset):
         yield from buffer
 
     def count(self) -> dict:
-        """One pass without shuffling: sessions, windows (samples) and predicted tokens of this split."""
+        """One pass without shuffling: sessions, windows (samples), predicted tokens and the set of
+        target IDs (events, and end-of-session) of this split."""
         windows = tokens = 0
+        seen_targets: set[int] = set()
         for _, targets in self._windows():
             windows += 1
-            tokens += sum(t != IGNORE_INDEX for t in targets)
-        return {**self.counters, "windows": windows, "tokens": tokens}
+            real = [t for t in targets if t != IGNORE_INDEX]
+            tokens += len(real)
+            seen_targets.update(real)
+        return {**self.counters, "windows": windows, "tokens": tokens, "seen_targets": sorted(seen_targets)}
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[tuple[dict, int]]:
         """Padded batches with their position: the number of batches of this epoch done after this one."""

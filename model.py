@@ -57,6 +57,10 @@ class DeepLog(nn.Module):
                             dropout=dropout if num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, self.num_classes)
+        # Which targets occurred in training (train.py fills it from its counting pass). An event the
+        # model never saw is a miss at every k even if it happens to rank high: the model knows nothing
+        # of it. Saved in the state dict, so the manual load_state_dict route keeps it too.
+        self.register_buffer("seen_events", torch.ones(self.num_classes, dtype=torch.bool))
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Next-event logits [batch, time, vocab_size + 1] for every input position.
@@ -95,8 +99,9 @@ class DeepLog(nn.Module):
     def prediction_ranks(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For each position: the rank of the actual event among the logits (0 = top-1) and its log-probability.
 
-        One LSTM pass over whole sessions. Targets outside the head (IDs >= vocab_size) get rank
-        num_classes and log-probability -inf, so they miss at every k. Padding gets rank -1.
+        One LSTM pass over whole sessions. Targets the model never saw in training (IDs >= vocab_size,
+        or IDs absent from the training data) get rank num_classes and log-probability -inf, so they
+        miss at every k and under every probability bound. Padding gets rank -1 and log-probability 0.
         """
         return self.ranks_from_logits(self(inputs), targets)
 
@@ -104,14 +109,14 @@ class DeepLog(nn.Module):
         logits = logits.float()
         log_probs = F.log_softmax(logits, dim=-1)
         valid = targets != IGNORE_INDEX
-        known = valid & (targets < self.num_classes)
-        safe_targets = torch.where(known, targets, 0)
+        in_head = valid & (targets < self.num_classes)
+        safe_targets = torch.where(in_head, targets, 0)
         target_logit = logits.gather(-1, safe_targets.unsqueeze(-1))
         ranks = (logits > target_logit).sum(-1)
         target_log_prob = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
-        ranks = torch.where(known, ranks, torch.where(valid, self.num_classes, -1))
-        target_log_prob = torch.where(known, target_log_prob,
-                                      torch.where(valid, float("-inf"), 0.0))
+        seen = in_head & self.seen_events[safe_targets]
+        ranks = torch.where(seen, ranks, torch.where(valid, self.num_classes, -1))
+        target_log_prob = torch.where(seen, target_log_prob, torch.where(valid, float("-inf"), 0.0))
         return ranks, target_log_prob
 
     @torch.no_grad()
@@ -130,9 +135,11 @@ class DeepLog(nn.Module):
         return (misses.float() / valid.sum(1).clamp(min=1)).cpu()
 
     @torch.no_grad()
-    def diagnose(self, input_ids, top_k: int = 10, max_misses: int | None = None) -> list[list[dict]]:
+    def diagnose(self, input_ids, top_k: int = 10, max_misses: int | None = None,
+                 log_prob_bound: float | None = None) -> list[list[dict]]:
         """Per session, each miss: its position (0 = the first event, n = the end), the actual event
-        ("<end>" for the end of session) and the top_k events the model expected, best first."""
+        ("<end>" for the end of session), its probability and the top_k events the model expected, best
+        first. A miss is an actual event outside the top_k or, given log_prob_bound, less likely than it."""
         was_training = self.training
         self.eval()
         try:
@@ -146,7 +153,10 @@ class DeepLog(nn.Module):
         report = []
         for row in range(inputs.size(0)):
             misses = []
-            for pos in torch.nonzero(ranks[row] >= top_k).flatten().tolist():
+            missed = ranks[row] >= top_k
+            if log_prob_bound is not None:
+                missed |= (ranks[row] >= 0) & (log_probs[row] < log_prob_bound)
+            for pos in torch.nonzero(missed).flatten().tolist():
                 misses.append({"position": pos, "actual": label(targets[row, pos].item()),
                                "probability": float(log_probs[row, pos].exp()),
                                "expected": [label(t) for t in expected[row, pos].tolist()]})

@@ -135,12 +135,13 @@ def train(args, logger):
         logger.warning(f"batch_size {tc.batch_size} is not a multiple of the {runtime.world_size} ranks x "
                        f"{runtime.data_parallel_gpus} GPUs; per-GPU batches differ by one sample")
     rank_batch_size = max(1, tc.batch_size // runtime.world_size)
+    seen_targets = None
     if config.data.samples_per_epoch:
         total_samples = config.data.samples_per_epoch
         logger.info(f"Training samples per epoch (from data.samples_per_epoch): {total_samples}")
     else:
         counted = build_dataset(config, "train", runtime).count()
-        total_samples = counted["windows"]
+        total_samples, seen_targets = counted["windows"], counted["seen_targets"]
         logger.info(f"Training data {config.data.preprocessed_dir}: {counted['sessions']} normal sessions -> "
                     f"{counted['windows']} windows, {counted['tokens']} predicted events | skipped: "
                     f"{counted['abnormal_skipped']} abnormal, {counted['bad_records']} bad records")
@@ -156,7 +157,10 @@ def train(args, logger):
     val_data = build_dataset(config, "val", runtime)
 
     # ---------------------------------------------------------------- model, optimizer, schedule, precision
-    raw_model = DeepLog(**vars(config.model)).to(runtime.device)
+    raw_model = DeepLog(**vars(config.model))
+    if seen_targets is not None:  # events absent from training data are misses at detection time
+        raw_model.seen_events.zero_()[seen_targets] = True
+    raw_model.to(runtime.device)
     model = raw_model
     if runtime.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
