@@ -263,8 +263,8 @@ class SessionDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _windows(self) -> Iterator[tuple[list[int], list[int]]]:
-        """All windows of this split, in file order, before sharding and shuffling."""
+    def _records(self) -> Iterator[Record]:
+        """The normal sessions of this split, in file order."""
         counters = self.counters = {"sessions": 0, "abnormal_skipped": 0, "bad_records": 0}
         for record in iter_sessions(self.path, self.vocab_size, counters=counters, **self.reader_options):
             if record.label != 0:  # DeepLog learns normal behaviour only
@@ -274,6 +274,11 @@ class SessionDataset(IterableDataset):
                                                      self.validation_split) != (self.split == "val"):
                 continue
             counters["sessions"] += 1
+            yield record
+
+    def _windows(self) -> Iterator[tuple[list[int], list[int]]]:
+        """All windows of this split, in file order, before sharding and shuffling."""
+        for record in self._records():
             yield from make_windows(record.event_ids, self.vocab_size, self.max_seq_length, self.window_context)
 
     def __iter__(self):
@@ -295,17 +300,26 @@ class SessionDataset(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def count(self) -> dict:
-        """One pass without shuffling: sessions, windows (samples), predicted tokens and the set of
-        target IDs (events, and end-of-session) of this split."""
+    def count(self, max_event_sets: int = 100000) -> dict:
+        """One pass without shuffling: sessions, windows (samples), predicted tokens, the target IDs
+        (events and end-of-session) and the distinct sets of event types that occur together in a session
+        (None when there are more than max_event_sets: too varied to be a useful rule)."""
         windows = tokens = 0
         seen_targets: set[int] = set()
-        for _, targets in self._windows():
-            windows += 1
-            real = [t for t in targets if t != IGNORE_INDEX]
-            tokens += len(real)
-            seen_targets.update(real)
-        return {**self.counters, "windows": windows, "tokens": tokens, "seen_targets": sorted(seen_targets)}
+        event_sets: set[frozenset] | None = set()
+        for record in self._records():
+            if event_sets is not None:
+                event_sets.add(frozenset(record.event_ids))
+                if len(event_sets) > max_event_sets:
+                    event_sets = None
+            for _, targets in make_windows(record.event_ids, self.vocab_size, self.max_seq_length,
+                                           self.window_context):
+                windows += 1
+                real = [t for t in targets if t != IGNORE_INDEX]
+                tokens += len(real)
+                seen_targets.update(real)
+        return {**self.counters, "windows": windows, "tokens": tokens, "seen_targets": sorted(seen_targets),
+                "event_sets": None if event_sets is None else sorted(sorted(s) for s in event_sets)}
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[tuple[dict, int]]:
         """Padded batches with their position: the number of batches of this epoch done after this one."""

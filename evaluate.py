@@ -38,7 +38,7 @@ from model import DeepLog
 
 ACCURACY_KS = (1, 5, 10, 20)
 PERCENTILES = (90, 95, 99)
-RULES = ("probability", "top_g", "score_p90", "score_p95", "score_p99")
+RULES = ("combined", "probability", "event_set", "top_g", "score_p90", "score_p95", "score_p99")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -51,6 +51,12 @@ def load_model(checkpoint_path, device: torch.device) -> tuple[DeepLog, dict]:
         raise utils.CheckpointError(f"{checkpoint_path}: weights do not fit the stored model arguments "
                                     f"{checkpoint['model_args']} ({str(error).splitlines()[0]})") from None
     return model.to(device).eval(), checkpoint
+
+
+def known_event_sets(checkpoint: dict) -> set[frozenset] | None:
+    """The sets of event types that co-occur in normal training sessions (None: not recorded)."""
+    sets = checkpoint.get("event_sets")
+    return None if sets is None else {frozenset(s) for s in sets}
 
 
 def reader_options(config: utils.Config) -> dict:
@@ -73,17 +79,21 @@ def collect(path, options: dict, keep=None, all_abnormal: bool = False) -> tuple
 # ----------------------------------------------------------------------------- scoring
 @torch.no_grad()
 def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: int = 256,
-                   desc: str = "scoring") -> dict[str, np.ndarray]:
+                   desc: str = "scoring", event_sets: set | None = None) -> dict[str, np.ndarray]:
     """Score distinct sessions in batches of similar length, one LSTM pass each.
 
     Returns arrays aligned with `sessions`: predictions (n + 1), misses_at_k for each k, max_rank,
-    min_log_prob, loss_sum and loss_count (targets the head knows), unknown (IDs >= vocab_size).
+    min_log_prob, loss_sum and loss_count (targets the model knows), unknown (events never seen in
+    training), novel_set (1 when the session's set of event types never occurred in a normal training
+    session; always 0 without `event_sets`).
     """
     ks = sorted(set(top_ks))
     order = sorted(range(len(sessions)), key=lambda i: len(sessions[i]))
-    columns = ["predictions", "max_rank", "min_log_prob", "loss_sum", "loss_count", "unknown"] + \
+    columns = ["predictions", "max_rank", "min_log_prob", "loss_sum", "loss_count", "unknown", "novel_set"] + \
         [f"misses_at_{k}" for k in ks]
     out = {name: np.zeros(len(sessions), dtype=np.float64) for name in columns}
+    if event_sets is not None:
+        out["novel_set"] = np.array([frozenset(s) not in event_sets for s in sessions], dtype=np.float64)
     device = next(model.parameters()).device
     with tqdm(total=len(sessions), desc=desc, disable=not sys.stderr.isatty(), leave=False) as progress:
         for begin in range(0, len(order), batch_size):
@@ -112,25 +122,36 @@ def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> fl
 
 
 def fit_calibration(model, normal: Counter, top_k: int, top_g: int, margin: float, source: str,
-                    default_rule: str, batch_size: int = 256) -> dict:
+                    default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> tuple[dict, tuple]:
     """Thresholds from normal sessions only: score percentiles, and the probability bound, which is
-    `margin` times the lowest probability the model gave any actual event of a normal session."""
+    `margin` times the lowest probability the model gave an actual event of a normal session (events
+    never seen in training left out: they are flagged anyway). Records how often each rule fires on
+    these normal sessions: the false-positive rate to expect."""
     if not normal:
         raise DataError(f"{source}: no normal sessions to calibrate on")
     sessions, counts = list(normal), np.array(list(normal.values()), dtype=np.float64)
-    scores = score_sessions(model, sessions, [top_k], batch_size, desc="calibrating")
+    scores = score_sessions(model, sessions, [top_k, top_g], batch_size, "calibrating", event_sets)
     anomaly = scores[f"misses_at_{top_k}"] / scores["predictions"]
-    least_likely = float(scores["min_log_prob"].min())
-    return {"top_k": top_k, "top_g": top_g, "default_rule": default_rule, "source": source,
-            "sessions": int(counts.sum()), "distinct_sessions": len(sessions),
-            "score_thresholds": {f"p{q}": weighted_percentile(anomaly, counts, q) for q in PERCENTILES},
-            "least_likely_normal_log_prob": least_likely, "probability_margin": margin,
-            "probability_bound": least_likely + math.log(margin),
-            "fitted_at": datetime.now().isoformat(timespec="seconds")}
+    finite = np.isfinite(scores["min_log_prob"])
+    least_likely = float(scores["min_log_prob"][finite].min()) if finite.any() else 0.0
+    calibration = {
+        "top_k": top_k, "top_g": top_g, "default_rule": default_rule, "source": source,
+        "sessions": int(counts.sum()), "distinct_sessions": len(sessions),
+        "score_thresholds": {f"p{q}": weighted_percentile(anomaly, counts, q) for q in PERCENTILES},
+        "least_likely_normal_log_prob": least_likely, "probability_margin": margin,
+        "probability_bound": least_likely + math.log(margin), "event_set_rule": event_sets is not None,
+        "fitted_at": datetime.now().isoformat(timespec="seconds")}
+    calibration["flagged_on_calibration"] = {
+        rule: float(counts[verdicts(scores, calibration, rule)].sum() / counts.sum()) for rule in RULES}
+    return calibration
 
 
 def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
     """True where the session is abnormal under `rule`."""
+    if rule == "combined":
+        return verdicts(scores, calibration, "probability") | verdicts(scores, calibration, "event_set")
+    if rule == "event_set":
+        return scores["novel_set"] > 0
     if rule == "top_g":
         return scores["max_rank"] >= calibration["top_g"]
     if rule == "probability":
@@ -154,7 +175,7 @@ def confusion(abnormal_pred_normal: np.ndarray, normal_w: np.ndarray,
 
 
 def evaluate(model, calibration: dict, normal: Counter, abnormal: Counter, top_k: int,
-             default_rule: str, batch_size: int = 256) -> dict:
+             default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> tuple[dict, tuple]:
     """Next-event metrics on normal sessions, score statistics and, with abnormal data, each rule's metrics."""
     if top_k != calibration["top_k"]:
         raise utils.ConfigError(f"the stored thresholds were fitted at top_k={calibration['top_k']}; "
@@ -163,7 +184,7 @@ def evaluate(model, calibration: dict, normal: Counter, abnormal: Counter, top_k
         raise DataError("no sessions to evaluate")
     ks = [*ACCURACY_KS, top_k, calibration["top_g"]]
     results: dict = {"top_k": top_k}
-    normal_scores = score_sessions(model, list(normal), ks, batch_size, desc="normal") if normal else None
+    normal_scores = score_sessions(model, list(normal), ks, batch_size, "normal", event_sets) if normal else None
     normal_w = np.array(list(normal.values()), dtype=np.float64)
     if normal_scores is not None:
         predictions = float((normal_scores["predictions"] * normal_w).sum())
@@ -184,7 +205,7 @@ def evaluate(model, calibration: dict, normal: Counter, abnormal: Counter, top_k
         results["unknown_events"]["normal"] = int((normal_scores["unknown"] * normal_w).sum())
     if abnormal:
         abnormal_w = np.array(list(abnormal.values()), dtype=np.float64)
-        abnormal_scores = score_sessions(model, list(abnormal), ks, batch_size, desc="abnormal")
+        abnormal_scores = score_sessions(model, list(abnormal), ks, batch_size, "abnormal", event_sets)
         results["unknown_events"]["abnormal"] = int((abnormal_scores["unknown"] * abnormal_w).sum())
         empty = np.zeros(0, dtype=bool)
         results["rules"] = {}
@@ -194,13 +215,13 @@ def evaluate(model, calibration: dict, normal: Counter, abnormal: Counter, top_k
                                                verdicts(abnormal_scores, calibration, rule), abnormal_w)
         results["default"] = {"rule": default_rule, **results["rules"][default_rule]}
         results["abnormal_sessions"] = {"count": int(abnormal_w.sum()), "distinct": len(abnormal)}
-        results["_plot"] = (normal_scores, normal_w, abnormal_scores, abnormal_w)
+        plot_data = (normal_scores, normal_w, abnormal_scores, abnormal_w)
     elif normal_scores is not None:
         flagged = {rule: float(normal_w[verdicts(normal_scores, calibration, rule)].sum()) for rule in RULES}
         results["false_positive_rate"] = {rule: n / normal_w.sum() for rule, n in flagged.items()}
         results["default"] = {"rule": default_rule, "fpr": results["false_positive_rate"][default_rule]}
-        results["_plot"] = (normal_scores, normal_w, None, None)
-    return results
+        plot_data = (normal_scores, normal_w, None, None)
+    return results, plot_data
 
 
 # ----------------------------------------------------------------------------- reports
@@ -215,8 +236,7 @@ def report_paths(output_dir: Path, tag: str | None) -> tuple[Path, Path]:
     raise RuntimeError("no free report file name")
 
 
-def write_reports(results: dict, output_dir: Path, tag: str | None, logger) -> tuple[Path, Path]:
-    plot_data = results.pop("_plot", None)
+def write_reports(results: dict, plot_data, output_dir: Path, tag: str | None, logger) -> tuple[Path, Path]:
     json_path, text_path = report_paths(output_dir, tag)
     utils.save_json(json_path, results)
     utils.atomic_write_text(text_path, format_report(results))
@@ -250,9 +270,9 @@ def format_report(r: dict) -> str:
               f"  DeepLog top-g: g={c['top_g']}",
               f"  Probability bound: p < {math.exp(c['probability_bound']):.3g} "
               f"({c['probability_margin']} x least likely normal event)", ""]
-    unknown = r["unknown_events"]
-    lines += [f"Events never seen in training (IDs >= vocab_size, or absent from the training data) count "
-              f"as misses. IDs >= vocab_size: {', '.join(f'{k} {v}' for k, v in unknown.items())}.", ""]
+    unknown = ", ".join(f"{side} {n}" for side, n in r["unknown_events"].items())
+    lines += ["EVENTS NEVER SEEN IN TRAINING (IDs >= vocab_size, or absent from the training data)", "-" * 72,
+              f"  Occurrences: {unknown}. Each counts as a miss at every k and as probability 0.", ""]
     if "rules" in r:
         lines += ["DETECTION (every session weighted by its count)", "-" * 72,
                   f"  {'rule':<13}{'precision':>10}{'recall':>9}{'F1':>8}{'FPR':>9}{'TP':>8}{'FP':>7}"
@@ -302,17 +322,17 @@ def plot_scores(plot_data, results, path: Path, logger) -> None:
 
 # ----------------------------------------------------------------------------- detection
 def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_size: int = 256,
-           chunk_size: int = 4096, max_misses: int = 3) -> dict:
+           event_sets: set | None = None, chunk_size: int = 4096, max_misses: int = 3) -> dict:
     """Stream sessions from `path` in chunks and write one JSON line per session. Memory holds one chunk."""
     top_k, totals = calibration["top_k"], Counter()
-    bound = calibration["probability_bound"] if rule == "probability" else None
+    bound = calibration["probability_bound"] if rule in ("probability", "combined") else None
     records = iter_sessions(path, None, **options)
     while True:
         chunk = [record for _, record in zip(range(chunk_size), records)]
         if not chunk:
             return dict(totals)
         distinct = list(dict.fromkeys(tuple(r.event_ids) for r in chunk))  # identical sessions scored once
-        scores = score_sessions(model, distinct, [top_k], batch_size, desc="detecting")
+        scores = score_sessions(model, distinct, [top_k, calibration["top_g"]], batch_size, "detecting", event_sets)
         abnormal = verdicts(scores, calibration, rule)
         flagged = [s for s, a in zip(distinct, abnormal) if a]
         reasons = dict(zip(flagged, model.diagnose(flagged, top_k, max_misses, log_prob_bound=bound))) \
@@ -325,16 +345,17 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
                                                                      scores["predictions"][i]), 6),
                 "verdict": "abnormal" if abnormal[i] else "normal", "rule": rule,
                 "min_probability": float(math.exp(scores["min_log_prob"][i])),
+                "novel_event_set": bool(scores["novel_set"][i]),
                 "misses": reasons.get(tuple(record.event_ids), [])}) + "\n")
             totals["abnormal" if abnormal[i] else "normal"] += 1
 
 
 # ----------------------------------------------------------------------------- entry points
 def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_paths, config, output_dir,
-                   top_k, tag, logger) -> dict:
+                   top_k, tag, logger, event_sets) -> dict:
     started = time.time()
-    results = evaluate(model, calibration, normal, abnormal, top_k, config.evaluation.decision_rule,
-                       config.evaluation.batch_size)
+    results, plot_data = evaluate(model, calibration, normal, abnormal, top_k, config.evaluation.decision_rule,
+                                  config.evaluation.batch_size, event_sets)
     elapsed = time.time() - started
     sessions = sum(normal.values()) + sum(abnormal.values())
     results = {"date": datetime.now().isoformat(timespec="seconds"), "checkpoint": str(checkpoint_path),
@@ -342,8 +363,8 @@ def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_p
                "timing": {"scoring_seconds": elapsed, "sessions": sessions,
                           "distinct_sessions": len(normal) + len(abnormal),
                           "sessions_per_second": sessions / max(elapsed, 1e-9)}, **results}
-    write_reports(results, Path(output_dir), tag, logger)
-    for line in format_report({k: v for k, v in results.items() if k != "_plot"}).splitlines()[6:]:
+    write_reports(results, plot_data, Path(output_dir), tag, logger)
+    for line in format_report(results).splitlines()[4:]:  # the report, without its title, into the log
         if line.strip():
             logger.info(line)
     return results
@@ -363,6 +384,7 @@ def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
     plot_training_curve(output_dir, logger)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(checkpoint_path, device)
+    event_sets = known_event_sets(checkpoint)
     options, data, seed = reader_options(config), config.data, config.training.seed
 
     def side(record, calibration_half: bool) -> bool:
@@ -382,14 +404,14 @@ def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
     ev = config.evaluation
     calibration = fit_calibration(model, calibration_set, ev.top_k, ev.top_g, ev.probability_margin,
                                   f"validation split of {data.preprocessed_dir} (calibration half)",
-                                  ev.decision_rule, ev.batch_size)
+                                  ev.decision_rule, ev.batch_size, event_sets)
     store_calibration(checkpoint_path, checkpoint, calibration, output_dir)
     if data.abnormal_dir:
         abnormal.update(collect(data.abnormal_dir, options, all_abnormal=True)[1])
     paths = {"normal": f"{data.preprocessed_dir} (validation split, evaluation half)",
              "abnormal": ", ".join(filter(None, [data.abnormal_dir, f"label 1 in {data.preprocessed_dir}"]))}
     return run_evaluation(model, checkpoint_path, calibration, normal, abnormal, paths, config, output_dir,
-                          ev.top_k, None, logger)
+                          ev.top_k, None, logger, event_sets)
 
 
 def plot_training_curve(output_dir: Path, logger) -> None:
@@ -442,6 +464,7 @@ def main(argv=None):
 def run(args, logger):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(args.checkpoint, device)
+    event_sets = known_event_sets(checkpoint)
     config = utils.config_from_dict(checkpoint["config"])
     ev = config.evaluation
     if args.rule:
@@ -462,7 +485,7 @@ def run(args, logger):
     if args.calibrate_on:
         normal, _ = collect(args.calibrate_on, options)
         calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.probability_margin, args.calibrate_on,
-                                      ev.decision_rule, ev.batch_size)
+                                      ev.decision_rule, ev.batch_size, event_sets)
         utils.save_json(output_dir / "calibration.json", calibration)
         logger.info(f"Calibrated on {args.calibrate_on}: {output_dir / 'calibration.json'}")
     if calibration is None:
@@ -471,7 +494,8 @@ def run(args, logger):
     if args.detect:
         out = open(args.output, "w") if args.output else sys.stdout
         try:
-            totals = detect(model, calibration, args.detect, options, ev.decision_rule, out, ev.batch_size)
+            totals = detect(model, calibration, args.detect, options, ev.decision_rule, out, ev.batch_size,
+                            event_sets)
         finally:
             if args.output:
                 out.close()
@@ -491,7 +515,8 @@ def run(args, logger):
     if abnormal_dir:
         abnormal.update(collect(abnormal_dir, options, all_abnormal=True)[1])
     run_evaluation(model, args.checkpoint, calibration, normal, abnormal,
-                   {"normal": normal_path, "abnormal": abnormal_dir}, config, output_dir, top_k, args.tag, logger)
+                   {"normal": normal_path, "abnormal": abnormal_dir}, config, output_dir, top_k, args.tag, logger,
+                   event_sets)
     return 0
 
 

@@ -135,13 +135,14 @@ def train(args, logger):
         logger.warning(f"batch_size {tc.batch_size} is not a multiple of the {runtime.world_size} ranks x "
                        f"{runtime.data_parallel_gpus} GPUs; per-GPU batches differ by one sample")
     rank_batch_size = max(1, tc.batch_size // runtime.world_size)
-    seen_targets = None
+    seen_targets, event_sets = None, None
     if config.data.samples_per_epoch:
         total_samples = config.data.samples_per_epoch
-        logger.info(f"Training samples per epoch (from data.samples_per_epoch): {total_samples}")
+        logger.info(f"Training samples per epoch (from data.samples_per_epoch): {total_samples}; no counting "
+                    f"pass, so no record of which events and event sets occur in training (event_set rule off)")
     else:
         counted = build_dataset(config, "train", runtime).count()
-        total_samples, seen_targets = counted["windows"], counted["seen_targets"]
+        total_samples, seen_targets, event_sets = counted["windows"], counted["seen_targets"], counted["event_sets"]
         logger.info(f"Training data {config.data.preprocessed_dir}: {counted['sessions']} normal sessions -> "
                     f"{counted['windows']} windows, {counted['tokens']} predicted events | skipped: "
                     f"{counted['abnormal_skipped']} abnormal, {counted['bad_records']} bad records")
@@ -196,6 +197,7 @@ def train(args, logger):
         epoch_loss_sum, epoch_tokens = position["epoch_loss_sum"], position["epoch_tokens"]
         epoch_time_before = position["epoch_time"]
         global_step = checkpoint["step"]
+        event_sets = event_sets if event_sets is not None else checkpoint.get("event_sets")
         rng_states = checkpoint["rng_state"]
         if len(rng_states) != runtime.world_size:
             logger.warning(f"Checkpoint was written by {len(rng_states)} processes, this run has "
@@ -219,6 +221,7 @@ def train(args, logger):
             "data_position": {"epoch": epoch, "batches_done": batches_done, "epoch_loss_sum": epoch_loss_sum,
                               "epoch_tokens": epoch_tokens, "epoch_time": epoch_elapsed},
             "config": utils.config_to_dict(config), "world_size": runtime.world_size,
+            "event_sets": event_sets,  # which event types co-occur in normal training sessions
         }, path)
 
     # ---------------------------------------------------------------- the loop

@@ -95,8 +95,8 @@ class DataConfig:
 class EvaluationConfig:
     top_k: int = 10
     top_g: int = 9                # DeepLog's rule: abnormal when any event is outside the top-g
-    decision_rule: str = "probability"  # probability | top_g | score_p90 | score_p95 | score_p99
-    probability_margin: float = 0.1     # bound = this fraction of the least likely normal event
+    decision_rule: str = "combined"   # combined | probability | event_set | top_g | score_p90 | score_p95 | score_p99
+    probability_margin: float = 0.01  # probability bound = this fraction of the least likely normal event
     batch_size: int = 256
 
 
@@ -116,7 +116,8 @@ class ConfigError(Exception):
 
 CHOICES = {"training.optimizer": ("adam", "adamw"), "training.lr_schedule": ("cosine", "linear", "constant"),
            "training.amp_dtype": ("auto", "bfloat16", "float16"),
-           "evaluation.decision_rule": ("probability", "top_g", "score_p90", "score_p95", "score_p99")}
+           "evaluation.decision_rule": ("combined", "probability", "event_set", "top_g", "score_p90", "score_p95",
+                                        "score_p99")}
 POSITIVE = ("model.vocab_size", "model.embedding_dim", "model.hidden_size", "model.num_layers",
             "training.batch_size", "training.epochs", "training.learning_rate", "training.log_every_steps",
             "training.gpu_stats_every_steps", "training.keep_last_checkpoints", "lazy_loading.buffer_size",
