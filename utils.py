@@ -96,7 +96,7 @@ class EvaluationConfig:
     top_k: int = 10
     top_g: int = 9                # DeepLog's rule: abnormal when any event is outside the top-g
     decision_rule: str = "combined"   # combined | probability | event_set | top_g | score_p90 | score_p95 | score_p99
-    probability_margin: float = 0.01  # probability bound = this fraction of the least likely normal event
+    probability_margin: float = 0.001  # probability bound = this fraction of the least likely normal event
     batch_size: int = 256
 
 
