@@ -300,7 +300,7 @@ class SessionDataset(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def count(self, max_event_sets: int = 100000) -> dict:
+    def count(self, max_event_sets: int = 10000) -> dict:
         """One pass without shuffling: sessions, windows (samples), predicted tokens, the target IDs
         (events and end-of-session) and the distinct sets of event types that occur together in a session
         (None when there are more than max_event_sets: too varied to be a useful rule)."""

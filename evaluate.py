@@ -430,7 +430,7 @@ def plot_training_curve(output_dir: Path, logger) -> None:
     lr_axis = loss_axis.twinx()
     lr_axis.plot(history["epoch"], history["learning_rate"], "k:", label="learning rate")
     lr_axis.set_ylabel("learning rate")
-    figure.legend(loc="upper right")
+    figure.legend(loc="upper center")
     figure.tight_layout()
     figure.savefig(output_dir / "training_curve.png", dpi=100)
     plt.close(figure)

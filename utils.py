@@ -49,7 +49,7 @@ class TrainingConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1     # the decay ends at learning_rate * min_lr_ratio
     max_grad_norm: float = 1.0    # 0 disables clipping
-    mixed_precision: bool = True  # CUDA: bf16 where supported, else fp16 + GradScaler; CPU: fp32
+    mixed_precision: bool = True  # CUDA: bf16 where supported, else fp16 + GradScaler; CPU: bf16 if native
     amp_dtype: str = "auto"       # auto | bfloat16 | float16
     use_multi_gpu: bool = True    # DataParallel over all visible GPUs (torchrun uses DDP instead)
     device: str = "auto"          # auto | cpu | cuda | cuda:N

@@ -167,7 +167,7 @@ def test_training_ends_with_calibration_and_reports(trained):
     assert 0 < results["next_event"]["top1_accuracy"] <= results["next_event"]["top5_accuracy"] <= 1
     report_text, = out.glob("evaluation_report_*.txt")
     assert "DETECTION" in report_text.read_text() and "combined" in report_text.read_text()
-    assert "matplotlib not installed" in result.stdout or (out / "score_distribution.png").exists()
+    assert ("matplotlib not installed" in result.stdout) != (out / "score_distribution.png").exists()
 
 
 def test_evaluate_cli_on_given_data_uses_stored_thresholds(trained, tmp_path):
@@ -284,3 +284,39 @@ def test_hdfs_end_to_end_small(tmp_path):
     assert results["normal_scores"]["count"] == 1000 and results["abnormal_sessions"]["count"] == 5051
     assert results["next_event"]["top10_accuracy"] > 0.95
     assert results["rules"]["event_set"]["recall"] > 0.95 and results["rules"]["event_set"]["fpr"] < 0.01
+
+
+def _history(tmp_path):
+    (tmp_path / "training_history.json").write_text(json.dumps(
+        {"epoch": [1, 2], "train_loss": [1.0, 0.5], "val_loss": [0.9, 0.6], "learning_rate": [1e-3, 1e-4],
+         "epoch_time": [1.0, 1.0]}))
+
+
+def _plot_inputs():
+    scores = E.score_sessions(fixed_model(), [(0, 3), (1,)], [2])
+    calibration = {"top_k": 2, "score_thresholds": {"p90": 0.1, "p95": 0.2, "p99": 0.3}, "probability_bound": -5.0}
+    return (scores, np.array([3.0, 1.0]), scores, np.array([1.0, 1.0])), {"calibration": calibration, "top_k": 2}
+
+
+def test_pictures_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    import logging
+    _history(tmp_path)
+    E.plot_training_curve(tmp_path, logging.getLogger("test"))
+    E.plot_scores(*_plot_inputs(), tmp_path / "score_distribution.png", logging.getLogger("test"))
+    for name in ("training_curve.png", "score_distribution.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_one_note_and_no_picture(tmp_path, monkeypatch, caplog):
+    import logging
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib now raises ImportError
+    _history(tmp_path)
+    with caplog.at_level(logging.INFO, logger="test-mpl"):
+        E.plot_training_curve(tmp_path, logging.getLogger("test-mpl"))
+        E.plot_scores(*_plot_inputs(), tmp_path / "score_distribution.png", logging.getLogger("test-mpl"))
+    assert not list(tmp_path.glob("*.png"))
+    assert [r.message for r in caplog.records if "matplotlib not installed" in r.message] == [
+        "matplotlib not installed: no training_curve.png (pip install matplotlib)",
+        "matplotlib not installed: no score_distribution.png (pip install matplotlib)"]
