@@ -66,13 +66,12 @@ def reader_options(config: utils.Config) -> dict:
                 skip_bad_records=data.skip_bad_records)
 
 
-def collect(path, options: dict, keep=None, all_abnormal: bool = False) -> tuple[Counter, Counter]:
+def collect(path, options: dict, all_abnormal: bool = False) -> tuple[Counter, Counter]:
     """Distinct sessions with their counts, (normal, abnormal) by label. IDs are not checked against the
     vocabulary here: an unknown ID is scored as a miss, not rejected."""
     normal, abnormal = Counter(), Counter()
     for record in iter_sessions(path, None, **options):
-        if keep is None or keep(record):
-            (abnormal if all_abnormal or record.label else normal)[tuple(record.event_ids)] += 1
+        (abnormal if all_abnormal or record.label else normal)[tuple(record.event_ids)] += 1
     return normal, abnormal
 
 
@@ -377,31 +376,36 @@ def store_calibration(checkpoint_path, checkpoint: dict, calibration: dict, outp
     utils.save_json(output_dir / "calibration.json", calibration)
 
 
+def validation_sessions(config: utils.Config, options: dict) -> tuple[Counter, Counter, Counter]:
+    """One pass over the training data: the calibration and evaluation halves of its normal validation
+    split (halved by another hash, so neither ever scores what the other fitted), and the sessions
+    labelled abnormal. With validation_split 0 the halves come from all normal sessions."""
+    data, seed = config.data, config.training.seed
+    calibration, evaluation, abnormal = Counter(), Counter(), Counter()
+    for record in iter_sessions(data.preprocessed_dir, None, **options):
+        events = tuple(record.event_ids)
+        if record.label:
+            abnormal[events] += 1
+        elif data.validation_split == 0 or is_validation(record.file, record.index, seed, data.validation_split):
+            half = calibration if is_validation(record.file, record.index, seed + 1, 0.5) else evaluation
+            half[events] += 1
+    return calibration, evaluation, abnormal
+
+
 def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
     """Called by train.py: calibrate on half of the normal validation split, evaluate on the other half
     (plus abnormal sessions: labelled 1 in the training data, and data.abnormal_dir)."""
-    output_dir = Path(config.training.output_dir)
+    output_dir, data, ev = Path(config.training.output_dir), config.data, config.evaluation
     plot_training_curve(output_dir, logger)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(checkpoint_path, device)
     event_sets = known_event_sets(checkpoint)
-    options, data, seed = reader_options(config), config.data, config.training.seed
-
-    def side(record, calibration_half: bool) -> bool:
-        in_val = is_validation(record.file, record.index, seed, data.validation_split)
-        return in_val and is_validation(record.file, record.index, seed + 1, 0.5) == calibration_half
-
+    options = reader_options(config)
     if data.validation_split == 0:
-        logger.warning("data.validation_split is 0: calibrating on the training sessions themselves")
-        calibration_set, _ = collect(data.preprocessed_dir, options)
-        normal, abnormal = calibration_set, Counter()
-    else:
-        calibration_set, _ = collect(data.preprocessed_dir, options, keep=lambda r: side(r, True))
-        normal, _ = collect(data.preprocessed_dir, options, keep=lambda r: side(r, False))
-        _, abnormal = collect(data.preprocessed_dir, options, keep=lambda r: r.label == 1)
-    if not calibration_set:  # tiny data: fall back to the whole validation split
+        logger.warning("data.validation_split is 0: thresholds are fitted on sessions the model trained on")
+    calibration_set, normal, abnormal = validation_sessions(config, options)
+    if not calibration_set:  # tiny data: fall back to the other half
         calibration_set = normal
-    ev = config.evaluation
     calibration = fit_calibration(model, calibration_set, ev.top_k, ev.top_g, ev.probability_margin,
                                   f"validation split of {data.preprocessed_dir} (calibration half)",
                                   ev.decision_rule, ev.batch_size, event_sets)
@@ -502,16 +506,13 @@ def run(args, logger):
         logger.info(f"Detection ({ev.decision_rule} rule) on {args.detect}: {totals.get('abnormal', 0)} abnormal, "
                     f"{totals.get('normal', 0)} normal sessions")
         return 0
-    data = config.data
     if args.data_dir:
         normal, abnormal = collect(args.data_dir, options)
         normal_path = args.data_dir
     else:  # the evaluation half of the validation split, as after training
-        seed = config.training.seed
-        normal, abnormal = collect(data.preprocessed_dir, options, keep=lambda r: is_validation(
-            r.file, r.index, seed, data.validation_split) and not is_validation(r.file, r.index, seed + 1, 0.5))
-        normal_path = f"{data.preprocessed_dir} (validation split, evaluation half)"
-    abnormal_dir = args.abnormal_dir or (None if args.data_dir else data.abnormal_dir)
+        _, normal, abnormal = validation_sessions(config, options)
+        normal_path = f"{config.data.preprocessed_dir} (validation split, evaluation half)"
+    abnormal_dir = args.abnormal_dir or (None if args.data_dir else config.data.abnormal_dir)
     if abnormal_dir:
         abnormal.update(collect(abnormal_dir, options, all_abnormal=True)[1])
     run_evaluation(model, args.checkpoint, calibration, normal, abnormal,

@@ -145,3 +145,23 @@ def test_gpu_monitor_formats_pynvml_readings(monkeypatch):
     monitor = utils.GPUMonitor(logging.getLogger("x"))
     assert monitor.summary() == "GPU: [0:1000MB|90%] [1:2000MB|91%]"
     assert monitor.details()[1] == "GPU 1: memory 2000/80000MB | util 91% | temp 60C | power 250W"
+
+
+def test_precision_choice_per_device(monkeypatch):
+    torch = utils.torch
+    config = load_config()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert train.amp_settings(config, cuda) == (torch.bfloat16, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert train.amp_settings(config, cuda) == (torch.float16, True)        # fp16 needs the GradScaler
+    config.training.amp_dtype = "float16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert train.amp_settings(config, cuda) == (torch.float16, True)
+    config.training.amp_dtype = "auto"
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert train.amp_settings(config, cpu) == ((torch.bfloat16 if native else None), False)
+    config.training.mixed_precision = False
+    assert train.amp_settings(config, cuda) == (None, False) and train.amp_settings(config, cpu) == (None, False)
