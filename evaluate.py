@@ -12,9 +12,11 @@ Examples:
 
 Scores. For every session the model predicts each next event from the start token to the end of the
 session. Per session we keep: the anomaly score (fraction of predictions whose actual event is outside
-the top-k), the worst rank (DeepLog's rule: abnormal when any event is outside the top-g) and the
-lowest probability the model gave an actual event (the probability rule). Thresholds are fitted on
-normal sessions only (calibration), stored with the model, and never fitted on the data being scored.
+the top-k), the worst rank (DeepLog's rule: abnormal when any event is outside the top-g), the lowest
+probability the model gave an actual event (the probability rule) and whether its set of event types
+ever occurred in a normal training session (the event_set rule); `combined`, the default, is
+probability or event_set. Thresholds are fitted on normal sessions only (calibration), stored with the
+model, and never fitted on the data being scored.
 """
 from __future__ import annotations
 
@@ -268,7 +270,10 @@ def format_report(r: dict) -> str:
               "  Score thresholds: " + "  ".join(f"{p}={v:.4f}" for p, v in c["score_thresholds"].items()),
               f"  DeepLog top-g: g={c['top_g']}",
               f"  Probability bound: p < {math.exp(c['probability_bound']):.3g} "
-              f"({c['probability_margin']} x least likely normal event)", ""]
+              f"({c['probability_margin']} x least likely normal event)",
+              f"  Event-set rule: {'on' if c['event_set_rule'] else 'off (no record of event sets from training)'}",
+              "  Flagged on the calibration sessions (expected FPR): " + "  ".join(
+                  f"{rule}={rate:.2%}" for rule, rate in c["flagged_on_calibration"].items()), ""]
     unknown = ", ".join(f"{side} {n}" for side, n in r["unknown_events"].items())
     lines += ["EVENTS NEVER SEEN IN TRAINING (IDs >= vocab_size, or absent from the training data)", "-" * 72,
               f"  Occurrences: {unknown}. Each counts as a miss at every k and as probability 0.", ""]

@@ -154,6 +154,9 @@ def train(args, logger):
         logger.info(f"Training data {config.data.preprocessed_dir}: {counted['sessions']} normal sessions -> "
                     f"{counted['windows']} windows, {counted['tokens']} predicted events | skipped: "
                     f"{counted['abnormal_skipped']} abnormal, {counted['bad_records']} bad records")
+        if event_sets is None:
+            logger.warning("More than 10,000 distinct sets of event types in the training data: too varied "
+                           "for the event_set rule, which is off for this model")
         if counted["bad_records"]:
             logger.warning(f"Skipped bad records (data.skip_bad_records): first was {counted['first_bad_record']}")
     if total_samples == 0:

@@ -30,7 +30,8 @@ def write_data(path: Path, sessions: int, fmt: str) -> None:
         if fmt == "json":
             handle.write("[")
         for i in range(sessions):
-            record = json.dumps({"session_id": f"s{i}", "event_ids": [rng.randrange(29) for _ in range(rng.randrange(5, 40))]})
+            events = [rng.randrange(29) for _ in range(rng.randrange(5, 40))]
+            record = json.dumps({"session_id": f"s{i}", "event_ids": events})
             handle.write(("," if i and fmt == "json" else "") + record + ("\n" if fmt == "jsonl" else ""))
         if fmt == "json":
             handle.write("]")

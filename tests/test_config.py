@@ -160,7 +160,7 @@ def test_precision_choice_per_device(monkeypatch):
     assert train.amp_settings(config, cuda) == (torch.float16, True)
     config.training.amp_dtype = "auto"
     for native in (False, True):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
         assert train.amp_settings(config, cpu) == ((torch.bfloat16 if native else None), False)
     config.training.mixed_precision = False

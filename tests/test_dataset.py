@@ -3,7 +3,6 @@ import gzip
 import json
 
 import pytest
-import torch
 
 from dataset import (DataError, SessionDataset, collate, is_validation, iter_sessions, list_data_files,
                      make_windows)

@@ -161,7 +161,7 @@ def test_training_ends_with_calibration_and_reports(trained):
     assert checkpoint["event_sets"] and all(isinstance(s, list) for s in checkpoint["event_sets"])
     report_json, = out.glob("evaluation_results_*.json")
     results = json.loads(report_json.read_text())
-    for rule, m in results["rules"].items():
+    for m in results["rules"].values():
         assert m["tp"] + m["fn"] == 60 and m["fp"] + m["tn"] == results["normal_scores"]["count"]
     assert results["default"]["rule"] == "combined"
     assert 0 < results["next_event"]["top1_accuracy"] <= results["next_event"]["top5_accuracy"] <= 1
