@@ -6,6 +6,7 @@ Examples:
     python train.py --config config.yaml --data-dir /data/sessions --epochs 20 --batch-size 256 --lr 1e-3
     python train.py --resume outputs/checkpoints/step_1000.pt     # continue exactly where it stopped
     nohup python train.py --data-dir /data/sessions > train.out 2>&1 &   # plain log lines, no bar
+    kill PID      # SIGTERM: saves checkpoints/step_N.pt at the next step, exits 143; then --resume it
     torchrun --nproc_per_node=4 train.py --data-dir /data/sessions      # DistributedDataParallel
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 train.py ...
 
@@ -237,6 +238,7 @@ def train(args, logger):
 
     # ---------------------------------------------------------------- the loop
     gpu_monitor = utils.GPUMonitor(logger) if runtime.is_master else None
+    stop_signal = utils.StopSignal()
     run_start, steps_this_run = time.time(), 0
     window_loss = torch.zeros((), device=runtime.device)  # since the last log line, kept on device:
     window_tokens = torch.zeros((), device=runtime.device, dtype=torch.long)  # .item() only at log time
@@ -300,6 +302,14 @@ def train(args, logger):
                     save(checkpoint_dir / f"step_{global_step}.pt", epoch, batches_done, time.time() - epoch_start)
                     if runtime.is_master:
                         utils.prune_checkpoints(checkpoint_dir, "step", tc.keep_last_checkpoints)
+                if stop_signal.check(runtime, global_step, tc.log_every_steps):
+                    epoch_loss_sum, epoch_tokens = flush(epoch_loss_sum, epoch_tokens)
+                    path = checkpoint_dir / f"step_{global_step}.pt"
+                    save(path, epoch, batches_done, time.time() - epoch_start)
+                    logger.info(f"Stopped by {stop_signal.received or 'a signal on another rank'} at step "
+                                f"{global_step}: continue with --resume {path}")
+                    progress.close()
+                    return stop_signal.exit_code or 143
         progress.close()
         epoch_loss_sum, epoch_tokens = flush(epoch_loss_sum, epoch_tokens)
 

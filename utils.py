@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import typing
@@ -364,6 +365,35 @@ def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+class StopSignal:
+    """SIGTERM or SIGINT (kill of a nohup run, a scheduler's preemption, Ctrl-C) asks training to stop at
+    the next step boundary, where a resumable checkpoint is written. A second signal stops at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def check(self, runtime: "Runtime", step: int, every: int) -> bool:
+        """Whether to stop now. Under DDP all ranks must agree, so the flag is all-reduced every `every` steps."""
+        if not runtime.distributed:
+            return self.received is not None
+        if step % every:
+            return False
+        flag = torch.tensor([int(self.received is not None)], device=runtime.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + signal.Signals[self.received].value if self.received else 0
 
 
 # ----------------------------------------------------------------------------- logging and progress

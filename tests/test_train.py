@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,28 @@ def test_torchrun_ddp_on_cpu(tmp_path, tiny_data):
     checkpoint = torch.load(out / "checkpoints" / "epoch_1.pt", weights_only=True)
     assert len(checkpoint["rng_state"]) == 2   # each rank's dropout stream, for an exact resume
     assert (out / "training.log").read_text().count("Epoch 1/1") == 1
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path):
+    """kill (nohup runs, preemption): stop at the next step, save, exit 143; the resume ends bit-identical."""
+    import os
+    import signal
+    root, config, data, out, _ = straight_run
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(config), "--data-dir",
+                                str(data), "--output-dir", str(stopped)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if "[Step 5]" in line:
+            process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143, "".join(output)
+    message = next(line for line in output if "Stopped by SIGTERM" in line)
+    checkpoint = Path(message.split("--resume ")[1].strip())
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    assert 5 <= step < 28
+    result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", stopped,
+                        "--resume", checkpoint)
+    assert result.returncode == 0, result.stderr
+    assert_same_params(params(out / "checkpoints" / "epoch_2.pt"), params(stopped / "checkpoints" / "epoch_2.pt"))
