@@ -56,27 +56,6 @@ def resolve_config(args) -> utils.Config:
         "training.output_dir": args.output_dir, "training.device": args.device, "training.seed": args.seed})
 
 
-def amp_settings(config: utils.Config, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype, or None for fp32; whether fp16 loss scaling is needed).
-
-    CUDA: bf16 where supported, else fp16 with GradScaler. CPU: bf16 only where the CPU computes it
-    natively (AVX512-BF16 or AMX; measured 2.1x faster than fp32 there, benchmarks/README.md), else fp32,
-    since emulated bf16 is slower than fp32.
-    """
-    wanted = config.training.amp_dtype
-    if not config.training.mixed_precision:
-        return None, False
-    if device.type == "cpu":
-        native_bf16 = any(getattr(torch.cpu, probe, lambda: False)()
-                          for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        return (torch.bfloat16 if wanted == "bfloat16" or (wanted == "auto" and native_bf16) else None), False
-    if device.type != "cuda":
-        return None, False
-    if wanted == "bfloat16" or (wanted == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
 def build_dataset(config: utils.Config, split: str, runtime: utils.Runtime, samples_per_rank=None, shuffle=False):
     data = config.data
     return SessionDataset(
@@ -185,7 +164,7 @@ def train(args, logger):
     total_steps = steps_per_epoch * tc.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, utils.lr_multiplier(tc.warmup_steps, total_steps, tc.lr_schedule, tc.min_lr_ratio))
-    amp_dtype, use_loss_scaling = amp_settings(config, runtime.device)
+    amp_dtype, use_loss_scaling = utils.amp_settings(config, runtime.device)
     # Enabled only for fp16: bf16 and fp32 share the same code path with a pass-through scaler.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=use_loss_scaling)
     early_stopping = utils.EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)

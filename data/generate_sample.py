@@ -21,7 +21,8 @@ Abnormal: missing, extra (error events or a duplicated step), reordered or trunc
 Layout written:
   train/part-000.json      top-level JSON array of {"session_id", "event_ids"}
   train/part-001.json.gz   gzipped JSON object {"sessions": [...]}
-  train/part-002.jsonl     one object per line, with labels: a few abnormal sessions that training skips
+  train/part-002.jsonl     one object per line, with labels: 300 abnormal sessions that training skips
+                           and the evaluation after training uses
   train/part-003.txt       DeepLog text: space-separated IDs, one session per line
   abnormal/abnormal.jsonl  labelled abnormal sessions (label 1, "anomaly" says which kind)
   new/sessions.jsonl       unlabelled mix of normal and abnormal sessions for `evaluate.py --detect`
@@ -80,7 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).parent / "sample"), help="output directory")
     parser.add_argument("--normal", type=int, default=3000, help="normal training sessions")
-    parser.add_argument("--abnormal", type=int, default=400, help="labelled abnormal sessions")
+    parser.add_argument("--abnormal", type=int, default=400, help="abnormal sessions in abnormal/")
+    parser.add_argument("--labelled-abnormal", type=int, default=300,
+                        help="abnormal sessions (label 1) mixed into train/part-002.jsonl")
     parser.add_argument("--seed", type=int, default=7, help="random seed")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -98,9 +101,10 @@ def main() -> None:
     with open(out / "train" / "part-002.jsonl", "w") as handle:
         for session in sessions[2 * quarter:3 * quarter]:
             handle.write(json.dumps({**session, "label": 0}) + "\n")
-        for i in range(20):
+        for i in range(args.labelled_abnormal):
             events, kind = abnormal_session(rng)
-            handle.write(json.dumps({"session_id": f"blk_bad_{i:04d}", "event_ids": events, "label": 1}) + "\n")
+            handle.write(json.dumps({"session_id": f"blk_bad_{i:04d}", "event_ids": events, "label": 1,
+                                     "anomaly": kind}) + "\n")
     with open(out / "train" / "part-003.txt", "w") as handle:
         for session in sessions[3 * quarter:]:
             handle.write(" ".join(map(str, session["event_ids"])) + "\n")

@@ -152,16 +152,16 @@ def test_precision_choice_per_device(monkeypatch):
     config = load_config()
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert train.amp_settings(config, cuda) == (torch.bfloat16, False)
+    assert utils.amp_settings(config, cuda) == (torch.bfloat16, False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert train.amp_settings(config, cuda) == (torch.float16, True)        # fp16 needs the GradScaler
+    assert utils.amp_settings(config, cuda) == (torch.float16, True)        # fp16 needs the GradScaler
     config.training.amp_dtype = "float16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert train.amp_settings(config, cuda) == (torch.float16, True)
+    assert utils.amp_settings(config, cuda) == (torch.float16, True)
     config.training.amp_dtype = "auto"
     for native in (False, True):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-        assert train.amp_settings(config, cpu) == ((torch.bfloat16 if native else None), False)
+        assert utils.amp_settings(config, cpu) == ((torch.bfloat16 if native else None), False)
     config.training.mixed_precision = False
-    assert train.amp_settings(config, cuda) == (None, False) and train.amp_settings(config, cpu) == (None, False)
+    assert utils.amp_settings(config, cuda) == (None, False) and utils.amp_settings(config, cpu) == (None, False)
