@@ -175,12 +175,16 @@ def confusion(abnormal_pred_normal: np.ndarray, normal_w: np.ndarray,
             "fpr": fp / (fp + tn) if fp + tn else 0.0}
 
 
-def evaluate(model, calibration: dict, normal: Counter, abnormal: Counter, top_k: int,
-             default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> tuple[dict, tuple]:
-    """Next-event metrics on normal sessions, score statistics and, with abnormal data, each rule's metrics."""
+def check_top_k(calibration: dict, top_k: int) -> None:
     if top_k != calibration["top_k"]:
         raise utils.ConfigError(f"the stored thresholds were fitted at top_k={calibration['top_k']}; "
                                 f"refit them with --calibrate-on DIR to use --top-k {top_k}")
+
+
+def evaluate(model, calibration: dict, normal: Counter, abnormal: Counter, top_k: int,
+             default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> tuple[dict, tuple]:
+    """Next-event metrics on normal sessions, score statistics and, with abnormal data, each rule's metrics."""
+    check_top_k(calibration, top_k)
     if not normal and not abnormal:
         raise DataError("no sessions to evaluate")
     ks = [*ACCURACY_KS, top_k, calibration["top_g"]]
@@ -500,6 +504,7 @@ def run(args, logger):
     if calibration is None:
         raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (training was stopped before "
                                     f"it ended?); pass --calibrate-on DIR with normal sessions")
+    check_top_k(calibration, top_k)
     if args.detect:
         out = open(args.output, "w") if args.output else sys.stdout
         try:

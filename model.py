@@ -78,10 +78,10 @@ class DeepLog(nn.Module):
         """Raw sessions -> (inputs, targets), both [batch, longest + 1].
 
         Accepts one 1-D sequence, a list of sequences, or a 2-D tensor right-padded with any negative
-        value (or pad_id). IDs >= vocab_size become unk_id as inputs; as targets they can never be
-        predicted, so they always count as misses.
+        value. IDs >= vocab_size become unk_id, as inputs and as targets: the head never predicts
+        unk_id, so they always count as misses (and never pass for the end-of-session class).
         """
-        sessions = _as_list_of_lists(sessions, self.pad_id)
+        sessions = _as_list_of_lists(sessions)
         longest = max((len(s) for s in sessions), default=0) + 1
         inputs = torch.full((len(sessions), longest), self.pad_id, dtype=torch.long)
         targets = torch.full((len(sessions), longest), IGNORE_INDEX, dtype=torch.long)
@@ -89,8 +89,9 @@ class DeepLog(nn.Module):
             events_t = torch.as_tensor(events, dtype=torch.long)
             n = len(events)
             inputs[row, 0] = self.start_id
-            inputs[row, 1:n + 1] = torch.where(events_t >= self.vocab_size, self.unk_id, events_t)
-            targets[row, :n] = events_t
+            known = torch.where(events_t >= self.vocab_size, self.unk_id, events_t)
+            inputs[row, 1:n + 1] = known
+            targets[row, :n] = known
             targets[row, n] = self.end_id
         device = device or next(self.parameters()).device
         return inputs.to(device), targets.to(device)
@@ -140,10 +141,11 @@ class DeepLog(nn.Module):
         """Per session, each miss: its position (0 = the first event, n = the end), the actual event
         ("<end>" for the end of session), its probability and the top_k events the model expected, best
         first. A miss is an actual event outside the top_k or, given log_prob_bound, less likely than it."""
+        sessions = _as_list_of_lists(input_ids)
         was_training = self.training
         self.eval()
         try:
-            inputs, targets = self.encode(input_ids)
+            inputs, targets = self.encode(sessions)
             logits = self(inputs)
             ranks, log_probs = self.ranks_from_logits(logits, targets)
             expected = logits.topk(min(top_k, self.num_classes), dim=-1).indices
@@ -157,7 +159,8 @@ class DeepLog(nn.Module):
             if log_prob_bound is not None:
                 missed |= (ranks[row] >= 0) & (log_probs[row] < log_prob_bound)
             for pos in torch.nonzero(missed).flatten().tolist():
-                misses.append({"position": pos, "actual": label(targets[row, pos].item()),
+                actual = sessions[row][pos] if pos < len(sessions[row]) else "<end>"  # the real ID, even unknown
+                misses.append({"position": pos, "actual": actual,
                                "probability": float(log_probs[row, pos].exp()),
                                "expected": [label(t) for t in expected[row, pos].tolist()]})
                 if max_misses is not None and len(misses) >= max_misses:
@@ -175,13 +178,14 @@ class DeepLog(nn.Module):
         return model.eval()
 
 
-def _as_list_of_lists(sessions, pad_id: int) -> list[list[int]]:
+def _as_list_of_lists(sessions) -> list[list[int]]:
+    """One sequence, a list of sequences or a 1-D/2-D tensor -> lists of IDs, negative padding removed."""
     if isinstance(sessions, torch.Tensor):
         if sessions.dim() == 1:
             sessions = sessions.unsqueeze(0)
         if sessions.dim() != 2:
             raise ValueError(f"input_ids must be 1-D or 2-D, got shape {tuple(sessions.shape)}")
-        return [[int(x) for x in row if 0 <= x < pad_id or x > pad_id] for row in sessions.tolist()]
+        return [[int(x) for x in row if x >= 0] for row in sessions.tolist()]
     sessions = list(sessions)
     if not sessions or not isinstance(sessions[0], (list, tuple, torch.Tensor)):
         sessions = [sessions]

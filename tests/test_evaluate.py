@@ -37,6 +37,9 @@ def test_anomaly_score_counts_start_and_end_predictions():
 def test_unknown_and_unseen_events_are_misses_at_every_k():
     model = fixed_model()
     assert model.calculate_anomaly_score([[0, 9]], top_k=6).tolist() == pytest.approx([1 / 3])  # 9 >= vocab
+    # ID 5 == vocab_size is unknown, not the end-of-session class (5): a miss even at k = 6
+    assert model.calculate_anomaly_score([[5]], top_k=6).tolist() == pytest.approx([1 / 2])
+    assert model.diagnose([[0, 9]], top_k=2)[0][0]["actual"] == 9
     model.seen_events[2] = False      # event 2 never occurred in training
     assert model.calculate_anomaly_score([[2]], top_k=6).tolist() == pytest.approx([1 / 2])
     ranks, log_probs = model.prediction_ranks(*model.encode([[2, 9]]))

@@ -23,7 +23,7 @@ def test_encode_adds_start_and_end_and_maps_unknown_ids():
     model = DeepLog(vocab_size=10, embedding_dim=4, hidden_size=4, num_layers=1)
     inputs, targets = model.encode([[3, 4], [5, 42, 6]])
     assert inputs.tolist() == [[12, 3, 4, 11], [12, 5, 13, 6]]
-    assert targets.tolist() == [[3, 4, 10, IGNORE_INDEX], [5, 42, 6, 10]]
+    assert targets.tolist() == [[3, 4, 10, IGNORE_INDEX], [5, 13, 6, 10]]   # 42 is unknown, never "end"
     # a padded 2-D tensor (padding -1) and a 1-D sequence give the same encoding
     assert model.encode(torch.tensor([[3, 4, -1], [5, 42, 6]]))[0].tolist() == inputs.tolist()
     assert model.encode([3, 4])[1].tolist() == [[3, 4, 10]]
