@@ -94,14 +94,17 @@ def iter_sessions(path, vocab_size: int | None = None, event_ids_field: str = "e
         fmt = _format_of(file) or "text"
         raw = {"json": _iter_json_array, "jsonl": _iter_jsonl, "text": _iter_text}[fmt]
         fields = (event_ids_field, label_field, session_id_field)
-        for index, item in raw(file, json_array_key):
-            try:
-                yield _validate(file, index, item, fields, vocab_size, fmt)
-            except DataError as error:
-                if not skip_bad_records:
-                    raise
-                counters["bad_records"] += 1
-                counters.setdefault("first_bad_record", str(error))
+        try:
+            for index, item in raw(file, json_array_key):
+                try:
+                    yield _validate(file, index, item, fields, vocab_size, fmt)
+                except DataError as error:
+                    if not skip_bad_records:
+                        raise
+                    counters["bad_records"] += 1
+                    counters.setdefault("first_bad_record", str(error))
+        except (OSError, EOFError, UnicodeDecodeError) as error:  # permissions, corrupt gzip, binary files
+            raise DataError(f"{file}: unreadable: {error}") from None
 
 
 def _iter_json_array(file: Path, array_key: str):
@@ -117,8 +120,6 @@ def _iter_json_array(file: Path, array_key: str):
                 yield count, item
         except ijson.JSONError as error:
             raise DataError(f"{file}: malformed JSON after record {count} (at record {count + 1}): {error}") from None
-        except (OSError, EOFError) as error:
-            raise DataError(f"{file}: unreadable: {error}") from None
     if count == 0 and prefix != "item":
         raise DataError(f"{file}: no session array found: expected a top-level array or an object "
                         f"with the array under '{array_key}' (data.json_array_key)")
@@ -126,7 +127,7 @@ def _iter_json_array(file: Path, array_key: str):
 
 def _iter_jsonl(file: Path, _array_key: str):
     with _open(file, "rt") as handle:
-        for line_no, line in _lines(file, handle):
+        for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
@@ -137,7 +138,7 @@ def _iter_jsonl(file: Path, _array_key: str):
 
 def _iter_text(file: Path, _array_key: str):
     with _open(file, "rt") as handle:
-        for line_no, line in _lines(file, handle):
+        for line_no, line in enumerate(handle, start=1):
             tokens = line.split()
             if not tokens:
                 continue
@@ -147,13 +148,6 @@ def _iter_text(file: Path, _array_key: str):
                 bad = next(t for t in tokens if not t.lstrip("-").isdigit())
                 raise DataError(f"{file}: line {line_no}: '{bad}' is not an integer event ID "
                                 f"(DeepLog text holds space-separated integers)") from None
-
-
-def _lines(file: Path, handle):
-    try:
-        yield from enumerate(handle, start=1)
-    except (UnicodeDecodeError, OSError, EOFError) as error:
-        raise DataError(f"{file}: unreadable as text: {error}") from None
 
 
 def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt: str) -> Record:

@@ -109,9 +109,11 @@ def train(args, logger):
     utils.setup_logger(str(output_dir), runtime.is_master, logger=logger)
     # ---------------------------------------------------------------- resume state (read before anything is built)
     checkpoint = utils.load_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None and checkpoint["model_args"]["vocab_size"] != config.model.vocab_size:
-        raise utils.CheckpointError(f"{args.resume}: vocab_size {checkpoint['model_args']['vocab_size']} "
-                                    f"differs from the config's {config.model.vocab_size}")
+    if checkpoint is not None and checkpoint["model_args"] != vars(config.model):
+        differing = {k: (v, vars(config.model).get(k)) for k, v in checkpoint["model_args"].items()
+                     if vars(config.model).get(k) != v}
+        raise utils.CheckpointError(f"{args.resume}: the model differs from the config's "
+                                    + ", ".join(f"{k} {old} vs {new}" for k, (old, new) in differing.items()))
     utils.seed_everything(tc.seed)
     if runtime.is_master:
         utils.save_config(config, output_dir / "config.yaml")

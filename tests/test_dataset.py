@@ -85,6 +85,14 @@ def test_bad_input_names_file_and_record(tmp_path, name, content, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize("name,content", [("x.json.gz", b"not gzip at all"), ("x.jsonl.gz", b"\x1f\x8b\x08garbage"),
+                                          ("x.txt", b"1 2\n\xff\xfe\x00binary\n")])
+def test_unreadable_files_are_data_errors(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=f"{name}: unreadable"):
+        ids(tmp_path / name)
+
+
 def test_missing_path_and_empty_directories(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         list_data_files(tmp_path / "nope")

@@ -135,6 +135,15 @@ def test_bad_arguments_are_one_clear_error(tmp_path, tiny_data, args, message):
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_resume_with_another_model_size_is_a_clear_error(straight_run, tmp_path):
+    root, config, data, out, _ = straight_run
+    bigger = write_config(tmp_path / "c.yaml", {"model": {"hidden_size": 64}})
+    result = run_script("train.py", "--config", bigger, "--data-dir", data, "--output-dir", tmp_path / "o",
+                        "--resume", out / "checkpoints" / "step_7.pt")
+    assert result.returncode == 2 and "the model differs from the config's hidden_size 32 vs 64" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_corrupt_resume_checkpoint_is_rejected_and_left_alone(tmp_path, tiny_data):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
