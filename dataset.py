@@ -215,6 +215,23 @@ def make_windows(event_ids: list[int], vocab_size: int, max_seq_length: int, win
         begin += stride
 
 
+def merge_counts(counts: list[dict], disjoint: bool) -> dict:
+    """Combine the count() of every rank: summed over disjoint file shards, else all ranks saw the same
+    data. `windows_per_rank` is what every rank can supply, the smallest shard or an equal share."""
+    world_size = len(counts)
+    if not disjoint:
+        return {**counts[0], "windows_per_rank": counts[0]["windows"] // world_size}
+    sets = [c["event_sets"] for c in counts]
+    merged = {key: sum(c[key] for c in counts) for key in ("sessions", "abnormal_skipped", "bad_records",
+                                                          "windows", "tokens")}
+    merged["first_bad_record"] = next((c["first_bad_record"] for c in counts if "first_bad_record" in c), None)
+    merged["seen_targets"] = sorted(set().union(*(c["seen_targets"] for c in counts)))
+    union = None if None in sets else {tuple(s) for shard in sets for s in shard}
+    merged["event_sets"] = None if union is None or len(union) > 10000 else sorted(list(s) for s in union)
+    merged["windows_per_rank"] = min(c["windows"] for c in counts)
+    return merged
+
+
 def collate(samples, pad_id: int) -> dict[str, torch.Tensor]:
     """Pad to the longest member: inputs with pad_id, targets with IGNORE_INDEX (never in loss or metrics)."""
     longest = max(len(inputs) for inputs, _ in samples)
@@ -233,8 +250,10 @@ class SessionDataset(IterableDataset):
     Memory holds at most `buffer_size` samples. Shuffling is seeded by (seed, epoch, rank), so an epoch
     replays identically, which is what makes mid-epoch resume exact: `batches(start_batch=N)` replays
     the epoch's sample order and skips the first N batches without touching the model.
-    With `world_size > 1` each rank takes every world_size-th sample and stops at `samples_per_rank`
-    so that all ranks run the same number of steps.
+    With `world_size > 1` each rank reads every world_size-th file when there are at least as many files
+    as ranks (so each file is parsed by one rank only), else every rank parses everything and takes
+    every world_size-th sample; either way it stops at `samples_per_rank`, so that all ranks run the
+    same number of steps.
     """
 
     def __init__(self, path, vocab_size: int, split: str = "train", validation_split: float = 0.1,
@@ -251,6 +270,10 @@ class SessionDataset(IterableDataset):
         self.shuffle, self.buffer_size = shuffle, max(1, buffer_size)
         self.rank, self.world_size, self.samples_per_rank = rank, world_size, samples_per_rank
         self.reader_options = reader_options
+        self.files = list_data_files(path)
+        self.shard_by_file = world_size > 1 and len(self.files) >= world_size
+        if self.shard_by_file:
+            self.files = self.files[rank::world_size]
         self.epoch = 0
         self.counters: dict = {}
 
@@ -260,7 +283,9 @@ class SessionDataset(IterableDataset):
     def _records(self) -> Iterator[Record]:
         """The normal sessions of this split, in file order."""
         counters = self.counters = {"sessions": 0, "abnormal_skipped": 0, "bad_records": 0}
-        for record in iter_sessions(self.path, self.vocab_size, counters=counters, **self.reader_options):
+        records = (record for file in self.files
+                   for record in iter_sessions(file, self.vocab_size, counters=counters, **self.reader_options))
+        for record in records:
             if record.label != 0:  # DeepLog learns normal behaviour only
                 counters["abnormal_skipped"] += 1
                 continue
@@ -276,7 +301,8 @@ class SessionDataset(IterableDataset):
             yield from make_windows(record.event_ids, self.vocab_size, self.max_seq_length, self.window_context)
 
     def __iter__(self):
-        shard = (s for i, s in enumerate(self._windows()) if i % self.world_size == self.rank)
+        shard = self._windows() if self.shard_by_file else \
+            (s for i, s in enumerate(self._windows()) if i % self.world_size == self.rank)
         if self.samples_per_rank is not None:
             shard = (s for i, s in zip(range(self.samples_per_rank), shard))
         if not self.shuffle:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import utils
-from dataset import IJSON_BACKEND, DataError, SessionDataset
+from dataset import IJSON_BACKEND, DataError, SessionDataset, merge_counts
 from model import IGNORE_INDEX, DeepLog
 
 
@@ -128,11 +128,14 @@ def train(args, logger):
     seen_targets, event_sets = None, None
     if config.data.samples_per_epoch:
         total_samples = config.data.samples_per_epoch
+        windows_per_rank = total_samples // runtime.world_size  # an estimate: utils.lockstep keeps ranks together
         logger.info(f"Training samples per epoch (from data.samples_per_epoch): {total_samples}; no counting "
                     f"pass, so no record of which events and event sets occur in training (event_set rule off)")
     else:
-        counted = build_dataset(config, "train", runtime).count()
+        counting = build_dataset(config, "train", runtime)
+        counted = merge_counts(utils.all_gather(counting.count(), runtime), disjoint=counting.shard_by_file)
         total_samples, seen_targets, event_sets = counted["windows"], counted["seen_targets"], counted["event_sets"]
+        windows_per_rank = counted["windows_per_rank"]
         logger.info(f"Training data {config.data.preprocessed_dir}: {counted['sessions']} normal sessions -> "
                     f"{counted['windows']} windows, {counted['tokens']} predicted events | skipped: "
                     f"{counted['abnormal_skipped']} abnormal, {counted['bad_records']} bad records")
@@ -145,7 +148,10 @@ def train(args, logger):
         raise DataError(f"{config.data.preprocessed_dir}: no normal training sessions (after the "
                         f"{config.data.validation_split:.0%} validation split)")
     # Every rank runs the same number of steps, otherwise DDP's gradient all-reduce waits forever.
-    samples_per_rank = total_samples // runtime.world_size if runtime.distributed else None
+    samples_per_rank = windows_per_rank if runtime.distributed else None
+    if samples_per_rank == 0:
+        raise DataError(f"{config.data.preprocessed_dir}: some of the {runtime.world_size} ranks get no training "
+                        f"sessions from their share of the files; use fewer ranks or split the data into more files")
     steps_per_epoch = math.ceil((samples_per_rank or total_samples) / rank_batch_size)
     train_data = build_dataset(config, "train", runtime, samples_per_rank, config.lazy_loading.shuffle_buffer)
     val_data = build_dataset(config, "val", runtime)
@@ -242,7 +248,7 @@ def train(args, logger):
         progress = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch}", leave=False,
                         disable=not (runtime.is_master and sys.stderr.isatty()))
         with logging_redirect_tqdm([logger]) if not progress.disable else contextlib.nullcontext():
-            for batch, batches_done in train_data.batches(rank_batch_size, start_batch=first_batch):
+            for batch, batches_done in utils.lockstep(train_data.batches(rank_batch_size, first_batch), runtime):
                 loss_sum, tokens = token_loss_sum(model, batch, runtime.device, amp_dtype)
                 # Mean over this batch's real tokens. Under DDP, gradients are averaged over ranks, so
                 # ranks with more tokens weigh the same as ranks with fewer: a small, accepted bias.

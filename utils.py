@@ -380,6 +380,31 @@ def setup_runtime(device_name: str, use_multi_gpu: bool) -> Runtime:
     return Runtime(device, data_parallel_gpus=max(gpus, 1))
 
 
+def all_gather(value, runtime: Runtime) -> list:
+    """Every rank's value (picklable plain data), in rank order; [value] in a single process."""
+    if not runtime.distributed:
+        return [value]
+    gathered = [None] * runtime.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def lockstep(batches, runtime: Runtime):
+    """Yield until any rank runs out of batches: a rank that stopped alone would leave the others waiting
+    in DDP's gradient all-reduce forever. One tiny all-reduce per step under DDP, nothing otherwise."""
+    iterator = iter(batches)
+    while True:
+        item = next(iterator, None)
+        if runtime.distributed:
+            has_batch = torch.tensor([int(item is not None)], device=runtime.device)
+            torch.distributed.all_reduce(has_batch, op=torch.distributed.ReduceOp.MIN)
+            if not has_batch.item():
+                return
+        elif item is None:
+            return
+        yield item
+
+
 def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
     """Sum metrics over ranks (no-op in a single process)."""
     if not runtime.distributed:

@@ -217,3 +217,18 @@ def test_iter_sessions_streams_json_without_reading_it_whole(tmp_path, monkeypat
     first = next(iter_sessions(path))
     assert first.event_ids == [0]
     assert -1 not in reads and sum(reads) < path.stat().st_size / 4
+
+
+def test_ranks_shard_by_file_when_there_are_enough_files(tmp_path):
+    from dataset import merge_counts
+    for name, first in (("a.txt", 0), ("b.txt", 10), ("c.txt", 20)):
+        (tmp_path / name).write_text("".join(f"{first + i} {i}\n" for i in range(3 + first // 10)))
+    shards = [SessionDataset(tmp_path, 29, split="all", shuffle=False, rank=r, world_size=2) for r in range(2)]
+    assert [[f.name for f in s.files] for s in shards] == [["a.txt", "c.txt"], ["b.txt"]]
+    firsts = [sorted(inputs[1] for inputs, _ in shard) for shard in shards]
+    assert firsts == [[0, 1, 2, 20, 21, 22, 23, 24], [10, 11, 12, 13]]   # disjoint, every session once
+    merged = merge_counts([s.count() for s in shards], disjoint=True)
+    assert (merged["sessions"], merged["windows"], merged["windows_per_rank"]) == (12, 12, 4)
+    whole = SessionDataset(tmp_path, 29, split="all", shuffle=False).count()
+    assert merged["seen_targets"] == whole["seen_targets"] and merged["event_sets"] == whole["event_sets"]
+    assert merge_counts([whole, whole], disjoint=False)["windows_per_rank"] == 6

@@ -1,7 +1,6 @@
 """End-to-end: python train.py as a subprocess on tiny data, exact resume, bad input, torchrun."""
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,18 +153,25 @@ def test_corrupt_resume_checkpoint_is_rejected_and_left_alone(tmp_path, tiny_dat
     assert bad.read_bytes() == b"not a checkpoint"
 
 
-def test_torchrun_ddp_on_cpu(tmp_path, tiny_data):
+@pytest.mark.parametrize("layout", ["three files: each rank parses its own", "one file: ranks split samples"])
+def test_torchrun_ddp_on_cpu(tmp_path, tiny_data, layout, sample_sessions):
     """Two processes with the gloo backend: equal steps per rank, metrics reduced, master-only files."""
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun not on PATH")
+    data = tiny_data
+    if layout.startswith("one file"):
+        data = tmp_path / "one.txt"
+        data.write_text("".join(" ".join(map(str, s)) + "\n" for s in sample_sessions[0]))
     config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}})
     out = tmp_path / "o"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              "--master_port=29731", str(REPO / "train.py"), "--config", str(config),
-                             "--data-dir", str(tiny_data), "--output-dir", str(out)],
+                             "--data-dir", str(data), "--output-dir", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "processes: 2" in result.stdout
+    # the counts of both ranks are merged: the same totals as a single process sees
+    single = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", tmp_path / "single")
+    summary = re.compile(r"\d+ normal sessions -> \d+ windows, \d+ predicted events")
+    assert summary.search(result.stdout).group() == summary.search(single.stdout).group()
     history = json.loads((out / "training_history.json").read_text())
     assert len(history["train_loss"]) == 1
     checkpoint = torch.load(out / "checkpoints" / "epoch_1.pt", weights_only=True)
@@ -196,3 +202,14 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path)
                         "--resume", checkpoint)
     assert result.returncode == 0, result.stderr
     assert_same_params(params(out / "checkpoints" / "epoch_2.pt"), params(stopped / "checkpoints" / "epoch_2.pt"))
+
+
+def test_torchrun_without_counting_pass_keeps_ranks_in_lockstep(tmp_path, tiny_data):
+    """samples_per_epoch overestimates the smaller file shard: the ranks still stop together (no hang)."""
+    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}, "data": {"samples_per_epoch": 240}})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29733", str(REPO / "train.py"), "--config", str(config),
+                             "--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "o")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "o" / "training_history.json").read_text())["epoch"] == [1]
