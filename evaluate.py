@@ -371,6 +371,11 @@ def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_p
                "timing": {"scoring_seconds": elapsed, "sessions": sessions,
                           "distinct_sessions": len(normal) + len(abnormal),
                           "sessions_per_second": sessions / max(elapsed, 1e-9)}, **results}
+    unseen, predictions = results["unknown_events"].get("normal", 0), results.get("next_event", {}).get(
+        "total_predictions", 0)
+    if predictions and unseen > 0.05 * predictions:
+        logger.warning(f"{unseen} of {predictions} events in the normal data were never seen in training: "
+                       f"is this checkpoint trained on this kind of data (vocab_size, event IDs)?")
     write_reports(results, plot_data, Path(output_dir), tag, logger)
     for line in format_report(results).splitlines()[4:]:  # the report, without its title, into the log
         if line.strip():

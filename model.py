@@ -69,6 +69,9 @@ class DeepLog(nn.Module):
         causal, so padding can only influence positions after a sequence's end, which every loss and
         metric masks. Skipping pack_padded_sequence keeps the fast fused cuDNN kernel on GPU.
         """
+        # DataParallel replicas see non-contiguous LSTM weights; re-flattening keeps cuDNN's fast path
+        # (a no-op on CPU and when already flat).
+        self.lstm.flatten_parameters()
         hidden_states, _ = self.lstm(self.embedding(input_ids))
         return self.head(self.dropout(hidden_states))
 

@@ -515,6 +515,15 @@ def lr_multiplier(warmup_steps: int, total_steps: int, schedule: str, min_ratio:
 
 
 # ----------------------------------------------------------------------------- GPU stats
+def visible_gpu_indices(count: int) -> list[int]:
+    """NVML numbers every GPU of the machine; report only those CUDA_VISIBLE_DEVICES lets this run use."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(range(count))
+    indices = [int(part) for part in visible.split(",") if part.strip().isdigit() and int(part) < count]
+    return indices if len(indices) == len([p for p in visible.split(",") if p.strip()]) else list(range(count))
+
+
 class GPUMonitor:
     """Per-GPU memory, utilisation, temperature and power via pynvml; a one-time note when unavailable."""
 
@@ -529,7 +538,7 @@ class GPUMonitor:
             pynvml.nvmlInit()
             self.nvml = pynvml
             count = pynvml.nvmlDeviceGetCount()
-            self.indices = device_indices if device_indices is not None else list(range(count))
+            self.indices = device_indices if device_indices is not None else visible_gpu_indices(count)
             self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self.indices]
         except Exception as error:  # ImportError, NVMLError (driver missing, no permission, ...)
             self.handles = []

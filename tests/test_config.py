@@ -165,3 +165,12 @@ def test_precision_choice_per_device(monkeypatch):
         assert utils.amp_settings(config, cpu) == ((torch.bfloat16 if native else None), False)
     config.training.mixed_precision = False
     assert utils.amp_settings(config, cuda) == (None, False) and utils.amp_settings(config, cpu) == (None, False)
+
+
+def test_gpu_stats_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert utils.visible_gpu_indices(4) == [2, 3]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f3c,GPU-11aa")   # UUIDs: cannot map, show all
+    assert utils.visible_gpu_indices(2) == [0, 1]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert utils.visible_gpu_indices(3) == [0, 1, 2]
