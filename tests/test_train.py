@@ -213,3 +213,17 @@ def test_torchrun_without_counting_pass_keeps_ranks_in_lockstep(tmp_path, tiny_d
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((tmp_path / "o" / "training_history.json").read_text())["epoch"] == [1]
+
+
+def test_readme_plotting_snippet_runs_unchanged_on_a_real_history(straight_run, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    root, config, data, out, _ = straight_run
+    readme = (REPO / "README.md").read_text()
+    snippet = re.search(r"```python\n(import json\nimport matplotlib.*?)```", readme, re.S).group(1)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "training_history.json").write_text((out / "training_history.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
