@@ -22,20 +22,23 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import ijson
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from model import IGNORE_INDEX, special_tokens
 
 JSON_SUFFIXES = (".json", ".jsonl")
+MAX_EVENT_SETS = 10000  # beyond this many distinct sets of co-occurring event types, the record is dropped
 TEXT_SUFFIXES = (".txt", ".log", "")
 IJSON_BACKEND = ijson.backend  # "yajl2_c" when the C extension is available, else a slower pure-Python one
 
@@ -227,7 +230,7 @@ def merge_counts(counts: list[dict], disjoint: bool) -> dict:
     merged["first_bad_record"] = next((c["first_bad_record"] for c in counts if "first_bad_record" in c), None)
     merged["seen_targets"] = sorted(set().union(*(c["seen_targets"] for c in counts)))
     union = None if None in sets else {tuple(s) for shard in sets for s in shard}
-    merged["event_sets"] = None if union is None or len(union) > 10000 else sorted(list(s) for s in union)
+    merged["event_sets"] = None if union is None or len(union) > MAX_EVENT_SETS else sorted(list(s) for s in union)
     merged["windows_per_rank"] = min(c["windows"] for c in counts)
     return merged
 
@@ -254,12 +257,15 @@ class SessionDataset(IterableDataset):
     as ranks (so each file is parsed by one rank only), else every rank parses everything and takes
     every world_size-th sample; either way it stops at `samples_per_rank`, so that all ranks run the
     same number of steps.
+    With `num_workers > 0` and several files, that many reader processes parse, shuffle and pad the
+    rank's files in parallel (worker w takes every num_workers-th file); their batches are merged
+    round-robin, an order as deterministic as the files, so resume stays exact (for the same num_workers).
     """
 
     def __init__(self, path, vocab_size: int, split: str = "train", validation_split: float = 0.1,
                  seed: int = 42, max_seq_length: int = 256, window_context: int = 32,
                  shuffle: bool = True, buffer_size: int = 10000, rank: int = 0, world_size: int = 1,
-                 samples_per_rank: int | None = None, **reader_options):
+                 samples_per_rank: int | None = None, num_workers: int = 0, **reader_options):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be train, val or all, got {split}")
         if not 0 <= window_context < max_seq_length:
@@ -274,16 +280,17 @@ class SessionDataset(IterableDataset):
         self.shard_by_file = world_size > 1 and len(self.files) >= world_size
         if self.shard_by_file:
             self.files = self.files[rank::world_size]
+        self.num_workers = min(num_workers, len(self.files)) if len(self.files) > 1 else 0
         self.epoch = 0
         self.counters: dict = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _records(self) -> Iterator[Record]:
+    def _records(self, files: list[Path] | None = None) -> Iterator[Record]:
         """The normal sessions of this split, in file order."""
         counters = self.counters = {"sessions": 0, "abnormal_skipped": 0, "bad_records": 0}
-        records = (record for file in self.files
+        records = (record for file in (self.files if files is None else files)
                    for record in iter_sessions(file, self.vocab_size, counters=counters, **self.reader_options))
         for record in records:
             if record.label != 0:  # DeepLog learns normal behaviour only
@@ -295,42 +302,65 @@ class SessionDataset(IterableDataset):
             counters["sessions"] += 1
             yield record
 
-    def _windows(self) -> Iterator[tuple[list[int], list[int]]]:
+    def _windows(self, files: list[Path] | None = None) -> Iterator[tuple[list[int], list[int]]]:
         """All windows of this split, in file order, before sharding and shuffling."""
-        for record in self._records():
+        for record in self._records(files):
             yield from make_windows(record.event_ids, self.vocab_size, self.max_seq_length, self.window_context)
 
+    def _parallel(self, mode: str, batch_size: int = 0):
+        """Items from `num_workers` reader processes, each over every num_workers-th file, merged round-robin.
+        A dedicated generator keeps DataLoader from drawing on the global RNG (exact resume)."""
+        loader = DataLoader(_FileShardReader(self, mode, batch_size), batch_size=None, num_workers=self.num_workers,
+                            generator=torch.Generator(), prefetch_factor=4, worker_init_fn=_leave_signals_to_parent)
+        for item in loader:
+            if isinstance(item, _ReaderError):  # re-raised here as the one-line message it was
+                raise DataError(item.message)
+            yield item
+
     def __iter__(self):
-        shard = self._windows() if self.shard_by_file else \
-            (s for i, s in enumerate(self._windows()) if i % self.world_size == self.rank)
-        if self.samples_per_rank is not None:
-            shard = (s for i, s in zip(range(self.samples_per_rank), shard))
+        return self._samples(self._windows(), self.samples_per_rank, f"{self.seed}:{self.epoch}:{self.rank}",
+                             self.buffer_size)
+
+    def _samples(self, windows, limit: int | None, rng_key: str, buffer_size: int):
+        """This rank's share of `windows` (unless files were already split by rank), at most `limit` of
+        them, shuffled through a buffer of `buffer_size` by an RNG seeded with `rng_key`."""
+        shard = windows if self.shard_by_file else \
+            (s for i, s in enumerate(windows) if i % self.world_size == self.rank)
+        if limit is not None:
+            shard = itertools.islice(shard, limit)
         if not self.shuffle:
             yield from shard
             return
-        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}")
+        rng = random.Random(rng_key)
         buffer = []
         for sample in shard:
-            if len(buffer) < self.buffer_size:
+            if len(buffer) < buffer_size:
                 buffer.append(sample)
                 continue
-            slot = rng.randrange(self.buffer_size)
+            slot = rng.randrange(buffer_size)
             yield buffer[slot]
             buffer[slot] = sample
         rng.shuffle(buffer)
         yield from buffer
 
-    def count(self, max_event_sets: int = 10000) -> dict:
+    def count(self) -> dict:
         """One pass without shuffling: sessions, windows (samples), predicted tokens, the target IDs
         (events and end-of-session) and the distinct sets of event types that occur together in a session
-        (None when there are more than max_event_sets: too varied to be a useful rule)."""
+        (None when there are more than MAX_EVENT_SETS: too varied to be a useful rule)."""
+        if self.num_workers:
+            merged = merge_counts(list(self._parallel("count")), disjoint=True)
+            merged.pop("windows_per_rank")
+            return merged
+        return self._count()
+
+    def _count(self, files: list[Path] | None = None) -> dict:
         windows = tokens = 0
         seen_targets: set[int] = set()
         event_sets: set[frozenset] | None = set()
-        for record in self._records():
+        for record in self._records(files):
             if event_sets is not None:
                 event_sets.add(frozenset(record.event_ids))
-                if len(event_sets) > max_event_sets:
+                if len(event_sets) > MAX_EVENT_SETS:
                     event_sets = None
             for _, targets in make_windows(record.event_ids, self.vocab_size, self.max_seq_length,
                                            self.window_context):
@@ -342,18 +372,68 @@ class SessionDataset(IterableDataset):
                 "event_sets": None if event_sets is None else sorted(sorted(s) for s in event_sets)}
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[tuple[dict, int]]:
-        """Padded batches with their position: the number of batches of this epoch done after this one."""
+        """Padded batches with their position: the number of batches of this epoch done after this one.
+        With reader processes, each one shuffles (buffer_size / num_workers) and pads its own batches."""
         _, pad_id, _, _ = special_tokens(self.vocab_size)
-        chunk, done = [], 0
-        for sample in self:
-            chunk.append(sample)
-            if len(chunk) == batch_size:
-                done += 1
-                if done > start_batch:
-                    yield collate(chunk, pad_id), done
-                chunk = []
-        if chunk and done + 1 > start_batch:
-            yield collate(chunk, pad_id), done + 1
+        source = self._parallel("batches", batch_size) if self.num_workers else \
+            collated(iter(self), batch_size, pad_id, skip=start_batch)
+        for done, batch in enumerate(source, start=1):
+            if done > start_batch:
+                yield batch, done
+
+
+def collated(samples, batch_size: int, pad_id: int, skip: int = 0) -> Iterator[dict | None]:
+    """Batches of `batch_size` samples (the last may be smaller); the first `skip` are yielded as None,
+    uncollated, since a resumed epoch only needs to count them."""
+    chunk, done = [], 0
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == batch_size:
+            done += 1
+            yield collate(chunk, pad_id) if done > skip else None
+            chunk = []
+    if chunk:
+        yield collate(chunk, pad_id) if done + 1 > skip else None
+
+
+class _ReaderError:
+    """A DataError crossing the process boundary intact (DataLoader would wrap it in a traceback)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _leave_signals_to_parent(_worker_id: int) -> None:
+    """Ctrl-C and SIGTERM are the training process's to handle (it stops at a step boundary and then
+    shuts the readers down); a reader dying of them first would turn a clean stop into a crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _FileShardReader(IterableDataset):
+    """Runs inside a DataLoader worker: over every num_workers-th file of the dataset's share, yields
+    padded, shuffled batches ("batches") or one count ("count")."""
+
+    def __init__(self, dataset: SessionDataset, mode: str, batch_size: int):
+        self.dataset, self.mode, self.batch_size = dataset, mode, batch_size
+
+    def __iter__(self):
+        worker = get_worker_info()
+        dataset, workers = self.dataset, worker.num_workers
+        files = dataset.files[worker.id::workers]
+        try:
+            if self.mode == "count":
+                yield dataset._count(files)
+                return
+            limit = dataset.samples_per_rank
+            if limit is not None:  # this worker's part of the rank's share
+                limit = limit // workers + (worker.id < limit % workers)
+            samples = dataset._samples(dataset._windows(files), limit,
+                                       f"{dataset.seed}:{dataset.epoch}:{dataset.rank}:{worker.id}",
+                                       max(1, dataset.buffer_size // workers))
+            yield from collated(samples, self.batch_size, special_tokens(dataset.vocab_size)[1])
+        except DataError as error:
+            yield _ReaderError(str(error))
 
 
 if __name__ == "__main__":

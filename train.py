@@ -62,7 +62,7 @@ def build_dataset(config: utils.Config, split: str, runtime: utils.Runtime, samp
         data.preprocessed_dir, config.model.vocab_size, split=split, validation_split=data.validation_split,
         seed=config.training.seed, max_seq_length=data.max_seq_length, window_context=data.window_context,
         shuffle=shuffle, buffer_size=config.lazy_loading.buffer_size, rank=runtime.rank,
-        world_size=runtime.world_size, samples_per_rank=samples_per_rank,
+        world_size=runtime.world_size, samples_per_rank=samples_per_rank, num_workers=config.lazy_loading.num_workers,
         event_ids_field=data.event_ids_field, label_field=data.label_field, session_id_field=data.session_id_field,
         json_array_key=data.json_array_key, skip_bad_records=data.skip_bad_records)
 

@@ -75,6 +75,7 @@ class EarlyStoppingConfig:
 class LazyLoadingConfig:
     buffer_size: int = 10000      # samples held in memory by the shuffle buffer
     shuffle_buffer: bool = True
+    num_workers: int = 0          # reader processes parsing files in parallel (needs several data files)
 
 
 @dataclass
@@ -196,6 +197,7 @@ def _check_values(config: Config) -> None:
               ("data.window_context", 0 <= config.data.window_context < config.data.max_seq_length,
                "in [0, data.max_seq_length)"),
               ("training.max_grad_norm", config.training.max_grad_norm >= 0, ">= 0"),
+              ("lazy_loading.num_workers", config.lazy_loading.num_workers >= 0, ">= 0"),
               ("training.warmup_steps", config.training.warmup_steps >= 0, ">= 0"),
               ("training.save_every_steps", config.training.save_every_steps >= 0, ">= 0"),
               ("training.min_lr_ratio", 0 <= config.training.min_lr_ratio <= 1, "in [0, 1]"),

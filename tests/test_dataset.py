@@ -232,3 +232,41 @@ def test_ranks_shard_by_file_when_there_are_enough_files(tmp_path):
     whole = SessionDataset(tmp_path, 29, split="all", shuffle=False).count()
     assert merged["seen_targets"] == whole["seen_targets"] and merged["event_sets"] == whole["event_sets"]
     assert merge_counts([whole, whole], disjoint=False)["windows_per_rank"] == 6
+
+
+def _three_files(tmp_path):
+    for n, name in enumerate(("a.txt", "b.jsonl", "c.json")):
+        sessions = [[(n * 7 + i) % 29, i % 29, (i * 3) % 29] for i in range(40 + 25 * n)]
+        if name.endswith(".txt"):
+            (tmp_path / name).write_text("".join(" ".join(map(str, s)) + "\n" for s in sessions))
+        elif name.endswith(".jsonl"):
+            (tmp_path / name).write_text("".join(json.dumps({"event_ids": s}) + "\n" for s in sessions))
+        else:
+            (tmp_path / name).write_text(json.dumps([{"event_ids": s} for s in sessions]))
+
+
+def test_reader_processes_give_a_deterministic_order_of_the_same_samples(tmp_path):
+    _three_files(tmp_path)
+    sequential = SessionDataset(tmp_path, 29, split="train", buffer_size=30, seed=5)
+    parallel = SessionDataset(tmp_path, 29, split="train", buffer_size=30, seed=5, num_workers=2)
+    assert parallel.num_workers == 2
+    parallel.set_epoch(3)
+    first = [b["input_ids"].tolist() for b, _ in parallel.batches(16)]
+    assert first == [b["input_ids"].tolist() for b, _ in parallel.batches(16)]          # replays exactly
+    assert [b["input_ids"].tolist() for b, _ in parallel.batches(16, start_batch=3)] == first[3:]
+    def samples(batches):
+        return sorted(str([i for i in row if i != 30]) for b, _ in batches for row in b["input_ids"].tolist())
+    assert samples(parallel.batches(16)) == samples(sequential.batches(16))               # same samples
+    counted, expected = parallel.count(), sequential.count()
+    assert counted == {**expected, "first_bad_record": None}
+
+
+def test_bad_data_in_a_reader_process_is_one_clear_error(tmp_path):
+    _three_files(tmp_path)
+    (tmp_path / "b.jsonl").write_text('{"event_ids": [1]}\n{"event_ids": [1, 99]}\n')
+    parallel = SessionDataset(tmp_path, 29, split="all", num_workers=2)
+    for run in (lambda: list(parallel.batches(8)), parallel.count):
+        with pytest.raises(DataError) as error:
+            run()
+        assert str(error.value) == f"{tmp_path / 'b.jsonl'}: line 2: event ID 99 >= vocab_size 29 " \
+                                   f"(raise model.vocab_size)"

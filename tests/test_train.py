@@ -70,6 +70,18 @@ def test_outputs_logs_and_checkpoints(straight_run):
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
+def test_resume_is_bit_identical_with_reader_processes(tmp_path, tiny_data):
+    """Parallel parsing (lazy_loading.num_workers) keeps the sample order deterministic, so resume stays exact."""
+    config = write_config(tmp_path / "c.yaml", {"lazy_loading": {"num_workers": 2}})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", straight)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", resumed,
+                        "--resume", straight / "checkpoints" / "step_21.pt")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same_params(params(straight / "checkpoints" / "epoch_2.pt"), params(resumed / "checkpoints" / "epoch_2.pt"))
+
+
 @pytest.mark.parametrize("checkpoint", ["step_7.pt", "step_21.pt", "epoch_1.pt"])
 def test_resume_is_bit_identical(straight_run, tmp_path, checkpoint):
     """N steps straight == N/2 steps, stop, resume for the rest (mid-epoch and at an epoch boundary)."""
