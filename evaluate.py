@@ -123,7 +123,7 @@ def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> fl
 
 
 def fit_calibration(model, normal: Counter, top_k: int, top_g: int, margin: float, source: str,
-                    default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> tuple[dict, tuple]:
+                    default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> dict:
     """Thresholds from normal sessions only: score percentiles, and the probability bound, which is
     `margin` times the lowest probability the model gave an actual event of a normal session (events
     never seen in training left out: they are flagged anyway). Records how often each rule fires on
