@@ -7,7 +7,7 @@ Examples:
     python train.py --resume outputs/checkpoints/step_1000.pt     # continue exactly where it stopped
     nohup python train.py --data-dir /data/sessions > train.out 2>&1 &   # plain log lines, no bar
     kill PID      # SIGTERM: saves checkpoints/step_N.pt at the next step, exits 143; then --resume it
-    torchrun --nproc_per_node=4 train.py --data-dir /data/sessions      # DistributedDataParallel
+    torchrun --standalone --nproc_per_node=4 train.py --data-dir /data/sessions   # DistributedDataParallel
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 train.py ...
 
 Outputs in training.output_dir: training.log, training_history.json, config.yaml (the resolved config),

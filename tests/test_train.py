@@ -174,8 +174,8 @@ def test_torchrun_ddp_on_cpu(tmp_path, tiny_data, layout, sample_sessions):
         data.write_text("".join(" ".join(map(str, s)) + "\n" for s in sample_sessions[0]))
     config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}})
     out = tmp_path / "o"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29731", str(REPO / "train.py"), "--config", str(config),
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(REPO / "train.py"), "--config", str(config),
                              "--data-dir", str(data), "--output-dir", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -219,8 +219,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path)
 def test_torchrun_without_counting_pass_keeps_ranks_in_lockstep(tmp_path, tiny_data):
     """samples_per_epoch overestimates the smaller file shard: the ranks still stop together (no hang)."""
     config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}, "data": {"samples_per_epoch": 240}})
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29733", str(REPO / "train.py"), "--config", str(config),
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(REPO / "train.py"), "--config", str(config),
                              "--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "o")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
