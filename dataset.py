@@ -455,4 +455,5 @@ if __name__ == "__main__":
             print(f"{data_file}: {counts['normal']} normal, {counts['abnormal']} abnormal sessions, "
                   f"length {min(lengths, default=0)}..{max(lengths, default=0)}, max ID {max_id}")
     except DataError as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
