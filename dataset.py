@@ -282,14 +282,15 @@ class SessionDataset(IterableDataset):
             self.files = self.files[rank::world_size]
         self.num_workers = min(num_workers, len(self.files)) if len(self.files) > 1 else 0
         self.epoch = 0
-        self.counters: dict = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _records(self, files: list[Path] | None = None) -> Iterator[Record]:
-        """The normal sessions of this split, in file order."""
-        counters = self.counters = {"sessions": 0, "abnormal_skipped": 0, "bad_records": 0}
+    def _records(self, files: list[Path] | None = None, counters: dict | None = None) -> Iterator[Record]:
+        """The normal sessions of this split, in file order; tallies into `counters` when given."""
+        counters = counters if counters is not None else {}
+        for key in ("sessions", "abnormal_skipped", "bad_records"):
+            counters.setdefault(key, 0)
         records = (record for file in (self.files if files is None else files)
                    for record in iter_sessions(file, self.vocab_size, counters=counters, **self.reader_options))
         for record in records:
@@ -357,7 +358,8 @@ class SessionDataset(IterableDataset):
         windows = tokens = 0
         seen_targets: set[int] = set()
         event_sets: set[frozenset] | None = set()
-        for record in self._records(files):
+        counters: dict = {}
+        for record in self._records(files, counters):
             if event_sets is not None:
                 event_sets.add(frozenset(record.event_ids))
                 if len(event_sets) > MAX_EVENT_SETS:
@@ -368,7 +370,7 @@ class SessionDataset(IterableDataset):
                 real = [t for t in targets if t != IGNORE_INDEX]
                 tokens += len(real)
                 seen_targets.update(real)
-        return {**self.counters, "windows": windows, "tokens": tokens, "seen_targets": sorted(seen_targets),
+        return {**counters, "windows": windows, "tokens": tokens, "seen_targets": sorted(seen_targets),
                 "event_sets": None if event_sets is None else sorted(sorted(s) for s in event_sets)}
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[tuple[dict, int]]:

@@ -296,14 +296,22 @@ def format_report(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_scores(plot_data, results, path: Path, logger) -> None:
-    """Normal vs abnormal score histograms with the thresholds marked (matplotlib is optional)."""
+def pyplot_or_note(picture: str, logger):
+    """matplotlib.pyplot (headless), or None after one log line saying which picture is skipped."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.info("matplotlib not installed: no score_distribution.png (pip install matplotlib)")
+        logger.info(f"matplotlib not installed: no {picture} (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_scores(plot_data, results, path: Path, logger) -> None:
+    """Normal vs abnormal score histograms with the thresholds marked (matplotlib is optional)."""
+    plt = pyplot_or_note(path.name, logger)
+    if plt is None:
         return
     normal_scores, normal_w, abnormal_scores, abnormal_w = plot_data
     calibration, top_k = results["calibration"], results["top_k"]
@@ -433,12 +441,8 @@ def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
 
 
 def plot_training_curve(output_dir: Path, logger) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info("matplotlib not installed: no training_curve.png (pip install matplotlib)")
+    plt = pyplot_or_note("training_curve.png", logger)
+    if plt is None:
         return
     history = json.loads((output_dir / "training_history.json").read_text())
     figure, loss_axis = plt.subplots(figsize=(7, 4))

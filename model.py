@@ -26,6 +26,7 @@ that stops early is a miss like any other. This file knows nothing of files or t
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -123,17 +124,22 @@ class DeepLog(nn.Module):
         target_log_prob = torch.where(seen, target_log_prob, torch.where(valid, float("-inf"), 0.0))
         return ranks, target_log_prob
 
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Dropout off for detection, and the caller's train/eval mode restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     @torch.no_grad()
     def calculate_anomaly_score(self, input_ids, top_k: int = 10) -> torch.Tensor:
         """Per session: the fraction of its next-event predictions (start and end included) whose
         actual event is outside the top_k. Takes a 1-D sequence or a right-padded 2-D batch."""
-        was_training = self.training
-        self.eval()
-        try:
-            inputs, targets = self.encode(input_ids)
-            ranks, _ = self.prediction_ranks(inputs, targets)
-        finally:
-            self.train(was_training)
+        with self._evaluating():
+            ranks, _ = self.prediction_ranks(*self.encode(input_ids))
         valid = ranks >= 0
         misses = ((ranks >= top_k) & valid).sum(1)
         return (misses.float() / valid.sum(1).clamp(min=1)).cpu()
@@ -145,15 +151,11 @@ class DeepLog(nn.Module):
         ("<end>" for the end of session), its probability and the top_k events the model expected, best
         first. A miss is an actual event outside the top_k or, given log_prob_bound, less likely than it."""
         sessions = _as_list_of_lists(input_ids)
-        was_training = self.training
-        self.eval()
-        try:
+        with self._evaluating():
             inputs, targets = self.encode(sessions)
             logits = self(inputs)
             ranks, log_probs = self.ranks_from_logits(logits, targets)
             expected = logits.topk(min(top_k, self.num_classes), dim=-1).indices
-        finally:
-            self.train(was_training)
         label = lambda token: "<end>" if token == self.end_id else int(token)  # noqa: E731
         report = []
         for row in range(inputs.size(0)):

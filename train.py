@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import utils
-from dataset import IJSON_BACKEND, DataError, SessionDataset, merge_counts
+from dataset import IJSON_BACKEND, MAX_EVENT_SETS, DataError, SessionDataset, merge_counts
 from model import IGNORE_INDEX, DeepLog
 
 
@@ -140,8 +140,8 @@ def train(args, logger):
                     f"{counted['windows']} windows, {counted['tokens']} predicted events | skipped: "
                     f"{counted['abnormal_skipped']} abnormal, {counted['bad_records']} bad records")
         if event_sets is None:
-            logger.warning("More than 10,000 distinct sets of event types in the training data: too varied "
-                           "for the event_set rule, which is off for this model")
+            logger.warning(f"More than {MAX_EVENT_SETS:,} distinct sets of event types in the training data: too "
+                           f"varied for the event_set rule, which is off for this model")
         if counted["bad_records"]:
             logger.warning(f"Skipped bad records (data.skip_bad_records): first was {counted['first_bad_record']}")
     if total_samples == 0:

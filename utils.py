@@ -330,7 +330,7 @@ def amp_settings(config: Config, device: torch.device) -> tuple[torch.dtype | No
     """(autocast dtype, or None for fp32; whether fp16 loss scaling is needed).
 
     CUDA: bf16 where supported, else fp16 with GradScaler. CPU: bf16 only where the CPU computes it
-    natively (AVX512-BF16 or AMX; measured 2.1x faster than fp32 there, benchmarks/README.md), else fp32,
+    natively (AVX512-BF16 or AMX; measured 1.5x faster than fp32 there, benchmarks/README.md), else fp32,
     since emulated bf16 is slower than fp32.
     """
     wanted = config.training.amp_dtype
@@ -391,18 +391,23 @@ def all_gather(value, runtime: Runtime) -> list:
     return gathered
 
 
+def any_rank(flag: bool, runtime: Runtime, every_rank: bool = False) -> bool:
+    """Whether `flag` holds on any rank (or, with every_rank, on all): one tiny all-reduce under DDP."""
+    if not runtime.distributed:
+        return flag
+    value = torch.tensor([int(flag)], device=runtime.device)
+    op = torch.distributed.ReduceOp.MIN if every_rank else torch.distributed.ReduceOp.MAX
+    torch.distributed.all_reduce(value, op=op)
+    return bool(value.item())
+
+
 def lockstep(batches, runtime: Runtime):
     """Yield until any rank runs out of batches: a rank that stopped alone would leave the others waiting
     in DDP's gradient all-reduce forever. One tiny all-reduce per step under DDP, nothing otherwise."""
     iterator = iter(batches)
     while True:
         item = next(iterator, None)
-        if runtime.distributed:
-            has_batch = torch.tensor([int(item is not None)], device=runtime.device)
-            torch.distributed.all_reduce(has_batch, op=torch.distributed.ReduceOp.MIN)
-            if not has_batch.item():
-                return
-        elif item is None:
+        if not any_rank(item is not None, runtime, every_rank=True):
             return
         yield item
 
@@ -432,13 +437,9 @@ class StopSignal:
 
     def check(self, runtime: "Runtime", step: int, every: int) -> bool:
         """Whether to stop now. Under DDP all ranks must agree, so the flag is all-reduced every `every` steps."""
-        if not runtime.distributed:
-            return self.received is not None
-        if step % every:
+        if runtime.distributed and step % every:
             return False
-        flag = torch.tensor([int(self.received is not None)], device=runtime.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received is not None, runtime)
 
     @property
     def exit_code(self) -> int:
@@ -522,8 +523,10 @@ def visible_gpu_indices(count: int) -> list[int]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return list(range(count))
-    indices = [int(part) for part in visible.split(",") if part.strip().isdigit() and int(part) < count]
-    return indices if len(indices) == len([p for p in visible.split(",") if p.strip()]) else list(range(count))
+    parts = [part.strip() for part in visible.split(",") if part.strip()]
+    if all(part.isdigit() and int(part) < count for part in parts):
+        return [int(part) for part in parts]
+    return list(range(count))  # UUIDs or MIG names: no mapping to NVML indices, show them all
 
 
 class GPUMonitor:

@@ -12,6 +12,13 @@ import yaml
 from conftest import REPO, run_script, write_config
 
 
+def run_torchrun(config, data, out, timeout=300) -> subprocess.CompletedProcess:
+    """train.py under torchrun: two CPU processes (gloo) on a free port."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "train.py"), "--config", str(config), "--data-dir", str(data),
+                           "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def params(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
 
@@ -175,10 +182,7 @@ def test_torchrun_ddp_on_cpu(tmp_path, tiny_data, layout, sample_sessions):
         data.write_text("".join(" ".join(map(str, s)) + "\n" for s in sample_sessions[0]))
     config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}})
     out = tmp_path / "o"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(REPO / "train.py"), "--config", str(config),
-                             "--data-dir", str(data), "--output-dir", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_torchrun(config, data, out)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "processes: 2" in result.stdout
     # the counts of both ranks are merged: the same totals as a single process sees
@@ -220,10 +224,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path)
 def test_torchrun_without_counting_pass_keeps_ranks_in_lockstep(tmp_path, tiny_data):
     """samples_per_epoch overestimates the smaller file shard: the ranks still stop together (no hang)."""
     config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}, "data": {"samples_per_epoch": 240}})
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(REPO / "train.py"), "--config", str(config),
-                             "--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "o")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = run_torchrun(config, tiny_data, tmp_path / "o", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((tmp_path / "o" / "training_history.json").read_text())["epoch"] == [1]
 
