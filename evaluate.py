@@ -504,6 +504,14 @@ def run(args, logger):
             calibration = json.loads(Path(args.calibration).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise utils.ConfigError(f"{args.calibration}: unreadable calibration file ({error})") from None
+        missing = {"top_k", "top_g", "score_thresholds", "probability_bound"} - set(calibration)
+        if missing:
+            raise utils.ConfigError(f"{args.calibration}: not a calibration.json "
+                                    f"(missing {', '.join(sorted(missing))})")
+    scored = [Path(p).resolve() for p in (args.data_dir, args.abnormal_dir, args.detect) if p]
+    if args.calibrate_on and Path(args.calibrate_on).resolve() in scored:
+        raise utils.ConfigError(f"--calibrate-on {args.calibrate_on} is also the data being scored: thresholds "
+                                f"must be fitted on other normal sessions")
     if args.calibrate_on:
         normal, _ = collect(args.calibrate_on, options)
         calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.probability_margin, args.calibrate_on,
@@ -515,7 +523,10 @@ def run(args, logger):
                                     f"it ended?); pass --calibrate-on DIR with normal sessions")
     check_top_k(calibration, top_k)
     if args.detect:
-        out = open(args.output, "w") if args.output else sys.stdout
+        try:
+            out = open(args.output, "w") if args.output else sys.stdout
+        except OSError as error:
+            raise utils.ConfigError(f"--output {args.output}: cannot write ({error.strerror})") from None
         try:
             totals = detect(model, calibration, args.detect, options, ev.decision_rule, out, ev.batch_size,
                             event_sets)

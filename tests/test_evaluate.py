@@ -186,12 +186,18 @@ def test_evaluate_cli_on_given_data_uses_stored_thresholds(trained, tmp_path):
 
 
 def test_calibrate_on_refits_and_saves(trained, tmp_path):
+    import random
+
+    import generate_sample
     root, out, data, abnormal_dir, _ = trained
+    quiet_day = tmp_path / "quiet_day.txt"   # other normal sessions than the ones scored
+    rng = random.Random(999)
+    quiet_day.write_text("".join(" ".join(map(str, generate_sample.normal_session(rng))) + "\n" for _ in range(100)))
     result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir", data,
-                        "--output-dir", tmp_path, "--calibrate-on", data, "--top-k", "3")
+                        "--output-dir", tmp_path, "--calibrate-on", quiet_day, "--top-k", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     calibration = json.loads((tmp_path / "calibration.json").read_text())
-    assert calibration["source"] == str(data) and calibration["top_k"] == 3 and calibration["sessions"] == 240
+    assert calibration["source"] == str(quiet_day) and calibration["top_k"] == 3 and calibration["sessions"] == 100
     results = json.loads(next(tmp_path.glob("evaluation_results_*.json")).read_text())
     assert results["calibration"] == calibration and "false_positive_rate" in results
 
@@ -268,6 +274,22 @@ def test_checkpoint_of_another_vocab_and_unreadable_data(trained, tmp_path):
     result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt",
                         "--data-dir", tmp_path / "bad.jsonl", "--output-dir", tmp_path)
     assert result.returncode == 2 and "bad.jsonl: line 1: malformed JSON" in result.stdout + result.stderr
+
+
+def test_thresholds_are_never_fitted_on_the_scored_data_and_bad_calibration_files(trained, tmp_path):
+    root, out, data, abnormal_dir, _ = trained
+    checkpoint = out / "checkpoints" / "best_model.pt"
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--data-dir", data, "--calibrate-on", data,
+                        "--output-dir", tmp_path)
+    assert result.returncode == 2 and "is also the data being scored" in result.stdout + result.stderr
+    (tmp_path / "c.json").write_text('{"top_k": 10}')
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--calibration", tmp_path / "c.json",
+                        "--output-dir", tmp_path)
+    assert result.returncode == 2 and "not a calibration.json (missing probability_bound, score_thresholds, " \
+        "top_g)" in result.stdout + result.stderr
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", data, "--output", "/nonexistent/x")
+    assert result.returncode == 2 and "--output /nonexistent/x: cannot write" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 @needs_hdfs
