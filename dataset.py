@@ -27,11 +27,14 @@ import json
 import os
 import random
 import signal
+import struct
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Iterator
 
 import ijson
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -110,12 +113,17 @@ def iter_sessions(path, vocab_size: int | None = None, event_ids_field: str = "e
             raise DataError(f"{file}: unreadable: {error}") from None
 
 
-def _iter_json_array(file: Path, array_key: str):
+def _json_array_prefix(file: Path, array_key: str) -> str:
+    """The ijson prefix of the session array: a top-level array, or one held under array_key."""
     with _open(file) as handle:
         head = handle.read(4096).lstrip()
     if not head:
         raise DataError(f"{file}: empty file")
-    prefix = "item" if head[:1] == b"[" else f"{array_key}.item"
+    return "item" if head[:1] == b"[" else f"{array_key}.item"
+
+
+def _iter_json_array(file: Path, array_key: str):
+    prefix = _json_array_prefix(file, array_key)
     count = 0
     with _open(file) as handle:
         try:
@@ -145,12 +153,18 @@ def _iter_text(file: Path, _array_key: str):
             tokens = line.split()
             if not tokens:
                 continue
-            try:
-                yield line_no, [int(token) for token in tokens]
-            except ValueError:
-                bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-                raise DataError(f"{file}: line {line_no}: '{bad}' is not an integer event ID "
-                                f"(DeepLog text holds space-separated integers)") from None
+            yield line_no, _text_event_ids(file, line_no, tokens)
+
+
+def _text_event_ids(file: Path, line_no: int, tokens: list[str]) -> list[int]:
+    event_ids = []
+    for token in tokens:
+        try:
+            event_ids.append(int(token))
+        except ValueError:
+            raise DataError(f"{file}: line {line_no}: '{token[:40]}' is not an integer event ID "
+                            f"(DeepLog text holds space-separated integers)") from None
+    return event_ids
 
 
 def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt: str) -> Record:
@@ -183,12 +197,226 @@ def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt:
     return Record(str(file), index, session_id, events, int(label))
 
 
+# ----------------------------------------------------------------------------- the fast first pass
+@dataclass
+class SessionArrays:
+    """A chunk of validated sessions as flat arrays: the unit of work of the first pass (the token cache)."""
+    tokens: np.ndarray    # int64: every session's event IDs, back to back
+    lengths: np.ndarray   # int64: events per session
+    labels: np.ndarray    # uint8: 0 normal, 1 abnormal
+    indexes: np.ndarray   # int64: record number (.json) or line number (.jsonl, text), as in messages
+
+
+class _Unparsable:
+    """A JSONL line that is not JSON, kept in its place so that skip_bad_records can skip it."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _numbered_lines(file: Path, byte_range: tuple[int, int] | None, first_line: int):
+    """(line number, line) of a text file, or of the lines that start inside byte_range = (begin, end);
+    first_line is the number of the line that holds byte `begin`."""
+    with _open(file) as handle:
+        if byte_range is None:
+            for line_no, line in enumerate(handle, start=first_line):
+                yield line_no, line.decode()
+            return
+        begin, end = byte_range
+        position, line_no = begin, first_line
+        if begin > 0:
+            handle.seek(begin - 1)
+            if handle.read(1) != b"\n":  # the line holding `begin` started in the previous range: skip it
+                position += len(handle.readline())
+                line_no += 1
+        while position < end:
+            line = handle.readline()
+            if not line:
+                return
+            yield line_no, line.decode()
+            position += len(line)
+            line_no += 1
+
+
+def _numbered_items(file: Path, fmt: str, array_key: str, byte_range, first_line: int):
+    """(record number, raw item) of any format; text items are lists of tokens, JSONL items may be
+    _Unparsable. Blank lines are skipped."""
+    if fmt == "json":
+        yield from _iter_json_array(file, array_key)
+        return
+    for line_no, line in _numbered_lines(file, byte_range, first_line):
+        if fmt == "text":
+            tokens = line.split()
+            if tokens:
+                yield line_no, tokens
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as error:
+            message = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+            yield line_no, _Unparsable(f"{file}: line {line_no}: malformed JSON: {message}")
+
+
+class _RecheckFrom(Exception):
+    """A chunk failed the fast checks: read again from this record on, one record at a time."""
+
+    def __init__(self, records_done: int):
+        self.records_done = records_done
+
+
+def iter_session_arrays(file, vocab_size: int | None = None, event_ids_field: str = "event_ids",
+                        label_field: str = "label", session_id_field: str = "session_id",
+                        json_array_key: str = "sessions", skip_bad_records: bool = False,
+                        counters: dict | None = None, byte_range: tuple[int, int] | None = None,
+                        first_line: int = 1, chunk_records: int = 512) -> Iterator[SessionArrays]:
+    """Validated sessions of one data file as chunks of flat arrays, with the same checks and messages as
+    iter_sessions. Chunks are checked with a few C-speed passes; from the first chunk that fails them on,
+    the file is read again and checked record by record, to name the bad record (or skip it).
+    `byte_range` reads the lines starting in (begin, end) of a JSONL or text file, `first_line` being the
+    number of the line holding `begin`. Small chunks keep the parsed objects in the CPU cache; a caller
+    parsing a lot pauses the garbage collector (see cache.py)."""
+    file = Path(file)
+    fmt = _format_of(file) or "text"
+    counters = counters if counters is not None else {}
+    counters.setdefault("bad_records", 0)
+    fields = (event_ids_field, label_field, session_id_field)
+    try:
+        if fmt == "json":
+            yield from _json_array_chunks(file, json_array_key, fields, vocab_size, chunk_records)
+            return
+        numbered = _numbered_items(file, fmt, json_array_key, byte_range, first_line)
+        for chunk in iter(lambda: list(itertools.islice(numbered, chunk_records)), []):
+            arrays = _lines_at_c_speed(chunk, fmt, fields, vocab_size)
+            yield arrays if arrays is not None else \
+                _checked_record_by_record(file, chunk, fmt, fields, vocab_size, skip_bad_records, counters)
+        return
+    except _RecheckFrom as failed:
+        recheck_from = failed.records_done
+    except (OSError, EOFError, UnicodeDecodeError) as error:  # permissions, corrupt gzip, binary files
+        raise DataError(f"{file}: unreadable: {error}") from None
+    numbered = itertools.islice(_iter_json_array(file, json_array_key), recheck_from, None)
+    try:
+        for chunk in iter(lambda: list(itertools.islice(numbered, chunk_records)), []):
+            yield _checked_record_by_record(file, chunk, fmt, fields, vocab_size, skip_bad_records, counters)
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise DataError(f"{file}: unreadable: {error}") from None
+
+
+def _json_array_chunks(file: Path, array_key: str, fields, vocab_size, chunk_records: int):
+    """A .json array in checked chunks. Each record's two fields are taken by C-level iterators as it is
+    parsed, so no record object outlives its own step; raises _RecheckFrom where a chunk fails."""
+    event_ids_field, label_field, _ = fields
+    prefix = _json_array_prefix(file, array_key)
+    done = 0
+    with _open(file) as handle:
+        items = ijson.items(handle, prefix, use_float=True)
+        for_events, for_labels = itertools.tee(items)
+        pairs = zip(map(itemgetter(event_ids_field), for_events),
+                    map(dict.get, for_labels, itertools.repeat(label_field), itertools.repeat(0)))
+        while True:
+            try:
+                chunk = list(itertools.islice(pairs, chunk_records))
+                if not chunk:
+                    break
+                events, labels = list(map(itemgetter(0), chunk)), list(map(itemgetter(1), chunk))
+                arrays = _arrays_at_c_speed(events, labels, np.arange(done + 1, done + 1 + len(chunk)),
+                                            vocab_size)
+            except (KeyError, TypeError, ijson.JSONError):  # not an object, a missing field, malformed JSON
+                arrays = None
+            if arrays is None:
+                raise _RecheckFrom(done)
+            yield arrays
+            done += len(chunk)
+    if done == 0 and prefix != "item":
+        raise DataError(f"{file}: no session array found: expected a top-level array or an object "
+                        f"with the array under '{array_key}' (data.json_array_key)")
+
+
+def _lines_at_c_speed(chunk, fmt: str, fields, vocab_size) -> SessionArrays | None:
+    event_ids_field, label_field, _ = fields
+    items = [item for _, item in chunk]
+    indexes = np.fromiter((index for index, _ in chunk), np.int64, len(chunk))
+    if fmt == "text":
+        return _arrays_at_c_speed(items, None, indexes, vocab_size, tokens_are_text=True)
+    try:
+        events = list(map(itemgetter(event_ids_field), items))
+        labels = list(map(dict.get, items, itertools.repeat(label_field), itertools.repeat(0)))
+    except (KeyError, TypeError):
+        return None
+    return _arrays_at_c_speed(events, labels, indexes, vocab_size)
+
+
+def _arrays_at_c_speed(events: list, labels: list | None, indexes: np.ndarray, vocab_size: int | None,
+                       tokens_are_text: bool = False) -> SessionArrays | None:
+    """SessionArrays when every session of the chunk is valid, else None. No Python loop over events:
+    struct.pack converts and range-checks every ID in C, and refuses floats, strings and nulls."""
+    if set(map(type, events)) != {list}:
+        return None
+    if labels is not None and (set(map(type, labels)) != {int} or not set(labels) <= {0, 1}):
+        return None
+    lengths = np.fromiter(map(len, events), np.int64, len(events))
+    if not lengths.all():
+        return None
+    small = vocab_size is not None and vocab_size <= 2 ** 16
+    flat = itertools.chain.from_iterable(events)
+    try:
+        packed = struct.pack(f"<{int(lengths.sum())}{'H' if small else 'q'}",
+                             *(map(int, flat) if tokens_are_text else flat))
+    except (struct.error, ValueError, OverflowError):
+        return None
+    tokens = np.frombuffer(packed, dtype=np.uint16 if small else np.int64)
+    if (not small and tokens.min() < 0) or (vocab_size is not None and tokens.max() >= vocab_size):
+        return None
+    if not tokens_are_text:  # struct takes JSON true/false for 1/0: look at the sessions holding a 0 or 1
+        maybe_bool = np.add.reduceat((tokens <= 1).astype(np.int32), np.cumsum(lengths) - lengths)
+        if any(set(map(type, events[i])) != {int} for i in np.flatnonzero(maybe_bool).tolist()):
+            return None
+    return SessionArrays(tokens, lengths, np.zeros(len(events), np.uint8) if labels is None else
+                         np.array(labels, dtype=np.uint8), indexes)
+
+
+def _checked_record_by_record(file: Path, chunk, fmt: str, fields, vocab_size, skip_bad_records: bool,
+                              counters: dict) -> SessionArrays:
+    records = []
+    for index, item in chunk:
+        try:
+            if isinstance(item, _Unparsable):
+                raise DataError(item.message)
+            if fmt == "text":
+                item = _text_event_ids(file, index, item)
+            records.append(_validate(file, index, item, fields, vocab_size, fmt))
+        except DataError as error:
+            if not skip_bad_records:
+                raise
+            counters["bad_records"] += 1
+            counters.setdefault("first_bad_record", str(error))
+    return SessionArrays(np.array([e for r in records for e in r.event_ids], dtype=np.int64),
+                         np.array([len(r.event_ids) for r in records], dtype=np.int64),
+                         np.array([r.label for r in records], dtype=np.uint8),
+                         np.array([r.index for r in records], dtype=np.int64))
+
+
+def split_draws(file: str, indexes, seed: int) -> np.ndarray:
+    """One uniform draw in [0, 1) per record, a hash of (seed, file name, record index), never of the epoch.
+
+    Vectorised (splitmix64 over a per-file key), so the first pass splits a million records in
+    milliseconds; the same function decides the split everywhere, one record or a whole file at a time.
+    """
+    key = int.from_bytes(hashlib.blake2b(f"{seed}:{os.path.basename(file)}".encode(), digest_size=8).digest(),
+                         "little")
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        x = np.uint64(key) + np.asarray(indexes, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+
+
 def is_validation(file: str, index: int, seed: int, validation_split: float) -> bool:
-    """Deterministic per-session split: a hash of (seed, file name, record index), never of the epoch."""
-    if validation_split <= 0:
-        return False
-    digest = hashlib.blake2b(f"{seed}:{os.path.basename(file)}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2 ** 64 < validation_split
+    """Deterministic per-session split: see split_draws."""
+    return validation_split > 0 and bool(split_draws(file, [index], seed)[0] < validation_split)
 
 
 def make_windows(event_ids: list[int], vocab_size: int, max_seq_length: int, window_context: int):
@@ -233,6 +461,21 @@ def merge_counts(counts: list[dict], disjoint: bool) -> dict:
     merged["event_sets"] = None if union is None or len(union) > MAX_EVENT_SETS else sorted(list(s) for s in union)
     merged["windows_per_rank"] = min(c["windows"] for c in counts)
     return merged
+
+
+def batch_to_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's inputs and targets on `device`, as int64. Batches from the token cache are views of
+    their windows' tokens: there, targets from each row's length on and the first `context` targets of
+    a window that re-reads the previous one are masked here, on the device, where it costs nothing.
+    Inputs past a row's length are left as they are: the LSTM is causal and those positions never count."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True).long()
+    targets = batch["targets"].to(device, non_blocking=True).long()
+    if "context" in batch:
+        positions = torch.arange(targets.shape[1], device=device)
+        lengths = batch["lengths"].to(device, non_blocking=True)[:, None]
+        context = batch["context"].to(device, non_blocking=True)[:, None]
+        targets = targets.masked_fill((positions >= lengths) | (positions < context), IGNORE_INDEX)
+    return input_ids, targets
 
 
 def collate(samples, pad_id: int) -> dict[str, torch.Tensor]:

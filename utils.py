@@ -73,9 +73,13 @@ class EarlyStoppingConfig:
 
 @dataclass
 class LazyLoadingConfig:
-    buffer_size: int = 10000      # samples held in memory by the shuffle buffer
-    shuffle_buffer: bool = True
-    num_workers: int = 0          # reader processes parsing files in parallel (needs several data files)
+    enabled: bool = True          # cache: release mapped pages after each block (flat memory); false: keep them
+    cache: bool = True            # parse each file once into a token cache; false: stream and parse every epoch
+    cache_dir: typing.Optional[str] = None     # null: $XDG_CACHE_HOME/deeplog or ~/.cache/deeplog
+    cache_workers: typing.Optional[int] = None  # processes of the first pass (cache build); null: all cores
+    buffer_size: int = 10000      # cache: windows per block (length bucketing); streaming: the shuffle buffer
+    shuffle_buffer: bool = True   # shuffle the training windows every epoch (false: file order)
+    num_workers: int = 0          # streaming only: reader processes parsing files in parallel (several files)
 
 
 @dataclass
@@ -198,6 +202,7 @@ def _check_values(config: Config) -> None:
                "in [0, data.max_seq_length)"),
               ("training.max_grad_norm", config.training.max_grad_norm >= 0, ">= 0"),
               ("lazy_loading.num_workers", config.lazy_loading.num_workers >= 0, ">= 0"),
+              ("lazy_loading.cache_workers", (config.lazy_loading.cache_workers or 1) >= 1, "null or >= 1"),
               ("training.warmup_steps", config.training.warmup_steps >= 0, ">= 0"),
               ("training.save_every_steps", config.training.save_every_steps >= 0, ">= 0"),
               ("training.min_lr_ratio", 0 <= config.training.min_lr_ratio <= 1, "in [0, 1]"),
@@ -206,6 +211,14 @@ def _check_values(config: Config) -> None:
     for dotted, ok, rule in checks:
         if not ok:
             raise ConfigError(f"'{dotted}' must be {rule}, got {get(dotted)!r}")
+
+
+def reader_options(config: Config) -> dict:
+    """The data settings every reader of session files takes (dataset.iter_sessions and friends)."""
+    data = config.data
+    return dict(event_ids_field=data.event_ids_field, label_field=data.label_field,
+                session_id_field=data.session_id_field, json_array_key=data.json_array_key,
+                skip_bad_records=data.skip_bad_records)
 
 
 def config_to_dict(config: Config) -> dict:
@@ -298,6 +311,68 @@ def prune_checkpoints(directory: Path, prefix: str, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
+# ----------------------------------------------------------------------------- training state
+class TrainState:
+    """What a checkpoint saves and a resume restores, in one place, so that both read as one schema: the
+    model (unwrapped) and its arguments, optimizer, scheduler, GradScaler, early stopping, history, the
+    step, the data position (epoch, batches done, the epoch's running loss and time), every rank's RNG
+    state, the resolved config and the record of event sets seen in training."""
+
+    def __init__(self, model, optimizer, scheduler, scaler, early_stopping, config: "Config"):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.early_stopping, self.config = early_stopping, config
+        self.history: dict = {"epoch": [], "train_loss": [], "val_loss": [], "learning_rate": [], "epoch_time": []}
+        self.step = 0
+        self.epoch, self.batches_done = 1, 0              # where the data loader resumes
+        self.epoch_loss_sum, self.epoch_tokens, self.epoch_time = 0.0, 0, 0.0   # the epoch so far
+        self.event_sets: list | None = None
+
+    def start_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+            self.epoch_loss_sum, self.epoch_tokens, self.epoch_time = 0.0, 0, 0.0
+
+    def state_dict(self, rng_states: list[dict]) -> dict:
+        return {"model_state_dict": self.model.state_dict(), "model_args": self.model.model_args,
+                "optimizer_state_dict": self.optimizer.state_dict(),
+                "scheduler_state_dict": self.scheduler.state_dict(), "scaler_state_dict": self.scaler.state_dict(),
+                "early_stopping": self.early_stopping.state_dict(), "rng_state": rng_states,
+                "history": self.history, "step": self.step, "epoch": self.epoch,
+                "data_position": {"epoch": self.epoch, "batches_done": self.batches_done,
+                                  "epoch_loss_sum": self.epoch_loss_sum, "epoch_tokens": self.epoch_tokens,
+                                  "epoch_time": self.epoch_time},
+                "config": config_to_dict(self.config), "world_size": len(rng_states),
+                "event_sets": self.event_sets,  # which event types co-occur in normal training sessions
+                "split_scheme": SPLIT_SCHEME}
+
+    def load_state_dict(self, checkpoint: dict) -> list[dict]:
+        """Restore everything but the RNGs, whose per-rank states are returned for the caller to apply."""
+        self.model.load_state_dict(checkpoint["model_state_dict"])
+        self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+        self.scaler.load_state_dict(checkpoint["scaler_state_dict"])
+        self.early_stopping.load_state_dict(checkpoint["early_stopping"])
+        self.history, self.step = checkpoint["history"], checkpoint["step"]
+        position = checkpoint["data_position"]
+        self.epoch, self.batches_done = position["epoch"], position["batches_done"]
+        self.epoch_loss_sum, self.epoch_tokens = position["epoch_loss_sum"], position["epoch_tokens"]
+        self.epoch_time = position["epoch_time"]
+        if self.event_sets is None:
+            self.event_sets = checkpoint.get("event_sets")
+        return checkpoint["rng_state"]
+
+    def save(self, path, runtime: "Runtime") -> None:
+        """Every rank calls this (each rank's RNG state is gathered); the master writes, atomically."""
+        states = all_gather(rng_state(), runtime)
+        if runtime.is_master:
+            save_checkpoint(self.state_dict(states), path)
+
+
+# How dataset.split_draws assigns sessions to the validation split and its halves. Checkpoints record it:
+# a checkpoint of another scheme cannot tell which sessions it trained on.
+SPLIT_SCHEME = "splitmix64-v2"
+
+
 # ----------------------------------------------------------------------------- RNG state
 def rng_state() -> dict:
     """Every RNG training touches, as tensors and plain types."""
@@ -380,6 +455,11 @@ def setup_runtime(device_name: str, use_multi_gpu: bool) -> Runtime:
     device = torch.device(device_name)
     gpus = torch.cuda.device_count() if device.type == "cuda" and use_multi_gpu and device.index is None else 1
     return Runtime(device, data_parallel_gpus=max(gpus, 1))
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        torch.distributed.barrier()
 
 
 def all_gather(value, runtime: Runtime) -> list:

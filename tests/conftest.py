@@ -35,6 +35,8 @@ def write_config(path: Path, overrides: dict | None = None, base: dict | None = 
     config = json.loads(json.dumps(TINY if base is None else base))
     for section, values in (overrides or {}).items():
         config.setdefault(section, {}).update(values)
+    # each test's token caches stay in its own temp folder, never in the user's ~/.cache
+    config.setdefault("lazy_loading", {}).setdefault("cache_dir", str(path.parent / "cache"))
     path.write_text(yaml.safe_dump(config))
     return path
 

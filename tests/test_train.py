@@ -80,7 +80,7 @@ def test_outputs_logs_and_checkpoints(straight_run):
 
 def test_resume_is_bit_identical_with_reader_processes(tmp_path, tiny_data):
     """Parallel parsing (lazy_loading.num_workers) keeps the sample order deterministic, so resume stays exact."""
-    config = write_config(tmp_path / "c.yaml", {"lazy_loading": {"num_workers": 2}})
+    config = write_config(tmp_path / "c.yaml", {"lazy_loading": {"num_workers": 2, "cache": False}})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", straight)
     assert result.returncode == 0, result.stdout + result.stderr

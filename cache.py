@@ -1,0 +1,707 @@
+"""The token cache: every data file is parsed and validated once, then memory-mapped by every epoch.
+
+Examples:
+
+    python cache.py data/sample/train --vocab-size 29               # build (or check) the caches, all cores
+    python cache.py /data/sessions --vocab-size 10000 --cache-dir /fast/deeplog-cache --workers 16
+    python cache.py /data/sessions --vocab-size 10000 --seed 42 --validation-split 0.1   # as train.py will
+
+    from cache import CacheSettings, build_caches, CachedSessions
+    entries = build_caches(["data/sample/train/part-003.txt"], CacheSettings(vocab_size=29), "/tmp/cache")
+    data = CachedSessions(entries, 29, split="train")
+    for batch, position in data.batches(256):
+        ...
+
+One cache entry per data file, in `cache_dir/<file name>-<hash>/`, keyed by the file (path, size,
+mtime) and by every setting that changes its content (field names, array key, vocab_size, the split's
+seed and fraction, skip_bad_records). A big JSONL or text file is parsed by several processes, one per
+byte range ("part"); a .json array by one. Each part holds, as raw little-endian arrays:
+
+    tokens   uint16 when every token fits, else int32: each session as [start, e1..en, end], back to back,
+             then TAIL zeros (so that every window is one contiguous slice)
+    offsets  int64, sessions + 1: where each session's start token is
+    flags    uint8: 1 abnormal label, 2 validation split, 4 calibration half (of the validation split)
+    indexes  int64: the record number (.json) or line number, as error messages and session IDs use
+
+meta.json says what the arrays hold and is written last; a whole entry is written into a temp folder
+and renamed into place, so a cache is complete or absent. A stale (file changed, settings changed),
+partial or inconsistent entry is rebuilt with one log line. Epochs read windows through a keyed
+permutation (a true global shuffle in O(1) memory), assemble a block of batches at a time with torch
+index_select, and release the mapped pages after each block, so memory stays flat whatever the size.
+This module knows nothing of training.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import mmap
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataset import (MAX_EVENT_SETS, DataError, _format_of, iter_session_arrays, list_data_files,
+                     split_draws)
+from model import special_tokens
+
+CACHE_FORMAT = 1
+TAIL = 1024                  # zero tokens after each part: windows up to TAIL - 1 positions are one slice
+PART_BYTES = 64 * 2 ** 20    # a JSONL or text file bigger than this is parsed by several processes
+FLAG_ABNORMAL, FLAG_VALIDATION, FLAG_CALIBRATION = 1, 2, 4
+ARRAYS = {"offsets": np.int64, "flags": np.uint8, "indexes": np.int64}  # besides tokens
+
+log = logging.getLogger("deeplog")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Every setting that changes what a cache holds (with the file's path, size and mtime)."""
+    vocab_size: int | None = None          # None: IDs are not checked (evaluation data may hold unknown IDs)
+    event_ids_field: str = "event_ids"
+    label_field: str = "label"
+    json_array_key: str = "sessions"
+    skip_bad_records: bool = False
+    validation_split: float = 0.1
+    seed: int = 42
+
+    def reader_options(self) -> dict:
+        return dict(event_ids_field=self.event_ids_field, label_field=self.label_field,
+                    json_array_key=self.json_array_key, skip_bad_records=self.skip_bad_records)
+
+    def token_dtype(self) -> np.dtype:
+        # special tokens go up to vocab_size + 3
+        small = self.vocab_size is not None and self.vocab_size + 4 <= 2 ** 16
+        return np.dtype(np.uint16 if small else np.int32)
+
+
+def cache_settings(config, vocab_size: int | None) -> CacheSettings:
+    """The cache settings of a resolved config (utils.Config); vocab_size None for evaluation data."""
+    data = config.data
+    return CacheSettings(vocab_size, data.event_ids_field, data.label_field, data.json_array_key,
+                         data.skip_bad_records, data.validation_split, config.training.seed)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deeplog"
+
+
+# ----------------------------------------------------------------------------- building
+@dataclass
+class _Task:
+    file: str
+    part_dir: str             # temp folder of the entry being built
+    part: int
+    settings: CacheSettings
+    byte_range: tuple[int, int] | None = None
+    newlines_before: int = 0  # in the file, before byte_range[0]
+
+
+def _entry_key(file: Path, settings: CacheSettings) -> dict:
+    stat = file.stat()
+    return {"format": CACHE_FORMAT, "path": str(file.resolve()), "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, **asdict(settings)}
+
+
+def entry_dir(file: Path, settings: CacheSettings, cache_dir: Path) -> Path:
+    """Path and settings name the entry; size and mtime are checked inside, so a changed file replaces
+    its own entry instead of leaving the old one behind."""
+    name = json.dumps([str(file.resolve()), asdict(settings), CACHE_FORMAT])
+    return Path(cache_dir) / f"{file.name}-{hashlib.blake2b(name.encode(), digest_size=8).hexdigest()}"
+
+
+def build_caches(paths, settings: CacheSettings, cache_dir, workers: int | None = None,
+                 logger: logging.Logger = log) -> list[Path]:
+    """The cache entry of every data file under `paths` (a file, a directory, or a list of them), building
+    the missing, stale or damaged ones with `workers` processes (None: all cores). Bad data raises DataError
+    naming file and record, and leaves no entry behind."""
+    files = [f for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths) for f in list_data_files(p)]
+    cache_dir = Path(cache_dir)
+    entries = [entry_dir(f, settings, cache_dir) for f in files]
+    todo = []
+    for file, entry in zip(files, entries):
+        problem = check_entry(entry, _entry_key(file, settings))
+        if problem is None:
+            continue
+        if problem != "absent":
+            logger.info(f"Token cache of {file}: {problem}; rebuilding")
+        todo.append((file, entry))
+    if not todo:
+        return entries
+    workers = max(1, workers or os.cpu_count() or 1)
+    for file, _ in todo:
+        if _format_of(file) == "json" and file.stat().st_size > 4 * PART_BYTES:
+            logger.info(f"{file}: one .json array is parsed by one process; split such data into several files "
+                        f"(or JSONL) to use all cores")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp(cache_dir)
+    temp_dirs = {entry: Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{entry.name}.", suffix=".tmp"))
+                 for _, entry in todo}
+    try:
+        tasks = _plan(todo, temp_dirs, settings, workers)
+        parts: dict[Path, list] = {entry: [] for _, entry in todo}
+        for entry, part in _run(tasks, workers, temp_dirs):
+            parts[entry].append(part)
+        for file, entry in todo:
+            _finish_entry(entry, temp_dirs[entry], _entry_key(file, settings), parts[entry])
+    finally:
+        for temp in temp_dirs.values():
+            shutil.rmtree(temp, ignore_errors=True)
+    logger.info(f"Token cache: built {len(todo)} of {len(files)} entries in {cache_dir} "
+                f"({sum(_size(e) for _, e in todo) / 2 ** 20:.1f} MB)")
+    return entries
+
+
+def _size(entry: Path) -> int:
+    return sum(p.stat().st_size for p in entry.iterdir()) if entry.is_dir() else 0
+
+
+def _remove_stale_temp(cache_dir: Path) -> None:
+    """Temp folders of builds that were killed (a live build's folder is younger than a day)."""
+    import time
+    for temp in cache_dir.glob(".*.tmp"):
+        if time.time() - temp.stat().st_mtime > 86400:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _plan(todo, temp_dirs, settings: CacheSettings, workers: int) -> list[_Task]:
+    """One task per file, or one per byte range of a big plain JSONL/text file (numbered by a quick
+    parallel count of the newlines before each range, so line numbers stay exact)."""
+    tasks, ranged = [], []
+    for file, entry in todo:
+        size = file.stat().st_size
+        splittable = _format_of(file) in ("jsonl", "text") and not file.name.endswith(".gz")
+        pieces = min(max(workers, -(-size // PART_BYTES)), max(1, size // 2 ** 16)) if splittable else 1
+        if pieces == 1:
+            tasks.append(_Task(str(file), str(temp_dirs[entry]), 0, settings))
+            continue
+        bounds = [size * k // pieces for k in range(pieces + 1)]
+        ranged += [_Task(str(file), str(temp_dirs[entry]), k, settings, (bounds[k], bounds[k + 1]))
+                   for k in range(pieces)]
+    if ranged:
+        with _pool(workers) as pool:
+            counts = pool.map(_count_newlines, [(t.file, t.byte_range) for t in ranged])
+        before = 0
+        for task, count in zip(ranged, counts):
+            before = 0 if task.part == 0 else before
+            task.newlines_before = before
+            before += count
+    return tasks + ranged
+
+
+def _pool(workers: int):
+    # fork: workers start in milliseconds and only parse (no torch, no threads in them)
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    return context.Pool(workers)
+
+
+def _count_newlines(job) -> int:
+    file, (begin, end) = job
+    count = 0
+    with open(file, "rb") as handle:
+        handle.seek(begin)
+        remaining = end - begin
+        while remaining > 0:
+            block = handle.read(min(remaining, 2 ** 24))
+            if not block:
+                break
+            count += block.count(b"\n")
+            remaining -= len(block)
+    return count
+
+
+def _run(tasks: list[_Task], workers: int, temp_dirs) -> Iterator[tuple[Path, dict]]:
+    """(entry, part summary) of every task, in parallel when there is more than one."""
+    by_temp = {str(temp): entry for entry, temp in temp_dirs.items()}
+    if len(tasks) == 1 or workers == 1:
+        for task in tasks:
+            yield by_temp[task.part_dir], _build_part(task)
+        return
+    with _pool(min(workers, len(tasks))) as pool:
+        # biggest first, so that one big file does not start last
+        order = sorted(tasks, key=lambda t: -(t.byte_range[1] - t.byte_range[0] if t.byte_range
+                                              else os.path.getsize(t.file)))
+        for task, summary in zip(order, pool.imap(_build_part, order)):
+            yield by_temp[task.part_dir], summary
+
+
+def _build_part(task: _Task) -> dict:
+    """Parse, validate and write one part; returns its summary for meta.json. Runs in a worker."""
+    settings, file = task.settings, Path(task.file)
+    dtype = settings.token_dtype()
+    vocab = settings.vocab_size
+    end_id, _, start_id, _ = special_tokens(vocab) if vocab is not None else (0, 0, 0, 0)
+    counters: dict = {}
+    sessions = tokens_written = 0
+    seen = np.zeros(vocab + 1 if vocab is not None else 0, dtype=np.int64)
+    event_sets: set | None = set() if vocab is not None else None
+    prefix = Path(task.part_dir) / f"part-{task.part}"
+    handles = {name: open(f"{prefix}.{name}", "wb") for name in ("tokens", *ARRAYS)}
+    # The cyclic garbage collector would rescan the parsed records many times over; parsing makes no cycles.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        np.zeros(1, np.int64).tofile(handles["offsets"])
+        for arrays in iter_session_arrays(file, vocab, counters=counters, byte_range=task.byte_range,
+                                          first_line=task.newlines_before + 1, chunk_records=1024,
+                                          **settings.reader_options()):
+            n = len(arrays.lengths)
+            if n == 0:
+                continue
+            sizes = arrays.lengths + 2
+            local_starts = np.cumsum(sizes) - sizes
+            laid_out = np.empty(int(sizes.sum()), dtype=dtype)
+            is_event = np.ones(len(laid_out), dtype=bool)
+            is_event[local_starts] = is_event[local_starts + sizes - 1] = False
+            laid_out[is_event] = arrays.tokens
+            laid_out[local_starts] = start_id
+            laid_out[local_starts + sizes - 1] = end_id
+            validation = split_draws(task.file, arrays.indexes, settings.seed) < settings.validation_split
+            calibration = split_draws(task.file, arrays.indexes, settings.seed + 1) < 0.5
+            flags = (arrays.labels | (validation.astype(np.uint8) << 1) | (calibration.astype(np.uint8) << 2))
+            if vocab is not None:
+                trained = (flags & (FLAG_ABNORMAL | FLAG_VALIDATION)) == 0
+                seen += _seen_targets(arrays, trained, vocab)
+                event_sets = _add_event_sets(event_sets, arrays, trained, vocab)
+            laid_out.tofile(handles["tokens"])
+            (tokens_written + local_starts + sizes).astype(np.int64).tofile(handles["offsets"])
+            flags.astype(np.uint8).tofile(handles["flags"])
+            arrays.indexes.astype(np.int64).tofile(handles["indexes"])
+            sessions += n
+            tokens_written += len(laid_out)
+        np.zeros(TAIL, dtype=dtype).tofile(handles["tokens"])
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        for handle in handles.values():
+            handle.close()
+    return {"part": task.part, "sessions": sessions, "tokens": tokens_written, "dtype": dtype.name,
+            "bad_records": counters.get("bad_records", 0), "first_bad_record": counters.get("first_bad_record"),
+            "seen_targets": np.flatnonzero(seen).tolist() if vocab is not None else None,
+            "event_sets": None if event_sets is None else sorted(sorted(s) for s in event_sets)}
+
+
+def _seen_targets(arrays, trained: np.ndarray, vocab: int) -> np.ndarray:
+    """How often each target (events and end-of-session) occurs in the training sessions of a chunk:
+    all events minus those of the held-out sessions (fewer), which is cheaper than selecting the rest."""
+    counts = np.bincount(arrays.tokens, minlength=vocab + 1).astype(np.int64)
+    held_out = ~trained
+    if held_out.any():
+        counts -= np.bincount(arrays.tokens[np.repeat(held_out, arrays.lengths)], minlength=vocab + 1)
+    counts[vocab] += int(trained.sum())  # the end of each training session is a target too
+    return counts
+
+
+def _add_event_sets(event_sets: set | None, arrays, trained: np.ndarray, vocab: int) -> set | None:
+    """The distinct sets of event types of training sessions; None once there are more than MAX_EVENT_SETS."""
+    if event_sets is None or not trained.any():
+        return event_sets
+    starts = np.cumsum(arrays.lengths) - arrays.lengths
+    if vocab <= 63:  # one bit per event type: every session's set in two vectorised passes
+        masks = np.bitwise_or.reduceat(np.left_shift(np.uint64(1), arrays.tokens.astype(np.uint64)), starts)
+        for mask in np.unique(masks[trained]).tolist():
+            event_sets.add(frozenset(i for i in range(vocab) if mask >> i & 1))
+    else:
+        tokens = arrays.tokens.tolist()
+        for begin, length in zip(starts[trained].tolist(), arrays.lengths[trained].tolist()):
+            event_sets.add(frozenset(tokens[begin:begin + length]))
+            if len(event_sets) > MAX_EVENT_SETS:
+                break
+    return None if len(event_sets) > MAX_EVENT_SETS else event_sets
+
+
+def _finish_entry(entry: Path, temp: Path, key: dict, parts: list[dict]) -> None:
+    parts = sorted(parts, key=lambda p: p["part"])
+    sets = [p.pop("event_sets") for p in parts]
+    union = None if any(s is None for s in sets) else {tuple(s) for shard in sets for s in shard}
+    meta = {"key": key, "parts": parts,
+            "event_sets": None if union is None or len(union) > MAX_EVENT_SETS else sorted(list(s) for s in union)}
+    (temp / "meta.json").write_text(json.dumps(meta))
+    for path in temp.iterdir():  # durable before it becomes visible
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    old = entry.with_name(f".{entry.name}.old.tmp")
+    if entry.exists():
+        entry.rename(old)
+    temp.rename(entry)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_entry(entry: Path, key: dict) -> str | None:
+    """None when the entry is complete and matches `key`, else why it cannot be used."""
+    meta_path = entry / "meta.json"
+    if not meta_path.exists():
+        return "absent" if not entry.exists() else "incomplete (no meta.json)"
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta["key"] != key:
+            changed = sorted(k for k in key if meta["key"].get(k) != key[k])
+            return f"stale ({', '.join(changed)} changed)"
+        for part in meta["parts"]:
+            prefix = entry / f"part-{part['part']}"
+            expected = {"tokens": (part["tokens"] + TAIL) * np.dtype(part["dtype"]).itemsize,
+                        "offsets": (part["sessions"] + 1) * 8, "flags": part["sessions"],
+                        "indexes": part["sessions"] * 8}
+            for name, size in expected.items():
+                actual = os.path.getsize(f"{prefix}.{name}")
+                if actual != size:
+                    return f"damaged (part-{part['part']}.{name} has {actual} bytes, expected {size})"
+            offsets = np.fromfile(f"{prefix}.offsets", dtype=np.int64, offset=part["sessions"] * 8)
+            if offsets[0] != part["tokens"]:
+                return f"damaged (part-{part['part']}.offsets does not end at the last token)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"damaged ({type(error).__name__}: {error})"
+    return None
+
+
+# ----------------------------------------------------------------------------- reading
+class _Mapped:
+    """A read-only memory map of one array file whose pages can be handed back to the page cache."""
+
+    def __init__(self, path: Path, dtype):
+        with open(path, "rb") as handle:
+            size = os.path.getsize(path)
+            self.map = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+        self.array = np.frombuffer(self.map, dtype=dtype) if self.map else np.zeros(0, dtype=dtype)
+        self.tensor = torch.from_numpy(self.array)
+
+    def release(self) -> None:
+        """Drop this process's mapped pages (they stay in the page cache): resident memory stays flat."""
+        if self.map is not None:
+            self.map.madvise(mmap.MADV_DONTNEED)
+
+
+class _Part:
+    def __init__(self, prefix: Path, summary: dict, file: str):
+        self.file, self.sessions = file, summary["sessions"]
+        self.tokens = _Mapped(Path(f"{prefix}.tokens"), np.dtype(summary["dtype"]))
+        self.arrays = {name: _Mapped(Path(f"{prefix}.{name}"), dtype) for name, dtype in ARRAYS.items()}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name].array
+
+    def release(self) -> None:
+        self.tokens.release()
+        for mapped in self.arrays.values():
+            mapped.release()
+
+
+SPLITS = ("train", "val", "all")
+
+
+def session_selection(flags: np.ndarray, split: str) -> np.ndarray:
+    """Which sessions of a part a split holds: normal ones, on that side of the validation split."""
+    normal = (flags & FLAG_ABNORMAL) == 0
+    if split == "all":
+        return normal
+    validation = (flags & FLAG_VALIDATION) != 0
+    return normal & (validation if split == "val" else ~validation)
+
+
+class CachedSessions:
+    """Windows of normal sessions from one side of the split, read from token caches.
+
+    The same interface as dataset.SessionDataset (set_epoch, batches, count). An epoch's order is a keyed
+    permutation of all windows of the split, a function of (seed, epoch): a true global shuffle held in no
+    memory; with `world_size > 1` rank r takes every world_size-th window of it, `samples_per_rank` each.
+    `batches(start_batch=N)` computes the position of batch N directly, so a resume costs nothing.
+    Batches are assembled `block_batches` at a time: windows are sorted by length within a block, cut into
+    batches and the batches shuffled (length bucketing: little padding, still a global shuffle).
+    """
+
+    def __init__(self, entries: list[Path], vocab_size: int, split: str = "train", seed: int = 42,
+                 max_seq_length: int = 256, window_context: int = 32, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1, samples_per_rank: int | None = None,
+                 buffer_size: int = 10000, release_pages: bool = True):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split}")
+        if not 0 <= window_context < max_seq_length:
+            raise ValueError("window_context must be in [0, max_seq_length)")
+        self.vocab_size, self.split, self.seed = vocab_size, split, seed
+        self.max_seq_length, self.window_context, self.shuffle = max_seq_length, window_context, shuffle
+        self.rank, self.world_size, self.samples_per_rank = rank, world_size, samples_per_rank
+        self.buffer_size, self.release_pages = buffer_size, release_pages
+        self.shard_by_file = False  # every rank reads every cache: the permutation spreads windows over ranks
+        self.epoch = 0
+        self.metas = [json.loads((entry / "meta.json").read_text()) for entry in entries]
+        self.parts, self.windows = [], []
+        for entry, meta in zip(entries, self.metas):
+            for summary in meta["parts"]:
+                prefix = entry / f"part-{summary['part']}"
+                self.parts.append(_Part(prefix, summary, meta["key"]["path"]))
+                self.windows.append(self._window_index(prefix, self.parts[-1]))
+        counts = np.array([len(w["starts"].array) for w in self.windows], dtype=np.int64)
+        self.window_bounds = np.concatenate([[0], np.cumsum(counts)])
+        self.total_windows = int(self.window_bounds[-1])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # ------------------------------------------------------------------ the window index
+    def _window_index(self, prefix: Path, part: _Part) -> dict:
+        """Start (in tokens) and length of every window of this split, negative for a window that re-reads
+        window_context positions of the previous one; derived from the cache once, kept beside it."""
+        name = f"{prefix}.windows-{self.split}-{self.max_seq_length}-{self.window_context}"
+        if not Path(f"{name}.starts").exists():
+            temp = {k: f"{name}.{k}.{os.getpid()}.tmp" for k in ("starts", "lengths")}
+            with open(temp["starts"], "wb") as starts_out, open(temp["lengths"], "wb") as lengths_out:
+                for begin in range(0, part.sessions, 2 ** 20):  # a million sessions at a time: flat memory
+                    end = min(begin + 2 ** 20, part.sessions)
+                    offsets = np.array(part["offsets"][begin:end + 1])
+                    chosen = session_selection(part["flags"][begin:end], self.split)
+                    starts, lengths = _windows_of(offsets[:-1][chosen], (np.diff(offsets) - 2)[chosen],
+                                                  self.max_seq_length, self.window_context)
+                    starts.tofile(starts_out)
+                    lengths.tofile(lengths_out)
+            for k in ("lengths", "starts"):  # starts last: its presence means both are complete
+                os.replace(temp[k], f"{name}.{k}")
+            part.release()
+        return {"starts": _Mapped(Path(f"{name}.starts"), np.int64),
+                "lengths": _Mapped(Path(f"{name}.lengths"), np.int32)}
+
+    # ------------------------------------------------------------------ counts
+    def count(self) -> dict:
+        """Sessions, windows, predicted tokens, the targets and event sets of training sessions, from the
+        caches' records and window index (no parsing)."""
+        sessions = abnormal = tokens = 0
+        for part in self.parts:
+            flags = part["flags"]
+            sessions += int(session_selection(flags, self.split).sum())
+            abnormal += int(((flags & FLAG_ABNORMAL) != 0).sum())
+        for windows in self.windows:
+            lengths = windows["lengths"].array
+            context = np.where(lengths < 0, self.window_context, 0)
+            tokens += int((np.abs(lengths) - context).sum())
+        self._release()
+        bad = [p for meta in self.metas for p in meta["parts"] if p["bad_records"]]
+        seen = sorted({t for meta in self.metas for p in meta["parts"] for t in (p["seen_targets"] or [])})
+        sets = [meta["event_sets"] for meta in self.metas]
+        union = None if None in sets else {tuple(s) for shard in sets for s in shard}
+        return {"sessions": sessions, "abnormal_skipped": abnormal,
+                "bad_records": sum(p["bad_records"] for p in bad),
+                "first_bad_record": bad[0]["first_bad_record"] if bad else None,
+                "windows": self.total_windows, "tokens": tokens, "seen_targets": seen,
+                "event_sets": None if union is None or len(union) > MAX_EVENT_SETS else
+                sorted(list(s) for s in union)}
+
+    # ------------------------------------------------------------------ epochs
+    def windows_per_rank(self) -> int:
+        if self.samples_per_rank is not None:
+            return min(self.samples_per_rank, self.total_windows // self.world_size)
+        return self.total_windows // self.world_size if self.world_size > 1 else self.total_windows
+
+    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[tuple[dict, int]]:
+        """Padded batches with their position: the number of batches of this epoch done after this one."""
+        count = self.windows_per_rank()
+        block = max(1, self.buffer_size // batch_size) * batch_size if self.shuffle else batch_size * 64
+        first_block = start_batch * batch_size // block
+        for block_start in range(first_block * block, count, block):
+            positions = np.arange(block_start, min(block_start + block, count), dtype=np.int64)
+            batches = self._block(positions, batch_size, block_start // block)
+            done = block_start // batch_size
+            for batch in batches:
+                done += 1
+                if done > start_batch:
+                    yield batch, done
+
+    def _block(self, positions: np.ndarray, batch_size: int, block_number: int) -> list[dict]:
+        ids = positions * self.world_size + self.rank
+        if self.shuffle:
+            ids = keyed_permutation(ids, self.total_windows, f"{self.seed}:{self.epoch}")
+        starts, lengths = self._lookup(ids)
+        context = lengths < 0
+        lengths = np.abs(lengths)
+        if self.shuffle:  # length bucketing inside the block, then the batches in a seeded random order
+            order = np.argsort(lengths, kind="stable")
+            starts, lengths, context = starts[order], lengths[order], context[order]
+        cuts = list(range(0, len(ids), batch_size))
+        batch_order = np.arange(len(cuts))
+        if self.shuffle:
+            batch_order = np.random.default_rng([self.seed, self.epoch, block_number]).permutation(len(cuts))
+        rows = self._gather(starts, int(lengths.max()))
+        lengths_t = torch.from_numpy(lengths.astype(np.int64))
+        context_t = torch.from_numpy(np.where(context, self.window_context, 0).astype(np.int64))
+        batches = []
+        for k in batch_order.tolist():
+            begin = cuts[k]
+            end = min(begin + batch_size, len(ids))
+            width = int(lengths[begin:end].max())
+            # inputs row[:-1], targets row[1:], both views; positions from `lengths` on and the first
+            # `context` targets are masked where the batch lands (dataset.batch_to_device), not here
+            batches.append({"input_ids": rows[begin:end, :width], "targets": rows[begin:end, 1:width + 1],
+                            "lengths": lengths_t[begin:end], "context": context_t[begin:end]})
+        return batches
+
+    def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(token start across all parts, signed length) of global window ids, read in sorted order."""
+        order = np.argsort(ids)
+        sorted_ids = ids[order]
+        part_of = np.searchsorted(self.window_bounds, sorted_ids, side="right") - 1
+        starts = np.empty(len(ids), dtype=np.int64)
+        lengths = np.empty(len(ids), dtype=np.int32)
+        part_offsets = self._part_token_offsets()
+        for part in np.unique(part_of).tolist():
+            chosen = part_of == part
+            local = sorted_ids[chosen] - self.window_bounds[part]
+            starts[chosen] = self.windows[part]["starts"].array[local] + part_offsets[part]
+            lengths[chosen] = self.windows[part]["lengths"].array[local]
+        result_starts, result_lengths = np.empty_like(starts), np.empty_like(lengths)
+        result_starts[order], result_lengths[order] = starts, lengths
+        return result_starts, result_lengths
+
+    def _part_token_offsets(self) -> np.ndarray:
+        if not hasattr(self, "_token_offsets"):
+            sizes = [len(p.tokens.array) for p in self.parts]
+            self._token_offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        return self._token_offsets
+
+    def _gather(self, starts: np.ndarray, longest: int) -> torch.Tensor:
+        """Rows of `longest + 1` tokens from each start, as a [windows, longest + 1] int tensor, gathered in
+        the order of the starts (for locality) and put back in the given order."""
+        width = longest + 1
+        offsets = self._part_token_offsets()
+        order = np.argsort(starts, kind="stable")
+        sorted_starts = starts[order]
+        part_of = np.searchsorted(offsets, sorted_starts, side="right") - 1
+        pieces = []
+        for part in range(part_of[0], part_of[-1] + 1):
+            begin, end = np.searchsorted(part_of, [part, part + 1])
+            if begin == end:
+                continue
+            local = torch.from_numpy(sorted_starts[begin:end] - offsets[part])
+            tokens = self.parts[part].tokens.tensor
+            if width <= TAIL:  # every window is a contiguous slice: one index_select of overlapping rows
+                pieces.append(tokens.unfold(0, width, 1).index_select(0, local))
+            else:
+                pieces.append(tokens[(local[:, None] + torch.arange(width)).clamp(max=len(tokens) - 1)])
+        rows = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if self.release_pages:
+            self._release()
+        rows = rows.index_select(0, torch.from_numpy(np.argsort(order)))
+        # int16 holds every token when the vocabulary is small; otherwise int32 (uint16 kernels are slow)
+        return rows.view(torch.int16) if rows.dtype == torch.uint16 and self.vocab_size + 4 <= 2 ** 15 \
+            else rows.to(torch.int32)
+
+    def _release(self) -> None:
+        for part in self.parts:
+            part.release()
+        for windows in self.windows:
+            windows["starts"].release()
+            windows["lengths"].release()
+
+
+def _windows_of(starts: np.ndarray, lengths: np.ndarray, max_seq_length: int, window_context: int):
+    """Windows of sessions (start of the start token, events), as dataset.make_windows cuts them:
+    (window starts, window lengths), a length negative for a window whose first window_context targets
+    are context."""
+    predictions = lengths + 1
+    stride = max_seq_length - window_context
+    extra = np.maximum(0, -(-(predictions - max_seq_length) // stride))
+    count = 1 + extra
+    session = np.repeat(np.arange(len(starts)), count)
+    first = np.cumsum(count) - count
+    k = np.arange(len(session)) - first[session]
+    begin = k * stride
+    window_lengths = np.minimum(max_seq_length, predictions[session] - begin).astype(np.int32)
+    return (starts[session] + begin).astype(np.int64), np.where(k > 0, -window_lengths, window_lengths)
+
+
+def keyed_permutation(values: np.ndarray, n: int, key: str) -> np.ndarray:
+    """A pseudo-random bijection of [0, n) applied to `values`: a 4-round Feistel network over the
+    smallest even number of bits that covers n, cycle-walking the values that land outside [0, n)."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    round_keys = np.frombuffer(hashlib.blake2b(key.encode(), digest_size=32).digest(), dtype=np.uint64)
+    shift = np.uint64(half)
+
+    def encrypt(x: np.ndarray) -> np.ndarray:
+        left, right = x >> shift, x & mask
+        for round_key in round_keys:
+            with np.errstate(over="ignore"):
+                mixed = (right ^ round_key) * np.uint64(0xBF58476D1CE4E5B9)
+                mixed ^= mixed >> np.uint64(31)
+            left, right = right, left ^ (mixed & mask)
+        return (left << shift) | right
+
+    out = encrypt(values.astype(np.uint64))
+    outside = out >= n
+    while outside.any():
+        out[outside] = encrypt(out[outside])
+        outside = out >= n
+    return out.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- sessions for evaluation
+def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096) -> Iterator[list[tuple]]:
+    """Sessions of the caches as chunks of event-ID tuples, in file order: `wanted` is "calibration" or
+    "evaluation" (the two halves of the normal validation split, or of all normal sessions when the
+    split is 0), "normal" (every normal session) or "abnormal" (label 1)."""
+    for entry in entries:
+        meta = json.loads((entry / "meta.json").read_text())
+        split_is_zero = meta["key"]["validation_split"] == 0
+        for summary in meta["parts"]:
+            part = _Part(entry / f"part-{summary['part']}", summary, meta["key"]["path"])
+            for begin in range(0, part.sessions, chunk_size):
+                end = min(begin + chunk_size, part.sessions)
+                flags = part["flags"][begin:end]
+                abnormal = (flags & FLAG_ABNORMAL) != 0
+                if wanted == "abnormal":
+                    chosen = abnormal
+                elif wanted == "normal":
+                    chosen = ~abnormal
+                else:
+                    held_out = ~abnormal & (split_is_zero | ((flags & FLAG_VALIDATION) != 0))
+                    calibration = (flags & FLAG_CALIBRATION) != 0
+                    chosen = held_out & (calibration if wanted == "calibration" else ~calibration)
+                indices = np.flatnonzero(chosen)
+                if not len(indices):
+                    continue
+                offsets = part["offsets"][begin:end + 1]
+                tokens = part.tokens.array[offsets[0]:offsets[-1]].tolist()
+                local = (offsets - offsets[0]).tolist()
+                yield [tuple(tokens[local[i] + 1:local[i + 1] - 1]) for i in indices.tolist()]
+            part.release()
+
+
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", nargs="+", help="data files or directories")
+    parser.add_argument("--vocab-size", type=int, help="reject IDs >= this (model.vocab_size); omit for "
+                        "evaluation data, whose unknown IDs are scored as misses")
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()), help="where caches go "
+                        "(lazy_loading.cache_dir; default: %(default)s)")
+    parser.add_argument("--workers", type=int, help="parsing processes (default: all cores)")
+    parser.add_argument("--seed", type=int, default=42, help="the split's seed (training.seed)")
+    parser.add_argument("--validation-split", type=float, default=0.1, help="data.validation_split")
+    parser.add_argument("--event-ids-field", default="event_ids", help="data.event_ids_field")
+    parser.add_argument("--label-field", default="label", help="data.label_field")
+    parser.add_argument("--json-array-key", default="sessions", help="data.json_array_key")
+    parser.add_argument("--skip-bad-records", action="store_true", help="data.skip_bad_records")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s", stream=sys.stderr)
+    settings = CacheSettings(args.vocab_size, args.event_ids_field, args.label_field, args.json_array_key,
+                             args.skip_bad_records, args.validation_split, args.seed)
+    try:
+        entries = build_caches(args.path, settings, args.cache_dir, args.workers)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for entry in entries:
+        meta = json.loads((entry / "meta.json").read_text())
+        sessions = sum(p["sessions"] for p in meta["parts"])
+        print(f"{meta['key']['path']}: {sessions} sessions in {len(meta['parts'])} part(s) -> {entry} "
+              f"({_size(entry) / 2 ** 20:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
