@@ -56,6 +56,7 @@ from model import special_tokens
 CACHE_FORMAT = 1
 TAIL = 1024                  # zero tokens after each part: windows up to TAIL - 1 positions are one slice
 PART_BYTES = 64 * 2 ** 20    # a JSONL or text file bigger than this is parsed by several processes
+MIN_PART_BYTES = 2 ** 16     # ... and never in pieces smaller than this
 FLAG_ABNORMAL, FLAG_VALIDATION, FLAG_CALIBRATION = 1, 2, 4
 ARRAYS = {"offsets": np.int64, "flags": np.uint8, "indexes": np.int64}  # besides tokens
 
@@ -135,6 +136,7 @@ def build_caches(paths, settings: CacheSettings, cache_dir, workers: int | None 
             logger.info(f"Token cache of {file}: {problem}; rebuilding")
         todo.append((file, entry))
     if not todo:
+        logger.info(f"Token cache: reusing {len(entries)} entries in {cache_dir}")
         return entries
     workers = max(1, workers or os.cpu_count() or 1)
     for file, _ in todo:
@@ -179,7 +181,7 @@ def _plan(todo, temp_dirs, settings: CacheSettings, workers: int) -> list[_Task]
     for file, entry in todo:
         size = file.stat().st_size
         splittable = _format_of(file) in ("jsonl", "text") and not file.name.endswith(".gz")
-        pieces = min(max(workers, -(-size // PART_BYTES)), max(1, size // 2 ** 16)) if splittable else 1
+        pieces = min(max(workers, -(-size // PART_BYTES)), max(1, size // MIN_PART_BYTES)) if splittable else 1
         if pieces == 1:
             tasks.append(_Task(str(file), str(temp_dirs[entry]), 0, settings))
             continue
@@ -469,8 +471,9 @@ class CachedSessions:
 
     # ------------------------------------------------------------------ counts
     def count(self) -> dict:
-        """Sessions, windows, predicted tokens, the targets and event sets of training sessions, from the
-        caches' records and window index (no parsing)."""
+        """Sessions, windows and predicted tokens of this split, from the caches' records and window index
+        (no parsing); with the training split, also the targets and event sets it holds (recorded by the
+        first pass; None for other splits)."""
         sessions = abnormal = tokens = 0
         for part in self.parts:
             flags = part["flags"]
@@ -484,11 +487,12 @@ class CachedSessions:
         bad = [p for meta in self.metas for p in meta["parts"] if p["bad_records"]]
         seen = sorted({t for meta in self.metas for p in meta["parts"] for t in (p["seen_targets"] or [])})
         sets = [meta["event_sets"] for meta in self.metas]
-        union = None if None in sets else {tuple(s) for shard in sets for s in shard}
+        union = None if None in sets or self.split != "train" else {tuple(s) for shard in sets for s in shard}
         return {"sessions": sessions, "abnormal_skipped": abnormal,
                 "bad_records": sum(p["bad_records"] for p in bad),
                 "first_bad_record": bad[0]["first_bad_record"] if bad else None,
-                "windows": self.total_windows, "tokens": tokens, "seen_targets": seen,
+                "windows": self.total_windows, "tokens": tokens,
+                "seen_targets": seen if self.split == "train" else None,
                 "event_sets": None if union is None or len(union) > MAX_EVENT_SETS else
                 sorted(list(s) for s in union)}
 

@@ -80,10 +80,12 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
     if loading.cache:
         cache_dir = loading.cache_dir or default_cache_dir()
         settings = cache_settings(config, config.model.vocab_size)
-        if runtime.local_rank == 0:  # one builder per machine (with all its cores); the others wait, then check
-            build_caches(data.preprocessed_dir, settings, cache_dir, loading.cache_workers, logger)
+        build = lambda: build_caches(data.preprocessed_dir, settings, cache_dir, loading.cache_workers, logger)  # noqa: E731
+        # One builder per machine, with all its cores; the other ranks wait, then find the caches built
+        # (or, when cache_dir is not shared between machines, build the ones their machine lacks).
+        entries = build() if runtime.local_rank == 0 else None
         utils.barrier(runtime)
-        entries = build_caches(data.preprocessed_dir, settings, cache_dir, loading.cache_workers, logger)
+        entries = entries or build()
         train = CachedSessions(entries, config.model.vocab_size, "train", shuffle=loading.shuffle_buffer,
                                buffer_size=loading.buffer_size, release_pages=loading.enabled, **common)
         val = CachedSessions(entries, config.model.vocab_size, "val", shuffle=False,

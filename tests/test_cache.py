@@ -1,0 +1,224 @@
+"""The token cache: built once, reused, rebuilt when stale or damaged, parallel equal to serial, and
+epochs from it that hold the same windows as the streaming reader, in a deterministic global shuffle."""
+import json
+import logging
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import cache
+from cache import CachedSessions, CacheSettings, build_caches, keyed_permutation, session_chunks
+from dataset import DataError, SessionDataset, batch_to_device, iter_sessions
+from model import IGNORE_INDEX
+
+
+def write_sessions(path, sessions, labels=None):
+    labels = labels or [0] * len(sessions)
+    if path.suffix == ".json":
+        path.write_text(json.dumps([{"event_ids": s, "label": y} for s, y in zip(sessions, labels)]))
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"event_ids": s, "label": y}) + "\n" for s, y in zip(sessions, labels)))
+    else:
+        path.write_text("".join(" ".join(map(str, s)) + "\n" for s in sessions))
+
+
+def make_data(root, n=300, long_every=0):
+    """Three files of every format; every `long_every`-th session is long enough to be windowed."""
+    rng = np.random.default_rng(7)
+    data = root / "data"
+    data.mkdir()
+    for k, name in enumerate(("a.json", "b.jsonl", "c.txt")):
+        sessions = [rng.integers(0, 29, int(rng.integers(1, 30))).tolist() for _ in range(n)]
+        if long_every:
+            sessions = [s * 12 if i % long_every == 0 else s for i, s in enumerate(sessions)]
+        labels = [int(i % 11 == 0) for i in range(n)] if name != "c.txt" else None
+        write_sessions(data / name, sessions, labels)
+    return data
+
+
+def rows_of(batches):
+    """Every (inputs, targets) row of the batches as they count after masking, as comparable tuples."""
+    rows = []
+    for batch, _ in batches:
+        inputs, targets = batch_to_device(batch, "cpu")
+        for length, input_row, target_row in zip(batch["lengths"].tolist(), inputs.tolist(), targets.tolist()):
+            rows.append((tuple(input_row[:length]), tuple(target_row[:length])))
+    return rows
+
+
+def streaming_rows(path, split, **options):
+    data = SessionDataset(path, 29, split=split, shuffle=False, **options)
+    return [(tuple(i), tuple(t)) for i, t in data]
+
+
+@pytest.fixture
+def built(tmp_path):
+    data = make_data(tmp_path, long_every=9)
+    entries = build_caches(data, CacheSettings(vocab_size=29), tmp_path / "cache", workers=1)
+    return data, entries
+
+
+@pytest.mark.parametrize("split", ["train", "val", "all"])
+def test_cached_windows_and_counts_equal_the_streaming_reader(built, split):
+    data, entries = built
+    options = dict(max_seq_length=40, window_context=8)
+    cached = CachedSessions(entries, 29, split, shuffle=False, **options)
+    assert Counter(rows_of(cached.batches(32))) == Counter(streaming_rows(data, split, **options))
+    streamed = SessionDataset(data, 29, split=split, shuffle=False, **options).count()
+    if split != "train":  # the first pass records which targets and event sets occur in training only
+        streamed.update(seen_targets=None, event_sets=None)
+    assert cached.count() == {**streamed, "first_bad_record": None}
+    assert any(length < 0 for w in cached.windows for length in w["lengths"].array)  # long sessions were cut
+
+
+def test_epochs_are_a_deterministic_global_shuffle_and_resume_anywhere(built):
+    _, entries = built
+    data = CachedSessions(entries, 29, "train", buffer_size=64, max_seq_length=40, window_context=8)
+    data.set_epoch(1)
+    first = [(b["input_ids"].tolist(), pos) for b, pos in data.batches(16)]
+    assert first == [(b["input_ids"].tolist(), pos) for b, pos in data.batches(16)]   # replays exactly
+    assert [pos for _, pos in first] == list(range(1, len(first) + 1))
+    for start in (1, 5, len(first) - 1):                                            # mid-block, block edge
+        assert [(b["input_ids"].tolist(), p) for b, p in data.batches(16, start)] == first[start:]
+    data.set_epoch(2)
+    second = rows_of(data.batches(16))
+    data.set_epoch(1)
+    assert Counter(second) == Counter(rows_of(data.batches(16)))                     # same windows...
+    assert second != rows_of(data.batches(16))                                       # ...another order
+    # a global shuffle: windows from the end of the last file reach the first batches
+    files = [data._lookup(np.array([i]))[0][0] for i in range(data.total_windows)]
+    first_batch_starts = data._lookup(keyed_permutation(np.arange(16), data.total_windows, "42:1"))[0]
+    assert max(first_batch_starts) > np.quantile(files, 0.66)
+
+
+def test_length_bucketing_keeps_padding_small(built):
+    _, entries = built
+    data = CachedSessions(entries, 29, "train", buffer_size=256, max_seq_length=40, window_context=8)
+    data.set_epoch(1)
+    padded = sum(b["input_ids"].numel() for b, _ in data.batches(16))
+    real = sum(int(b["lengths"].sum()) for b, _ in data.batches(16))
+    unbucketed = CachedSessions(entries, 29, "train", buffer_size=16, max_seq_length=40, window_context=8)
+    unbucketed.set_epoch(1)
+    assert padded / real < 1.1 < sum(b["input_ids"].numel() for b, _ in unbucketed.batches(16)) / real
+
+
+def test_ranks_take_disjoint_equal_shares_of_the_permutation(built):
+    _, entries = built
+    shards = [CachedSessions(entries, 29, "train", rank=r, world_size=3, max_seq_length=40, window_context=8)
+              for r in range(3)]
+    rows = [rows_of(s.batches(8)) for s in shards]
+    assert len(rows[0]) == len(rows[1]) == len(rows[2]) == shards[0].total_windows // 3
+    everything = CachedSessions(entries, 29, "train", shuffle=False, max_seq_length=40, window_context=8)
+    assert sum((Counter(r) for r in rows), Counter()) <= Counter(rows_of(everything.batches(8)))
+
+
+def test_keyed_permutation_is_a_bijection():
+    for n in (1, 2, 3, 17, 1000, 4097):
+        values = keyed_permutation(np.arange(n), n, "seed")
+        assert sorted(values.tolist()) == list(range(n))
+    assert keyed_permutation(np.arange(100), 100, "a").tolist() != keyed_permutation(np.arange(100), 100, "b").tolist()
+
+
+def test_cache_is_reused_then_rebuilt_when_the_file_or_a_setting_changes(tmp_path, caplog):
+    data = make_data(tmp_path)
+    settings = CacheSettings(vocab_size=29)
+    caplog.set_level(logging.INFO, logger="deeplog")
+    entries = build_caches(data, settings, tmp_path / "cache", workers=1)
+    built_at = {e: (e / "meta.json").stat().st_mtime_ns for e in entries}
+    assert build_caches(data, settings, tmp_path / "cache", workers=1) == entries
+    assert {e: (e / "meta.json").stat().st_mtime_ns for e in entries} == built_at   # nothing rebuilt
+    assert "reusing 3 entries" in caplog.text
+
+    write_sessions(data / "c.txt", [[1, 2, 3]] * 5)                                 # the file changes
+    caplog.clear()
+    build_caches(data, settings, tmp_path / "cache", workers=1)
+    assert "Token cache of" in caplog.text and "c.txt: stale (mtime_ns, size changed); rebuilding" in caplog.text
+    assert sum(1 for _ in iter_sessions(data / "c.txt")) == 5
+    assert CachedSessions(entries[2:], 29, "all", shuffle=False).count()["sessions"] == 5
+    assert len(list((tmp_path / "cache").iterdir())) == 3                            # replaced, not added
+
+    other = build_caches(data, CacheSettings(vocab_size=29, seed=1), tmp_path / "cache", workers=1)
+    assert set(other).isdisjoint(entries)                                           # another split: new entries
+
+
+@pytest.mark.parametrize("damage", ["truncate tokens", "drop meta", "garble meta", "truncate offsets"])
+def test_a_damaged_cache_is_rebuilt_with_one_log_line(tmp_path, caplog, damage):
+    data = make_data(tmp_path)
+    settings = CacheSettings(vocab_size=29)
+    entry = build_caches(data, settings, tmp_path / "cache", workers=1)[1]
+    good = CachedSessions([entry], 29, "all", shuffle=False).count()
+    name = {"truncate tokens": "part-0.tokens", "truncate offsets": "part-0.offsets"}.get(damage, "meta.json")
+    target = entry / name
+    if damage.startswith("truncate"):
+        os.truncate(target, target.stat().st_size - 6)
+    elif damage == "drop meta":
+        target.unlink()
+    else:
+        target.write_text('{"key": ')
+    caplog.set_level(logging.INFO, logger="deeplog")
+    build_caches(data, settings, tmp_path / "cache", workers=1)
+    lines = [r.message for r in caplog.records if "rebuilding" in r.message]
+    assert len(lines) == 1 and "b.jsonl" in lines[0]
+    assert CachedSessions([entry], 29, "all", shuffle=False).count() == good
+
+
+def test_parallel_byte_ranges_equal_the_serial_build(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(3)
+    sessions = [rng.integers(0, 29, int(rng.integers(1, 20))).tolist() for _ in range(3000)]
+    write_sessions(data / "big.jsonl", sessions, [int(i % 7 == 0) for i in range(3000)])
+    (data / "big.jsonl").write_text((data / "big.jsonl").read_text().replace("\n", "\n\n", 40))  # blank lines
+    write_sessions(data / "big.txt", sessions[:2000])
+    settings = CacheSettings(vocab_size=29)
+    serial = build_caches(data, settings, tmp_path / "serial", workers=1)
+    monkeypatch.setattr(cache, "MIN_PART_BYTES", 1000)
+    parallel = build_caches(data, settings, tmp_path / "parallel", workers=2)
+    assert all(len(json.loads((e / "meta.json").read_text())["parts"]) > 1 for e in parallel)
+    for wanted in ("normal", "abnormal", "calibration", "evaluation"):
+        assert [s for c in session_chunks(serial, wanted) for s in c] == \
+            [s for c in session_chunks(parallel, wanted) for s in c]
+    one, many = (CachedSessions(e, 29, "train", shuffle=False) for e in (serial, parallel))
+    assert one.count() == many.count()
+    assert rows_of(one.batches(64)) == rows_of(many.batches(64))
+    records = [r.index for r in iter_sessions(data / "big.jsonl")]      # exact line numbers across ranges
+    indexes = np.concatenate([np.fromfile(p, dtype=np.int64) for p in sorted(parallel[0].glob("part-*.indexes"),
+                                                                          key=lambda p: int(p.name[5:-8]))])
+    assert indexes.tolist() == records
+
+
+def test_bad_data_is_one_error_and_leaves_no_entry(tmp_path, monkeypatch):
+    data = make_data(tmp_path)
+    (data / "b.jsonl").write_text((data / "b.jsonl").read_text() + '{"event_ids": [1, 99]}\n')
+    monkeypatch.setattr(cache, "MIN_PART_BYTES", 1000)
+    with pytest.raises(DataError, match=r"b.jsonl: line 301: event ID 99 >= vocab_size 29"):
+        build_caches(data, CacheSettings(vocab_size=29), tmp_path / "cache", workers=2)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("b.jsonl")]
+    skipped = build_caches(data, CacheSettings(vocab_size=29, skip_bad_records=True), tmp_path / "cache")
+    counted = CachedSessions(skipped, 29, "all", shuffle=False).count()
+    assert counted["bad_records"] == 1 and "line 301" in counted["first_bad_record"]
+
+
+def test_session_chunks_give_the_split_halves_and_the_abnormal_sessions(built):
+    data, entries = built
+    chunks = {w: Counter(s for c in session_chunks(entries, w, chunk_size=50) for s in c)
+              for w in ("normal", "abnormal", "calibration", "evaluation")}
+    records = list(iter_sessions(data))
+    assert chunks["abnormal"] == Counter(tuple(r.event_ids) for r in records if r.label)
+    assert chunks["normal"] == Counter(tuple(r.event_ids) for r in records if not r.label)
+    validation = Counter(s for s, _ in streaming_rows(data, "val", max_seq_length=10 ** 6, window_context=0))
+    held_out = chunks["calibration"] + chunks["evaluation"]
+    assert Counter({(31, *s): n for s, n in held_out.items()}) == validation  # 31: the start token
+    assert chunks["calibration"] and chunks["evaluation"]
+
+
+def test_targets_are_masked_beyond_each_row_and_over_context(built):
+    _, entries = built
+    data = CachedSessions(entries, 29, "train", shuffle=False, max_seq_length=40, window_context=8)
+    for batch, _ in data.batches(32):
+        _, targets = batch_to_device(batch, "cpu")
+        for row, (length, context) in enumerate(zip(batch["lengths"].tolist(), batch["context"].tolist())):
+            assert (targets[row, length:] == IGNORE_INDEX).all() and (targets[row, :context] == IGNORE_INDEX).all()
+            assert (targets[row, context:length] != IGNORE_INDEX).all()
