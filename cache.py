@@ -49,8 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset import (MAX_EVENT_SETS, DataError, _format_of, iter_session_arrays, list_data_files,
-                     split_draws)
+from dataset import MAX_EVENT_SETS, DataError, _format_of, iter_session_arrays, list_data_files, split_draws
 from model import special_tokens
 
 CACHE_FORMAT = 1
@@ -647,7 +646,7 @@ def keyed_permutation(values: np.ndarray, n: int, key: str) -> np.ndarray:
 def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096) -> Iterator[list[tuple]]:
     """Sessions of the caches as chunks of event-ID tuples, in file order: `wanted` is "calibration" or
     "evaluation" (the two halves of the normal validation split, or of all normal sessions when the
-    split is 0), "normal" (every normal session) or "abnormal" (label 1)."""
+    split is 0), "normal" (every normal session), "abnormal" (label 1) or "all"."""
     for entry in entries:
         meta = json.loads((entry / "meta.json").read_text())
         split_is_zero = meta["key"]["validation_split"] == 0
@@ -657,7 +656,9 @@ def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096) -> 
                 end = min(begin + chunk_size, part.sessions)
                 flags = part["flags"][begin:end]
                 abnormal = (flags & FLAG_ABNORMAL) != 0
-                if wanted == "abnormal":
+                if wanted == "all":
+                    chosen = np.ones(len(flags), dtype=bool)
+                elif wanted == "abnormal":
                     chosen = abnormal
                 elif wanted == "normal":
                     chosen = ~abnormal

@@ -17,16 +17,28 @@ probability the model gave an actual event (the probability rule) and whether it
 ever occurred in a normal training session (the event_set rule); `combined`, the default, is
 probability or event_set. Thresholds are fitted on normal sessions only (calibration), stored with the
 model, and never fitted on the data being scored.
+
+Memory does not grow with the data: sessions stream from their source in chunks (CHUNK_SIZE) and every
+metric is a sum accumulated chunk by chunk, the same numbers as if every distinct session were scored at
+once and weighted by its count. Identical sessions are scored once per chunk, and across chunks while
+they are among the MAX_CACHED most recently seen (of at most MAX_CACHED_LENGTH events). In the results,
+"distinct" (per side; "distinct_sessions" in calibration and timing) is exact while that cache never
+overflowed and null otherwise; "scored" always counts the sessions the model actually scored. Score
+percentiles (the thresholds) are exact up to MAX_EXACT_SCORES distinct score values, then taken from a
+65536-bin histogram, at most 1.53e-05 above the exact value ("percentile_method" says which). The
+scoring time includes reading the data.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import sys
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -35,12 +47,20 @@ import torch
 from tqdm import tqdm
 
 import utils
+from cache import build_caches, cache_settings, default_cache_dir, session_chunks
 from dataset import DataError, is_validation, iter_sessions
 from model import DeepLog
 
 ACCURACY_KS = (1, 5, 10, 20)
 PERCENTILES = (90, 95, 99)
 RULES = ("combined", "probability", "event_set", "top_g", "score_p90", "score_p95", "score_p99")
+CHUNK_SIZE = 8192             # sessions read, de-duplicated and scored together
+MAX_CACHED = 100_000          # distinct sessions whose scores are kept across chunks
+MAX_CACHED_LENGTH = 512       # longer sessions rarely repeat: not worth a place in the cache
+MAX_EXACT_SCORES = 200_000    # distinct anomaly-score values kept exactly for the percentiles
+SKETCH_BINS = 2 ** 16         # beyond them: histogram bins over [0, 1]
+SCORE_EDGES = np.linspace(0, 1, 41)                                  # the plot's bins of the anomaly score
+LOG10_PROBABILITY_EDGES = np.linspace(-30 / math.log(10), 0, 61)     # and of the least likely event's log10 p
 
 
 # ----------------------------------------------------------------------------- loading
@@ -61,23 +81,46 @@ def known_event_sets(checkpoint: dict) -> set[frozenset] | None:
     return None if sets is None else {frozenset(s) for s in sets}
 
 
-def reader_options(config: utils.Config) -> dict:
-    data = config.data
-    return dict(event_ids_field=data.event_ids_field, label_field=data.label_field,
-                session_id_field=data.session_id_field, json_array_key=data.json_array_key,
-                skip_bad_records=data.skip_bad_records)
+# ----------------------------------------------------------------------------- sources of sessions
+def chunked(sessions: Iterable, chunk_size: int = CHUNK_SIZE) -> Iterator[list]:
+    """Consecutive items in lists of `chunk_size` (the last one shorter, none empty)."""
+    sessions = iter(sessions)
+    while chunk := list(itertools.islice(sessions, chunk_size)):
+        yield chunk
 
 
-def collect(path, options: dict, all_abnormal: bool = False) -> tuple[Counter, Counter]:
-    """Distinct sessions with their counts, (normal, abnormal) by label. IDs are not checked against the
-    vocabulary here: an unknown ID is scored as a miss, not rejected."""
-    normal, abnormal = Counter(), Counter()
-    for record in iter_sessions(path, None, **options):
-        (abnormal if all_abnormal or record.label else normal)[tuple(record.event_ids)] += 1
-    return normal, abnormal
+def file_chunks(path, options: dict, abnormal: bool | None = None, chunk_size: int = CHUNK_SIZE) -> Iterator[list]:
+    """The event-ID lists of the sessions under `path` in chunks, read in one streaming pass when iterated:
+    those labelled abnormal (abnormal=True), the others (False) or all (None). IDs are not checked against
+    the vocabulary here: an unknown ID is scored as a miss, not rejected."""
+    records = iter_sessions(path, None, **options)
+    return chunked((r.event_ids for r in records if abnormal is None or bool(r.label) == abnormal), chunk_size)
+
+
+def data_chunks(path, config: utils.Config, wanted: str, logger=None) -> Iterator[list]:
+    """The sessions under `path` in chunks: "normal" (label 0 or none), "abnormal" (label 1) or "all".
+    With lazy_loading.cache they come from the token cache of each file (built on first use, with IDs left
+    unchecked: unknown IDs are scored as misses), else from one streaming pass over the files."""
+    if not config.lazy_loading.cache:
+        return file_chunks(path, utils.reader_options(config), abnormal={"normal": False, "abnormal": True}.get(wanted))
+    entries = build_caches(path, cache_settings(config, None), config.lazy_loading.cache_dir or default_cache_dir(),
+                           config.lazy_loading.cache_workers, logger or logging.getLogger("deeplog"))
+    return session_chunks(entries, wanted)
+
+
+def nonempty(chunks: Iterable[list]) -> Iterator[list] | None:
+    """The same chunks, or None when there are none (the first chunk is read ahead)."""
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    return None if first is None else itertools.chain([first], chunks)
 
 
 # ----------------------------------------------------------------------------- scoring
+def score_columns(top_ks) -> list[str]:
+    return ["predictions", "max_rank", "min_log_prob", "loss_sum", "loss_count", "unknown", "novel_set"] + \
+        [f"misses_at_{k}" for k in sorted(set(top_ks))]
+
+
 @torch.no_grad()
 def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: int = 256,
                    desc: str = "scoring", event_sets: set | None = None) -> dict[str, np.ndarray]:
@@ -90,9 +133,7 @@ def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: in
     """
     ks = sorted(set(top_ks))
     order = sorted(range(len(sessions)), key=lambda i: len(sessions[i]))
-    columns = ["predictions", "max_rank", "min_log_prob", "loss_sum", "loss_count", "unknown", "novel_set"] + \
-        [f"misses_at_{k}" for k in ks]
-    out = {name: np.zeros(len(sessions), dtype=np.float64) for name in columns}
+    out = {name: np.zeros(len(sessions), dtype=np.float64) for name in score_columns(top_ks)}
     if event_sets is not None:
         out["novel_set"] = np.array([frozenset(s) not in event_sets for s in sessions], dtype=np.float64)
     device = next(model.parameters()).device
@@ -103,15 +144,82 @@ def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: in
             ranks, log_probs = model.prediction_ranks(inputs, targets)
             valid = ranks >= 0
             finite = valid & torch.isfinite(log_probs)
+            # loss summed in float64: in float32 the sum's rounding depends on the batch's padded length,
+            # so the same session would score differently in another chunk
             values = {"predictions": valid.sum(1), "max_rank": ranks.max(1).values,
                       "min_log_prob": torch.where(valid, log_probs, math.inf).min(1).values,
-                      "loss_sum": -torch.where(finite, log_probs, 0.0).sum(1), "loss_count": finite.sum(1),
+                      "loss_sum": -torch.where(finite, log_probs, 0.0).double().sum(1), "loss_count": finite.sum(1),
                       "unknown": (valid & ~finite).sum(1)}
             values.update({f"misses_at_{k}": ((ranks >= k) & valid).sum(1) for k in ks})
             for name, tensor in values.items():
                 out[name][rows] = tensor.double().cpu().numpy()
             progress.update(len(rows))
     return out
+
+
+def session_key(events) -> tuple:
+    """A session as a hashable tuple of ints (numpy arrays converted)."""
+    return tuple(events.tolist()) if isinstance(events, np.ndarray) else tuple(events)
+
+
+class ChunkScorer:
+    """Scores chunks of sessions. Identical sessions are scored once within a chunk, and across chunks while
+    their scores are cached: the `max_cached` most recently seen distinct sessions of at most
+    MAX_CACHED_LENGTH events. Others are scored again (the same numbers, more work), so memory holds one
+    chunk and the cache whatever the data size: about 0.6 KB a cached session of 20 events (60 MB for
+    MAX_CACHED), and 8 bytes (36 for IDs above 256, Python's shared small ints) for each further event."""
+
+    def __init__(self, model: DeepLog, top_ks, batch_size: int = 256, event_sets: set | None = None,
+                 max_cached: int = MAX_CACHED, desc: str = "scoring"):
+        self.model, self.top_ks, self.batch_size, self.event_sets = model, top_ks, batch_size, event_sets
+        self.max_cached, self.desc, self.columns = max_cached, desc, score_columns(top_ks)
+        self.slots: OrderedDict[tuple, int] = OrderedDict()  # session -> its row in self.rows, least recent first
+        self.rows = np.empty((max_cached, len(self.columns)))  # memory pages are only taken as slots fill
+        self.scored = 0           # sessions run through the model
+        self.overflowed = False   # some scored session was not kept, so it may have been scored twice
+
+    @property
+    def distinct(self) -> int | None:
+        """The number of distinct sessions seen: exact while the cache never overflowed, else unknown (None)."""
+        return None if self.overflowed else self.scored
+
+    def __call__(self, chunk: list) -> tuple[list[tuple], dict[str, np.ndarray], np.ndarray]:
+        """The chunk's distinct sessions (first seen first), their score columns (as score_sessions gives them)
+        and how often each occurs in the chunk."""
+        counts = Counter(map(session_key, chunk))
+        sessions = list(counts)
+        table = np.empty((len(sessions), len(self.columns)))
+        cached = [s in self.slots for s in sessions]
+        hits = [i for i, hit in enumerate(cached) if hit]
+        table[hits] = self.rows[[self.slots[sessions[i]] for i in hits]]
+        for i in hits:
+            self.slots.move_to_end(sessions[i])
+        misses = [i for i, hit in enumerate(cached) if not hit]
+        if misses:
+            fresh = score_sessions(self.model, [sessions[i] for i in misses], self.top_ks, self.batch_size,
+                                   self.desc, self.event_sets)
+            table[misses] = np.column_stack([fresh[name] for name in self.columns])
+            self.scored += len(misses)
+            for i in misses:
+                self.remember(sessions[i], table[i])
+        return sessions, dict(zip(self.columns, table.T)), np.array(list(counts.values()), dtype=np.float64)
+
+    def remember(self, session: tuple, row: np.ndarray) -> None:
+        if len(session) > MAX_CACHED_LENGTH or not self.max_cached:
+            self.overflowed = True
+            return
+        if len(self.slots) < self.max_cached:
+            slot = len(self.slots)
+        else:
+            _, slot = self.slots.popitem(last=False)
+            self.overflowed = True
+        self.slots[session] = slot
+        self.rows[slot] = row
+
+
+def anomaly_scores(scores: dict, top_k: int) -> np.ndarray:
+    """Per session: the fraction of its predictions whose actual event is outside the top-k."""
+    return scores[f"misses_at_{top_k}"] / scores["predictions"]
 
 
 def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
@@ -122,29 +230,93 @@ def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> fl
     return float(values[order][min(index, len(order) - 1)])
 
 
-def fit_calibration(model, normal: Counter, top_k: int, top_g: int, margin: float, source: str,
-                    default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> dict:
-    """Thresholds from normal sessions only: score percentiles, and the probability bound, which is
-    `margin` times the lowest probability the model gave an actual event of a normal session (events
-    never seen in training left out: they are flagged anyway). Records how often each rule fires on
-    these normal sessions: the false-positive rate to expect."""
-    if not normal:
+class ScoreQuantiles:
+    """Weighted anomaly scores (in [0, 1]) for percentiles, in bounded memory.
+
+    Exact while at most `max_exact` distinct values occurred: a dict value -> total weight (the values are
+    fractions misses / predictions, so there are rarely many). Beyond that, a histogram of SKETCH_BINS bins
+    (b/n, (b+1)/n] (bin 0 also holds 0) where each value stands for its bin's upper edge: a percentile is
+    then the upper edge of the bin that holds the exact one, at most 1/65536 (1.53e-05) above it, never
+    below, and weight_above() such an edge is exact.
+    """
+
+    def __init__(self, max_exact: int = MAX_EXACT_SCORES):
+        self.max_exact = max_exact
+        self.exact: dict[float, float] | None = {}
+        self.bins: np.ndarray | None = None
+
+    @property
+    def method(self) -> str:
+        return "exact" if self.bins is None else f"histogram of {SKETCH_BINS} bins, error <= {1 / SKETCH_BINS:.3g}"
+
+    def add(self, values: np.ndarray, weights: np.ndarray) -> None:
+        if self.bins is None:
+            for value, weight in zip(values.tolist(), weights.tolist()):
+                self.exact[value] = self.exact.get(value, 0.0) + weight
+            if len(self.exact) <= self.max_exact:
+                return
+            values, weights = self.table()
+            self.exact, self.bins = None, np.zeros(SKETCH_BINS)
+        upper_edge_index = np.ceil(values * SKETCH_BINS).astype(np.int64)  # exact: SKETCH_BINS is a power of 2
+        self.bins += np.bincount(np.maximum(upper_edge_index - 1, 0), weights, minlength=SKETCH_BINS)
+
+    def table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values, weights): the distinct values, or the upper edges of the bins."""
+        if self.bins is None:
+            return np.array(list(self.exact)), np.array(list(self.exact.values()))
+        return np.arange(1, SKETCH_BINS + 1) / SKETCH_BINS, self.bins
+
+    def percentile(self, q: float) -> float:
+        return weighted_percentile(*self.table(), q)
+
+    def weight_above(self, threshold: float) -> float:
+        values, weights = self.table()
+        return float(weights[values > threshold].sum())
+
+
+def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, margin: float, source: str,
+                    default_rule: str, batch_size: int = 256, event_sets: set | None = None,
+                    max_cached: int = MAX_CACHED, max_exact_scores: int = MAX_EXACT_SCORES) -> dict:
+    """Thresholds from normal sessions only (chunks, read once): score percentiles, and the probability
+    bound, which is `margin` times the lowest probability the model gave an actual event of a normal
+    session (events never seen in training left out: they are flagged anyway). Records how often each rule
+    fires on these normal sessions: the false-positive rate to expect.
+
+    One pass is enough although the bound is only known at the end: with margin <= 1 it is at most the
+    lowest finite log-probability, so the sessions below it are exactly those with an event of probability
+    0; the score rules are counted from the percentiles' table of weights.
+    """
+    if not 0 < margin <= 1:
+        raise utils.ConfigError(f"probability margin {margin}: must be in (0, 1]")
+    scorer = ChunkScorer(model, [top_k, top_g], batch_size, event_sets, max_cached, "calibrating")
+    quantiles = ScoreQuantiles(max_exact_scores)
+    sessions, least_likely = 0.0, math.inf
+    flagged = dict.fromkeys(("combined", "probability", "event_set", "top_g"), 0.0)
+    for chunk in normal:
+        _, scores, weights = scorer(chunk)
+        sessions += float(weights.sum())
+        min_log_prob = scores["min_log_prob"]
+        finite = np.isfinite(min_log_prob)
+        if finite.any():
+            least_likely = min(least_likely, float(min_log_prob[finite].min()))
+        quantiles.add(anomaly_scores(scores, top_k), weights)
+        impossible, novel = min_log_prob == -math.inf, scores["novel_set"] > 0
+        for rule, abnormal in (("combined", impossible | novel), ("probability", impossible), ("event_set", novel),
+                               ("top_g", scores["max_rank"] >= top_g)):
+            flagged[rule] += float(weights[abnormal].sum())
+    if not sessions:
         raise DataError(f"{source}: no normal sessions to calibrate on")
-    sessions, counts = list(normal), np.array(list(normal.values()), dtype=np.float64)
-    scores = score_sessions(model, sessions, [top_k, top_g], batch_size, "calibrating", event_sets)
-    anomaly = scores[f"misses_at_{top_k}"] / scores["predictions"]
-    finite = np.isfinite(scores["min_log_prob"])
-    least_likely = float(scores["min_log_prob"][finite].min()) if finite.any() else 0.0
-    calibration = {
+    least_likely = least_likely if least_likely < math.inf else 0.0
+    thresholds = {f"p{q}": quantiles.percentile(q) for q in PERCENTILES}
+    flagged.update({f"score_{p}": quantiles.weight_above(value) for p, value in thresholds.items()})
+    return {
         "top_k": top_k, "top_g": top_g, "default_rule": default_rule, "source": source,
-        "sessions": int(counts.sum()), "distinct_sessions": len(sessions),
-        "score_thresholds": {f"p{q}": weighted_percentile(anomaly, counts, q) for q in PERCENTILES},
+        "sessions": int(sessions), "distinct_sessions": scorer.distinct, "scored_sessions": scorer.scored,
+        "score_thresholds": thresholds, "percentile_method": quantiles.method,
         "least_likely_normal_log_prob": least_likely, "probability_margin": margin,
         "probability_bound": least_likely + math.log(margin), "event_set_rule": event_sets is not None,
-        "fitted_at": datetime.now().isoformat(timespec="seconds")}
-    calibration["flagged_on_calibration"] = {
-        rule: float(counts[verdicts(scores, calibration, rule)].sum() / counts.sum()) for rule in RULES}
-    return calibration
+        "fitted_at": datetime.now().isoformat(timespec="seconds"),
+        "flagged_on_calibration": {rule: flagged[rule] / sessions for rule in RULES}}
 
 
 def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
@@ -157,17 +329,13 @@ def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
         return scores["max_rank"] >= calibration["top_g"]
     if rule == "probability":
         return scores["min_log_prob"] < calibration["probability_bound"]
-    top_k = calibration["top_k"]
-    return scores[f"misses_at_{top_k}"] / scores["predictions"] > calibration["score_thresholds"][rule[6:]]
+    return anomaly_scores(scores, calibration["top_k"]) > calibration["score_thresholds"][rule[6:]]
 
 
-def confusion(abnormal_pred_normal: np.ndarray, normal_w: np.ndarray,
-              abnormal_pred_abnormal: np.ndarray, abnormal_w: np.ndarray) -> dict:
-    """Weighted counts (every session as often as it occurs) and the derived rates."""
-    fp = float(normal_w[abnormal_pred_normal].sum())
-    tn = float(normal_w.sum()) - fp
-    tp = float(abnormal_w[abnormal_pred_abnormal].sum())
-    fn = float(abnormal_w.sum()) - tp
+def confusion(fp: float, normal: float, tp: float, abnormal: float) -> dict:
+    """Counts and rates from the weights flagged abnormal (fp, tp) of the total normal and abnormal weights
+    (every session counted as often as it occurs)."""
+    tn, fn = normal - fp, abnormal - tp
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn), "precision": precision, "recall": recall,
@@ -181,52 +349,88 @@ def check_top_k(calibration: dict, top_k: int) -> None:
                                 f"refit them with --calibrate-on DIR to use --top-k {top_k}")
 
 
-def evaluate(model, calibration: dict, normal: Counter, abnormal: Counter, top_k: int,
-             default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> tuple[dict, tuple]:
-    """Next-event metrics on normal sessions, score statistics and, with abnormal data, each rule's metrics."""
-    check_top_k(calibration, top_k)
-    if not normal and not abnormal:
-        raise DataError("no sessions to evaluate")
-    ks = [*ACCURACY_KS, top_k, calibration["top_g"]]
-    results: dict = {"top_k": top_k}
-    normal_scores = score_sessions(model, list(normal), ks, batch_size, "normal", event_sets) if normal else None
-    normal_w = np.array(list(normal.values()), dtype=np.float64)
-    if normal_scores is not None:
-        predictions = float((normal_scores["predictions"] * normal_w).sum())
-        loss_count = (normal_scores["loss_count"] * normal_w).sum()
-        results["next_event"] = {
-            "loss": float((normal_scores["loss_sum"] * normal_w).sum() / max(loss_count, 1)),
-            "total_predictions": int(predictions),
-            **{f"top{k}_accuracy": 1 - float((normal_scores[f"misses_at_{k}"] * normal_w).sum()) / predictions
-               for k in ACCURACY_KS}}
-        anomaly = normal_scores[f"misses_at_{top_k}"] / normal_scores["predictions"]
-        mean = float((anomaly * normal_w).sum() / normal_w.sum())
-        results["normal_scores"] = {
-            "mean": mean, "std": float(math.sqrt((((anomaly - mean) ** 2) * normal_w).sum() / normal_w.sum())),
-            "count": int(normal_w.sum()), "distinct": len(normal),
-            "recommended_thresholds": {f"p{q}": weighted_percentile(anomaly, normal_w, q) for q in PERCENTILES}}
-    results["unknown_events"] = {}
-    if normal_scores is not None:
-        results["unknown_events"]["normal"] = int((normal_scores["unknown"] * normal_w).sum())
-    if abnormal:
-        abnormal_w = np.array(list(abnormal.values()), dtype=np.float64)
-        abnormal_scores = score_sessions(model, list(abnormal), ks, batch_size, "abnormal", event_sets)
-        results["unknown_events"]["abnormal"] = int((abnormal_scores["unknown"] * abnormal_w).sum())
-        empty = np.zeros(0, dtype=bool)
-        results["rules"] = {}
+class SideTotals:
+    """What the report needs from one side (normal or abnormal sessions), summed chunk by chunk with every
+    session weighted by its count: next-event sums, the anomaly score's mean and spread (per-chunk sums of
+    squared deviations merged as in Chan et al., which stays exact where sum x^2 - n mean^2 cancels), its
+    percentiles, how often each rule fires, and the fixed-bin histograms of the plot."""
+
+    SUMMED = ("predictions", "loss_sum", "loss_count", "unknown", *(f"misses_at_{k}" for k in ACCURACY_KS))
+
+    def __init__(self, scorer: ChunkScorer, calibration: dict, max_exact_scores: int = MAX_EXACT_SCORES):
+        self.scorer, self.calibration = scorer, calibration
+        self.sessions = self.score_sum = self.score_squared_deviations = 0.0
+        self.sums = dict.fromkeys(self.SUMMED, 0.0)
+        self.flagged = dict.fromkeys(RULES, 0.0)
+        self.quantiles = ScoreQuantiles(max_exact_scores)
+        self.histograms = {"score": np.zeros(len(SCORE_EDGES) - 1),
+                           "log10_probability": np.zeros(len(LOG10_PROBABILITY_EDGES) - 1)}
+
+    def add(self, chunk: list) -> None:
+        _, scores, weights = self.scorer(chunk)
+        weight = float(weights.sum())
+        if not weight:
+            return
+        anomaly = anomaly_scores(scores, self.calibration["top_k"])
+        for name in self.SUMMED:
+            self.sums[name] += float((scores[name] * weights).sum())
+        chunk_sum = float((anomaly * weights).sum())
+        self.score_squared_deviations += float((weights * (anomaly - chunk_sum / weight) ** 2).sum())
+        if self.sessions:
+            delta = chunk_sum / weight - self.score_sum / self.sessions
+            self.score_squared_deviations += delta ** 2 * self.sessions * weight / (self.sessions + weight)
+        self.sessions += weight
+        self.score_sum += chunk_sum
         for rule in RULES:
-            on_normal = verdicts(normal_scores, calibration, rule) if normal_scores is not None else empty
-            results["rules"][rule] = confusion(on_normal, normal_w if normal else np.zeros(0),
-                                               verdicts(abnormal_scores, calibration, rule), abnormal_w)
+            self.flagged[rule] += float(weights[verdicts(scores, self.calibration, rule)].sum())
+        self.quantiles.add(anomaly, weights)
+        self.histograms["score"] += np.histogram(anomaly, SCORE_EDGES, weights=weights)[0]
+        self.histograms["log10_probability"] += np.histogram(
+            np.maximum(scores["min_log_prob"], -30) / math.log(10), LOG10_PROBABILITY_EDGES, weights=weights)[0]
+
+    def counts(self) -> dict:
+        return {"count": int(self.sessions), "distinct": self.scorer.distinct, "scored": self.scorer.scored}
+
+
+def evaluate(model, calibration: dict, normal: Iterable[list], abnormal: Iterable[list], top_k: int,
+             default_rule: str, batch_size: int = 256, event_sets: set | None = None, max_cached: int = MAX_CACHED,
+             max_exact_scores: int = MAX_EXACT_SCORES) -> tuple[dict, dict]:
+    """Next-event metrics on normal sessions, score statistics and, with abnormal data, each rule's metrics.
+    `normal` and `abnormal` are chunks of sessions, each read once, one side after the other. Returns the
+    results and, for the plot, each side's histograms."""
+    check_top_k(calibration, top_k)
+    ks = [*ACCURACY_KS, top_k, calibration["top_g"]]
+    sides = {}
+    for side, chunks in (("normal", normal), ("abnormal", abnormal)):
+        totals = SideTotals(ChunkScorer(model, ks, batch_size, event_sets, max_cached, side), calibration,
+                            max_exact_scores)
+        for chunk in chunks:
+            totals.add(chunk)
+        if totals.sessions:
+            sides[side] = totals
+    if not sides:
+        raise DataError("no sessions to evaluate")
+    results: dict = {"top_k": top_k}
+    n, a = sides.get("normal"), sides.get("abnormal")
+    if n:
+        predictions = n.sums["predictions"]
+        results["next_event"] = {
+            "loss": n.sums["loss_sum"] / max(n.sums["loss_count"], 1), "total_predictions": int(predictions),
+            **{f"top{k}_accuracy": 1 - n.sums[f"misses_at_{k}"] / predictions for k in ACCURACY_KS}}
+        results["normal_scores"] = {
+            "mean": n.score_sum / n.sessions, "std": math.sqrt(n.score_squared_deviations / n.sessions),
+            **n.counts(), "recommended_thresholds": {f"p{q}": n.quantiles.percentile(q) for q in PERCENTILES},
+            "percentile_method": n.quantiles.method}
+    results["unknown_events"] = {side: int(totals.sums["unknown"]) for side, totals in sides.items()}
+    if a:
+        results["rules"] = {rule: confusion(n.flagged[rule] if n else 0.0, n.sessions if n else 0.0,
+                                            a.flagged[rule], a.sessions) for rule in RULES}
         results["default"] = {"rule": default_rule, **results["rules"][default_rule]}
-        results["abnormal_sessions"] = {"count": int(abnormal_w.sum()), "distinct": len(abnormal)}
-        plot_data = (normal_scores, normal_w, abnormal_scores, abnormal_w)
-    elif normal_scores is not None:
-        flagged = {rule: float(normal_w[verdicts(normal_scores, calibration, rule)].sum()) for rule in RULES}
-        results["false_positive_rate"] = {rule: n / normal_w.sum() for rule, n in flagged.items()}
+        results["abnormal_sessions"] = a.counts()
+    else:
+        results["false_positive_rate"] = {rule: n.flagged[rule] / n.sessions for rule in RULES}
         results["default"] = {"rule": default_rule, "fpr": results["false_positive_rate"][default_rule]}
-        plot_data = (normal_scores, normal_w, None, None)
-    return results, plot_data
+    return results, {side: totals.histograms for side, totals in sides.items()}
 
 
 # ----------------------------------------------------------------------------- reports
@@ -241,13 +445,12 @@ def report_paths(output_dir: Path, tag: str | None) -> tuple[Path, Path]:
     raise RuntimeError("no free report file name")
 
 
-def write_reports(results: dict, plot_data, output_dir: Path, tag: str | None, logger) -> tuple[Path, Path]:
+def write_reports(results: dict, histograms: dict, output_dir: Path, tag: str | None, logger) -> tuple[Path, Path]:
     json_path, text_path = report_paths(output_dir, tag)
     utils.save_json(json_path, results)
     utils.atomic_write_text(text_path, format_report(results))
     logger.info(f"Evaluation results: {json_path} | report: {text_path}")
-    if plot_data is not None:
-        plot_scores(plot_data, results, output_dir / "score_distribution.png", logger)
+    plot_scores(histograms, results, output_dir / "score_distribution.png", logger)
     return json_path, text_path
 
 
@@ -255,8 +458,8 @@ def format_report(r: dict) -> str:
     lines = ["=" * 72, "DeepLog evaluation report", "=" * 72,
              f"Date:        {r['date']}", f"Checkpoint:  {r['checkpoint']}",
              f"Normal data: {r['data']['normal']}", f"Abnormal:    {r['data']['abnormal']}",
-             f"Top-k:       {r['top_k']}    Scoring time: {r['timing']['scoring_seconds']:.1f}s "
-             f"({r['timing']['sessions_per_second']:.0f} sessions/s)", ""]
+             (f"Top-k:       {r['top_k']}    Scoring time: {r['timing']['scoring_seconds']:.1f}s "
+              f"({r['timing']['sessions_per_second']:.0f} sessions/s)"), ""]
     if "next_event" in r:
         ne = r["next_event"]
         lines += ["NEXT-EVENT PREDICTION (normal sessions, weighted by event)", "-" * 72,
@@ -264,17 +467,17 @@ def format_report(r: dict) -> str:
         lines += [f"  Top-{k:<2} accuracy:   {ne[f'top{k}_accuracy']:.4f}" for k in ACCURACY_KS] + [""]
         ns = r["normal_scores"]
         lines += ["ANOMALY SCORES ON NORMAL DATA (fraction of events outside the top-k)", "-" * 72,
-                  f"  Mean: {ns['mean']:.4f}   Std: {ns['std']:.4f}   Sessions: {ns['count']} "
-                  f"({ns['distinct']} distinct)",
+                  f"  Mean: {ns['mean']:.4f}   Std: {ns['std']:.4f}   Sessions: {session_counts(ns)}",
                   "  Recommended thresholds: " + "  ".join(f"{p}={v:.4f}" for p, v in
-                                                          ns["recommended_thresholds"].items()), ""]
+                                                          ns["recommended_thresholds"].items()) +
+                  f" ({ns['percentile_method']})", ""]
     c = r["calibration"]
     lines += ["THRESHOLDS APPLIED (fitted on normal sessions only)", "-" * 72,
               f"  Calibrated on: {c['source']} ({c['sessions']} sessions)",
               "  Score thresholds: " + "  ".join(f"{p}={v:.4f}" for p, v in c["score_thresholds"].items()),
               f"  DeepLog top-g: g={c['top_g']}",
-              f"  Probability bound: p < {math.exp(c['probability_bound']):.3g} "
-              f"({c['probability_margin']} x least likely normal event)",
+              (f"  Probability bound: p < {math.exp(c['probability_bound']):.3g} "
+               f"({c['probability_margin']} x least likely normal event)"),
               f"  Event-set rule: {'on' if c['event_set_rule'] else 'off (no record of event sets from training)'}",
               "  Flagged on the calibration sessions (expected FPR): " + "  ".join(
                   f"{rule}={rate:.2%}" for rule, rate in c["flagged_on_calibration"].items()), ""]
@@ -283,8 +486,8 @@ def format_report(r: dict) -> str:
               f"  Occurrences: {unknown}. Each counts as a miss at every k and as probability 0.", ""]
     if "rules" in r:
         lines += ["DETECTION (every session weighted by its count)", "-" * 72,
-                  f"  {'rule':<13}{'precision':>10}{'recall':>9}{'F1':>8}{'FPR':>9}{'TP':>8}{'FP':>7}"
-                  f"{'TN':>8}{'FN':>7}"]
+                  (f"  {'rule':<13}{'precision':>10}{'recall':>9}{'F1':>8}{'FPR':>9}{'TP':>8}{'FP':>7}"
+                   f"{'TN':>8}{'FN':>7}")]
         for rule, m in r["rules"].items():
             marker = " *" if rule == r["default"]["rule"] else ""
             lines.append(f"  {rule:<13}{m['precision']:>10.4f}{m['recall']:>9.4f}{m['f1']:>8.4f}"
@@ -294,6 +497,12 @@ def format_report(r: dict) -> str:
         lines += ["FALSE-POSITIVE RATE ON NORMAL DATA (no abnormal data given)", "-" * 72]
         lines += [f"  {rule:<13}{fpr:.4%}" for rule, fpr in r["false_positive_rate"].items()] + [""]
     return "\n".join(lines) + "\n"
+
+
+def session_counts(counts: dict) -> str:
+    if counts["distinct"] is None:
+        return f"{counts['count']} ({counts['scored']} scored; distinct unknown: the score cache overflowed)"
+    return f"{counts['count']} ({counts['distinct']} distinct)"
 
 
 def pyplot_or_note(picture: str, logger):
@@ -308,20 +517,18 @@ def pyplot_or_note(picture: str, logger):
     return plt
 
 
-def plot_scores(plot_data, results, path: Path, logger) -> None:
-    """Normal vs abnormal score histograms with the thresholds marked (matplotlib is optional)."""
+def plot_scores(histograms: dict, results, path: Path, logger) -> None:
+    """Normal vs abnormal score histograms (as evaluate() accumulates them: side -> {"score",
+    "log10_probability"} counts over SCORE_EDGES, LOG10_PROBABILITY_EDGES) with the thresholds marked
+    (matplotlib is optional)."""
     plt = pyplot_or_note(path.name, logger)
     if plt is None:
         return
-    normal_scores, normal_w, abnormal_scores, abnormal_w = plot_data
     calibration, top_k = results["calibration"], results["top_k"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for scores, weights, label in ((normal_scores, normal_w, "normal"), (abnormal_scores, abnormal_w, "abnormal")):
-        if scores is None:
-            continue
-        left.hist(scores[f"misses_at_{top_k}"] / scores["predictions"], bins=40, range=(0, 1), weights=weights,
-                  alpha=0.6, label=label)
-        right.hist(np.maximum(scores["min_log_prob"], -30) / math.log(10), bins=60, weights=weights,
+    for label, counts in histograms.items():  # one value per bin, weighted by the bin's count
+        left.hist(SCORE_EDGES[:-1], SCORE_EDGES, weights=counts["score"], alpha=0.6, label=label)
+        right.hist(LOG10_PROBABILITY_EDGES[:-1], LOG10_PROBABILITY_EDGES, weights=counts["log10_probability"],
                    alpha=0.6, label=label)
     for name, value in calibration["score_thresholds"].items():
         left.axvline(value, linestyle="--", color="black", linewidth=0.8)
@@ -338,53 +545,54 @@ def plot_scores(plot_data, results, path: Path, logger) -> None:
 
 # ----------------------------------------------------------------------------- detection
 def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_size: int = 256,
-           event_sets: set | None = None, chunk_size: int = 4096, max_misses: int = 3) -> dict:
-    """Stream sessions from `path` in chunks and write one JSON line per session. Memory holds one chunk."""
+           event_sets: set | None = None, chunk_size: int = 4096, max_misses: int = 3,
+           max_cached: int = MAX_CACHED) -> dict:
+    """Stream sessions from `path` in chunks and write one JSON line per session. Memory holds one chunk
+    and the score cache."""
     top_k, totals = calibration["top_k"], Counter()
     bound = calibration["probability_bound"] if rule in ("probability", "combined") else None
-    records = iter_sessions(path, None, **options)
-    while True:
-        chunk = [record for _, record in zip(range(chunk_size), records)]
-        if not chunk:
-            return dict(totals)
-        distinct = list(dict.fromkeys(tuple(r.event_ids) for r in chunk))  # identical sessions scored once
-        scores = score_sessions(model, distinct, [top_k, calibration["top_g"]], batch_size, "detecting", event_sets)
+    scorer = ChunkScorer(model, [top_k, calibration["top_g"]], batch_size, event_sets, max_cached, "detecting")
+    for chunk in chunked(iter_sessions(path, None, **options), chunk_size):
+        distinct, scores, _ = scorer([record.event_ids for record in chunk])
         abnormal = verdicts(scores, calibration, rule)
+        anomaly = anomaly_scores(scores, top_k)
         flagged = [s for s, a in zip(distinct, abnormal) if a]
         reasons = dict(zip(flagged, model.diagnose(flagged, top_k, max_misses, log_prob_bound=bound))) \
             if flagged else {}
         index = {session: i for i, session in enumerate(distinct)}
         for record in chunk:
-            i = index[tuple(record.event_ids)]
+            session = session_key(record.event_ids)
+            i = index[session]
             out.write(json.dumps({
-                "session_id": record.session_id, "score": round(float(scores[f"misses_at_{top_k}"][i] /
-                                                                     scores["predictions"][i]), 6),
+                "session_id": record.session_id, "score": round(float(anomaly[i]), 6),
                 "verdict": "abnormal" if abnormal[i] else "normal", "rule": rule,
                 "min_probability": float(math.exp(scores["min_log_prob"][i])),
-                "novel_event_set": bool(scores["novel_set"][i]),
-                "misses": reasons.get(tuple(record.event_ids), [])}) + "\n")
+                "novel_event_set": bool(scores["novel_set"][i]), "misses": reasons.get(session, [])}) + "\n")
             totals["abnormal" if abnormal[i] else "normal"] += 1
+    return dict(totals)
 
 
 # ----------------------------------------------------------------------------- entry points
 def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_paths, config, output_dir,
                    top_k, tag, logger, event_sets) -> dict:
     started = time.time()
-    results, plot_data = evaluate(model, calibration, normal, abnormal, top_k, config.evaluation.decision_rule,
-                                  config.evaluation.batch_size, event_sets)
-    elapsed = time.time() - started
-    sessions = sum(normal.values()) + sum(abnormal.values())
+    results, histograms = evaluate(model, calibration, normal, abnormal, top_k, config.evaluation.decision_rule,
+                                   config.evaluation.batch_size, event_sets)
+    elapsed = time.time() - started  # reading and scoring: the data streams while it is scored
+    sides = [results[key] for key in ("normal_scores", "abnormal_sessions") if key in results]
+    sessions, distinct = sum(side["count"] for side in sides), [side["distinct"] for side in sides]
     results = {"date": datetime.now().isoformat(timespec="seconds"), "checkpoint": str(checkpoint_path),
                "data": data_paths, "calibration": calibration,
                "timing": {"scoring_seconds": elapsed, "sessions": sessions,
-                          "distinct_sessions": len(normal) + len(abnormal),
+                          "distinct_sessions": None if None in distinct else sum(distinct),
+                          "scored_sessions": sum(side["scored"] for side in sides),
                           "sessions_per_second": sessions / max(elapsed, 1e-9)}, **results}
     unseen, predictions = results["unknown_events"].get("normal", 0), results.get("next_event", {}).get(
         "total_predictions", 0)
     if predictions and unseen > 0.05 * predictions:
         logger.warning(f"{unseen} of {predictions} events in the normal data were never seen in training: "
                        f"is this checkpoint trained on this kind of data (vocab_size, event IDs)?")
-    write_reports(results, plot_data, Path(output_dir), tag, logger)
+    write_reports(results, histograms, Path(output_dir), tag, logger)
     for line in format_report(results).splitlines()[4:]:  # the report, without its title, into the log
         if line.strip():
             logger.info(line)
@@ -398,20 +606,28 @@ def store_calibration(checkpoint_path, checkpoint: dict, calibration: dict, outp
     utils.save_json(output_dir / "calibration.json", calibration)
 
 
-def validation_sessions(config: utils.Config, options: dict) -> tuple[Counter, Counter, Counter]:
-    """One pass over the training data: the calibration and evaluation halves of its normal validation
-    split (halved by another hash, so neither ever scores what the other fitted), and the sessions
-    labelled abnormal. With validation_split 0 the halves come from all normal sessions."""
+def validation_sessions(config: utils.Config, options: dict, chunk_size: int = CHUNK_SIZE,
+                        logger=None) -> tuple[Iterator[list], Iterator[list], Iterator[list]]:
+    """Chunks of the training data, each source one pass when iterated: the calibration and evaluation
+    halves of its normal validation split (halved by another hash, so neither ever scores what the other
+    fitted), and the sessions labelled abnormal. With validation_split 0 the halves come from all normal
+    sessions. With lazy_loading.cache they come from the training run's token cache."""
     data, seed = config.data, config.training.seed
-    calibration, evaluation, abnormal = Counter(), Counter(), Counter()
-    for record in iter_sessions(data.preprocessed_dir, None, **options):
-        events = tuple(record.event_ids)
-        if record.label:
-            abnormal[events] += 1
-        elif data.validation_split == 0 or is_validation(record.file, record.index, seed, data.validation_split):
-            half = calibration if is_validation(record.file, record.index, seed + 1, 0.5) else evaluation
-            half[events] += 1
-    return calibration, evaluation, abnormal
+    if config.lazy_loading.cache:
+        entries = build_caches(data.preprocessed_dir, cache_settings(config, config.model.vocab_size),
+                               config.lazy_loading.cache_dir or default_cache_dir(), config.lazy_loading.cache_workers,
+                               logger or logging.getLogger("deeplog"))
+        return tuple(session_chunks(entries, wanted, chunk_size) for wanted in ("calibration", "evaluation",
+                                                                                 "abnormal"))
+
+    def normal_half(calibration_half: bool) -> Iterator[list[int]]:
+        for r in iter_sessions(data.preprocessed_dir, None, **options):
+            validation = data.validation_split == 0 or is_validation(r.file, r.index, seed, data.validation_split)
+            if not r.label and validation and is_validation(r.file, r.index, seed + 1, 0.5) == calibration_half:
+                yield r.event_ids
+
+    return (chunked(normal_half(True), chunk_size), chunked(normal_half(False), chunk_size),
+            file_chunks(data.preprocessed_dir, options, abnormal=True, chunk_size=chunk_size))
 
 
 def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
@@ -422,18 +638,18 @@ def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(checkpoint_path, device)
     event_sets = known_event_sets(checkpoint)
-    options = reader_options(config)
+    options = utils.reader_options(config)
     if data.validation_split == 0:
         logger.warning("data.validation_split is 0: thresholds are fitted on sessions the model trained on")
-    calibration_set, normal, abnormal = validation_sessions(config, options)
-    if not calibration_set:  # tiny data: fall back to the other half
-        calibration_set = normal
+    calibration_set, normal, abnormal = validation_sessions(config, options, logger=logger)
+    # tiny data: the other half
+    calibration_set = nonempty(calibration_set) or validation_sessions(config, options, logger=logger)[1]
     calibration = fit_calibration(model, calibration_set, ev.top_k, ev.top_g, ev.probability_margin,
                                   f"validation split of {data.preprocessed_dir} (calibration half)",
                                   ev.decision_rule, ev.batch_size, event_sets)
     store_calibration(checkpoint_path, checkpoint, calibration, output_dir)
     if data.abnormal_dir:
-        abnormal.update(collect(data.abnormal_dir, options, all_abnormal=True)[1])
+        abnormal = itertools.chain(abnormal, data_chunks(data.abnormal_dir, config, "all", logger))
     paths = {"normal": f"{data.preprocessed_dir} (validation split, evaluation half)",
              "abnormal": ", ".join(filter(None, [data.abnormal_dir, f"label 1 in {data.preprocessed_dir}"]))}
     return run_evaluation(model, checkpoint_path, calibration, normal, abnormal, paths, config, output_dir,
@@ -497,7 +713,7 @@ def run(args, logger):
     if to_stdout:  # keep stdout for the JSON lines
         logger.handlers[0].setStream(sys.stderr)
     top_k = args.top_k or ev.top_k
-    options = reader_options(config)
+    options = utils.reader_options(config)
     calibration = checkpoint.get("calibration")
     if args.calibration:
         try:
@@ -513,7 +729,7 @@ def run(args, logger):
         raise utils.ConfigError(f"--calibrate-on {args.calibrate_on} is also the data being scored: thresholds "
                                 f"must be fitted on other normal sessions")
     if args.calibrate_on:
-        normal, _ = collect(args.calibrate_on, options)
+        normal = data_chunks(args.calibrate_on, config, "normal", logger)
         calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.probability_margin, args.calibrate_on,
                                       ev.decision_rule, ev.batch_size, event_sets)
         utils.save_json(output_dir / "calibration.json", calibration)
@@ -524,7 +740,7 @@ def run(args, logger):
     check_top_k(calibration, top_k)
     if args.detect:
         try:
-            out = open(args.output, "w") if args.output else sys.stdout
+            out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 (closed below, not stdout)
         except OSError as error:
             raise utils.ConfigError(f"--output {args.output}: cannot write ({error.strerror})") from None
         try:
@@ -537,14 +753,19 @@ def run(args, logger):
                     f"{totals.get('normal', 0)} normal sessions")
         return 0
     if args.data_dir:
-        normal, abnormal = collect(args.data_dir, options)
+        normal = data_chunks(args.data_dir, config, "normal", logger)
+        abnormal = data_chunks(args.data_dir, config, "abnormal", logger)
         normal_path = args.data_dir
     else:  # the evaluation half of the validation split, as after training
-        _, normal, abnormal = validation_sessions(config, options)
+        if checkpoint.get("split_scheme") != utils.SPLIT_SCHEME:
+            raise utils.CheckpointError(f"{args.checkpoint} was trained with an earlier assignment of sessions to "
+                                        f"the validation split, which this version cannot reproduce: pass "
+                                        f"--data-dir with sessions it never trained on")
+        _, normal, abnormal = validation_sessions(config, options, logger=logger)
         normal_path = f"{config.data.preprocessed_dir} (validation split, evaluation half)"
     abnormal_dir = args.abnormal_dir or (None if args.data_dir else config.data.abnormal_dir)
     if abnormal_dir:
-        abnormal.update(collect(abnormal_dir, options, all_abnormal=True)[1])
+        abnormal = itertools.chain(abnormal, data_chunks(abnormal_dir, config, "all", logger))
     run_evaluation(model, args.checkpoint, calibration, normal, abnormal,
                    {"normal": normal_path, "abnormal": abnormal_dir}, config, output_dir, top_k, args.tag, logger,
                    event_sets)

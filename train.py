@@ -180,7 +180,7 @@ def evaluate_loss(model, dataset, batch_size, runtime, amp_dtype) -> tuple[float
 
 
 class LossWindow:
-    """The loss since the last log line, kept on the device (.item() only at log time) in float64, so the
+    """The loss since the last flush, kept on the device (.item() only at log time) in float64, so the
     epoch's sum does not depend on when it is flushed: a resumed run's history is bit-identical."""
 
     def __init__(self, device):
@@ -191,18 +191,47 @@ class LossWindow:
         self.loss += loss_sum.double()
         self.tokens += tokens
 
-    def flush_into(self, state: utils.TrainState) -> None:
+    def flush_into(self, state: utils.TrainState) -> int:
+        """Move the window into the epoch's running sums; returns its token count."""
+        tokens = int(self.tokens.item())
         state.epoch_loss_sum += self.loss.item()
-        state.epoch_tokens += int(self.tokens.item())
+        state.epoch_tokens += tokens
         self.loss.zero_(), self.tokens.zero_()
+        return tokens
+
+
+class Throughput:
+    """Predicted tokens per second and the share of wall time spent waiting for the next batch, since the
+    previous log line: the two numbers that say whether the input pipeline keeps the GPUs busy."""
+
+    def __init__(self, batches):
+        self.batches, self.tokens, self.waited = iter(batches), 0, 0.0
+        self.since = time.perf_counter()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.waited += time.perf_counter() - started
+
+    def fields(self) -> str:
+        now = time.perf_counter()
+        elapsed = max(now - self.since, 1e-9)
+        text = f"{self.tokens / elapsed:,.0f} tok/s | data wait {self.waited / elapsed:.0%}"
+        self.tokens, self.waited, self.since = 0, 0.0, now
+        return text
 
 
 def step_line(state: utils.TrainState, last_loss, elapsed: float, steps_this_run: int, total_steps: int,
-              gpu_monitor) -> str:
+              gpu_monitor, throughput: Throughput) -> str:
     eta = elapsed / max(steps_this_run, 1) * (total_steps - state.step)
     average = state.epoch_loss_sum / max(state.epoch_tokens, 1)
     fields = [f"[Step {state.step}] Loss: {last_loss:.4f} (avg: {average:.4f})",
-              f"LR: {state.scheduler.get_last_lr()[0]:.2e}"]
+              f"LR: {state.scheduler.get_last_lr()[0]:.2e}", throughput.fields()]
     gpu_field = gpu_monitor.summary() if gpu_monitor else None
     if gpu_field:
         fields.append(gpu_field)
@@ -290,23 +319,24 @@ def train(args, logger):
         # A bar only on a terminal: under nohup or screen logs, plain lines stay readable.
         progress = tqdm(total=data.steps_per_epoch, initial=state.batches_done, desc=f"epoch {epoch}",
                         leave=False, disable=not (runtime.is_master and sys.stderr.isatty()))
-        batches = utils.lockstep(data.train.batches(rank_batch_size, state.batches_done), runtime)
+        batches = Throughput(utils.lockstep(data.train.batches(rank_batch_size, state.batches_done), runtime))
         with logging_redirect_tqdm([logger]) if not progress.disable else contextlib.nullcontext():
-            for batch, state.batches_done in batches:
+            for batch, state.batches_done in batches:  # the loader's position goes into the checkpoint
                 loss_sum, tokens = train_step(state, model, batch, runtime, amp_dtype, tc.max_grad_norm)
                 window.add(loss_sum, tokens)
                 steps_this_run += 1
                 progress.update(1)
                 if state.step % tc.log_every_steps == 0:
-                    window.flush_into(state)
+                    # this rank's tokens x ranks: the ranks' batches are alike in size
+                    batches.tokens += window.flush_into(state) * runtime.world_size
                     last_loss = (loss_sum / tokens.clamp(min=1)).item()
                     logger.info(step_line(state, last_loss, time.time() - run_start, steps_this_run, total_steps,
-                                          gpu_monitor))
+                                          gpu_monitor, batches))
                 if gpu_monitor and gpu_monitor.handles and state.step % tc.gpu_stats_every_steps == 0:
                     for line in gpu_monitor.details():
                         logger.info(line)
                 if tc.save_every_steps and state.step % tc.save_every_steps == 0:
-                    window.flush_into(state)
+                    batches.tokens += window.flush_into(state) * runtime.world_size
                     state.epoch_time = time.time() - epoch_start
                     state.save(checkpoint_dir / f"step_{state.step}.pt", runtime)
                     if runtime.is_master:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     model, checkpoint = evaluate.load_model(args.checkpoint, torch.device("cpu"))
     calibration, event_sets = dict(checkpoint["calibration"]), evaluate.known_event_sets(checkpoint)
-    normal, _ = evaluate.collect(args.eval_normal, {})
-    _, abnormal = evaluate.collect(args.eval_abnormal, {}, all_abnormal=True)
+    normal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_normal, {}, abnormal=False) for s in c)
+    abnormal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_abnormal, {}) for s in c)
     scored = []
     for sessions in (normal, abnormal):
         weights = np.array(list(sessions.values()), dtype=np.float64)

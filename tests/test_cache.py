@@ -29,7 +29,7 @@ def make_data(root, n=300, long_every=0):
     rng = np.random.default_rng(7)
     data = root / "data"
     data.mkdir()
-    for k, name in enumerate(("a.json", "b.jsonl", "c.txt")):
+    for name in ("a.json", "b.jsonl", "c.txt"):
         sessions = [rng.integers(0, 29, int(rng.integers(1, 30))).tolist() for _ in range(n)]
         if long_every:
             sessions = [s * 12 if i % long_every == 0 else s for i, s in enumerate(sessions)]

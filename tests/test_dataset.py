@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from dataset import (DataError, SessionDataset, collate, is_validation, iter_sessions, list_data_files,
-                     make_windows)
+from dataset import DataError, SessionDataset, collate, is_validation, iter_sessions, list_data_files, make_windows
 from model import IGNORE_INDEX, special_tokens
 
 SESSIONS = [[1, 2, 3], [4, 5], [6]]

@@ -1,15 +1,17 @@
 """Scores, metrics and thresholds on hand-made cases; reports; detection; evaluate.py end to end."""
 import json
 import math
+import random
 import re
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from conftest import HDFS_DIR, needs_hdfs, run_script, write_config
 
 import evaluate as E
-from conftest import HDFS_DIR, needs_hdfs, run_script, write_config
+from dataset import is_validation, iter_sessions
 from model import DeepLog
 
 
@@ -20,6 +22,11 @@ def fixed_model(vocab_size=5):
         model.head.weight.zero_()
         model.head.bias.copy_(torch.arange(model.num_classes, 0, -1, dtype=torch.float))
     return model.eval()
+
+
+def _chunks(sessions: Counter, chunk_size: int = E.CHUNK_SIZE) -> list[list]:
+    """Every session as often as it occurs, in chunks: what evaluate() and fit_calibration() read."""
+    return list(E.chunked(sessions.elements(), chunk_size))
 
 
 def test_anomaly_score_counts_start_and_end_predictions():
@@ -79,8 +86,8 @@ def test_weighted_percentile_counts_duplicates():
 
 
 def test_confusion_weights_every_session_by_its_count():
-    metrics = E.confusion(np.array([True, False]), np.array([2.0, 8.0]),
-                          np.array([True, False, True]), np.array([5.0, 1.0, 4.0]))
+    # normal: weight 2 of 10 flagged; abnormal: weights 5 and 4 of 10 flagged
+    metrics = E.confusion(fp=2.0, normal=10.0, tp=9.0, abnormal=10.0)
     assert (metrics["tp"], metrics["fp"], metrics["tn"], metrics["fn"]) == (9, 2, 8, 1)
     assert metrics["precision"] == pytest.approx(9 / 11) and metrics["recall"] == pytest.approx(0.9)
     assert metrics["fpr"] == pytest.approx(0.2)
@@ -90,7 +97,7 @@ def test_confusion_weights_every_session_by_its_count():
 def test_calibration_and_rules_on_hand_made_sessions():
     model = fixed_model()
     normal = Counter({(0, 1): 9, (0,): 1})       # scores at k=2: 1/3 (end missed), 1/2
-    calibration = E.fit_calibration(model, normal, top_k=2, top_g=5, margin=0.5, source="hand",
+    calibration = E.fit_calibration(model, _chunks(normal), top_k=2, top_g=5, margin=0.5, source="hand",
                                     default_rule="combined", event_sets={frozenset({0, 1}), frozenset({0})})
     assert calibration["score_thresholds"] == {"p90": pytest.approx(1 / 3), "p95": 0.5, "p99": 0.5}
     log_z = math.log(sum(math.exp(i) for i in range(1, 7)))
@@ -100,7 +107,7 @@ def test_calibration_and_rules_on_hand_made_sessions():
     assert calibration["flagged_on_calibration"]["combined"] == 0.0
 
     abnormal = Counter({(0, 1): 2, (2, 3, 4): 3, (7,): 1})
-    results, _ = E.evaluate(model, calibration, normal, abnormal, top_k=2, default_rule="combined",
+    results, _ = E.evaluate(model, calibration, _chunks(normal), _chunks(abnormal), top_k=2, default_rule="combined",
                             event_sets={frozenset({0, 1}), frozenset({0})})
     rules = results["rules"]
     # (0, 1) looks normal to every rule; (2, 3, 4) and (7,) are novel event sets; (7,) is beyond the vocabulary
@@ -118,9 +125,9 @@ def test_calibration_and_rules_on_hand_made_sessions():
 
 def test_thresholds_fitted_at_another_k_are_refused():
     model = fixed_model()
-    calibration = E.fit_calibration(model, Counter({(0,): 1}), 2, 5, 0.5, "hand", "combined")
+    calibration = E.fit_calibration(model, [[(0,)]], 2, 5, 0.5, "hand", "combined")
     with pytest.raises(E.utils.ConfigError, match="fitted at top_k=2"):
-        E.evaluate(model, calibration, Counter({(0,): 1}), Counter(), top_k=3, default_rule="combined")
+        E.evaluate(model, calibration, [[(0,)]], [], top_k=3, default_rule="combined")
 
 
 def test_report_names_never_overwrite(tmp_path):
@@ -156,7 +163,7 @@ def trained(tmp_path_factory, sample_sessions):
 
 
 def test_training_ends_with_calibration_and_reports(trained):
-    root, out, data, abnormal_dir, result = trained
+    _, out, _, _, result = trained
     checkpoint = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
     calibration = json.loads((out / "calibration.json").read_text())
     assert checkpoint["calibration"] == calibration
@@ -174,7 +181,7 @@ def test_training_ends_with_calibration_and_reports(trained):
 
 
 def test_evaluate_cli_on_given_data_uses_stored_thresholds(trained, tmp_path):
-    root, out, data, abnormal_dir, _ = trained
+    _, out, data, abnormal_dir, _ = trained
     result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir", data,
                         "--abnormal-dir", abnormal_dir, "--output-dir", tmp_path, "--tag", "t")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -182,6 +189,8 @@ def test_evaluate_cli_on_given_data_uses_stored_thresholds(trained, tmp_path):
     stored = json.loads((out / "calibration.json").read_text())
     assert results["calibration"] == stored
     assert results["normal_scores"]["count"] == 240 and results["abnormal_sessions"]["count"] == 60
+    distinct = results["normal_scores"]["distinct"] + results["abnormal_sessions"]["distinct"]
+    assert results["timing"]["distinct_sessions"] == results["timing"]["scored_sessions"] == distinct
     assert results["rules"]["combined"]["recall"] > 0.5   # it detects something on its own data
 
 
@@ -189,7 +198,7 @@ def test_calibrate_on_refits_and_saves(trained, tmp_path):
     import random
 
     import generate_sample
-    root, out, data, abnormal_dir, _ = trained
+    _, out, data, _, _ = trained
     quiet_day = tmp_path / "quiet_day.txt"   # other normal sessions than the ones scored
     rng = random.Random(999)
     quiet_day.write_text("".join(" ".join(map(str, generate_sample.normal_session(rng))) + "\n" for _ in range(100)))
@@ -203,7 +212,7 @@ def test_calibrate_on_refits_and_saves(trained, tmp_path):
 
 
 def test_detect_writes_one_line_per_session(trained, tmp_path):
-    root, out, data, abnormal_dir, _ = trained
+    _, out, _, _, _ = trained
     sessions = tmp_path / "new.jsonl"
     rows = [{"session_id": "same1", "event_ids": [1, 2, 2]}, {"session_id": "same2", "event_ids": [1, 2, 2]},
             {"session_id": "alien", "event_ids": [28, 28, 28]}]
@@ -225,7 +234,7 @@ def test_detect_writes_one_line_per_session(trained, tmp_path):
 
 
 def test_detect_streams_in_chunks_with_the_same_verdicts(trained, tmp_path):
-    root, out, data, _, _ = trained
+    _, out, data, _, _ = trained
     model, checkpoint = E.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
     outputs = []
     for chunk_size in (7, 10000):
@@ -238,7 +247,7 @@ def test_detect_streams_in_chunks_with_the_same_verdicts(trained, tmp_path):
 
 
 def test_from_checkpoint_and_the_manual_route_agree(trained):
-    root, out, *_ = trained
+    _, out, *_ = trained
     path = out / "checkpoints" / "best_model.pt"
     model = DeepLog.from_checkpoint(path, map_location="cpu")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -264,7 +273,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, make, message):
 
 
 def test_checkpoint_of_another_vocab_and_unreadable_data(trained, tmp_path):
-    root, out, data, _, _ = trained
+    _, out, _, _, _ = trained
     checkpoint = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
     checkpoint["model_args"]["vocab_size"] = 50
     torch.save(checkpoint, tmp_path / "other.pt")
@@ -277,7 +286,7 @@ def test_checkpoint_of_another_vocab_and_unreadable_data(trained, tmp_path):
 
 
 def test_thresholds_are_never_fitted_on_the_scored_data_and_bad_calibration_files(trained, tmp_path):
-    root, out, data, abnormal_dir, _ = trained
+    _, out, data, _, _ = trained
     checkpoint = out / "checkpoints" / "best_model.pt"
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--data-dir", data, "--calibrate-on", data,
                         "--output-dir", tmp_path)
@@ -292,15 +301,23 @@ def test_thresholds_are_never_fitted_on_the_scored_data_and_bad_calibration_file
     assert "Traceback" not in result.stdout + result.stderr
 
 
-@needs_hdfs
-def test_hdfs_end_to_end_small(tmp_path):
-    """A small, fast version of benchmarks/hdfs.py: the pipeline works on the real benchmark data."""
-    config = write_config(tmp_path / "c.yaml", {
+@pytest.fixture(scope="module")
+def hdfs_trained(tmp_path_factory):
+    """train.py, with evaluation after training, on the HDFS training sessions: the output directory."""
+    root = tmp_path_factory.mktemp("hdfs")
+    config = write_config(root / "c.yaml", {
         "training": {"evaluate_after_training": True, "epochs": 2, "batch_size": 64, "learning_rate": 0.01},
         "data": {"abnormal_dir": None}})
-    out = tmp_path / "out"
+    out = root / "out"
     result = run_script("train.py", "--config", config, "--data-dir", HDFS_DIR / "hdfs_train", "--output-dir", out)
     assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+@needs_hdfs
+def test_hdfs_end_to_end_small(hdfs_trained):
+    """A small, fast version of benchmarks/hdfs.py: the pipeline works on the real benchmark data."""
+    out = hdfs_trained
     result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt",
                         "--data-dir", HDFS_DIR / "hdfs_dev_normal", "--abnormal-dir", HDFS_DIR / "hdfs_dev_abnormal",
                         "--output-dir", out, "--tag", "dev")
@@ -318,9 +335,11 @@ def _history(tmp_path):
 
 
 def _plot_inputs():
-    scores = E.score_sessions(fixed_model(), [(0, 3), (1,)], [2])
-    calibration = {"top_k": 2, "score_thresholds": {"p90": 0.1, "p95": 0.2, "p99": 0.3}, "probability_bound": -5.0}
-    return (scores, np.array([3.0, 1.0]), scores, np.array([1.0, 1.0])), {"calibration": calibration, "top_k": 2}
+    calibration = {"top_k": 2, "top_g": 5, "score_thresholds": {"p90": 0.1, "p95": 0.2, "p99": 0.3},
+                   "probability_bound": -5.0}
+    _, histograms = E.evaluate(fixed_model(), calibration, [[(0, 3), (0, 3), (0, 3), (1,)]], [[(0, 3), (1,)]],
+                               top_k=2, default_rule="combined")
+    return histograms, {"calibration": calibration, "top_k": 2}
 
 
 def test_pictures_with_matplotlib(tmp_path):
@@ -345,3 +364,342 @@ def test_without_matplotlib_one_note_and_no_picture(tmp_path, monkeypatch, caplo
     assert [r.message for r in caplog.records if "matplotlib not installed" in r.message] == [
         "matplotlib not installed: no training_curve.png (pip install matplotlib)",
         "matplotlib not installed: no score_distribution.png (pip install matplotlib)"]
+
+
+# ----------------------------------------------------------------------------- the in-memory oracle
+# evaluate.py before it streamed (commit bf5677a): every distinct session in a Counter, scored at once,
+# metrics from whole arrays. The streaming code must give the same numbers.
+def _oracle_collect(path, options: dict, all_abnormal: bool = False) -> tuple[Counter, Counter]:
+    normal, abnormal = Counter(), Counter()
+    for record in iter_sessions(path, None, **options):
+        (abnormal if all_abnormal or record.label else normal)[tuple(record.event_ids)] += 1
+    return normal, abnormal
+
+
+def _oracle_weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    index = int(np.searchsorted(cumulative, q / 100 * cumulative[-1] - 1e-9))
+    return float(values[order][min(index, len(order) - 1)])
+
+
+def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, margin: float, source: str,
+                            default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> dict:
+    sessions, counts = list(normal), np.array(list(normal.values()), dtype=np.float64)
+    scores = E.score_sessions(model, sessions, [top_k, top_g], batch_size, "calibrating", event_sets)
+    anomaly = scores[f"misses_at_{top_k}"] / scores["predictions"]
+    finite = np.isfinite(scores["min_log_prob"])
+    least_likely = float(scores["min_log_prob"][finite].min()) if finite.any() else 0.0
+    calibration = {
+        "top_k": top_k, "top_g": top_g, "default_rule": default_rule, "source": source,
+        "sessions": int(counts.sum()), "distinct_sessions": len(sessions),
+        "score_thresholds": {f"p{q}": _oracle_weighted_percentile(anomaly, counts, q) for q in E.PERCENTILES},
+        "least_likely_normal_log_prob": least_likely, "probability_margin": margin,
+        "probability_bound": least_likely + math.log(margin), "event_set_rule": event_sets is not None}
+    calibration["flagged_on_calibration"] = {
+        rule: float(counts[_oracle_verdicts(scores, calibration, rule)].sum() / counts.sum()) for rule in E.RULES}
+    return calibration
+
+
+def _oracle_verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
+    if rule == "combined":
+        return _oracle_verdicts(scores, calibration, "probability") | _oracle_verdicts(scores, calibration, "event_set")
+    if rule == "event_set":
+        return scores["novel_set"] > 0
+    if rule == "top_g":
+        return scores["max_rank"] >= calibration["top_g"]
+    if rule == "probability":
+        return scores["min_log_prob"] < calibration["probability_bound"]
+    top_k = calibration["top_k"]
+    return scores[f"misses_at_{top_k}"] / scores["predictions"] > calibration["score_thresholds"][rule[6:]]
+
+
+def _oracle_confusion(abnormal_pred_normal, normal_w, abnormal_pred_abnormal, abnormal_w) -> dict:
+    fp = float(normal_w[abnormal_pred_normal].sum())
+    tn = float(normal_w.sum()) - fp
+    tp = float(abnormal_w[abnormal_pred_abnormal].sum())
+    fn = float(abnormal_w.sum()) - tp
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn), "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "fpr": fp / (fp + tn) if fp + tn else 0.0}
+
+
+def _oracle_evaluate(model, calibration: dict, normal: Counter, abnormal: Counter, top_k: int,
+                     default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> tuple[dict, tuple]:
+    ks = [*E.ACCURACY_KS, top_k, calibration["top_g"]]
+    results: dict = {"top_k": top_k}
+    normal_scores = E.score_sessions(model, list(normal), ks, batch_size, "normal", event_sets) if normal else None
+    normal_w = np.array(list(normal.values()), dtype=np.float64)
+    if normal_scores is not None:
+        predictions = float((normal_scores["predictions"] * normal_w).sum())
+        loss_count = (normal_scores["loss_count"] * normal_w).sum()
+        results["next_event"] = {
+            "loss": float((normal_scores["loss_sum"] * normal_w).sum() / max(loss_count, 1)),
+            "total_predictions": int(predictions),
+            **{f"top{k}_accuracy": 1 - float((normal_scores[f"misses_at_{k}"] * normal_w).sum()) / predictions
+               for k in E.ACCURACY_KS}}
+        anomaly = normal_scores[f"misses_at_{top_k}"] / normal_scores["predictions"]
+        mean = float((anomaly * normal_w).sum() / normal_w.sum())
+        results["normal_scores"] = {
+            "mean": mean, "std": float(math.sqrt((((anomaly - mean) ** 2) * normal_w).sum() / normal_w.sum())),
+            "count": int(normal_w.sum()), "distinct": len(normal),
+            "recommended_thresholds": {f"p{q}": _oracle_weighted_percentile(anomaly, normal_w, q)
+                                       for q in E.PERCENTILES}}
+    results["unknown_events"] = {}
+    if normal_scores is not None:
+        results["unknown_events"]["normal"] = int((normal_scores["unknown"] * normal_w).sum())
+    plot_data = (normal_scores, normal_w, None, None)
+    if abnormal:
+        abnormal_w = np.array(list(abnormal.values()), dtype=np.float64)
+        abnormal_scores = E.score_sessions(model, list(abnormal), ks, batch_size, "abnormal", event_sets)
+        results["unknown_events"]["abnormal"] = int((abnormal_scores["unknown"] * abnormal_w).sum())
+        empty = np.zeros(0, dtype=bool)
+        results["rules"] = {}
+        for rule in E.RULES:
+            on_normal = _oracle_verdicts(normal_scores, calibration, rule) if normal_scores is not None else empty
+            results["rules"][rule] = _oracle_confusion(on_normal, normal_w if normal else np.zeros(0),
+                                                       _oracle_verdicts(abnormal_scores, calibration, rule),
+                                                       abnormal_w)
+        results["default"] = {"rule": default_rule, **results["rules"][default_rule]}
+        results["abnormal_sessions"] = {"count": int(abnormal_w.sum()), "distinct": len(abnormal)}
+        plot_data = (normal_scores, normal_w, abnormal_scores, abnormal_w)
+    elif normal_scores is not None:
+        flagged = {rule: float(normal_w[_oracle_verdicts(normal_scores, calibration, rule)].sum()) for rule in E.RULES}
+        results["false_positive_rate"] = {rule: n / normal_w.sum() for rule, n in flagged.items()}
+        results["default"] = {"rule": default_rule, "fpr": results["false_positive_rate"][default_rule]}
+    return results, plot_data
+
+
+def _oracle_validation_sessions(config, options: dict) -> tuple[Counter, Counter, Counter]:
+    data, seed = config.data, config.training.seed
+    calibration, evaluation, abnormal = Counter(), Counter(), Counter()
+    for record in iter_sessions(data.preprocessed_dir, None, **options):
+        events = tuple(record.event_ids)
+        if record.label:
+            abnormal[events] += 1
+        elif data.validation_split == 0 or is_validation(record.file, record.index, seed, data.validation_split):
+            half = calibration if is_validation(record.file, record.index, seed + 1, 0.5) else evaluation
+            half[events] += 1
+    return calibration, evaluation, abnormal
+
+
+# ----------------------------------------------------------------------------- streaming == in memory
+def _assert_same(actual, expected, ignored=(), where="results"):
+    """Every key of `expected` (but `ignored`) has the same value in `actual`; floats to 1e-12 relative
+    (absolute near 0)."""
+    if isinstance(expected, dict):
+        for key, value in expected.items():
+            if key not in ignored:
+                _assert_same(actual[key], value, ignored, f"{where}.{key}")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-12, abs=1e-12), where
+    else:
+        assert actual == expected, where
+
+
+def _shuffled_chunks(sessions: Counter, chunk_size: int, seed: int = 0) -> list[list]:
+    """Every occurrence as its own entry, shuffled so that duplicates fall into different chunks."""
+    occurrences = list(sessions.elements())
+    random.Random(seed).shuffle(occurrences)
+    return list(E.chunked(occurrences, chunk_size))
+
+
+def _whole_array_histograms(scores: dict, weights: np.ndarray, top_k: int) -> dict:
+    """The plot's histograms from all scores at once, on the bins evaluate() accumulates."""
+    return {"score": np.histogram(scores[f"misses_at_{top_k}"] / scores["predictions"], E.SCORE_EDGES,
+                                  weights=weights)[0],
+            "log10_probability": np.histogram(np.maximum(scores["min_log_prob"], -30) / math.log(10),
+                                              E.LOG10_PROBABILITY_EDGES, weights=weights)[0]}
+
+
+@pytest.mark.parametrize("margin", [1.0, 0.001])
+def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, margin):
+    """Chunks of 7 sessions and a cache of 5, so that sessions are evicted and scored again."""
+    _, out, data, abnormal_dir, _ = trained
+    model, checkpoint = E.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
+    event_sets = E.known_event_sets(checkpoint)
+    normal, _ = _oracle_collect(data, {})
+    _, abnormal = _oracle_collect(abnormal_dir, {}, all_abnormal=True)
+    # ID 28 never occurs in training: probability 0, so these are below any probability bound
+    calibration_sessions = normal + Counter({(28, 28, 28): 2, (1, 2, 28): 1})
+    args = (10, 9, margin, "sample", "combined", 256, event_sets)
+    expected = _oracle_fit_calibration(model, calibration_sessions, *args)
+    calibration = E.fit_calibration(model, _shuffled_chunks(calibration_sessions, 7), *args, max_cached=5)
+    _assert_same(calibration, expected, ignored={"distinct_sessions"})
+    assert calibration["flagged_on_calibration"]["probability"] == 3 / calibration_sessions.total()
+    assert calibration["percentile_method"] == "exact" and calibration["distinct_sessions"] is None
+    assert calibration["scored_sessions"] > len(calibration_sessions)   # evicted sessions were scored again
+
+    for abnormal_side in (abnormal, Counter()):   # rules with abnormal data, false-positive rates without
+        expected, (normal_scores, normal_w, abnormal_scores, abnormal_w) = _oracle_evaluate(
+            model, calibration, normal, abnormal_side, 10, "combined", 256, event_sets)
+        results, histograms = E.evaluate(model, calibration, _shuffled_chunks(normal, 7),
+                                         _shuffled_chunks(abnormal_side, 7), 10, "combined", 256, event_sets,
+                                         max_cached=5)
+        _assert_same(results, expected, ignored={"distinct"})
+        assert results["normal_scores"]["distinct"] is None and results["normal_scores"]["scored"] > len(normal)
+        assert results["normal_scores"]["percentile_method"] == "exact"
+        expected_histograms = {"normal": _whole_array_histograms(normal_scores, normal_w, 10)}
+        if abnormal_side:
+            assert results["rules"]["probability"]["tp"] > 0   # the bound is exercised
+            expected_histograms["abnormal"] = _whole_array_histograms(abnormal_scores, abnormal_w, 10)
+        assert histograms.keys() == expected_histograms.keys()
+        for side, expected_side in expected_histograms.items():
+            for name, counts in expected_side.items():
+                assert histograms[side][name].tolist() == counts.tolist(), (side, name)
+
+    # a cache that holds every session scores each once: the distinct counts are exact
+    results, _ = E.evaluate(model, calibration, _shuffled_chunks(normal, 7), _shuffled_chunks(abnormal, 7), 10,
+                            "combined", 256, event_sets)
+    assert results["normal_scores"]["distinct"] == results["normal_scores"]["scored"] == len(normal)
+    assert results["abnormal_sessions"]["distinct"] == len(abnormal)
+
+
+def test_calibration_thresholds_from_the_sketch_stay_within_its_error(trained):
+    _, out, data, _, _ = trained
+    model, _ = E.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
+    normal, _ = _oracle_collect(data, {})
+    # at top-2 the sample's normal sessions have dozens of distinct scores: more than the 10 kept exactly
+    expected = _oracle_fit_calibration(model, normal, 2, 9, 0.001, "sample", "combined")
+    calibration = E.fit_calibration(model, _shuffled_chunks(normal, 7), 2, 9, 0.001, "sample", "combined",
+                                    max_exact_scores=10)
+    assert calibration["percentile_method"] == "histogram of 65536 bins, error <= 1.53e-05"
+    scores = E.score_sessions(model, list(normal), [2])
+    anomaly, counts = scores["misses_at_2"] / scores["predictions"], np.array(list(normal.values()), dtype=float)
+    for name, threshold in calibration["score_thresholds"].items():
+        assert 0 <= threshold - expected["score_thresholds"][name] <= 1 / 65536
+        # the rule's rate on the calibration sessions is exact for the threshold reported
+        flagged = counts[anomaly > threshold].sum() / counts.sum()
+        assert calibration["flagged_on_calibration"][f"score_{name}"] == flagged
+    _assert_same(calibration, expected, ignored={"distinct_sessions", "score_thresholds", "score_p90", "score_p95",
+                                                 "score_p99"})
+
+
+def test_validation_sources_hold_the_in_memory_halves(trained, tmp_path):
+    _, out, data, abnormal_dir, _ = trained
+    config = E.utils.config_from_dict(torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)["config"])
+    mixed = tmp_path / "mixed"   # normal sessions, and labelled abnormal ones
+    mixed.mkdir()
+    (mixed / "s.jsonl").write_text((data / "s.jsonl").read_text())
+    (mixed / "l.jsonl").write_text("".join(json.dumps({"event_ids": list(map(int, line.split())), "label": 1}) + "\n"
+                                           for line in (abnormal_dir / "a.txt").read_text().splitlines()))
+    config.data.preprocessed_dir = str(mixed)
+    config.lazy_loading.cache_dir = str(tmp_path / "cache")
+    for split, from_cache in ((0.3, True), (0.0, True), (0.3, False), (0.0, False)):
+        config.data.validation_split, config.lazy_loading.cache = split, from_cache
+        expected = _oracle_validation_sessions(config, {})
+        assert all(expected)
+        for source, counter in zip(E.validation_sessions(config, {}, chunk_size=7), expected):
+            assert Counter(tuple(session) for chunk in source for session in chunk) == counter
+
+
+@needs_hdfs
+def test_streaming_gives_the_in_memory_numbers_on_hdfs(hdfs_trained):
+    """Chunks of 500 and a cache of 64 sessions on the HDFS data (1,816 distinct dev sessions)."""
+    model, checkpoint = E.load_model(hdfs_trained / "checkpoints" / "best_model.pt", torch.device("cpu"))
+    event_sets = E.known_event_sets(checkpoint)
+    args = (10, 9, 0.001, "hdfs_train", "combined", 256, event_sets)
+    train, _ = _oracle_collect(HDFS_DIR / "hdfs_train", {})
+    expected = _oracle_fit_calibration(model, train, *args)
+    calibration = E.fit_calibration(model, E.file_chunks(HDFS_DIR / "hdfs_train", {}, abnormal=False, chunk_size=500),
+                                    *args, max_cached=64)
+    _assert_same(calibration, expected, ignored={"distinct_sessions"})
+    normal, _ = _oracle_collect(HDFS_DIR / "hdfs_dev_normal", {})
+    _, abnormal = _oracle_collect(HDFS_DIR / "hdfs_dev_abnormal", {}, all_abnormal=True)
+    expected, _ = _oracle_evaluate(model, calibration, normal, abnormal, 10, "combined", 256, event_sets)
+    results, _ = E.evaluate(model, calibration, E.file_chunks(HDFS_DIR / "hdfs_dev_normal", {}, chunk_size=500),
+                            E.file_chunks(HDFS_DIR / "hdfs_dev_abnormal", {}, chunk_size=500), 10, "combined", 256,
+                            event_sets, max_cached=64)
+    _assert_same(results, expected, ignored={"distinct"})
+    assert results["abnormal_sessions"]["count"] == 5051 and results["rules"]["combined"]["tp"] > 0
+
+
+# ----------------------------------------------------------------------------- accumulators by hand
+def test_percentile_sketch_beyond_the_cap_stays_within_its_error():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.integers(0, 50, 3000) / rng.integers(50, 400, 3000), [0.0, 0.25, 0.5, 1.0]])
+    weights = rng.integers(1, 20, len(values)).astype(float)
+    exact, sketch = E.ScoreQuantiles(), E.ScoreQuantiles(max_exact=100)
+    for begin in range(0, len(values), 250):
+        exact.add(values[begin:begin + 250], weights[begin:begin + 250])
+        sketch.add(values[begin:begin + 250], weights[begin:begin + 250])
+    assert exact.method == "exact" and sketch.method == "histogram of 65536 bins, error <= 1.53e-05"
+    for q in (1, 50, 90, 95, 99, 100):
+        true = _oracle_weighted_percentile(values, weights, q)
+        assert exact.percentile(q) == true
+        assert 0 <= sketch.percentile(q) - true <= 1 / 65536
+        assert sketch.weight_above(sketch.percentile(q)) == weights[values > sketch.percentile(q)].sum()
+    # values on a bin's upper edge stay exact; 0 stands for the first bin's upper edge
+    tiny = E.ScoreQuantiles(max_exact=1)
+    tiny.add(np.array([0.0, 0.5, 1.0]), np.array([97.0, 2.0, 1.0]))
+    assert [tiny.percentile(q) for q in (90, 98, 100)] == [1 / 65536, 0.5, 1.0]
+    assert tiny.weight_above(0.5) == 1.0
+
+
+def test_chunk_scorer_scores_a_session_once_while_it_is_cached():
+    model = fixed_model()
+    chunks = [[[0, 1], (0, 1), np.array([2])], [(0, 1), [3]], [(2,)]]
+    lru = E.ChunkScorer(model, [2], max_cached=2)
+    sessions, scores, counts = lru(chunks[0])
+    assert sessions == [(0, 1), (2,)] and counts.tolist() == [2, 1] and scores["misses_at_2"].tolist() == [1, 2]
+    sessions, scores, counts = lru(chunks[1])   # (0, 1) from the cache, now the most recent; (3,) evicts (2,)
+    fresh = E.score_sessions(model, sessions, [2])
+    assert all(scores[name].tolist() == fresh[name].tolist() for name in fresh)
+    lru(chunks[2])                              # (2,) scored again
+    assert lru.scored == 4 and lru.distinct is None
+    roomy = E.ChunkScorer(model, [2], max_cached=3)
+    for chunk in chunks:
+        roomy(chunk)
+    assert roomy.scored == roomy.distinct == 3
+    long_session = E.ChunkScorer(model, [2])
+    long_session([[1] * (E.MAX_CACHED_LENGTH + 1)] * 2)
+    assert long_session.scored == 1 and long_session.distinct is None   # not cached: may be scored again later
+
+
+def test_results_depend_neither_on_chunks_nor_on_the_cache():
+    model, event_sets = fixed_model(), {frozenset({0, 1}), frozenset({0}), frozenset({1, 2, 3})}
+    normal = Counter({(0, 1): 9, (0,): 1, (1, 2, 3): 4, (0, 9): 2})
+    abnormal = Counter({(0, 1): 2, (2, 3, 4): 3, (7,): 1})
+    args = (2, 5, 0.5, "hand", "combined", 256, event_sets)
+    expected_calibration = _oracle_fit_calibration(model, normal, *args)
+    expected, _ = _oracle_evaluate(model, expected_calibration, normal, abnormal, 2, "combined", 256, event_sets)
+    for chunk_size, max_cached in ((1, 0), (2, 1), (3, 100), (100, 100)):
+        calibration = E.fit_calibration(model, _shuffled_chunks(normal, chunk_size), *args, max_cached=max_cached)
+        _assert_same(calibration, expected_calibration, ignored={"distinct_sessions"})
+        results, _ = E.evaluate(model, calibration, _shuffled_chunks(normal, chunk_size),
+                                _shuffled_chunks(abnormal, chunk_size), 2, "combined", 256, event_sets,
+                                max_cached=max_cached)
+        _assert_same(results, expected, ignored={"distinct"})
+        assert results["normal_scores"]["distinct"] == (len(normal) if max_cached == 100 else None)
+
+
+def test_margin_one_flags_only_events_of_probability_zero_on_calibration():
+    model = fixed_model()
+    normal = Counter({(0, 1): 9, (0,): 1, (0, 9): 2})   # 9 >= vocab_size: probability 0
+    calibration = E.fit_calibration(model, _chunks(normal), 2, 5, 1.0, "hand", "combined")
+    # the end of every other session is the least likely event: on the bound, not below it
+    assert calibration["probability_bound"] == calibration["least_likely_normal_log_prob"]
+    assert calibration["flagged_on_calibration"]["probability"] == 2 / 12
+    _assert_same(calibration, _oracle_fit_calibration(model, normal, 2, 5, 1.0, "hand", "combined"))
+    with pytest.raises(E.utils.ConfigError, match=r"probability margin 1.5: must be in \(0, 1\]"):
+        E.fit_calibration(model, _chunks(normal), 2, 5, 1.5, "hand", "combined")
+
+
+def test_empty_sides_and_empty_chunks():
+    model = fixed_model()
+    normal, abnormal = Counter({(0, 1): 3, (0,): 1}), Counter({(2, 3): 2, (0, 1): 1})
+    calibration = E.fit_calibration(model, [[], *_chunks(normal), []], 2, 5, 0.5, "hand", "combined")
+    _assert_same(calibration, _oracle_fit_calibration(model, normal, 2, 5, 0.5, "hand", "combined"))
+    only_abnormal, histograms = E.evaluate(model, calibration, [[]], _chunks(abnormal), 2, "combined")
+    _assert_same(only_abnormal, _oracle_evaluate(model, calibration, Counter(), abnormal, 2, "combined")[0])
+    assert "next_event" not in only_abnormal and list(histograms) == ["abnormal"]
+    assert only_abnormal["rules"]["top_g"]["fp"] == only_abnormal["rules"]["top_g"]["tn"] == 0
+    only_normal, _ = E.evaluate(model, calibration, _chunks(normal), [], 2, "combined")
+    _assert_same(only_normal, _oracle_evaluate(model, calibration, normal, Counter(), 2, "combined")[0])
+    assert "rules" not in only_normal and only_normal["false_positive_rate"]["top_g"] == 1.0
+    with pytest.raises(E.DataError, match="no sessions to evaluate"):
+        E.evaluate(model, calibration, [], [[]], 2, "combined")
+    with pytest.raises(E.DataError, match="hand: no normal sessions to calibrate on"):
+        E.fit_calibration(model, [[]], 2, 5, 0.5, "hand", "combined")

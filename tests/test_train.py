@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, run_script, write_config
 
 
@@ -49,8 +48,11 @@ def test_outputs_logs_and_checkpoints(straight_run):
     root, config, data, out, result = straight_run
     log = (out / "training.log").read_text()
     step_line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| INFO \| \[Step (\d+)\] Loss: \d+\.\d{4} "
-                           r"\(avg: \d+\.\d{4}\) \| LR: \d\.\d\de-\d\d \| Time: [\d.]+[smh] \(ETA: .+\)$", re.M)
-    assert [int(s) for s in step_line.findall(log)] == list(range(5, 30, 5))  # every log_every_steps
+                           r"\(avg: \d+\.\d{4}\) \| LR: \d\.\d\de-\d\d \| ([\d,]+) tok/s \| data wait (\d+)% \| "
+                           r"Time: [\d.]+[smh] \(ETA: .+\)$", re.M)
+    lines = step_line.findall(log)
+    assert [int(step) for step, _, _ in lines] == list(range(5, 30, 5))  # every log_every_steps
+    assert all(int(rate.replace(",", "")) > 0 and 0 <= int(wait) <= 100 for _, rate, wait in lines)
     assert "skipped: 5 abnormal, 0 bad records" in log
     if not torch.cuda.is_available():
         assert "GPU stats: no CUDA GPU" in log and "GPU:" not in log
