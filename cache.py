@@ -26,8 +26,9 @@ byte range ("part"); a .json array by one. Each part holds, as raw little-endian
 meta.json says what the arrays hold and is written last; a whole entry is written into a temp folder
 and renamed into place, so a cache is complete or absent. A stale (file changed, settings changed),
 partial or inconsistent entry is rebuilt with one log line. Epochs read windows through a keyed
-permutation (a true global shuffle in O(1) memory), assemble a block of batches at a time with torch
-index_select, and release the mapped pages after each block, so memory stays flat whatever the size.
+permutation (a true global shuffle in O(1) memory) and assemble a block of batches at a time with torch
+index_select from the memory-mapped caches: the process's own memory stays flat whatever the size, and
+the page cache keeps as much of the caches as the machine can spare.
 This module knows nothing of training.
 """
 from __future__ import annotations
@@ -49,7 +50,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset import MAX_EVENT_SETS, DataError, _format_of, iter_session_arrays, list_data_files, split_draws
+from dataset import (
+    MAX_EVENT_SETS,
+    DataError,
+    SessionArrays,
+    _format_of,
+    iter_session_arrays,
+    list_data_files,
+    split_draws,
+)
 from model import special_tokens
 
 CACHE_FORMAT = 1
@@ -251,12 +260,11 @@ def _build_part(task: _Task) -> dict:
     gc.disable()
     try:
         np.zeros(1, np.int64).tofile(handles["offsets"])
-        for arrays in iter_session_arrays(file, vocab, counters=counters, byte_range=task.byte_range,
-                                          first_line=task.newlines_before + 1, chunk_records=1024,
-                                          **settings.reader_options()):
+        chunks = iter_session_arrays(file, vocab, counters=counters, byte_range=task.byte_range,
+                                     first_line=task.newlines_before + 1, chunk_records=1024,
+                                     **settings.reader_options())
+        for arrays in _grouped(chunks, 2 ** 16):
             n = len(arrays.lengths)
-            if n == 0:
-                continue
             sizes = arrays.lengths + 2
             local_starts = np.cumsum(sizes) - sizes
             laid_out = np.empty(int(sizes.sum()), dtype=dtype)
@@ -288,6 +296,24 @@ def _build_part(task: _Task) -> dict:
             "bad_records": counters.get("bad_records", 0), "first_bad_record": counters.get("first_bad_record"),
             "seen_targets": np.flatnonzero(seen).tolist() if vocab is not None else None,
             "event_sets": None if event_sets is None else sorted(sorted(s) for s in event_sets)}
+
+
+def _grouped(chunks, sessions: int) -> Iterator[SessionArrays]:
+    """Parsed chunks joined into groups of at least `sessions` (the last may be smaller): parsing likes
+    small chunks (they stay in the CPU cache), the vectorised steps after it like big ones."""
+    group: list = []
+    for arrays in chunks:
+        group.append(arrays)
+        if sum(len(a.lengths) for a in group) >= sessions:
+            yield _joined(group)
+            group = []
+    if group and sum(len(a.lengths) for a in group):
+        yield _joined(group)
+
+
+def _joined(group: list) -> SessionArrays:
+    return SessionArrays(*(np.concatenate([getattr(a, name) for a in group])
+                           for name in ("tokens", "lengths", "labels", "indexes")))
 
 
 def _seen_targets(arrays, trained: np.ndarray, vocab: int) -> np.ndarray:
@@ -365,26 +391,36 @@ def check_entry(entry: Path, key: dict) -> str | None:
 
 # ----------------------------------------------------------------------------- reading
 class _Mapped:
-    """A read-only memory map of one array file whose pages can be handed back to the page cache."""
+    """One array file, memory-mapped (the page cache holds what fits, the process's own memory stays flat)
+    or, with lazy=False, read whole into the process's memory."""
 
-    def __init__(self, path: Path, dtype):
-        with open(path, "rb") as handle:
-            size = os.path.getsize(path)
-            self.map = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) if size else None
-        self.array = np.frombuffer(self.map, dtype=dtype) if self.map else np.zeros(0, dtype=dtype)
+    def __init__(self, path: Path, dtype, lazy: bool = True):
+        self.map = None
+        if not lazy:
+            self.array = np.fromfile(path, dtype=dtype)
+        else:
+            with open(path, "rb") as handle:
+                size = os.path.getsize(path)
+                # copy-on-write: writable for torch.from_numpy, never written, so the pages stay shared
+                self.map = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+            self.array = np.frombuffer(self.map, dtype=dtype) if self.map else np.zeros(0, dtype=dtype)
         self.tensor = torch.from_numpy(self.array)
 
     def release(self) -> None:
-        """Drop this process's mapped pages (they stay in the page cache): resident memory stays flat."""
+        """Unmap the pages read so far (they stay in the page cache), after a sequential pass."""
         if self.map is not None:
             self.map.madvise(mmap.MADV_DONTNEED)
 
 
 class _Part:
-    def __init__(self, prefix: Path, summary: dict, file: str):
+    def __init__(self, prefix: Path, summary: dict, file: str, vocab_size: int | None = None, lazy: bool = True):
         self.file, self.sessions = file, summary["sessions"]
-        self.tokens = _Mapped(Path(f"{prefix}.tokens"), np.dtype(summary["dtype"]))
+        self.tokens = _Mapped(Path(f"{prefix}.tokens"), np.dtype(summary["dtype"]), lazy)
         self.arrays = {name: _Mapped(Path(f"{prefix}.{name}"), dtype) for name, dtype in ARRAYS.items()}
+        # what batches are cut from: int16 holds every token of a small vocabulary (torch's uint16 kernels
+        # are slow), else int32; IDs of the shared tokens are the same either way
+        small = self.tokens.tensor.dtype == torch.uint16 and vocab_size is not None and vocab_size + 4 <= 2 ** 15
+        self.rows = self.tokens.tensor.view(torch.int16) if small else self.tokens.tensor
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name].array
@@ -421,7 +457,7 @@ class CachedSessions:
     def __init__(self, entries: list[Path], vocab_size: int, split: str = "train", seed: int = 42,
                  max_seq_length: int = 256, window_context: int = 32, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1, samples_per_rank: int | None = None,
-                 buffer_size: int = 10000, release_pages: bool = True):
+                 buffer_size: int = 10000, lazy: bool = True):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split}")
         if not 0 <= window_context < max_seq_length:
@@ -429,7 +465,7 @@ class CachedSessions:
         self.vocab_size, self.split, self.seed = vocab_size, split, seed
         self.max_seq_length, self.window_context, self.shuffle = max_seq_length, window_context, shuffle
         self.rank, self.world_size, self.samples_per_rank = rank, world_size, samples_per_rank
-        self.buffer_size, self.release_pages = buffer_size, release_pages
+        self.buffer_size, self.lazy = buffer_size, lazy
         self.shard_by_file = False  # every rank reads every cache: the permutation spreads windows over ranks
         self.epoch = 0
         self.metas = [json.loads((entry / "meta.json").read_text()) for entry in entries]
@@ -437,7 +473,7 @@ class CachedSessions:
         for entry, meta in zip(entries, self.metas):
             for summary in meta["parts"]:
                 prefix = entry / f"part-{summary['part']}"
-                self.parts.append(_Part(prefix, summary, meta["key"]["path"]))
+                self.parts.append(_Part(prefix, summary, meta["key"]["path"], vocab_size, lazy))
                 self.windows.append(self._window_index(prefix, self.parts[-1]))
         counts = np.array([len(w["starts"].array) for w in self.windows], dtype=np.int64)
         self.window_bounds = np.concatenate([[0], np.cumsum(counts)])
@@ -465,8 +501,8 @@ class CachedSessions:
             for k in ("lengths", "starts"):  # starts last: its presence means both are complete
                 os.replace(temp[k], f"{name}.{k}")
             part.release()
-        return {"starts": _Mapped(Path(f"{name}.starts"), np.int64),
-                "lengths": _Mapped(Path(f"{name}.lengths"), np.int32)}
+        return {"starts": _Mapped(Path(f"{name}.starts"), np.int64, self.lazy),
+                "lengths": _Mapped(Path(f"{name}.lengths"), np.int32, self.lazy)}
 
     # ------------------------------------------------------------------ counts
     def count(self) -> dict:
@@ -516,82 +552,55 @@ class CachedSessions:
                     yield batch, done
 
     def _block(self, positions: np.ndarray, batch_size: int, block_number: int) -> list[dict]:
+        """The batches of one block: its windows are read in the caches' order (for locality), then, when
+        shuffling, sorted by length, cut into batches, and the batches put in a seeded random order."""
         ids = positions * self.world_size + self.rank
-        if self.shuffle:
-            ids = keyed_permutation(ids, self.total_windows, f"{self.seed}:{self.epoch}")
-        starts, lengths = self._lookup(ids)
-        context = lengths < 0
-        lengths = np.abs(lengths)
-        if self.shuffle:  # length bucketing inside the block, then the batches in a seeded random order
-            order = np.argsort(lengths, kind="stable")
-            starts, lengths, context = starts[order], lengths[order], context[order]
-        cuts = list(range(0, len(ids), batch_size))
+        if self.shuffle:  # which windows form this block: a keyed permutation of all of them
+            ids = np.sort(keyed_permutation(ids, self.total_windows, f"{self.seed}:{self.epoch}"))
+        rows, lengths, context = self._gather(ids)
+        cuts = np.arange(0, len(ids), batch_size)
         batch_order = np.arange(len(cuts))
-        if self.shuffle:
+        if self.shuffle:  # length bucketing: each batch's windows are alike in length, so little padding
+            order = np.argsort(lengths.astype(np.int16 if self.max_seq_length < 2 ** 15 else np.int32),
+                               kind="stable")  # a radix sort for int16
+            rows = rows.index_select(0, torch.from_numpy(order))
+            lengths, context = lengths[order], context[order]
             batch_order = np.random.default_rng([self.seed, self.epoch, block_number]).permutation(len(cuts))
-        rows = self._gather(starts, int(lengths.max()))
+        widths = np.maximum.reduceat(lengths, cuts).tolist()
         lengths_t = torch.from_numpy(lengths.astype(np.int64))
         context_t = torch.from_numpy(np.where(context, self.window_context, 0).astype(np.int64))
         batches = []
         for k in batch_order.tolist():
-            begin = cuts[k]
-            end = min(begin + batch_size, len(ids))
-            width = int(lengths[begin:end].max())
+            begin, width = int(cuts[k]), widths[k]
+            end = begin + batch_size
             # inputs row[:-1], targets row[1:], both views; positions from `lengths` on and the first
             # `context` targets are masked where the batch lands (dataset.batch_to_device), not here
             batches.append({"input_ids": rows[begin:end, :width], "targets": rows[begin:end, 1:width + 1],
                             "lengths": lengths_t[begin:end], "context": context_t[begin:end]})
         return batches
 
-    def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(token start across all parts, signed length) of global window ids, read in sorted order."""
-        order = np.argsort(ids)
-        sorted_ids = ids[order]
-        part_of = np.searchsorted(self.window_bounds, sorted_ids, side="right") - 1
-        starts = np.empty(len(ids), dtype=np.int64)
-        lengths = np.empty(len(ids), dtype=np.int32)
-        part_offsets = self._part_token_offsets()
-        for part in np.unique(part_of).tolist():
-            chosen = part_of == part
-            local = sorted_ids[chosen] - self.window_bounds[part]
-            starts[chosen] = self.windows[part]["starts"].array[local] + part_offsets[part]
-            lengths[chosen] = self.windows[part]["lengths"].array[local]
-        result_starts, result_lengths = np.empty_like(starts), np.empty_like(lengths)
-        result_starts[order], result_lengths[order] = starts, lengths
-        return result_starts, result_lengths
-
-    def _part_token_offsets(self) -> np.ndarray:
-        if not hasattr(self, "_token_offsets"):
-            sizes = [len(p.tokens.array) for p in self.parts]
-            self._token_offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        return self._token_offsets
-
-    def _gather(self, starts: np.ndarray, longest: int) -> torch.Tensor:
-        """Rows of `longest + 1` tokens from each start, as a [windows, longest + 1] int tensor, gathered in
-        the order of the starts (for locality) and put back in the given order."""
-        width = longest + 1
-        offsets = self._part_token_offsets()
-        order = np.argsort(starts, kind="stable")
-        sorted_starts = starts[order]
-        part_of = np.searchsorted(offsets, sorted_starts, side="right") - 1
+    def _gather(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """For sorted global window ids: rows of (longest + 1) tokens from each window's start, as one
+        [windows, longest + 1] int tensor (inputs are row[:-1], targets row[1:]); the windows' lengths;
+        whether each re-reads window_context positions of the previous window."""
+        bounds = np.searchsorted(ids, self.window_bounds)
         pieces = []
-        for part in range(part_of[0], part_of[-1] + 1):
-            begin, end = np.searchsorted(part_of, [part, part + 1])
-            if begin == end:
-                continue
-            local = torch.from_numpy(sorted_starts[begin:end] - offsets[part])
-            tokens = self.parts[part].tokens.tensor
+        for part in np.flatnonzero(np.diff(bounds)).tolist():
+            local = ids[bounds[part]:bounds[part + 1]] - self.window_bounds[part]
+            windows = self.windows[part]
+            pieces.append((part, windows["starts"].array[local], windows["lengths"].array[local]))
+        signed = np.concatenate([lengths for _, _, lengths in pieces])
+        lengths = np.abs(signed)
+        width = int(lengths.max()) + 1
+        rows = []
+        for part, starts, _ in pieces:
+            tokens, local = self.parts[part].rows, torch.from_numpy(starts)
             if width <= TAIL:  # every window is a contiguous slice: one index_select of overlapping rows
-                pieces.append(tokens.unfold(0, width, 1).index_select(0, local))
+                rows.append(tokens.unfold(0, width, 1).index_select(0, local))
             else:
-                pieces.append(tokens[(local[:, None] + torch.arange(width)).clamp(max=len(tokens) - 1)])
-        rows = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        if self.release_pages:
-            self._release()
-        rows = rows.index_select(0, torch.from_numpy(np.argsort(order)))
-        # int16 holds every token when the vocabulary is small; otherwise int32 (uint16 kernels are slow)
-        return rows.view(torch.int16) if rows.dtype == torch.uint16 and self.vocab_size + 4 <= 2 ** 15 \
-            else rows.to(torch.int32)
+                rows.append(tokens[(local[:, None] + torch.arange(width)).clamp(max=len(tokens) - 1)])
+        rows = torch.cat(rows) if len(rows) > 1 else rows[0]
+        return (rows.to(torch.int32) if rows.dtype == torch.uint16 else rows), lengths, signed < 0
 
     def _release(self) -> None:
         for part in self.parts:

@@ -98,12 +98,11 @@ def iter_sessions(path, vocab_size: int | None = None, event_ids_field: str = "e
     counters.setdefault("bad_records", 0)
     for file in list_data_files(path):
         fmt = _format_of(file) or "text"
-        raw = {"json": _iter_json_array, "jsonl": _iter_jsonl, "text": _iter_text}[fmt]
         fields = (event_ids_field, label_field, session_id_field)
         try:
-            for index, item in raw(file, json_array_key):
+            for index, item in _numbered_items(file, fmt, json_array_key, None, 1):
                 try:
-                    yield _validate(file, index, item, fields, vocab_size, fmt)
+                    yield _record(file, index, item, fields, vocab_size, fmt)
                 except DataError as error:
                     if not skip_bad_records:
                         raise
@@ -134,26 +133,6 @@ def _iter_json_array(file: Path, array_key: str):
     if count == 0 and prefix != "item":
         raise DataError(f"{file}: no session array found: expected a top-level array or an object "
                         f"with the array under '{array_key}' (data.json_array_key)")
-
-
-def _iter_jsonl(file: Path, _array_key: str):
-    with _open(file, "rt") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{file}: line {line_no}: malformed JSON: {error}") from None
-
-
-def _iter_text(file: Path, _array_key: str):
-    with _open(file, "rt") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            yield line_no, _text_event_ids(file, line_no, tokens)
 
 
 def _text_event_ids(file: Path, line_no: int, tokens: list[str]) -> list[int]:
@@ -352,19 +331,17 @@ def _arrays_at_c_speed(events: list, labels: list | None, indexes: np.ndarray, v
                        tokens_are_text: bool = False) -> SessionArrays | None:
     """SessionArrays when every session of the chunk is valid, else None. No Python loop over events:
     struct.pack converts and range-checks every ID in C, and refuses floats, strings and nulls."""
-    if set(map(type, events)) != {list}:
-        return None
     if labels is not None and (set(map(type, labels)) != {int} or not set(labels) <= {0, 1}):
         return None
-    lengths = np.fromiter(map(len, events), np.int64, len(events))
-    if not lengths.all():
-        return None
     small = vocab_size is not None and vocab_size <= 2 ** 16
-    flat = itertools.chain.from_iterable(events)
-    try:
+    try:  # an event list that is not a list fails here too: len() of a number, or struct given its items
+        lengths = np.fromiter(map(len, events), np.int64, len(events))
+        flat = itertools.chain.from_iterable(events)
         packed = struct.pack(f"<{int(lengths.sum())}{'H' if small else 'q'}",
                              *(map(int, flat) if tokens_are_text else flat))
-    except (struct.error, ValueError, OverflowError):
+    except (struct.error, TypeError, ValueError, OverflowError):
+        return None
+    if not lengths.all():
         return None
     tokens = np.frombuffer(packed, dtype=np.uint16 if small else np.int64)
     if (not small and tokens.min() < 0) or (vocab_size is not None and tokens.max() >= vocab_size):
@@ -377,16 +354,21 @@ def _arrays_at_c_speed(events: list, labels: list | None, indexes: np.ndarray, v
                          np.array(labels, dtype=np.uint8), indexes)
 
 
+def _record(file: Path, index: int, item, fields, vocab_size: int | None, fmt: str) -> Record:
+    """A raw item of _numbered_items checked into a Record, or DataError naming file and record."""
+    if isinstance(item, _Unparsable):
+        raise DataError(item.message)
+    if fmt == "text":
+        item = _text_event_ids(file, index, item)
+    return _validate(file, index, item, fields, vocab_size, fmt)
+
+
 def _checked_record_by_record(file: Path, chunk, fmt: str, fields, vocab_size, skip_bad_records: bool,
                               counters: dict) -> SessionArrays:
     records = []
     for index, item in chunk:
         try:
-            if isinstance(item, _Unparsable):
-                raise DataError(item.message)
-            if fmt == "text":
-                item = _text_event_ids(file, index, item)
-            records.append(_validate(file, index, item, fields, vocab_size, fmt))
+            records.append(_record(file, index, item, fields, vocab_size, fmt))
         except DataError as error:
             if not skip_bad_records:
                 raise

@@ -87,9 +87,9 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
         utils.barrier(runtime)
         entries = entries or build()
         train = CachedSessions(entries, config.model.vocab_size, "train", shuffle=loading.shuffle_buffer,
-                               buffer_size=loading.buffer_size, release_pages=loading.enabled, **common)
+                               buffer_size=loading.buffer_size, lazy=loading.enabled, **common)
         val = CachedSessions(entries, config.model.vocab_size, "val", shuffle=False,
-                             buffer_size=loading.buffer_size, release_pages=loading.enabled, **common)
+                             buffer_size=loading.buffer_size, lazy=loading.enabled, **common)
         counted = train.count()
         windows_per_rank = train.windows_per_rank()
     elif data.samples_per_epoch:

@@ -1,13 +1,21 @@
-"""Memory stays flat whatever the data size: peak RSS of one streamed training-data pass per file size.
+"""Memory stays flat whatever the data size: peak RSS of training's input pipeline and of evaluation.
 
 Examples:
 
-    python benchmarks/memory.py                       # 20k, 200k and 1M sessions of generated JSON
-    python benchmarks/memory.py --sessions 10000 5000000 --format jsonl
+    python benchmarks/memory.py                              # 0.1, 0.5 and 2 GB of generated JSON
+    python benchmarks/memory.py --gigabytes 0.1 1 --stages train
+    python benchmarks/memory.py --gigabytes 0.05 0.2 --format jsonl
 
-Each size runs in a fresh process: it writes a data file, then streams it through SessionDataset
-(counting pass, then one shuffled epoch of padded batches of 64, shuffle buffer 10,000) and reports the
-file size, the time and the process's peak resident memory.
+For each size, a JSON array of random HDFS-like sessions (5-39 events of 29 types, all distinct) is
+written, then each stage runs in a fresh process that reports its peak resident memory (ru_maxrss):
+    train      the first pass (token cache, all cores), the count, one shuffled epoch of padded batches
+               of 256 and the validation pass, exactly as train.py reads its data (no model)
+    evaluate   calibration on the validation split's calibration half, then evaluation of the whole file
+               (every session scored: none repeats) with a tiny model, through evaluate.py's streaming
+               path and the token cache
+The peak includes the Python process with torch loaded (about 230 MB). One .json file is parsed in the
+process itself; parsing processes, where a JSONL or text file is split, report their own peak
+("parsers MB").
 """
 from __future__ import annotations
 
@@ -24,49 +32,75 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_data(path: Path, sessions: int, fmt: str) -> None:
+def write_data(path: Path, gigabytes: float) -> int:
     rng = random.Random(0)
+    target, written, sessions = gigabytes * 1e9, 0, 0
     with open(path, "w") as handle:
-        if fmt == "json":
-            handle.write("[")
-        for i in range(sessions):
-            events = [rng.randrange(29) for _ in range(rng.randrange(5, 40))]
-            record = json.dumps({"session_id": f"s{i}", "event_ids": events})
-            handle.write(("," if i and fmt == "json" else "") + record + ("\n" if fmt == "jsonl" else ""))
-        if fmt == "json":
-            handle.write("]")
+        handle.write("[")
+        while written < target:
+            events = [rng.randrange(1, 29) for _ in range(rng.randrange(5, 40))]
+            record = ("," if sessions else "") + json.dumps({"session_id": f"s{sessions}", "event_ids": events})
+            written += handle.write(record)
+            sessions += 1
+        handle.write("]")
+    return sessions
 
 
-def child(path: str) -> None:
+def child(stage: str, path: str, cache_dir: str) -> None:
     sys.path.insert(0, str(REPO))
-    from dataset import SessionDataset
-    dataset = SessionDataset(path, 29, split="train", validation_split=0.1, shuffle=True, buffer_size=10000)
+    import logging
+
+    import torch
+
+    import evaluate
+    import utils
+    from cache import CachedSessions, build_caches, cache_settings
+    config = utils.load_config(None, {"data.preprocessed_dir": path, "lazy_loading.cache_dir": cache_dir,
+                                      "model.embedding_dim": 8, "model.hidden_size": 8, "model.num_layers": 1})
     started = time.time()
-    windows = dataset.count()["windows"]
-    batches = sum(1 for _ in dataset.batches(64))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"windows": windows, "batches": batches, "seconds": time.time() - started, "peak_mb": peak_mb}))
+    if stage == "train":
+        entries = build_caches(path, cache_settings(config, 29), cache_dir)
+        train = CachedSessions(entries, 29, "train")
+        windows = train.count()["windows"]
+        train.set_epoch(1)
+        batches = sum(1 for _ in train.batches(256))
+        batches += sum(1 for _ in CachedSessions(entries, 29, "val", shuffle=False).batches(256))
+        detail = {"windows": windows, "batches": batches}
+    else:
+        torch.set_num_threads(2)
+        model = evaluate.DeepLog(29, 8, 8, 1, 0.0).eval()
+        logger = logging.getLogger("deeplog")
+        calibration_half, _, _ = evaluate.validation_sessions(config, {}, logger=logger)
+        calibration = evaluate.fit_calibration(model, calibration_half, 10, 9, 0.001, "memory benchmark", "combined")
+        normal = evaluate.data_chunks(path, config, "all", logger)
+        results, _ = evaluate.evaluate(model, calibration, normal, [], 10, "combined")
+        detail = {"sessions": results["normal_scores"]["count"], "scored": results["normal_scores"]["scored"]}
+    print(json.dumps({**detail, "seconds": time.time() - started,
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "children_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=int, nargs="+", default=[20000, 200000, 1000000], help="file sizes")
-    parser.add_argument("--format", choices=["json", "jsonl"], default="json", help="data file format")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--gigabytes", type=float, nargs="+", default=[0.1, 0.5, 2.0], help="file sizes")
+    parser.add_argument("--stages", nargs="+", choices=["train", "evaluate"], default=["train", "evaluate"])
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child)
+        return child(*args.child)
+    print(f"{'GB':>5} {'sessions':>10} {'stage':>9} {'seconds':>8} {'peak RSS MB':>12} {'parsers MB':>11}")
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"{'sessions':>10} {'file MB':>9} {'windows':>9} {'seconds':>8} {'peak RSS MB':>12}")
-        for count in args.sessions:
-            path = Path(tmp) / f"data.{args.format}"
-            write_data(path, count, args.format)
-            out = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True,
-                                 check=True).stdout
-            row = json.loads(out)
-            print(f"{count:>10} {path.stat().st_size / 2**20:>9.1f} {row['windows']:>9} {row['seconds']:>8.1f} "
-                  f"{row['peak_mb']:>12.0f}")
+        for gigabytes in args.gigabytes:
+            path = Path(tmp) / "sessions.json"
+            sessions = write_data(path, gigabytes)
+            for stage in args.stages:
+                out = subprocess.run([sys.executable, __file__, "--child", stage, str(path), f"{tmp}/cache"],
+                                     capture_output=True, text=True, check=True).stdout
+                row = json.loads(out.splitlines()[-1])
+                print(f"{path.stat().st_size / 1e9:>5.2f} {sessions:>10} {stage:>9} {row['seconds']:>8.1f} "
+                      f"{row['peak_mb']:>12.0f} {row['children_peak_mb']:>11.0f}", flush=True)
             path.unlink()
+            subprocess.run(["rm", "-rf", f"{tmp}/cache"], check=True)
 
 
 if __name__ == "__main__":

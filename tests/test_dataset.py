@@ -4,7 +4,16 @@ import json
 
 import pytest
 
-from dataset import DataError, SessionDataset, collate, is_validation, iter_sessions, list_data_files, make_windows
+from dataset import (
+    DataError,
+    SessionDataset,
+    collate,
+    is_validation,
+    iter_session_arrays,
+    iter_sessions,
+    list_data_files,
+    make_windows,
+)
 from model import IGNORE_INDEX, special_tokens
 
 SESSIONS = [[1, 2, 3], [4, 5], [6]]
@@ -269,3 +278,52 @@ def test_bad_data_in_a_reader_process_is_one_clear_error(tmp_path):
             run()
         assert str(error.value) == f"{tmp_path / 'b.jsonl'}: line 2: event ID 99 >= vocab_size 29 " \
                                    f"(raise model.vocab_size)"
+
+
+@pytest.mark.parametrize("name,content,message", BAD)
+def test_the_fast_first_pass_names_the_same_bad_record(tmp_path, name, content, message):
+    """iter_session_arrays checks chunks at C speed; a bad record still gets iter_sessions' exact message."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as fast:
+        list(iter_session_arrays(path, vocab_size=29))
+    with pytest.raises(DataError) as slow:
+        ids(path, vocab_size=29)
+    assert str(fast.value) == str(slow.value)
+
+
+@pytest.mark.parametrize("chunk_records", [1, 2, 1024])
+@pytest.mark.parametrize("name,content", [
+    ("x.json", json.dumps([{"event_ids": [1, 0, 2], "label": 1}, {"event_ids": [3]}, {"x": 1}, {"event_ids": [0, 1]}])),
+    ("x.jsonl", '{"event_ids": [1, 0, 2], "label": 1}\n\n{"event_ids": [1, true]}\nnot json\n{"event_ids": [3]}\n'),
+    ("x.txt", "1 2 3\n\n4 x\n5 6\n7 99\n"),
+])
+def test_the_fast_first_pass_equals_the_record_reader_and_skips_what_it_skips(tmp_path, name, content,
+                                                                              chunk_records):
+    path = tmp_path / name
+    path.write_text(content)
+    fast_counters, slow_counters = {}, {}
+    chunks = list(iter_session_arrays(path, 29, skip_bad_records=True, counters=fast_counters,
+                                      chunk_records=chunk_records))
+    records = list(iter_sessions(path, 29, skip_bad_records=True, counters=slow_counters))
+    lengths = [n for c in chunks for n in c.lengths.tolist()]
+    assert [t for c in chunks for t in c.tokens.tolist()] == [e for r in records for e in r.event_ids]
+    assert lengths == [len(r.event_ids) for r in records]
+    assert [x for c in chunks for x in c.labels.tolist()] == [r.label for r in records]
+    assert [x for c in chunks for x in c.indexes.tolist()] == [r.index for r in records]
+    assert fast_counters["bad_records"] >= 1 and fast_counters["first_bad_record"]
+
+
+def test_byte_ranges_cover_every_line_once_with_exact_line_numbers(tmp_path):
+    path = tmp_path / "r.txt"
+    path.write_text("".join(" ".join(str((i * 7 + k) % 29) for k in range(1 + i % 5)) + "\n" + "\n" * (i % 3 == 0)
+                            for i in range(500)))
+    data, size = path.read_bytes(), path.stat().st_size
+    whole = [(a.tokens.tolist(), a.indexes.tolist()) for a in iter_session_arrays(path, 29)]
+    for bounds in ([0, 1, size], [0, 100, 101, 2000, size], [0, size // 2, size]):
+        tokens, indexes = [], []
+        for begin, end in zip(bounds, bounds[1:]):
+            for a in iter_session_arrays(path, 29, byte_range=(begin, end), first_line=data[:begin].count(b"\n") + 1):
+                tokens += a.tokens.tolist()
+                indexes += a.indexes.tolist()
+        assert tokens == [t for c, _ in whole for t in c] and indexes == [i for _, c in whole for i in c]
