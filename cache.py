@@ -567,17 +567,13 @@ class CachedSessions:
             lengths, context = lengths[order], context[order]
             batch_order = np.random.default_rng([self.seed, self.epoch, block_number]).permutation(len(cuts))
         widths = np.maximum.reduceat(lengths, cuts).tolist()
-        lengths_t = torch.from_numpy(lengths.astype(np.int64))
-        context_t = torch.from_numpy(np.where(context, self.window_context, 0).astype(np.int64))
-        batches = []
-        for k in batch_order.tolist():
-            begin, width = int(cuts[k]), widths[k]
-            end = begin + batch_size
-            # inputs row[:-1], targets row[1:], both views; positions from `lengths` on and the first
-            # `context` targets are masked where the batch lands (dataset.batch_to_device), not here
-            batches.append({"input_ids": rows[begin:end, :width], "targets": rows[begin:end, 1:width + 1],
-                            "lengths": lengths_t[begin:end], "context": context_t[begin:end]})
-        return batches
+        rows = rows.split(batch_size)
+        lengths = torch.from_numpy(lengths.astype(np.int64)).split(batch_size)
+        context = torch.from_numpy(np.where(context, self.window_context, 0).astype(np.int64)).split(batch_size)
+        # inputs row[:-1], targets row[1:], both views; positions from `lengths` on and the first `context`
+        # targets are masked where the batch lands (dataset.batch_to_device), not here
+        return [{"input_ids": rows[k][:, :widths[k]], "targets": rows[k][:, 1:widths[k] + 1],
+                 "lengths": lengths[k], "context": context[k]} for k in batch_order.tolist()]
 
     def _gather(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """For sorted global window ids: rows of (longest + 1) tokens from each window's start, as one
@@ -586,15 +582,16 @@ class CachedSessions:
         bounds = np.searchsorted(ids, self.window_bounds)
         pieces = []
         for part in np.flatnonzero(np.diff(bounds)).tolist():
-            local = ids[bounds[part]:bounds[part + 1]] - self.window_bounds[part]
+            local = torch.from_numpy(ids[bounds[part]:bounds[part + 1]] - self.window_bounds[part])
             windows = self.windows[part]
-            pieces.append((part, windows["starts"].array[local], windows["lengths"].array[local]))
-        signed = np.concatenate([lengths for _, _, lengths in pieces])
+            pieces.append((part, windows["starts"].tensor.index_select(0, local),
+                           windows["lengths"].tensor.index_select(0, local)))
+        signed = (torch.cat([lengths for _, _, lengths in pieces]) if len(pieces) > 1 else pieces[0][2]).numpy()
         lengths = np.abs(signed)
         width = int(lengths.max()) + 1
         rows = []
-        for part, starts, _ in pieces:
-            tokens, local = self.parts[part].rows, torch.from_numpy(starts)
+        for part, local, _ in pieces:
+            tokens = self.parts[part].rows
             if width <= TAIL:  # every window is a contiguous slice: one index_select of overlapping rows
                 rows.append(tokens.unfold(0, width, 1).index_select(0, local))
             else:
@@ -628,26 +625,30 @@ def _windows_of(starts: np.ndarray, lengths: np.ndarray, max_seq_length: int, wi
 
 def keyed_permutation(values: np.ndarray, n: int, key: str) -> np.ndarray:
     """A pseudo-random bijection of [0, n) applied to `values`: a 4-round Feistel network over the
-    smallest even number of bits that covers n, cycle-walking the values that land outside [0, n)."""
+    smallest even number of bits that covers n, cycle-walking the values that land outside [0, n).
+    Each half is at most 32 bits, so the rounds run on uint32 (products wrap by design) when n < 2^32."""
     half = max(1, ((n - 1).bit_length() + 1) // 2)
-    mask = np.uint64((1 << half) - 1)
+    dtype = np.uint32 if half <= 16 else np.uint64
+    mask, shift = dtype((1 << half) - 1), dtype(half)
     round_keys = np.frombuffer(hashlib.blake2b(key.encode(), digest_size=32).digest(), dtype=np.uint64)
-    shift = np.uint64(half)
+    round_keys = [dtype(int(k) & ((1 << half) - 1)) for k in round_keys]
+    multiplier, fold = (dtype(0x9E3779B1), dtype(16)) if dtype is np.uint32 else \
+        (dtype(0xBF58476D1CE4E5B9), dtype(31))
 
     def encrypt(x: np.ndarray) -> np.ndarray:
         left, right = x >> shift, x & mask
         for round_key in round_keys:
-            with np.errstate(over="ignore"):
-                mixed = (right ^ round_key) * np.uint64(0xBF58476D1CE4E5B9)
-                mixed ^= mixed >> np.uint64(31)
+            mixed = (right ^ round_key) * multiplier
+            mixed ^= mixed >> fold
             left, right = right, left ^ (mixed & mask)
         return (left << shift) | right
 
-    out = encrypt(values.astype(np.uint64))
-    outside = out >= n
-    while outside.any():
-        out[outside] = encrypt(out[outside])
+    with np.errstate(over="ignore"):
+        out = encrypt(values.astype(dtype))
         outside = out >= n
+        while outside.any():
+            out[outside] = encrypt(out[outside])
+            outside = out >= n
     return out.astype(np.int64)
 
 

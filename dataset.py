@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import json.scanner
 import os
 import random
 import signal
@@ -186,6 +187,10 @@ class SessionArrays:
     indexes: np.ndarray   # int64: record number (.json) or line number (.jsonl, text), as in messages
 
 
+# (object, end index) of the JSON value at an index of a string: the C scanner inside json.loads
+_SCAN_JSON = json.scanner.make_scanner(json.JSONDecoder())
+
+
 class _Unparsable:
     """A JSONL line that is not JSON, kept in its place so that skip_bad_records can skip it."""
 
@@ -193,28 +198,29 @@ class _Unparsable:
         self.message = message
 
 
-def _numbered_lines(file: Path, byte_range: tuple[int, int] | None, first_line: int):
-    """(line number, line) of a text file, or of the lines that start inside byte_range = (begin, end);
-    first_line is the number of the line that holds byte `begin`."""
+def _line_blocks(file: Path, byte_range: tuple[int, int] | None, first_line: int, block_bytes: int = 2 ** 18):
+    """(number of the block's first line, its lines as bytes), about block_bytes at a time: the lines of
+    a text file, or those that start inside byte_range = (begin, end), first_line being the number of
+    the line that holds byte `begin`."""
     with _open(file) as handle:
-        if byte_range is None:
-            for line_no, line in enumerate(handle, start=first_line):
-                yield line_no, line.decode()
-            return
-        begin, end = byte_range
-        position, line_no = begin, first_line
+        begin, end = byte_range or (0, None)
+        line_no = first_line
         if begin > 0:
             handle.seek(begin - 1)
             if handle.read(1) != b"\n":  # the line holding `begin` started in the previous range: skip it
-                position += len(handle.readline())
+                begin += len(handle.readline())
                 line_no += 1
-        while position < end:
-            line = handle.readline()
-            if not line:
-                return
-            yield line_no, line.decode()
-            position += len(line)
-            line_no += 1
+        position = begin
+        while block := handle.readlines(block_bytes):
+            if end is not None:
+                sizes = np.fromiter(map(len, block), np.int64, len(block))
+                keep = int(np.searchsorted(position + np.cumsum(sizes) - sizes, end))  # lines starting before end
+                position += int(sizes.sum())
+                if keep < len(block):
+                    yield line_no, block[:keep]
+                    return
+            yield line_no, block
+            line_no += len(block)
 
 
 def _numbered_items(file: Path, fmt: str, array_key: str, byte_range, first_line: int):
@@ -223,7 +229,13 @@ def _numbered_items(file: Path, fmt: str, array_key: str, byte_range, first_line
     if fmt == "json":
         yield from _iter_json_array(file, array_key)
         return
-    for line_no, line in _numbered_lines(file, byte_range, first_line):
+    for block_start, block in _line_blocks(file, byte_range, first_line):
+        yield from _block_items(file, fmt, block_start, block)
+
+
+def _block_items(file: Path, fmt: str, block_start: int, block: list[bytes]):
+    for line_no, raw_line in enumerate(block, start=block_start):
+        line = raw_line.decode()
         if fmt == "text":
             tokens = line.split()
             if tokens:
@@ -265,11 +277,12 @@ def iter_session_arrays(file, vocab_size: int | None = None, event_ids_field: st
         if fmt == "json":
             yield from _json_array_chunks(file, json_array_key, fields, vocab_size, chunk_records)
             return
-        numbered = _numbered_items(file, fmt, json_array_key, byte_range, first_line)
-        for chunk in iter(lambda: list(itertools.islice(numbered, chunk_records)), []):
-            arrays = _lines_at_c_speed(chunk, fmt, fields, vocab_size)
-            yield arrays if arrays is not None else \
-                _checked_record_by_record(file, chunk, fmt, fields, vocab_size, skip_bad_records, counters)
+        for block_start, block in _line_blocks(file, byte_range, first_line):
+            arrays = _lines_at_c_speed(block_start, block, fmt, fields, vocab_size)
+            if arrays is None:
+                chunk = list(_block_items(file, fmt, block_start, block))
+                arrays = _checked_record_by_record(file, chunk, fmt, fields, vocab_size, skip_bad_records, counters)
+            yield arrays
         return
     except _RecheckFrom as failed:
         recheck_from = failed.records_done
@@ -313,18 +326,28 @@ def _json_array_chunks(file: Path, array_key: str, fields, vocab_size, chunk_rec
                         f"with the array under '{array_key}' (data.json_array_key)")
 
 
-def _lines_at_c_speed(chunk, fmt: str, fields, vocab_size) -> SessionArrays | None:
+def _lines_at_c_speed(block_start: int, block: list[bytes], fmt: str, fields, vocab_size) -> SessionArrays | None:
+    """A block of JSONL or text lines as SessionArrays when every line holds a valid session, else None:
+    json.loads and bytes.split run over the whole block at C speed (a blank JSONL line fails it too)."""
     event_ids_field, label_field, _ = fields
-    items = [item for _, item in chunk]
-    indexes = np.fromiter((index for index, _ in chunk), np.int64, len(chunk))
-    if fmt == "text":
-        return _arrays_at_c_speed(items, None, indexes, vocab_size, tokens_are_text=True)
     try:
+        if fmt == "text":
+            events = list(map(bytes.split, block))
+            kept = np.flatnonzero(np.fromiter(map(len, events), np.int64, len(events)))  # blank lines skipped
+            if len(kept) < len(events):
+                events = [events[i] for i in kept.tolist()]
+            return _arrays_at_c_speed(events, None, kept + block_start, vocab_size, tokens_are_text=True)
+        lines = list(map(bytes.decode, block))
+        # json.loads costs three Python calls a line; its C scanner, called directly, none
+        parsed = list(map(_SCAN_JSON, lines, itertools.repeat(0)))  # a StopIteration would end the list early
+        if len(parsed) < len(lines) or list(map(itemgetter(1), parsed)) != list(map(len, map(str.rstrip, lines))):
+            return None  # a line that is not exactly one JSON value (or a blank one)
+        items = list(map(itemgetter(0), parsed))
         events = list(map(itemgetter(event_ids_field), items))
         labels = list(map(dict.get, items, itertools.repeat(label_field), itertools.repeat(0)))
-    except (KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # ValueError: malformed JSON or encoding
         return None
-    return _arrays_at_c_speed(events, labels, indexes, vocab_size)
+    return _arrays_at_c_speed(events, labels, np.arange(block_start, block_start + len(block)), vocab_size)
 
 
 def _arrays_at_c_speed(events: list, labels: list | None, indexes: np.ndarray, vocab_size: int | None,
