@@ -1,5 +1,6 @@
 """End-to-end: python train.py as a subprocess on tiny data, exact resume, bad input, torchrun."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,7 +16,8 @@ def run_torchrun(config, data, out, timeout=300) -> subprocess.CompletedProcess:
     """train.py under torchrun: two CPU processes (gloo) on a free port."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "train.py"), "--config", str(config), "--data-dir", str(data),
-                           "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                           "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})  # a rank that dies still shows its lines
 
 
 def params(path):
