@@ -82,9 +82,17 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
         settings = cache_settings(config, config.model.vocab_size)
         build = lambda: build_caches(data.preprocessed_dir, settings, cache_dir, loading.cache_workers, logger)  # noqa: E731
         # One builder per machine, with all its cores; the other ranks wait, then find the caches built
-        # (or, when cache_dir is not shared between machines, build the ones their machine lacks).
-        entries = build() if runtime.local_rank == 0 else None
-        utils.barrier(runtime)
+        # (or, when cache_dir is not shared between machines, build the ones their machine lacks). Bad data
+        # found by a builder is every rank's error, so that all of them stop with the same message.
+        entries, error = None, None
+        if runtime.local_rank == 0:
+            try:
+                entries = build()
+            except DataError as found:
+                error = str(found)
+        errors = [e for e in utils.all_gather(error, runtime) if e]
+        if errors:
+            raise DataError(errors[0])
         entries = entries or build()
         train = CachedSessions(entries, config.model.vocab_size, "train", shuffle=loading.shuffle_buffer,
                                buffer_size=loading.buffer_size, lazy=loading.enabled, **common)
@@ -115,7 +123,7 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
                         f"{data.validation_split:.0%} validation split)")
     if runtime.distributed and windows_per_rank == 0:
         raise DataError(f"{data.preprocessed_dir}: some of the {runtime.world_size} ranks get no training "
-                        f"sessions from their share of the files; use fewer ranks or split the data into more files")
+                        f"windows; use fewer ranks, more data, or (without the cache) more data files")
     if not loading.cache:
         # Every rank runs the same number of steps, otherwise DDP's gradient all-reduce waits forever.
         samples_per_rank = windows_per_rank if runtime.distributed else None

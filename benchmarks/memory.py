@@ -13,9 +13,12 @@ written, then each stage runs in a fresh process that reports its peak resident 
     evaluate   calibration on the validation split's calibration half, then evaluation of the whole file
                (every session scored: none repeats) with a tiny model, through evaluate.py's streaming
                path and the token cache
-The peak includes the Python process with torch loaded (about 230 MB). One .json file is parsed in the
-process itself; parsing processes, where a JSONL or text file is split, report their own peak
-("parsers MB").
+Two peaks are reported: peak RSS (ru_maxrss, as `/usr/bin/time` shows it), which counts the pages of
+the memory-mapped token cache the process has touched (page cache the kernel can take back at any time,
+so it grows with the cache until memory is short), and the peak of anonymous memory (RssAnon, sampled
+every 5 ms): what the process itself holds. Both include Python with torch loaded (about 230 MB). One
+.json file is parsed in the process itself; parsing processes, where a JSONL or text file is split,
+report their own peak ("parsers MB").
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +50,29 @@ def write_data(path: Path, gigabytes: float) -> int:
     return sessions
 
 
+class AnonymousPeak:
+    """The peak of the process's anonymous resident memory (RssAnon: what it allocated itself, without
+    the file pages it has mapped, which the kernel can drop at any time), sampled every 5 ms."""
+
+    def __init__(self):
+        self.peak_kb, self.running = 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while self.running:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+            time.sleep(0.005)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        return self.peak_kb / 1024
+
+
 def child(stage: str, path: str, cache_dir: str) -> None:
     sys.path.insert(0, str(REPO))
     import logging
@@ -57,6 +84,7 @@ def child(stage: str, path: str, cache_dir: str) -> None:
     from cache import CachedSessions, build_caches, cache_settings
     config = utils.load_config(None, {"data.preprocessed_dir": path, "lazy_loading.cache_dir": cache_dir,
                                       "model.embedding_dim": 8, "model.hidden_size": 8, "model.num_layers": 1})
+    anonymous = AnonymousPeak()
     started = time.time()
     if stage == "train":
         entries = build_caches(path, cache_settings(config, 29), cache_dir)
@@ -75,7 +103,7 @@ def child(stage: str, path: str, cache_dir: str) -> None:
         normal = evaluate.data_chunks(path, config, "all", logger)
         results, _ = evaluate.evaluate(model, calibration, normal, [], 10, "combined")
         detail = {"sessions": results["normal_scores"]["count"], "scored": results["normal_scores"]["scored"]}
-    print(json.dumps({**detail, "seconds": time.time() - started,
+    print(json.dumps({**detail, "seconds": time.time() - started, "anonymous_peak_mb": anonymous.stop(),
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "children_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 
@@ -88,7 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
-    print(f"{'GB':>5} {'sessions':>10} {'stage':>9} {'seconds':>8} {'peak RSS MB':>12} {'parsers MB':>11}")
+    print(f"{'GB':>5} {'sessions':>10} {'stage':>9} {'seconds':>8} {'peak RSS MB':>12} {'anonymous MB':>13} "
+          f"{'parsers MB':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for gigabytes in args.gigabytes:
             path = Path(tmp) / "sessions.json"
@@ -98,7 +127,8 @@ def main() -> None:
                                      capture_output=True, text=True, check=True).stdout
                 row = json.loads(out.splitlines()[-1])
                 print(f"{path.stat().st_size / 1e9:>5.2f} {sessions:>10} {stage:>9} {row['seconds']:>8.1f} "
-                      f"{row['peak_mb']:>12.0f} {row['children_peak_mb']:>11.0f}", flush=True)
+                      f"{row['peak_mb']:>12.0f} {row['anonymous_peak_mb']:>13.0f} {row['children_peak_mb']:>11.0f}",
+                      flush=True)
             path.unlink()
             subprocess.run(["rm", "-rf", f"{tmp}/cache"], check=True)
 
