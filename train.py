@@ -187,55 +187,8 @@ def evaluate_loss(model, dataset, batch_size, runtime, amp_dtype) -> tuple[float
     return (loss_total / token_count if token_count else math.nan), int(token_count)
 
 
-class LossWindow:
-    """The loss since the last flush, kept on the device (.item() only at log time) in float64, so the
-    epoch's sum does not depend on when it is flushed: a resumed run's history is bit-identical."""
-
-    def __init__(self, device):
-        self.loss = torch.zeros((), device=device, dtype=torch.float64)
-        self.tokens = torch.zeros((), device=device, dtype=torch.long)
-
-    def add(self, loss_sum, tokens) -> None:
-        self.loss += loss_sum.double()
-        self.tokens += tokens
-
-    def flush_into(self, state: utils.TrainState) -> int:
-        """Move the window into the epoch's running sums; returns its token count."""
-        tokens = int(self.tokens.item())
-        state.epoch_loss_sum += self.loss.item()
-        state.epoch_tokens += tokens
-        self.loss.zero_(), self.tokens.zero_()
-        return tokens
-
-
-class Throughput:
-    """Predicted tokens per second and the share of wall time spent waiting for the next batch, since the
-    previous log line: the two numbers that say whether the input pipeline keeps the GPUs busy."""
-
-    def __init__(self, batches):
-        self.batches, self.tokens, self.waited = iter(batches), 0, 0.0
-        self.since = time.perf_counter()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        started = time.perf_counter()
-        try:
-            return next(self.batches)
-        finally:
-            self.waited += time.perf_counter() - started
-
-    def fields(self) -> str:
-        now = time.perf_counter()
-        elapsed = max(now - self.since, 1e-9)
-        text = f"{self.tokens / elapsed:,.0f} tok/s | data wait {self.waited / elapsed:.0%}"
-        self.tokens, self.waited, self.since = 0, 0.0, now
-        return text
-
-
 def step_line(state: utils.TrainState, last_loss, elapsed: float, steps_this_run: int, total_steps: int,
-              gpu_monitor, throughput: Throughput) -> str:
+              gpu_monitor, throughput: utils.Throughput) -> str:
     eta = elapsed / max(steps_this_run, 1) * (total_steps - state.step)
     average = state.epoch_loss_sum / max(state.epoch_tokens, 1)
     fields = [f"[Step {state.step}] Loss: {last_loss:.4f} (avg: {average:.4f})",
@@ -317,7 +270,7 @@ def train(args, logger):
     gpu_monitor = utils.GPUMonitor(logger) if runtime.is_master else None
     stop_signal = utils.StopSignal()
     run_start, steps_this_run = time.time(), 0
-    window = LossWindow(runtime.device)
+    window = utils.LossWindow(runtime.device)
     model.train()
     stopped_early = False
     for epoch in range(state.epoch, tc.epochs + 1):
@@ -327,7 +280,7 @@ def train(args, logger):
         # A bar only on a terminal: under nohup or screen logs, plain lines stay readable.
         progress = tqdm(total=data.steps_per_epoch, initial=state.batches_done, desc=f"epoch {epoch}",
                         leave=False, disable=not (runtime.is_master and sys.stderr.isatty()))
-        batches = Throughput(utils.lockstep(data.train.batches(rank_batch_size, state.batches_done), runtime))
+        batches = utils.Throughput(utils.lockstep(data.train.batches(rank_batch_size, state.batches_done), runtime))
         with logging_redirect_tqdm([logger]) if not progress.disable else contextlib.nullcontext():
             for batch, state.batches_done in batches:  # the loader's position goes into the checkpoint
                 loss_sum, tokens = train_step(state, model, batch, runtime, amp_dtype, tc.max_grad_norm)

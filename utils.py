@@ -19,6 +19,7 @@ import random
 import signal
 import sys
 import tempfile
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -595,6 +596,53 @@ def lr_multiplier(warmup_steps: int, total_steps: int, schedule: str, min_ratio:
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
         return min_ratio + (1 - min_ratio) * shape
     return factor
+
+
+class LossWindow:
+    """The loss since the last flush, kept on the device (.item() only at log time) in float64, so the
+    epoch's sum does not depend on when it is flushed: a resumed run's history is bit-identical."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.tokens = torch.zeros((), device=device, dtype=torch.long)
+
+    def add(self, loss_sum, tokens) -> None:
+        self.loss += loss_sum.double()
+        self.tokens += tokens
+
+    def flush_into(self, state: TrainState) -> int:
+        """Move the window into the epoch's running sums; returns its token count."""
+        tokens = int(self.tokens.item())
+        state.epoch_loss_sum += self.loss.item()
+        state.epoch_tokens += tokens
+        self.loss.zero_(), self.tokens.zero_()
+        return tokens
+
+
+class Throughput:
+    """Predicted tokens per second and the share of wall time spent waiting for the next batch, since the
+    previous log line: the two numbers that say whether the input pipeline keeps the GPUs busy."""
+
+    def __init__(self, batches):
+        self.batches, self.tokens, self.waited = iter(batches), 0, 0.0
+        self.since = time.perf_counter()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.waited += time.perf_counter() - started
+
+    def fields(self) -> str:
+        now = time.perf_counter()
+        elapsed = max(now - self.since, 1e-9)
+        text = f"{self.tokens / elapsed:,.0f} tok/s | data wait {self.waited / elapsed:.0%}"
+        self.tokens, self.waited, self.since = 0, 0.0, now
+        return text
 
 
 # ----------------------------------------------------------------------------- GPU stats
