@@ -33,6 +33,7 @@ This module knows nothing of training.
 """
 from __future__ import annotations
 
+import fcntl
 import gc
 import hashlib
 import json
@@ -40,7 +41,9 @@ import logging
 import mmap
 import multiprocessing
 import os
+import resource
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -132,41 +135,59 @@ def build_caches(paths, settings: CacheSettings, cache_dir, workers: int | None 
     """The cache entry of every data file under `paths` (a file, a directory, or a list of them), building
     the missing, stale or damaged ones with `workers` processes (None: all cores). Bad data raises DataError
     naming file and record, and leaves no entry behind."""
-    files = [f for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths) for f in list_data_files(p)]
+    named = [f for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths) for f in list_data_files(p)]
+    files = list({f.resolve(): f for f in named}.values())  # a file named twice is read once
     cache_dir = Path(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # One builder at a time per cache folder (two runs, a sweep, cache.py beside train.py): the second
+        # waits, then finds the entries built.
+        with open(cache_dir / ".build.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _build_under_lock(files, settings, cache_dir, workers, logger)
+    except OSError as error:  # a full disk, no permission: one line naming the place
+        raise DataError(f"token cache {cache_dir} (lazy_loading.cache_dir): {error.strerror or error}"
+                        f"{f': {error.filename}' if error.filename else ''}") from None
+
+
+def _build_under_lock(files: list[Path], settings: CacheSettings, cache_dir: Path, workers: int | None,
+                      logger: logging.Logger) -> list[Path]:
     entries = [entry_dir(f, settings, cache_dir) for f in files]
     todo = []
     for file, entry in zip(files, entries):
-        problem = check_entry(entry, _entry_key(file, settings))
+        key = _entry_key(file, settings)  # taken before reading: a file that grows meanwhile is caught below
+        problem = check_entry(entry, key)
         if problem is None:
             continue
         if problem != "absent":
             logger.info(f"Token cache of {file}: {problem}; rebuilding")
-        todo.append((file, entry))
+        todo.append((file, entry, key))
     if not todo:
         logger.info(f"Token cache: reusing {len(entries)} entries in {cache_dir}")
         return entries
     workers = max(1, workers or os.cpu_count() or 1)
-    for file, _ in todo:
+    for file, _, _ in todo:
         if _format_of(file) == "json" and file.stat().st_size > 4 * PART_BYTES:
             logger.info(f"{file}: one .json array is parsed by one process; split such data into several files "
                         f"(or JSONL) to use all cores")
-    cache_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp(cache_dir)
     temp_dirs = {entry: Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{entry.name}.", suffix=".tmp"))
-                 for _, entry in todo}
+                 for _, entry, _ in todo}
     try:
-        tasks = _plan(todo, temp_dirs, settings, workers)
-        parts: dict[Path, list] = {entry: [] for _, entry in todo}
+        tasks = _plan([(file, entry) for file, entry, _ in todo], temp_dirs, settings, workers, len(files))
+        parts: dict[Path, list] = {entry: [] for _, entry, _ in todo}
         for entry, part in _run(tasks, workers, temp_dirs):
             parts[entry].append(part)
-        for file, entry in todo:
-            _finish_entry(entry, temp_dirs[entry], _entry_key(file, settings), parts[entry])
+        for file, entry, key in todo:
+            if _entry_key(file, settings) != key:
+                raise DataError(f"{file}: changed while it was being read (still being written or copied?); "
+                                f"run again once it is complete")
+            _finish_entry(entry, temp_dirs[entry], key, parts[entry])
     finally:
         for temp in temp_dirs.values():
             shutil.rmtree(temp, ignore_errors=True)
     logger.info(f"Token cache: built {len(todo)} of {len(files)} entries in {cache_dir} "
-                f"({sum(_size(e) for _, e in todo) / 2 ** 20:.1f} MB)")
+                f"({sum(_size(e) for _, e, _ in todo) / 2 ** 20:.1f} MB)")
     return entries
 
 
@@ -182,14 +203,17 @@ def _remove_stale_temp(cache_dir: Path) -> None:
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def _plan(todo, temp_dirs, settings: CacheSettings, workers: int) -> list[_Task]:
+def _plan(todo, temp_dirs, settings: CacheSettings, workers: int, files: int) -> list[_Task]:
     """One task per file, or one per byte range of a big plain JSONL/text file (numbered by a quick
-    parallel count of the newlines before each range, so line numbers stay exact)."""
+    parallel count of the newlines before each range, so line numbers stay exact). Files are cut into
+    PART_BYTES ranges, and further (so that every core has work) only when there are fewer files than
+    workers: each part is a few open maps at training time."""
     tasks, ranged = [], []
     for file, entry in todo:
         size = file.stat().st_size
         splittable = _format_of(file) in ("jsonl", "text") and not file.name.endswith(".gz")
-        pieces = min(max(workers, -(-size // PART_BYTES)), max(1, size // MIN_PART_BYTES)) if splittable else 1
+        wanted = max(workers if files < workers else 1, -(-size // PART_BYTES))
+        pieces = min(wanted, max(1, size // MIN_PART_BYTES)) if splittable else 1
         if pieces == 1:
             tasks.append(_Task(str(file), str(temp_dirs[entry]), 0, settings))
             continue
@@ -208,23 +232,27 @@ def _plan(todo, temp_dirs, settings: CacheSettings, workers: int) -> list[_Task]
 
 
 def _pool(workers: int):
-    # fork: workers start in milliseconds and only parse (no torch, no threads in them)
+    # fork: workers start in milliseconds and only parse (no torch, no threads in them). Ctrl-C is the
+    # parent's to handle: it ends the pool, instead of every worker printing a traceback.
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    return context.Pool(workers)
+    return context.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
 
 
 def _count_newlines(job) -> int:
     file, (begin, end) = job
     count = 0
-    with open(file, "rb") as handle:
-        handle.seek(begin)
-        remaining = end - begin
-        while remaining > 0:
-            block = handle.read(min(remaining, 2 ** 24))
-            if not block:
-                break
-            count += block.count(b"\n")
-            remaining -= len(block)
+    try:
+        with open(file, "rb") as handle:
+            handle.seek(begin)
+            remaining = end - begin
+            while remaining > 0:
+                block = handle.read(min(remaining, 2 ** 24))
+                if not block:
+                    break
+                count += block.count(b"\n")
+                remaining -= len(block)
+    except OSError as error:
+        raise DataError(f"{file}: unreadable: {error}") from None
     return count
 
 
@@ -260,7 +288,9 @@ def _build_part(task: _Task) -> dict:
     gc.disable()
     try:
         np.zeros(1, np.int64).tofile(handles["offsets"])
-        chunks = iter_session_arrays(file, vocab, counters=counters, byte_range=task.byte_range,
+        # without a vocabulary, IDs are bounded by what the token type holds (never silently wrapped)
+        limit = vocab if vocab is not None else 2 ** 31 - 4
+        chunks = iter_session_arrays(file, limit, counters=counters, byte_range=task.byte_range,
                                      first_line=task.newlines_before + 1, chunk_records=1024,
                                      **settings.reader_options())
         for arrays in _grouped(chunks, 2 ** 16):
@@ -355,11 +385,11 @@ def _finish_entry(entry: Path, temp: Path, key: dict, parts: list[dict]) -> None
     for path in temp.iterdir():  # durable before it becomes visible
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-    old = entry.with_name(f".{entry.name}.old.tmp")
     if entry.exists():
-        entry.rename(old)
+        old = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.old.", suffix=".tmp"))
+        entry.rename(old / "entry")
+        shutil.rmtree(old, ignore_errors=True)
     temp.rename(entry)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_entry(entry: Path, key: dict) -> str | None:
@@ -415,20 +445,26 @@ class _Mapped:
 class _Part:
     def __init__(self, prefix: Path, summary: dict, file: str, vocab_size: int | None = None, lazy: bool = True):
         self.file, self.sessions = file, summary["sessions"]
+        self.prefix = prefix
         self.tokens = _Mapped(Path(f"{prefix}.tokens"), np.dtype(summary["dtype"]), lazy)
-        self.arrays = {name: _Mapped(Path(f"{prefix}.{name}"), dtype) for name, dtype in ARRAYS.items()}
+        self.arrays: dict[str, _Mapped] = {}  # offsets, flags, indexes: mapped while a pass reads them
         # what batches are cut from: int16 holds every token of a small vocabulary (torch's uint16 kernels
         # are slow), else int32; IDs of the shared tokens are the same either way
         small = self.tokens.tensor.dtype == torch.uint16 and vocab_size is not None and vocab_size + 4 <= 2 ** 15
         self.rows = self.tokens.tensor.view(torch.int16) if small else self.tokens.tensor
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.arrays:
+            self.arrays[name] = _Mapped(Path(f"{self.prefix}.{name}"), ARRAYS[name])
         return self.arrays[name].array
 
     def release(self) -> None:
+        """After a sequential pass: unmap the pages read and close the maps of the per-session arrays
+        (each map holds a file descriptor; a run may hold thousands of parts)."""
         self.tokens.release()
         for mapped in self.arrays.values():
             mapped.release()
+        self.arrays.clear()
 
 
 SPLITS = ("train", "val", "all")
@@ -469,6 +505,7 @@ class CachedSessions:
         self.shard_by_file = False  # every rank reads every cache: the permutation spreads windows over ranks
         self.epoch = 0
         self.metas = [json.loads((entry / "meta.json").read_text()) for entry in entries]
+        _allow_open_files(3 * sum(len(meta["parts"]) for meta in self.metas))  # tokens + window starts, lengths
         self.parts, self.windows = [], []
         for entry, meta in zip(entries, self.metas):
             for summary in meta["parts"]:
@@ -510,14 +547,16 @@ class CachedSessions:
         (no parsing); with the training split, also the targets and event sets it holds (recorded by the
         first pass; None for other splits)."""
         sessions = abnormal = tokens = 0
+        step = 2 ** 20  # a million at a time: the temporaries stay small whatever the data size
         for part in self.parts:
-            flags = part["flags"]
-            sessions += int(session_selection(flags, self.split).sum())
-            abnormal += int(((flags & FLAG_ABNORMAL) != 0).sum())
+            for begin in range(0, part.sessions, step):
+                flags = part["flags"][begin:begin + step]
+                sessions += int(session_selection(flags, self.split).sum())
+                abnormal += int(((flags & FLAG_ABNORMAL) != 0).sum())
         for windows in self.windows:
-            lengths = windows["lengths"].array
-            context = np.where(lengths < 0, self.window_context, 0)
-            tokens += int((np.abs(lengths) - context).sum())
+            for begin in range(0, len(windows["lengths"].array), step):
+                lengths = windows["lengths"].array[begin:begin + step]
+                tokens += int(np.abs(lengths).sum()) - self.window_context * int((lengths < 0).sum())
         self._release()
         bad = [p for meta in self.metas for p in meta["parts"] if p["bad_records"]]
         seen = sorted({t for meta in self.metas for p in meta["parts"] for t in (p["seen_targets"] or [])})
@@ -565,7 +604,8 @@ class CachedSessions:
                                kind="stable")  # a radix sort for int16
             rows = rows.index_select(0, torch.from_numpy(order))
             lengths, context = lengths[order], context[order]
-            batch_order = np.random.default_rng([self.seed, self.epoch, block_number]).permutation(len(cuts))
+            batch_order = np.random.default_rng([self.seed % 2 ** 32, self.epoch, block_number]).permutation(
+                len(cuts))
         widths = np.maximum.reduceat(lengths, cuts).tolist()
         rows = rows.split(batch_size)
         lengths = torch.from_numpy(lengths.astype(np.int64)).split(batch_size)
@@ -605,6 +645,19 @@ class CachedSessions:
         for windows in self.windows:
             windows["starts"].release()
             windows["lengths"].release()
+
+
+def _allow_open_files(needed: int) -> None:
+    """Every map holds a file descriptor: raise this process's soft limit towards the hard one if needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    wanted = in_use + needed + 64
+    if wanted <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and wanted > hard:
+        raise DataError(f"the token caches need {needed} open files, more than this system allows ({hard}, "
+                        f"ulimit -n): use fewer, bigger data files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _windows_of(starts: np.ndarray, lengths: np.ndarray, max_seq_length: int, window_context: int):

@@ -340,7 +340,8 @@ def _lines_at_c_speed(block_start: int, block: list[bytes], fmt: str, fields, vo
         lines = list(map(bytes.decode, block))
         # json.loads costs three Python calls a line; its C scanner, called directly, none
         parsed = list(map(_SCAN_JSON, lines, itertools.repeat(0)))  # a StopIteration would end the list early
-        if len(parsed) < len(lines) or list(map(itemgetter(1), parsed)) != list(map(len, map(str.rstrip, lines))):
+        ends = list(map(len, map(str.rstrip, lines, itertools.repeat(" \t\r\n"))))  # JSON's own whitespace
+        if len(parsed) < len(lines) or list(map(itemgetter(1), parsed)) != ends:
             return None  # a line that is not exactly one JSON value (or a blank one)
         items = list(map(itemgetter(0), parsed))
         events = list(map(itemgetter(event_ids_field), items))

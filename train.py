@@ -255,14 +255,21 @@ def train(args, logger):
     early_stopping = utils.EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
     state = utils.TrainState(raw_model, optimizer, scheduler, scaler, early_stopping, config)
     state.event_sets = data.event_sets
+    state.data_order = {"batch_size": tc.batch_size, "world_size": runtime.world_size, "seed": tc.seed,
+                        **{f"data.{k}": getattr(config.data, k) for k in ("validation_split", "max_seq_length",
+                                                                           "window_context")},
+                        **{f"lazy_loading.{k}": getattr(config.lazy_loading, k)
+                           for k in ("cache", "buffer_size", "shuffle_buffer", "num_workers")}}
     logger.info(f"Model: {sum(p.numel() for p in raw_model.parameters()):,} parameters {vars(config.model)} | "
                 f"precision: {amp_dtype or torch.float32}{' + GradScaler' if use_loss_scaling else ''} | "
                 f"{data.steps_per_epoch} steps/epoch x {tc.epochs} epochs, batch {tc.batch_size}")
     if checkpoint is not None:
-        rng_states = state.load_state_dict(checkpoint)
-        if len(rng_states) != runtime.world_size:
-            logger.warning(f"Checkpoint was written by {len(rng_states)} processes, this run has "
-                           f"{runtime.world_size}: training continues, but not bit-exactly")
+        order, rng_states = dict(state.data_order), state.load_state_dict(checkpoint)
+        saved_order = checkpoint["data_position"].get("order", {})
+        changed = [f"{k} {saved_order[k]} -> {v}" for k, v in order.items() if k in saved_order and saved_order[k] != v]
+        if changed:
+            logger.warning(f"Resuming with other settings than the checkpoint's ({', '.join(changed)}): the batch "
+                           f"order differs, so training continues, but not bit-exactly")
         utils.set_rng_state(rng_states[runtime.rank % len(rng_states)])
         logger.info(f"Resumed from {args.resume}: epoch {state.epoch}, batch {state.batches_done}, step {state.step}")
 

@@ -74,7 +74,7 @@ class EarlyStoppingConfig:
 
 @dataclass
 class LazyLoadingConfig:
-    enabled: bool = True          # cache: release mapped pages after each block (flat memory); false: keep them
+    enabled: bool = True          # cache: memory-map it (own memory flat); false: read it whole into memory
     cache: bool = True            # parse each file once into a token cache; false: stream and parse every epoch
     cache_dir: typing.Optional[str] = None     # null: $XDG_CACHE_HOME/deeplog or ~/.cache/deeplog
     cache_workers: typing.Optional[int] = None  # processes of the first pass (cache build); null: all cores
@@ -327,6 +327,7 @@ class TrainState:
         self.epoch, self.batches_done = 1, 0              # where the data loader resumes
         self.epoch_loss_sum, self.epoch_tokens, self.epoch_time = 0.0, 0, 0.0   # the epoch so far
         self.event_sets: list | None = None
+        self.data_order: dict = {}  # the settings that fix the batch order: a resume under others is not exact
 
     def start_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -341,7 +342,7 @@ class TrainState:
                 "history": self.history, "step": self.step, "epoch": self.epoch,
                 "data_position": {"epoch": self.epoch, "batches_done": self.batches_done,
                                   "epoch_loss_sum": self.epoch_loss_sum, "epoch_tokens": self.epoch_tokens,
-                                  "epoch_time": self.epoch_time},
+                                  "epoch_time": self.epoch_time, "order": self.data_order},
                 "config": config_to_dict(self.config), "world_size": len(rng_states),
                 "event_sets": self.event_sets,  # which event types co-occur in normal training sessions
                 "split_scheme": SPLIT_SCHEME}

@@ -136,7 +136,7 @@ def test_cache_is_reused_then_rebuilt_when_the_file_or_a_setting_changes(tmp_pat
     assert "Token cache of" in caplog.text and "c.txt: stale (mtime_ns, size changed); rebuilding" in caplog.text
     assert sum(1 for _ in iter_sessions(data / "c.txt")) == 5
     assert CachedSessions(entries[2:], 29, "all", shuffle=False).count()["sessions"] == 5
-    assert len(list((tmp_path / "cache").iterdir())) == 3                            # replaced, not added
+    assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 3  # replaced
 
     other = build_caches(data, CacheSettings(vocab_size=29, seed=1), tmp_path / "cache", workers=1)
     assert set(other).isdisjoint(entries)                                           # another split: new entries
@@ -174,7 +174,7 @@ def test_parallel_byte_ranges_equal_the_serial_build(tmp_path, monkeypatch):
     settings = CacheSettings(vocab_size=29)
     serial = build_caches(data, settings, tmp_path / "serial", workers=1)
     monkeypatch.setattr(cache, "MIN_PART_BYTES", 1000)
-    parallel = build_caches(data, settings, tmp_path / "parallel", workers=2)
+    parallel = build_caches(data, settings, tmp_path / "parallel", workers=3)  # fewer files than workers
     assert all(len(json.loads((e / "meta.json").read_text())["parts"]) > 1 for e in parallel)
     for wanted in ("normal", "abnormal", "calibration", "evaluation"):
         assert [s for c in session_chunks(serial, wanted) for s in c] == \
@@ -221,3 +221,63 @@ def test_targets_are_masked_beyond_each_row_and_over_context(built):
         for row, (length, context) in enumerate(zip(batch["lengths"].tolist(), batch["context"].tolist())):
             assert (targets[row, length:] == IGNORE_INDEX).all() and (targets[row, :context] == IGNORE_INDEX).all()
             assert (targets[row, context:length] != IGNORE_INDEX).all()
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    data = make_data(tmp_path)
+    once = build_caches(data, CacheSettings(vocab_size=29), tmp_path / "cache", workers=1)
+    twice = build_caches([data, data / "b.jsonl"], CacheSettings(vocab_size=29), tmp_path / "cache", workers=1)
+    assert twice == once
+
+
+def test_a_file_that_changes_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    data = make_data(tmp_path)
+    real_run = cache._run
+
+    def run_then_append(*args):
+        yield from real_run(*args)
+        with open(data / "c.txt", "a") as handle:   # a copy still in progress
+            handle.write("1 2 3\n")
+    monkeypatch.setattr(cache, "_run", run_then_append)
+    with pytest.raises(DataError, match="c.txt: changed while it was being read"):
+        build_caches(data, CacheSettings(vocab_size=29), tmp_path / "cache", workers=1)
+    assert not list((tmp_path / "cache").glob("c.txt*"))  # the other files, unchanged, keep their entries
+
+
+def test_concurrent_builders_wait_for_each_other(tmp_path):
+    import threading
+    data = make_data(tmp_path)
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(build_caches(data, CacheSettings(vocab_size=29), tmp_path / "cache", workers=1))
+        except Exception as error:  # noqa: BLE001 - any failure fails the test below
+            errors.append(error)
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 3 and results[0] == results[1] == results[2]
+    assert CachedSessions(results[0], 29, "all", shuffle=False).count()["sessions"] > 0
+
+
+def test_an_unusable_cache_dir_is_one_clear_error(tmp_path):
+    data = make_data(tmp_path)
+    (tmp_path / "occupied").write_text("a file, not a folder")
+    with pytest.raises(DataError, match=r"token cache .*occupied \(lazy_loading.cache_dir\)"):
+        build_caches(data, CacheSettings(vocab_size=29), tmp_path / "occupied")
+
+
+def test_negative_seeds_shuffle_too(built):
+    _, entries = built
+    data = CachedSessions(entries, 29, "train", seed=-5)
+    data.set_epoch(1)
+    assert sum(len(b["lengths"]) for b, _ in data.batches(16)) == data.total_windows
+
+
+def test_evaluation_caches_refuse_ids_their_tokens_cannot_hold(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"event_ids": [1, 2]}\n{"event_ids": [4294967301]}\n')
+    with pytest.raises(DataError, match="line 2: event ID 4294967301 >="):
+        build_caches(tmp_path / "x.jsonl", CacheSettings(vocab_size=None), tmp_path / "cache")
