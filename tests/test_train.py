@@ -245,3 +245,13 @@ def test_readme_plotting_snippet_runs_unchanged_on_a_real_history(straight_run, 
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, "README.md", "exec"), {})
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_under_other_batch_order_settings_warns(straight_run, tmp_path):
+    root, config, data, out, _ = straight_run
+    other = write_config(tmp_path / "c.yaml", {"training": {"batch_size": 8}, "lazy_loading": {"buffer_size": 64}})
+    result = run_script("train.py", "--config", other, "--data-dir", data, "--output-dir", tmp_path / "o",
+                        "--resume", out / "checkpoints" / "step_7.pt")
+    assert result.returncode == 0, result.stdout + result.stderr
+    warning = next(line for line in result.stdout.splitlines() if "Resuming with other settings" in line)
+    assert "batch_size 16 -> 8" in warning and "lazy_loading.buffer_size 10000 -> 64" in warning
