@@ -486,14 +486,15 @@ class CachedSessions:
     permutation of all windows of the split, a function of (seed, epoch): a true global shuffle held in no
     memory; with `world_size > 1` rank r takes every world_size-th window of it, `samples_per_rank` each.
     `batches(start_batch=N)` computes the position of batch N directly, so a resume costs nothing.
-    Batches are assembled `block_batches` at a time: windows are sorted by length within a block, cut into
-    batches and the batches shuffled (length bucketing: little padding, still a global shuffle).
+    Batches are assembled a block (`buffer_size` windows) at a time; with `length_bucketing` the windows
+    of a block are sorted by length, cut into batches and the batches shuffled (little padding, still a
+    global shuffle, but on HDFS it trained worse: benchmarks/README.md).
     """
 
     def __init__(self, entries: list[Path], vocab_size: int, split: str = "train", seed: int = 42,
                  max_seq_length: int = 256, window_context: int = 32, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1, samples_per_rank: int | None = None,
-                 buffer_size: int = 10000, lazy: bool = True):
+                 buffer_size: int = 10000, lazy: bool = True, length_bucketing: bool = False):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split}")
         if not 0 <= window_context < max_seq_length:
@@ -501,7 +502,7 @@ class CachedSessions:
         self.vocab_size, self.split, self.seed = vocab_size, split, seed
         self.max_seq_length, self.window_context, self.shuffle = max_seq_length, window_context, shuffle
         self.rank, self.world_size, self.samples_per_rank = rank, world_size, samples_per_rank
-        self.buffer_size, self.lazy = buffer_size, lazy
+        self.buffer_size, self.lazy, self.length_bucketing = buffer_size, lazy, length_bucketing
         self.shard_by_file = False  # every rank reads every cache: the permutation spreads windows over ranks
         self.epoch = 0
         self.metas = [json.loads((entry / "meta.json").read_text()) for entry in entries]
@@ -591,21 +592,27 @@ class CachedSessions:
                     yield batch, done
 
     def _block(self, positions: np.ndarray, batch_size: int, block_number: int) -> list[dict]:
-        """The batches of one block: its windows are read in the caches' order (for locality), then, when
-        shuffling, sorted by length, cut into batches, and the batches put in a seeded random order."""
+        """The batches of one block. Its windows are read in the caches' order (for locality), then put back
+        in the permutation's order, or, with length_bucketing, sorted by length, cut into batches and the
+        batches put in a seeded random order."""
         ids = positions * self.world_size + self.rank
-        if self.shuffle:  # which windows form this block: a keyed permutation of all of them
-            ids = np.sort(keyed_permutation(ids, self.total_windows, f"{self.seed}:{self.epoch}"))
-        rows, lengths, context = self._gather(ids)
         cuts = np.arange(0, len(ids), batch_size)
         batch_order = np.arange(len(cuts))
-        if self.shuffle:  # length bucketing: each batch's windows are alike in length, so little padding
-            order = np.argsort(lengths.astype(np.int16 if self.max_seq_length < 2 ** 15 else np.int32),
-                               kind="stable")  # a radix sort for int16
+        if not self.shuffle:
+            rows, lengths, context = self._gather(ids)
+        else:  # which windows form this block, and in which order: a keyed permutation of all of them
+            ids = keyed_permutation(ids, self.total_windows, f"{self.seed}:{self.epoch}")
+            read_order = np.argsort(ids)
+            rows, lengths, context = self._gather(ids[read_order])
+            if self.length_bucketing:  # batches of windows alike in length carry little padding
+                order = np.argsort(lengths.astype(np.int16 if self.max_seq_length < 2 ** 15 else np.int32),
+                                   kind="stable")  # a radix sort for int16
+                batch_order = np.random.default_rng([self.seed % 2 ** 32, self.epoch, block_number]).permutation(
+                    len(cuts))
+            else:
+                order = np.argsort(read_order)
             rows = rows.index_select(0, torch.from_numpy(order))
             lengths, context = lengths[order], context[order]
-            batch_order = np.random.default_rng([self.seed % 2 ** 32, self.epoch, block_number]).permutation(
-                len(cuts))
         widths = np.maximum.reduceat(lengths, cuts).tolist()
         rows = rows.split(batch_size)
         lengths = torch.from_numpy(lengths.astype(np.int64)).split(batch_size)

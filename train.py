@@ -95,7 +95,8 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
             raise DataError(errors[0])
         entries = entries or build()
         train = CachedSessions(entries, config.model.vocab_size, "train", shuffle=loading.shuffle_buffer,
-                               buffer_size=loading.buffer_size, lazy=loading.enabled, **common)
+                               buffer_size=loading.buffer_size, lazy=loading.enabled,
+                               length_bucketing=loading.length_bucketing, **common)
         val = CachedSessions(entries, config.model.vocab_size, "val", shuffle=False,
                              buffer_size=loading.buffer_size, lazy=loading.enabled, **common)
         counted = train.count()
@@ -259,7 +260,7 @@ def train(args, logger):
                         **{f"data.{k}": getattr(config.data, k) for k in ("validation_split", "max_seq_length",
                                                                            "window_context")},
                         **{f"lazy_loading.{k}": getattr(config.lazy_loading, k)
-                           for k in ("cache", "buffer_size", "shuffle_buffer", "num_workers")}}
+                           for k in ("cache", "buffer_size", "shuffle_buffer", "length_bucketing", "num_workers")}}
     logger.info(f"Model: {sum(p.numel() for p in raw_model.parameters()):,} parameters {vars(config.model)} | "
                 f"precision: {amp_dtype or torch.float32}{' + GradScaler' if use_loss_scaling else ''} | "
                 f"{data.steps_per_epoch} steps/epoch x {tc.epochs} epochs, batch {tc.batch_size}")

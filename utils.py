@@ -80,6 +80,7 @@ class LazyLoadingConfig:
     cache_workers: typing.Optional[int] = None  # processes of the first pass (cache build); null: all cores
     buffer_size: int = 10000      # cache: windows per block (length bucketing); streaming: the shuffle buffer
     shuffle_buffer: bool = True   # shuffle the training windows every epoch (false: file order)
+    length_bucketing: bool = False  # cache: batches of windows alike in length (less padding; HDFS trained worse)
     num_workers: int = 0          # streaming only: reader processes parsing files in parallel (several files)
 
 

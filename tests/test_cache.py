@@ -73,9 +73,11 @@ def test_cached_windows_and_counts_equal_the_streaming_reader(built, split):
     assert any(length < 0 for w in cached.windows for length in w["lengths"].array)  # long sessions were cut
 
 
-def test_epochs_are_a_deterministic_global_shuffle_and_resume_anywhere(built):
+@pytest.mark.parametrize("bucketing", [False, True])
+def test_epochs_are_a_deterministic_global_shuffle_and_resume_anywhere(built, bucketing):
     _, entries = built
-    data = CachedSessions(entries, 29, "train", buffer_size=64, max_seq_length=40, window_context=8)
+    data = CachedSessions(entries, 29, "train", buffer_size=64, max_seq_length=40, window_context=8,
+                          length_bucketing=bucketing)
     data.set_epoch(1)
     first = [(b["input_ids"].tolist(), pos) for b, pos in data.batches(16)]
     assert first == [(b["input_ids"].tolist(), pos) for b, pos in data.batches(16)]   # replays exactly
@@ -94,13 +96,15 @@ def test_epochs_are_a_deterministic_global_shuffle_and_resume_anywhere(built):
 
 def test_length_bucketing_keeps_padding_small(built):
     _, entries = built
-    data = CachedSessions(entries, 29, "train", buffer_size=256, max_seq_length=40, window_context=8)
+    data = CachedSessions(entries, 29, "train", buffer_size=256, max_seq_length=40, window_context=8,
+                          length_bucketing=True)
     data.set_epoch(1)
     padded = sum(b["input_ids"].numel() for b, _ in data.batches(16))
     real = sum(int(b["lengths"].sum()) for b, _ in data.batches(16))
-    unbucketed = CachedSessions(entries, 29, "train", buffer_size=16, max_seq_length=40, window_context=8)
+    unbucketed = CachedSessions(entries, 29, "train", buffer_size=256, max_seq_length=40, window_context=8)
     unbucketed.set_epoch(1)
     assert padded / real < 1.1 < sum(b["input_ids"].numel() for b, _ in unbucketed.batches(16)) / real
+    assert Counter(rows_of(data.batches(16))) == Counter(rows_of(unbucketed.batches(16)))  # the same windows
 
 
 def test_ranks_take_disjoint_equal_shares_of_the_permutation(built):
