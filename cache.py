@@ -69,6 +69,7 @@ TAIL = 1024                  # zero tokens after each part: windows up to TAIL -
 PART_BYTES = 64 * 2 ** 20    # a JSONL or text file bigger than this is parsed by several processes
 MIN_PART_BYTES = 2 ** 16     # ... and never in pieces smaller than this
 FLAG_ABNORMAL, FLAG_VALIDATION, FLAG_CALIBRATION = 1, 2, 4
+PASS_SESSIONS = 2 ** 18      # sessions per step of a pass over the per-session arrays: small temporaries
 ARRAYS = {"offsets": np.int64, "flags": np.uint8, "indexes": np.int64}  # besides tokens
 
 log = logging.getLogger("deeplog")
@@ -528,8 +529,8 @@ class CachedSessions:
         if not Path(f"{name}.starts").exists():
             temp = {k: f"{name}.{k}.{os.getpid()}.tmp" for k in ("starts", "lengths")}
             with open(temp["starts"], "wb") as starts_out, open(temp["lengths"], "wb") as lengths_out:
-                for begin in range(0, part.sessions, 2 ** 20):  # a million sessions at a time: flat memory
-                    end = min(begin + 2 ** 20, part.sessions)
+                for begin in range(0, part.sessions, PASS_SESSIONS):
+                    end = min(begin + PASS_SESSIONS, part.sessions)
                     offsets = np.array(part["offsets"][begin:end + 1])
                     chosen = session_selection(part["flags"][begin:end], self.split)
                     starts, lengths = _windows_of(offsets[:-1][chosen], (np.diff(offsets) - 2)[chosen],
@@ -548,7 +549,7 @@ class CachedSessions:
         (no parsing); with the training split, also the targets and event sets it holds (recorded by the
         first pass; None for other splits)."""
         sessions = abnormal = tokens = 0
-        step = 2 ** 20  # a million at a time: the temporaries stay small whatever the data size
+        step = PASS_SESSIONS
         for part in self.parts:
             for begin in range(0, part.sessions, step):
                 flags = part["flags"][begin:begin + step]
