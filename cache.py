@@ -610,8 +610,9 @@ class CachedSessions:
                                    kind="stable")  # a radix sort for int16
                 batch_order = np.random.default_rng([self.seed % 2 ** 32, self.epoch, block_number]).permutation(
                     len(cuts))
-            else:
-                order = np.argsort(read_order)
+            else:  # back to the permutation's order: the inverse of read_order
+                order = np.empty_like(read_order)
+                order[read_order] = np.arange(len(read_order))
             rows = rows.index_select(0, torch.from_numpy(order))
             lengths, context = lengths[order], context[order]
         widths = np.maximum.reduceat(lengths, cuts).tolist()
