@@ -144,7 +144,11 @@ def build_caches(paths, settings: CacheSettings, cache_dir, workers: int | None 
         # One builder at a time per cache folder (two runs, a sweep, cache.py beside train.py): the second
         # waits, then finds the entries built.
         with open(cache_dir / ".build.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info(f"Token cache: another process is building in {cache_dir}; waiting for it")
+                fcntl.flock(lock, fcntl.LOCK_EX)
             return _build_under_lock(files, settings, cache_dir, workers, logger)
     except OSError as error:  # a full disk, no permission: one line naming the place
         raise DataError(f"token cache {cache_dir} (lazy_loading.cache_dir): {error.strerror or error}"
