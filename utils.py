@@ -15,12 +15,15 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import signal
 import sys
 import tempfile
 import time
 import typing
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,12 +175,18 @@ def _set(config: Config, dotted: str, value, source: str) -> None:
     setattr(section, key, _coerce(hints[key], value, dotted, source))
 
 
+FLOAT_LITERAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 def _coerce(expected, value, dotted: str, source: str):
     optional = typing.get_origin(expected) is typing.Union
     if optional:
         if value is None:
             return None
         expected = next(t for t in typing.get_args(expected) if t is not type(None))
+    if expected is float and isinstance(value, str) and FLOAT_LITERAL.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; --lr 1e-3 is a number
     ok = (isinstance(value, bool) if expected is bool else
           isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else
           isinstance(value, int) and not isinstance(value, bool) if expected is int else
@@ -195,6 +204,8 @@ def _check_values(config: Config) -> None:
     for dotted, allowed in CHOICES.items():
         if get(dotted) not in allowed:
             raise ConfigError(f"'{dotted}' must be one of {', '.join(allowed)}, got {get(dotted)!r}")
+    if not DEVICE.fullmatch(config.training.device):
+        raise ConfigError(f"'training.device' must be auto, cpu, cuda or cuda:N, got {config.training.device!r}")
     for dotted in POSITIVE:
         if get(dotted) <= 0:
             raise ConfigError(f"'{dotted}' must be > 0, got {get(dotted)!r}")
@@ -293,13 +304,35 @@ def save_checkpoint(state: dict, path) -> None:
     _atomic(path, lambda handle: torch.save(state, handle))
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # how a zip archive, and so every torch.save file, begins
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
-    if not Path(path).is_file():
+    """A checkpoint written by train.py, loaded with weights_only=True (never unpickling code); anything
+    else is one CheckpointError line saying what the file is."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = (path / "best_model.pt", path / "checkpoints" / "best_model.pt")
+        inside = next((p for p in candidates if p.is_file()), None)
+        raise CheckpointError(f"{path} is a directory: pass a checkpoint file, "
+                              + (f"e.g. {inside}" if inside else "such as OUTPUT_DIR/checkpoints/best_model.pt"))
+    if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    not_ours = f"{path} is not a checkpoint written by train.py"
+    if not head:
+        raise CheckpointError(f"{not_ours} (empty file)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the end
+        truncated = head == ZIP_MAGIC
+        raise CheckpointError(f"{not_ours} ({'truncated' if truncated else 'not a zip archive'})")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{not_ours} (unsafe content refused: it holds pickled objects, not only tensors "
+                              f"and plain types)") from None
+    except Exception:  # torch raises many types for damaged archives
+        raise CheckpointError(f"{not_ours} (damaged archive)") from None
     missing = {"model_state_dict", "model_args", "config"} - set(checkpoint if isinstance(checkpoint, dict) else ())
     if missing:
         raise CheckpointError(f"{path}: not a DeepLog checkpoint (missing {', '.join(sorted(missing))})")

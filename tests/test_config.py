@@ -42,6 +42,8 @@ def test_shipped_config_yaml_matches_the_dataclass_keys():
     ({"data": {"max_seq_length": 16, "window_context": 16}}, "'data.window_context' must be in"),
     ({"model": {"dropout": 1.0}}, "'model.dropout' must be in [0, 1)"),
     ({"data": {"abnormal_dir": 5}}, "'data.abnormal_dir' must be null or str"),
+    ({"training": {"device": "gpu"}}, "'training.device' must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ({"training": {"learning_rate": "fast"}}, "'training.learning_rate' must be float, got 'fast'"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "c.yaml"
@@ -174,3 +176,11 @@ def test_gpu_stats_follow_cuda_visible_devices(monkeypatch):
     assert utils.visible_gpu_indices(2) == [0, 1]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert utils.visible_gpu_indices(3) == [0, 1, 2]
+
+
+def test_yaml_exponents_without_a_dot_are_floats(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; a float setting takes it as the number it means, like --lr 1e-3."""
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate: 1e-3\n  weight_decay: 5E-2\n")
+    config = load_config(str(path))
+    assert config.training.learning_rate == 0.001 and config.training.weight_decay == 0.05

@@ -259,17 +259,45 @@ def test_from_checkpoint_and_the_manual_route_agree(trained):
     assert model.calibration == checkpoint["calibration"]
 
 
+class _Payload:
+    """A pickled object that would run code on load: weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def _truncated_checkpoint(path):
+    torch.save({"model_state_dict": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:500])
+
+
+def _damaged_checkpoint(path):
+    torch.save({"model_state_dict": {"w": torch.zeros(1000)}}, path)
+    data = bytearray(path.read_bytes())
+    data[100:300] = bytes(200)
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("make,message", [
-    (lambda p: None, "checkpoint not found"),
-    (lambda p: p.write_bytes(b"\x00garbage"), "not a readable checkpoint"),
+    (lambda p: None, "x.pt: checkpoint not found"),
+    (lambda p: p.write_bytes(b""), "x.pt is not a checkpoint written by train.py (empty file)"),
+    (lambda p: p.write_bytes(b"\x00garbage"), "x.pt is not a checkpoint written by train.py (not a zip archive)"),
+    (_truncated_checkpoint, "x.pt is not a checkpoint written by train.py (truncated)"),
+    (_damaged_checkpoint, "x.pt is not a checkpoint written by train.py (damaged archive)"),
+    (lambda p: torch.save({"model_state_dict": _Payload()}, p), "(unsafe content refused"),
     (lambda p: torch.save({"something": 1}, p), "not a DeepLog checkpoint"),
+    (lambda p: (p / "checkpoints").mkdir(parents=True) or torch.save({}, p / "checkpoints" / "best_model.pt"),
+     "x.pt is a directory: pass a checkpoint file, e.g. "),
 ])
 def test_bad_checkpoints_are_clear_errors(tmp_path, make, message):
     path = tmp_path / "x.pt"
     make(path)
     result = run_script("evaluate.py", "--checkpoint", path)
-    assert result.returncode == 2 and message in result.stderr + result.stdout
-    assert "Traceback" not in result.stderr + result.stdout
+    output = result.stderr + result.stdout
+    assert result.returncode == 2 and message in output
+    error_lines = [line for line in output.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1 and "weights_only=False" not in output and "code ran" not in output
+    assert "Traceback" not in output
 
 
 def test_checkpoint_of_another_vocab_and_unreadable_data(trained, tmp_path):

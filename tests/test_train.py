@@ -173,7 +173,8 @@ def test_corrupt_resume_checkpoint_is_rejected_and_left_alone(tmp_path, tiny_dat
     config = write_config(tmp_path / "c.yaml")
     result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", tmp_path / "o",
                         "--resume", bad)
-    assert result.returncode == 2 and "not a readable checkpoint" in result.stdout + result.stderr
+    assert result.returncode == 2 and "is not a checkpoint written by train.py (not a zip archive)" in \
+        result.stdout + result.stderr
     assert bad.read_bytes() == b"not a checkpoint"
 
 
