@@ -60,6 +60,7 @@ from dataset import (
     _format_of,
     iter_session_arrays,
     list_data_files,
+    one_line,
     split_draws,
 )
 from model import special_tokens
@@ -257,7 +258,7 @@ def _count_newlines(job) -> int:
                 count += block.count(b"\n")
                 remaining -= len(block)
     except OSError as error:
-        raise DataError(f"{file}: unreadable: {error}") from None
+        raise DataError(f"{file}: unreadable: {one_line(error)}") from None
     return count
 
 

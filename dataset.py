@@ -27,8 +27,10 @@ import json
 import json.scanner
 import os
 import random
+import reprlib
 import signal
 import struct
+import sys
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -45,6 +47,10 @@ JSON_SUFFIXES = (".json", ".jsonl")
 MAX_EVENT_SETS = 10000  # beyond this many distinct sets of co-occurring event types, the record is dropped
 TEXT_SUFFIXES = (".txt", ".log", "")
 IJSON_BACKEND = ijson.backend  # "yajl2_c" when the C extension is available, else a slower pure-Python one
+# ijson's C backend crashes the interpreter (a segfault, seen with ijson 3.6) on a JSON number longer than
+# Python's int digit limit (4,300) instead of raising. A data file must never do that, so the readers lift
+# the limit: a record with such an ID is then rejected by validation like any other bad ID.
+sys.set_int_max_str_digits(0)
 
 
 class DataError(Exception):
@@ -110,7 +116,7 @@ def iter_sessions(path, vocab_size: int | None = None, event_ids_field: str = "e
                     counters["bad_records"] += 1
                     counters.setdefault("first_bad_record", str(error))
         except (OSError, EOFError, UnicodeDecodeError) as error:  # permissions, corrupt gzip, binary files
-            raise DataError(f"{file}: unreadable: {error}") from None
+            raise DataError(f"{file}: unreadable: {one_line(error)}") from None
 
 
 def _json_array_prefix(file: Path, array_key: str) -> str:
@@ -130,7 +136,8 @@ def _iter_json_array(file: Path, array_key: str):
             for count, item in enumerate(ijson.items(handle, prefix, use_float=True), start=1):
                 yield count, item
         except ijson.JSONError as error:
-            raise DataError(f"{file}: malformed JSON after record {count} (at record {count + 1}): {error}") from None
+            raise DataError(f"{file}: malformed JSON after record {count} (at record {count + 1}): "
+                            f"{one_line(error)}") from None
     if count == 0 and prefix != "item":
         raise DataError(f"{file}: no session array found: expected a top-level array or an object "
                         f"with the array under '{array_key}' (data.json_array_key)")
@@ -145,6 +152,21 @@ def _text_event_ids(file: Path, line_no: int, tokens: list[str]) -> list[int]:
             raise DataError(f"{file}: line {line_no}: '{token[:40]}' is not an integer event ID "
                             f"(DeepLog text holds space-separated integers)") from None
     return event_ids
+
+
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxlevel, _EXCERPT.maxlist, _EXCERPT.maxdict, _EXCERPT.maxstring, _EXCERPT.maxlong = 2, 6, 4, 40, 40
+
+
+def one_line(error, limit: int = 160) -> str:
+    """Another library's error text as one bounded line (yajl's messages span lines and quote the input)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def excerpt(value) -> str:
+    """A bounded repr for messages: a value nested 5,000 deep or 5,000 digits long stays one short line."""
+    return _EXCERPT.repr(value)
 
 
 def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt: str) -> Record:
@@ -163,17 +185,17 @@ def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt:
             raise DataError(f"{where}: '{event_ids_field}' must be a list of integers, got {type(events).__name__}")
         label = item.get(label_field, 0)
         if label not in (0, 1) or isinstance(label, bool):
-            raise DataError(f"{where}: '{label_field}' must be 0 (normal) or 1 (abnormal), got {label!r}")
+            raise DataError(f"{where}: '{label_field}' must be 0 (normal) or 1 (abnormal), got {excerpt(label)}")
         session_id = str(item.get(session_id_field, session_id))
     if not events:
         raise DataError(f"{where}: empty session (no event IDs)")
     for event in events:
         if not isinstance(event, int) or isinstance(event, bool):
-            raise DataError(f"{where}: event ID {event!r} is not an integer")
+            raise DataError(f"{where}: event ID {excerpt(event)} is not an integer")
         if event < 0:
-            raise DataError(f"{where}: event ID {event} is negative")
+            raise DataError(f"{where}: event ID {excerpt(event)} is negative")
         if vocab_size is not None and event >= vocab_size:
-            raise DataError(f"{where}: event ID {event} >= vocab_size {vocab_size} (raise model.vocab_size)")
+            raise DataError(f"{where}: event ID {excerpt(event)} >= vocab_size {vocab_size} (raise model.vocab_size)")
     return Record(str(file), index, session_id, events, int(label))
 
 
@@ -245,8 +267,8 @@ def _block_items(file: Path, fmt: str, block_start: int, block: list[bytes]):
             continue
         try:
             yield line_no, json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as error:
-            message = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        except (ValueError, RecursionError) as error:  # ValueError: JSONDecodeError, or a number too long
+            message = "nested too deeply" if isinstance(error, RecursionError) else one_line(error)
             yield line_no, _Unparsable(f"{file}: line {line_no}: malformed JSON: {message}")
 
 
@@ -287,13 +309,13 @@ def iter_session_arrays(file, vocab_size: int | None = None, event_ids_field: st
     except _RecheckFrom as failed:
         recheck_from = failed.records_done
     except (OSError, EOFError, UnicodeDecodeError) as error:  # permissions, corrupt gzip, binary files
-        raise DataError(f"{file}: unreadable: {error}") from None
+        raise DataError(f"{file}: unreadable: {one_line(error)}") from None
     numbered = itertools.islice(_iter_json_array(file, json_array_key), recheck_from, None)
     try:
         for chunk in iter(lambda: list(itertools.islice(numbered, chunk_records)), []):
             yield _checked_record_by_record(file, chunk, fmt, fields, vocab_size, skip_bad_records, counters)
     except (OSError, EOFError, UnicodeDecodeError) as error:
-        raise DataError(f"{file}: unreadable: {error}") from None
+        raise DataError(f"{file}: unreadable: {one_line(error)}") from None
 
 
 def _json_array_chunks(file: Path, array_key: str, fields, vocab_size, chunk_records: int):

@@ -260,19 +260,28 @@ USER_ERRORS = (ConfigError, CheckpointError)  # dataset.DataError is added by th
 
 
 def exit_on_user_error(main, errors: tuple, logger: logging.Logger | None = None):
-    """Run main(); a user error becomes one clear line and exit code 2, never a traceback."""
+    """Run main(); a user error becomes one clear line on stderr (and in the run's log file) and exit code
+    2, a failing disk (full, read-only, no permission) one line and exit code 1: never a traceback."""
     try:
         return main()
     except errors as error:
-        message = f"error: {error}"
-        if logger is not None and logger.handlers:
-            logger.error(message)
-        else:
-            print(message, file=sys.stderr)
+        _report(f"error: {error}", logger)
         sys.exit(2)
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        _report(f"error: {where}{error.strerror or error}", logger)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _report(message: str, logger: logging.Logger | None) -> None:
+    print(message, file=sys.stderr)
+    logging.raiseExceptions = False  # a log file on a full disk must not print a traceback of its own
+    for handler in logger.handlers if logger is not None else []:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord(logger.name, logging.ERROR, "", 0, message, None, None))
 
 
 def atomic_write_text(path, text: str) -> None:

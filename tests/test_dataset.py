@@ -327,3 +327,22 @@ def test_byte_ranges_cover_every_line_once_with_exact_line_numbers(tmp_path):
                 tokens += a.tokens.tolist()
                 indexes += a.indexes.tolist()
         assert tokens == [t for c, _ in whole for t in c] and indexes == [i for _, c in whole for i in c]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("x.json", '[{"event_ids": [1, ' + "[" * 5000 + "]" * 5000 + "]}]",
+     "record 1: event ID [[[...]]] is not an integer"),
+    ("x.jsonl", '{"event_ids": ' + "[" * 3000 + "]" * 3000 + "}\n", "line 1: malformed JSON: nested too deeply"),
+    ("x.jsonl", '{"event_ids": [1, ' + "9" * 5000 + "]}\n", "...9999999999999999999 >= vocab_size 29"),
+    ("x.json", '[{"event_ids": [1, ' + "9" * 5000 + "]}]", "malformed JSON after record 0 (at record 1): parse error"),
+    ("x.json", '[{"event_ids": [1], "label": "' + "x" * 5000 + '"}]', "'label' must be 0 (normal) or 1 (abnormal)"),
+], ids=["list nested 5000 deep", "JSONL line nested 3000 deep", "5000-digit ID in JSONL",
+        "5000-digit ID in a JSON array (ijson crashed on it)", "5000-character label"])
+def test_pathological_values_give_one_short_line(tmp_path, name, content, message):
+    """Deep nesting and huge values: a bounded excerpt in one line, for both readers, never a traceback."""
+    path = tmp_path / name
+    path.write_text(content)
+    for read in (lambda: ids(path, vocab_size=29), lambda: list(iter_session_arrays(path, vocab_size=29))):
+        with pytest.raises(DataError) as error:
+            read()
+        assert message in str(error.value) and len(str(error.value)) < 300 and "\n" not in str(error.value)

@@ -163,7 +163,9 @@ def test_resume_with_another_model_size_is_a_clear_error(straight_run, tmp_path)
     bigger = write_config(tmp_path / "c.yaml", {"model": {"hidden_size": 64}})
     result = run_script("train.py", "--config", bigger, "--data-dir", data, "--output-dir", tmp_path / "o",
                         "--resume", out / "checkpoints" / "step_7.pt")
-    assert result.returncode == 2 and "the model differs from the config's hidden_size 32 vs 64" in result.stdout
+    message = "the model differs from the config's hidden_size 32 vs 64"
+    assert result.returncode == 2 and message in result.stderr   # errors go to stderr...
+    assert message in (tmp_path / "o" / "training.log").read_text()   # ...and into the run's log
     assert "Traceback" not in result.stdout + result.stderr
 
 
@@ -259,3 +261,12 @@ def test_resume_under_other_batch_order_settings_warns(straight_run, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     warning = next(line for line in result.stdout.splitlines() if "Resuming with other settings" in line)
     assert "batch_size 16 -> 8" in warning and "lazy_loading.buffer_size 10000 -> 64" in warning
+
+
+def test_an_unwritable_output_dir_is_one_line_and_a_nonzero_exit(tmp_path, tiny_data):
+    (tmp_path / "file").write_text("not a folder")
+    config = write_config(tmp_path / "c.yaml")
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir",
+                        tmp_path / "file" / "out")
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'file' / 'out'}: Not a directory"]
