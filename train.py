@@ -19,6 +19,7 @@ resumes and the evaluation read that.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import math
@@ -215,6 +216,9 @@ def train(args, logger):
     output_dir = Path(tc.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     utils.setup_logger(str(output_dir), runtime.is_master, logger=logger)
+    if runtime.is_master:  # one run per output directory; what a killed run left half-written goes
+        atexit.register(utils.OutputLock(output_dir, logger).release)
+        utils.remove_stale_temp_files(output_dir)
     checkpoint = utils.load_checkpoint(args.resume) if args.resume else None  # read before anything is built
     if checkpoint is not None and checkpoint["model_args"] != vars(config.model):
         differing = {k: (v, vars(config.model).get(k)) for k, v in checkpoint["model_args"].items()
@@ -222,8 +226,6 @@ def train(args, logger):
         raise utils.CheckpointError(f"{args.resume}: the model differs from the config's "
                                     + ", ".join(f"{k} {old} vs {new}" for k, (old, new) in differing.items()))
     utils.seed_everything(tc.seed)
-    if runtime.is_master:
-        utils.save_config(config, output_dir / "config.yaml")
     logger.info(f"Device: {runtime.device} | processes: {runtime.world_size} | DataParallel GPUs: "
                 f"{runtime.data_parallel_gpus} | ijson backend: {IJSON_BACKEND} | torch {torch.__version__}")
 
@@ -233,6 +235,8 @@ def train(args, logger):
                        f"{runtime.data_parallel_gpus} GPUs; per-GPU batches differ by one sample")
     rank_batch_size = max(1, tc.batch_size // runtime.world_size)
     data = prepare_data(config, runtime, rank_batch_size, logger)
+    if runtime.is_master:  # only now: a run that fails on its data leaves the previous run's config alone
+        utils.save_config(config, output_dir / "config.yaml")
 
     # ---------------------------------------------------------------- model, optimizer, schedule, precision
     raw_model = DeepLog(**vars(config.model))
@@ -330,11 +334,31 @@ def train(args, logger):
                 f"{early_stopping.best_loss:.4f}{' (early stop)' if stopped_early else ''} | "
                 f"best model: {checkpoint_dir / 'best_model.pt'}")
     utils.barrier(runtime)
+    stop_signal.raise_now = True  # from here a signal stops the evaluation at once
+    exit_code = 0
     if tc.evaluate_after_training and runtime.is_master and (checkpoint_dir / "best_model.pt").exists():
-        import evaluate  # imported here: evaluation is a separate, optional stage
-        evaluate.after_training(checkpoint_dir / "best_model.pt", config, logger)
+        exit_code = evaluate_after_training(checkpoint_dir / "best_model.pt", config, stop_signal, logger)
     if runtime.distributed:
         torch.distributed.destroy_process_group()
+    return exit_code
+
+
+def evaluate_after_training(best: Path, config: utils.Config, stop_signal: utils.StopSignal, logger) -> int:
+    """Calibrate and evaluate the best model; a stop signal or data too small to calibrate on skip it with
+    a line saying how to run it later, and only the signal makes the run's exit code non-zero."""
+    later = f"python evaluate.py --checkpoint {best}"
+    try:
+        if stop_signal.received:
+            raise utils.Stopped(stop_signal.received)
+        import evaluate  # imported here: evaluation is a separate, optional stage
+        evaluate.after_training(best, config, logger)
+    except utils.Stopped as signal_name:
+        logger.info(f"Stopped by {signal_name} before the evaluation after training ended; the checkpoints are "
+                    f"complete; evaluate with: {later}")
+        return stop_signal.exit_code
+    except DataError as error:
+        logger.warning(f"Evaluation after training skipped: {error}. With more normal sessions in the validation "
+                       f"split (data.validation_split), or others via --calibrate-on: {later}")
     return 0
 
 

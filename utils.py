@@ -11,6 +11,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import pickle
 import random
 import re
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -292,12 +294,52 @@ def save_json(path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # (reading the umask means setting it; it is put back at once)
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Temp files of atomic writes that a killed run left behind (call while holding the output lock)."""
+    for stale in list(directory.glob(".*.tmp")) + list(directory.glob("checkpoints/.*.tmp")):
+        stale.unlink(missing_ok=True)
+
+
+class OutputLock:
+    """One run per output directory: a second run there is refused, naming the holder (pid, host). The lock
+    is an flock, so it dies with its process; a lock file whose holder has ended is taken over, with a warning."""
+
+    def __init__(self, output_dir: Path, logger: logging.Logger):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / ".lock"
+        self.handle = open(self.path, "a+")  # noqa: SIM115 (held for the life of the run)
+        self.handle.seek(0)
+        holder = self.handle.read().strip()
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise ConfigError(f"{output_dir} is in use by another run ({holder or 'holder unknown'}): wait for it, "
+                              f"or pass another --output-dir") from None
+        if holder:
+            logger.warning(f"Taking over {self.path}: its holder ({holder}) has ended")
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        self.handle.flush()
+
+    def release(self) -> None:
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.close()
+
+
 def _atomic(path, write) -> None:
     """Write to a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; the file should be like every other one written
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -546,6 +588,10 @@ def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
     return tensor.tolist()
 
 
+class Stopped(Exception):
+    """A stop signal arrived after the last training step (the checkpoints are all written by then)."""
+
+
 class StopSignal:
     """SIGTERM or SIGINT (kill of a nohup run, a scheduler's preemption, Ctrl-C) asks training to stop at
     the next step boundary, where a resumable checkpoint is written. A second signal stops at once."""
@@ -556,9 +602,13 @@ class StopSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        if self.received is not None:
+        already, self.received = self.received, signal.Signals(signum).name
+        if already is not None:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        if self.raise_now:
+            raise Stopped(self.received)
+
+    raise_now = False  # set once training is over: a signal then stops what runs at once (the evaluation)
 
     def check(self, runtime: "Runtime", step: int, every: int) -> bool:
         """Whether to stop now. Under DDP all ranks must agree, so the flag is all-reduced every `every` steps."""

@@ -270,3 +270,81 @@ def test_an_unwritable_output_dir_is_one_line_and_a_nonzero_exit(tmp_path, tiny_
                         tmp_path / "file" / "out")
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'file' / 'out'}: Not a directory"]
+
+
+def test_a_second_run_on_one_output_dir_is_refused_and_a_dead_holder_taken_over(tmp_path, tiny_data):
+    import fcntl
+    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}})
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / ".lock", "w") as holder:   # a live run holds the lock
+        holder.write("pid 4242 on host elsewhere\n")
+        holder.flush()
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", out)
+    assert result.returncode == 2 and "is in use by another run (pid 4242 on host elsewhere)" in result.stderr
+    assert not (out / "checkpoints").exists()
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", out)  # holder gone
+    assert result.returncode == 0, result.stderr
+    assert "Taking over" in result.stdout and "pid 4242 on host elsewhere" in result.stdout
+    assert (out / ".lock").read_text() == ""   # released at the end
+
+
+def test_stale_temp_files_go_written_files_follow_the_umask_and_a_failed_run_keeps_the_old_config(tmp_path,
+                                                                                                  tiny_data):
+    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}})
+    out = tmp_path / "o"
+    (out / "checkpoints").mkdir(parents=True)
+    stale = out / "checkpoints" / ".step_7.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", out)
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists()
+    assert oct((out / "checkpoints" / "best_model.pt").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    saved = (out / "config.yaml").read_text()
+    result = run_script("train.py", "--config", config, "--data-dir", tmp_path / "missing", "--output-dir", out)
+    assert result.returncode == 2 and (out / "config.yaml").read_text() == saved
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_too_little_data_to_calibrate_skips_the_evaluation_with_a_warning(tmp_path):
+    from dataset import is_validation
+    def first_held_out(name):
+        return next(i for i in range(1, 1000) if is_validation(name, i, 42, 0.1))
+    data = tmp_path / next(f"d{k}.txt" for k in range(100) if first_held_out(f"d{k}.txt") > 5)
+    first_held_out = first_held_out(data.name)
+    # lines 1 .. first_held_out - 1: no session falls in the validation split
+    data.write_text("".join(f"1 2 {i % 5 + 3}\n" for i in range(1, first_held_out)))
+    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1, "evaluate_after_training": True}})
+    result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert "Evaluation after training skipped:" in result.stdout and "no normal sessions" in result.stdout
+
+
+def test_a_signal_after_the_last_step_stops_the_evaluation_with_a_nonzero_exit(caplog):
+    import logging
+    import os
+    import signal
+
+    import train
+    import utils
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = utils.StopSignal()
+        stop.raise_now = True
+        with pytest.raises(utils.Stopped):   # during the evaluation: it stops at once
+            os.kill(os.getpid(), signal.SIGTERM)
+        logger = logging.getLogger("test-deeplog")
+        with caplog.at_level(logging.INFO, logger="test-deeplog"):   # arrived before it began: it never starts
+            code = train.evaluate_after_training(Path("runs/x/best_model.pt"), None, stop, logger)
+        assert code == 143 and "Stopped by SIGTERM before the evaluation after training ended" in caplog.text
+        assert "python evaluate.py --checkpoint runs/x/best_model.pt" in caplog.text
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
