@@ -252,6 +252,9 @@ def train(args, logger):
     optimizer_class = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(raw_model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     total_steps = data.steps_per_epoch * tc.epochs
+    if tc.warmup_steps >= total_steps:
+        logger.warning(f"training.warmup_steps {tc.warmup_steps} >= the run's {total_steps} steps: the learning rate "
+                       f"never reaches training.learning_rate; lower warmup_steps for short runs")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, utils.lr_multiplier(tc.warmup_steps, total_steps, tc.lr_schedule, tc.min_lr_ratio))
     amp_dtype, use_loss_scaling = utils.amp_settings(config, runtime.device)

@@ -150,7 +150,7 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
             raise ConfigError(f"{path}: invalid YAML: {error}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        for section_name, values in raw.items():
+        for section_name, values in _canonical_layout(raw, path).items():
             if values is None:
                 continue
             if not isinstance(values, dict):
@@ -162,6 +162,34 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
             _set(config, dotted, value, source="command line")
     _check_values(config)
     return config
+
+
+# The original design's config.yaml nests some settings elsewhere; both layouts load, and the resolved
+# config a run saves is always the canonical one.
+ORIGINAL_LAYOUT = {("training", "num_epochs"): ("training", "epochs"),
+                   ("training", "early_stopping"): ("early_stopping", None),
+                   ("data", "lazy_loading"): ("lazy_loading", None)}
+
+
+def _canonical_layout(raw: dict, source: str) -> dict:
+    """The original design's keys moved to where this config keeps them; a setting given in both places
+    with different values is an error naming both."""
+    raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for (section, key), (target, target_key) in ORIGINAL_LAYOUT.items():
+        if not isinstance(raw.get(section), dict) or key not in raw[section]:
+            continue
+        value = raw[section].pop(key)
+        moved = value if target_key is None else {target_key: value}
+        if not isinstance(moved, dict):
+            raise ConfigError(f"{source}: '{section}.{key}' must be a mapping")
+        destination = raw.setdefault(target, {}) or {}
+        raw[target] = destination
+        for name, setting in moved.items():
+            if name in destination and destination[name] != setting:
+                raise ConfigError(f"{source}: '{target}.{name}' is given twice, as {destination[name]!r} and as "
+                                  f"{setting!r} under '{section}.{key}'")
+            destination[name] = setting
+    return raw
 
 
 def _set(config: Config, dotted: str, value, source: str) -> None:

@@ -184,3 +184,29 @@ def test_yaml_exponents_without_a_dot_are_floats(tmp_path):
     path.write_text("training:\n  learning_rate: 1e-3\n  weight_decay: 5E-2\n")
     config = load_config(str(path))
     assert config.training.learning_rate == 0.001 and config.training.weight_decay == 0.05
+
+
+def test_the_original_design_layout_loads_as_the_canonical_one(tmp_path):
+    original = tmp_path / "original.yaml"
+    original.write_text(yaml.safe_dump({
+        "training": {"num_epochs": 2, "batch_size": 32, "learning_rate": "1e-3",
+                     "early_stopping": {"enabled": True, "patience": 5, "min_delta": 0.001}},
+        "data": {"preprocessed_dir": "d", "lazy_loading": {"enabled": True, "buffer_size": 500,
+                                                           "shuffle_buffer": False}}}))
+    config = load_config(str(original))
+    assert (config.training.epochs, config.training.batch_size, config.training.learning_rate) == (2, 32, 0.001)
+    assert (config.early_stopping.patience, config.early_stopping.min_delta) == (5, 0.001)
+    assert (config.lazy_loading.buffer_size, config.lazy_loading.shuffle_buffer) == (500, False)
+    utils.save_config(config, tmp_path / "saved.yaml")   # the saved resolved config is the canonical layout
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
+    assert "num_epochs" not in saved["training"] and saved["training"]["epochs"] == 2
+    assert "lazy_loading" not in saved["data"] and saved["lazy_loading"]["buffer_size"] == 500
+    assert load_config(str(tmp_path / "saved.yaml")) == config
+
+
+def test_a_setting_given_in_both_layouts_with_two_values_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"training": {"epochs": 3, "num_epochs": 4}}))
+    message = r"'training.epochs' is given twice, as 3 and as 4 under 'training.num_epochs'"
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
