@@ -738,6 +738,10 @@ def run(args, logger):
         raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (training was stopped before "
                                     f"it ended?); pass --calibrate-on DIR with normal sessions")
     check_top_k(calibration, top_k)
+    origin = ("fitted now, --calibrate-on" if args.calibrate_on else f"from {args.calibration}" if args.calibration
+              else f"stored in {args.checkpoint}")
+    logger.info(f"Thresholds applied: {origin}; fitted on {calibration.get('source', 'unknown data')} at "
+                f"{calibration.get('fitted_at', 'an unknown time')}")
     if args.detect:
         try:
             out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 (closed below, not stdout)

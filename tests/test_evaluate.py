@@ -209,6 +209,11 @@ def test_calibrate_on_refits_and_saves(trained, tmp_path):
     assert calibration["source"] == str(quiet_day) and calibration["top_k"] == 3 and calibration["sessions"] == 100
     results = json.loads(next(tmp_path.glob("evaluation_results_*.json")).read_text())
     assert results["calibration"] == calibration and "false_positive_rate" in results
+    assert f"Thresholds applied: fitted now, --calibrate-on; fitted on {quiet_day} at " \
+           f"{calibration['fitted_at']}" in result.stdout
+    stored = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir", data,
+                        "--output-dir", tmp_path)   # every run states which thresholds it applies
+    assert f"Thresholds applied: stored in {out / 'checkpoints' / 'best_model.pt'}" in stored.stdout
 
 
 def test_detect_writes_one_line_per_session(trained, tmp_path):
