@@ -49,7 +49,7 @@ from tqdm import tqdm
 import utils
 from cache import build_caches, cache_settings, default_cache_dir, session_chunks
 from dataset import DataError, is_validation, iter_sessions
-from model import DeepLog
+from model import DeepLog, verdicts
 
 ACCURACY_KS = (1, 5, 10, 20)
 PERCENTILES = (90, 95, 99)
@@ -317,19 +317,6 @@ def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, margi
         "probability_bound": least_likely + math.log(margin), "event_set_rule": event_sets is not None,
         "fitted_at": datetime.now().isoformat(timespec="seconds"),
         "flagged_on_calibration": {rule: flagged[rule] / sessions for rule in RULES}}
-
-
-def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
-    """True where the session is abnormal under `rule`."""
-    if rule == "combined":
-        return verdicts(scores, calibration, "probability") | verdicts(scores, calibration, "event_set")
-    if rule == "event_set":
-        return scores["novel_set"] > 0
-    if rule == "top_g":
-        return scores["max_rank"] >= calibration["top_g"]
-    if rule == "probability":
-        return scores["min_log_prob"] < calibration["probability_bound"]
-    return anomaly_scores(scores, calibration["top_k"]) > calibration["score_thresholds"][rule[6:]]
 
 
 def confusion(fp: float, normal: float, tp: float, abnormal: float) -> dict:

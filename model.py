@@ -27,8 +27,10 @@ that stops early is a miss like any other. This file knows nothing of files or t
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,6 +64,8 @@ class DeepLog(nn.Module):
         # model never saw is a miss at every k even if it happens to rank high: the model knows nothing
         # of it. Saved in the state dict, so the manual load_state_dict route keeps it too.
         self.register_buffer("seen_events", torch.ones(self.num_classes, dtype=torch.bool))
+        self.calibration: dict | None = None      # detection thresholds: set by from_checkpoint
+        self.event_sets: set | None = None        # sets of event types seen together in training: likewise
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Next-event logits [batch, time, vocab_size + 1] for every input position.
@@ -180,7 +184,46 @@ class DeepLog(nn.Module):
         model = cls(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model_state_dict"])
         model.calibration = checkpoint.get("calibration")
+        sets = checkpoint.get("event_sets")
+        model.event_sets = None if sets is None else {frozenset(s) for s in sets}
         return model.eval()
+
+    @torch.no_grad()
+    def verdict(self, input_ids, rule: str | None = None) -> list[str]:
+        """"abnormal" or "normal" per session: the calibrated rule stored with the model (the checkpoint's
+        decision rule unless `rule` names another), with the thresholds and event-set record that
+        from_checkpoint loaded: the same verdict as `evaluate.py --detect`."""
+        if self.calibration is None:
+            raise ValueError("this model holds no calibration: load it with DeepLog.from_checkpoint from a "
+                             "checkpoint whose training ended (or calibrate with evaluate.py --calibrate-on)")
+        sessions = _as_list_of_lists(input_ids)
+        with self._evaluating():
+            ranks, log_probs = self.prediction_ranks(*self.encode(sessions))
+        valid = ranks >= 0
+        top_k = self.calibration["top_k"]
+        scores = {"predictions": valid.sum(1), "max_rank": ranks.max(1).values,
+                  "min_log_prob": torch.where(valid, log_probs, math.inf).min(1).values,
+                  f"misses_at_{top_k}": ((ranks >= top_k) & valid).sum(1)}
+        scores = {name: column.double().cpu().numpy() for name, column in scores.items()}
+        scores["novel_set"] = np.array([self.event_sets is not None and frozenset(s) not in self.event_sets
+                                        for s in sessions], dtype=np.float64)
+        flagged = verdicts(scores, self.calibration, rule or self.calibration["default_rule"])
+        return ["abnormal" if abnormal else "normal" for abnormal in flagged.tolist()]
+
+
+def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
+    """True where a session is abnormal under `rule`, from its score columns (see evaluate.score_sessions)
+    and the calibration fitted on normal sessions. The one place the decision rules are written."""
+    if rule == "combined":
+        return verdicts(scores, calibration, "probability") | verdicts(scores, calibration, "event_set")
+    if rule == "event_set":
+        return scores["novel_set"] > 0
+    if rule == "top_g":
+        return scores["max_rank"] >= calibration["top_g"]
+    if rule == "probability":
+        return scores["min_log_prob"] < calibration["probability_bound"]
+    top_k = calibration["top_k"]
+    return scores[f"misses_at_{top_k}"] / scores["predictions"] > calibration["score_thresholds"][rule[6:]]
 
 
 def _as_list_of_lists(sessions) -> list[list[int]]:
