@@ -535,11 +535,13 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
            event_sets: set | None = None, chunk_size: int = 4096, max_misses: int = 3,
            max_cached: int = MAX_CACHED) -> dict:
     """Stream sessions from `path` in chunks and write one JSON line per session. Memory holds one chunk
-    and the score cache."""
+    and the score cache. A bad record (without skip_bad_records) ends the stream: the sessions before it
+    are written first, then PartialOutput says how many."""
     top_k, totals = calibration["top_k"], Counter()
     bound = calibration["probability_bound"] if rule in ("probability", "combined") else None
     scorer = ChunkScorer(model, [top_k, calibration["top_g"]], batch_size, event_sets, max_cached, "detecting")
-    for chunk in chunked(iter_sessions(path, None, **options), chunk_size):
+    stopped: list[DataError] = []
+    for chunk in chunked(_until_data_error(iter_sessions(path, None, **options), stopped), chunk_size):
         distinct, scores, _ = scorer([record.event_ids for record in chunk])
         abnormal = verdicts(scores, calibration, rule)
         anomaly = anomaly_scores(scores, top_k)
@@ -556,7 +558,24 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
                 "min_probability": float(math.exp(scores["min_log_prob"][i])),
                 "novel_event_set": bool(scores["novel_set"][i]), "misses": reasons.get(session, [])}) + "\n")
             totals["abnormal" if abnormal[i] else "normal"] += 1
+    out.flush()
+    if stopped:
+        raise PartialOutput(f"{stopped[0]}; the {sum(totals.values())} sessions before it were written: the "
+                            f"output is partial (--skip-bad-records skips such records)")
     return dict(totals)
+
+
+class PartialOutput(DataError):
+    """Bad data ended --detect after some sessions were written."""
+
+
+def _until_data_error(records, stopped: list):
+    """The records up to the first bad one, which is kept in `stopped` instead of raised at once: the
+    sessions read before it are still scored and written."""
+    try:
+        yield from records
+    except DataError as error:
+        stopped.append(error)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -677,6 +696,8 @@ def parse_args(argv=None):
     parser.add_argument("--detect", help="score these sessions without metrics: one JSON line per session")
     parser.add_argument("--output", help="with --detect: write the JSON lines here (default: stdout)")
     parser.add_argument("--tag", help="added to the report file names")
+    parser.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of "
+                        "stopping (data.skip_bad_records)")
     return parser.parse_args(argv)
 
 
@@ -700,6 +721,7 @@ def run(args, logger):
     if to_stdout:  # keep stdout for the JSON lines
         logger.handlers[0].setStream(sys.stderr)
     top_k = args.top_k or ev.top_k
+    config.data.skip_bad_records = config.data.skip_bad_records or args.skip_bad_records
     options = utils.reader_options(config)
     calibration = checkpoint.get("calibration")
     if args.calibration:

@@ -755,3 +755,19 @@ def test_the_model_gives_the_same_verdicts_as_detect(trained, tmp_path, rule):
     assert model.verdict(sessions, rule) == detected
     if rule is None:  # the default rule flags some and passes others: the equality above means something
         assert 0 < detected.count("abnormal") < len(detected)
+
+
+def test_detect_over_a_bad_record_writes_what_came_before_and_says_it_is_partial(trained, tmp_path):
+    _, out, _, _, _ = trained
+    good = [{"session_id": f"s{i}", "event_ids": [1, 2, 2 + i % 3]} for i in range(5000)]
+    path = tmp_path / "new.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + "not json\n" + json.dumps(good[0]) + "\n")
+    checkpoint, detections = out / "checkpoints" / "best_model.pt", tmp_path / "out.jsonl"
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", path, "--output", detections)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "line 5001: malformed JSON" in result.stderr and "the 5000 sessions before it were written" in result.stderr
+    assert "partial" in result.stderr and len(detections.read_text().splitlines()) == 5000
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", path, "--output", detections,
+                        "--skip-bad-records")
+    assert result.returncode == 0, result.stderr
+    assert len(detections.read_text().splitlines()) == 5001
