@@ -102,6 +102,8 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
                              buffer_size=loading.buffer_size, lazy=loading.enabled, **common)
         counted = train.count()
         windows_per_rank = train.windows_per_rank()
+        if data.samples_per_epoch:
+            logger.info("data.samples_per_epoch is not used with the token cache: the first pass counts exactly")
     elif data.samples_per_epoch:
         counted = {"windows": data.samples_per_epoch, "seen_targets": None, "event_sets": None}
         windows_per_rank = data.samples_per_epoch // runtime.world_size  # utils.lockstep keeps ranks together
@@ -209,8 +211,25 @@ def main(argv=None):
     return utils.exit_on_user_error(lambda: train(args, logger), (*utils.USER_ERRORS, DataError), logger)
 
 
+def resume_defaults(config: utils.Config, stored: dict, args) -> list[str]:
+    """On --resume the checkpoint's output_dir and data settings are the defaults (flags still win), so that
+    following a stop message continues that run, where it was, on its data. Returns what this changed."""
+    changed = []
+    wanted = {("training", "output_dir"): None if args.output_dir else stored["training"]["output_dir"]}
+    wanted.update({("data", key): value for key, value in stored["data"].items()
+                   if not (key == "preprocessed_dir" and args.data_dir)})
+    for (section, key), value in wanted.items():
+        current = getattr(getattr(config, section), key)
+        if value is not None and value != current:
+            changed.append(f"{section}.{key} {current!r} -> {value!r}")
+            setattr(getattr(config, section), key, value)
+    return changed
+
+
 def train(args, logger):
     config = resolve_config(args)
+    checkpoint = utils.load_checkpoint(args.resume) if args.resume else None  # read before anything is built
+    from_checkpoint = resume_defaults(config, checkpoint["config"], args) if checkpoint is not None else []
     tc = config.training
     runtime = utils.setup_runtime(tc.device, tc.use_multi_gpu)
     output_dir = Path(tc.output_dir)
@@ -219,7 +238,11 @@ def train(args, logger):
     if runtime.is_master:  # one run per output directory; what a killed run left half-written goes
         atexit.register(utils.OutputLock(output_dir, logger).release)
         utils.remove_stale_temp_files(output_dir)
-    checkpoint = utils.load_checkpoint(args.resume) if args.resume else None  # read before anything is built
+    if from_checkpoint:
+        logger.info(f"Resuming with the checkpoint's settings where no flag gives them: {', '.join(from_checkpoint)}")
+    if checkpoint is not None and checkpoint.get("split_scheme") != utils.SPLIT_SCHEME:
+        logger.warning(f"{args.resume} was written with an earlier validation split: the sessions held out now "
+                       f"differ from those held out before the stop")
     if checkpoint is not None and checkpoint["model_args"] != vars(config.model):
         differing = {k: (v, vars(config.model).get(k)) for k, v in checkpoint["model_args"].items()
                      if vars(config.model).get(k) != v}

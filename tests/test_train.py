@@ -348,3 +348,20 @@ def test_a_signal_after_the_last_step_stops_the_evaluation_with_a_nonzero_exit(c
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_following_the_stop_message_continues_that_run_on_its_data(tmp_path, tiny_data):
+    """--resume alone (as the stop message says) takes output_dir and the data settings from the checkpoint,
+    instead of config.yaml's, which would write into another run's folder."""
+    one_epoch = write_config(tmp_path / "one.yaml", {"training": {"epochs": 1}, "data": {"validation_split": 0.2}})
+    run = tmp_path / "runs" / "x"
+    result = run_script("train.py", "--config", one_epoch, "--data-dir", tiny_data, "--output-dir", run)
+    assert result.returncode == 0, result.stderr
+    two_epochs = write_config(tmp_path / "two.yaml", {"training": {"epochs": 2, "output_dir": str(tmp_path / "other")}})
+    result = run_script("train.py", "--config", two_epochs, "--resume", run / "checkpoints" / "epoch_1.pt")
+    assert result.returncode == 0, result.stderr
+    assert (run / "checkpoints" / "epoch_2.pt").exists() and not (tmp_path / "other").exists()
+    line = next(x for x in result.stdout.splitlines() if "Resuming with the checkpoint's settings" in x)
+    assert f"data.preprocessed_dir 'data/sample/train' -> '{tiny_data}'" in line
+    assert "data.validation_split 0.1 -> 0.2" in line
+    assert json.loads((run / "training_history.json").read_text())["epoch"] == [1, 2]
