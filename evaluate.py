@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import utils
 from cache import build_caches, cache_settings, default_cache_dir, session_chunks
-from dataset import DataError, is_validation, iter_sessions
+from dataset import DataError, is_validation, iter_sessions, list_data_files
 from model import DeepLog, verdicts
 
 ACCURACY_KS = (1, 5, 10, 20)
@@ -701,6 +701,22 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_calibration_is_apart(args, config: utils.Config) -> None:
+    """Thresholds are never fitted on sessions that are then scored: the files of --calibrate-on may share
+    none with the scored ones (the files under --data-dir, --abnormal-dir and --detect or, by default,
+    the checkpoint's training data, whose evaluation half would be scored), compared as resolved paths."""
+    scored = [p for p in (args.data_dir, args.abnormal_dir, args.detect) if p]
+    if not args.data_dir and not args.detect:
+        scored.append(config.data.preprocessed_dir)
+    calibration_files = {f.resolve() for f in list_data_files(args.calibrate_on)}
+    for path in scored:
+        shared = sorted(str(f) for f in calibration_files & {f.resolve() for f in list_data_files(path)})
+        if shared:
+            raise utils.ConfigError(f"--calibrate-on {args.calibrate_on} shares {len(shared)} file(s) with the "
+                                    f"sessions being scored ({path}), e.g. {shared[0]}: thresholds must be fitted "
+                                    f"on other normal sessions")
+
+
 def main(argv=None):
     args = parse_args(argv)
     logger = logging.getLogger("deeplog")
@@ -733,11 +749,8 @@ def run(args, logger):
         if missing:
             raise utils.ConfigError(f"{args.calibration}: not a calibration.json "
                                     f"(missing {', '.join(sorted(missing))})")
-    scored = [Path(p).resolve() for p in (args.data_dir, args.abnormal_dir, args.detect) if p]
-    if args.calibrate_on and Path(args.calibrate_on).resolve() in scored:
-        raise utils.ConfigError(f"--calibrate-on {args.calibrate_on} is also the data being scored: thresholds "
-                                f"must be fitted on other normal sessions")
     if args.calibrate_on:
+        check_calibration_is_apart(args, config)
         normal = data_chunks(args.calibrate_on, config, "normal", logger)
         calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.probability_margin, args.calibrate_on,
                                       ev.decision_rule, ev.batch_size, event_sets)

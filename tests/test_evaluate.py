@@ -323,7 +323,12 @@ def test_thresholds_are_never_fitted_on_the_scored_data_and_bad_calibration_file
     checkpoint = out / "checkpoints" / "best_model.pt"
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--data-dir", data, "--calibrate-on", data,
                         "--output-dir", tmp_path)
-    assert result.returncode == 2 and "is also the data being scored" in result.stdout + result.stderr
+    assert result.returncode == 2 and "shares 1 file(s) with the sessions being scored" in result.stderr
+    # the same files reached another way: a file inside the scored folder, or the checkpoint's own data
+    for extra in (["--data-dir", data, "--calibrate-on", data / "s.jsonl"], ["--calibrate-on", data],
+                  ["--data-dir", data / "s.jsonl", "--calibrate-on", data]):
+        result = run_script("evaluate.py", "--checkpoint", checkpoint, *extra, "--output-dir", tmp_path)
+        assert result.returncode == 2 and "shares 1 file(s) with the sessions being scored" in result.stderr, extra
     (tmp_path / "c.json").write_text('{"top_k": 10}')
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--calibration", tmp_path / "c.json",
                         "--output-dir", tmp_path)
