@@ -46,6 +46,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -203,7 +204,6 @@ def _size(entry: Path) -> int:
 
 def _remove_stale_temp(cache_dir: Path) -> None:
     """Temp folders of builds that were killed (a live build's folder is younger than a day)."""
-    import time
     for temp in cache_dir.glob(".*.tmp"):
         if time.time() - temp.stat().st_mtime > 86400:
             shutil.rmtree(temp, ignore_errors=True)
