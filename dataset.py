@@ -709,24 +709,43 @@ class _FileShardReader(IterableDataset):
             yield _ReaderError(str(error))
 
 
+def describe(path, vocab_size: int | None = None, **reader_options) -> Iterator[str]:
+    """One line per data file under `path` (sessions, abnormal ones, lengths, largest ID) and, for several
+    files, a total; read with the fast first pass, in bounded memory."""
+    total = {"files": 0, "sessions": 0, "abnormal": 0}
+    for data_file in list_data_files(path):
+        sessions = abnormal = max_id = 0
+        shortest, longest = None, 0
+        for arrays in iter_session_arrays(data_file, vocab_size, **reader_options):
+            if not len(arrays.lengths):
+                continue
+            sessions += len(arrays.lengths)
+            abnormal += int(arrays.labels.sum())
+            shortest = min(shortest or 2 ** 62, int(arrays.lengths.min()))
+            longest = max(longest, int(arrays.lengths.max()))
+            max_id = max(max_id, int(arrays.tokens.max()))
+        labels = "no labels (DeepLog text)" if _format_of(data_file) == "text" else \
+            f"{abnormal} labelled abnormal, {sessions - abnormal} normal or unlabelled"
+        yield (f"{data_file}: {sessions} sessions, {labels}, length {shortest or 0}..{longest}, "
+               f"largest ID {max_id}")
+        total = {"files": total["files"] + 1, "sessions": total["sessions"] + sessions,
+                 "abnormal": total["abnormal"] + abnormal}
+    if total["files"] > 1:
+        yield f"total: {total['sessions']} sessions in {total['files']} files, {total['abnormal']} labelled abnormal"
+
+
 if __name__ == "__main__":
     import argparse
-    import sys
     parser = argparse.ArgumentParser(description="Validate data files and count their sessions.")
     parser.add_argument("path", help="a data file or a directory of them")
     parser.add_argument("--vocab-size", type=int, default=None, help="reject IDs >= this")
     parser.add_argument("--event-ids-field", default="event_ids", help="field holding the event IDs")
+    parser.add_argument("--label-field", default="label", help="field holding the label")
     cli = parser.parse_args()
     try:
-        for data_file in list_data_files(cli.path):
-            counts = {"normal": 0, "abnormal": 0}
-            lengths, max_id = [], 0
-            for rec in iter_sessions(data_file, cli.vocab_size, event_ids_field=cli.event_ids_field):
-                counts["abnormal" if rec.label else "normal"] += 1
-                lengths.append(len(rec.event_ids))
-                max_id = max(max_id, max(rec.event_ids))
-            print(f"{data_file}: {counts['normal']} normal, {counts['abnormal']} abnormal sessions, "
-                  f"length {min(lengths, default=0)}..{max(lengths, default=0)}, max ID {max_id}")
+        for line in describe(cli.path, cli.vocab_size, event_ids_field=cli.event_ids_field,
+                             label_field=cli.label_field):
+            print(line, flush=True)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

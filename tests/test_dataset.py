@@ -346,3 +346,14 @@ def test_pathological_values_give_one_short_line(tmp_path, name, content, messag
         with pytest.raises(DataError) as error:
             read()
         assert message in str(error.value) and len(str(error.value)) < 300 and "\n" not in str(error.value)
+
+
+def test_dataset_cli_counts_per_file_and_in_total_without_calling_unlabelled_sessions_normal(tmp_path):
+    from dataset import describe
+    (tmp_path / "a.jsonl").write_text('{"event_ids": [1, 2], "label": 1}\n{"event_ids": [3, 4, 5]}\n')
+    (tmp_path / "b.txt").write_text("1 2 3 4\n7\n")
+    lines = list(describe(tmp_path, 29))
+    assert lines[0].endswith("a.jsonl: 2 sessions, 1 labelled abnormal, 1 normal or unlabelled, length 2..3, "
+                             "largest ID 5")
+    assert lines[1].endswith("b.txt: 2 sessions, no labels (DeepLog text), length 1..4, largest ID 7")
+    assert lines[2] == "total: 4 sessions in 2 files, 1 labelled abnormal"
