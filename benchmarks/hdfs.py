@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -78,10 +79,16 @@ def main() -> int:
 
 
 def run(command: list[str]) -> None:
+    """Run a stage; its epoch and result lines are passed on as they come, so that a run under nohup or CI
+    is never silent for minutes (the full logs are in the output directory)."""
     print("$", " ".join(command), flush=True)
-    completed = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL)
-    if completed.returncode != 0:
-        sys.exit(f"error: {command[1]} exited with {completed.returncode}")
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True, bufsize=1,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
+        for line in process.stdout:
+            if any(marker in line for marker in ("| Epoch ", "Token cache", "Training finished", "Evaluation results")):
+                print("  " + line.split(" | ", 2)[-1].rstrip(), flush=True)
+    if process.returncode != 0:
+        sys.exit(f"error: {command[1]} exited with {process.returncode}")
 
 
 def print_summary(results: dict, train_seconds: float, evaluate_seconds: float, result_file: Path) -> None:
