@@ -437,7 +437,9 @@ def write_reports(results: dict, histograms: dict, output_dir: Path, tag: str | 
     utils.save_json(json_path, results)
     utils.atomic_write_text(text_path, format_report(results))
     logger.info(f"Evaluation results: {json_path} | report: {text_path}")
-    plot_scores(histograms, results, output_dir / "score_distribution.png", logger)
+    # named like its report, so that another run (or --tag) never overwrites it
+    plot_scores(histograms, results, output_dir / json_path.name.replace("evaluation_results", "score_distribution")
+                .replace(".json", ".png"), logger)
     return json_path, text_path
 
 
@@ -792,8 +794,11 @@ def run(args, logger):
     abnormal_dir = args.abnormal_dir or (None if args.data_dir else config.data.abnormal_dir)
     if abnormal_dir:
         abnormal = itertools.chain(abnormal, data_chunks(abnormal_dir, config, "all", logger))
+    # where the abnormal sessions come from: the labels of the scored data, and the abnormal directory
+    labelled = f"label 1 in {args.data_dir or config.data.preprocessed_dir}"
+    abnormal_sources = ", ".join(filter(None, [abnormal_dir, labelled]))
     run_evaluation(model, args.checkpoint, calibration, normal, abnormal,
-                   {"normal": normal_path, "abnormal": abnormal_dir}, config, output_dir, top_k, args.tag, logger,
+                   {"normal": normal_path, "abnormal": abnormal_sources}, config, output_dir, top_k, args.tag, logger,
                    event_sets)
     return 0
 

@@ -177,7 +177,9 @@ def test_training_ends_with_calibration_and_reports(trained):
     assert 0 < results["next_event"]["top1_accuracy"] <= results["next_event"]["top5_accuracy"] <= 1
     report_text, = out.glob("evaluation_report_*.txt")
     assert "DETECTION" in report_text.read_text() and "combined" in report_text.read_text()
-    assert ("matplotlib not installed" in result.stdout) != (out / "score_distribution.png").exists()
+    pictures = list(out.glob("score_distribution_*.png"))   # named like the report
+    assert ("matplotlib not installed" in result.stdout) != (pictures == [out / report_json.name.replace(
+        "evaluation_results", "score_distribution").replace(".json", ".png")])
 
 
 def test_evaluate_cli_on_given_data_uses_stored_thresholds(trained, tmp_path):
@@ -776,3 +778,17 @@ def test_detect_over_a_bad_record_writes_what_came_before_and_says_it_is_partial
                         "--skip-bad-records")
     assert result.returncode == 0, result.stderr
     assert len(detections.read_text().splitlines()) == 5001
+
+
+def test_the_report_names_where_the_abnormal_sessions_came_from(trained, tmp_path):
+    _, out, data, abnormal_dir, _ = trained
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "s.jsonl").write_text((data / "s.jsonl").read_text() + "".join(
+        json.dumps({"event_ids": list(map(int, line.split())), "label": 1}) + "\n"
+        for line in (abnormal_dir / "a.txt").read_text().splitlines()))
+    result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir", mixed,
+                        "--output-dir", tmp_path / "reports")
+    assert result.returncode == 0, result.stderr
+    report = next((tmp_path / "reports").glob("evaluation_report_*.txt")).read_text()
+    assert f"Abnormal:    label 1 in {mixed}" in report and "Abnormal:    None" not in report
