@@ -457,9 +457,10 @@ def format_report(r: dict) -> str:
         ns = r["normal_scores"]
         lines += ["ANOMALY SCORES ON NORMAL DATA (fraction of events outside the top-k)", "-" * 72,
                   f"  Mean: {ns['mean']:.4f}   Std: {ns['std']:.4f}   Sessions: {session_counts(ns)}",
-                  "  Recommended thresholds: " + "  ".join(f"{p}={v:.4f}" for p, v in
-                                                          ns["recommended_thresholds"].items()) +
-                  f" ({ns['percentile_method']})", ""]
+                  "  Percentiles: " + "  ".join(f"{p}={v:.4f}" for p, v in ns["recommended_thresholds"].items()) +
+                  f" ({ns['percentile_method']})",
+                  "  (of these scores, for reference: the thresholds applied are the calibrated ones below;",
+                  "  evaluate.py --calibrate-on DIR refits those on other normal sessions)", ""]
     c = r["calibration"]
     lines += ["THRESHOLDS APPLIED (fitted on normal sessions only)", "-" * 72,
               f"  Calibrated on: {c['source']} ({c['sessions']} sessions)",
@@ -519,9 +520,12 @@ def plot_scores(histograms: dict, results, path: Path, logger) -> None:
         left.hist(SCORE_EDGES[:-1], SCORE_EDGES, weights=counts["score"], alpha=0.6, label=label)
         right.hist(LOG10_PROBABILITY_EDGES[:-1], LOG10_PROBABILITY_EDGES, weights=counts["log10_probability"],
                    alpha=0.6, label=label)
+    names_at: dict[float, list[str]] = {}  # equal thresholds share one line and one label ("p90=p95")
     for name, value in calibration["score_thresholds"].items():
+        names_at.setdefault(value, []).append(name)
+    for value, names in names_at.items():
         left.axvline(value, linestyle="--", color="black", linewidth=0.8)
-        left.annotate(name, (value, left.get_ylim()[1] * 0.9), fontsize=8)
+        left.annotate("=".join(names), (value, left.get_ylim()[1] * 0.9), fontsize=8)
     right.axvline(calibration["probability_bound"] / math.log(10), color="red", linestyle="--", label="bound")
     left.set(title=f"anomaly score (fraction outside top-{top_k})", xlabel="score", ylabel="sessions", yscale="log")
     right.set(title="least likely actual event per session", xlabel="log10 probability", yscale="log")
