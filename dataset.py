@@ -27,6 +27,7 @@ import json
 import json.scanner
 import os
 import random
+import re
 import reprlib
 import signal
 import struct
@@ -92,6 +93,52 @@ def _open(path: Path, mode: str = "rb"):
     return gzip.open(path, mode) if path.name.endswith(".gz") else open(path, mode)
 
 
+MAX_JSON_DEPTH = 32  # a session file nests 3 or 4 levels: [array under a key,] array, session object, event IDs
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'"[]{}')))
+_OPENERS, _CLOSERS = np.zeros(256, np.int8), np.zeros(256, np.int8)
+_OPENERS[[ord("["), ord("{")]], _CLOSERS[[ord("]"), ord("}")]] = 1, 1
+
+
+class _DepthBoundedReader:
+    """A binary file that refuses JSON nested deeper than MAX_JSON_DEPTH before ijson sees it.
+
+    ijson keeps a prefix string per open level, so its memory grows with the square of the depth: a few
+    hundred KB of brackets would take gigabytes. Each block read is reduced at C speed to its quotes and
+    brackets (escapes dropped first, so an escaped quote cannot open a string) and the depth outside strings
+    is tracked with numpy: a few percent of ijson's own time."""
+
+    def __init__(self, handle, file: Path):
+        self.handle, self.file = handle, file
+        self.depth, self.in_string, self.skip_first, self.position = 0, False, False, 0
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.handle.read(size)
+        self._check(block, self.position, self.position + len(block))
+        self.position += len(block)
+        return block
+
+    def _check(self, block: bytes, begin: int, end: int) -> None:
+        if self.skip_first and block:  # the previous block ended with a backslash: it escapes this byte
+            block, self.skip_first = block[1:], False
+        if b"\\" in block:
+            block = _ESCAPE.sub(b"", block)
+            if block.endswith(b"\\"):
+                block, self.skip_first = block[:-1], True
+        structure = np.frombuffer(block.translate(None, _NOT_STRUCTURE), np.uint8)
+        if not len(structure):
+            return
+        quotes = structure == ord('"')
+        outside = (np.cumsum(quotes) + self.in_string) % 2 == 0  # a closing quote counts as inside: not a bracket
+        steps = (_OPENERS[structure] - _CLOSERS[structure]) * (outside & ~quotes)
+        depths = self.depth + np.cumsum(steps, dtype=np.int64)
+        if depths.max() > MAX_JSON_DEPTH:
+            raise DataError(f"{self.file}: JSON nested deeper than {MAX_JSON_DEPTH} levels within bytes "
+                            f"{begin:,}-{end:,} (a session file nests at most 4: "
+                            f"[an array under a key,] the array, a session object, its event IDs)")
+        self.depth, self.in_string = int(depths[-1]), bool((int(quotes.sum()) + self.in_string) % 2)
+
+
 def iter_sessions(path, vocab_size: int | None = None, event_ids_field: str = "event_ids",
                   label_field: str = "label", session_id_field: str = "session_id",
                   json_array_key: str = "sessions", skip_bad_records: bool = False,
@@ -133,7 +180,8 @@ def _iter_json_array(file: Path, array_key: str):
     count = 0
     with _open(file) as handle:
         try:
-            for count, item in enumerate(ijson.items(handle, prefix, use_float=True), start=1):
+            items = ijson.items(_DepthBoundedReader(handle, file), prefix, use_float=True)
+            for count, item in enumerate(items, start=1):
                 yield count, item
         except ijson.JSONError as error:
             raise DataError(f"{file}: malformed JSON after record {count} (at record {count + 1}): "
@@ -325,7 +373,7 @@ def _json_array_chunks(file: Path, array_key: str, fields, vocab_size, chunk_rec
     prefix = _json_array_prefix(file, array_key)
     done = 0
     with _open(file) as handle:
-        items = ijson.items(handle, prefix, use_float=True)
+        items = ijson.items(_DepthBoundedReader(handle, file), prefix, use_float=True)
         for_events, for_labels = itertools.tee(items)
         pairs = zip(map(itemgetter(event_ids_field), for_events),
                     map(dict.get, for_labels, itertools.repeat(label_field), itertools.repeat(0)))

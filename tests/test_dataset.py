@@ -330,13 +330,17 @@ def test_byte_ranges_cover_every_line_once_with_exact_line_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("x.json", '[{"event_ids": [1, ' + "[" * 5000 + "]" * 5000 + "]}]",
+    ("x.json", '[{"event_ids": [1, ' + "[" * 20 + "]" * 20 + "]}]",
      "record 1: event ID [[[...]]] is not an integer"),
+    ("x.json", '[{"event_ids": [1, ' + "[" * 5000 + "]" * 5000 + "]}]",
+     "JSON nested deeper than 32 levels within bytes 0-10,022"),
+    ("x.json", "[" * 20000 + "]" * 20000, "JSON nested deeper than 32 levels"),
     ("x.jsonl", '{"event_ids": ' + "[" * 3000 + "]" * 3000 + "}\n", "line 1: malformed JSON: nested too deeply"),
     ("x.jsonl", '{"event_ids": [1, ' + "9" * 5000 + "]}\n", "...9999999999999999999 >= vocab_size 29"),
     ("x.json", '[{"event_ids": [1, ' + "9" * 5000 + "]}]", "malformed JSON after record 0 (at record 1): parse error"),
     ("x.json", '[{"event_ids": [1], "label": "' + "x" * 5000 + '"}]', "'label' must be 0 (normal) or 1 (abnormal)"),
-], ids=["list nested 5000 deep", "JSONL line nested 3000 deep", "5000-digit ID in JSONL",
+], ids=["list nested 20 deep", "list nested 5000 deep", "brackets 20000 deep (ijson took 1 GB)",
+        "JSONL line nested 3000 deep", "5000-digit ID in JSONL",
         "5000-digit ID in a JSON array (ijson crashed on it)", "5000-character label"])
 def test_pathological_values_give_one_short_line(tmp_path, name, content, message):
     """Deep nesting and huge values: a bounded excerpt in one line, for both readers, never a traceback."""
@@ -346,6 +350,32 @@ def test_pathological_values_give_one_short_line(tmp_path, name, content, messag
         with pytest.raises(DataError) as error:
             read()
         assert message in str(error.value) and len(str(error.value)) < 300 and "\n" not in str(error.value)
+
+
+def test_depth_bound_tracks_strings_and_escapes_across_any_block_boundaries():
+    """The depth check sees the JSON ijson sees: brackets inside strings, escaped quotes and a backslash
+    split from the character it escapes by a block boundary do not count, at any read size."""
+    import io
+    import random
+
+    from dataset import MAX_JSON_DEPTH, _DepthBoundedReader
+
+    tricky_id = '"a\\\\\\"' + "[" * 40 + '{\\"}' + '"'  # the JSON "a\\\"[[[...{\"}": escapes, brackets in a string
+    nested = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    good = '{"sessions": [' + ", ".join([f'{{"session_id": {tricky_id}, "event_ids": [1, 2]}}'] * 50) + "]}"
+    assert json.loads(good)["sessions"][0]["session_id"].count("[") == 40
+    too_deep = good[:-2] + ', {"event_ids": ' + nested + "}]}"
+    random.seed(0)
+    for _ in range(200):
+        size = random.randint(1, 64)
+        reader = _DepthBoundedReader(io.BytesIO(good.encode()), "f.json")
+        while reader.read(size):
+            pass
+        assert reader.depth == 0 and not reader.in_string
+        reader = _DepthBoundedReader(io.BytesIO(too_deep.encode()), "f.json")
+        with pytest.raises(DataError, match="nested deeper than 32"):
+            while reader.read(size):
+                pass
 
 
 def test_dataset_cli_counts_per_file_and_in_total_without_calling_unlabelled_sessions_normal(tmp_path):
