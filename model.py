@@ -221,7 +221,9 @@ def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
     if rule == "top_g":
         return scores["max_rank"] >= calibration["top_g"]
     if rule == "probability":
-        return scores["min_log_prob"] < calibration["probability_bound"]
+        # natural log; calibrations written before the key was renamed call it "probability_bound"
+        bound = calibration.get("log_probability_bound", calibration.get("probability_bound"))
+        return scores["min_log_prob"] < bound
     top_k = calibration["top_k"]
     return scores[f"misses_at_{top_k}"] / scores["predictions"] > calibration["score_thresholds"][rule[6:]]
 
