@@ -191,10 +191,16 @@ def _iter_json_array(file: Path, array_key: str):
                         f"with the array under '{array_key}' (data.json_array_key)")
 
 
+_PLAIN_INTEGER = re.compile(r"-?[0-9]+")
+_TEXT_BYTES = b"0123456789- \t\r\n\x0b\x0c"  # what a DeepLog text block may hold (int() takes more)
+
+
 def _text_event_ids(file: Path, line_no: int, tokens: list[str]) -> list[int]:
     event_ids = []
     for token in tokens:
         try:
+            if not _PLAIN_INTEGER.fullmatch(token):  # int() also takes "+3", "1_0" and non-ASCII digits
+                raise ValueError
             event_ids.append(int(token))
         except ValueError:
             raise DataError(f"{file}: line {line_no}: '{token[:40]}' is not an integer event ID "
@@ -402,6 +408,8 @@ def _lines_at_c_speed(block_start: int, block: list[bytes], fmt: str, fields, vo
     event_ids_field, label_field, _ = fields
     try:
         if fmt == "text":
+            if b"".join(block).translate(None, _TEXT_BYTES):
+                return None  # something besides plain integers: the slow reader names it
             events = list(map(bytes.split, block))
             kept = np.flatnonzero(np.fromiter(map(len, events), np.int64, len(events)))  # blank lines skipped
             if len(kept) < len(events):

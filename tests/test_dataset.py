@@ -78,6 +78,12 @@ BAD = [
     ("x.jsonl", '{"event_ids": [1], "label": 2}\n', "must be 0 (normal) or 1"),
     ("x.jsonl", '[1, 2]\n', "expected a session object"),
     ("x.txt", "1 2\n3 x 4\n", "line 2: 'x' is not an integer"),
+    ("x.txt", "1 2\n3 --5\n", "line 2: '--5' is not an integer"),
+    ("x.txt", "1 2\n1 \u00b2\n", "line 2: '\u00b2' is not an integer"),
+    ("x.txt", "1 2\n+3 4\n", "line 2: '+3' is not an integer"),  # int() takes these three
+    ("x.txt", "1 2\n1_0 4\n", "line 2: '1_0' is not an integer"),
+    ("x.txt", "1 2\n\u0661 4\n", "line 2: '\u0661' is not an integer"),  # an Arabic-Indic digit one
+    ("x.txt", "1 2\n3 -5\n", "line 2: event ID -5 is negative"),
     ("x.json", '{"other": []}', "no session array found"),
     ("x.json", "   ", "empty file"),
 ]
