@@ -373,8 +373,15 @@ def _atomic(path, write) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        # torch.save turns a failed write (a full disk) into a RuntimeError about zip positions, raised while
+        # closing; the OSError behind it is in the chain. A failed write names no file: name it.
+        cause = error
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None and not cause.filename:
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
         raise
 
 

@@ -365,3 +365,61 @@ def test_following_the_stop_message_continues_that_run_on_its_data(tmp_path, tin
     assert f"data.preprocessed_dir 'data/sample/train' -> '{tiny_data}'" in line
     assert "data.validation_split 0.1 -> 0.2" in line
     assert json.loads((run / "training_history.json").read_text())["epoch"] == [1, 2]
+
+
+FULL_DISK = '''
+import errno, runpy, sys, torch
+real_save, saves = torch.save, []
+class FullDisk:  # a checkpoint file on a disk that is full: every write fails, as it does on a real one
+    def __init__(self, handle):
+        self.handle = handle
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+def save(state, handle, *args, **kwargs):
+    saves.append(1)
+    return real_save(state, handle if len(saves) == 1 else FullDisk(handle), *args, **kwargs)
+torch.save = save
+sys.argv = sys.argv[1:]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_earlier_checkpoints(tmp_path, tiny_data):
+    """torch.save turns a failed write into a RuntimeError about zip positions; the run still ends with one
+    line naming the checkpoint and the cause, exit 1, the error in training.log and no temp file left."""
+    config = write_config(tmp_path / "c.yaml")
+    out = tmp_path / "o"
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text(FULL_DISK)
+    result = subprocess.run([sys.executable, str(wrapper), str(REPO / "train.py"), "--config", str(config),
+                             "--data-dir", str(tiny_data), "--output-dir", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    failed = re.fullmatch(rf"error: {re.escape(str(out / 'checkpoints'))}/(\w+\.pt): No space left on device", line)
+    assert failed and failed.group(1) != "step_7.pt", line   # the second checkpoint written
+    assert (out / "training.log").read_text().rstrip().endswith(line)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_7.pt"]   # the first one, intact
+    assert torch.load(out / "checkpoints" / "step_7.pt", weights_only=True)["step"] == 7
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, tiny_data):
+    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1, "warmup_steps": 1000}})
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    steps = int(re.search(r"(\d+) steps/epoch x 1 epochs", result.stdout).group(1))
+    assert f"training.warmup_steps 1000 >= the run's {steps} steps" in result.stdout
+
+
+def test_one_very_long_session_trains_and_skips_the_evaluation_with_a_warning(tmp_path):
+    from dataset import is_validation
+    data = tmp_path / next(f"d{k}.txt" for k in range(100) if not is_validation(f"d{k}.txt", 1, 42, 0.1))
+    data.write_text(" ".join(str(i % 7 + 3) for i in range(1500)) + "\n")
+    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1, "evaluate_after_training": True}})
+    result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert "Evaluation after training skipped:" in result.stdout and "no normal sessions" in result.stdout
+    assert (tmp_path / "o" / "checkpoints" / "best_model.pt").exists()
