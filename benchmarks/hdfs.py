@@ -78,15 +78,22 @@ def main() -> int:
     return 0
 
 
-def run(command: list[str]) -> None:
-    """Run a stage; its epoch and result lines are passed on as they come, so that a run under nohup or CI
-    is never silent for minutes (the full logs are in the output directory)."""
+MILESTONES = ("| Epoch ", "Token cache", "Training finished", "Evaluation results", "| WARNING |", "| ERROR |")
+
+
+def run(command: list[str], progress_every_s: float = 30.0) -> None:
+    """Run a stage; its epoch, warning and result lines are passed on as they come, and a step line at most
+    every progress_every_s, so that a run under nohup or CI is never silent for long, even within a long
+    epoch (the full logs are in the output directory)."""
     print("$", " ".join(command), flush=True)
+    last_shown = time.monotonic()
     with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True, bufsize=1,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
         for line in process.stdout:
-            if any(marker in line for marker in ("| Epoch ", "Token cache", "Training finished", "Evaluation results")):
+            is_step = "| [Step " in line and time.monotonic() - last_shown >= progress_every_s
+            if is_step or any(marker in line for marker in MILESTONES):
                 print("  " + line.split(" | ", 2)[-1].rstrip(), flush=True)
+                last_shown = time.monotonic()
     if process.returncode != 0:
         sys.exit(f"error: {command[1]} exited with {process.returncode}")
 
