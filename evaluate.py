@@ -31,10 +31,13 @@ scoring time includes reading the data.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
 import math
+import os
+import stat
 import sys
 import time
 from collections import Counter, OrderedDict
@@ -314,9 +317,16 @@ def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, margi
         "sessions": int(sessions), "distinct_sessions": scorer.distinct, "scored_sessions": scorer.scored,
         "score_thresholds": thresholds, "percentile_method": quantiles.method,
         "least_likely_normal_log_prob": least_likely, "probability_margin": margin,
-        "probability_bound": least_likely + math.log(margin), "event_set_rule": event_sets is not None,
+        # a natural log, like least_likely_normal_log_prob (the report shows the probability, exp of it)
+        "log_probability_bound": least_likely + math.log(margin), "event_set_rule": event_sets is not None,
         "fitted_at": datetime.now().isoformat(timespec="seconds"),
         "flagged_on_calibration": {rule: flagged[rule] / sessions for rule in RULES}}
+
+
+def log_probability_bound(calibration: dict) -> float:
+    """The probability bound of a calibration, as a natural log: "log_probability_bound", or "probability_bound"
+    in calibrations written before the key was renamed (the same natural log under its old name)."""
+    return calibration["log_probability_bound" if "log_probability_bound" in calibration else "probability_bound"]
 
 
 def confusion(fp: float, normal: float, tp: float, abnormal: float) -> dict:
@@ -340,7 +350,8 @@ class SideTotals:
     """What the report needs from one side (normal or abnormal sessions), summed chunk by chunk with every
     session weighted by its count: next-event sums, the anomaly score's mean and spread (per-chunk sums of
     squared deviations merged as in Chan et al., which stays exact where sum x^2 - n mean^2 cancels), its
-    percentiles, how often each rule fires, and the fixed-bin histograms of the plot."""
+    percentiles, how often each rule fires, and the fixed-bin histograms of the plot (and, when the event
+    sets of training are known, "event_set": the weights the event-set rule flags and does not)."""
 
     SUMMED = ("predictions", "loss_sum", "loss_count", "unknown", *(f"misses_at_{k}" for k in ACCURACY_KS))
 
@@ -352,6 +363,8 @@ class SideTotals:
         self.quantiles = ScoreQuantiles(max_exact_scores)
         self.histograms = {"score": np.zeros(len(SCORE_EDGES) - 1),
                            "log10_probability": np.zeros(len(LOG10_PROBABILITY_EDGES) - 1)}
+        if scorer.event_sets is not None:  # sessions the event-set rule flags, and the others
+            self.histograms["event_set"] = np.zeros(2)
 
     def add(self, chunk: list) -> None:
         _, scores, weights = self.scorer(chunk)
@@ -374,6 +387,9 @@ class SideTotals:
         self.histograms["score"] += np.histogram(anomaly, SCORE_EDGES, weights=weights)[0]
         self.histograms["log10_probability"] += np.histogram(
             np.maximum(scores["min_log_prob"], -30) / math.log(10), LOG10_PROBABILITY_EDGES, weights=weights)[0]
+        if "event_set" in self.histograms:
+            novel = weights[verdicts(scores, self.calibration, "event_set")].sum()
+            self.histograms["event_set"] += [novel, weight - novel]
 
     def counts(self) -> dict:
         return {"count": int(self.sessions), "distinct": self.scorer.distinct, "scored": self.scorer.scored}
@@ -406,7 +422,7 @@ def evaluate(model, calibration: dict, normal: Iterable[list], abnormal: Iterabl
             **{f"top{k}_accuracy": 1 - n.sums[f"misses_at_{k}"] / predictions for k in ACCURACY_KS}}
         results["normal_scores"] = {
             "mean": n.score_sum / n.sessions, "std": math.sqrt(n.score_squared_deviations / n.sessions),
-            **n.counts(), "recommended_thresholds": {f"p{q}": n.quantiles.percentile(q) for q in PERCENTILES},
+            **n.counts(), "reference_percentiles": {f"p{q}": n.quantiles.percentile(q) for q in PERCENTILES},
             "percentile_method": n.quantiles.method}
     results["unknown_events"] = {side: int(totals.sums["unknown"]) for side, totals in sides.items()}
     if a:
@@ -457,7 +473,7 @@ def format_report(r: dict) -> str:
         ns = r["normal_scores"]
         lines += ["ANOMALY SCORES ON NORMAL DATA (fraction of events outside the top-k)", "-" * 72,
                   f"  Mean: {ns['mean']:.4f}   Std: {ns['std']:.4f}   Sessions: {session_counts(ns)}",
-                  "  Percentiles: " + "  ".join(f"{p}={v:.4f}" for p, v in ns["recommended_thresholds"].items()) +
+                  "  Percentiles: " + "  ".join(f"{p}={v:.4f}" for p, v in ns["reference_percentiles"].items()) +
                   f" ({ns['percentile_method']})",
                   "  (of these scores, for reference: the thresholds applied are the calibrated ones below;",
                   "  evaluate.py --calibrate-on DIR refits those on other normal sessions)", ""]
@@ -466,8 +482,9 @@ def format_report(r: dict) -> str:
               f"  Calibrated on: {c['source']} ({c['sessions']} sessions)",
               "  Score thresholds: " + "  ".join(f"{p}={v:.4f}" for p, v in c["score_thresholds"].items()),
               f"  DeepLog top-g: g={c['top_g']}",
-              (f"  Probability bound: p < {math.exp(c['probability_bound']):.3g} "
-               f"({c['probability_margin']} x least likely normal event)"),
+              (f"  Probability bound: p < {math.exp(log_probability_bound(c)):.3g} "
+               f"({c['probability_margin']} x least likely normal event; natural log "
+               f"{log_probability_bound(c):.4f}, log_probability_bound in the JSON)"),
               f"  Event-set rule: {'on' if c['event_set_rule'] else 'off (no record of event sets from training)'}",
               "  Flagged on the calibration sessions (expected FPR): " + "  ".join(
                   f"{rule}={rate:.2%}" for rule, rate in c["flagged_on_calibration"].items()), ""]
@@ -507,47 +524,105 @@ def pyplot_or_note(picture: str, logger):
     return plt
 
 
+LABEL_TOP, LABEL_STEP = 0.95, 0.08   # threshold labels: the first one's height and the drop to the next (axes fraction)
+
+
+def threshold_label_positions(thresholds: dict[str, float]) -> list[tuple[str, float, float]]:
+    """(label, x, height) for each distinct threshold value, lowest value first: equal thresholds share one
+    label ("p90=p95"), and each label sits LABEL_STEP (of the axes height) below the one before it, so that
+    labels never overprint however close their values are (an 8-point label is ~0.03 of the axes high)."""
+    names_at: dict[float, list[str]] = {}
+    for name, value in thresholds.items():
+        names_at.setdefault(value, []).append(name)
+    return [("=".join(names), value, LABEL_TOP - rank * LABEL_STEP)
+            for rank, (value, names) in enumerate(sorted(names_at.items()))]
+
+
+def event_set_counts(histograms: dict) -> dict[str, tuple[float, float]] | None:
+    """Per side (normal, abnormal): (sessions with a novel set of event types, the others), every session
+    counted as often as it occurs; None when there was no record of the event sets of training."""
+    counts = {side: tuple(float(n) for n in h["event_set"]) for side, h in histograms.items() if "event_set" in h}
+    return counts or None
+
+
 def plot_scores(histograms: dict, results, path: Path, logger) -> None:
     """Normal vs abnormal score histograms (as evaluate() accumulates them: side -> {"score",
-    "log10_probability"} counts over SCORE_EDGES, LOG10_PROBABILITY_EDGES) with the thresholds marked
-    (matplotlib is optional)."""
+    "log10_probability"} counts over SCORE_EDGES, LOG10_PROBABILITY_EDGES, and "event_set" when the
+    event sets of training are known) with the thresholds marked, and how many sessions of each side the
+    event-set rule flags (matplotlib is optional)."""
     plt = pyplot_or_note(path.name, logger)
     if plt is None:
         return
     calibration, top_k = results["calibration"], results["top_k"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (left, right, sets) = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [5, 5, 3]})
     for label, counts in histograms.items():  # one value per bin, weighted by the bin's count
         left.hist(SCORE_EDGES[:-1], SCORE_EDGES, weights=counts["score"], alpha=0.6, label=label)
         right.hist(LOG10_PROBABILITY_EDGES[:-1], LOG10_PROBABILITY_EDGES, weights=counts["log10_probability"],
                    alpha=0.6, label=label)
-    names_at: dict[float, list[str]] = {}  # equal thresholds share one line and one label ("p90=p95")
-    for name, value in calibration["score_thresholds"].items():
-        names_at.setdefault(value, []).append(name)
-    for value, names in names_at.items():
-        left.axvline(value, linestyle="--", color="black", linewidth=0.8)
-        left.annotate("=".join(names), (value, left.get_ylim()[1] * 0.9), fontsize=8)
-    right.axvline(calibration["probability_bound"] / math.log(10), color="red", linestyle="--", label="bound")
+    draw_threshold_labels(left, calibration["score_thresholds"])
+    right.axvline(log_probability_bound(calibration) / math.log(10), color="red", linestyle="--", label="bound")
     left.set(title=f"anomaly score (fraction outside top-{top_k})", xlabel="score", ylabel="sessions", yscale="log")
     right.set(title="least likely actual event per session", xlabel="log10 probability", yscale="log")
-    left.legend(), right.legend()
+    left.legend(loc="center right"), right.legend()
+    draw_event_set_panel(sets, event_set_counts(histograms))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     logger.info(f"Score distribution plot: {path}")
 
 
+def draw_threshold_labels(axis, thresholds: dict[str, float]) -> list:
+    """A dashed line at each score threshold, labelled at threshold_label_positions(): the annotations."""
+    labels = []
+    for text, value, height in threshold_label_positions(thresholds):
+        axis.axvline(value, linestyle="--", color="black", linewidth=0.8)
+        labels.append(axis.annotate(text, (value, height), xycoords=("data", "axes fraction"), fontsize=8,
+                                    xytext=(2, 0), textcoords="offset points", va="center"))
+    return labels
+
+
+def draw_event_set_panel(axis, counts: dict[str, tuple[float, float]] | None) -> None:
+    """Bars: per side, the sessions the event-set rule flags (a set of event types never seen together in a
+    normal training session) and the others; or a note when the checkpoint has no record of those sets."""
+    axis.set_title("event-set rule\n(novel set of event types)")
+    if counts is None:
+        axis.text(0.5, 0.5, "no record of the event sets of training\nin this checkpoint: the event-set rule is off",
+                  ha="center", va="center", transform=axis.transAxes)
+        axis.set_axis_off()
+        return
+    sides = list(counts)
+    positions = np.arange(len(sides))
+    for offset, (label, column, color) in enumerate((("flagged (novel set)", 0, "tab:red"),
+                                                     ("not flagged", 1, "tab:gray"))):
+        values = [counts[side][column] for side in sides]
+        bars = axis.bar(positions + (offset - 0.5) * 0.4, values, 0.4, label=label, color=color)
+        axis.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
+    axis.set_xticks(positions, sides)
+    axis.set(ylabel="sessions")
+    axis.margins(y=0.15)
+    axis.legend(fontsize=8)
+
+
 # ----------------------------------------------------------------------------- detection
 def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_size: int = 256,
            event_sets: set | None = None, chunk_size: int = 4096, max_misses: int = 3,
-           max_cached: int = MAX_CACHED) -> dict:
-    """Stream sessions from `path` in chunks and write one JSON line per session. Memory holds one chunk
-    and the score cache. A bad record (without skip_bad_records) ends the stream: the sessions before it
-    are written first, then PartialOutput says how many."""
+           max_cached: int = MAX_CACHED, out_name: str | None = None) -> dict:
+    """Stream sessions from `path` in chunks and write one JSON line per session, each chunk flushed
+    before the next is read. Memory holds one chunk and the score cache. Returns the number of "normal"
+    and "abnormal" verdicts and, as the reader counted them, the "bad_records" skipped (with
+    skip_bad_records) and the "first_bad_record"'s message (None when none was skipped).
+
+    A bad record (without skip_bad_records) ends the stream: the sessions before it are written first, then
+    PartialOutput says how many. A failed write (a full disk) raises OutputFailed naming `out_name` and
+    the cause, and saying how many sessions the output holds: whole lines only (see write_chunk)."""
     top_k, totals = calibration["top_k"], Counter()
-    bound = calibration["probability_bound"] if rule in ("probability", "combined") else None
+    out_name = out_name or getattr(out, "name", "the output")
+    bound = log_probability_bound(calibration) if rule in ("probability", "combined") else None
     scorer = ChunkScorer(model, [top_k, calibration["top_g"]], batch_size, event_sets, max_cached, "detecting")
     stopped: list[DataError] = []
-    for chunk in chunked(_until_data_error(iter_sessions(path, None, **options), stopped), chunk_size):
+    counters: dict = {}
+    records = iter_sessions(path, None, **{**options, "counters": counters})
+    for chunk in chunked(_until_data_error(records, stopped), chunk_size):
         distinct, scores, _ = scorer([record.event_ids for record in chunk])
         abnormal = verdicts(scores, calibration, rule)
         anomaly = anomaly_scores(scores, top_k)
@@ -555,20 +630,56 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
         reasons = dict(zip(flagged, model.diagnose(flagged, top_k, max_misses, log_prob_bound=bound))) \
             if flagged else {}
         index = {session: i for i, session in enumerate(distinct)}
+        lines, verdict_counts = [], Counter()
         for record in chunk:
             session = session_key(record.event_ids)
             i = index[session]
-            out.write(json.dumps({
+            lines.append(json.dumps({
                 "session_id": record.session_id, "score": round(float(anomaly[i]), 6),
                 "verdict": "abnormal" if abnormal[i] else "normal", "rule": rule,
                 "min_probability": float(math.exp(scores["min_log_prob"][i])),
                 "novel_event_set": bool(scores["novel_set"][i]), "misses": reasons.get(session, [])}) + "\n")
-            totals["abnormal" if abnormal[i] else "normal"] += 1
-    out.flush()
+            verdict_counts["abnormal" if abnormal[i] else "normal"] += 1
+        try:
+            write_chunk(out, "".join(lines))
+        except OSError as error:
+            raise OutputFailed(error.errno, f"{out_name}: cannot write ({error.strerror or error}): the output is "
+                                            f"partial, it holds the first {sum(totals.values())} sessions") from None
+        totals.update(verdict_counts)
     if stopped:
         raise PartialOutput(f"{stopped[0]}; the {sum(totals.values())} sessions before it were written: the "
                             f"output is partial (--skip-bad-records skips such records)")
-    return dict(totals)
+    return {**totals, "bad_records": counters.get("bad_records", 0),
+            "first_bad_record": counters.get("first_bad_record")}
+
+
+class OutputFailed(OSError):
+    """Writing the --detect output failed (a full disk): the output holds the sessions written before."""
+
+
+def write_chunk(out, text: str) -> None:
+    """Write `text` to `out` and flush it. To a file or pipe it goes straight to the file descriptor, so that
+    a failure leaves nothing in Python's buffer to be written when the file is closed, and a regular file is
+    cut back to its length before this chunk: the output then holds whole lines only, the earlier chunks."""
+    try:
+        descriptor = out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.StringIO and the like: io.UnsupportedOperation
+        out.write(text)
+        out.flush()
+        return
+    out.flush()
+    regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
+    start = os.lseek(descriptor, 0, os.SEEK_CUR) if regular else 0
+    data = memoryview(text.encode())
+    try:
+        while data:
+            data = data[os.write(descriptor, data):]
+    except OSError:
+        if regular:
+            with contextlib.suppress(OSError):
+                os.ftruncate(descriptor, start)
+                os.lseek(descriptor, start, os.SEEK_SET)
+        raise
 
 
 class PartialOutput(DataError):
@@ -751,7 +862,9 @@ def run(args, logger):
             calibration = json.loads(Path(args.calibration).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise utils.ConfigError(f"{args.calibration}: unreadable calibration file ({error})") from None
-        missing = {"top_k", "top_g", "score_thresholds", "probability_bound"} - set(calibration)
+        missing = {"top_k", "top_g", "score_thresholds"} - set(calibration)
+        if "log_probability_bound" not in calibration and "probability_bound" not in calibration:
+            missing.add("log_probability_bound")  # older calibrations call it probability_bound
         if missing:
             raise utils.ConfigError(f"{args.calibration}: not a calibration.json "
                                     f"(missing {', '.join(sorted(missing))})")
@@ -777,12 +890,17 @@ def run(args, logger):
             raise utils.ConfigError(f"--output {args.output}: cannot write ({error.strerror})") from None
         try:
             totals = detect(model, calibration, args.detect, options, ev.decision_rule, out, ev.batch_size,
-                            event_sets)
+                            event_sets, out_name=f"--output {args.output}" if args.output else "stdout")
         finally:
             if args.output:
-                out.close()
+                out.close()  # nothing left to write: detect() flushed every chunk, or cut back a failed one
         logger.info(f"Detection ({ev.decision_rule} rule) on {args.detect}: {totals.get('abnormal', 0)} abnormal, "
                     f"{totals.get('normal', 0)} normal sessions")
+        if config.data.skip_bad_records:
+            first = f"; the first: {totals['first_bad_record']}" if totals["bad_records"] else ""
+            log = logger.warning if totals["bad_records"] else logger.info
+            plural = "" if totals["bad_records"] == 1 else "s"
+            log(f"Skipped {totals['bad_records']} bad record{plural} (--skip-bad-records){first}")
         return 0
     if args.data_dir:
         normal = data_chunks(args.data_dir, config, "normal", logger)

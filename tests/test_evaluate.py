@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import HDFS_DIR, needs_hdfs, run_script, write_config
+from conftest import HDFS_DIR, REPO, needs_hdfs, run_script, write_config
 
 import evaluate as E
 from dataset import is_validation, iter_sessions
@@ -102,7 +102,8 @@ def test_calibration_and_rules_on_hand_made_sessions():
     assert calibration["score_thresholds"] == {"p90": pytest.approx(1 / 3), "p95": 0.5, "p99": 0.5}
     log_z = math.log(sum(math.exp(i) for i in range(1, 7)))
     assert calibration["least_likely_normal_log_prob"] == pytest.approx(1 - log_z)
-    assert calibration["probability_bound"] == pytest.approx(1 - log_z + math.log(0.5))
+    assert calibration["log_probability_bound"] == pytest.approx(1 - log_z + math.log(0.5))   # a natural log
+    assert "probability_bound" not in calibration
     assert calibration["flagged_on_calibration"]["score_p90"] == pytest.approx(0.1)
     assert calibration["flagged_on_calibration"]["combined"] == 0.0
 
@@ -334,7 +335,7 @@ def test_thresholds_are_never_fitted_on_the_scored_data_and_bad_calibration_file
     (tmp_path / "c.json").write_text('{"top_k": 10}')
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--calibration", tmp_path / "c.json",
                         "--output-dir", tmp_path)
-    assert result.returncode == 2 and "not a calibration.json (missing probability_bound, score_thresholds, " \
+    assert result.returncode == 2 and "not a calibration.json (missing log_probability_bound, score_thresholds, " \
         "top_g)" in result.stdout + result.stderr
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", data, "--output", "/nonexistent/x")
     assert result.returncode == 2 and "--output /nonexistent/x: cannot write" in result.stdout + result.stderr
@@ -376,7 +377,7 @@ def _history(tmp_path):
 
 def _plot_inputs():
     calibration = {"top_k": 2, "top_g": 5, "score_thresholds": {"p90": 0.1, "p95": 0.2, "p99": 0.3},
-                   "probability_bound": -5.0}
+                   "log_probability_bound": -5.0}
     _, histograms = E.evaluate(fixed_model(), calibration, [[(0, 3), (0, 3), (0, 3), (1,)]], [[(0, 3), (1,)]],
                                top_k=2, default_rule="combined")
     return histograms, {"calibration": calibration, "top_k": 2}
@@ -435,7 +436,7 @@ def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, marg
         "sessions": int(counts.sum()), "distinct_sessions": len(sessions),
         "score_thresholds": {f"p{q}": _oracle_weighted_percentile(anomaly, counts, q) for q in E.PERCENTILES},
         "least_likely_normal_log_prob": least_likely, "probability_margin": margin,
-        "probability_bound": least_likely + math.log(margin), "event_set_rule": event_sets is not None}
+        "log_probability_bound": least_likely + math.log(margin), "event_set_rule": event_sets is not None}
     calibration["flagged_on_calibration"] = {
         rule: float(counts[_oracle_verdicts(scores, calibration, rule)].sum() / counts.sum()) for rule in E.RULES}
     return calibration
@@ -449,7 +450,7 @@ def _oracle_verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
     if rule == "top_g":
         return scores["max_rank"] >= calibration["top_g"]
     if rule == "probability":
-        return scores["min_log_prob"] < calibration["probability_bound"]
+        return scores["min_log_prob"] < calibration["log_probability_bound"]
     top_k = calibration["top_k"]
     return scores[f"misses_at_{top_k}"] / scores["predictions"] > calibration["score_thresholds"][rule[6:]]
 
@@ -485,7 +486,7 @@ def _oracle_evaluate(model, calibration: dict, normal: Counter, abnormal: Counte
         results["normal_scores"] = {
             "mean": mean, "std": float(math.sqrt((((anomaly - mean) ** 2) * normal_w).sum() / normal_w.sum())),
             "count": int(normal_w.sum()), "distinct": len(normal),
-            "recommended_thresholds": {f"p{q}": _oracle_weighted_percentile(anomaly, normal_w, q)
+            "reference_percentiles": {f"p{q}": _oracle_weighted_percentile(anomaly, normal_w, q)
                                        for q in E.PERCENTILES}}
     results["unknown_events"] = {}
     if normal_scores is not None:
@@ -720,7 +721,7 @@ def test_margin_one_flags_only_events_of_probability_zero_on_calibration():
     normal = Counter({(0, 1): 9, (0,): 1, (0, 9): 2})   # 9 >= vocab_size: probability 0
     calibration = E.fit_calibration(model, _chunks(normal), 2, 5, 1.0, "hand", "combined")
     # the end of every other session is the least likely event: on the bound, not below it
-    assert calibration["probability_bound"] == calibration["least_likely_normal_log_prob"]
+    assert calibration["log_probability_bound"] == calibration["least_likely_normal_log_prob"]
     assert calibration["flagged_on_calibration"]["probability"] == 2 / 12
     _assert_same(calibration, _oracle_fit_calibration(model, normal, 2, 5, 1.0, "hand", "combined"))
     with pytest.raises(E.utils.ConfigError, match=r"probability margin 1.5: must be in \(0, 1\]"):
@@ -792,3 +793,172 @@ def test_the_report_names_where_the_abnormal_sessions_came_from(trained, tmp_pat
     assert result.returncode == 0, result.stderr
     report = next((tmp_path / "reports").glob("evaluation_report_*.txt")).read_text()
     assert f"Abnormal:    label 1 in {mixed}" in report and "Abnormal:    None" not in report
+
+
+# ----------------------------------------------------------------------------- names, plots and faults of #7
+def test_result_keys_say_what_they_hold(trained):
+    """The bound is stored as a natural log under a name that says so; the score percentiles of the scored data
+    are for reference, and the report says so."""
+    _, out, _, _, _ = trained
+    checkpoint = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
+    results = json.loads(next(out.glob("evaluation_results_*.json")).read_text())
+    for calibration in (json.loads((out / "calibration.json").read_text()), checkpoint["calibration"],
+                        results["calibration"]):
+        assert "probability_bound" not in calibration
+        assert calibration["log_probability_bound"] == pytest.approx(
+            calibration["least_likely_normal_log_prob"] + math.log(calibration["probability_margin"]))
+    assert "recommended_thresholds" not in results["normal_scores"]
+    assert list(results["normal_scores"]["reference_percentiles"]) == ["p90", "p95", "p99"]
+    report = next(out.glob("evaluation_report_*.txt")).read_text()
+    bound = results["calibration"]["log_probability_bound"]
+    assert f"Probability bound: p < {math.exp(bound):.3g} " in report
+    assert f"natural log {bound:.4f}, log_probability_bound in the JSON" in report
+    percentiles = "  ".join(f"{p}={v:.4f}" for p, v in results["normal_scores"]["reference_percentiles"].items())
+    assert f"  Percentiles: {percentiles} (exact)\n  (of these scores, for reference: the thresholds applied are " \
+           "the calibrated ones below;" in report
+
+
+def test_calibrations_written_before_the_rename_still_work(trained, tmp_path):
+    """Checkpoints and calibration.json files from before name the bound "probability_bound": every reader
+    takes it, with the same verdicts."""
+    _, out, data, abnormal_dir, _ = trained
+    checkpoint = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
+    old = dict(checkpoint["calibration"])
+    old["probability_bound"] = old.pop("log_probability_bound")
+    torch.save({**checkpoint, "calibration": old}, tmp_path / "old.pt")
+    (tmp_path / "old_calibration.json").write_text(json.dumps(old))
+    sessions = tmp_path / "mixed.jsonl"
+    sessions.write_text((data / "s.jsonl").read_text() + "".join(
+        json.dumps({"event_ids": list(map(int, line.split()))}) + "\n"
+        for line in (abnormal_dir / "a.txt").read_text().splitlines()))
+    detected = []
+    for extra in ([out / "checkpoints" / "best_model.pt"], [tmp_path / "old.pt"],
+                  [out / "checkpoints" / "best_model.pt", "--calibration", tmp_path / "old_calibration.json"]):
+        result = run_script("evaluate.py", "--checkpoint", *extra, "--detect", sessions, "--rule", "probability")
+        assert result.returncode == 0, result.stderr
+        detected.append([json.loads(line)["verdict"] for line in result.stdout.splitlines()])
+    assert detected[0] == detected[1] == detected[2] and "abnormal" in detected[0] and "normal" in detected[0]
+    assert DeepLog.from_checkpoint(tmp_path / "old.pt").verdict(
+        [json.loads(line)["event_ids"] for line in sessions.read_text().splitlines()], "probability") == detected[0]
+    result = run_script("evaluate.py", "--checkpoint", tmp_path / "old.pt", "--data-dir", data,
+                        "--abnormal-dir", abnormal_dir, "--output-dir", tmp_path / "reports")
+    assert result.returncode == 0, result.stderr
+    report = next((tmp_path / "reports").glob("evaluation_report_*.txt")).read_text()
+    assert f"Probability bound: p < {math.exp(old['probability_bound']):.3g} " in report
+
+
+@pytest.mark.parametrize("thresholds", [
+    {"p90": 0.0, "p95": 0.0, "p99": 0.053},     # HDFS: p90 = p95, p99 close by
+    {"p90": 0.05, "p95": 0.051, "p99": 0.052},  # close but unequal
+    {"p90": 0.1, "p95": 0.1, "p99": 0.1},
+    {"p90": 0.2, "p95": 0.5, "p99": 0.99}])
+def test_threshold_labels_never_overlap(thresholds):
+    positions = E.threshold_label_positions(thresholds)
+    assert [x for _, x, _ in positions] == sorted(set(thresholds.values()))   # one label per distinct value
+    assert sorted("=".join(label for label, _, _ in positions).split("=")) == sorted(thresholds)
+    heights = [height for _, _, height in positions]
+    assert all(0 < height < 1 for height in heights)
+    assert all(upper - lower > E.LABEL_STEP - 1e-9 for lower, upper in zip(heights[1:], heights))   # staggered
+    if thresholds == {"p90": 0.0, "p95": 0.0, "p99": 0.053}:
+        assert positions == [("p90=p95", 0.0, E.LABEL_TOP), ("p99", 0.053, E.LABEL_TOP - E.LABEL_STEP)]
+    # drawn as in the picture: no two labels' boxes meet
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    axis.set(xlim=(0, 1), yscale="log", ylim=(0.8, 1e4))
+    labels = E.draw_threshold_labels(axis, thresholds)
+    figure.canvas.draw()
+    boxes = [label.get_window_extent() for label in labels]
+    plt.close(figure)
+    assert len(boxes) == len(positions)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_event_set_panel_counts_what_the_rule_flags(tmp_path):
+    import logging
+    model, event_sets = fixed_model(), {frozenset({0, 1}), frozenset({0})}
+    calibration = E.fit_calibration(model, _chunks(Counter({(0, 1): 3})), 2, 5, 0.5, "hand", "combined",
+                                    event_sets=event_sets)
+    normal = Counter({(0, 1): 5, (0,): 2, (0, 2): 1})          # (0, 2): a novel set in the normal data
+    abnormal = Counter({(0, 1): 2, (2, 3, 4): 3, (7,): 1})
+    results, histograms = E.evaluate(model, calibration, _shuffled_chunks(normal, 3), _shuffled_chunks(abnormal, 2),
+                                     2, "combined", event_sets=event_sets)
+    assert E.event_set_counts(histograms) == {"normal": (1.0, 7.0), "abnormal": (4.0, 2.0)}
+    event_set = results["rules"]["event_set"]
+    assert (event_set["fp"], event_set["tn"], event_set["tp"], event_set["fn"]) == (1, 7, 4, 2)
+    pytest.importorskip("matplotlib")
+    E.plot_scores(histograms, {**results, "calibration": calibration}, tmp_path / "with.png", logging.getLogger("t"))
+    # without a record of the event sets of training: no counts, and the panel says so
+    _, without = E.evaluate(model, calibration, _chunks(normal), _chunks(abnormal), 2, "combined")
+    assert E.event_set_counts(without) is None
+    E.plot_scores(without, {**results, "calibration": calibration}, tmp_path / "without.png", logging.getLogger("t"))
+    for name in ("with.png", "without.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_detect_on_a_full_disk_says_what_was_written(trained, tmp_path):
+    """Writes to /dev/full fail with ENOSPC: one line naming the output and the cause, exit 1, no traceback."""
+    import subprocess
+    import sys
+    _, out, data, _, _ = trained
+    checkpoint = out / "checkpoints" / "best_model.pt"
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", data, "--output", "/dev/full",
+                        "--output-dir", tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    message = "error: --output /dev/full: cannot write (No space left on device): the output is partial, it holds " \
+              "the first 0 sessions"
+    assert result.stderr.strip().splitlines() == [message]
+    assert message in (tmp_path / "evaluation.log").read_text()
+    with open("/dev/full", "w") as full:   # the JSON lines to stdout, on a full disk
+        result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(checkpoint), "--detect", str(data)],
+                                cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True,
+                                timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    assert "error: stdout: cannot write (No space left on device): the output is partial, it holds the first 0 " \
+           "sessions" in result.stderr
+
+
+def test_a_failed_write_leaves_whole_lines_and_says_how_many(tmp_path, monkeypatch):
+    """The disk fills up in the middle of the second chunk: the file keeps the first chunk's lines, whole."""
+    import errno
+    import os
+    model = fixed_model()
+    calibration = E.fit_calibration(model, _chunks(Counter({(0, 1): 3})), 2, 5, 0.5, "hand", "combined")
+    data = tmp_path / "new.jsonl"
+    data.write_text("".join(json.dumps({"session_id": f"s{i}", "event_ids": [0, 1]}) + "\n" for i in range(5)))
+    real_write, calls = os.write, []
+
+    def filling_up(descriptor, chunk):
+        calls.append(len(chunk))
+        if len(calls) == 1:
+            return real_write(descriptor, chunk)
+        if len(calls) == 2:
+            return real_write(descriptor, chunk[:10])   # part of a line, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    output = tmp_path / "out.jsonl"
+    with open(output, "w") as handle, monkeypatch.context() as patch:
+        patch.setattr(os, "write", filling_up)
+        with pytest.raises(E.OutputFailed) as failure:
+            E.detect(model, calibration, data, {}, "combined", handle, chunk_size=2, out_name="--output out.jsonl")
+    assert str(failure.value) == "[Errno 28] --output out.jsonl: cannot write (No space left on device): the " \
+                                 "output is partial, it holds the first 2 sessions"
+    assert [json.loads(line)["session_id"] for line in output.read_text().splitlines()] == ["s0", "s1"]
+
+
+def test_detect_reports_the_bad_records_it_skipped(trained, tmp_path):
+    _, out, _, _, _ = trained
+    path = tmp_path / "new.jsonl"
+    path.write_text(json.dumps({"event_ids": [1, 2]}) + "\nnot json\n" + json.dumps({"event_ids": [1, "x"]}) +
+                    "\n" + json.dumps({"event_ids": [1, 2, 3]}) + "\n")
+    checkpoint = out / "checkpoints" / "best_model.pt"
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", path, "--skip-bad-records")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2   # the JSON lines; the log went to stderr
+    assert re.search(r"WARNING \| Skipped 2 bad records \(--skip-bad-records\); the first: .*new\.jsonl: line 2: "
+                     r"malformed JSON", result.stderr), result.stderr
+    path.write_text(json.dumps({"event_ids": [1, 2]}) + "\n")
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", path, "--skip-bad-records",
+                        "--output", tmp_path / "d.jsonl", "--output-dir", tmp_path)
+    assert result.returncode == 0 and "Skipped 0 bad records (--skip-bad-records)" in result.stdout
