@@ -1,0 +1,283 @@
+"""preprocess.py: templates, sessions, windows, labels, parser state, provenance, errors, training on its output."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_script, write_config
+
+import preprocess
+
+LOGHUB = REPO.parent / "shared" / "data" / "loghub"
+needs_loghub = pytest.mark.skipif(not (LOGHUB / "HDFS_2k.log").exists(), reason="../shared/data/loghub is absent")
+FORMAT = "<Date> <Time> <Level> <Component>: <Content>"
+
+
+def line(second: int, content: str, level: str = "INFO") -> str:
+    return f"2024-01-01 00:{second // 60:02d}:{second % 60:02d} {level} svc.Store: {content}"
+
+
+def block_log(blocks: range, second: int = 0) -> list[str]:
+    """Each block: open, two writes, close; blocks interleaved; one copy line naming two blocks."""
+    lines = []
+    for b in blocks:
+        lines += [line(second, f"Opened block blk_{b} on 10.0.{b % 250}.1:80{b % 90:02d}"),
+                  line(second + 1, f"Wrote {100 + b} bytes to blk_{b} in {b % 7}.5 ms")]
+    for b in blocks:
+        lines += [line(second + 2, f"Wrote {900 + b} bytes to blk_{b} in {b % 3}.25 ms"),
+                  line(second + 3, f"Closed block blk_{b} after 0x{b:04x} checks")]
+    return lines
+
+
+def run(tmp_path: Path, log_lines: list[str], *flags, name="log.txt", output="out") -> dict:
+    log = tmp_path / name
+    log.write_text("\n".join(log_lines) + "\n")
+    out = tmp_path / output
+    preprocess.main([str(log), "--output", str(out), "--log-format", FORMAT, "--config", str(tmp_path / "base.yaml"),
+                     *map(str, flags)])
+    return read_output(out)
+
+
+def read_output(out: Path) -> dict:
+    return {"sessions": [json.loads(x) for x in (out / "sessions.jsonl").read_text().splitlines()],
+            "templates": json.loads((out / "templates.json").read_text()),
+            "sources": json.loads((out / "sources.json").read_text())}
+
+
+@pytest.fixture(autouse=True)
+def base_config(tmp_path):
+    return write_config(tmp_path / "base.yaml")
+
+
+def test_templates_dense_in_order_of_first_appearance(tmp_path):
+    result = run(tmp_path, block_log(range(1, 6)), "--session-key", r"blk_-?\d+")
+    assert [(t["id"], t["template"], t["count"]) for t in result["templates"]] == [
+        (0, "Opened block <*> on <*>", 5), (1, "Wrote <*> bytes to <*> in <*> ms", 10),
+        (2, "Closed block <*> after <*> checks", 5)]
+    stats = result["sources"]["stats"]
+    assert (stats["lines"], stats["parsed"], stats["unmatched"], stats["templates"]) == (20, 20, 0, 3)
+    config = (tmp_path / "out" / "config.yaml").read_text()
+    assert "vocab_size: 3" in config and str(tmp_path / "out" / "sessions.jsonl") in config
+
+
+def test_sessions_by_key_with_a_line_naming_two_blocks(tmp_path):
+    lines = block_log(range(1, 4))
+    lines.insert(4, line(5, "Copy blk_1 to blk_3 started", level="WARN"))
+    lines.append("garbage that does not fit the format")
+    result = run(tmp_path, lines, "--session-key", r"blk_-?\d+")
+    sessions = {s["session_id"]: s for s in result["sessions"]}
+    assert list(sessions) == ["blk_1", "blk_2", "blk_3"]  # in order of first appearance
+    # IDs in order of first appearance: open 0, write 1, copy 2 (line 5), close 3
+    assert sessions["blk_1"]["event_ids"] == [0, 1, 2, 1, 3]
+    assert sessions["blk_3"]["event_ids"] == [2, 0, 1, 1, 3]
+    assert sessions["blk_2"]["event_ids"] == [0, 1, 1, 3]
+    # provenance: line numbers of each event, as runs [file, first line, count]
+    assert sessions["blk_1"]["lines"] == [[0, 1, 2], [0, 5, 1], [0, 8, 2]]
+    assert sessions["blk_2"]["lines"] == [[0, 3, 2], [0, 10, 2]]
+    stats = result["sources"]["stats"]
+    assert stats["unmatched"] == 1 and stats["sessions"] == 3 and stats["abnormal"] == 0
+    assert result["sources"]["files"] == [str((tmp_path / "log.txt").resolve())]
+
+
+def test_count_windows_and_label_field(tmp_path):
+    fmt = "<Label> <Stamp> <Content>"
+    lines = [f"{'-' if i != 5 else 'KERNDTLB'} {1000 + i} event number {i} happened" if i % 2 else
+             f"- {1000 + i} node R0{i} is up" for i in range(10)]
+    log = tmp_path / "bgl.log"
+    log.write_text("\n".join(lines) + "\n")
+    preprocess.main([str(log), "--output", str(tmp_path / "w"), "--log-format", fmt, "--window", "count:4:2",
+                     "--label-field", "Label", "--normal-value", "-", "--config", str(tmp_path / "base.yaml")])
+    windows = read_output(tmp_path / "w")["sessions"]
+    # [0,4) [2,6) [4,8) [6,10): line 6 (index 5) is the alert
+    assert [[r[1] for r in w["lines"]] for w in windows] == [[1], [3], [5], [7]]
+    assert [sum(r[2] for r in w["lines"]) for w in windows] == [4, 4, 4, 4]
+    assert [w["label"] for w in windows] == [0, 1, 1, 0]
+    assert [w["event_ids"] for w in windows][0] == [0, 1, 0, 1]
+
+
+def test_count_windows_tumbling_with_partial_tail(tmp_path):
+    fmt = "<Stamp> <Content>"
+    result_dir = tmp_path / "w"
+    (tmp_path / "l.log").write_text("".join(f"{i} tick {i}\n" for i in range(7)))
+    preprocess.main([str(tmp_path / "l.log"), "--output", str(result_dir), "--log-format", fmt,
+                     "--window", "count:3", "--config", str(tmp_path / "base.yaml")])
+    windows = read_output(result_dir)["sessions"]
+    assert [w["lines"] for w in windows] == [[[0, 1, 3]], [[0, 4, 3]], [[0, 7, 1]]]
+
+
+def test_time_windows_slide_and_jump_gaps(tmp_path):
+    fmt = "<Label> <Stamp> <Content>"
+    times = [0, 1, 2, 7, 12, 30, 31]
+    lines = [f"{'FATAL' if t == 12 else '-'} {1_700_000_000 + t} job step {t} done" for t in times]
+    log = tmp_path / "t.log"
+    log.write_text("\n".join(lines) + "\n")
+    preprocess.main([str(log), "--output", str(tmp_path / "w"), "--log-format", fmt, "--window", "time:10:5",
+                     "--time-field", "Stamp", "--label-field", "Label", "--config", str(tmp_path / "base.yaml")])
+    windows = read_output(tmp_path / "w")["sessions"]
+    members = [[times[line - 1] for _, first, count in w["lines"] for line in range(first, first + count)]
+               for w in windows]
+    assert members == [[0, 1, 2, 7], [7, 12], [12], [30, 31]]  # [0,10) [5,15) [10,20) ... [25,35)
+    assert [w["label"] for w in windows] == [0, 1, 1, 0]
+
+
+def test_time_format_parses_bgl_style_times(tmp_path):
+    fmt = "<Time> <Content>"
+    lines = [f"2005-06-03-15.42.{s:02d}.675872 instruction cache parity error corrected" for s in (0, 5, 20, 21)]
+    (tmp_path / "b.log").write_text("\n".join(lines) + "\nnot-a-time something\n")
+    preprocess.main([str(tmp_path / "b.log"), "--output", str(tmp_path / "w"), "--log-format", fmt,
+                     "--window", "time:10", "--time-field", "Time", "--time-format", "%Y-%m-%d-%H.%M.%S.%f",
+                     "--config", str(tmp_path / "base.yaml")])
+    result = read_output(tmp_path / "w")
+    assert [len(w["event_ids"]) for w in result["sessions"]] == [2, 2]
+    assert result["sources"]["stats"]["bad_time"] == 1
+
+
+def test_labels_from_csv(tmp_path, capsys):
+    (tmp_path / "labels.csv").write_text("BlockId,Label\nblk_1,Normal\nblk_2,Anomaly\n")
+    result = run(tmp_path, block_log(range(1, 4)), "--session-key", r"blk_-?\d+", "--labels",
+                 tmp_path / "labels.csv")
+    assert {s["session_id"]: s["label"] for s in result["sessions"]} == {"blk_1": 0, "blk_2": 1, "blk_3": 0}
+    assert result["sources"]["stats"]["unlabelled"] == 1
+    assert "1 sessions missing from --labels" in capsys.readouterr().err
+
+
+def test_parser_state_maps_new_data_onto_the_same_ids(tmp_path):
+    learned = run(tmp_path, block_log(range(1, 6)), "--session-key", r"blk_-?\d+")
+    state = json.loads((tmp_path / "out" / "parser_state.json").read_text())
+    assert state["vocab_size"] == 3 and "py/object" not in json.dumps(state)  # plain JSON, not jsonpickle
+    new = block_log(range(40, 42), second=100) + [line(200, "Evicted blk_40 from cache")]
+    log = tmp_path / "new.log"
+    log.write_text("\n".join(new) + "\n")
+    preprocess.main([str(log), "--output", str(tmp_path / "new"), "--parser-state",
+                     str(tmp_path / "out" / "parser_state.json"), "--session-key", r"blk_-?\d+",
+                     "--structured", str(tmp_path / "new.csv")])
+    result = read_output(tmp_path / "new")
+    sessions = {s["session_id"]: s["event_ids"] for s in result["sessions"]}
+    assert sessions == {"blk_40": [0, 1, 1, 2, 3], "blk_41": [0, 1, 1, 2]}  # 3 = vocab_size: unknown
+    assert [(t["id"], t["template"]) for t in result["templates"]] == \
+        [(t["id"], t["template"]) for t in learned["templates"]]  # nothing learned
+    assert [t["count"] for t in result["templates"]] == [2, 4, 2]  # counted in this data
+    assert result["sources"]["stats"]["unknown"] == 1
+    assert not (tmp_path / "new" / "config.yaml").exists()  # unknown IDs are for detection, not training
+    rows = list(csv.DictReader((tmp_path / "new.csv").open()))
+    assert rows[-1] == {"LineId": "9", "EventId": "3", "EventTemplate": "<unknown>"}
+
+
+def test_parser_state_refuses_parser_flags(tmp_path):
+    run(tmp_path, block_log(range(1, 3)), "--session-key", r"blk_-?\d+")
+    result = run_script("preprocess.py", tmp_path / "log.txt", "--output", tmp_path / "again", "--parser-state",
+                        tmp_path / "out" / "parser_state.json", "--session-key", "blk_\\d+", "--similarity", "0.7")
+    assert result.returncode == 2 and result.stderr.strip() == \
+        "error: --parser-state fixes the parser: drop --similarity"
+
+
+def test_gzip_input_and_directory(tmp_path):
+    lines = block_log(range(1, 4))
+    plain = run(tmp_path, lines, "--session-key", r"blk_-?\d+")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with gzip.open(logs / "a.log.gz", "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    preprocess.main([str(logs), "--output", str(tmp_path / "gz"), "--log-format", FORMAT,
+                     "--session-key", r"blk_-?\d+", "--config", str(tmp_path / "base.yaml")])
+    packed = read_output(tmp_path / "gz")
+    assert packed["sessions"] == plain["sessions"] and packed["templates"] == plain["templates"]
+    assert packed["sources"]["files"] == [str((logs / "a.log.gz").resolve())]
+
+
+def test_structured_csv_has_final_templates_and_a_row_per_line(tmp_path):
+    lines = [line(1, "User alice logged in"), "no format here", line(2, "User bob logged in")]
+    run(tmp_path, lines, "--session-key", "User \\w+", "--structured", tmp_path / "s.csv", "--no-default-masks")
+    rows = list(csv.reader((tmp_path / "s.csv").open()))
+    # the first row's template is the one Drain ended with, not "User alice logged in"
+    assert rows == [["LineId", "EventId", "EventTemplate"], ["1", "0", "User <*> logged in"], ["2", "", ""],
+                    ["3", "0", "User <*> logged in"]]
+
+
+def test_masks_and_no_default_masks(tmp_path):
+    lines = [line(1, "disk sda failed at 10.1.2.3:99"), line(2, "disk sdb failed at 10.1.2.4:99")]
+    masked = run(tmp_path, lines, "--session-key", "sd[a-z]", "--mask", r"sd[a-z]")["templates"]
+    assert [t["template"] for t in masked] == ["disk <*> failed at <*>"]
+    raw = run(tmp_path, lines, "--session-key", "sd[a-z]", "--no-default-masks", "--similarity", "1.0",
+              output="raw")["templates"]
+    assert len(raw) == 2
+
+
+def test_preprocess_section_of_the_config(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(base.read_text() + "preprocess:\n  session_key: 'blk_-?\\d+'\n  log_format: '" + FORMAT + "'\n")
+    (tmp_path / "l.log").write_text("\n".join(block_log(range(1, 3))) + "\n")
+    preprocess.main([str(tmp_path / "l.log"), "--output", str(tmp_path / "o"), "--config", str(base)])
+    assert len(read_output(tmp_path / "o")["sessions"]) == 2
+    base.write_text(base.read_text() + "  windw: count:5\n")
+    result = run_script("preprocess.py", tmp_path / "l.log", "--output", tmp_path / "o2", "--config", base)
+    assert result.returncode == 2 and "unknown key 'windw'" in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--log-format", "<Date> <Time> <Level>"], "no <Content>"),
+    (["--log-format", "<Date> <Bad Field> <Content>"], "bad field name <Bad Field>"),
+    (["--session-key", "blk_("], "--session-key 'blk_(': not a regular expression"),
+    (["--window", "count:0"], "--window 'count:0'"),
+    (["--window", "time:60"], "needs --time-field"),
+    ([], "give either --session-key"),
+])
+def test_bad_settings_give_one_line_and_exit_2(tmp_path, flags, message):
+    (tmp_path / "l.log").write_text(line(1, "hello") + "\n")
+    result = run_script("preprocess.py", tmp_path / "l.log", "--output", tmp_path / "o",
+                        *(flags if "--log-format" in flags else ["--log-format", FORMAT, *flags]))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_file_and_no_matching_line(tmp_path):
+    result = run_script("preprocess.py", tmp_path / "absent.log", "--output", tmp_path / "o", "--session-key", "x")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'absent.log'}: no such file or directory"
+    (tmp_path / "l.log").write_text("free text\n")
+    result = run_script("preprocess.py", tmp_path / "l.log", "--output", tmp_path / "o", "--session-key", "x",
+                        "--log-format", FORMAT)
+    assert result.returncode == 2 and "no line matches --log-format" in result.stderr
+    assert not (tmp_path / "o" / "sessions.jsonl").exists()
+
+
+def test_generated_config_trains(tmp_path):
+    lines = []
+    for start in range(0, 120, 20):
+        lines += block_log(range(start, start + 20), second=start)
+    run(tmp_path, lines, "--session-key", r"blk_-?\d+")
+    result = run_script("train.py", "--config", tmp_path / "out" / "config.yaml", "--epochs", "1", "--device", "cpu",
+                        timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "train" / "checkpoints" / "best_model.pt").exists()
+
+
+@needs_loghub
+@pytest.mark.parametrize("system, published", [("HDFS", 0.9975), ("BGL", 0.9625)])
+def test_loghub_grouping_accuracy_with_the_benchmark_settings(system, published):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import parsing
+    rows = {(s, name): accuracy for s, name, accuracy, *_ in parsing.accuracy_table([0.45])}
+    assert rows[(system, "benchmark masks, st 0.5, depth 4")] >= published
+    assert rows[(system, "default masks, st 0.45 (default)")] >= published
+
+
+@needs_loghub
+def test_bgl_2k_count_windows(tmp_path):
+    out = tmp_path / "bgl"
+    result = run_script("preprocess.py", LOGHUB / "BGL_2k.log", "--output", out, "--window", "count:20:10",
+                        "--log-format", "<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> "
+                        "<Level> <Content>", "--label-field", "Label", "--normal-value", "-",
+                        "--config", tmp_path / "base.yaml")
+    assert result.returncode == 0, result.stderr
+    windows = read_output(out)["sessions"]
+    labels = [line.split(" ", 1)[0] != "-" for line in (LOGHUB / "BGL_2k.log").read_text().splitlines()]
+    assert len(windows) == 199
+    for window in windows:
+        lines = [first + i for _, first, count in window["lines"] for i in range(count)]
+        assert len(lines) == len(window["event_ids"]) and window["label"] == any(labels[n - 1] for n in lines)
