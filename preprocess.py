@@ -7,6 +7,8 @@ Examples:
         --log-format "<Date> <Time> <Pid> <Level> <Component>: <Content>" --session-key 'blk_-?\d+' \
         --labels anomaly_label.csv
     python train.py --config outputs/hdfs_raw/config.yaml          # vocab_size and data path are set
+    python preprocess.py /logs/hdfs/ --session-idle 200000 ...      # endless logs: a block unnamed for 200,000
+                                                                    # lines is complete (flat memory)
 
     # BGL-style: no identifiers, so windows (here 1 h every 30 min); label from the first field ('-' = normal)
     python preprocess.py BGL.log.gz --output outputs/bgl --window time:3600:1800 --time-field Timestamp \
@@ -14,18 +16,21 @@ Examples:
         --label-field Label --normal-value - --structured outputs/bgl/structured.csv
     python preprocess.py ../shared/data/loghub/BGL_2k.log --output outputs/bgl2k --window count:20:10 ...
 
-    # new logs onto the SAME event IDs (nothing learned; a line no template matches gets ID vocab_size)
-    python preprocess.py /logs/today/ --parser-state outputs/hdfs_raw/parser_state.json \
-        --session-key 'blk_-?\d+' --output outputs/today
+    # new logs onto the SAME event IDs (nothing learned; a line no template matches gets ID vocab_size);
+    # format, masks and grouping come from the state
+    python preprocess.py /logs/today/ --parser-state outputs/hdfs_raw/parser_state.json --output outputs/today
+    python evaluate.py --checkpoint outputs/hdfs_raw/train/checkpoints/best_model.pt \
+        --detect outputs/today/sessions.jsonl --output outputs/today/detections.jsonl
 
 Input: a file or a directory of files (plain or .gz), streamed line by line; memory holds the parser, the
-open sessions (at most --max-open-sessions) or the current windows, never the lines. Settings: defaults in
-PreprocessConfig < the optional `preprocess:` section of --config < flags.
+open sessions (those named within --session-idle lines, at most --max-open-sessions) or the current
+windows, never the lines. Settings: defaults in PreprocessConfig < the optional `preprocess:` section of
+--config < (with --parser-state: the grouping saved in it) < flags.
 
 Output in --output: sessions.jsonl (session_id, event_ids, label, and "lines": [[file index, first line,
 count], ...], runs of consecutive line numbers the events came from), sources.json (the files those
 indexes name, and the counts), templates.json (id, template, count), parser_state.json (plain JSON: log
-format, masks, Drain settings, templates and prefix tree), and config.yaml, the --config values with
+format, masks, Drain settings, templates, prefix tree, grouping), and config.yaml, the --config values with
 model.vocab_size, data.preprocessed_dir and training.output_dir set for `python train.py --config`.
 """
 from __future__ import annotations
@@ -87,6 +92,7 @@ class PreprocessConfig:
     labels: typing.Optional[str] = None         # CSV of session id, label (Normal/Anomaly or 0/1)
     label_field: typing.Optional[str] = None    # a log-format field that labels each line
     normal_value: str = "-"                     # ... and its value on normal lines
+    session_idle: typing.Optional[int] = None   # a session not named for this many lines is complete: written
     max_open_sessions: int = 1_000_000          # beyond this, the least recently active session is written
 
 
@@ -150,8 +156,9 @@ class Parser:
             state = {"log_format": cfg.log_format, "masks": masks, "templates": [], "tree": None,
                      "drain": {"sim_th": cfg.similarity, "depth": cfg.depth, "max_children": 100,
                                "max_clusters": cfg.max_templates}}
-        if not (0 <= state["drain"]["sim_th"] <= 1) or state["drain"]["depth"] < 3:
-            raise PreprocessError("--similarity must be in [0, 1] and --depth >= 3")
+        if not (0 <= state["drain"]["sim_th"] <= 1) or state["drain"]["depth"] < 3 or \
+                (state["drain"]["max_clusters"] or 1) < 1:
+            raise PreprocessError("--similarity must be in [0, 1], --depth >= 3 and --max-templates >= 1")
         self.log_format, self.masks, self.drain_settings = state["log_format"], state["masks"], state["drain"]
         self.regex = format_regex(self.log_format)
         self.miner = make_miner(self.drain_settings, self.masks)
@@ -207,6 +214,9 @@ def load_state(path: str) -> dict:
         raise PreprocessError(f"--parser-state {path}: unreadable: {error}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise PreprocessError(f"--parser-state {path}: not a parser_state.json written by preprocess.py")
+    missing = {"log_format", "masks", "drain", "vocab_size", "templates", "tree"} - set(state)
+    if missing:
+        raise PreprocessError(f"--parser-state {path}: incomplete, no {', '.join(sorted(missing))}")
     return state
 
 
@@ -265,14 +275,20 @@ def read_labels(path: str) -> dict[str, int]:
 # Every grouper takes lines as add(event ID, line reference, abnormal, time) and yields finished groups as
 # (session id, event IDs, line references, abnormal). A reference is file index << 40 | line number.
 class Sessions:
-    """Lines grouped by the identifiers they name. A session stays open until the end of the input, or until
-    max_open sessions are open and it is the least recently active one (then counted in `closed_early`)."""
+    """Lines grouped by the identifiers they name. A session stays open until the end of the input, until
+    `idle` lines have passed without it (if set), or until max_open sessions are open and it is the least
+    recently active one (then counted in `closed_early`). Sessions are kept least recently active first,
+    so closing the idle ones costs nothing per line."""
 
-    def __init__(self, key: re.Pattern, max_open: int):
-        self.key, self.max_open, self.open = key, max_open, collections.OrderedDict()
-        self.seen = self.closed_early = self.no_key = 0
+    def __init__(self, key: re.Pattern, max_open: int, idle: int | None):
+        self.key, self.max_open, self.idle, self.open = key, max_open, idle, collections.OrderedDict()
+        self.seen = self.closed_early = self.closed_idle = self.no_key = self.lines = 0
 
     def add(self, line: str, event: int, ref: int, abnormal: bool, _time):
+        self.lines += 1
+        while self.idle and self.open and next(iter(self.open.values()))[4] <= self.lines - self.idle:
+            self.closed_idle += 1
+            yield self._finish(*self.open.popitem(last=False))
         ids = dict.fromkeys(m.group(0) for m in self.key.finditer(line))  # each once, in order
         if not ids:
             self.no_key += 1
@@ -283,12 +299,13 @@ class Sessions:
                     self.closed_early += 1
                     yield self._finish(*self.open.popitem(last=False))
                 self.seen += 1
-                state = self.open[session_id] = [self.seen, array.array("l"), array.array("q"), False]
+                state = self.open[session_id] = [self.seen, array.array("l"), array.array("q"), False, 0]
             else:
                 self.open.move_to_end(session_id)  # most recently active last: the LRU end is first
             state[1].append(event)
             state[2].append(ref)
             state[3] = state[3] or abnormal
+            state[4] = self.lines
 
     @staticmethod
     def _finish(session_id, state):
@@ -367,72 +384,104 @@ def line_runs(refs) -> list[list[int]]:
 
 
 # ----------------------------------------------------------------------------- the run
-def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state_path: str | None = None,
-               structured: str | None = None, base_config: str | None = None, log=print) -> dict:
-    parser = Parser(cfg, load_state(state_path) if state_path else None)
+GROUPING = ("session_key", "session_idle", "window", "time_field", "time_format", "label_field", "normal_value")
+
+
+def make_grouper(cfg: PreprocessConfig, parser: Parser) -> Sessions | Windows:
     fields = parser.regex.groupindex
     for flag, name in (("--label-field", cfg.label_field), ("--time-field", cfg.time_field)):
         if name is not None and name not in fields:
             raise PreprocessError(f"{flag} {name}: not a field of the log format ({', '.join(fields)})")
     if (cfg.session_key is None) == (cfg.window is None):
         raise PreprocessError("give either --session-key REGEX or --window count:SIZE[:STEP] / time:SIZE[:STEP]")
+    if cfg.max_open_sessions < 1 or (cfg.session_idle or 1) < 1:
+        raise PreprocessError("--max-open-sessions and --session-idle must be >= 1")
     if cfg.session_key is not None:
-        grouper = Sessions(compile_regex(cfg.session_key, "--session-key"), cfg.max_open_sessions)
-    else:
-        grouper = Windows(cfg.window)
-        if grouper.kind == "time" and cfg.time_field is None:
-            raise PreprocessError("--window time:... needs --time-field (a field of --log-format)")
-        if cfg.labels:
-            raise PreprocessError("--labels names sessions: with --window, label lines with --label-field")
-    labels = read_labels(cfg.labels) if cfg.labels else None
-    files = input_files(inputs)
-    output.mkdir(parents=True, exist_ok=True)
-    stats = collections.Counter(lines=0, parsed=0, unmatched=0, bad_time=0, unknown=0)
-    started = time.perf_counter()
-    sessions_tmp = tempfile.NamedTemporaryFile("w", dir=output, prefix=".sessions.", delete=False)
-    rows_tmp = tempfile.NamedTemporaryFile("w", dir=output, prefix=".rows.", delete=False) if structured else None
-    first_unmatched = None
+        return Sessions(compile_regex(cfg.session_key, "--session-key"), cfg.max_open_sessions, cfg.session_idle)
+    grouper = Windows(cfg.window)
+    if grouper.kind == "time" and cfg.time_field is None:
+        raise PreprocessError("--window time:... needs --time-field (a field of --log-format)")
+    if cfg.labels:
+        raise PreprocessError("--labels names sessions: with --window, label lines with --label-field")
+    return grouper
 
-    def write(groups):
+
+def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], stats: dict,
+                      labels: dict | None = None, rows=None):
+    """Sessions as sessions.jsonl holds them (dicts), streamed from raw log files; counts go into `stats`,
+    and one "LineId,EventId" row per input line into `rows` when given."""
+    grouper = make_grouper(cfg, parser)
+
+    def finished(groups):
         for session_id, events, refs, abnormal in groups:
             label = labels.get(session_id, 0) if labels is not None else int(abnormal)
             stats["sessions"] += 1
             stats["abnormal"] += label
             stats["unlabelled"] += labels is not None and session_id not in labels
-            sessions_tmp.write(json.dumps({"session_id": session_id, "event_ids": list(events), "label": label,
-                                           "lines": line_runs(refs)}, separators=(",", ":")) + "\n")
+            yield {"session_id": session_id, "event_ids": list(events), "label": label, "lines": line_runs(refs)}
 
-    try:
-        for file_index, number, line in read_lines(files):
-            stats["lines"] += 1
-            match = parser.regex.match(line)
-            if match is None:
-                stats["unmatched"] += 1
-                first_unmatched = first_unmatched or f"{files[file_index]}:{number}: {line[:120]}"
-                if rows_tmp:
-                    rows_tmp.write(f"{stats['lines']},\n")
+    for file_index, number, line in read_lines(files):
+        stats["lines"] += 1
+        match = parser.regex.match(line)
+        if match is None:
+            stats["unmatched"] += 1
+            stats["first_unmatched"] = stats["first_unmatched"] or f"{files[file_index]}:{number}: {line[:120]}"
+            if rows:
+                rows.write(f"{stats['lines']},\n")
+            continue
+        event = parser.parse(match.group("Content"))
+        stats["parsed"] += 1
+        stats["unknown"] += event >= parser.vocab_size
+        if rows:
+            rows.write(f"{stats['lines']},{event}\n")
+        when = None
+        if cfg.time_field:
+            try:
+                value = match.group(cfg.time_field)
+                when = datetime.strptime(value, cfg.time_format).replace(tzinfo=timezone.utc).timestamp() \
+                    if cfg.time_format else float(value)
+            except ValueError:
+                stats["bad_time"] += 1
                 continue
-            event = parser.parse(match.group("Content"))
-            stats["parsed"] += 1
-            stats["unknown"] += event >= parser.vocab_size
-            if rows_tmp:
-                rows_tmp.write(f"{stats['lines']},{event}\n")
-            when = None
-            if cfg.time_field:
-                try:
-                    value = match.group(cfg.time_field)
-                    when = datetime.strptime(value, cfg.time_format).replace(tzinfo=timezone.utc).timestamp() \
-                        if cfg.time_format else float(value)
-                except ValueError:
-                    stats["bad_time"] += 1
-                    continue
-            abnormal = cfg.label_field is not None and match.group(cfg.label_field) != cfg.normal_value
-            write(grouper.add(line, event, file_index << 40 | number, abnormal, when))
-        write(grouper.close())
+        abnormal = cfg.label_field is not None and match.group(cfg.label_field) != cfg.normal_value
+        yield from finished(grouper.add(line, event, file_index << 40 | number, abnormal, when))
+    yield from finished(grouper.close())
+    stats.update(**({"lines_without_key": grouper.no_key, "sessions_closed_idle": grouper.closed_idle,
+                     "sessions_closed_early": grouper.closed_early}
+                    if isinstance(grouper, Sessions) else {"out_of_order": grouper.out_of_order}))
+
+
+def sessions_from_logs(state_path: str, inputs: list[str], stats: dict | None = None, **settings):
+    """For detection on raw logs: sessions (dicts as in sessions.jsonl) through a saved parser state, with
+    the grouping it was saved with unless `settings` (PreprocessConfig fields) say otherwise. Streamed."""
+    state = load_state(state_path)
+    cfg = PreprocessConfig(**{**state.get("grouping", {}), **settings})
+    stats = stats if stats is not None else new_stats()
+    return iter_log_sessions(cfg, Parser(cfg, state), input_files(inputs), stats)
+
+
+def new_stats() -> dict:
+    return collections.defaultdict(int, lines=0, parsed=0, unmatched=0, bad_time=0, unknown=0, first_unmatched="")
+
+
+def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: dict | None = None,
+               structured: str | None = None, base_config: str | None = None) -> dict:
+    parser = Parser(cfg, state)
+    make_grouper(cfg, parser)  # settings checked before any work
+    labels = read_labels(cfg.labels) if cfg.labels else None
+    files = input_files(inputs)
+    output.mkdir(parents=True, exist_ok=True)
+    stats = new_stats()
+    started = time.perf_counter()
+    sessions_tmp = tempfile.NamedTemporaryFile("w", dir=output, prefix=".sessions.", delete=False)
+    rows_tmp = tempfile.NamedTemporaryFile("w", dir=output, prefix=".rows.", delete=False) if structured else None
+    try:
+        for session in iter_log_sessions(cfg, parser, files, stats, labels, rows_tmp):
+            sessions_tmp.write(json.dumps(session, separators=(",", ":")) + "\n")
         sessions_tmp.close()
         if stats["parsed"] == 0:
             raise PreprocessError(f"no line matches --log-format {parser.log_format!r} "
-                                  f"(first line: {first_unmatched or 'none, the input is empty'})")
+                                  f"(first line: {stats['first_unmatched'] or 'none, the input is empty'})")
         os.chmod(sessions_tmp.name, 0o644)  # (temp files are made 0600)
         os.replace(sessions_tmp.name, output / "sessions.jsonl")
         if rows_tmp:
@@ -446,13 +495,10 @@ def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state_pat
     elapsed = time.perf_counter() - started
     stats.update(templates=parser.vocab_size, seconds=round(elapsed, 3),
                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                 lines_per_s=round(stats["lines"] / max(elapsed, 1e-9)),
-                 **({"sessions_without_key": grouper.no_key, "sessions_closed_early": grouper.closed_early}
-                    if isinstance(grouper, Sessions) else {"out_of_order": grouper.out_of_order}))
+                 lines_per_s=round(stats["lines"] / max(elapsed, 1e-9)))
     write_json(output / "templates.json", parser.table())
-    write_json(output / "parser_state.json", parser.state())
-    write_json(output / "sources.json", {"files": [str(f.resolve()) for f in files], "stats": dict(stats),
-                                         "first_unmatched": first_unmatched})
+    write_json(output / "parser_state.json", {**parser.state(), "grouping": {k: getattr(cfg, k) for k in GROUPING}})
+    write_json(output / "sources.json", {"files": [str(f.resolve()) for f in files], "stats": dict(stats)})
     if parser.learning:  # data with unknown IDs (>= vocab_size) is for detection, not training
         write_train_config(base_config, output, parser.vocab_size)
     return dict(stats)
@@ -509,12 +555,16 @@ def read_yaml(path: str) -> dict:
     return raw
 
 
-def resolve_config(base_config: str | None, flags: dict) -> PreprocessConfig:
-    """PreprocessConfig defaults < the `preprocess:` section of the YAML < flags given (not None)."""
+def resolve_config(base_config: str | None, flags: dict, state_grouping: dict | None = None) -> PreprocessConfig:
+    """PreprocessConfig defaults < the `preprocess:` section of the YAML < the grouping saved in a parser
+    state < flags given (not None)."""
     cfg = PreprocessConfig()
     section = read_yaml(base_config).get("preprocess") or {} if base_config else {}
+    if not isinstance(section, dict):
+        raise PreprocessError(f"{base_config}: section 'preprocess' must be a mapping")
     hints = typing.get_type_hints(PreprocessConfig)
-    for source, values in ((f"{base_config}: preprocess", section), ("command line", flags)):
+    for source, values in ((f"{base_config}: preprocess", section), ("parser state", state_grouping or {}),
+                           ("command line", flags)):
         for key, value in values.items():
             if value is None and source == "command line":
                 continue
@@ -540,7 +590,7 @@ def parse_args(argv=None):
     add("--log-format", help="loghub-style line layout, e.g. '<Date> <Time> <Level> <Component>: <Content>' "
         "(default: the whole line is the content)")
     add("--mask", action="append", dest="masks", help="regex of a variable part, replaced by <*> before Drain; "
-        "repeatable, applied in order before the default masks")
+        "repeatable (replaces the config's list), applied in order before the default masks")
     add("--no-default-masks", action="store_false", dest="default_masks", default=None,
         help="do not apply the built-in masks (IP:port, UUID, hex, long hex ids, paths, block-like ids, numbers)")
     add("--similarity", type=float, help="Drain similarity threshold sim_th in [0, 1] (default 0.45)")
@@ -548,7 +598,8 @@ def parse_args(argv=None):
     add("--max-templates", type=int, help="cap on templates held (drain3 max_clusters, least recently used "
         "evicted; an evicted template seen again gets a new ID); default: no cap")
     add("--parser-state", help="parser_state.json of an earlier run: match lines onto its event IDs, learn "
-        "nothing (unmatched lines get ID vocab_size); log format, masks and Drain settings come from it")
+        "nothing (unmatched lines get ID vocab_size); log format, masks and Drain settings come from it, and "
+        "the grouping unless given")
     add("--session-key", help=r"regex of session identifiers, e.g. 'blk_-?\d+' (a line naming several joins each)")
     add("--window", help="count:SIZE[:STEP] (lines) or time:SIZE[:STEP] (seconds; needs --time-field)")
     add("--time-field", help="log-format field holding each line's time (default format: epoch seconds)")
@@ -557,6 +608,8 @@ def parse_args(argv=None):
     add("--label-field", help="log-format field labelling each line; a session or window with any line whose "
         "value is not --normal-value is abnormal")
     add("--normal-value", help="value of --label-field on normal lines (default '-', as in BGL)")
+    add("--session-idle", type=int, help="a session not named for this many input lines is complete and "
+        "written, which keeps memory flat on endless logs (default: sessions end with the input)")
     add("--max-open-sessions", type=int, help="open sessions held at most; then the least recently active is "
         "written early (default 1000000)")
     add("--structured", help="also write this CSV: one row per input line, LineId (1-based, counted over all "
@@ -570,13 +623,15 @@ def main(argv=None):
 
     def run():
         base = args.config if (args.config != "config.yaml" or Path(args.config).exists()) else None
-        cfg = resolve_config(base, flags)
+        state = None
         if args.parser_state:
             given = [k for k in ("log_format", "masks", "default_masks", "similarity", "depth", "max_templates")
                      if flags[k] is not None]
             if given:
                 raise PreprocessError(f"--parser-state fixes the parser: drop --{given[0].replace('_', '-')}")
-        stats = preprocess(cfg, args.inputs, Path(args.output), args.parser_state, args.structured, base)
+            state = load_state(args.parser_state)
+        cfg = resolve_config(base, flags, state and state.get("grouping"))
+        stats = preprocess(cfg, args.inputs, Path(args.output), state, args.structured, base)
         print(f"{stats['lines']} lines: {stats['parsed']} parsed, {stats['unmatched']} not matching the log format"
               f"{', %d of unknown events' % stats['unknown'] if args.parser_state else ''}; "
               f"{stats['templates']} templates (vocab_size); {stats['sessions']} sessions, {stats['abnormal']} "

@@ -281,3 +281,43 @@ def test_bgl_2k_count_windows(tmp_path):
     for window in windows:
         lines = [first + i for _, first, count in window["lines"] for i in range(count)]
         assert len(lines) == len(window["event_ids"]) and window["label"] == any(labels[n - 1] for n in lines)
+
+
+def test_session_idle_closes_sessions_not_named_for_n_lines(tmp_path):
+    lines = [line(1, "Opened block blk_1"), line(2, "Opened block blk_2"), line(3, "Closed block blk_2"),
+             line(4, "Closed block blk_2"), line(5, "Opened block blk_3")]
+    result = run(tmp_path, lines, "--session-key", r"blk_-?\d+", "--session-idle", "3")
+    # blk_1 was last named on line 1: complete once line 4 arrives, so written first
+    assert [s["session_id"] for s in result["sessions"]] == ["blk_1", "blk_2", "blk_3"]
+    assert result["sources"]["stats"]["sessions_closed_idle"] == 1
+
+
+def test_max_open_sessions_writes_the_least_recently_active_early(tmp_path, capsys):
+    lines = [line(1, "Opened block blk_1"), line(2, "Opened block blk_2"), line(3, "Wrote blk_1"),
+             line(4, "Opened block blk_3")]
+    result = run(tmp_path, lines, "--session-key", r"blk_-?\d+", "--max-open-sessions", "2")
+    assert [s["session_id"] for s in result["sessions"]] == ["blk_2", "blk_1", "blk_3"]
+    assert "1 sessions written early" in capsys.readouterr().err
+
+
+def test_sessions_from_logs_uses_the_saved_grouping(tmp_path):
+    learned = run(tmp_path, block_log(range(1, 6)), "--session-key", r"blk_-?\d+")
+    stats = preprocess.new_stats()
+    sessions = list(preprocess.sessions_from_logs(str(tmp_path / "out" / "parser_state.json"),
+                                                  [str(tmp_path / "log.txt")], stats))
+    assert sessions == learned["sessions"] and stats["unknown"] == 0
+
+
+@needs_loghub
+@pytest.mark.parametrize("system, flags", [
+    ("HDFS", ["--log-format", "<Date> <Time> <Pid> <Level> <Component>: <Content>", "--session-key", r"blk_-?\d+"]),
+    ("BGL", ["--log-format", "<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> "
+             "<Content>", "--window", "count:20"])])
+def test_loghub_lines_match_the_saved_state_as_they_were_learned(tmp_path, system, flags):
+    log = LOGHUB / f"{system}_2k.log"
+    preprocess.main([str(log), "--output", str(tmp_path / "a"), "--structured", str(tmp_path / "a.csv"),
+                     "--config", str(tmp_path / "base.yaml"), *flags])
+    preprocess.main([str(log), "--output", str(tmp_path / "b"), "--structured", str(tmp_path / "b.csv"),
+                     "--parser-state", str(tmp_path / "a" / "parser_state.json")])
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+    assert (tmp_path / "a" / "sessions.jsonl").read_text() == (tmp_path / "b" / "sessions.jsonl").read_text()
