@@ -277,24 +277,92 @@ class ScoreQuantiles:
         return float(weights[values > threshold].sum())
 
 
-def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, margin: float, source: str,
+MIN_BEYOND = 10        # calibration sessions beyond an empirical quantile for it to be trusted
+TAIL_FRACTION = 0.1    # the largest tenth (at least MIN_BEYOND sessions) is the tail an extrapolation fits
+
+
+class UpperTail:
+    """The largest values of a weighted stream, for its upper quantiles in bounded memory. Every distinct value
+    is kept until there are more than `max_kept`; then the smaller half is dropped (its weight still counts in
+    the total). A quantile that lies in the kept values is exact: at target_fpr 0.0005 and 200,000 kept values,
+    for streams of up to ~200 million distinct sessions."""
+
+    def __init__(self, max_kept: int = MAX_EXACT_SCORES):
+        self.max_kept, self.kept, self.total, self.dropped = max_kept, {}, 0.0, 0.0
+
+    def add(self, values: np.ndarray, weights: np.ndarray) -> None:
+        self.total += float(weights.sum())
+        for value, weight in zip(values.tolist(), weights.tolist()):
+            self.kept[value] = self.kept.get(value, 0.0) + weight
+        if len(self.kept) > self.max_kept:
+            ordered = sorted(self.kept)
+            for value in ordered[:len(ordered) // 2]:
+                self.dropped += self.kept.pop(value)
+
+    def table(self) -> tuple[np.ndarray, np.ndarray]:
+        values = np.array(sorted(self.kept), dtype=np.float64)
+        return values, np.array([self.kept[v] for v in values.tolist()], dtype=np.float64)
+
+    def weight_above(self, threshold: float) -> float:
+        return float(sum(weight for value, weight in self.kept.items() if value > threshold))
+
+
+def target_fpr_threshold(values: np.ndarray, weights: np.ndarray, total: float, target: float) -> tuple[float, str]:
+    """The threshold t on a score (higher = more anomalous) that flags at most `target` of `total` normal
+    sessions (score > t), from the (ascending) table of the largest scores; infinite scores are flagged
+    whatever t is and count against the target. With at least MIN_BEYOND sessions' worth of weight beyond it,
+    t is the empirical quantile. Fewer, and the quantile would be the last few sessions' noise (with n
+    sessions, a rate below 1/n is not even observable): an exponential tail (peaks over a threshold, maximum-
+    likelihood scale = mean excess) fitted to the largest TAIL_FRACTION of the finite scores is extrapolated to
+    the target, and t is never below a score that would flag more than the target of the calibration sessions.
+    Why exponential: a generalised Pareto tail's shape cannot be estimated from a few dozen sessions, and the
+    surprisal of a softmax model's least likely event has a light tail on normal data (dev: observed false-
+    positive rates within a few 0.1% of the target; benchmarks/README.md)."""
+    finite = np.isfinite(values)
+    infinite_weight = float(weights[~finite].sum())
+    allowed = target * total - infinite_weight
+    values, where = np.unique(values[finite], return_inverse=True)  # equal scores are one value, weights summed
+    weights = np.bincount(where, weights[finite], minlength=len(values))
+    if not len(values):
+        return math.inf, "no finite scores"
+    above = np.cumsum(weights[::-1])[::-1] - weights  # weight strictly above each value
+    empirical = float(values[np.argmax(above <= max(allowed, 0.0))])  # flags at most the target, observed
+    if target * total >= MIN_BEYOND:
+        return empirical, f"empirical quantile {1 - target:.6g}"
+    finite_total = total - infinite_weight  # also counts values an UpperTail dropped (all below the tail)
+    tail = max(MIN_BEYOND, math.ceil(TAIL_FRACTION * finite_total))
+    if finite_total < 2 * tail or float(weights.sum()) <= tail:
+        return empirical, f"largest calibration score (only {finite_total:.0f} sessions: too few to fit a tail)"
+    start = int(np.argmax(above < tail))              # the first value with less than `tail` weight above it
+    threshold_u = float(values[start - 1]) if start > 0 else float(values[0])
+    excess = values[start:] - threshold_u
+    scale = float((excess * weights[start:]).sum() / weights[start:].sum())
+    beyond = float(weights[start:].sum()) / total
+    if scale <= 0 or allowed <= 0:
+        return float(values[-1]), "largest calibration score"
+    threshold = threshold_u + scale * math.log(beyond / (allowed / total))
+    # never below what the calibration sessions allow: at most the target flagged among them, too
+    return max(threshold, empirical), (f"exponential tail fitted to the largest {beyond:.0%} of {total:.0f} "
+                                         f"calibration sessions, extrapolated to {target:g}")
+
+
+def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, target_fpr: float, source: str,
                     default_rule: str, batch_size: int = 256, event_sets: set | None = None,
                     max_cached: int = MAX_CACHED, max_exact_scores: int = MAX_EXACT_SCORES) -> dict:
-    """Thresholds from normal sessions only (chunks, read once): score percentiles, and the probability
-    bound, which is `margin` times the lowest probability the model gave an actual event of a normal
-    session (events never seen in training left out: they are flagged anyway). Records how often each rule
-    fires on these normal sessions: the false-positive rate to expect.
-
-    One pass is enough although the bound is only known at the end: with margin <= 1 it is at most the
-    lowest finite log-probability, so the sessions below it are exactly those with an event of probability
-    0; the score rules are counted from the percentiles' table of weights.
+    """Thresholds from normal sessions only (chunks, read once): score percentiles, and the probability bound
+    of the LSTM's rule, set so that at most `target_fpr` of these sessions have an actual event less likely
+    than it (see target_fpr_threshold; the surprisal of a session's least likely event is its score).
+    Records how often each rule fires on these normal sessions; the probability rule's expected false-positive
+    rate is the target (an extrapolation when there are fewer than MIN_BEYOND / target_fpr sessions).
     """
-    if not 0 < margin <= 1:
-        raise utils.ConfigError(f"probability margin {margin}: must be in (0, 1]")
+    if not 0 < target_fpr < 0.5:
+        raise utils.ConfigError(f"target false-positive rate {target_fpr}: must be in (0, 0.5)")
     scorer = ChunkScorer(model, [top_k, top_g], batch_size, event_sets, max_cached, "calibrating")
     quantiles = ScoreQuantiles(max_exact_scores)
+    surprisals = UpperTail()
     sessions, least_likely = 0.0, math.inf
-    flagged = dict.fromkeys(("combined", "probability", "event_set", "top_g"), 0.0)
+    flagged = dict.fromkeys(("event_set", "top_g"), 0.0)
+    novel_sets = []  # (surprisal values, weights) of the sessions the event-set rule flags, for "combined"
     for chunk in normal:
         _, scores, weights = scorer(chunk)
         sessions += float(weights.sum())
@@ -303,24 +371,57 @@ def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, margi
         if finite.any():
             least_likely = min(least_likely, float(min_log_prob[finite].min()))
         quantiles.add(anomaly_scores(scores, top_k), weights)
-        impossible, novel = min_log_prob == -math.inf, scores["novel_set"] > 0
-        for rule, abnormal in (("combined", impossible | novel), ("probability", impossible), ("event_set", novel),
-                               ("top_g", scores["max_rank"] >= top_g)):
+        surprisals.add(-min_log_prob, weights)
+        novel = scores["novel_set"] > 0
+        novel_sets.append((-min_log_prob[novel], weights[novel]))
+        for rule, abnormal in (("event_set", novel), ("top_g", scores["max_rank"] >= top_g)):
             flagged[rule] += float(weights[abnormal].sum())
     if not sessions:
         raise DataError(f"{source}: no normal sessions to calibrate on")
-    least_likely = least_likely if least_likely < math.inf else 0.0
+    threshold, method = target_fpr_threshold(*surprisals.table(), surprisals.total, target_fpr)
+    flagged["probability"] = surprisals.weight_above(threshold)
+    # combined = probability OR event_set: the sessions of either, counted once
+    novel_values, novel_weights = (np.concatenate(parts) for parts in zip(*novel_sets))
+    flagged["combined"] = flagged["probability"] + float(novel_weights[novel_values <= threshold].sum())
     thresholds = {f"p{q}": quantiles.percentile(q) for q in PERCENTILES}
     flagged.update({f"score_{p}": quantiles.weight_above(value) for p, value in thresholds.items()})
     return {
         "top_k": top_k, "top_g": top_g, "default_rule": default_rule, "source": source,
         "sessions": int(sessions), "distinct_sessions": scorer.distinct, "scored_sessions": scorer.scored,
         "score_thresholds": thresholds, "percentile_method": quantiles.method,
-        "least_likely_normal_log_prob": least_likely, "probability_margin": margin,
+        "least_likely_normal_log_prob": least_likely if least_likely < math.inf else 0.0,
+        "target_fpr": target_fpr, "probability_bound_method": method,
         # a natural log, like least_likely_normal_log_prob (the report shows the probability, exp of it)
-        "log_probability_bound": least_likely + math.log(margin), "event_set_rule": event_sets is not None,
+        "log_probability_bound": -threshold, "event_set_rule": event_sets is not None,
         "fitted_at": datetime.now().isoformat(timespec="seconds"),
         "flagged_on_calibration": {rule: flagged[rule] / sessions for rule in RULES}}
+
+
+def probability_bound_origin(calibration: dict) -> str:
+    """How the probability bound was set, for reports and logs."""
+    if "target_fpr" in calibration:
+        return f"target FPR {calibration['target_fpr']:g}: {calibration['probability_bound_method']}"
+    return f"{calibration['probability_margin']} x least likely normal event"  # calibrations of older versions
+
+
+def rule_summary(calibration: dict, rule: str) -> str:
+    """What the decision rule does with these thresholds, and the false-positive rate to expect from it."""
+    bound = f"an actual event less likely than p={math.exp(log_probability_bound(calibration)):.3g}"
+    expected = calibration["flagged_on_calibration"].get(rule, 0.0)
+    target = calibration.get("target_fpr")
+    if rule == "combined" and not calibration["event_set_rule"]:
+        text = (f"'combined' is the LSTM's probability rule alone ({bound}), as no record of event-type sets "
+                f"was kept (more than 10,000 distinct sets, or evaluation.event_set_rule false)")
+    elif rule == "combined":
+        text = f"'combined': {bound}, or a set of event types never seen together in training"
+    elif rule == "probability":
+        text = f"'probability': {bound}"
+    else:
+        text = f"'{rule}'"
+    expectation = f"expected false-positive rate {expected:.3%} on the calibration sessions"
+    if target is not None and rule in ("combined", "probability"):
+        expectation += f" (the probability rule's target: {target:g})"
+    return f"Decision rule {text}; {expectation}"
 
 
 def log_probability_bound(calibration: dict) -> float:
@@ -483,9 +584,10 @@ def format_report(r: dict) -> str:
               "  Score thresholds: " + "  ".join(f"{p}={v:.4f}" for p, v in c["score_thresholds"].items()),
               f"  DeepLog top-g: g={c['top_g']}",
               (f"  Probability bound: p < {math.exp(log_probability_bound(c)):.3g} "
-               f"({c['probability_margin']} x least likely normal event; natural log "
+               f"({probability_bound_origin(c)}; natural log "
                f"{log_probability_bound(c):.4f}, log_probability_bound in the JSON)"),
               f"  Event-set rule: {'on' if c['event_set_rule'] else 'off (no record of event sets from training)'}",
+              f"  {rule_summary(c, r['default']['rule'])}",
               "  Flagged on the calibration sessions (expected FPR): " + "  ".join(
                   f"{rule}={rate:.2%}" for rule, rate in c["flagged_on_calibration"].items()), ""]
     unknown = ", ".join(f"{side} {n}" for side, n in r["unknown_events"].items())
@@ -767,10 +869,11 @@ def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
     calibration_set, normal, abnormal = validation_sessions(config, options, logger=logger)
     # tiny data: the other half
     calibration_set = nonempty(calibration_set) or validation_sessions(config, options, logger=logger)[1]
-    calibration = fit_calibration(model, calibration_set, ev.top_k, ev.top_g, ev.probability_margin,
+    calibration = fit_calibration(model, calibration_set, ev.top_k, ev.top_g, ev.target_fpr,
                                   f"validation split of {data.preprocessed_dir} (calibration half)",
                                   ev.decision_rule, ev.batch_size, event_sets)
     store_calibration(checkpoint_path, checkpoint, calibration, output_dir)
+    logger.info(rule_summary(calibration, ev.decision_rule))
     if data.abnormal_dir:
         abnormal = itertools.chain(abnormal, data_chunks(data.abnormal_dir, config, "all", logger))
     paths = {"normal": f"{data.preprocessed_dir} (validation split, evaluation half)",
@@ -871,7 +974,7 @@ def run(args, logger):
     if args.calibrate_on:
         check_calibration_is_apart(args, config)
         normal = data_chunks(args.calibrate_on, config, "normal", logger)
-        calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.probability_margin, args.calibrate_on,
+        calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.target_fpr, args.calibrate_on,
                                       ev.decision_rule, ev.batch_size, event_sets)
         utils.save_json(output_dir / "calibration.json", calibration)
         logger.info(f"Calibrated on {args.calibrate_on}: {output_dir / 'calibration.json'}")
@@ -883,6 +986,7 @@ def run(args, logger):
               else f"stored in {args.checkpoint}")
     logger.info(f"Thresholds applied: {origin}; fitted on {calibration.get('source', 'unknown data')} at "
                 f"{calibration.get('fitted_at', 'an unknown time')}")
+    logger.info(rule_summary(calibration, ev.decision_rule))
     if args.detect:
         try:
             out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 (closed below, not stdout)

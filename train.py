@@ -285,7 +285,7 @@ def train(args, logger):
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=use_loss_scaling)
     early_stopping = utils.EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
     state = utils.TrainState(raw_model, optimizer, scheduler, scaler, early_stopping, config)
-    state.event_sets = data.event_sets
+    state.event_sets = data.event_sets if config.evaluation.event_set_rule else None
     state.data_order = {"batch_size": tc.batch_size, "world_size": runtime.world_size, "seed": tc.seed,
                         **{f"data.{k}": getattr(config.data, k) for k in ("validation_split", "max_seq_length",
                                                                            "window_context")},

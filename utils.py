@@ -109,7 +109,8 @@ class EvaluationConfig:
     top_k: int = 10
     top_g: int = 9                # DeepLog's rule: abnormal when any event is outside the top-g
     decision_rule: str = "combined"   # combined | probability | event_set | top_g | score_p90 | score_p95 | score_p99
-    probability_margin: float = 0.001  # probability bound = this fraction of the least likely normal event
+    target_fpr: float = 0.0005    # LSTM rules: thresholds flag at most this fraction of calibration sessions
+    event_set_rule: bool = True   # false: never record nor use the sets of event types (as beyond their cap)
     batch_size: int = 256
 
 
@@ -192,6 +193,11 @@ def _canonical_layout(raw: dict, source: str) -> dict:
     return raw
 
 
+# Keys earlier versions had: a checkpoint that holds one still loads; a config file that sets one is told why.
+RETIRED = {"evaluation.probability_margin": "the probability bound is now set by evaluation.target_fpr (the "
+                                            "fraction of normal calibration sessions it may flag)"}
+
+
 def _set(config: Config, dotted: str, value, source: str) -> None:
     section_name, _, key = dotted.partition(".")
     section = getattr(config, section_name, None)
@@ -199,6 +205,10 @@ def _set(config: Config, dotted: str, value, source: str) -> None:
         raise ConfigError(f"{source}: unknown config section '{section_name}' "
                           f"(known: {', '.join(f.name for f in dataclasses.fields(Config))})")
     hints = typing.get_type_hints(type(section))
+    if dotted in RETIRED:
+        if source == "checkpoint config":
+            return  # a checkpoint written before the key was retired: its calibration is stored with it
+        raise ConfigError(f"{source}: '{dotted}' is retired: {RETIRED[dotted]}")
     if key not in hints:
         raise ConfigError(f"{source}: unknown config key '{dotted}' "
                           f"(known in {section_name}: {', '.join(hints)})")
@@ -250,7 +260,7 @@ def _check_values(config: Config) -> None:
               ("training.save_every_steps", config.training.save_every_steps >= 0, ">= 0"),
               ("training.min_lr_ratio", 0 <= config.training.min_lr_ratio <= 1, "in [0, 1]"),
               ("early_stopping.patience", config.early_stopping.patience >= 1, ">= 1"),
-              ("evaluation.probability_margin", 0 < config.evaluation.probability_margin <= 1, "in (0, 1]")]
+              ("evaluation.target_fpr", 0 < config.evaluation.target_fpr < 0.5, "in (0, 0.5)")]
     for dotted, ok, rule in checks:
         if not ok:
             raise ConfigError(f"'{dotted}' must be {rule}, got {get(dotted)!r}")

@@ -1,14 +1,15 @@
-"""How the probability margin trades false positives for recall: the sweep behind evaluation.probability_margin.
+"""How evaluation.target_fpr trades false positives for recall: the sweep behind its default.
 
 Examples:
 
-    python benchmarks/hdfs.py --output-dir outputs/hdfs            # first, for a trained, calibrated model
+    python benchmarks/hdfs.py --output-dir outputs/hdfs            # first, for a trained model
     python benchmarks/rules_sweep.py --checkpoint outputs/hdfs/checkpoints/best_model.pt
+    python benchmarks/rules_sweep.py --checkpoint outputs/hdfs/checkpoints/best_model.pt --targets 0.002 0.001
 
-For each margin, the probability bound is margin x the least likely actual event of the checkpoint's
-calibration sessions (the thresholds are never refitted on the data scored here); prints FP on the
-normal set and recall on the abnormal set for the probability rule alone and for combined
-(probability or event_set).
+For each target false-positive rate, the probability bound is refitted (evaluate.target_fpr_threshold) on
+the checkpoint's own calibration sessions (the calibration half of its training data's validation split,
+never the data scored here); prints the bound, the rate flagged on calibration, and FP on the normal set
+and recall on the abnormal set for the probability rule alone and for combined (probability or event_set).
 """
 from __future__ import annotations
 
@@ -23,41 +24,53 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evaluate  # noqa: E402
+import utils  # noqa: E402
 
 HDFS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hdfs"
 
 
+def scored(model, sessions: Counter, top_k: int, event_sets) -> tuple[dict, np.ndarray]:
+    weights = np.array(list(sessions.values()), dtype=np.float64)
+    return evaluate.score_sessions(model, list(sessions), [top_k], 256, event_sets=event_sets), weights
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="outputs/hdfs/checkpoints/best_model.pt", help="calibrated model")
+    parser.add_argument("--checkpoint", default="outputs/hdfs/checkpoints/best_model.pt", help="trained model")
     parser.add_argument("--eval-normal", default=str(HDFS / "hdfs_dev_normal"), help="normal sessions")
     parser.add_argument("--eval-abnormal", default=str(HDFS / "hdfs_dev_abnormal"), help="abnormal sessions")
-    parser.add_argument("--margins", type=float, nargs="+", default=[1, 0.1, 0.01, 0.001, 0.0001],
-                        help="probability margins to try")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.005, 0.002, 0.001, 0.0005, 0.0002],
+                        help="target false-positive rates to try")
     args = parser.parse_args()
     model, checkpoint = evaluate.load_model(args.checkpoint, torch.device("cpu"))
-    calibration, event_sets = dict(checkpoint["calibration"]), evaluate.known_event_sets(checkpoint)
+    config = utils.config_from_dict(checkpoint["config"])
+    event_sets = evaluate.known_event_sets(checkpoint)
+    calibration_chunks, _, _ = evaluate.validation_sessions(config, utils.reader_options(config))
+    calibration_set = Counter(tuple(s) for chunk in calibration_chunks for s in chunk)
     normal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_normal, {}, abnormal=False) for s in c)
     abnormal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_abnormal, {}) for s in c)
-    scored = []
-    for sessions in (normal, abnormal):
-        weights = np.array(list(sessions.values()), dtype=np.float64)
-        scored.append((evaluate.score_sessions(model, list(sessions), [calibration["top_k"]], 256,
-                                               event_sets=event_sets), weights))
-    (normal_scores, normal_w), (abnormal_scores, abnormal_w) = scored
-    least = calibration["least_likely_normal_log_prob"]
-    print(f"least likely calibration event: p = {math.exp(least):.3g}; event_set alone: FP "
+    top_k = config.evaluation.top_k
+    (calibration_scores, calibration_w), (normal_scores, normal_w), (abnormal_scores, abnormal_w) = (
+        scored(model, sessions, top_k, event_sets) for sessions in (calibration_set, normal, abnormal))
+    surprisal = -calibration_scores["min_log_prob"]
+    order = np.argsort(surprisal)
+    calibration = {"top_k": top_k, "top_g": config.evaluation.top_g, "score_thresholds": {}}
+    print(f"{calibration_w.sum():.0f} calibration sessions; event_set alone: FP "
           f"{normal_w[evaluate.verdicts(normal_scores, calibration, 'event_set')].sum():.0f}, recall "
           f"{abnormal_w[evaluate.verdicts(abnormal_scores, calibration, 'event_set')].sum() / abnormal_w.sum():.4f}")
-    print(f"{'margin':>8} {'bound p':>10} {'probability FP':>15} {'recall':>8} {'combined FP':>12} {'recall':>8}")
-    for margin in args.margins:
-        calibration["probability_bound"] = least + math.log(margin)
-        row = [f"{margin:>8g}", f"{math.exp(calibration['probability_bound']):>10.3g}"]
+    print(f"{'target':>8} {'bound p':>10} {'calib':>7} {'probability FP':>15} {'recall':>8} {'combined FP':>12} "
+          f"{'recall':>8}  method")
+    for target in args.targets:
+        threshold, method = evaluate.target_fpr_threshold(surprisal[order], calibration_w[order],
+                                                          calibration_w.sum(), target)
+        calibration["log_probability_bound"] = -threshold
+        flagged = calibration_w[surprisal > threshold].sum() / calibration_w.sum()
+        row = [f"{target:>8g}", f"{math.exp(-threshold):>10.3g}", f"{flagged:>7.2%}"]
         for rule in ("probability", "combined"):
             fp = normal_w[evaluate.verdicts(normal_scores, calibration, rule)].sum()
             recall = abnormal_w[evaluate.verdicts(abnormal_scores, calibration, rule)].sum() / abnormal_w.sum()
             row += [f"{fp:>{15 if rule == 'probability' else 12}.0f}", f"{recall:>8.4f}"]
-        print(" ".join(row))
+        print(" ".join(row), " ", method)
 
 
 if __name__ == "__main__":

@@ -97,12 +97,14 @@ def test_confusion_weights_every_session_by_its_count():
 def test_calibration_and_rules_on_hand_made_sessions():
     model = fixed_model()
     normal = Counter({(0, 1): 9, (0,): 1})       # scores at k=2: 1/3 (end missed), 1/2
-    calibration = E.fit_calibration(model, _chunks(normal), top_k=2, top_g=5, margin=0.5, source="hand",
+    calibration = E.fit_calibration(model, _chunks(normal), top_k=2, top_g=5, target_fpr=0.2, source="hand",
                                     default_rule="combined", event_sets={frozenset({0, 1}), frozenset({0})})
     assert calibration["score_thresholds"] == {"p90": pytest.approx(1 / 3), "p95": 0.5, "p99": 0.5}
     log_z = math.log(sum(math.exp(i) for i in range(1, 7)))
     assert calibration["least_likely_normal_log_prob"] == pytest.approx(1 - log_z)
-    assert calibration["log_probability_bound"] == pytest.approx(1 - log_z + math.log(0.5))   # a natural log
+    # 10 sessions are too few to fit a tail: the bound is the least likely event of calibration (a natural log)
+    assert calibration["log_probability_bound"] == pytest.approx(1 - log_z)
+    assert calibration["probability_bound_method"].startswith("largest calibration score")
     assert "probability_bound" not in calibration
     assert calibration["flagged_on_calibration"]["score_p90"] == pytest.approx(0.1)
     assert calibration["flagged_on_calibration"]["combined"] == 0.0
@@ -124,9 +126,49 @@ def test_calibration_and_rules_on_hand_made_sessions():
     assert results["unknown_events"] == {"normal": 0, "abnormal": 1}
 
 
+def test_target_fpr_threshold_is_the_exact_quantile_with_enough_sessions():
+    values = np.arange(1.0, 10001.0)                          # 10,000 sessions, one score each
+    threshold, method = E.target_fpr_threshold(values, np.ones_like(values), 10000.0, 0.001)
+    assert threshold == 9990.0 and (values > threshold).sum() == 10 and method.startswith("empirical quantile")
+    # weights count like repeated sessions; an infinite score (an event never seen) uses up the target
+    weighted, _ = E.target_fpr_threshold(np.array([1.0, 2.0, 3.0]), np.array([9970.0, 20.0, 10.0]), 10000.0, 0.001)
+    assert weighted == 2.0
+    with_inf, _ = E.target_fpr_threshold(np.array([1.0, 2.0, 3.0, math.inf]), np.array([9970.0, 20.0, 5.0, 5.0]),
+                                         10000.0, 0.001)
+    assert with_inf == 2.0   # 5 infinite + 5 above 2.0 = 10 flagged: the target
+
+
+def test_target_fpr_threshold_extrapolates_an_exponential_tail_below_one_in_n():
+    """With 500 sessions a rate of 1/2000 is not observable: the threshold comes from an exponential tail
+    fitted to the largest tenth, near the true quantile, and never flags a calibration session."""
+    true_quantile = -2.0 * math.log(0.0005)                   # 15.2 for an exponential of scale 2
+    errors = []
+    for seed in range(20):
+        values = np.sort(np.random.default_rng(seed).exponential(2.0, 500))
+        threshold, method = E.target_fpr_threshold(values, np.ones_like(values), 500.0, 0.0005)
+        assert threshold >= values.max()
+        errors.append(threshold - true_quantile)
+    assert abs(np.median(errors)) < 1.0 and max(map(abs, errors)) < 4.0, errors
+    assert method.startswith("exponential tail fitted to the largest 10% of 500")
+    few, method = E.target_fpr_threshold(values[:15], np.ones(15), 15.0, 0.0005)
+    assert few == values[14] and "too few to fit a tail" in method
+
+
+def test_upper_tail_keeps_the_largest_values_exactly_in_bounded_memory():
+    tail = E.UpperTail(max_kept=100)
+    rng = np.random.default_rng(1)
+    stream = rng.permutation(np.arange(1000.0))
+    for chunk in np.array_split(stream, 37):
+        tail.add(chunk, np.ones(len(chunk)))
+    values, weights = tail.table()
+    assert len(values) <= 100 and tail.total == 1000.0
+    assert values[-10:].tolist() == list(np.arange(990.0, 1000.0)) and tail.weight_above(994.5) == 5.0
+    assert E.target_fpr_threshold(values, weights, tail.total, 0.01)[0] == 989.0
+
+
 def test_thresholds_fitted_at_another_k_are_refused():
     model = fixed_model()
-    calibration = E.fit_calibration(model, [[(0,)]], 2, 5, 0.5, "hand", "combined")
+    calibration = E.fit_calibration(model, [[(0,)]], 2, 5, 0.001, "hand", "combined")
     with pytest.raises(E.utils.ConfigError, match="fitted at top_k=2"):
         E.evaluate(model, calibration, [[(0,)]], [], top_k=3, default_rule="combined")
 
@@ -424,19 +466,23 @@ def _oracle_weighted_percentile(values: np.ndarray, weights: np.ndarray, q: floa
     return float(values[order][min(index, len(order) - 1)])
 
 
-def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, margin: float, source: str,
+def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, target_fpr: float, source: str,
                             default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> dict:
     sessions, counts = list(normal), np.array(list(normal.values()), dtype=np.float64)
     scores = E.score_sessions(model, sessions, [top_k, top_g], batch_size, "calibrating", event_sets)
     anomaly = scores[f"misses_at_{top_k}"] / scores["predictions"]
     finite = np.isfinite(scores["min_log_prob"])
     least_likely = float(scores["min_log_prob"][finite].min()) if finite.any() else 0.0
+    # the whole table at once (target_fpr_threshold itself is tested on hand-made scores)
+    surprisal = -scores["min_log_prob"]
+    order = np.argsort(surprisal)
+    threshold, method = E.target_fpr_threshold(surprisal[order], counts[order], counts.sum(), target_fpr)
     calibration = {
         "top_k": top_k, "top_g": top_g, "default_rule": default_rule, "source": source,
         "sessions": int(counts.sum()), "distinct_sessions": len(sessions),
         "score_thresholds": {f"p{q}": _oracle_weighted_percentile(anomaly, counts, q) for q in E.PERCENTILES},
-        "least_likely_normal_log_prob": least_likely, "probability_margin": margin,
-        "log_probability_bound": least_likely + math.log(margin), "event_set_rule": event_sets is not None}
+        "least_likely_normal_log_prob": least_likely, "target_fpr": target_fpr, "probability_bound_method": method,
+        "log_probability_bound": -threshold, "event_set_rule": event_sets is not None}
     calibration["flagged_on_calibration"] = {
         rule: float(counts[_oracle_verdicts(scores, calibration, rule)].sum() / counts.sum()) for rule in E.RULES}
     return calibration
@@ -555,8 +601,8 @@ def _whole_array_histograms(scores: dict, weights: np.ndarray, top_k: int) -> di
                                               E.LOG10_PROBABILITY_EDGES, weights=weights)[0]}
 
 
-@pytest.mark.parametrize("margin", [1.0, 0.001])
-def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, margin):
+@pytest.mark.parametrize("target_fpr", [0.3, 0.001])
+def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, target_fpr):
     """Chunks of 7 sessions and a cache of 5, so that sessions are evicted and scored again."""
     _, out, data, abnormal_dir, _ = trained
     model, checkpoint = E.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
@@ -565,11 +611,12 @@ def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, margin):
     _, abnormal = _oracle_collect(abnormal_dir, {}, all_abnormal=True)
     # ID 28 never occurs in training: probability 0, so these are below any probability bound
     calibration_sessions = normal + Counter({(28, 28, 28): 2, (1, 2, 28): 1})
-    args = (10, 9, margin, "sample", "combined", 256, event_sets)
+    args = (10, 9, target_fpr, "sample", "combined", 256, event_sets)
     expected = _oracle_fit_calibration(model, calibration_sessions, *args)
     calibration = E.fit_calibration(model, _shuffled_chunks(calibration_sessions, 7), *args, max_cached=5)
     _assert_same(calibration, expected, ignored={"distinct_sessions"})
-    assert calibration["flagged_on_calibration"]["probability"] == 3 / calibration_sessions.total()
+    flagged = calibration["flagged_on_calibration"]["probability"]
+    assert flagged == 3 / calibration_sessions.total() if target_fpr == 0.001 else 0.2 < flagged <= target_fpr
     assert calibration["percentile_method"] == "exact" and calibration["distinct_sessions"] is None
     assert calibration["scored_sessions"] > len(calibration_sessions)   # evicted sessions were scored again
 
@@ -703,7 +750,7 @@ def test_results_depend_neither_on_chunks_nor_on_the_cache():
     model, event_sets = fixed_model(), {frozenset({0, 1}), frozenset({0}), frozenset({1, 2, 3})}
     normal = Counter({(0, 1): 9, (0,): 1, (1, 2, 3): 4, (0, 9): 2})
     abnormal = Counter({(0, 1): 2, (2, 3, 4): 3, (7,): 1})
-    args = (2, 5, 0.5, "hand", "combined", 256, event_sets)
+    args = (2, 5, 0.25, "hand", "combined", 256, event_sets)
     expected_calibration = _oracle_fit_calibration(model, normal, *args)
     expected, _ = _oracle_evaluate(model, expected_calibration, normal, abnormal, 2, "combined", 256, event_sets)
     for chunk_size, max_cached in ((1, 0), (2, 1), (3, 100), (100, 100)):
@@ -716,23 +763,23 @@ def test_results_depend_neither_on_chunks_nor_on_the_cache():
         assert results["normal_scores"]["distinct"] == (len(normal) if max_cached == 100 else None)
 
 
-def test_margin_one_flags_only_events_of_probability_zero_on_calibration():
+def test_few_calibration_sessions_flag_only_events_of_probability_zero():
     model = fixed_model()
     normal = Counter({(0, 1): 9, (0,): 1, (0, 9): 2})   # 9 >= vocab_size: probability 0
-    calibration = E.fit_calibration(model, _chunks(normal), 2, 5, 1.0, "hand", "combined")
+    calibration = E.fit_calibration(model, _chunks(normal), 2, 5, 0.001, "hand", "combined")
     # the end of every other session is the least likely event: on the bound, not below it
     assert calibration["log_probability_bound"] == calibration["least_likely_normal_log_prob"]
     assert calibration["flagged_on_calibration"]["probability"] == 2 / 12
-    _assert_same(calibration, _oracle_fit_calibration(model, normal, 2, 5, 1.0, "hand", "combined"))
-    with pytest.raises(E.utils.ConfigError, match=r"probability margin 1.5: must be in \(0, 1\]"):
-        E.fit_calibration(model, _chunks(normal), 2, 5, 1.5, "hand", "combined")
+    _assert_same(calibration, _oracle_fit_calibration(model, normal, 2, 5, 0.001, "hand", "combined"))
+    with pytest.raises(E.utils.ConfigError, match=r"target false-positive rate 0.5: must be in \(0, 0.5\)"):
+        E.fit_calibration(model, _chunks(normal), 2, 5, 0.5, "hand", "combined")
 
 
 def test_empty_sides_and_empty_chunks():
     model = fixed_model()
     normal, abnormal = Counter({(0, 1): 3, (0,): 1}), Counter({(2, 3): 2, (0, 1): 1})
-    calibration = E.fit_calibration(model, [[], *_chunks(normal), []], 2, 5, 0.5, "hand", "combined")
-    _assert_same(calibration, _oracle_fit_calibration(model, normal, 2, 5, 0.5, "hand", "combined"))
+    calibration = E.fit_calibration(model, [[], *_chunks(normal), []], 2, 5, 0.25, "hand", "combined")
+    _assert_same(calibration, _oracle_fit_calibration(model, normal, 2, 5, 0.25, "hand", "combined"))
     only_abnormal, histograms = E.evaluate(model, calibration, [[]], _chunks(abnormal), 2, "combined")
     _assert_same(only_abnormal, _oracle_evaluate(model, calibration, Counter(), abnormal, 2, "combined")[0])
     assert "next_event" not in only_abnormal and list(histograms) == ["abnormal"]
@@ -743,7 +790,7 @@ def test_empty_sides_and_empty_chunks():
     with pytest.raises(E.DataError, match="no sessions to evaluate"):
         E.evaluate(model, calibration, [], [[]], 2, "combined")
     with pytest.raises(E.DataError, match="hand: no normal sessions to calibrate on"):
-        E.fit_calibration(model, [[]], 2, 5, 0.5, "hand", "combined")
+        E.fit_calibration(model, [[]], 2, 5, 0.25, "hand", "combined")
 
 
 @pytest.mark.parametrize("rule", [None, "top_g", "score_p95", "probability"])
@@ -805,8 +852,9 @@ def test_result_keys_say_what_they_hold(trained):
     for calibration in (json.loads((out / "calibration.json").read_text()), checkpoint["calibration"],
                         results["calibration"]):
         assert "probability_bound" not in calibration
-        assert calibration["log_probability_bound"] == pytest.approx(
-            calibration["least_likely_normal_log_prob"] + math.log(calibration["probability_margin"]))
+        assert calibration["log_probability_bound"] <= calibration["least_likely_normal_log_prob"] < 0
+        assert calibration["target_fpr"] == 0.0005 and "extrapolated to 0.0005" in calibration[
+            "probability_bound_method"]
     assert "recommended_thresholds" not in results["normal_scores"]
     assert list(results["normal_scores"]["reference_percentiles"]) == ["p90", "p95", "p99"]
     report = next(out.glob("evaluation_report_*.txt")).read_text()
@@ -878,7 +926,7 @@ def test_threshold_labels_never_overlap(thresholds):
 def test_event_set_panel_counts_what_the_rule_flags(tmp_path):
     import logging
     model, event_sets = fixed_model(), {frozenset({0, 1}), frozenset({0})}
-    calibration = E.fit_calibration(model, _chunks(Counter({(0, 1): 3})), 2, 5, 0.5, "hand", "combined",
+    calibration = E.fit_calibration(model, _chunks(Counter({(0, 1): 3})), 2, 5, 0.25, "hand", "combined",
                                     event_sets=event_sets)
     normal = Counter({(0, 1): 5, (0,): 2, (0, 2): 1})          # (0, 2): a novel set in the normal data
     abnormal = Counter({(0, 1): 2, (2, 3, 4): 3, (7,): 1})
@@ -924,7 +972,7 @@ def test_a_failed_write_leaves_whole_lines_and_says_how_many(tmp_path, monkeypat
     import errno
     import os
     model = fixed_model()
-    calibration = E.fit_calibration(model, _chunks(Counter({(0, 1): 3})), 2, 5, 0.5, "hand", "combined")
+    calibration = E.fit_calibration(model, _chunks(Counter({(0, 1): 3})), 2, 5, 0.25, "hand", "combined")
     data = tmp_path / "new.jsonl"
     data.write_text("".join(json.dumps({"session_id": f"s{i}", "event_ids": [0, 1]}) + "\n" for i in range(5)))
     real_write, calls = os.write, []
