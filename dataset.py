@@ -65,6 +65,7 @@ class Record:
     session_id: str
     event_ids: list[int]
     label: int
+    lines: list | None = None  # preprocess.py's provenance: [[file index, first line, count], ...], else None
 
 
 def list_data_files(path: str | os.PathLike) -> list[Path]:
@@ -226,7 +227,7 @@ def excerpt(value) -> str:
 def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt: str) -> Record:
     event_ids_field, label_field, session_id_field = fields
     where = f"{file}: {'record' if fmt == 'json' else 'line'} {index}"
-    label, session_id = 0, f"{file.name}:{index}"
+    label, session_id, lines = 0, f"{file.name}:{index}", None
     if fmt == "text":
         events = item
     else:
@@ -241,6 +242,7 @@ def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt:
         if label not in (0, 1) or isinstance(label, bool):
             raise DataError(f"{where}: '{label_field}' must be 0 (normal) or 1 (abnormal), got {excerpt(label)}")
         session_id = str(item.get(session_id_field, session_id))
+        lines = item.get("lines")
     if not events:
         raise DataError(f"{where}: empty session (no event IDs)")
     for event in events:
@@ -250,7 +252,8 @@ def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt:
             raise DataError(f"{where}: event ID {excerpt(event)} is negative")
         if vocab_size is not None and event >= vocab_size:
             raise DataError(f"{where}: event ID {excerpt(event)} >= vocab_size {vocab_size} (raise model.vocab_size)")
-    return Record(str(file), index, session_id, events, int(label))
+    return Record(str(file), index, session_id, events, int(label),
+                  lines if isinstance(lines, list) else None)
 
 
 # ----------------------------------------------------------------------------- the fast first pass

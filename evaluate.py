@@ -9,6 +9,8 @@ Examples:
         --data-dir /data/today --tag today                # refit thresholds on other normal sessions first
     python evaluate.py --checkpoint outputs/checkpoints/best_model.pt --detect data/sample/new \\
         --output outputs/detections.jsonl                 # one JSON line per session, streaming
+    python evaluate.py --checkpoint outputs/hdfs_raw/train/checkpoints/best_model.pt \
+        --detect /logs/today/ --parser-state outputs/hdfs_raw/parser_state.json   # raw logs, via preprocess.py
 
 Scores. For every session the model predicts each next event from the start token to the end of the
 session. Per session we keep: the anomaly score (fraction of predictions whose actual event is outside
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import itertools
 import json
 import logging
@@ -51,7 +54,7 @@ from tqdm import tqdm
 
 import utils
 from cache import build_caches, cache_settings, default_cache_dir, session_chunks
-from dataset import DataError, is_validation, iter_sessions, list_data_files
+from dataset import DataError, Record, is_validation, iter_sessions, list_data_files
 from model import DeepLog, verdicts
 
 ACCURACY_KS = (1, 5, 10, 20)
@@ -418,9 +421,13 @@ def rule_summary(calibration: dict, rule: str) -> str:
         text = f"'probability': {bound}"
     else:
         text = f"'{rule}'"
-    expectation = f"expected false-positive rate {expected:.3%} on the calibration sessions"
+    expectation = f"{expected:.3%} of the calibration sessions flagged"
     if target is not None and rule in ("combined", "probability"):
-        expectation += f" (the probability rule's target: {target:g})"
+        with_sets = rule == "combined" and calibration["event_set_rule"]
+        rate = target + (calibration["flagged_on_calibration"]["event_set"] if with_sets else 0.0)
+        expectation = (f"expected false-positive rate {rate:.3%} (the probability rule's target "
+                       f"evaluation.target_fpr{' plus the event-set rule on calibration' if with_sets else ''}); "
+                       + expectation)
     return f"Decision rule {text}; {expectation}"
 
 
@@ -706,9 +713,129 @@ def draw_event_set_panel(axis, counts: dict[str, tuple[float, float]] | None) ->
 
 
 # ----------------------------------------------------------------------------- detection
+def raw_log_records(parser_state: str, path: str) -> tuple[Iterator[Record], RawLines]:
+    """Sessions of raw log files (a file or a directory) parsed and grouped through preprocess.py's saved
+    parser state, as Records with their line provenance, and the RawLines that resolves it."""
+    import preprocess  # only this path needs Drain3
+
+    try:
+        files = preprocess.input_files([path])
+        preprocess.load_state(parser_state)
+    except preprocess.PreprocessError as error:
+        raise utils.ConfigError(str(error)) from None
+
+    def records():
+        try:
+            for number, session in enumerate(preprocess.sessions_from_logs(parser_state, [path]), start=1):
+                yield Record(path, number, str(session["session_id"]), session["event_ids"],
+                             int(session.get("label", 0)), session.get("lines"))
+        except preprocess.PreprocessError as error:
+            raise DataError(str(error)) from None
+
+    return records(), RawLines([str(f.resolve()) for f in files])
+
+
+class RawLines:
+    """The raw log line behind each event of a session written by preprocess.py, whose "lines" runs
+    [[file index, first line, count], ...] number the lines of `files`. Lines are fetched a chunk at a time:
+    plain files through a sparse index (the offset of every INDEX_EVERY-th line, built on first use, so memory
+    is 8 bytes per INDEX_EVERY lines) and a seek; .gz files by one sequential read per chunk."""
+
+    INDEX_EVERY = 1024
+
+    def __init__(self, files: list[str]):
+        self.files, self.indexes = [Path(f) for f in files], {}
+
+    @classmethod
+    def for_sessions(cls, path) -> RawLines | None:
+        """From the sources.json that preprocess.py writes next to sessions.jsonl; None where there is none."""
+        path = Path(path)
+        sources = (path if path.is_dir() else path.parent) / "sources.json"
+        try:
+            return cls(json.loads(sources.read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def line_of(runs, position: int) -> tuple[int, int] | None:
+        """(file index, line number) of the event at `position`, or None (the end of session, no provenance)."""
+        try:
+            for file_index, first, count in runs:
+                if position < count:
+                    return int(file_index), int(first) + position
+                position -= count
+        except (TypeError, ValueError):
+            return None
+        return None
+
+    def fetch(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
+        found: dict[tuple[int, int], str] = {}
+        by_file: dict[int, list[int]] = {}
+        for file_index, line in wanted:
+            if 0 <= file_index < len(self.files) and line >= 1:
+                by_file.setdefault(file_index, []).append(line)
+        for file_index, lines in by_file.items():
+            try:
+                found.update({(file_index, n): text for n, text in self._read(self.files[file_index], sorted(lines))})
+            except (OSError, EOFError):
+                continue  # a log moved or rotated away: its misses are shown without their line
+        return found
+
+    def _read(self, file: Path, lines: list[int]):
+        if file.name.endswith(".gz"):
+            with gzip.open(file, "rb") as handle:
+                yield from self._scan(handle, 1, lines)
+            return
+        index = self.indexes.get(file)
+        if index is None:
+            index = self.indexes[file] = self._index(file)
+        with open(file, "rb") as handle:
+            for line in lines:
+                block = (line - 1) // self.INDEX_EVERY
+                if block >= len(index):
+                    break
+                handle.seek(int(index[block]))
+                yield from self._scan(handle, block * self.INDEX_EVERY + 1, [line])
+
+    @staticmethod
+    def _scan(handle, first: int, lines: list[int]):
+        wanted = iter(lines)
+        target = next(wanted, None)
+        for number, raw in enumerate(handle, start=first):
+            while target is not None and target < number:
+                target = next(wanted, None)
+            if target is None:
+                return
+            if number == target:
+                yield number, raw.decode(errors="replace").rstrip("\r\n")
+                target = next(wanted, None)
+
+    def _index(self, file: Path) -> np.ndarray:
+        offsets, newlines, position = [0], 0, 0
+        with open(file, "rb") as handle:
+            while block := handle.read(2 ** 20):
+                ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + position + 1  # after each newline
+                first = (-newlines - 1) % self.INDEX_EVERY  # the newline that ends line k * INDEX_EVERY
+                offsets.extend(ends[first::self.INDEX_EVERY].tolist())
+                newlines += len(ends)
+                position += len(block)
+        return np.array(offsets, dtype=np.int64)
+
+    def annotate(self, located: list[tuple[list | None, list[dict]]]) -> None:
+        """Add to each miss its raw line ("raw") and where it is ("at"), for (lines runs, misses) pairs."""
+        places = [(miss, self.line_of(runs, miss["position"]) if runs else None)
+                  for runs, misses in located for miss in misses]
+        found = self.fetch({where for _, where in places if where is not None})
+        for miss, where in places:
+            if where is not None:
+                miss["at"] = f"{self.files[where[0]] if where[0] < len(self.files) else where[0]}:{where[1]}"
+                miss["raw"] = found.get(where)
+
+
 def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_size: int = 256,
            event_sets: set | None = None, chunk_size: int = 4096, max_misses: int = 3,
-           max_cached: int = MAX_CACHED, out_name: str | None = None) -> dict:
+           max_cached: int = MAX_CACHED, out_name: str | None = None, records: Iterable | None = None,
+           raw_lines: RawLines | None = None) -> dict:
     """Stream sessions from `path` in chunks and write one JSON line per session, each chunk flushed
     before the next is read. Memory holds one chunk and the score cache. Returns the number of "normal"
     and "abnormal" verdicts and, as the reader counted them, the "bad_records" skipped (with
@@ -716,14 +843,18 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
 
     A bad record (without skip_bad_records) ends the stream: the sessions before it are written first, then
     PartialOutput says how many. A failed write (a full disk) raises OutputFailed naming `out_name` and
-    the cause, and saying how many sessions the output holds: whole lines only (see write_chunk)."""
+    the cause, and saying how many sessions the output holds: whole lines only (see write_chunk).
+    `records` replaces reading `path` (raw logs through preprocess.py); with `raw_lines` (or a sources.json
+    next to `path`), each miss of a session from preprocess.py names its raw log line ("at", "raw")."""
     top_k, totals = calibration["top_k"], Counter()
     out_name = out_name or getattr(out, "name", "the output")
     bound = log_probability_bound(calibration) if rule in ("probability", "combined") else None
     scorer = ChunkScorer(model, [top_k, calibration["top_g"]], batch_size, event_sets, max_cached, "detecting")
     stopped: list[DataError] = []
     counters: dict = {}
-    records = iter_sessions(path, None, **{**options, "counters": counters})
+    if records is None:
+        records = iter_sessions(path, None, **{**options, "counters": counters})
+        raw_lines = raw_lines or RawLines.for_sessions(path)
     for chunk in chunked(_until_data_error(records, stopped), chunk_size):
         distinct, scores, _ = scorer([record.event_ids for record in chunk])
         abnormal = verdicts(scores, calibration, rule)
@@ -732,15 +863,18 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
         reasons = dict(zip(flagged, model.diagnose(flagged, top_k, max_misses, log_prob_bound=bound))) \
             if flagged else {}
         index = {session: i for i, session in enumerate(distinct)}
+        # each session's own copy of its misses: identical sessions can come from different raw lines
+        misses = [[dict(miss) for miss in reasons.get(session_key(record.event_ids), [])] for record in chunk]
+        if raw_lines is not None:
+            raw_lines.annotate([(record.lines, record_misses) for record, record_misses in zip(chunk, misses)])
         lines, verdict_counts = [], Counter()
-        for record in chunk:
-            session = session_key(record.event_ids)
-            i = index[session]
+        for record, record_misses in zip(chunk, misses):
+            i = index[session_key(record.event_ids)]
             lines.append(json.dumps({
                 "session_id": record.session_id, "score": round(float(anomaly[i]), 6),
                 "verdict": "abnormal" if abnormal[i] else "normal", "rule": rule,
                 "min_probability": float(math.exp(scores["min_log_prob"][i])),
-                "novel_event_set": bool(scores["novel_set"][i]), "misses": reasons.get(session, [])}) + "\n")
+                "novel_event_set": bool(scores["novel_set"][i]), "misses": record_misses}) + "\n")
             verdict_counts["abnormal" if abnormal[i] else "normal"] += 1
         try:
             write_chunk(out, "".join(lines))
@@ -915,6 +1049,8 @@ def parse_args(argv=None):
     parser.add_argument("--calibration", help="use thresholds from this calibration.json")
     parser.add_argument("--detect", help="score these sessions without metrics: one JSON line per session")
     parser.add_argument("--output", help="with --detect: write the JSON lines here (default: stdout)")
+    parser.add_argument("--parser-state", help="with --detect: the path holds raw log files, parsed and grouped "
+                        "through this parser_state.json of preprocess.py (the same event IDs as training)")
     parser.add_argument("--tag", help="added to the report file names")
     parser.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of "
                         "stopping (data.skip_bad_records)")
@@ -935,6 +1071,25 @@ def check_calibration_is_apart(args, config: utils.Config) -> None:
             raise utils.ConfigError(f"--calibrate-on {args.calibrate_on} shares {len(shared)} file(s) with the "
                                     f"sessions being scored ({path}), e.g. {shared[0]}: thresholds must be fitted "
                                     f"on other normal sessions")
+
+
+def check_stored_thresholds_are_apart(args, config: utils.Config, calibration: dict) -> None:
+    """Thresholds fitted on the calibration half of the checkpoint's training data (the default) must not be
+    evaluated on that data: --data-dir or --abnormal-dir sharing a file with it would score the sessions the
+    thresholds were fitted on. (Without --data-dir, evaluate.py scores the other half: that is apart.)"""
+    if not str(calibration.get("source", "")).startswith("validation split of "):
+        return
+    try:
+        training_files = {f.resolve() for f in list_data_files(config.data.preprocessed_dir)}
+    except DataError:
+        return  # the training data has moved: nothing of it can be scored by path
+    for flag, path in (("--data-dir", args.data_dir), ("--abnormal-dir", args.abnormal_dir)):
+        shared = sorted(str(f) for f in training_files & {f.resolve() for f in list_data_files(path)}) if path else []
+        if shared:
+            raise utils.ConfigError(f"{flag} {path} shares {len(shared)} file(s) with the training data "
+                                    f"{config.data.preprocessed_dir}, e.g. {shared[0]}, whose validation split's "
+                                    f"calibration half fitted the thresholds applied: evaluate other data, omit "
+                                    f"--data-dir to score the split's other half, or refit with --calibrate-on DIR")
 
 
 def main(argv=None):
@@ -982,6 +1137,8 @@ def run(args, logger):
         raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (training was stopped before "
                                     f"it ended?); pass --calibrate-on DIR with normal sessions")
     check_top_k(calibration, top_k)
+    if not args.calibrate_on:
+        check_stored_thresholds_are_apart(args, config, calibration)
     origin = ("fitted now, --calibrate-on" if args.calibrate_on else f"from {args.calibration}" if args.calibration
               else f"stored in {args.checkpoint}")
     logger.info(f"Thresholds applied: {origin}; fitted on {calibration.get('source', 'unknown data')} at "
@@ -992,9 +1149,11 @@ def run(args, logger):
             out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 (closed below, not stdout)
         except OSError as error:
             raise utils.ConfigError(f"--output {args.output}: cannot write ({error.strerror})") from None
+        records, raw_lines = raw_log_records(args.parser_state, args.detect) if args.parser_state else (None, None)
         try:
             totals = detect(model, calibration, args.detect, options, ev.decision_rule, out, ev.batch_size,
-                            event_sets, out_name=f"--output {args.output}" if args.output else "stdout")
+                            event_sets, out_name=f"--output {args.output}" if args.output else "stdout",
+                            records=records, raw_lines=raw_lines)
         finally:
             if args.output:
                 out.close()  # nothing left to write: detect() flushed every chunk, or cut back a failed one

@@ -2,7 +2,7 @@
 import importlib.util
 import sys
 
-from conftest import REPO
+from conftest import REPO, needs_hdfs
 
 
 def load(name):
@@ -32,3 +32,23 @@ def test_hdfs_benchmark_passes_on_milestones_and_a_step_line_now_and_then(tmp_pa
     assert shown == ["[Step 2] Loss: 0.9", "Epoch 1/2 | train loss 0.5", "something to know"]
     hdfs.run([sys.executable, str(stage)], progress_every_s=1000)
     assert "Step" not in capsys.readouterr().out
+
+
+@needs_hdfs
+def test_hdfs_benchmark_without_event_sets_runs_the_lstm_rule_alone(tmp_path):
+    """--no-event-sets: the same recipe with the event-set record unavailable, as on data beyond its cap; the
+    default rule is then the LSTM's probability rule, with thresholds calibrated to evaluation.target_fpr."""
+    import json
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "hdfs.py"), "--no-event-sets", "--epochs", "1",
+                             "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads(next(tmp_path.glob("evaluation_results_*_hdfs.json")).read_text())
+    calibration = results["calibration"]
+    assert calibration["event_set_rule"] is False and calibration["target_fpr"] == 0.0005
+    assert results["default"] == {"rule": "combined", **results["rules"]["probability"]}
+    assert results["rules"]["event_set"]["tp"] == results["rules"]["event_set"]["fp"] == 0
+    assert "'combined' is the LSTM's probability rule alone" in (tmp_path / "training.log").read_text()
+    report = next(tmp_path.glob("evaluation_report_*_hdfs.txt")).read_text()
+    assert "Event-set rule: off" in report and "expected false-positive rate 0.050%" in report

@@ -4,6 +4,7 @@ import math
 import random
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,8 +226,16 @@ def test_training_ends_with_calibration_and_reports(trained):
         "evaluation_results", "score_distribution").replace(".json", ".png")])
 
 
+def elsewhere(data: Path, tmp_path: Path) -> Path:
+    """A copy of the training data: the stored thresholds were fitted on the calibration half of the original
+    files, which evaluate.py therefore refuses to score; a copy elsewhere stands for other data."""
+    import shutil
+    return Path(shutil.copytree(data, tmp_path / "elsewhere"))
+
+
 def test_evaluate_cli_on_given_data_uses_stored_thresholds(trained, tmp_path):
     _, out, data, abnormal_dir, _ = trained
+    data = elsewhere(data, tmp_path)
     result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir", data,
                         "--abnormal-dir", abnormal_dir, "--output-dir", tmp_path, "--tag", "t")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -256,8 +265,8 @@ def test_calibrate_on_refits_and_saves(trained, tmp_path):
     assert results["calibration"] == calibration and "false_positive_rate" in results
     assert f"Thresholds applied: fitted now, --calibrate-on; fitted on {quiet_day} at " \
            f"{calibration['fitted_at']}" in result.stdout
-    stored = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir", data,
-                        "--output-dir", tmp_path)   # every run states which thresholds it applies
+    stored = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir",
+                        elsewhere(data, tmp_path), "--output-dir", tmp_path)   # every run says which thresholds
     assert f"Thresholds applied: stored in {out / 'checkpoints' / 'best_model.pt'}" in stored.stdout
 
 
@@ -374,6 +383,11 @@ def test_thresholds_are_never_fitted_on_the_scored_data_and_bad_calibration_file
                   ["--data-dir", data / "s.jsonl", "--calibrate-on", data]):
         result = run_script("evaluate.py", "--checkpoint", checkpoint, *extra, "--output-dir", tmp_path)
         assert result.returncode == 2 and "shares 1 file(s) with the sessions being scored" in result.stderr, extra
+    # the stored thresholds were fitted on the calibration half of this data: scoring it would reuse those sessions
+    (tmp_path / "elsewhere.jsonl").write_text('{"event_ids": [1, 2]}\n')
+    for extra in (["--data-dir", data], ["--data-dir", tmp_path / "elsewhere.jsonl", "--abnormal-dir", data]):
+        result = run_script("evaluate.py", "--checkpoint", checkpoint, *extra, "--output-dir", tmp_path)
+        assert result.returncode == 2 and f"shares 1 file(s) with the training data {data}" in result.stderr, extra
     (tmp_path / "c.json").write_text('{"top_k": 10}')
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--calibration", tmp_path / "c.json",
                         "--output-dir", tmp_path)
@@ -888,7 +902,7 @@ def test_calibrations_written_before_the_rename_still_work(trained, tmp_path):
     assert detected[0] == detected[1] == detected[2] and "abnormal" in detected[0] and "normal" in detected[0]
     assert DeepLog.from_checkpoint(tmp_path / "old.pt").verdict(
         [json.loads(line)["event_ids"] for line in sessions.read_text().splitlines()], "probability") == detected[0]
-    result = run_script("evaluate.py", "--checkpoint", tmp_path / "old.pt", "--data-dir", data,
+    result = run_script("evaluate.py", "--checkpoint", tmp_path / "old.pt", "--data-dir", elsewhere(data, tmp_path),
                         "--abnormal-dir", abnormal_dir, "--output-dir", tmp_path / "reports")
     assert result.returncode == 0, result.stderr
     report = next((tmp_path / "reports").glob("evaluation_report_*.txt")).read_text()

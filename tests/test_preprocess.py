@@ -246,15 +246,60 @@ def test_missing_file_and_no_matching_line(tmp_path):
     assert not (tmp_path / "o" / "sessions.jsonl").exists()
 
 
-def test_generated_config_trains(tmp_path):
+def test_generated_config_trains_and_detection_shows_the_raw_line_of_each_miss(tmp_path):
+    """preprocess -> train -> evaluate --detect on new raw logs through the parser state: the block with a line
+    no template matches is abnormal, and its miss names that line (file:line) and shows it."""
     lines = []
     for start in range(0, 120, 20):
         lines += block_log(range(start, start + 20), second=start)
     run(tmp_path, lines, "--session-key", r"blk_-?\d+")
-    result = run_script("train.py", "--config", tmp_path / "out" / "config.yaml", "--epochs", "1", "--device", "cpu",
-                        timeout=600)
+    out = tmp_path / "out"
+    result = run_script("train.py", "--config", out / "config.yaml", "--epochs", "1", "--device", "cpu", timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "out" / "train" / "checkpoints" / "best_model.pt").exists()
+    checkpoint = out / "train" / "checkpoints" / "best_model.pt"
+    assert checkpoint.exists()
+
+    new = tmp_path / "today"
+    new.mkdir()
+    today = block_log(range(500, 510))
+    today.insert(7, line(9, "Checksum error on blk_503 from disk sda3"))   # a template never seen
+    (new / "app.log").write_text("\n".join(today) + "\n")
+    detections = tmp_path / "detections.jsonl"
+    calibrated = ["--calibrate-on", out / "sessions.jsonl", "--output-dir", tmp_path / "eval"]  # tiny run: no
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", new, "--parser-state",  # evaluation
+                        out / "parser_state.json", "--output", detections, *calibrated)          # after training
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    verdicts = {d["session_id"]: d for d in map(json.loads, detections.read_text().splitlines())}
+    assert len(verdicts) == 10 and verdicts["blk_503"]["verdict"] == "abnormal"
+    miss = next(m for m in verdicts["blk_503"]["misses"] if m.get("raw") == today[7])
+    assert miss["at"] == f"{(new / 'app.log').resolve()}:8" and miss["probability"] == 0.0
+
+    # the same through preprocess.py's output for those logs: sessions.jsonl with its sources.json
+    preprocess.main([str(new), "--output", str(tmp_path / "today_out"), "--parser-state",
+                     str(out / "parser_state.json")])
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect",
+                        tmp_path / "today_out" / "sessions.jsonl", "--output", detections, *calibrated)
+    assert result.returncode == 0, result.stderr[-2000:]
+    verdicts = {d["session_id"]: d for d in map(json.loads, detections.read_text().splitlines())}
+    assert any(m.get("raw") == today[7] for m in verdicts["blk_503"]["misses"])
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_raw_lines_come_from_a_sparse_index_or_a_gzip_scan(tmp_path, compressed):
+    import gzip
+
+    import evaluate
+    text = "".join(f"line {n}\n" for n in range(1, 2501))
+    path = tmp_path / ("log.gz" if compressed else "log")
+    path.write_bytes(gzip.compress(text.encode()) if compressed else text.encode())
+    raw = evaluate.RawLines([str(path)])
+    raw.INDEX_EVERY = 7   # many index entries and block boundaries
+    wanted = {(0, n) for n in (1, 7, 8, 14, 15, 1024, 1025, 2500, 2501)} | {(1, 3)}
+    found = raw.fetch(wanted)
+    assert found == {(0, n): f"line {n}" for n in (1, 7, 8, 14, 15, 1024, 1025, 2500)}   # 2501, file 1: none
+    assert evaluate.RawLines.line_of([[0, 10, 2], [1, 3, 1]], 2) == (1, 3)
+    assert evaluate.RawLines.line_of([[0, 10, 2]], 2) is None   # the end of the session has no line
 
 
 @needs_loghub
