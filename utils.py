@@ -152,7 +152,7 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         for section_name, values in _canonical_layout(raw, path).items():
-            if values is None:
+            if values is None or section_name in OTHER_SCRIPTS:
                 continue
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section '{section_name}' must be a mapping")
@@ -164,6 +164,8 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
     _check_values(config)
     return config
 
+
+OTHER_SCRIPTS = ("preprocess",)  # sections read and checked by their own script (preprocess.py)
 
 # The original design's config.yaml nests some settings elsewhere; both layouts load, and the resolved
 # config a run saves is always the canonical one.

@@ -25,9 +25,14 @@ def test_defaults_then_yaml_then_flags(tmp_path):
 
 def test_shipped_config_yaml_matches_the_dataclass_keys():
     """config.yaml carries every key, so users see the whole surface in one place."""
+    import dataclasses
+
+    import preprocess
     shipped = yaml.safe_load(open(train.Path(__file__).parent.parent / "config.yaml"))
-    assert {s: set(v) for s, v in shipped.items()} == \
-        {s: set(v) for s, v in utils.config_to_dict(utils.Config()).items()}
+    expected = {s: set(v) for s, v in utils.config_to_dict(utils.Config()).items()}
+    expected["preprocess"] = {f.name for f in dataclasses.fields(preprocess.PreprocessConfig)}
+    assert {s: set(v) for s, v in shipped.items()} == expected
+    assert preprocess.PreprocessConfig(**shipped["preprocess"]) == preprocess.PreprocessConfig()  # same defaults
 
 
 @pytest.mark.parametrize("content,message", [
