@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, run_script, write_config
 
 import preprocess
@@ -326,6 +327,24 @@ def test_bgl_2k_count_windows(tmp_path):
     for window in windows:
         lines = [first + i for _, first, count in window["lines"] for i in range(count)]
         assert len(lines) == len(window["event_ids"]) and window["label"] == any(labels[n - 1] for n in lines)
+    # start to finish: train on the normal windows (the evaluation after training scores the abnormal ones),
+    # then detect on the raw log through the parser state, each miss with its raw line
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["training"].update(evaluate_after_training=True, epochs=2)
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_script("train.py", "--config", out / "config.yaml", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(next((out / "train").glob("evaluation_results_*.json")).read_text())
+    assert results["abnormal_sessions"]["count"] == sum(w["label"] for w in windows) == 53
+    detections = tmp_path / "detections.jsonl"
+    result = run_script("evaluate.py", "--checkpoint", out / "train" / "checkpoints" / "best_model.pt", "--detect",
+                        LOGHUB / "BGL_2k.log", "--parser-state", out / "parser_state.json", "--output", detections)
+    assert result.returncode == 0, result.stderr[-2000:]
+    raw_lines = (LOGHUB / "BGL_2k.log").read_text().splitlines()
+    detected = [json.loads(x) for x in detections.read_text().splitlines()]
+    assert len(detected) == 199
+    shown = [m for d in detected for m in d["misses"] if "raw" in m]
+    assert shown and all(raw_lines[int(m["at"].rsplit(":", 1)[1]) - 1] == m["raw"] for m in shown)
 
 
 def test_session_idle_closes_sessions_not_named_for_n_lines(tmp_path):
