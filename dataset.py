@@ -107,7 +107,7 @@ class _DepthBoundedReader:
     ijson keeps a prefix string per open level, so its memory grows with the square of the depth: a few
     hundred KB of brackets would take gigabytes. Each block read is reduced at C speed to its quotes and
     brackets (escapes dropped first, so an escaped quote cannot open a string) and the depth outside strings
-    is tracked with numpy: a few percent of ijson's own time."""
+    is tracked with numpy: about a tenth of ijson's own time."""
 
     def __init__(self, handle, file: Path):
         self.handle, self.file = handle, file

@@ -389,7 +389,7 @@ def _atomic(path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
         # torch.save turns a failed write (a full disk) into a RuntimeError about zip positions, raised while
         # closing; the OSError behind it is in the chain. A failed write names no file: name it.
-        cause = error
+        cause = error if isinstance(error, (OSError, RuntimeError)) else None  # never an interrupt
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__context__
         if cause is not None and not cause.filename:

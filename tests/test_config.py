@@ -37,6 +37,8 @@ def test_shipped_config_yaml_matches_the_dataclass_keys():
 
 @pytest.mark.parametrize("content,message", [
     ({"training": {"epochz": 3}}, "unknown config key 'training.epochz'"),
+    ({"evaluation": {"probability_margin": 0.001}}, "'evaluation.probability_margin' is retired: the probability "
+                                                    "bound is now set by evaluation.target_fpr"),
     ({"trainin": {"epochs": 3}}, "unknown config section 'trainin'"),
     ({"training": {"epochs": "3"}}, "'training.epochs' must be int"),
     ({"training": {"epochs": 2.5}}, "'training.epochs' must be int"),

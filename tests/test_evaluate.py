@@ -885,9 +885,14 @@ def test_calibrations_written_before_the_rename_still_work(trained, tmp_path):
     takes it, with the same verdicts."""
     _, out, data, abnormal_dir, _ = trained
     checkpoint = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
-    old = dict(checkpoint["calibration"])
+    old = dict(checkpoint["calibration"])   # as versions before target_fpr wrote it, config included
     old["probability_bound"] = old.pop("log_probability_bound")
-    torch.save({**checkpoint, "calibration": old}, tmp_path / "old.pt")
+    del old["target_fpr"], old["probability_bound_method"]
+    old["probability_margin"] = 0.001
+    old_config = {section: dict(values) for section, values in checkpoint["config"].items()}
+    del old_config["evaluation"]["target_fpr"], old_config["evaluation"]["event_set_rule"]
+    old_config["evaluation"]["probability_margin"] = 0.001
+    torch.save({**checkpoint, "calibration": old, "config": old_config}, tmp_path / "old.pt")
     (tmp_path / "old_calibration.json").write_text(json.dumps(old))
     sessions = tmp_path / "mixed.jsonl"
     sessions.write_text((data / "s.jsonl").read_text() + "".join(
