@@ -1054,7 +1054,10 @@ def parse_args(argv=None):
     parser.add_argument("--tag", help="added to the report file names")
     parser.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of "
                         "stopping (data.skip_bad_records)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.parser_state and not args.detect:
+        parser.error("--parser-state reads raw logs for --detect: give --detect PATH too")
+    return args
 
 
 def check_calibration_is_apart(args, config: utils.Config) -> None:
