@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import itertools
 import json
 import logging
@@ -713,7 +712,7 @@ def draw_event_set_panel(axis, counts: dict[str, tuple[float, float]] | None) ->
 
 
 # ----------------------------------------------------------------------------- detection
-def raw_log_records(parser_state: str, path: str) -> tuple[Iterator[Record], RawLines]:
+def raw_log_records(parser_state: str, path: str) -> tuple[Iterator[Record], object]:
     """Sessions of raw log files (a file or a directory) parsed and grouped through preprocess.py's saved
     parser state, as Records with their line provenance, and the RawLines that resolves it."""
     import preprocess  # only this path needs Drain3
@@ -732,110 +731,13 @@ def raw_log_records(parser_state: str, path: str) -> tuple[Iterator[Record], Raw
         except preprocess.PreprocessError as error:
             raise DataError(str(error)) from None
 
-    return records(), RawLines([str(f.resolve()) for f in files])
-
-
-class RawLines:
-    """The raw log line behind each event of a session written by preprocess.py, whose "lines" runs
-    [[file index, first line, count], ...] number the lines of `files`. Lines are fetched a chunk at a time:
-    plain files through a sparse index (the offset of every INDEX_EVERY-th line, built on first use, so memory
-    is 8 bytes per INDEX_EVERY lines) and a seek; .gz files by one sequential read per chunk."""
-
-    INDEX_EVERY = 1024
-
-    def __init__(self, files: list[str]):
-        self.files, self.indexes = [Path(f) for f in files], {}
-
-    @classmethod
-    def for_sessions(cls, path) -> RawLines | None:
-        """From the sources.json that preprocess.py writes next to sessions.jsonl; None where there is none."""
-        path = Path(path)
-        sources = (path if path.is_dir() else path.parent) / "sources.json"
-        try:
-            return cls(json.loads(sources.read_text())["files"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    @staticmethod
-    def line_of(runs, position: int) -> tuple[int, int] | None:
-        """(file index, line number) of the event at `position`, or None (the end of session, no provenance)."""
-        try:
-            for file_index, first, count in runs:
-                if position < count:
-                    return int(file_index), int(first) + position
-                position -= count
-        except (TypeError, ValueError):
-            return None
-        return None
-
-    def fetch(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
-        found: dict[tuple[int, int], str] = {}
-        by_file: dict[int, list[int]] = {}
-        for file_index, line in wanted:
-            if 0 <= file_index < len(self.files) and line >= 1:
-                by_file.setdefault(file_index, []).append(line)
-        for file_index, lines in by_file.items():
-            try:
-                found.update({(file_index, n): text for n, text in self._read(self.files[file_index], sorted(lines))})
-            except (OSError, EOFError):
-                continue  # a log moved or rotated away: its misses are shown without their line
-        return found
-
-    def _read(self, file: Path, lines: list[int]):
-        if file.name.endswith(".gz"):
-            with gzip.open(file, "rb") as handle:
-                yield from self._scan(handle, 1, lines)
-            return
-        index = self.indexes.get(file)
-        if index is None:
-            index = self.indexes[file] = self._index(file)
-        with open(file, "rb") as handle:
-            for line in lines:
-                block = (line - 1) // self.INDEX_EVERY
-                if block >= len(index):
-                    break
-                handle.seek(int(index[block]))
-                yield from self._scan(handle, block * self.INDEX_EVERY + 1, [line])
-
-    @staticmethod
-    def _scan(handle, first: int, lines: list[int]):
-        wanted = iter(lines)
-        target = next(wanted, None)
-        for number, raw in enumerate(handle, start=first):
-            while target is not None and target < number:
-                target = next(wanted, None)
-            if target is None:
-                return
-            if number == target:
-                yield number, raw.decode(errors="replace").rstrip("\r\n")
-                target = next(wanted, None)
-
-    def _index(self, file: Path) -> np.ndarray:
-        offsets, newlines, position = [0], 0, 0
-        with open(file, "rb") as handle:
-            while block := handle.read(2 ** 20):
-                ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + position + 1  # after each newline
-                first = (-newlines - 1) % self.INDEX_EVERY  # the newline that ends line k * INDEX_EVERY
-                offsets.extend(ends[first::self.INDEX_EVERY].tolist())
-                newlines += len(ends)
-                position += len(block)
-        return np.array(offsets, dtype=np.int64)
-
-    def annotate(self, located: list[tuple[list | None, list[dict]]]) -> None:
-        """Add to each miss its raw line ("raw") and where it is ("at"), for (lines runs, misses) pairs."""
-        places = [(miss, self.line_of(runs, miss["position"]) if runs else None)
-                  for runs, misses in located for miss in misses]
-        found = self.fetch({where for _, where in places if where is not None})
-        for miss, where in places:
-            if where is not None:
-                miss["at"] = f"{self.files[where[0]] if where[0] < len(self.files) else where[0]}:{where[1]}"
-                miss["raw"] = found.get(where)
+    return records(), preprocess.RawLines([str(f.resolve()) for f in files])
 
 
 def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_size: int = 256,
            event_sets: set | None = None, chunk_size: int = 4096, max_misses: int = 3,
            max_cached: int = MAX_CACHED, out_name: str | None = None, records: Iterable | None = None,
-           raw_lines: RawLines | None = None) -> dict:
+           raw_lines=None) -> dict:
     """Stream sessions from `path` in chunks and write one JSON line per session, each chunk flushed
     before the next is read. Memory holds one chunk and the score cache. Returns the number of "normal"
     and "abnormal" verdicts and, as the reader counted them, the "bad_records" skipped (with
@@ -844,8 +746,9 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
     A bad record (without skip_bad_records) ends the stream: the sessions before it are written first, then
     PartialOutput says how many. A failed write (a full disk) raises OutputFailed naming `out_name` and
     the cause, and saying how many sessions the output holds: whole lines only (see write_chunk).
-    `records` replaces reading `path` (raw logs through preprocess.py); with `raw_lines` (or a sources.json
-    next to `path`), each miss of a session from preprocess.py names its raw log line ("at", "raw")."""
+    `records` replaces reading `path` (raw logs through preprocess.py); with `raw_lines` (a
+    preprocess.RawLines, or the one of a sources.json next to `path`), each miss of a session from
+    preprocess.py names its raw log line ("at", "raw")."""
     top_k, totals = calibration["top_k"], Counter()
     out_name = out_name or getattr(out, "name", "the output")
     bound = log_probability_bound(calibration) if rule in ("probability", "combined") else None
@@ -854,7 +757,8 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
     counters: dict = {}
     if records is None:
         records = iter_sessions(path, None, **{**options, "counters": counters})
-        raw_lines = raw_lines or RawLines.for_sessions(path)
+        import preprocess  # knows the provenance format of the sessions it writes
+        raw_lines = raw_lines or preprocess.RawLines.for_sessions(path)
     for chunk in chunked(_until_data_error(records, stopped), chunk_size):
         distinct, scores, _ = scorer([record.event_ids for record in chunk])
         abnormal = verdicts(scores, calibration, rule)

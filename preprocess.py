@@ -383,6 +383,105 @@ def line_runs(refs) -> list[list[int]]:
     return runs
 
 
+# ----------------------------------------------------------------------------- alerts back to raw lines
+class RawLines:
+    """The raw log line behind each event of a session written by preprocess.py, whose "lines" runs
+    [[file index, first line, count], ...] number the lines of `files`. Lines are fetched a chunk at a time:
+    plain files through a sparse index (the offset of every INDEX_EVERY-th line, built on first use, so memory
+    is 8 bytes per INDEX_EVERY lines) and a seek; .gz files by one sequential read per chunk."""
+
+    INDEX_EVERY = 1024
+
+    def __init__(self, files: list[str]):
+        self.files, self.indexes = [Path(f) for f in files], {}
+
+    @classmethod
+    def for_sessions(cls, path) -> RawLines | None:
+        """From the sources.json that preprocess.py writes next to sessions.jsonl; None where there is none."""
+        path = Path(path)
+        sources = (path if path.is_dir() else path.parent) / "sources.json"
+        try:
+            return cls(json.loads(sources.read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def line_of(runs, position: int) -> tuple[int, int] | None:
+        """(file index, line number) of the event at `position`, or None (the end of session, no provenance)."""
+        try:
+            for file_index, first, count in runs:
+                if position < count:
+                    return int(file_index), int(first) + position
+                position -= count
+        except (TypeError, ValueError):
+            return None
+        return None
+
+    def fetch(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
+        found: dict[tuple[int, int], str] = {}
+        by_file: dict[int, list[int]] = {}
+        for file_index, line in wanted:
+            if 0 <= file_index < len(self.files) and line >= 1:
+                by_file.setdefault(file_index, []).append(line)
+        for file_index, lines in by_file.items():
+            try:
+                found.update({(file_index, n): text for n, text in self._read(self.files[file_index], sorted(lines))})
+            except (OSError, EOFError):
+                continue  # a log moved or rotated away: its misses are shown without their line
+        return found
+
+    def _read(self, file: Path, lines: list[int]):
+        if file.name.endswith(".gz"):
+            with gzip.open(file, "rb") as handle:
+                yield from self._scan(handle, 1, lines)
+            return
+        index = self.indexes.get(file)
+        if index is None:
+            index = self.indexes[file] = self._index(file)
+        with open(file, "rb") as handle:
+            for line in lines:
+                block = (line - 1) // self.INDEX_EVERY
+                if block >= len(index):
+                    break
+                handle.seek(int(index[block]))
+                yield from self._scan(handle, block * self.INDEX_EVERY + 1, [line])
+
+    @staticmethod
+    def _scan(handle, first: int, lines: list[int]):
+        wanted = iter(lines)
+        target = next(wanted, None)
+        for number, raw in enumerate(handle, start=first):
+            while target is not None and target < number:
+                target = next(wanted, None)
+            if target is None:
+                return
+            if number == target:
+                yield number, raw.decode(errors="replace").rstrip("\r\n")
+                target = next(wanted, None)
+
+    def _index(self, file: Path):
+        import numpy as np  # only detection needs it: preprocessing stays lean (its peak RSS is ~30 MB)
+        offsets, newlines, position = [0], 0, 0
+        with open(file, "rb") as handle:
+            while block := handle.read(2 ** 20):
+                ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + position + 1  # after each newline
+                first = (-newlines - 1) % self.INDEX_EVERY  # the newline that ends line k * INDEX_EVERY
+                offsets.extend(ends[first::self.INDEX_EVERY].tolist())
+                newlines += len(ends)
+                position += len(block)
+        return np.array(offsets, dtype=np.int64)
+
+    def annotate(self, located: list[tuple[list | None, list[dict]]]) -> None:
+        """Add to each miss its raw line ("raw") and where it is ("at"), for (lines runs, misses) pairs."""
+        places = [(miss, self.line_of(runs, miss["position"]) if runs else None)
+                  for runs, misses in located for miss in misses]
+        found = self.fetch({where for _, where in places if where is not None})
+        for miss, where in places:
+            if where is not None:
+                miss["at"] = f"{self.files[where[0]] if where[0] < len(self.files) else where[0]}:{where[1]}"
+                miss["raw"] = found.get(where)
+
+
 # ----------------------------------------------------------------------------- the run
 GROUPING = ("session_key", "session_idle", "window", "time_field", "time_format", "label_field", "normal_value")
 

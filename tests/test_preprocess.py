@@ -290,17 +290,16 @@ def test_generated_config_trains_and_detection_shows_the_raw_line_of_each_miss(t
 def test_raw_lines_come_from_a_sparse_index_or_a_gzip_scan(tmp_path, compressed):
     import gzip
 
-    import evaluate
     text = "".join(f"line {n}\n" for n in range(1, 2501))
     path = tmp_path / ("log.gz" if compressed else "log")
     path.write_bytes(gzip.compress(text.encode()) if compressed else text.encode())
-    raw = evaluate.RawLines([str(path)])
+    raw = preprocess.RawLines([str(path)])
     raw.INDEX_EVERY = 7   # many index entries and block boundaries
     wanted = {(0, n) for n in (1, 7, 8, 14, 15, 1024, 1025, 2500, 2501)} | {(1, 3)}
     found = raw.fetch(wanted)
     assert found == {(0, n): f"line {n}" for n in (1, 7, 8, 14, 15, 1024, 1025, 2500)}   # 2501, file 1: none
-    assert evaluate.RawLines.line_of([[0, 10, 2], [1, 3, 1]], 2) == (1, 3)
-    assert evaluate.RawLines.line_of([[0, 10, 2]], 2) is None   # the end of the session has no line
+    assert preprocess.RawLines.line_of([[0, 10, 2], [1, 3, 1]], 2) == (1, 3)
+    assert preprocess.RawLines.line_of([[0, 10, 2]], 2) is None   # the end of the session has no line
 
 
 @needs_loghub
