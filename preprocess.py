@@ -575,13 +575,20 @@ def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: di
     sessions_tmp = tempfile.NamedTemporaryFile("w", dir=output, prefix=".sessions.", delete=False)
     rows_tmp = tempfile.NamedTemporaryFile("w", dir=output, prefix=".rows.", delete=False) if structured else None
     try:
-        for session in iter_log_sessions(cfg, parser, files, stats, labels, rows_tmp):
-            sessions_tmp.write(json.dumps(session, separators=(",", ":")) + "\n")
-        sessions_tmp.close()
+        try:
+            for session in iter_log_sessions(cfg, parser, files, stats, labels, rows_tmp):
+                sessions_tmp.write(json.dumps(session, separators=(",", ":")) + "\n")
+            sessions_tmp.close()
+        except OSError as error:  # a full disk: a failed write names no file; the temp file goes below
+            if error.filename:
+                raise
+            raise OSError(error.errno, error.strerror or str(error), str(output / "sessions.jsonl")) from None
         if stats["parsed"] == 0:
             raise PreprocessError(f"no line matches --log-format {parser.log_format!r} "
                                   f"(first line: {stats['first_unmatched'] or 'none, the input is empty'})")
-        os.chmod(sessions_tmp.name, 0o644)  # (temp files are made 0600)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(sessions_tmp.name, 0o666 & ~umask)  # temp files are made 0600: follow the umask instead
         os.replace(sessions_tmp.name, output / "sessions.jsonl")
         if rows_tmp:
             rows_tmp.close()

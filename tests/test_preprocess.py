@@ -247,6 +247,43 @@ def test_missing_file_and_no_matching_line(tmp_path):
     assert not (tmp_path / "o" / "sessions.jsonl").exists()
 
 
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_no_temp_file(tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    real = tempfile.NamedTemporaryFile
+
+    class FullDisk:   # the sessions' temp file on a disk that is full
+        def __init__(self, *args, **kwargs):
+            self.handle = real(*args, **kwargs)
+            self.name = self.handle.name
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.handle.close()
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", FullDisk)
+    (tmp_path / "log.txt").write_text("\n".join(block_log(range(3))) + "\n")
+    with pytest.raises(SystemExit) as exit_code:
+        preprocess.main([str(tmp_path / "log.txt"), "--output", str(tmp_path / "out"), "--log-format", FORMAT,
+                         "--session-key", r"blk_-?\d+", "--config", str(tmp_path / "base.yaml")])
+    assert exit_code.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'out' / 'sessions.jsonl'}: No space left on device"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+    mask = os.umask(0o027)
+    try:
+        run(tmp_path, block_log(range(3)), "--session-key", r"blk_-?\d+")
+    finally:
+        os.umask(mask)
+    assert oct((tmp_path / "out" / "sessions.jsonl").stat().st_mode & 0o777) == oct(0o640)
+
+
 def test_generated_config_trains_and_detection_shows_the_raw_line_of_each_miss(tmp_path):
     """preprocess -> train -> evaluate --detect on new raw logs through the parser state: the block with a line
     no template matches is abnormal, and its miss names that line (file:line) and shows it."""
