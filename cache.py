@@ -55,18 +55,19 @@ import numpy as np
 import torch
 
 from dataset import (
-    MAX_EVENT_SETS,
+    CoOccurrenceRecorder,
     DataError,
     SessionArrays,
     _format_of,
     iter_session_arrays,
     list_data_files,
+    merge_co_occurrence,
     one_line,
     split_draws,
 )
 from model import special_tokens
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2            # 2: event_pairs.npy (the pairs of event types of training sessions)
 TAIL = 1024                  # zero tokens after each part: windows up to TAIL - 1 positions are one slice
 PART_BYTES = 64 * 2 ** 20    # a JSONL or text file bigger than this is parsed by several processes
 MIN_PART_BYTES = 2 ** 16     # ... and never in pieces smaller than this
@@ -286,7 +287,7 @@ def _build_part(task: _Task) -> dict:
     counters: dict = {}
     sessions = tokens_written = 0
     seen = np.zeros(vocab + 1 if vocab is not None else 0, dtype=np.int64)
-    event_sets: set | None = set() if vocab is not None else None
+    co_occurrence = CoOccurrenceRecorder(vocab) if vocab is not None else None
     prefix = Path(task.part_dir) / f"part-{task.part}"
     handles = {name: open(f"{prefix}.{name}", "wb") for name in ("tokens", *ARRAYS)}
     # The cyclic garbage collector would rescan the parsed records many times over; parsing makes no cycles.
@@ -315,7 +316,7 @@ def _build_part(task: _Task) -> dict:
             if vocab is not None:
                 trained = (flags & (FLAG_ABNORMAL | FLAG_VALIDATION)) == 0
                 seen += _seen_targets(arrays, trained, vocab)
-                event_sets = _add_event_sets(event_sets, arrays, trained, vocab)
+                co_occurrence.add(arrays.tokens, arrays.lengths, trained)
             laid_out.tofile(handles["tokens"])
             (tokens_written + local_starts + sizes).astype(np.int64).tofile(handles["offsets"])
             flags.astype(np.uint8).tofile(handles["flags"])
@@ -331,7 +332,7 @@ def _build_part(task: _Task) -> dict:
     return {"part": task.part, "sessions": sessions, "tokens": tokens_written, "dtype": dtype.name,
             "bad_records": counters.get("bad_records", 0), "first_bad_record": counters.get("first_bad_record"),
             "seen_targets": np.flatnonzero(seen).tolist() if vocab is not None else None,
-            "event_sets": None if event_sets is None else sorted(sorted(s) for s in event_sets)}
+            **(co_occurrence.summary() if co_occurrence else {"event_sets": None, "event_pairs": None})}
 
 
 def _grouped(chunks, sessions: int) -> Iterator[SessionArrays]:
@@ -363,30 +364,14 @@ def _seen_targets(arrays, trained: np.ndarray, vocab: int) -> np.ndarray:
     return counts
 
 
-def _add_event_sets(event_sets: set | None, arrays, trained: np.ndarray, vocab: int) -> set | None:
-    """The distinct sets of event types of training sessions; None once there are more than MAX_EVENT_SETS."""
-    if event_sets is None or not trained.any():
-        return event_sets
-    starts = np.cumsum(arrays.lengths) - arrays.lengths
-    if vocab <= 63:  # one bit per event type: every session's set in two vectorised passes
-        masks = np.bitwise_or.reduceat(np.left_shift(np.uint64(1), arrays.tokens.astype(np.uint64)), starts)
-        for mask in np.unique(masks[trained]).tolist():
-            event_sets.add(frozenset(i for i in range(vocab) if mask >> i & 1))
-    else:
-        tokens = arrays.tokens.tolist()
-        for begin, length in zip(starts[trained].tolist(), arrays.lengths[trained].tolist()):
-            event_sets.add(frozenset(tokens[begin:begin + length]))
-            if len(event_sets) > MAX_EVENT_SETS:
-                break
-    return None if len(event_sets) > MAX_EVENT_SETS else event_sets
-
-
 def _finish_entry(entry: Path, temp: Path, key: dict, parts: list[dict]) -> None:
     parts = sorted(parts, key=lambda p: p["part"])
-    sets = [p.pop("event_sets") for p in parts]
-    union = None if any(s is None for s in sets) else {tuple(s) for shard in sets for s in shard}
-    meta = {"key": key, "parts": parts,
-            "event_sets": None if union is None or len(union) > MAX_EVENT_SETS else sorted(list(s) for s in union)}
+    co_occurrence = merge_co_occurrence([{name: p.pop(name) for name in ("event_sets", "event_pairs")} for p in parts])
+    pairs = co_occurrence["event_pairs"]
+    if pairs is not None:
+        np.save(temp / "event_pairs.npy", pairs)
+    meta = {"key": key, "parts": parts, "event_sets": co_occurrence["event_sets"],
+            "event_pairs": None if pairs is None else len(pairs)}  # how many pairs event_pairs.npy holds
     (temp / "meta.json").write_text(json.dumps(meta))
     for path in temp.iterdir():  # durable before it becomes visible
         with open(path, "rb") as handle:
@@ -420,9 +405,16 @@ def check_entry(entry: Path, key: dict) -> str | None:
             offsets = np.fromfile(f"{prefix}.offsets", dtype=np.int64, offset=part["sessions"] * 8)
             if offsets[0] != part["tokens"]:
                 return f"damaged (part-{part['part']}.offsets does not end at the last token)"
+        if meta["event_pairs"] is not None and len(event_pairs_of(entry)) != meta["event_pairs"]:
+            return "damaged (event_pairs.npy does not hold the pairs meta.json counts)"
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"damaged ({type(error).__name__}: {error})"
     return None
+
+
+def event_pairs_of(entry: Path) -> np.ndarray:
+    """The sorted pair codes of an entry's training sessions (only where meta.json's event_pairs is a count)."""
+    return np.load(entry / "event_pairs.npy", allow_pickle=False)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -511,6 +503,7 @@ class CachedSessions:
         self.buffer_size, self.lazy, self.length_bucketing = buffer_size, lazy, length_bucketing
         self.shard_by_file = False  # every rank reads every cache: the permutation spreads windows over ranks
         self.epoch = 0
+        self.entries = list(entries)
         self.metas = [json.loads((entry / "meta.json").read_text()) for entry in entries]
         _allow_open_files(3 * sum(len(meta["parts"]) for meta in self.metas))  # tokens + window starts, lengths
         self.parts, self.windows = [], []
@@ -567,15 +560,17 @@ class CachedSessions:
         self._release()
         bad = [p for meta in self.metas for p in meta["parts"] if p["bad_records"]]
         seen = sorted({t for meta in self.metas for p in meta["parts"] for t in (p["seen_targets"] or [])})
-        sets = [meta["event_sets"] for meta in self.metas]
-        union = None if None in sets or self.split != "train" else {tuple(s) for shard in sets for s in shard}
+        co_occurrence = {"event_sets": None, "event_pairs": None}
+        if self.split == "train":
+            co_occurrence = merge_co_occurrence([
+                {"event_sets": meta["event_sets"],
+                 "event_pairs": None if meta["event_pairs"] is None else event_pairs_of(entry)}
+                for entry, meta in zip(self.entries, self.metas)])
         return {"sessions": sessions, "abnormal_skipped": abnormal,
                 "bad_records": sum(p["bad_records"] for p in bad),
                 "first_bad_record": bad[0]["first_bad_record"] if bad else None,
                 "windows": self.total_windows, "tokens": tokens,
-                "seen_targets": seen if self.split == "train" else None,
-                "event_sets": None if union is None or len(union) > MAX_EVENT_SETS else
-                sorted(list(s) for s in union)}
+                "seen_targets": seen if self.split == "train" else None, **co_occurrence}
 
     # ------------------------------------------------------------------ epochs
     def windows_per_rank(self) -> int:

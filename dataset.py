@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from model import IGNORE_INDEX, special_tokens
+from model import IGNORE_INDEX, MAX_EVENT_PAIRS, event_pairs, pairs_of_sets, special_tokens
 
 JSON_SUFFIXES = (".json", ".jsonl")
 MAX_EVENT_SETS = 10000  # beyond this many distinct sets of co-occurring event types, the record is dropped
@@ -56,6 +56,90 @@ sys.set_int_max_str_digits(0)
 
 class DataError(Exception):
     """Bad input data. The message names the file and the record (or line)."""
+
+
+class CoOccurrenceRecorder:
+    """Which event types occur together in the sessions it is given (training's normal ones): their distinct
+    sets while there are at most MAX_EVENT_SETS, and the pairs of types sharing a session while there are at
+    most MAX_EVENT_PAIRS (each None beyond). While the sets are kept the pairs follow from them at the end;
+    only past MAX_EVENT_SETS are the pairs taken from every session, vectorised."""
+
+    BUFFERED = 4096  # sessions given one by one (add_session) are recorded this many at a time
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.sets: set[frozenset] | None = set()
+        self.pairs: np.ndarray | None = np.empty(0, dtype=np.int64)  # of sessions recorded without their set
+        self._buffer: list = []
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, selected: np.ndarray | None = None) -> None:
+        """Record sessions laid out back to back (`lengths` each); only the `selected` ones when given."""
+        if selected is not None and not selected.all():
+            tokens, lengths = tokens[np.repeat(selected, lengths)], lengths[selected]
+        if self.sets is not None and len(lengths):
+            self._add_sets(tokens, lengths)
+        if self.sets is None and self.pairs is not None:
+            for codes, _ in event_pairs(tokens, lengths, self.vocab_size):
+                self.pairs = np.union1d(self.pairs, codes)
+                if len(self.pairs) > MAX_EVENT_PAIRS:
+                    self.pairs = None
+                    break
+
+    def _add_sets(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        starts = np.cumsum(lengths) - lengths
+        if self.vocab_size <= 63:  # one bit per event type: every session's set in two vectorised passes
+            nonempty = lengths > 0
+            masks = np.bitwise_or.reduceat(np.left_shift(np.uint64(1), tokens.astype(np.uint64)),
+                                           starts[nonempty]) if nonempty.any() else np.empty(0, np.uint64)
+            found = {frozenset(i for i in range(self.vocab_size) if mask >> i & 1)
+                     for mask in np.unique(masks).tolist()}
+            if not nonempty.all():
+                found.add(frozenset())
+            self.sets |= found
+        else:
+            listed = tokens.tolist()
+            for begin, length in zip(starts.tolist(), lengths.tolist()):
+                self.sets.add(frozenset(listed[begin:begin + length]))
+                if len(self.sets) > MAX_EVENT_SETS:
+                    break
+        if len(self.sets) > MAX_EVENT_SETS:  # too varied to be a rule: keep what they say about pairs
+            self.pairs = np.union1d(self.pairs, pairs_of_sets(self.sets, self.vocab_size))
+            self.sets = None
+            if len(self.pairs) > MAX_EVENT_PAIRS:
+                self.pairs = None
+
+    def add_session(self, event_ids: list[int]) -> None:
+        self._buffer.append(event_ids)
+        if len(self._buffer) >= self.BUFFERED:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            lengths = np.fromiter(map(len, self._buffer), dtype=np.int64, count=len(self._buffer))
+            self.add(np.fromiter(itertools.chain.from_iterable(self._buffer), dtype=np.int64,
+                                 count=int(lengths.sum())), lengths)
+            self._buffer = []
+
+    def summary(self) -> dict:
+        """{"event_sets": sorted lists of IDs or None, "event_pairs": sorted pair codes or None}."""
+        self._flush()
+        pairs = self.pairs
+        if self.sets is not None and pairs is not None:
+            pairs = np.union1d(pairs, pairs_of_sets(self.sets, self.vocab_size))
+        return {"event_sets": None if self.sets is None else sorted(sorted(s) for s in self.sets),
+                "event_pairs": None if pairs is None or len(pairs) > MAX_EVENT_PAIRS else pairs}
+
+
+def merge_co_occurrence(summaries: list[dict]) -> dict:
+    """The union of several CoOccurrenceRecorder summaries (of disjoint data): each record None when any
+    part lacks it or the union exceeds its cap."""
+    sets = [s["event_sets"] for s in summaries]
+    union = None if None in sets else {tuple(x) for shard in sets for x in shard}
+    pairs = [s["event_pairs"] for s in summaries]
+    pair_union = None if any(p is None for p in pairs) else \
+        np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in pairs] or [np.empty(0, np.int64)]))
+    return {"event_sets": None if union is None or len(union) > MAX_EVENT_SETS else sorted(list(x) for x in union),
+            "event_pairs": None if pair_union is None or len(pair_union) > MAX_EVENT_PAIRS else pair_union}
 
 
 @dataclass
@@ -539,13 +623,11 @@ def merge_counts(counts: list[dict], disjoint: bool) -> dict:
     world_size = len(counts)
     if not disjoint:
         return {**counts[0], "windows_per_rank": counts[0]["windows"] // world_size}
-    sets = [c["event_sets"] for c in counts]
     merged = {key: sum(c[key] for c in counts) for key in ("sessions", "abnormal_skipped", "bad_records",
                                                           "windows", "tokens")}
     merged["first_bad_record"] = next((c["first_bad_record"] for c in counts if "first_bad_record" in c), None)
     merged["seen_targets"] = sorted(set().union(*(c["seen_targets"] for c in counts)))
-    union = None if None in sets else {tuple(s) for shard in sets for s in shard}
-    merged["event_sets"] = None if union is None or len(union) > MAX_EVENT_SETS else sorted(list(s) for s in union)
+    merged.update(merge_co_occurrence(counts))
     merged["windows_per_rank"] = min(c["windows"] for c in counts)
     return merged
 
@@ -676,8 +758,8 @@ class SessionDataset(IterableDataset):
 
     def count(self) -> dict:
         """One pass without shuffling: sessions, windows (samples), predicted tokens, the target IDs
-        (events and end-of-session) and the distinct sets of event types that occur together in a session
-        (None when there are more than MAX_EVENT_SETS: too varied to be a useful rule)."""
+        (events and end-of-session) and which event types occur together in a session (CoOccurrenceRecorder:
+        the distinct sets and the pairs, each None when too many to record)."""
         if self.num_workers:
             merged = merge_counts(list(self._parallel("count")), disjoint=True)
             merged.pop("windows_per_rank")
@@ -687,13 +769,10 @@ class SessionDataset(IterableDataset):
     def _count(self, files: list[Path] | None = None) -> dict:
         windows = tokens = 0
         seen_targets: set[int] = set()
-        event_sets: set[frozenset] | None = set()
+        co_occurrence = CoOccurrenceRecorder(self.vocab_size)
         counters: dict = {}
         for record in self._records(files, counters):
-            if event_sets is not None:
-                event_sets.add(frozenset(record.event_ids))
-                if len(event_sets) > MAX_EVENT_SETS:
-                    event_sets = None
+            co_occurrence.add_session(record.event_ids)
             for _, targets in make_windows(record.event_ids, self.vocab_size, self.max_seq_length,
                                            self.window_context):
                 windows += 1
@@ -701,7 +780,7 @@ class SessionDataset(IterableDataset):
                 tokens += len(real)
                 seen_targets.update(real)
         return {**counters, "windows": windows, "tokens": tokens, "seen_targets": sorted(seen_targets),
-                "event_sets": None if event_sets is None else sorted(sorted(s) for s in event_sets)}
+                **co_occurrence.summary()}
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[tuple[dict, int]]:
         """Padded batches with their position: the number of batches of this epoch done after this one.

@@ -15,10 +15,10 @@ Examples:
 Scores. For every session the model predicts each next event from the start token to the end of the
 session. Per session we keep: the anomaly score (fraction of predictions whose actual event is outside
 the top-k), the worst rank (DeepLog's rule: abnormal when any event is outside the top-g), the lowest
-probability the model gave an actual event (the probability rule) and whether its set of event types
-ever occurred in a normal training session (the event_set rule); `combined`, the default, is
-probability or event_set. Thresholds are fitted on normal sessions only (calibration), stored with the
-model, and never fitted on the data being scored.
+probability the model gave an actual event (the probability rule), whether its set of event types
+ever occurred in a normal training session (the event_set rule) and whether every pair of its event types
+shared one (the event_pair rule); `combined`, the default, is any of the three. Thresholds are fitted on
+normal sessions only (calibration), stored with the model, and never fitted on the data being scored.
 
 Memory does not grow with the data: sessions stream from their source in chunks (CHUNK_SIZE) and every
 metric is a sum accumulated chunk by chunk, the same numbers as if every distinct session were scored at
@@ -54,11 +54,11 @@ from tqdm import tqdm
 import utils
 from cache import build_caches, cache_settings, default_cache_dir, session_chunks
 from dataset import DataError, Record, is_validation, iter_sessions, list_data_files
-from model import DeepLog, verdicts
+from model import IGNORE_INDEX, CoOccurrence, DeepLog, probability_columns, verdicts
 
 ACCURACY_KS = (1, 5, 10, 20)
 PERCENTILES = (90, 95, 99)
-RULES = ("combined", "probability", "event_set", "top_g", "score_p90", "score_p95", "score_p99")
+RULES = ("combined", "probability", "event_set", "event_pair", "top_g", "score_p90", "score_p95", "score_p99")
 CHUNK_SIZE = 8192             # sessions read, de-duplicated and scored together
 MAX_CACHED = 100_000          # distinct sessions whose scores are kept across chunks
 MAX_CACHED_LENGTH = 512       # longer sessions rarely repeat: not worth a place in the cache
@@ -80,10 +80,10 @@ def load_model(checkpoint_path, device: torch.device) -> tuple[DeepLog, dict]:
     return model.to(device).eval(), checkpoint
 
 
-def known_event_sets(checkpoint: dict) -> set[frozenset] | None:
-    """The sets of event types that co-occur in normal training sessions (None: not recorded)."""
-    sets = checkpoint.get("event_sets")
-    return None if sets is None else {frozenset(s) for s in sets}
+def known_co_occurrence(checkpoint: dict) -> CoOccurrence:
+    """Which event types occurred together in the normal training sessions (sets and pairs; either may be
+    absent: not recorded)."""
+    return CoOccurrence.from_checkpoint(checkpoint)
 
 
 # ----------------------------------------------------------------------------- sources of sessions
@@ -122,25 +122,27 @@ def nonempty(chunks: Iterable[list]) -> Iterator[list] | None:
 
 # ----------------------------------------------------------------------------- scoring
 def score_columns(top_ks) -> list[str]:
-    return ["predictions", "max_rank", "min_log_prob", "loss_sum", "loss_count", "unknown", "novel_set"] + \
-        [f"misses_at_{k}" for k in sorted(set(top_ks))]
+    return ["predictions", "max_rank", "min_log_prob", "min_event_log_prob", "end_log_prob", "loss_sum",
+            "loss_count", "unknown", "novel_set", "novel_pair"] + [f"misses_at_{k}" for k in sorted(set(top_ks))]
 
 
 @torch.no_grad()
 def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: int = 256,
-                   desc: str = "scoring", event_sets: set | None = None) -> dict[str, np.ndarray]:
+                   desc: str = "scoring", co_occurrence: CoOccurrence | None = None) -> dict[str, np.ndarray]:
     """Score distinct sessions in batches of similar length, one LSTM pass each.
 
     Returns arrays aligned with `sessions`: predictions (n + 1), misses_at_k for each k, max_rank,
-    min_log_prob, loss_sum and loss_count (targets the model knows), unknown (events never seen in
+    min_log_prob, min_event_log_prob, end_log_prob (model.probability_columns), loss_sum and loss_count
+    (targets the model knows), unknown (events never seen in
     training), novel_set (1 when the session's set of event types never occurred in a normal training
-    session; always 0 without `event_sets`).
+    session) and novel_pair (1 when two of its event types never shared one): both 0 where `co_occurrence`
+    holds no such record.
     """
     ks = sorted(set(top_ks))
     order = sorted(range(len(sessions)), key=lambda i: len(sessions[i]))
     out = {name: np.zeros(len(sessions), dtype=np.float64) for name in score_columns(top_ks)}
-    if event_sets is not None:
-        out["novel_set"] = np.array([frozenset(s) not in event_sets for s in sessions], dtype=np.float64)
+    if co_occurrence is not None:
+        out["novel_set"], out["novel_pair"] = co_occurrence.novel(sessions)
     device = next(model.parameters()).device
     with tqdm(total=len(sessions), desc=desc, disable=not sys.stderr.isatty(), leave=False) as progress:
         for begin in range(0, len(order), batch_size):
@@ -152,7 +154,7 @@ def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: in
             # loss summed in float64: in float32 the sum's rounding depends on the batch's padded length,
             # so the same session would score differently in another chunk
             values = {"predictions": valid.sum(1), "max_rank": ranks.max(1).values,
-                      "min_log_prob": torch.where(valid, log_probs, math.inf).min(1).values,
+                      **probability_columns(ranks, log_probs),
                       "loss_sum": -torch.where(finite, log_probs, 0.0).double().sum(1), "loss_count": finite.sum(1),
                       "unknown": (valid & ~finite).sum(1)}
             values.update({f"misses_at_{k}": ((ranks >= k) & valid).sum(1) for k in ks})
@@ -174,9 +176,9 @@ class ChunkScorer:
     chunk and the cache whatever the data size: about 0.6 KB a cached session of 20 events (60 MB for
     MAX_CACHED), and 8 bytes (36 for IDs above 256, Python's shared small ints) for each further event."""
 
-    def __init__(self, model: DeepLog, top_ks, batch_size: int = 256, event_sets: set | None = None,
+    def __init__(self, model: DeepLog, top_ks, batch_size: int = 256, co_occurrence: CoOccurrence | None = None,
                  max_cached: int = MAX_CACHED, desc: str = "scoring"):
-        self.model, self.top_ks, self.batch_size, self.event_sets = model, top_ks, batch_size, event_sets
+        self.model, self.top_ks, self.batch_size, self.co_occurrence = model, top_ks, batch_size, co_occurrence
         self.max_cached, self.desc, self.columns = max_cached, desc, score_columns(top_ks)
         self.slots: OrderedDict[tuple, int] = OrderedDict()  # session -> its row in self.rows, least recent first
         self.rows = np.empty((max_cached, len(self.columns)))  # memory pages are only taken as slots fill
@@ -202,7 +204,7 @@ class ChunkScorer:
         misses = [i for i, hit in enumerate(cached) if not hit]
         if misses:
             fresh = score_sessions(self.model, [sessions[i] for i in misses], self.top_ks, self.batch_size,
-                                   self.desc, self.event_sets)
+                                   self.desc, self.co_occurrence)
             table[misses] = np.column_stack([fresh[name] for name in self.columns])
             self.scored += len(misses)
             for i in misses:
@@ -280,111 +282,159 @@ class ScoreQuantiles:
 
 
 MIN_BEYOND = 10        # calibration sessions beyond an empirical quantile for it to be trusted
-TAIL_FRACTION = 0.1    # the largest tenth (at least MIN_BEYOND sessions) is the tail an extrapolation fits
+SURPRISAL_BIN = 0.01   # nats: the resolution of the model-implied tail (1% in probability)
+MAX_SURPRISAL = 60.0   # nats: the last bin holds everything less likely (p < 1e-26) and events never seen
 
 
-class UpperTail:
-    """The largest values of a weighted stream, for its upper quantiles in bounded memory. Every distinct value
-    is kept until there are more than `max_kept`; then the smaller half is dropped (its weight still counts in
-    the total). A quantile that lies in the kept values is exact: at target_fpr 0.0005 and 200,000 kept values,
-    for streams of up to ~200 million distinct sessions."""
+class CalibrationTail:
+    """Per calibration session (a row): the surprisal (-log p) of its least likely event and of its end, whether
+    the event-set or event-pair rule flags it, and its weight. Memory stays bounded: beyond 2 x max_kept rows,
+    only those among the max_kept largest of either surprisal are kept (the others' weight still counts in
+    `total`), so every threshold and flagged weight above those is exact: at target_fpr 0.0005 and 200,000
+    kept rows, for up to ~800 million calibration sessions."""
 
     def __init__(self, max_kept: int = MAX_EXACT_SCORES):
-        self.max_kept, self.kept, self.total, self.dropped = max_kept, {}, 0.0, 0.0
+        self.max_kept, self.total = max_kept, 0.0
+        self.rows = np.empty((0, 4))
 
-    def add(self, values: np.ndarray, weights: np.ndarray) -> None:
+    def add(self, event: np.ndarray, end: np.ndarray, novel: np.ndarray, weights: np.ndarray) -> None:
         self.total += float(weights.sum())
-        for value, weight in zip(values.tolist(), weights.tolist()):
-            self.kept[value] = self.kept.get(value, 0.0) + weight
-        if len(self.kept) > self.max_kept:
-            ordered = sorted(self.kept)
-            for value in ordered[:len(ordered) // 2]:
-                self.dropped += self.kept.pop(value)
+        self.rows = np.concatenate([self.rows, np.column_stack([event, end, novel, weights])])
+        if len(self.rows) > 2 * self.max_kept:
+            keep = np.zeros(len(self.rows), dtype=bool)
+            for column in (0, 1):
+                keep |= self.rows[:, column] >= np.partition(self.rows[:, column], -self.max_kept)[-self.max_kept]
+            self.rows = self.rows[keep]
 
-    def table(self) -> tuple[np.ndarray, np.ndarray]:
-        values = np.array(sorted(self.kept), dtype=np.float64)
-        return values, np.array([self.kept[v] for v in values.tolist()], dtype=np.float64)
+    @property
+    def event(self) -> np.ndarray:
+        return self.rows[:, 0]
 
-    def weight_above(self, threshold: float) -> float:
-        return float(sum(weight for value, weight in self.kept.items() if value > threshold))
+    @property
+    def end(self) -> np.ndarray:
+        return self.rows[:, 1]
+
+    @property
+    def novel(self) -> np.ndarray:
+        return self.rows[:, 2] > 0
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.rows[:, 3]
 
 
-def target_fpr_threshold(values: np.ndarray, weights: np.ndarray, total: float, target: float) -> tuple[float, str]:
+class ImpliedTail:
+    """What the LSTM itself expects of normal sessions. At every position of every calibration session (weighted
+    by its count), the model gives each event and the end of session a probability; summed over positions, the
+    mass it puts below p = b is the number of positions per session at which it expects an actual event (or end)
+    less likely than b: an upper bound on the chance that a normal session gets flagged, from every position
+    rather than one value per session. Kept as mass per surprisal bin (SURPRISAL_BIN wide), for events and for
+    the end separately."""
+
+    def __init__(self):
+        self.bins = int(MAX_SURPRISAL / SURPRISAL_BIN) + 1
+        self.event, self.end = np.zeros(self.bins), np.zeros(self.bins)
+
+    @torch.no_grad()
+    def add(self, model: DeepLog, sessions: list, weights: np.ndarray, batch_size: int = 256) -> None:
+        device = next(model.parameters()).device
+        for begin in range(0, len(sessions), batch_size):
+            inputs, targets = model.encode(list(sessions[begin:begin + batch_size]), device)
+            log_probs = torch.log_softmax(model(inputs).float(), dim=-1)
+            valid = targets != IGNORE_INDEX
+            position_weights = torch.as_tensor(weights[begin:begin + batch_size], dtype=torch.float64,
+                                               device=device).unsqueeze(1).expand_as(valid)[valid]
+            log_probs = log_probs[valid]                                        # [positions, classes]
+            # classes never seen in training are left out: their probability is whatever the softmax left them
+            # (they were never a target), and calibration sessions that hold one count as flagged anyway
+            mass = log_probs.double().exp() * position_weights.unsqueeze(1) * model.seen_events
+            bins = (-log_probs).clamp(max=MAX_SURPRISAL).div(SURPRISAL_BIN).long()
+            for histogram, columns in ((self.event, slice(0, model.end_id)), (self.end, slice(model.end_id, None))):
+                histogram += torch.bincount(bins[:, columns].flatten(), mass[:, columns].flatten(),
+                                            minlength=self.bins).cpu().numpy()
+
+    def threshold(self, which: str, target: float, sessions: float) -> float:
+        """The lowest surprisal t (a bin edge) at which the mass above t is at most `target` per session."""
+        histogram = self.event if which == "event" else self.end
+        at_or_above = np.cumsum(histogram[::-1])[::-1]
+        within = np.flatnonzero(at_or_above <= target * sessions)
+        return float(within[0]) * SURPRISAL_BIN if len(within) else MAX_SURPRISAL
+
+
+def target_fpr_threshold(values: np.ndarray, weights: np.ndarray, total: float, target: float,
+                         implied: float | None = None) -> tuple[float, str]:
     """The threshold t on a score (higher = more anomalous) that flags at most `target` of `total` normal
-    sessions (score > t), from the (ascending) table of the largest scores; infinite scores are flagged
-    whatever t is and count against the target. With at least MIN_BEYOND sessions' worth of weight beyond it,
-    t is the empirical quantile. Fewer, and the quantile would be the last few sessions' noise (with n
-    sessions, a rate below 1/n is not even observable): an exponential tail (peaks over a threshold, maximum-
-    likelihood scale = mean excess) fitted to the largest TAIL_FRACTION of the finite scores is extrapolated to
-    the target, and t is never below a score that would flag more than the target of the calibration sessions.
-    Why exponential: a generalised Pareto tail's shape cannot be estimated from a few dozen sessions, and the
-    surprisal of a softmax model's least likely event has a light tail on normal data (dev: observed false-
-    positive rates within a few 0.1% of the target; benchmarks/README.md)."""
+    sessions (score > t), from the table of the largest scores; infinite scores are flagged whatever t is and
+    count against the target. With at least MIN_BEYOND sessions' worth of weight beyond it, t is the empirical
+    quantile. Fewer, and the quantile would be the last few sessions' noise (with n sessions, a rate below 1/n is
+    not even observable): then t is `implied`, the model's own estimate (ImpliedTail), which sees every position
+    of every calibration session, but never below a score that would flag more than the target of the
+    calibration sessions (the empirical bound: where the model is overconfident, the data wins). Without
+    `implied`, the empirical bound."""
     finite = np.isfinite(values)
     infinite_weight = float(weights[~finite].sum())
     allowed = target * total - infinite_weight
     values, where = np.unique(values[finite], return_inverse=True)  # equal scores are one value, weights summed
     weights = np.bincount(where, weights[finite], minlength=len(values))
     if not len(values):
-        return math.inf, "no finite scores"
+        return (implied if implied is not None else math.inf), "no finite scores"
     above = np.cumsum(weights[::-1])[::-1] - weights  # weight strictly above each value
     empirical = float(values[np.argmax(above <= max(allowed, 0.0))])  # flags at most the target, observed
     if target * total >= MIN_BEYOND:
         return empirical, f"empirical quantile {1 - target:.6g}"
-    finite_total = total - infinite_weight  # also counts values an UpperTail dropped (all below the tail)
-    tail = max(MIN_BEYOND, math.ceil(TAIL_FRACTION * finite_total))
-    if finite_total < 2 * tail or float(weights.sum()) <= tail:
-        return empirical, f"largest calibration score (only {finite_total:.0f} sessions: too few to fit a tail)"
-    start = int(np.argmax(above < tail))              # the first value with less than `tail` weight above it
-    threshold_u = float(values[start - 1]) if start > 0 else float(values[0])
-    excess = values[start:] - threshold_u
-    scale = float((excess * weights[start:]).sum() / weights[start:].sum())
-    beyond = float(weights[start:].sum()) / total
-    if scale <= 0 or allowed <= 0:
-        return float(values[-1]), "largest calibration score"
-    threshold = threshold_u + scale * math.log(beyond / (allowed / total))
-    # never below what the calibration sessions allow: at most the target flagged among them, too
-    return max(threshold, empirical), (f"exponential tail fitted to the largest {beyond:.0%} of {total:.0f} "
-                                         f"calibration sessions, extrapolated to {target:g}")
+    if implied is None:
+        return empirical, f"largest calibration score allowed ({total:.0f} sessions)"
+    if implied < empirical:
+        return empirical, (f"the calibration sessions' bound: the model's own estimate would flag more than "
+                           f"{target:g} of the {total:.0f} calibration sessions")
+    return implied, f"model-implied at {target:g} over every position of {total:.0f} calibration sessions"
 
 
 def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, target_fpr: float, source: str,
-                    default_rule: str, batch_size: int = 256, event_sets: set | None = None,
+                    default_rule: str, batch_size: int = 256, co_occurrence: CoOccurrence | None = None,
                     max_cached: int = MAX_CACHED, max_exact_scores: int = MAX_EXACT_SCORES) -> dict:
-    """Thresholds from normal sessions only (chunks, read once): score percentiles, and the probability bound
-    of the LSTM's rule, set so that at most `target_fpr` of these sessions have an actual event less likely
-    than it (see target_fpr_threshold; the surprisal of a session's least likely event is its score).
-    Records how often each rule fires on these normal sessions; the probability rule's expected false-positive
-    rate is the target (an extrapolation when there are fewer than MIN_BEYOND / target_fpr sessions).
+    """Thresholds from normal sessions only (chunks, read once): score percentiles, and the two bounds of the
+    LSTM's probability rule, one on the least likely event of a session and one on its end, each set so that at
+    most half of `target_fpr` of normal sessions fall below it (see target_fpr_threshold): together at most the
+    target. Records how often each rule fires on these normal sessions.
+    Why two bounds: an event less likely than p is common in normal sessions (interleavings the training data
+    did not have), an end that unlikely is not, and a session cut short is the anomaly it reveals (on HDFS the
+    ends of normal sessions stay above p = 1e-3, premature ends fall to 1e-6; benchmarks/README.md).
     """
     if not 0 < target_fpr < 0.5:
         raise utils.ConfigError(f"target false-positive rate {target_fpr}: must be in (0, 0.5)")
-    scorer = ChunkScorer(model, [top_k, top_g], batch_size, event_sets, max_cached, "calibrating")
+    scorer = ChunkScorer(model, [top_k, top_g], batch_size, co_occurrence, max_cached, "calibrating")
     quantiles = ScoreQuantiles(max_exact_scores)
-    surprisals = UpperTail()
-    sessions, least_likely = 0.0, math.inf
-    flagged = dict.fromkeys(("event_set", "top_g"), 0.0)
-    novel_sets = []  # (surprisal values, weights) of the sessions the event-set rule flags, for "combined"
+    tail, implied = CalibrationTail(max_exact_scores), ImpliedTail()
+    sessions, least_likely, novel = 0.0, math.inf, 0.0
+    flagged = dict.fromkeys(("event_set", "event_pair", "top_g"), 0.0)
     for chunk in normal:
-        _, scores, weights = scorer(chunk)
+        distinct, scores, weights = scorer(chunk)
+        implied.add(model, distinct, weights, batch_size)
         sessions += float(weights.sum())
         min_log_prob = scores["min_log_prob"]
         finite = np.isfinite(min_log_prob)
         if finite.any():
             least_likely = min(least_likely, float(min_log_prob[finite].min()))
         quantiles.add(anomaly_scores(scores, top_k), weights)
-        surprisals.add(-min_log_prob, weights)
-        novel = scores["novel_set"] > 0
-        novel_sets.append((-min_log_prob[novel], weights[novel]))
-        for rule, abnormal in (("event_set", novel), ("top_g", scores["max_rank"] >= top_g)):
+        is_novel = (scores["novel_set"] > 0) | (scores["novel_pair"] > 0)
+        novel += float(weights[is_novel].sum())
+        tail.add(-scores["min_event_log_prob"], -scores["end_log_prob"], is_novel, weights)
+        for rule, abnormal in (("event_set", scores["novel_set"] > 0), ("event_pair", scores["novel_pair"] > 0),
+                               ("top_g", scores["max_rank"] >= top_g)):
             flagged[rule] += float(weights[abnormal].sum())
     if not sessions:
         raise DataError(f"{source}: no normal sessions to calibrate on")
-    threshold, method = target_fpr_threshold(*surprisals.table(), surprisals.total, target_fpr)
-    flagged["probability"] = surprisals.weight_above(threshold)
-    # combined = probability OR event_set: the sessions of either, counted once
-    novel_values, novel_weights = (np.concatenate(parts) for parts in zip(*novel_sets))
-    flagged["combined"] = flagged["probability"] + float(novel_weights[novel_values <= threshold].sum())
+    half = target_fpr / 2
+    event_threshold, event_method = target_fpr_threshold(tail.event, tail.weights, sessions, half,
+                                                         implied.threshold("event", half, sessions))
+    end_threshold, end_method = target_fpr_threshold(tail.end, tail.weights, sessions, half,
+                                                     implied.threshold("end", half, sessions))
+    by_probability = (tail.event > event_threshold) | (tail.end > end_threshold)
+    flagged["probability"] = float(tail.weights[by_probability].sum())
+    # combined = probability OR event_set OR event_pair: the sessions of any, counted once
+    # (every session the probability rule flags is among the rows the tail keeps; novel ones are counted apart)
+    flagged["combined"] = novel + float(tail.weights[by_probability & ~tail.novel].sum())
     thresholds = {f"p{q}": quantiles.percentile(q) for q in PERCENTILES}
     flagged.update({f"score_{p}": quantiles.weight_above(value) for p, value in thresholds.items()})
     return {
@@ -392,40 +442,63 @@ def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, targe
         "sessions": int(sessions), "distinct_sessions": scorer.distinct, "scored_sessions": scorer.scored,
         "score_thresholds": thresholds, "percentile_method": quantiles.method,
         "least_likely_normal_log_prob": least_likely if least_likely < math.inf else 0.0,
-        "target_fpr": target_fpr, "probability_bound_method": method,
-        # a natural log, like least_likely_normal_log_prob (the report shows the probability, exp of it)
-        "log_probability_bound": -threshold, "event_set_rule": event_sets is not None,
+        "target_fpr": target_fpr,
+        # natural logs, like least_likely_normal_log_prob (the report shows the probabilities, exp of them)
+        "log_probability_bound": -event_threshold, "probability_bound_method": event_method,
+        "log_end_probability_bound": -end_threshold, "end_probability_bound_method": end_method,
+        "event_set_rule": co_occurrence is not None and co_occurrence.sets is not None,
+        "event_pair_rule": co_occurrence is not None and co_occurrence.pairs is not None,
         "fitted_at": datetime.now().isoformat(timespec="seconds"),
         "flagged_on_calibration": {rule: flagged[rule] / sessions for rule in RULES}}
 
 
 def probability_bound_origin(calibration: dict) -> str:
-    """How the probability bound was set, for reports and logs."""
+    """How the probability bounds were set, for reports and logs."""
+    if "end_probability_bound_method" in calibration:
+        return (f"target FPR {calibration['target_fpr']:g}, half for each bound; events: "
+                f"{calibration['probability_bound_method']}; end: {calibration['end_probability_bound_method']}")
     if "target_fpr" in calibration:
         return f"target FPR {calibration['target_fpr']:g}: {calibration['probability_bound_method']}"
     return f"{calibration['probability_margin']} x least likely normal event"  # calibrations of older versions
 
 
+def probability_rule_text(calibration: dict) -> str:
+    """The probability rule in words, with its bounds."""
+    text = f"an actual event less likely than p={math.exp(log_probability_bound(calibration)):.3g}"
+    if calibration.get("log_end_probability_bound") is not None:
+        text += f" or an end of session less likely than p={math.exp(calibration['log_end_probability_bound']):.3g}"
+    return text
+
+
 def rule_summary(calibration: dict, rule: str) -> str:
     """What the decision rule does with these thresholds, and the false-positive rate to expect from it."""
-    bound = f"an actual event less likely than p={math.exp(log_probability_bound(calibration)):.3g}"
+    bound = probability_rule_text(calibration)
     expected = calibration["flagged_on_calibration"].get(rule, 0.0)
     target = calibration.get("target_fpr")
-    if rule == "combined" and not calibration["event_set_rule"]:
-        text = (f"'combined' is the LSTM's probability rule alone ({bound}), as no record of event-type sets "
-                f"was kept (more than 10,000 distinct sets, or evaluation.event_set_rule false)")
+    with_sets, with_pairs = calibration["event_set_rule"], calibration.get("event_pair_rule", False)
+    if rule == "combined" and not (with_sets or with_pairs):
+        text = (f"'combined' is the LSTM's probability rule alone ({bound}), as no record of which event types "
+                f"occur together was kept (evaluation.event_set_rule and event_pair_rule false, or too many)")
     elif rule == "combined":
-        text = f"'combined': {bound}, or a set of event types never seen together in training"
+        records = [what for what, kept in (("a set of event types never seen together in training", with_sets),
+                                           ("two event types that never shared a training session", with_pairs))
+                   if kept]
+        text = f"'combined': {bound}, or " + ", or ".join(records)
+        if not with_sets:
+            text += " (no record of event-type sets: more than 10,000, or evaluation.event_set_rule false)"
     elif rule == "probability":
         text = f"'probability': {bound}"
     else:
         text = f"'{rule}'"
     expectation = f"{expected:.3%} of the calibration sessions flagged"
     if target is not None and rule in ("combined", "probability"):
-        with_sets = rule == "combined" and calibration["event_set_rule"]
-        rate = target + (calibration["flagged_on_calibration"]["event_set"] if with_sets else 0.0)
+        flagged = calibration["flagged_on_calibration"]
+        # a new pair is a new set, so where both are kept the set rule's rate covers the pair rule's
+        records = max(flagged["event_set"] if with_sets else 0.0, flagged.get("event_pair", 0.0) if with_pairs else 0.0)
+        records = records if rule == "combined" and (with_sets or with_pairs) else 0.0
+        rate = target + records
         expectation = (f"expected false-positive rate {rate:.3%} (the probability rule's target "
-                       f"evaluation.target_fpr{' plus the event-set rule on calibration' if with_sets else ''}); "
+                       f"evaluation.target_fpr{' plus the co-occurrence rules on calibration' if records else ''}); "
                        + expectation)
     return f"Decision rule {text}; {expectation}"
 
@@ -458,7 +531,8 @@ class SideTotals:
     session weighted by its count: next-event sums, the anomaly score's mean and spread (per-chunk sums of
     squared deviations merged as in Chan et al., which stays exact where sum x^2 - n mean^2 cancels), its
     percentiles, how often each rule fires, and the fixed-bin histograms of the plot (and, when the event
-    sets of training are known, "event_set": the weights the event-set rule flags and does not)."""
+    types seen together in training are known, "co_occurrence": the weights the event-set or event-pair rule
+    flags, and the others)."""
 
     SUMMED = ("predictions", "loss_sum", "loss_count", "unknown", *(f"misses_at_{k}" for k in ACCURACY_KS))
 
@@ -470,8 +544,9 @@ class SideTotals:
         self.quantiles = ScoreQuantiles(max_exact_scores)
         self.histograms = {"score": np.zeros(len(SCORE_EDGES) - 1),
                            "log10_probability": np.zeros(len(LOG10_PROBABILITY_EDGES) - 1)}
-        if scorer.event_sets is not None:  # sessions the event-set rule flags, and the others
-            self.histograms["event_set"] = np.zeros(2)
+        known = scorer.co_occurrence
+        if known is not None and (known.sets is not None or known.pairs is not None):
+            self.histograms["co_occurrence"] = np.zeros(2)  # sessions the event-set or -pair rule flags, the others
 
     def add(self, chunk: list) -> None:
         _, scores, weights = self.scorer(chunk)
@@ -494,16 +569,18 @@ class SideTotals:
         self.histograms["score"] += np.histogram(anomaly, SCORE_EDGES, weights=weights)[0]
         self.histograms["log10_probability"] += np.histogram(
             np.maximum(scores["min_log_prob"], -30) / math.log(10), LOG10_PROBABILITY_EDGES, weights=weights)[0]
-        if "event_set" in self.histograms:
-            novel = weights[verdicts(scores, self.calibration, "event_set")].sum()
-            self.histograms["event_set"] += [novel, weight - novel]
+        if "co_occurrence" in self.histograms:
+            novel = weights[verdicts(scores, self.calibration, "event_set")
+                            | verdicts(scores, self.calibration, "event_pair")].sum()
+            self.histograms["co_occurrence"] += [novel, weight - novel]
 
     def counts(self) -> dict:
         return {"count": int(self.sessions), "distinct": self.scorer.distinct, "scored": self.scorer.scored}
 
 
 def evaluate(model, calibration: dict, normal: Iterable[list], abnormal: Iterable[list], top_k: int,
-             default_rule: str, batch_size: int = 256, event_sets: set | None = None, max_cached: int = MAX_CACHED,
+             default_rule: str, batch_size: int = 256, co_occurrence: CoOccurrence | None = None,
+             max_cached: int = MAX_CACHED,
              max_exact_scores: int = MAX_EXACT_SCORES) -> tuple[dict, dict]:
     """Next-event metrics on normal sessions, score statistics and, with abnormal data, each rule's metrics.
     `normal` and `abnormal` are chunks of sessions, each read once, one side after the other. Returns the
@@ -512,7 +589,7 @@ def evaluate(model, calibration: dict, normal: Iterable[list], abnormal: Iterabl
     ks = [*ACCURACY_KS, top_k, calibration["top_g"]]
     sides = {}
     for side, chunks in (("normal", normal), ("abnormal", abnormal)):
-        totals = SideTotals(ChunkScorer(model, ks, batch_size, event_sets, max_cached, side), calibration,
+        totals = SideTotals(ChunkScorer(model, ks, batch_size, co_occurrence, max_cached, side), calibration,
                             max_exact_scores)
         for chunk in chunks:
             totals.add(chunk)
@@ -589,10 +666,12 @@ def format_report(r: dict) -> str:
               f"  Calibrated on: {c['source']} ({c['sessions']} sessions)",
               "  Score thresholds: " + "  ".join(f"{p}={v:.4f}" for p, v in c["score_thresholds"].items()),
               f"  DeepLog top-g: g={c['top_g']}",
-              (f"  Probability bound: p < {math.exp(log_probability_bound(c)):.3g} "
-               f"({probability_bound_origin(c)}; natural log "
-               f"{log_probability_bound(c):.4f}, log_probability_bound in the JSON)"),
-              f"  Event-set rule: {'on' if c['event_set_rule'] else 'off (no record of event sets from training)'}",
+              (f"  Probability rule: {probability_rule_text(c)} ({probability_bound_origin(c)}; natural logs "
+               f"log_probability_bound {log_probability_bound(c):.4f}"
+               + (f", log_end_probability_bound {c['log_end_probability_bound']:.4f}"
+                  if c.get("log_end_probability_bound") is not None else "") + " in the JSON)"),
+              f"  Event-set rule: {'on' if c['event_set_rule'] else 'off (no record of event sets from training)'}"
+              f"    Event-pair rule: {'on' if c.get('event_pair_rule') else 'off (no record of event pairs)'}",
               f"  {rule_summary(c, r['default']['rule'])}",
               "  Flagged on the calibration sessions (expected FPR): " + "  ".join(
                   f"{rule}={rate:.2%}" for rule, rate in c["flagged_on_calibration"].items()), ""]
@@ -646,18 +725,19 @@ def threshold_label_positions(thresholds: dict[str, float]) -> list[tuple[str, f
             for rank, (value, names) in enumerate(sorted(names_at.items()))]
 
 
-def event_set_counts(histograms: dict) -> dict[str, tuple[float, float]] | None:
-    """Per side (normal, abnormal): (sessions with a novel set of event types, the others), every session
-    counted as often as it occurs; None when there was no record of the event sets of training."""
-    counts = {side: tuple(float(n) for n in h["event_set"]) for side, h in histograms.items() if "event_set" in h}
+def co_occurrence_counts(histograms: dict) -> dict[str, tuple[float, float]] | None:
+    """Per side (normal, abnormal): (sessions with a novel set or pair of event types, the others), every
+    session counted as often as it occurs; None when there was no record of what training held together."""
+    counts = {side: tuple(float(n) for n in h["co_occurrence"]) for side, h in histograms.items()
+              if "co_occurrence" in h}
     return counts or None
 
 
 def plot_scores(histograms: dict, results, path: Path, logger) -> None:
     """Normal vs abnormal score histograms (as evaluate() accumulates them: side -> {"score",
-    "log10_probability"} counts over SCORE_EDGES, LOG10_PROBABILITY_EDGES, and "event_set" when the
-    event sets of training are known) with the thresholds marked, and how many sessions of each side the
-    event-set rule flags (matplotlib is optional)."""
+    "log10_probability"} counts over SCORE_EDGES, LOG10_PROBABILITY_EDGES, and "co_occurrence" when the
+    event types seen together in training are known) with the thresholds marked, and how many sessions of
+    each side the event-set or event-pair rule flags (matplotlib is optional)."""
     plt = pyplot_or_note(path.name, logger)
     if plt is None:
         return
@@ -668,11 +748,14 @@ def plot_scores(histograms: dict, results, path: Path, logger) -> None:
         right.hist(LOG10_PROBABILITY_EDGES[:-1], LOG10_PROBABILITY_EDGES, weights=counts["log10_probability"],
                    alpha=0.6, label=label)
     draw_threshold_labels(left, calibration["score_thresholds"])
-    right.axvline(log_probability_bound(calibration) / math.log(10), color="red", linestyle="--", label="bound")
+    right.axvline(log_probability_bound(calibration) / math.log(10), color="red", linestyle="--", label="event bound")
+    if calibration.get("log_end_probability_bound") is not None:
+        right.axvline(calibration["log_end_probability_bound"] / math.log(10), color="tab:orange", linestyle=":",
+                      label="end-of-session bound")
     left.set(title=f"anomaly score (fraction outside top-{top_k})", xlabel="score", ylabel="sessions", yscale="log")
     right.set(title="least likely actual event per session", xlabel="log10 probability", yscale="log")
     left.legend(loc="center right"), right.legend()
-    draw_event_set_panel(sets, event_set_counts(histograms))
+    draw_co_occurrence_panel(sets, co_occurrence_counts(histograms))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -689,18 +772,18 @@ def draw_threshold_labels(axis, thresholds: dict[str, float]) -> list:
     return labels
 
 
-def draw_event_set_panel(axis, counts: dict[str, tuple[float, float]] | None) -> None:
-    """Bars: per side, the sessions the event-set rule flags (a set of event types never seen together in a
-    normal training session) and the others; or a note when the checkpoint has no record of those sets."""
-    axis.set_title("event-set rule\n(novel set of event types)")
+def draw_co_occurrence_panel(axis, counts: dict[str, tuple[float, float]] | None) -> None:
+    """Bars: per side, the sessions the event-set or event-pair rule flags (event types never seen together
+    in a normal training session) and the others; or a note when the checkpoint has no record of those."""
+    axis.set_title("event-set and event-pair rules\n(event types never seen together)")
     if counts is None:
-        axis.text(0.5, 0.5, "no record of the event sets of training\nin this checkpoint: the event-set rule is off",
+        axis.text(0.5, 0.5, "no record of which event types occur\ntogether in training: both rules are off",
                   ha="center", va="center", transform=axis.transAxes)
         axis.set_axis_off()
         return
     sides = list(counts)
     positions = np.arange(len(sides))
-    for offset, (label, column, color) in enumerate((("flagged (novel set)", 0, "tab:red"),
+    for offset, (label, column, color) in enumerate((("flagged (novel set or pair)", 0, "tab:red"),
                                                      ("not flagged", 1, "tab:gray"))):
         values = [counts[side][column] for side in sides]
         bars = axis.bar(positions + (offset - 0.5) * 0.4, values, 0.4, label=label, color=color)
@@ -735,7 +818,7 @@ def raw_log_records(parser_state: str, path: str) -> tuple[Iterator[Record], obj
 
 
 def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_size: int = 256,
-           event_sets: set | None = None, chunk_size: int = 4096, max_misses: int = 3,
+           co_occurrence: CoOccurrence | None = None, chunk_size: int = 4096, max_misses: int = 3,
            max_cached: int = MAX_CACHED, out_name: str | None = None, records: Iterable | None = None,
            raw_lines=None) -> dict:
     """Stream sessions from `path` in chunks and write one JSON line per session, each chunk flushed
@@ -752,7 +835,8 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
     top_k, totals = calibration["top_k"], Counter()
     out_name = out_name or getattr(out, "name", "the output")
     bound = log_probability_bound(calibration) if rule in ("probability", "combined") else None
-    scorer = ChunkScorer(model, [top_k, calibration["top_g"]], batch_size, event_sets, max_cached, "detecting")
+    end_bound = calibration.get("log_end_probability_bound") if bound is not None else None
+    scorer = ChunkScorer(model, [top_k, calibration["top_g"]], batch_size, co_occurrence, max_cached, "detecting")
     stopped: list[DataError] = []
     counters: dict = {}
     if records is None:
@@ -764,9 +848,13 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
         abnormal = verdicts(scores, calibration, rule)
         anomaly = anomaly_scores(scores, top_k)
         flagged = [s for s, a in zip(distinct, abnormal) if a]
-        reasons = dict(zip(flagged, model.diagnose(flagged, top_k, max_misses, log_prob_bound=bound))) \
-            if flagged else {}
+        explained = model.diagnose(flagged, top_k, max_misses, log_prob_bound=bound, end_log_prob_bound=end_bound) \
+            if flagged else []
+        reasons = dict(zip(flagged, explained))
         index = {session: i for i, session in enumerate(distinct)}
+        # the pairs behind an event_pair verdict: which two event types never shared a training session
+        unseen_pairs = {s: co_occurrence.unseen_pairs(s, max_misses) for s, a, novel in
+                        zip(distinct, abnormal, scores["novel_pair"]) if a and novel}
         # each session's own copy of its misses: identical sessions can come from different raw lines
         misses = [[dict(miss) for miss in reasons.get(session_key(record.event_ids), [])] for record in chunk]
         if raw_lines is not None:
@@ -778,7 +866,8 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
                 "session_id": record.session_id, "score": round(float(anomaly[i]), 6),
                 "verdict": "abnormal" if abnormal[i] else "normal", "rule": rule,
                 "min_probability": float(math.exp(scores["min_log_prob"][i])),
-                "novel_event_set": bool(scores["novel_set"][i]), "misses": record_misses}) + "\n")
+                "novel_event_set": bool(scores["novel_set"][i]),
+                "novel_event_pairs": unseen_pairs.get(distinct[i], []), "misses": record_misses}) + "\n")
             verdict_counts["abnormal" if abnormal[i] else "normal"] += 1
         try:
             write_chunk(out, "".join(lines))
@@ -837,10 +926,10 @@ def _until_data_error(records, stopped: list):
 
 # ----------------------------------------------------------------------------- entry points
 def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_paths, config, output_dir,
-                   top_k, tag, logger, event_sets) -> dict:
+                   top_k, tag, logger, co_occurrence) -> dict:
     started = time.time()
     results, histograms = evaluate(model, calibration, normal, abnormal, top_k, config.evaluation.decision_rule,
-                                   config.evaluation.batch_size, event_sets)
+                                   config.evaluation.batch_size, co_occurrence)
     elapsed = time.time() - started  # reading and scoring: the data streams while it is scored
     sides = [results[key] for key in ("normal_scores", "abnormal_sessions") if key in results]
     sessions, distinct = sum(side["count"] for side in sides), [side["distinct"] for side in sides]
@@ -900,7 +989,7 @@ def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
     plot_training_curve(output_dir, logger)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(checkpoint_path, device)
-    event_sets = known_event_sets(checkpoint)
+    co_occurrence = known_co_occurrence(checkpoint)
     options = utils.reader_options(config)
     if data.validation_split == 0:
         logger.warning("data.validation_split is 0: thresholds are fitted on sessions the model trained on")
@@ -909,7 +998,7 @@ def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
     calibration_set = nonempty(calibration_set) or validation_sessions(config, options, logger=logger)[1]
     calibration = fit_calibration(model, calibration_set, ev.top_k, ev.top_g, ev.target_fpr,
                                   f"validation split of {data.preprocessed_dir} (calibration half)",
-                                  ev.decision_rule, ev.batch_size, event_sets)
+                                  ev.decision_rule, ev.batch_size, co_occurrence)
     store_calibration(checkpoint_path, checkpoint, calibration, output_dir)
     logger.info(rule_summary(calibration, ev.decision_rule))
     if data.abnormal_dir:
@@ -917,7 +1006,7 @@ def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
     paths = {"normal": f"{data.preprocessed_dir} (validation split, evaluation half)",
              "abnormal": ", ".join(filter(None, [data.abnormal_dir, f"label 1 in {data.preprocessed_dir}"]))}
     return run_evaluation(model, checkpoint_path, calibration, normal, abnormal, paths, config, output_dir,
-                          ev.top_k, None, logger, event_sets)
+                          ev.top_k, None, logger, co_occurrence)
 
 
 def plot_training_curve(output_dir: Path, logger) -> None:
@@ -1008,7 +1097,7 @@ def main(argv=None):
 def run(args, logger):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(args.checkpoint, device)
-    event_sets = known_event_sets(checkpoint)
+    co_occurrence = known_co_occurrence(checkpoint)
     config = utils.config_from_dict(checkpoint["config"])
     ev = config.evaluation
     if args.rule:
@@ -1037,7 +1126,7 @@ def run(args, logger):
         check_calibration_is_apart(args, config)
         normal = data_chunks(args.calibrate_on, config, "normal", logger)
         calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.target_fpr, args.calibrate_on,
-                                      ev.decision_rule, ev.batch_size, event_sets)
+                                      ev.decision_rule, ev.batch_size, co_occurrence)
         utils.save_json(output_dir / "calibration.json", calibration)
         logger.info(f"Calibrated on {args.calibrate_on}: {output_dir / 'calibration.json'}")
     if calibration is None:
@@ -1059,7 +1148,7 @@ def run(args, logger):
         records, raw_lines = raw_log_records(args.parser_state, args.detect) if args.parser_state else (None, None)
         try:
             totals = detect(model, calibration, args.detect, options, ev.decision_rule, out, ev.batch_size,
-                            event_sets, out_name=f"--output {args.output}" if args.output else "stdout",
+                            co_occurrence, out_name=f"--output {args.output}" if args.output else "stdout",
                             records=records, raw_lines=raw_lines)
         finally:
             if args.output:
@@ -1091,7 +1180,7 @@ def run(args, logger):
     abnormal_sources = ", ".join(filter(None, [abnormal_dir, labelled]))
     run_evaluation(model, args.checkpoint, calibration, normal, abnormal,
                    {"normal": normal_path, "abnormal": abnormal_sources}, config, output_dir, top_k, args.tag, logger,
-                   event_sets)
+                   co_occurrence)
     return 0
 
 

@@ -27,8 +27,9 @@ that stops early is a miss like any other. This file knows nothing of files or t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ class DeepLog(nn.Module):
         # of it. Saved in the state dict, so the manual load_state_dict route keeps it too.
         self.register_buffer("seen_events", torch.ones(self.num_classes, dtype=torch.bool))
         self.calibration: dict | None = None      # detection thresholds: set by from_checkpoint
-        self.event_sets: set | None = None        # sets of event types seen together in training: likewise
+        self.co_occurrence: CoOccurrence | None = None  # event types seen together in training: likewise
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Next-event logits [batch, time, vocab_size + 1] for every input position.
@@ -150,10 +151,11 @@ class DeepLog(nn.Module):
 
     @torch.no_grad()
     def diagnose(self, input_ids, top_k: int = 10, max_misses: int | None = None,
-                 log_prob_bound: float | None = None) -> list[list[dict]]:
+                 log_prob_bound: float | None = None, end_log_prob_bound: float | None = None) -> list[list[dict]]:
         """Per session, each miss: its position (0 = the first event, n = the end), the actual event
         ("<end>" for the end of session), its probability and the top_k events the model expected, best
-        first. A miss is an actual event outside the top_k or, given log_prob_bound, less likely than it."""
+        first. A miss is an actual event outside the top_k or, given log_prob_bound, less likely than it
+        (the end of session: than end_log_prob_bound, when given)."""
         sessions = _as_list_of_lists(input_ids)
         with self._evaluating():
             inputs, targets = self.encode(sessions)
@@ -166,7 +168,10 @@ class DeepLog(nn.Module):
             misses = []
             missed = ranks[row] >= top_k
             if log_prob_bound is not None:
-                missed |= (ranks[row] >= 0) & (log_probs[row] < log_prob_bound)
+                bounds = torch.full_like(log_probs[row], log_prob_bound)
+                if end_log_prob_bound is not None:
+                    bounds[len(sessions[row])] = end_log_prob_bound
+                missed |= (ranks[row] >= 0) & (log_probs[row] < bounds)
             for pos in torch.nonzero(missed).flatten().tolist():
                 actual = sessions[row][pos] if pos < len(sessions[row]) else "<end>"  # the real ID, even unknown
                 misses.append({"position": pos, "actual": actual,
@@ -184,15 +189,14 @@ class DeepLog(nn.Module):
         model = cls(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model_state_dict"])
         model.calibration = checkpoint.get("calibration")
-        sets = checkpoint.get("event_sets")
-        model.event_sets = None if sets is None else {frozenset(s) for s in sets}
+        model.co_occurrence = CoOccurrence.from_checkpoint(checkpoint)
         return model.eval()
 
     @torch.no_grad()
     def verdict(self, input_ids, rule: str | None = None) -> list[str]:
         """"abnormal" or "normal" per session: the calibrated rule stored with the model (the checkpoint's
-        decision rule unless `rule` names another), with the thresholds and event-set record that
-        from_checkpoint loaded: the same verdict as `evaluate.py --detect`."""
+        decision rule unless `rule` names another), with the thresholds and the record of event types seen
+        together in training that from_checkpoint loaded: the same verdict as `evaluate.py --detect`."""
         if self.calibration is None:
             raise ValueError("this model holds no calibration: load it with DeepLog.from_checkpoint from a "
                              "checkpoint whose training ended (or calibrate with evaluate.py --calibrate-on)")
@@ -201,12 +205,11 @@ class DeepLog(nn.Module):
             ranks, log_probs = self.prediction_ranks(*self.encode(sessions))
         valid = ranks >= 0
         top_k = self.calibration["top_k"]
-        scores = {"predictions": valid.sum(1), "max_rank": ranks.max(1).values,
-                  "min_log_prob": torch.where(valid, log_probs, math.inf).min(1).values,
+        scores = {"predictions": valid.sum(1), "max_rank": ranks.max(1).values, **probability_columns(ranks, log_probs),
                   f"misses_at_{top_k}": ((ranks >= top_k) & valid).sum(1)}
         scores = {name: column.double().cpu().numpy() for name, column in scores.items()}
-        scores["novel_set"] = np.array([self.event_sets is not None and frozenset(s) not in self.event_sets
-                                        for s in sessions], dtype=np.float64)
+        co_occurrence = self.co_occurrence or CoOccurrence(self.vocab_size)
+        scores["novel_set"], scores["novel_pair"] = co_occurrence.novel(sessions)
         flagged = verdicts(scores, self.calibration, rule or self.calibration["default_rule"])
         return ["abnormal" if abnormal else "normal" for abnormal in flagged.tolist()]
 
@@ -215,17 +218,132 @@ def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
     """True where a session is abnormal under `rule`, from its score columns (see evaluate.score_sessions)
     and the calibration fitted on normal sessions. The one place the decision rules are written."""
     if rule == "combined":
-        return verdicts(scores, calibration, "probability") | verdicts(scores, calibration, "event_set")
+        return (verdicts(scores, calibration, "probability") | verdicts(scores, calibration, "event_set")
+                | verdicts(scores, calibration, "event_pair"))
     if rule == "event_set":
         return scores["novel_set"] > 0
+    if rule == "event_pair":
+        return scores["novel_pair"] > 0
     if rule == "top_g":
         return scores["max_rank"] >= calibration["top_g"]
     if rule == "probability":
-        # natural log; calibrations written before the key was renamed call it "probability_bound"
+        # natural logs; calibrations written before the key was renamed call it "probability_bound"
         bound = calibration.get("log_probability_bound", calibration.get("probability_bound"))
-        return scores["min_log_prob"] < bound
+        end_bound = calibration.get("log_end_probability_bound")
+        if end_bound is None:  # calibrations from before the end of session had a bound of its own
+            return scores["min_log_prob"] < bound
+        return (scores["min_event_log_prob"] < bound) | (scores["end_log_prob"] < end_bound)
     top_k = calibration["top_k"]
     return scores[f"misses_at_{top_k}"] / scores["predictions"] > calibration["score_thresholds"][rule[6:]]
+
+
+def probability_columns(ranks: torch.Tensor, log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per session (rows of prediction_ranks' output): the log-probability of its least likely prediction
+    (min_log_prob), of its least likely event (min_event_log_prob; +inf for an empty session) and of its end
+    (end_log_prob, the last prediction). The probability rule bounds events and the end separately."""
+    valid = ranks >= 0
+    end_position = valid.sum(1) - 1
+    is_end = torch.arange(ranks.size(1), device=ranks.device) == end_position.unsqueeze(1)
+    return {"min_log_prob": torch.where(valid, log_probs, math.inf).min(1).values,
+            "min_event_log_prob": torch.where(valid & ~is_end, log_probs, math.inf).min(1).values,
+            "end_log_prob": log_probs.gather(1, end_position.unsqueeze(1)).squeeze(1)}
+
+
+MAX_EVENT_PAIRS = 2_000_000  # beyond this many distinct pairs of co-occurring event types, the record is dropped
+PAIR_SLICE = 2 ** 22          # pairs generated at a time: a session of m distinct types has m(m-1)/2 of them
+
+
+def event_pairs(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The pairs of distinct event types (IDs below vocab_size) that occur in the same session, for sessions
+    laid out back to back (`tokens`, and each session's `lengths`): (codes first * vocab_size + second with
+    first < second, the index of the session of each), in slices of at most PAIR_SLICE pairs, so that one
+    session of thousands of types never needs gigabytes."""
+    tokens, lengths = np.asarray(tokens, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    session = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    known = (tokens >= 0) & (tokens < vocab_size)
+    # one entry per (session, type), sorted by session and then type
+    session, types = np.divmod(np.unique(session[known] * vocab_size + tokens[known]), vocab_size)
+    ends = np.cumsum(np.bincount(session, minlength=len(lengths)))
+    later = ends[session] - np.arange(len(types)) - 1    # how many greater types its session holds
+    cumulative = np.cumsum(later)
+    begin = 0
+    while begin < len(types):
+        # at least one type per slice; a type has fewer than vocab_size partners
+        stop = max(begin + 1, int(np.searchsorted(cumulative, cumulative[begin] - later[begin] + PAIR_SLICE,
+                                                  side="right")))
+        counts = later[begin:stop]
+        first = np.repeat(np.arange(begin, stop), counts)
+        second = first + 1 + np.arange(len(first)) - np.repeat(np.cumsum(counts) - counts, counts)
+        yield types[first] * vocab_size + types[second], session[first]
+        begin = stop
+
+
+class CoOccurrence:
+    """Which event types occurred together in the normal training sessions: their distinct sets (None when not
+    recorded: more than 10,000 of them, or evaluation.event_set_rule false) and the pairs of types that shared a
+    session (sorted codes first * vocab_size + second; None beyond MAX_EVENT_PAIRS, or with
+    evaluation.event_pair_rule false). A pair the training sessions never held is a weaker test than a new set
+    (every new pair makes a new set) that does not grow with the data: at most vocab_size^2 / 2 pairs."""
+
+    def __init__(self, vocab_size: int, sets=None, pairs=None):
+        self.vocab_size = vocab_size
+        self.sets = None if sets is None else {frozenset(s) for s in sets}
+        self.pairs = None if pairs is None else np.unique(np.asarray(pairs, dtype=np.int64))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "CoOccurrence":
+        """The checkpoint's "event_sets" (lists of IDs) and "event_pairs" (an [n, 2] tensor). Checkpoints written
+        before pairs were recorded get the pairs of their sets, which is what training would have recorded."""
+        vocab_size = checkpoint["model_args"]["vocab_size"]
+        sets, pairs = checkpoint.get("event_sets"), checkpoint.get("event_pairs")
+        if pairs is not None:
+            pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2).numpy()
+            pairs = pairs[:, 0] * vocab_size + pairs[:, 1]
+        elif sets is not None and "event_pairs" not in checkpoint:
+            pairs = pairs_of_sets(sets, vocab_size)
+        return cls(vocab_size, sets, pairs)
+
+    def pair_table(self) -> torch.Tensor | None:
+        """The pairs as an [n, 2] tensor of (first, second) IDs, as checkpoints store them."""
+        if self.pairs is None:
+            return None
+        return torch.from_numpy(np.stack(np.divmod(self.pairs, self.vocab_size), axis=1))
+
+    def novel(self, sessions: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Per session (1.0 or 0.0): its set of event types never occurred in training (novel_set), two of its
+        types never shared a training session (novel_pair). Both 0 where that record is not kept; IDs beyond
+        the vocabulary take no part in pairs (the LSTM already flags them: it never saw them)."""
+        novel_set = np.zeros(len(sessions))
+        novel_pair = np.zeros(len(sessions))
+        if self.sets is not None:
+            novel_set[:] = [frozenset(s) not in self.sets for s in sessions]
+        if self.pairs is not None and len(sessions):
+            lengths = np.fromiter(map(len, sessions), dtype=np.int64, count=len(sessions))
+            tokens = np.fromiter(itertools.chain.from_iterable(sessions), dtype=np.int64, count=int(lengths.sum()))
+            for codes, owners in event_pairs(tokens, lengths, self.vocab_size):
+                at = np.minimum(np.searchsorted(self.pairs, codes), max(len(self.pairs) - 1, 0))
+                unseen = self.pairs[at] != codes if len(self.pairs) else np.ones(len(codes), dtype=bool)
+                novel_pair[owners[unseen]] = 1.0
+        return novel_set, novel_pair
+
+    def unseen_pairs(self, session: Sequence[int], limit: int | None = None) -> list[list[int]]:
+        """The pairs [first, second] of the session's event types that never shared a training session (at
+        most `limit`, lowest first): what the event_pair rule saw."""
+        if self.pairs is None:
+            return []
+        codes = np.concatenate([c for c, _ in event_pairs(np.asarray(session), np.array([len(session)]),
+                                                          self.vocab_size)] or [np.empty(0, np.int64)])
+        codes = codes[~np.isin(codes, self.pairs)][:limit]
+        return [[int(a), int(b)] for a, b in zip(*np.divmod(codes, self.vocab_size))]
+
+
+def pairs_of_sets(sets, vocab_size: int) -> np.ndarray:
+    """The sorted distinct pair codes of a collection of sets of event types."""
+    sets = [list(s) for s in sets]
+    lengths = np.fromiter(map(len, sets), dtype=np.int64, count=len(sets))
+    tokens = np.fromiter(itertools.chain.from_iterable(sets), dtype=np.int64, count=int(lengths.sum()))
+    parts = [np.unique(codes) for codes, _ in event_pairs(tokens, lengths, vocab_size)]
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 
 def _as_list_of_lists(sessions) -> list[list[int]]:

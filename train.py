@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import utils
 from cache import CachedSessions, build_caches, cache_settings, default_cache_dir
 from dataset import IJSON_BACKEND, MAX_EVENT_SETS, DataError, SessionDataset, batch_to_device, merge_counts
-from model import IGNORE_INDEX, DeepLog
+from model import IGNORE_INDEX, MAX_EVENT_PAIRS, CoOccurrence, DeepLog
 
 
 def parse_args(argv=None):
@@ -70,6 +70,7 @@ class Data:
     steps_per_epoch: int
     seen_targets: list | None   # target IDs that occur in training (None: not counted)
     event_sets: list | None     # sets of event types that co-occur in a normal training session
+    event_pairs: object         # pairs of event types that share one (sorted codes, numpy), or None
 
 
 def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: int, logger) -> Data:
@@ -105,10 +106,10 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
         if data.samples_per_epoch:
             logger.info("data.samples_per_epoch is not used with the token cache: the first pass counts exactly")
     elif data.samples_per_epoch:
-        counted = {"windows": data.samples_per_epoch, "seen_targets": None, "event_sets": None}
+        counted = {"windows": data.samples_per_epoch, "seen_targets": None, "event_sets": None, "event_pairs": None}
         windows_per_rank = data.samples_per_epoch // runtime.world_size  # utils.lockstep keeps ranks together
         logger.info(f"Training samples per epoch (from data.samples_per_epoch): {data.samples_per_epoch}; no "
-                    f"counting pass, so no record of which events and event sets occur in training")
+                    f"counting pass, so no record of which events occur in training, nor together")
     else:
         counting = _streaming_dataset(config, "train", runtime, common)
         counted = merge_counts(utils.all_gather(counting.count(), runtime), disjoint=counting.shard_by_file)
@@ -120,6 +121,9 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
         if counted["event_sets"] is None:
             logger.warning(f"More than {MAX_EVENT_SETS:,} distinct sets of event types in the training data: too "
                            f"varied for the event_set rule, which is off for this model")
+        if counted["event_pairs"] is None:
+            logger.warning(f"More than {MAX_EVENT_PAIRS:,} distinct pairs of event types sharing a session in the "
+                           f"training data: the event_pair rule is off for this model")
         if counted["bad_records"]:
             logger.warning(f"Skipped bad records (data.skip_bad_records): first was {counted['first_bad_record']}")
     if counted["windows"] == 0:
@@ -134,7 +138,7 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
         train = _streaming_dataset(config, "train", runtime, common, samples_per_rank, loading.shuffle_buffer)
         val = _streaming_dataset(config, "val", runtime, common)
     steps = math.ceil((windows_per_rank if runtime.distributed else counted["windows"]) / rank_batch_size)
-    return Data(train, val, steps, counted["seen_targets"], counted["event_sets"])
+    return Data(train, val, steps, counted["seen_targets"], counted["event_sets"], counted["event_pairs"])
 
 
 def _streaming_dataset(config, split, runtime, common, samples_per_rank=None, shuffle=False) -> SessionDataset:
@@ -286,6 +290,8 @@ def train(args, logger):
     early_stopping = utils.EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
     state = utils.TrainState(raw_model, optimizer, scheduler, scaler, early_stopping, config)
     state.event_sets = data.event_sets if config.evaluation.event_set_rule else None
+    pairs = data.event_pairs if config.evaluation.event_pair_rule else None
+    state.event_pairs = CoOccurrence(config.model.vocab_size, pairs=pairs).pair_table()  # an [n, 2] tensor
     state.data_order = {"batch_size": tc.batch_size, "world_size": runtime.world_size, "seed": tc.seed,
                         **{f"data.{k}": getattr(config.data, k) for k in ("validation_split", "max_seq_length",
                                                                            "window_context")},

@@ -108,9 +108,10 @@ class DataConfig:
 class EvaluationConfig:
     top_k: int = 10
     top_g: int = 9                # DeepLog's rule: abnormal when any event is outside the top-g
-    decision_rule: str = "combined"   # combined | probability | event_set | top_g | score_p90 | score_p95 | score_p99
+    decision_rule: str = "combined"   # combined | probability | event_set | event_pair | top_g | score_p90/p95/p99
     target_fpr: float = 0.0005    # LSTM rules: thresholds flag at most this fraction of calibration sessions
     event_set_rule: bool = True   # false: never record nor use the sets of event types (as beyond their cap)
+    event_pair_rule: bool = True  # false: never record nor use the pairs of event types sharing a session
     batch_size: int = 256
 
 
@@ -130,8 +131,8 @@ class ConfigError(Exception):
 
 CHOICES = {"training.optimizer": ("adam", "adamw"), "training.lr_schedule": ("cosine", "linear", "constant"),
            "training.amp_dtype": ("auto", "bfloat16", "float16"),
-           "evaluation.decision_rule": ("combined", "probability", "event_set", "top_g", "score_p90", "score_p95",
-                                        "score_p99")}
+           "evaluation.decision_rule": ("combined", "probability", "event_set", "event_pair", "top_g", "score_p90",
+                                        "score_p95", "score_p99")}
 POSITIVE = ("model.vocab_size", "model.embedding_dim", "model.hidden_size", "model.num_layers",
             "training.batch_size", "training.epochs", "training.learning_rate", "training.log_every_steps",
             "training.gpu_stats_every_steps", "training.keep_last_checkpoints", "lazy_loading.buffer_size",
@@ -459,6 +460,7 @@ class TrainState:
         self.epoch, self.batches_done = 1, 0              # where the data loader resumes
         self.epoch_loss_sum, self.epoch_tokens, self.epoch_time = 0.0, 0, 0.0   # the epoch so far
         self.event_sets: list | None = None
+        self.event_pairs: torch.Tensor | None = None
         self.data_order: dict = {}  # the settings that fix the batch order: a resume under others is not exact
 
     def start_epoch(self, epoch: int) -> None:
@@ -477,6 +479,7 @@ class TrainState:
                                   "epoch_time": self.epoch_time, "order": self.data_order},
                 "config": config_to_dict(self.config), "world_size": len(rng_states),
                 "event_sets": self.event_sets,  # which event types co-occur in normal training sessions
+                "event_pairs": self.event_pairs,  # and which pairs of them share one: [n, 2] IDs
                 "split_scheme": SPLIT_SCHEME}
 
     def load_state_dict(self, checkpoint: dict) -> list[dict]:
@@ -493,6 +496,8 @@ class TrainState:
         self.epoch_time = position["epoch_time"]
         if self.event_sets is None:
             self.event_sets = checkpoint.get("event_sets")
+        if self.event_pairs is None:
+            self.event_pairs = checkpoint.get("event_pairs")
         return checkpoint["rng_state"]
 
     def save(self, path, runtime: "Runtime") -> None:

@@ -4,7 +4,8 @@ Examples:
 
     python benchmarks/hdfs.py                                   # ../shared/data/hdfs, default recipe
     python benchmarks/hdfs.py --output-dir runs/hdfs --epochs 20
-    python benchmarks/hdfs.py --output-dir runs/hdfs-lstm --no-event-sets   # as beyond the event-set cap
+    python benchmarks/hdfs.py --output-dir runs/hdfs-pairs --no-event-sets  # as beyond the event-set cap
+    python benchmarks/hdfs.py --output-dir runs/hdfs-lstm --lstm-only       # no record of co-occurrence at all
     python benchmarks/hdfs.py --train /data/hdfs_train --eval-normal /data/test_normal \\
         --eval-abnormal /data/test_abnormal --calibrate /data/quiet_normal
 
@@ -43,7 +44,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, help="override training.seed")
     parser.add_argument("--no-event-sets", action="store_true", help="run as if the record of event-type sets "
                         "were unavailable (as on data with more than 10,000 distinct sets): evaluation.event_set_rule "
-                        "false, so the default rule is the LSTM's alone")
+                        "false, so the default rule is the LSTM's probability rule or a novel pair of event types")
+    parser.add_argument("--lstm-only", action="store_true", help="no record of which event types occur together "
+                        "(evaluation.event_set_rule and event_pair_rule false): the default rule is the LSTM's alone")
     args = parser.parse_args()
 
     for name in ("train", "eval_normal", "eval_abnormal") + (("calibrate",) if args.calibrate else ()):
@@ -62,8 +65,10 @@ def main() -> int:
         config["training"]["epochs"] = args.epochs
     if args.seed is not None:
         config["training"]["seed"] = args.seed
-    if args.no_event_sets:
+    if args.no_event_sets or args.lstm_only:
         config["evaluation"]["event_set_rule"] = False
+    if args.lstm_only:
+        config["evaluation"]["event_pair_rule"] = False
     (output_dir / "recipe.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     started = time.time()

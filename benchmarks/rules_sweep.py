@@ -5,11 +5,13 @@ Examples:
     python benchmarks/hdfs.py --output-dir outputs/hdfs            # first, for a trained model
     python benchmarks/rules_sweep.py --checkpoint outputs/hdfs/checkpoints/best_model.pt
     python benchmarks/rules_sweep.py --checkpoint outputs/hdfs/checkpoints/best_model.pt --targets 0.002 0.001
+    python benchmarks/rules_sweep.py --checkpoint outputs/hdfs/checkpoints/best_model.pt --no-event-sets
 
 For each target false-positive rate, the probability bound is refitted (evaluate.target_fpr_threshold) on
 the checkpoint's own calibration sessions (the calibration half of its training data's validation split,
 never the data scored here); prints the bound, the rate flagged on calibration, and FP on the normal set
-and recall on the abnormal set for the probability rule alone and for combined (probability or event_set).
+and recall on the abnormal set for the probability rule alone and for combined (probability, event_set or
+event_pair). --no-event-sets leaves out the checkpoint's record of event-type sets (as beyond their cap).
 """
 from __future__ import annotations
 
@@ -29,9 +31,9 @@ import utils  # noqa: E402
 HDFS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hdfs"
 
 
-def scored(model, sessions: Counter, top_k: int, event_sets) -> tuple[dict, np.ndarray]:
+def scored(model, sessions: Counter, top_k: int, co_occurrence) -> tuple[dict, np.ndarray]:
     weights = np.array(list(sessions.values()), dtype=np.float64)
-    return evaluate.score_sessions(model, list(sessions), [top_k], 256, event_sets=event_sets), weights
+    return evaluate.score_sessions(model, list(sessions), [top_k], 256, co_occurrence=co_occurrence), weights
 
 
 def main() -> None:
@@ -41,23 +43,27 @@ def main() -> None:
     parser.add_argument("--eval-abnormal", default=str(HDFS / "hdfs_dev_abnormal"), help="abnormal sessions")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.005, 0.002, 0.001, 0.0005, 0.0002],
                         help="target false-positive rates to try")
+    parser.add_argument("--no-event-sets", action="store_true", help="ignore the record of event-type sets")
     args = parser.parse_args()
     model, checkpoint = evaluate.load_model(args.checkpoint, torch.device("cpu"))
     config = utils.config_from_dict(checkpoint["config"])
-    event_sets = evaluate.known_event_sets(checkpoint)
+    co_occurrence = evaluate.known_co_occurrence(checkpoint)
+    if args.no_event_sets:
+        co_occurrence.sets = None
     calibration_chunks, _, _ = evaluate.validation_sessions(config, utils.reader_options(config))
     calibration_set = Counter(tuple(s) for chunk in calibration_chunks for s in chunk)
     normal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_normal, {}, abnormal=False) for s in c)
     abnormal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_abnormal, {}) for s in c)
     top_k = config.evaluation.top_k
     (calibration_scores, calibration_w), (normal_scores, normal_w), (abnormal_scores, abnormal_w) = (
-        scored(model, sessions, top_k, event_sets) for sessions in (calibration_set, normal, abnormal))
+        scored(model, sessions, top_k, co_occurrence) for sessions in (calibration_set, normal, abnormal))
     surprisal = -calibration_scores["min_log_prob"]
     order = np.argsort(surprisal)
     calibration = {"top_k": top_k, "top_g": config.evaluation.top_g, "score_thresholds": {}}
-    print(f"{calibration_w.sum():.0f} calibration sessions; event_set alone: FP "
-          f"{normal_w[evaluate.verdicts(normal_scores, calibration, 'event_set')].sum():.0f}, recall "
-          f"{abnormal_w[evaluate.verdicts(abnormal_scores, calibration, 'event_set')].sum() / abnormal_w.sum():.4f}")
+    print(f"{calibration_w.sum():.0f} calibration sessions")
+    for rule in ("event_set", "event_pair"):
+        print(f"{rule} alone: FP {normal_w[evaluate.verdicts(normal_scores, calibration, rule)].sum():.0f}, recall "
+              f"{abnormal_w[evaluate.verdicts(abnormal_scores, calibration, rule)].sum() / abnormal_w.sum():.4f}")
     print(f"{'target':>8} {'bound p':>10} {'calib':>7} {'probability FP':>15} {'recall':>8} {'combined FP':>12} "
           f"{'recall':>8}  method")
     for target in args.targets:

@@ -2,6 +2,7 @@
 import importlib.util
 import sys
 
+import pytest
 from conftest import REPO, needs_hdfs
 
 
@@ -35,20 +36,30 @@ def test_hdfs_benchmark_passes_on_milestones_and_a_step_line_now_and_then(tmp_pa
 
 
 @needs_hdfs
-def test_hdfs_benchmark_without_event_sets_runs_the_lstm_rule_alone(tmp_path):
-    """--no-event-sets: the same recipe with the event-set record unavailable, as on data beyond its cap; the
-    default rule is then the LSTM's probability rule, with thresholds calibrated to evaluation.target_fpr."""
+@pytest.mark.parametrize("flag", ["--no-event-sets", "--lstm-only"])
+def test_hdfs_benchmark_without_the_records_of_event_types_seen_together(tmp_path, flag):
+    """--no-event-sets: the same recipe with the event-set record unavailable, as on data beyond its cap (the
+    default is then the LSTM's probability rule or a novel pair of event types); --lstm-only: no record at all,
+    the default is the LSTM's alone. Thresholds calibrated to evaluation.target_fpr."""
     import json
     import subprocess
 
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "hdfs.py"), "--no-event-sets", "--epochs", "1",
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "hdfs.py"), flag, "--epochs", "1",
                              "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(next(tmp_path.glob("evaluation_results_*_hdfs.json")).read_text())
-    calibration = results["calibration"]
+    calibration, rules = results["calibration"], results["rules"]
     assert calibration["event_set_rule"] is False and calibration["target_fpr"] == 0.0005
-    assert results["default"] == {"rule": "combined", **results["rules"]["probability"]}
-    assert results["rules"]["event_set"]["tp"] == results["rules"]["event_set"]["fp"] == 0
-    assert "'combined' is the LSTM's probability rule alone" in (tmp_path / "training.log").read_text()
+    assert rules["event_set"]["tp"] == rules["event_set"]["fp"] == 0
+    log = (tmp_path / "training.log").read_text()
+    if flag == "--lstm-only":
+        assert calibration["event_pair_rule"] is False and rules["event_pair"]["tp"] == 0
+        assert results["default"] == {"rule": "combined", **rules["probability"]}
+        assert "'combined' is the LSTM's probability rule alone" in log
+    else:
+        assert calibration["event_pair_rule"] is True and rules["event_pair"]["tp"] > 0
+        combined, either = rules["combined"]["tp"], (rules["probability"]["tp"], rules["event_pair"]["tp"])
+        assert max(either) <= combined <= sum(either) and combined > max(either)   # each rule adds sessions
+        assert "or two event types that never shared a training session (no record of event-type sets" in log
     report = next(tmp_path.glob("evaluation_report_*_hdfs.txt")).read_text()
-    assert "Event-set rule: off" in report and "expected false-positive rate 0.050%" in report
+    assert "Event-set rule: off" in report and "expected false-positive rate 0.0" in report

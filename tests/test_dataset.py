@@ -2,6 +2,7 @@
 import gzip
 import json
 
+import numpy as np
 import pytest
 
 from dataset import (
@@ -245,6 +246,7 @@ def test_ranks_shard_by_file_when_there_are_enough_files(tmp_path):
     assert (merged["sessions"], merged["windows"], merged["windows_per_rank"]) == (12, 12, 4)
     whole = SessionDataset(tmp_path, 29, split="all", shuffle=False).count()
     assert merged["seen_targets"] == whole["seen_targets"] and merged["event_sets"] == whole["event_sets"]
+    assert len(whole["event_pairs"]) and np.array_equal(merged["event_pairs"], whole["event_pairs"])
     assert merge_counts([whole, whole], disjoint=False)["windows_per_rank"] == 6
 
 
@@ -272,6 +274,7 @@ def test_reader_processes_give_a_deterministic_order_of_the_same_samples(tmp_pat
         return sorted(str([i for i in row if i != 30]) for b, _ in batches for row in b["input_ids"].tolist())
     assert samples(parallel.batches(16)) == samples(sequential.batches(16))               # same samples
     counted, expected = parallel.count(), sequential.count()
+    assert np.array_equal(counted.pop("event_pairs"), expected.pop("event_pairs"))
     assert counted == {**expected, "first_bad_record": None}
 
 

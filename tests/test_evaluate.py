@@ -1,4 +1,5 @@
 """Scores, metrics and thresholds on hand-made cases; reports; detection; evaluate.py end to end."""
+import itertools
 import json
 import math
 import random
@@ -13,7 +14,7 @@ from conftest import HDFS_DIR, REPO, needs_hdfs, run_script, write_config
 
 import evaluate as E
 from dataset import is_validation, iter_sessions
-from model import DeepLog
+from model import CoOccurrence, DeepLog, pairs_of_sets
 
 
 def fixed_model(vocab_size=5):
@@ -23,6 +24,11 @@ def fixed_model(vocab_size=5):
         model.head.weight.zero_()
         model.head.bias.copy_(torch.arange(model.num_classes, 0, -1, dtype=torch.float))
     return model.eval()
+
+
+def known(*sets, vocab_size=5) -> CoOccurrence:
+    """The record training would keep of these sets of event types: the sets and their pairs."""
+    return CoOccurrence(vocab_size, sets, pairs_of_sets(sets, vocab_size))
 
 
 def _chunks(sessions: Counter, chunk_size: int = E.CHUNK_SIZE) -> list[list]:
@@ -68,11 +74,13 @@ def test_diagnose_names_position_actual_and_expected():
 
 def test_score_sessions_columns():
     model = fixed_model()
-    scores = E.score_sessions(model, [(0, 3), (1,)], [1, 2], event_sets={frozenset({0, 3})})
-    assert scores["predictions"].tolist() == [3, 2]
-    assert scores["misses_at_1"].tolist() == [2, 2] and scores["misses_at_2"].tolist() == [2, 1]
-    assert scores["max_rank"].tolist() == [5, 5]
-    assert scores["novel_set"].tolist() == [0, 1]
+    scores = E.score_sessions(model, [(0, 3), (1,), (0, 3, 1), (3, 0, 0)], [1, 2],
+                              co_occurrence=known({0, 3}, {0, 1}))
+    assert scores["predictions"].tolist()[:2] == [3, 2]
+    assert scores["misses_at_1"].tolist()[:2] == [2, 2] and scores["misses_at_2"].tolist()[:2] == [2, 1]
+    assert scores["max_rank"].tolist()[:2] == [5, 5]
+    assert scores["novel_set"].tolist() == [0, 1, 1, 0]
+    assert scores["novel_pair"].tolist() == [0, 0, 1, 0]     # (1, 3) never shared a session; {1} alone is no pair
     log_z = math.log(sum(math.exp(i) for i in range(1, 7)))
     assert scores["min_log_prob"][0] == pytest.approx(1 - log_z)             # the end, ranked last
     assert scores["loss_sum"][0] == pytest.approx(3 * log_z - (6 + 3 + 1))
@@ -99,24 +107,33 @@ def test_calibration_and_rules_on_hand_made_sessions():
     model = fixed_model()
     normal = Counter({(0, 1): 9, (0,): 1})       # scores at k=2: 1/3 (end missed), 1/2
     calibration = E.fit_calibration(model, _chunks(normal), top_k=2, top_g=5, target_fpr=0.2, source="hand",
-                                    default_rule="combined", event_sets={frozenset({0, 1}), frozenset({0})})
+                                    default_rule="combined", co_occurrence=known({0, 1}, {0}))
     assert calibration["score_thresholds"] == {"p90": pytest.approx(1 / 3), "p95": 0.5, "p99": 0.5}
     log_z = math.log(sum(math.exp(i) for i in range(1, 7)))
     assert calibration["least_likely_normal_log_prob"] == pytest.approx(1 - log_z)
-    # 10 sessions are too few to fit a tail: the bound is the least likely event of calibration (a natural log)
-    assert calibration["log_probability_bound"] == pytest.approx(1 - log_z)
-    assert calibration["probability_bound_method"].startswith("largest calibration score")
+    # 10 sessions are too few for a quantile at 0.1 (half the target each bound): the model-implied bound.
+    # Every position puts p_c = e^(6-c) / z on event c; over the 29 positions, classes 4 and 3 together hold
+    # 1.25 sessions' worth of mass (more than 0.1 x 10), class 4 alone 0.34: the bound sits just above class
+    # 3's surprisal (3.456 nats), at the next bin edge; the calibration sessions (events 0 and 1) stay above it.
+    assert calibration["log_probability_bound"] == pytest.approx(-(math.floor((log_z - 3) / 0.01) + 1) * 0.01)
+    assert calibration["probability_bound_method"].startswith("model-implied at 0.1")
+    # the end: p = e^1 / z everywhere, which the model calls unlikely at every position (0.12 sessions' worth in
+    # all), so its own estimate would flag every session: the calibration sessions' bound holds instead
+    assert calibration["log_end_probability_bound"] == pytest.approx(1 - log_z)
+    assert calibration["end_probability_bound_method"].startswith("the calibration sessions' bound")
     assert "probability_bound" not in calibration
     assert calibration["flagged_on_calibration"]["score_p90"] == pytest.approx(0.1)
     assert calibration["flagged_on_calibration"]["combined"] == 0.0
 
     abnormal = Counter({(0, 1): 2, (2, 3, 4): 3, (7,): 1})
     results, _ = E.evaluate(model, calibration, _chunks(normal), _chunks(abnormal), top_k=2, default_rule="combined",
-                            event_sets={frozenset({0, 1}), frozenset({0})})
+                            co_occurrence=known({0, 1}, {0}))
     rules = results["rules"]
-    # (0, 1) looks normal to every rule; (2, 3, 4) and (7,) are novel event sets; (7,) is beyond the vocabulary
+    # (0, 1) looks normal to every rule; (2, 3, 4) and (7,) are novel event sets; (7,) is beyond the vocabulary;
+    # (2, 3, 4) holds event 4, below the event bound, and pairs never seen together
     assert (rules["event_set"]["tp"], rules["event_set"]["fn"], rules["event_set"]["fp"]) == (4, 2, 0)
-    assert (rules["probability"]["tp"], rules["probability"]["fn"]) == (1, 5)
+    assert (rules["event_pair"]["tp"], rules["event_pair"]["fn"], rules["event_pair"]["fp"]) == (3, 3, 0)
+    assert (rules["probability"]["tp"], rules["probability"]["fn"]) == (4, 2)
     assert (rules["score_p90"]["tp"], rules["score_p90"]["fp"]) == (4, 1)   # score 1/2 > 1/3 for (0,)
     assert rules["top_g"]["tp"] == 6 and rules["top_g"]["fp"] == 10         # the end always ranks 5 >= g
     assert results["default"] == {"rule": "combined", **rules["combined"]}
@@ -139,32 +156,52 @@ def test_target_fpr_threshold_is_the_exact_quantile_with_enough_sessions():
     assert with_inf == 2.0   # 5 infinite + 5 above 2.0 = 10 flagged: the target
 
 
-def test_target_fpr_threshold_extrapolates_an_exponential_tail_below_one_in_n():
-    """With 500 sessions a rate of 1/2000 is not observable: the threshold comes from an exponential tail
-    fitted to the largest tenth, near the true quantile, and never flags a calibration session."""
-    true_quantile = -2.0 * math.log(0.0005)                   # 15.2 for an exponential of scale 2
-    errors = []
-    for seed in range(20):
-        values = np.sort(np.random.default_rng(seed).exponential(2.0, 500))
-        threshold, method = E.target_fpr_threshold(values, np.ones_like(values), 500.0, 0.0005)
-        assert threshold >= values.max()
-        errors.append(threshold - true_quantile)
-    assert abs(np.median(errors)) < 1.0 and max(map(abs, errors)) < 4.0, errors
-    assert method.startswith("exponential tail fitted to the largest 10% of 500")
-    few, method = E.target_fpr_threshold(values[:15], np.ones(15), 15.0, 0.0005)
-    assert few == values[14] and "too few to fit a tail" in method
+def test_below_one_in_n_the_threshold_is_the_model_implied_one_never_below_the_calibration_sessions():
+    """With 500 sessions a rate of 1/2000 is not observable: the model's own estimate is used, unless it would
+    flag more than the target of the calibration sessions themselves (then the largest score allowed)."""
+    values = np.arange(1.0, 501.0)
+    threshold, method = E.target_fpr_threshold(values, np.ones_like(values), 500.0, 0.0005, implied=612.5)
+    assert threshold == 612.5 and method.startswith("model-implied at 0.0005")
+    threshold, method = E.target_fpr_threshold(values, np.ones_like(values), 500.0, 0.0005, implied=300.0)
+    assert threshold == 500.0 and method.startswith("the calibration sessions' bound")
+    threshold, method = E.target_fpr_threshold(values, np.ones_like(values), 500.0, 0.0005)
+    assert threshold == 500.0 and method.startswith("largest calibration score allowed")
+    # with enough sessions the data decides, whatever the model says
+    many = np.arange(1.0, 100001.0)
+    assert E.target_fpr_threshold(many, np.ones_like(many), 1e5, 0.0005, implied=1e9)[0] == 99950.0
 
 
-def test_upper_tail_keeps_the_largest_values_exactly_in_bounded_memory():
-    tail = E.UpperTail(max_kept=100)
+def test_implied_tail_sums_the_model_probability_mass_below_each_bound():
+    model = fixed_model()                       # every position: p_c = e^(6-c) / z, the end (5) least likely
+    log_p = [6 - c - math.log(sum(math.exp(i) for i in range(1, 7))) for c in range(6)]
+    tail = E.ImpliedTail()
+    tail.add(model, [(0, 1), (2,)], np.array([2.0, 1.0]), batch_size=1)   # 3 x 2 + 2 x 1 = 8 positions
+    bin_of = [int(-lp / E.SURPRISAL_BIN) for lp in log_p]
+    for c in range(5):
+        assert tail.event[bin_of[c]] == pytest.approx(8 * math.exp(log_p[c]))
+    assert tail.end[bin_of[5]] == pytest.approx(8 * math.exp(log_p[5])) and tail.end.sum() == tail.end[bin_of[5]]
+    assert tail.event.sum() == pytest.approx(8 * (1 - math.exp(log_p[5])))
+    # at most 0.1 per session of 3: class 4's mass (8 x 0.0116) fits, with class 3's (8 x 0.0316) it does not
+    assert tail.threshold("event", 0.1, 3.0) == pytest.approx((bin_of[3] + 1) * E.SURPRISAL_BIN)
+    assert tail.threshold("end", 0.1, 3.0) == 0.0            # all of the end's mass fits: every end is flagged
+    model.seen_events[4] = False                              # an event never seen in training takes no part
+    unseen = E.ImpliedTail()
+    unseen.add(model, [(0, 1), (2,)], np.array([2.0, 1.0]))
+    assert unseen.event[bin_of[4]] == 0.0 and unseen.event[bin_of[3]] == pytest.approx(tail.event[bin_of[3]])
+
+
+def test_calibration_tail_keeps_the_largest_rows_of_either_column_in_bounded_memory():
+    tail = E.CalibrationTail(max_kept=100)
     rng = np.random.default_rng(1)
-    stream = rng.permutation(np.arange(1000.0))
-    for chunk in np.array_split(stream, 37):
-        tail.add(chunk, np.ones(len(chunk)))
-    values, weights = tail.table()
-    assert len(values) <= 100 and tail.total == 1000.0
-    assert values[-10:].tolist() == list(np.arange(990.0, 1000.0)) and tail.weight_above(994.5) == 5.0
-    assert E.target_fpr_threshold(values, weights, tail.total, 0.01)[0] == 989.0
+    event, end = rng.permutation(np.arange(1000.0)), rng.permutation(np.arange(1000.0))
+    for rows in np.array_split(np.arange(1000), 37):
+        tail.add(event[rows], end[rows], rows % 2 == 0, np.ones(len(rows)))
+    assert len(tail.rows) <= 400 and tail.total == 1000.0
+    kept_events, kept_ends = set(tail.event.tolist()), set(tail.end.tolist())
+    assert set(np.arange(900.0, 1000.0)) <= kept_events and set(np.arange(900.0, 1000.0)) <= kept_ends
+    assert E.target_fpr_threshold(tail.event, tail.weights, tail.total, 0.01)[0] == 989.0
+    row_of_value = np.argsort(event)            # the row that carried each event value, and so its flag
+    assert (tail.novel == (row_of_value[tail.event.astype(int)] % 2 == 0)).all()
 
 
 def test_thresholds_fitted_at_another_k_are_refused():
@@ -213,6 +250,10 @@ def test_training_ends_with_calibration_and_reports(trained):
     assert checkpoint["calibration"] == calibration
     assert calibration["top_k"] == 10 and "calibration half" in calibration["source"]
     assert checkpoint["event_sets"] and all(isinstance(s, list) for s in checkpoint["event_sets"])
+    pairs = checkpoint["event_pairs"]   # an [n, 2] tensor: exactly the pairs of the recorded sets
+    assert pairs.dtype == torch.long and pairs.shape[1] == 2 and (pairs[:, 0] < pairs[:, 1]).all()
+    assert {tuple(p) for p in pairs.tolist()} == {pair for s in checkpoint["event_sets"]
+                                                  for pair in itertools.combinations(sorted(s), 2)}
     report_json, = out.glob("evaluation_results_*.json")
     results = json.loads(report_json.read_text())
     for m in results["rules"].values():
@@ -300,7 +341,7 @@ def test_detect_streams_in_chunks_with_the_same_verdicts(trained, tmp_path):
         path = tmp_path / f"d{chunk_size}.jsonl"
         with open(path, "w") as handle:
             E.detect(model, checkpoint["calibration"], data, {}, "combined", handle,
-                     event_sets=E.known_event_sets(checkpoint), chunk_size=chunk_size)
+                     co_occurrence=E.known_co_occurrence(checkpoint), chunk_size=chunk_size)
         outputs.append(path.read_text())
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 240
 
@@ -481,22 +522,28 @@ def _oracle_weighted_percentile(values: np.ndarray, weights: np.ndarray, q: floa
 
 
 def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, target_fpr: float, source: str,
-                            default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> dict:
+                            default_rule: str, batch_size: int = 256, co_occurrence=None) -> dict:
     sessions, counts = list(normal), np.array(list(normal.values()), dtype=np.float64)
-    scores = E.score_sessions(model, sessions, [top_k, top_g], batch_size, "calibrating", event_sets)
+    scores = E.score_sessions(model, sessions, [top_k, top_g], batch_size, "calibrating", co_occurrence)
     anomaly = scores[f"misses_at_{top_k}"] / scores["predictions"]
     finite = np.isfinite(scores["min_log_prob"])
     least_likely = float(scores["min_log_prob"][finite].min()) if finite.any() else 0.0
-    # the whole table at once (target_fpr_threshold itself is tested on hand-made scores)
-    surprisal = -scores["min_log_prob"]
-    order = np.argsort(surprisal)
-    threshold, method = E.target_fpr_threshold(surprisal[order], counts[order], counts.sum(), target_fpr)
+    # the whole table at once (target_fpr_threshold and ImpliedTail themselves are tested on hand-made scores)
+    implied = E.ImpliedTail()
+    implied.add(model, sessions, counts, batch_size)
+    half = target_fpr / 2
+    bounds = {which: E.target_fpr_threshold(-scores[column], counts, counts.sum(), half,
+                                            implied.threshold(which, half, counts.sum()))
+              for which, column in (("event", "min_event_log_prob"), ("end", "end_log_prob"))}
     calibration = {
         "top_k": top_k, "top_g": top_g, "default_rule": default_rule, "source": source,
         "sessions": int(counts.sum()), "distinct_sessions": len(sessions),
         "score_thresholds": {f"p{q}": _oracle_weighted_percentile(anomaly, counts, q) for q in E.PERCENTILES},
-        "least_likely_normal_log_prob": least_likely, "target_fpr": target_fpr, "probability_bound_method": method,
-        "log_probability_bound": -threshold, "event_set_rule": event_sets is not None}
+        "least_likely_normal_log_prob": least_likely, "target_fpr": target_fpr,
+        "log_probability_bound": -bounds["event"][0], "probability_bound_method": bounds["event"][1],
+        "log_end_probability_bound": -bounds["end"][0], "end_probability_bound_method": bounds["end"][1],
+        "event_set_rule": co_occurrence is not None and co_occurrence.sets is not None,
+        "event_pair_rule": co_occurrence is not None and co_occurrence.pairs is not None}
     calibration["flagged_on_calibration"] = {
         rule: float(counts[_oracle_verdicts(scores, calibration, rule)].sum() / counts.sum()) for rule in E.RULES}
     return calibration
@@ -504,13 +551,17 @@ def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, targ
 
 def _oracle_verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
     if rule == "combined":
-        return _oracle_verdicts(scores, calibration, "probability") | _oracle_verdicts(scores, calibration, "event_set")
+        return np.logical_or.reduce([_oracle_verdicts(scores, calibration, rule)
+                                     for rule in ("probability", "event_set", "event_pair")])
     if rule == "event_set":
         return scores["novel_set"] > 0
+    if rule == "event_pair":
+        return scores["novel_pair"] > 0
     if rule == "top_g":
         return scores["max_rank"] >= calibration["top_g"]
     if rule == "probability":
-        return scores["min_log_prob"] < calibration["log_probability_bound"]
+        return (scores["min_event_log_prob"] < calibration["log_probability_bound"]) | \
+            (scores["end_log_prob"] < calibration["log_end_probability_bound"])
     top_k = calibration["top_k"]
     return scores[f"misses_at_{top_k}"] / scores["predictions"] > calibration["score_thresholds"][rule[6:]]
 
@@ -528,10 +579,10 @@ def _oracle_confusion(abnormal_pred_normal, normal_w, abnormal_pred_abnormal, ab
 
 
 def _oracle_evaluate(model, calibration: dict, normal: Counter, abnormal: Counter, top_k: int,
-                     default_rule: str, batch_size: int = 256, event_sets: set | None = None) -> tuple[dict, tuple]:
+                     default_rule: str, batch_size: int = 256, co_occurrence=None) -> tuple[dict, tuple]:
     ks = [*E.ACCURACY_KS, top_k, calibration["top_g"]]
     results: dict = {"top_k": top_k}
-    normal_scores = E.score_sessions(model, list(normal), ks, batch_size, "normal", event_sets) if normal else None
+    normal_scores = E.score_sessions(model, list(normal), ks, batch_size, "normal", co_occurrence) if normal else None
     normal_w = np.array(list(normal.values()), dtype=np.float64)
     if normal_scores is not None:
         predictions = float((normal_scores["predictions"] * normal_w).sum())
@@ -554,7 +605,7 @@ def _oracle_evaluate(model, calibration: dict, normal: Counter, abnormal: Counte
     plot_data = (normal_scores, normal_w, None, None)
     if abnormal:
         abnormal_w = np.array(list(abnormal.values()), dtype=np.float64)
-        abnormal_scores = E.score_sessions(model, list(abnormal), ks, batch_size, "abnormal", event_sets)
+        abnormal_scores = E.score_sessions(model, list(abnormal), ks, batch_size, "abnormal", co_occurrence)
         results["unknown_events"]["abnormal"] = int((abnormal_scores["unknown"] * abnormal_w).sum())
         empty = np.zeros(0, dtype=bool)
         results["rules"] = {}
@@ -620,12 +671,12 @@ def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, target_fp
     """Chunks of 7 sessions and a cache of 5, so that sessions are evicted and scored again."""
     _, out, data, abnormal_dir, _ = trained
     model, checkpoint = E.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
-    event_sets = E.known_event_sets(checkpoint)
+    co_occurrence = E.known_co_occurrence(checkpoint)
     normal, _ = _oracle_collect(data, {})
     _, abnormal = _oracle_collect(abnormal_dir, {}, all_abnormal=True)
     # ID 28 never occurs in training: probability 0, so these are below any probability bound
     calibration_sessions = normal + Counter({(28, 28, 28): 2, (1, 2, 28): 1})
-    args = (10, 9, target_fpr, "sample", "combined", 256, event_sets)
+    args = (10, 9, target_fpr, "sample", "combined", 256, co_occurrence)
     expected = _oracle_fit_calibration(model, calibration_sessions, *args)
     calibration = E.fit_calibration(model, _shuffled_chunks(calibration_sessions, 7), *args, max_cached=5)
     _assert_same(calibration, expected, ignored={"distinct_sessions"})
@@ -636,9 +687,9 @@ def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, target_fp
 
     for abnormal_side in (abnormal, Counter()):   # rules with abnormal data, false-positive rates without
         expected, (normal_scores, normal_w, abnormal_scores, abnormal_w) = _oracle_evaluate(
-            model, calibration, normal, abnormal_side, 10, "combined", 256, event_sets)
+            model, calibration, normal, abnormal_side, 10, "combined", 256, co_occurrence)
         results, histograms = E.evaluate(model, calibration, _shuffled_chunks(normal, 7),
-                                         _shuffled_chunks(abnormal_side, 7), 10, "combined", 256, event_sets,
+                                         _shuffled_chunks(abnormal_side, 7), 10, "combined", 256, co_occurrence,
                                          max_cached=5)
         _assert_same(results, expected, ignored={"distinct"})
         assert results["normal_scores"]["distinct"] is None and results["normal_scores"]["scored"] > len(normal)
@@ -654,7 +705,7 @@ def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, target_fp
 
     # a cache that holds every session scores each once: the distinct counts are exact
     results, _ = E.evaluate(model, calibration, _shuffled_chunks(normal, 7), _shuffled_chunks(abnormal, 7), 10,
-                            "combined", 256, event_sets)
+                            "combined", 256, co_occurrence)
     assert results["normal_scores"]["distinct"] == results["normal_scores"]["scored"] == len(normal)
     assert results["abnormal_sessions"]["distinct"] == len(abnormal)
 
@@ -701,8 +752,8 @@ def test_validation_sources_hold_the_in_memory_halves(trained, tmp_path):
 def test_streaming_gives_the_in_memory_numbers_on_hdfs(hdfs_trained):
     """Chunks of 500 and a cache of 64 sessions on the HDFS data (1,816 distinct dev sessions)."""
     model, checkpoint = E.load_model(hdfs_trained / "checkpoints" / "best_model.pt", torch.device("cpu"))
-    event_sets = E.known_event_sets(checkpoint)
-    args = (10, 9, 0.001, "hdfs_train", "combined", 256, event_sets)
+    co_occurrence = E.known_co_occurrence(checkpoint)
+    args = (10, 9, 0.001, "hdfs_train", "combined", 256, co_occurrence)
     train, _ = _oracle_collect(HDFS_DIR / "hdfs_train", {})
     expected = _oracle_fit_calibration(model, train, *args)
     calibration = E.fit_calibration(model, E.file_chunks(HDFS_DIR / "hdfs_train", {}, abnormal=False, chunk_size=500),
@@ -710,10 +761,10 @@ def test_streaming_gives_the_in_memory_numbers_on_hdfs(hdfs_trained):
     _assert_same(calibration, expected, ignored={"distinct_sessions"})
     normal, _ = _oracle_collect(HDFS_DIR / "hdfs_dev_normal", {})
     _, abnormal = _oracle_collect(HDFS_DIR / "hdfs_dev_abnormal", {}, all_abnormal=True)
-    expected, _ = _oracle_evaluate(model, calibration, normal, abnormal, 10, "combined", 256, event_sets)
+    expected, _ = _oracle_evaluate(model, calibration, normal, abnormal, 10, "combined", 256, co_occurrence)
     results, _ = E.evaluate(model, calibration, E.file_chunks(HDFS_DIR / "hdfs_dev_normal", {}, chunk_size=500),
                             E.file_chunks(HDFS_DIR / "hdfs_dev_abnormal", {}, chunk_size=500), 10, "combined", 256,
-                            event_sets, max_cached=64)
+                            co_occurrence, max_cached=64)
     _assert_same(results, expected, ignored={"distinct"})
     assert results["abnormal_sessions"]["count"] == 5051 and results["rules"]["combined"]["tp"] > 0
 
@@ -761,17 +812,17 @@ def test_chunk_scorer_scores_a_session_once_while_it_is_cached():
 
 
 def test_results_depend_neither_on_chunks_nor_on_the_cache():
-    model, event_sets = fixed_model(), {frozenset({0, 1}), frozenset({0}), frozenset({1, 2, 3})}
+    model, co_occurrence = fixed_model(), known({0, 1}, {0}, {1, 2, 3})
     normal = Counter({(0, 1): 9, (0,): 1, (1, 2, 3): 4, (0, 9): 2})
     abnormal = Counter({(0, 1): 2, (2, 3, 4): 3, (7,): 1})
-    args = (2, 5, 0.25, "hand", "combined", 256, event_sets)
+    args = (2, 5, 0.25, "hand", "combined", 256, co_occurrence)
     expected_calibration = _oracle_fit_calibration(model, normal, *args)
-    expected, _ = _oracle_evaluate(model, expected_calibration, normal, abnormal, 2, "combined", 256, event_sets)
+    expected, _ = _oracle_evaluate(model, expected_calibration, normal, abnormal, 2, "combined", 256, co_occurrence)
     for chunk_size, max_cached in ((1, 0), (2, 1), (3, 100), (100, 100)):
         calibration = E.fit_calibration(model, _shuffled_chunks(normal, chunk_size), *args, max_cached=max_cached)
         _assert_same(calibration, expected_calibration, ignored={"distinct_sessions"})
         results, _ = E.evaluate(model, calibration, _shuffled_chunks(normal, chunk_size),
-                                _shuffled_chunks(abnormal, chunk_size), 2, "combined", 256, event_sets,
+                                _shuffled_chunks(abnormal, chunk_size), 2, "combined", 256, co_occurrence,
                                 max_cached=max_cached)
         _assert_same(results, expected, ignored={"distinct"})
         assert results["normal_scores"]["distinct"] == (len(normal) if max_cached == 100 else None)
@@ -781,8 +832,11 @@ def test_few_calibration_sessions_flag_only_events_of_probability_zero():
     model = fixed_model()
     normal = Counter({(0, 1): 9, (0,): 1, (0, 9): 2})   # 9 >= vocab_size: probability 0
     calibration = E.fit_calibration(model, _chunks(normal), 2, 5, 0.001, "hand", "combined")
-    # the end of every other session is the least likely event: on the bound, not below it
-    assert calibration["log_probability_bound"] == calibration["least_likely_normal_log_prob"]
+    # the model's own estimate puts both bounds below anything it gives probability (each of the 35 positions
+    # holds more mass on class 4, and on the end, than 0.0005 x 12 sessions allow): only probability 0 is flagged
+    log_z = math.log(sum(math.exp(i) for i in range(1, 7)))
+    assert calibration["log_probability_bound"] < 2 - log_z and calibration["log_end_probability_bound"] < 1 - log_z
+    assert calibration["least_likely_normal_log_prob"] == pytest.approx(1 - log_z)   # the end of every session
     assert calibration["flagged_on_calibration"]["probability"] == 2 / 12
     _assert_same(calibration, _oracle_fit_calibration(model, normal, 2, 5, 0.001, "hand", "combined"))
     with pytest.raises(E.utils.ConfigError, match=r"target false-positive rate 0.5: must be in \(0, 0.5\)"):
@@ -867,14 +921,19 @@ def test_result_keys_say_what_they_hold(trained):
                         results["calibration"]):
         assert "probability_bound" not in calibration
         assert calibration["log_probability_bound"] <= calibration["least_likely_normal_log_prob"] < 0
-        assert calibration["target_fpr"] == 0.0005 and "extrapolated to 0.0005" in calibration[
-            "probability_bound_method"]
+        assert calibration["target_fpr"] == 0.0005
+        for method in (calibration["probability_bound_method"], calibration["end_probability_bound_method"]):
+            assert method.startswith(("model-implied at 0.00025 over every position of", "the calibration sessions'"))
+        assert calibration["log_end_probability_bound"] < 0
     assert "recommended_thresholds" not in results["normal_scores"]
     assert list(results["normal_scores"]["reference_percentiles"]) == ["p90", "p95", "p99"]
     report = next(out.glob("evaluation_report_*.txt")).read_text()
     bound = results["calibration"]["log_probability_bound"]
-    assert f"Probability bound: p < {math.exp(bound):.3g} " in report
-    assert f"natural log {bound:.4f}, log_probability_bound in the JSON" in report
+    end_bound = results["calibration"]["log_end_probability_bound"]
+    assert (f"Probability rule: an actual event less likely than p={math.exp(bound):.3g} or an end of session "
+            f"less likely than p={math.exp(end_bound):.3g} (target FPR 0.0005, half for each bound;") in report
+    assert (f"natural logs log_probability_bound {bound:.4f}, log_end_probability_bound {end_bound:.4f} "
+            "in the JSON)") in report
     percentiles = "  ".join(f"{p}={v:.4f}" for p, v in results["normal_scores"]["reference_percentiles"].items())
     assert f"  Percentiles: {percentiles} (exact)\n  (of these scores, for reference: the thresholds applied are " \
            "the calibrated ones below;" in report
@@ -887,10 +946,13 @@ def test_calibrations_written_before_the_rename_still_work(trained, tmp_path):
     checkpoint = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
     old = dict(checkpoint["calibration"])   # as versions before target_fpr wrote it, config included
     old["probability_bound"] = old.pop("log_probability_bound")
-    del old["target_fpr"], old["probability_bound_method"]
+    for key in ("target_fpr", "probability_bound_method", "log_end_probability_bound", "end_probability_bound_method",
+                "event_pair_rule"):
+        del old[key]
     old["probability_margin"] = 0.001
     old_config = {section: dict(values) for section, values in checkpoint["config"].items()}
-    del old_config["evaluation"]["target_fpr"], old_config["evaluation"]["event_set_rule"]
+    for key in ("target_fpr", "event_set_rule", "event_pair_rule"):
+        del old_config["evaluation"][key]
     old_config["evaluation"]["probability_margin"] = 0.001
     torch.save({**checkpoint, "calibration": old, "config": old_config}, tmp_path / "old.pt")
     (tmp_path / "old_calibration.json").write_text(json.dumps(old))
@@ -904,14 +966,17 @@ def test_calibrations_written_before_the_rename_still_work(trained, tmp_path):
         result = run_script("evaluate.py", "--checkpoint", *extra, "--detect", sessions, "--rule", "probability")
         assert result.returncode == 0, result.stderr
         detected.append([json.loads(line)["verdict"] for line in result.stdout.splitlines()])
-    assert detected[0] == detected[1] == detected[2] and "abnormal" in detected[0] and "normal" in detected[0]
-    assert DeepLog.from_checkpoint(tmp_path / "old.pt").verdict(
-        [json.loads(line)["event_ids"] for line in sessions.read_text().splitlines()], "probability") == detected[0]
+    # an old calibration keeps its single bound on every prediction, the end included
+    events = [json.loads(line)["event_ids"] for line in sessions.read_text().splitlines()]
+    scores = E.score_sessions(DeepLog.from_checkpoint(tmp_path / "old.pt"), [tuple(e) for e in events], [10])
+    single_bound = ["abnormal" if lp < old["probability_bound"] else "normal" for lp in scores["min_log_prob"]]
+    assert detected[1] == detected[2] == single_bound and "abnormal" in single_bound and "normal" in single_bound
+    assert DeepLog.from_checkpoint(tmp_path / "old.pt").verdict(events, "probability") == single_bound
     result = run_script("evaluate.py", "--checkpoint", tmp_path / "old.pt", "--data-dir", elsewhere(data, tmp_path),
                         "--abnormal-dir", abnormal_dir, "--output-dir", tmp_path / "reports")
     assert result.returncode == 0, result.stderr
     report = next((tmp_path / "reports").glob("evaluation_report_*.txt")).read_text()
-    assert f"Probability bound: p < {math.exp(old['probability_bound']):.3g} " in report
+    assert f"Probability rule: an actual event less likely than p={math.exp(old['probability_bound']):.3g} (" in report
 
 
 @pytest.mark.parametrize("thresholds", [
@@ -944,21 +1009,21 @@ def test_threshold_labels_never_overlap(thresholds):
 
 def test_event_set_panel_counts_what_the_rule_flags(tmp_path):
     import logging
-    model, event_sets = fixed_model(), {frozenset({0, 1}), frozenset({0})}
+    model, co_occurrence = fixed_model(), known({0, 1}, {0})
     calibration = E.fit_calibration(model, _chunks(Counter({(0, 1): 3})), 2, 5, 0.25, "hand", "combined",
-                                    event_sets=event_sets)
+                                    co_occurrence=co_occurrence)
     normal = Counter({(0, 1): 5, (0,): 2, (0, 2): 1})          # (0, 2): a novel set in the normal data
     abnormal = Counter({(0, 1): 2, (2, 3, 4): 3, (7,): 1})
     results, histograms = E.evaluate(model, calibration, _shuffled_chunks(normal, 3), _shuffled_chunks(abnormal, 2),
-                                     2, "combined", event_sets=event_sets)
-    assert E.event_set_counts(histograms) == {"normal": (1.0, 7.0), "abnormal": (4.0, 2.0)}
+                                     2, "combined", co_occurrence=co_occurrence)
+    assert E.co_occurrence_counts(histograms) == {"normal": (1.0, 7.0), "abnormal": (4.0, 2.0)}
     event_set = results["rules"]["event_set"]
     assert (event_set["fp"], event_set["tn"], event_set["tp"], event_set["fn"]) == (1, 7, 4, 2)
     pytest.importorskip("matplotlib")
     E.plot_scores(histograms, {**results, "calibration": calibration}, tmp_path / "with.png", logging.getLogger("t"))
     # without a record of the event sets of training: no counts, and the panel says so
     _, without = E.evaluate(model, calibration, _chunks(normal), _chunks(abnormal), 2, "combined")
-    assert E.event_set_counts(without) is None
+    assert E.co_occurrence_counts(without) is None
     E.plot_scores(without, {**results, "calibration": calibration}, tmp_path / "without.png", logging.getLogger("t"))
     for name in ("with.png", "without.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
