@@ -7,11 +7,12 @@ Examples:
     python benchmarks/rules_sweep.py --checkpoint outputs/hdfs/checkpoints/best_model.pt --targets 0.002 0.001
     python benchmarks/rules_sweep.py --checkpoint outputs/hdfs/checkpoints/best_model.pt --no-event-sets
 
-For each target false-positive rate, the probability bound is refitted (evaluate.target_fpr_threshold) on
-the checkpoint's own calibration sessions (the calibration half of its training data's validation split,
-never the data scored here); prints the bound, the rate flagged on calibration, and FP on the normal set
-and recall on the abnormal set for the probability rule alone and for combined (probability, event_set or
-event_pair). --no-event-sets leaves out the checkpoint's record of event-type sets (as beyond their cap).
+For each target false-positive rate, the thresholds are refitted (evaluate.fit_calibration: the event and
+end-of-session bounds) on the checkpoint's own calibration sessions (the calibration half of its training
+data's validation split, never the data scored here); prints both bounds, the rate flagged on calibration,
+and FP on the normal set and recall on the abnormal set for the probability rule alone and for combined
+(probability, event_set or event_pair). --no-event-sets leaves out the record of event-type sets (as beyond
+their cap).
 """
 from __future__ import annotations
 
@@ -55,29 +56,29 @@ def main() -> None:
     normal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_normal, {}, abnormal=False) for s in c)
     abnormal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_abnormal, {}) for s in c)
     top_k = config.evaluation.top_k
-    (calibration_scores, calibration_w), (normal_scores, normal_w), (abnormal_scores, abnormal_w) = (
-        scored(model, sessions, top_k, co_occurrence) for sessions in (calibration_set, normal, abnormal))
-    surprisal = -calibration_scores["min_log_prob"]
-    order = np.argsort(surprisal)
-    calibration = {"top_k": top_k, "top_g": config.evaluation.top_g, "score_thresholds": {}}
-    print(f"{calibration_w.sum():.0f} calibration sessions")
+    (normal_scores, normal_w), (abnormal_scores, abnormal_w) = (
+        scored(model, sessions, top_k, co_occurrence) for sessions in (normal, abnormal))
+    print(f"{calibration_set.total()} calibration sessions")
     for rule in ("event_set", "event_pair"):
-        print(f"{rule} alone: FP {normal_w[evaluate.verdicts(normal_scores, calibration, rule)].sum():.0f}, recall "
-              f"{abnormal_w[evaluate.verdicts(abnormal_scores, calibration, rule)].sum() / abnormal_w.sum():.4f}")
-    print(f"{'target':>8} {'bound p':>10} {'calib':>7} {'probability FP':>15} {'recall':>8} {'combined FP':>12} "
-          f"{'recall':>8}  method")
+        fp = normal_w[evaluate.verdicts(normal_scores, {}, rule)].sum()
+        recall = abnormal_w[evaluate.verdicts(abnormal_scores, {}, rule)].sum() / abnormal_w.sum()
+        print(f"{rule} alone: FP {fp:.0f}, recall {recall:.4f}")
+    print(f"{'target':>8} {'event p':>9} {'end p':>9} {'calib':>7} {'probability FP':>15} {'recall':>8} "
+          f"{'combined FP':>12} {'recall':>8}")
     for target in args.targets:
-        threshold, method = evaluate.target_fpr_threshold(surprisal[order], calibration_w[order],
-                                                          calibration_w.sum(), target)
-        calibration["log_probability_bound"] = -threshold
-        flagged = calibration_w[surprisal > threshold].sum() / calibration_w.sum()
-        row = [f"{target:>8g}", f"{math.exp(-threshold):>10.3g}", f"{flagged:>7.2%}"]
+        calibration = evaluate.fit_calibration(model, [list(calibration_set.elements())], top_k,
+                                               config.evaluation.top_g, target, "sweep", "combined",
+                                               co_occurrence=co_occurrence)
+        row = [f"{target:>8g}", f"{math.exp(calibration['log_probability_bound']):>9.3g}",
+               f"{math.exp(calibration['log_end_probability_bound']):>9.3g}",
+               f"{calibration['flagged_on_calibration']['probability']:>7.2%}"]
         for rule in ("probability", "combined"):
             fp = normal_w[evaluate.verdicts(normal_scores, calibration, rule)].sum()
             recall = abnormal_w[evaluate.verdicts(abnormal_scores, calibration, rule)].sum() / abnormal_w.sum()
             row += [f"{fp:>{15 if rule == 'probability' else 12}.0f}", f"{recall:>8.4f}"]
-        print(" ".join(row), " ", method)
-
+        print(" ".join(row))
+        print(f"{'':>9}events: {calibration['probability_bound_method']}; end: "
+              f"{calibration['end_probability_bound_method']}")
 
 if __name__ == "__main__":
     main()
