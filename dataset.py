@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from model import IGNORE_INDEX, MAX_EVENT_PAIRS, event_pairs, pairs_of_sets, special_tokens
+from model import IGNORE_INDEX, MAX_EVENT_PAIRS, event_pairs, pairs_of_sets, sorted_unique, special_tokens
 
 JSON_SUFFIXES = (".json", ".jsonl")
 MAX_EVENT_SETS = 10000  # beyond this many distinct sets of co-occurring event types, the record is dropped
@@ -80,7 +80,7 @@ class CoOccurrenceRecorder:
             self._add_sets(tokens, lengths)
         if self.sets is None and self.pairs is not None:
             for codes, _ in event_pairs(tokens, lengths, self.vocab_size):
-                self.pairs = np.union1d(self.pairs, codes)
+                self.pairs = sorted_unique(self.pairs, codes)
                 if len(self.pairs) > MAX_EVENT_PAIRS:
                     self.pairs = None
                     break
@@ -103,7 +103,7 @@ class CoOccurrenceRecorder:
                 if len(self.sets) > MAX_EVENT_SETS:
                     break
         if len(self.sets) > MAX_EVENT_SETS:  # too varied to be a rule: keep what they say about pairs
-            self.pairs = np.union1d(self.pairs, pairs_of_sets(self.sets, self.vocab_size))
+            self.pairs = sorted_unique(self.pairs, pairs_of_sets(self.sets, self.vocab_size))
             self.sets = None
             if len(self.pairs) > MAX_EVENT_PAIRS:
                 self.pairs = None
@@ -125,7 +125,7 @@ class CoOccurrenceRecorder:
         self._flush()
         pairs = self.pairs
         if self.sets is not None and pairs is not None:
-            pairs = np.union1d(pairs, pairs_of_sets(self.sets, self.vocab_size))
+            pairs = sorted_unique(pairs, pairs_of_sets(self.sets, self.vocab_size))
         return {"event_sets": None if self.sets is None else sorted(sorted(s) for s in self.sets),
                 "event_pairs": None if pairs is None or len(pairs) > MAX_EVENT_PAIRS else pairs}
 
@@ -136,8 +136,7 @@ def merge_co_occurrence(summaries: list[dict]) -> dict:
     sets = [s["event_sets"] for s in summaries]
     union = None if None in sets else {tuple(x) for shard in sets for x in shard}
     pairs = [s["event_pairs"] for s in summaries]
-    pair_union = None if any(p is None for p in pairs) else \
-        np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in pairs] or [np.empty(0, np.int64)]))
+    pair_union = None if any(p is None for p in pairs) else sorted_unique(*pairs)
     return {"event_sets": None if union is None or len(union) > MAX_EVENT_SETS else sorted(list(x) for x in union),
             "event_pairs": None if pair_union is None or len(pair_union) > MAX_EVENT_PAIRS else pair_union}
 

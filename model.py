@@ -250,7 +250,19 @@ def probability_columns(ranks: torch.Tensor, log_probs: torch.Tensor) -> dict[st
 
 
 MAX_EVENT_PAIRS = 2_000_000  # beyond this many distinct pairs of co-occurring event types, the record is dropped
-PAIR_SLICE = 2 ** 22          # pairs generated at a time: a session of m distinct types has m(m-1)/2 of them
+PAIR_SLICE = 2 ** 20          # pairs generated at a time: a session of m distinct types has m(m-1)/2 of them
+
+
+def sorted_unique(*arrays: np.ndarray) -> np.ndarray:
+    """The sorted distinct int64 values of the arrays together: np.unique by a sort, which is several times
+    faster than numpy 2's hash-based np.unique on millions of integer codes."""
+    values = np.sort(np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays] or [np.empty(0, np.int64)]))
+    if len(values) < 2:
+        return values
+    keep = np.empty(len(values), dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
 
 
 def event_pairs(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -262,7 +274,7 @@ def event_pairs(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int) -> Ite
     session = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     known = (tokens >= 0) & (tokens < vocab_size)
     # one entry per (session, type), sorted by session and then type
-    session, types = np.divmod(np.unique(session[known] * vocab_size + tokens[known]), vocab_size)
+    session, types = np.divmod(sorted_unique(session[known] * vocab_size + tokens[known]), vocab_size)
     ends = np.cumsum(np.bincount(session, minlength=len(lengths)))
     later = ends[session] - np.arange(len(types)) - 1    # how many greater types its session holds
     cumulative = np.cumsum(later)
@@ -288,7 +300,7 @@ class CoOccurrence:
     def __init__(self, vocab_size: int, sets=None, pairs=None):
         self.vocab_size = vocab_size
         self.sets = None if sets is None else {frozenset(s) for s in sets}
-        self.pairs = None if pairs is None else np.unique(np.asarray(pairs, dtype=np.int64))
+        self.pairs = None if pairs is None else sorted_unique(pairs)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "CoOccurrence":
@@ -342,8 +354,7 @@ def pairs_of_sets(sets, vocab_size: int) -> np.ndarray:
     sets = [list(s) for s in sets]
     lengths = np.fromiter(map(len, sets), dtype=np.int64, count=len(sets))
     tokens = np.fromiter(itertools.chain.from_iterable(sets), dtype=np.int64, count=int(lengths.sum()))
-    parts = [np.unique(codes) for codes, _ in event_pairs(tokens, lengths, vocab_size)]
-    return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+    return sorted_unique(*(sorted_unique(codes) for codes, _ in event_pairs(tokens, lengths, vocab_size)))
 
 
 def _as_list_of_lists(sessions) -> list[list[int]]:
