@@ -544,8 +544,8 @@ class CachedSessions:
     # ------------------------------------------------------------------ counts
     def count(self) -> dict:
         """Sessions, windows and predicted tokens of this split, from the caches' records and window index
-        (no parsing); with the training split, also the targets and event sets it holds (recorded by the
-        first pass; None for other splits)."""
+        (no parsing); with the training split, also the targets it holds and which event types occur
+        together, as sets and pairs (recorded by the first pass; None for other splits)."""
         sessions = abnormal = tokens = 0
         step = PASS_SESSIONS
         for part in self.parts:
