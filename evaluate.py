@@ -12,14 +12,14 @@ Examples:
     python evaluate.py --checkpoint outputs/hdfs_raw/train/checkpoints/best_model.pt \
         --detect /logs/today/ --parser-state outputs/hdfs_raw/parser_state.json   # raw logs, via preprocess.py
 
-Scores. For every session the model predicts each next event from the start token to the end of the
-session. Per session we keep: the anomaly score (fraction of predictions whose actual event is outside
-the top-k), the worst rank (DeepLog's rule: abnormal when any event is outside the top-g), the lowest
-probability the model gave an actual event and the probability it gave the session's end (the probability
-rule bounds each), whether its set of event types
-ever occurred in a normal training session (the event_set rule) and whether every pair of its event types
-shared one (the event_pair rule); `combined`, the default, is any of the three. Thresholds are fitted on
-normal sessions only (calibration), stored with the model, and never fitted on the data being scored.
+Scores. For every session the model predicts each next event from the start token to the end of the session.
+Per session we keep: the anomaly score (fraction of predictions whose actual event is outside the top-k), the
+worst rank (DeepLog's rule: abnormal when any event is outside the top-g), the lowest probability the model
+gave an actual event and the probability it gave the session's end (the probability rule bounds each), whether
+its set of event types ever occurred in a normal training session (the event_set rule) and whether every pair
+of its event types shared one (the event_pair rule); `combined`, the default, is any of the three. Thresholds
+are fitted on normal sessions only (calibration), stored with the model, and never fitted on the data being
+scored.
 
 Memory does not grow with the data: sessions stream from their source in chunks (CHUNK_SIZE) and every
 metric is a sum accumulated chunk by chunk, the same numbers as if every distinct session were scored at
