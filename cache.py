@@ -715,17 +715,22 @@ def keyed_permutation(values: np.ndarray, n: int, key: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- sessions for evaluation
-def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096) -> Iterator[list[tuple]]:
+def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096,
+                   max_events: int = 2 ** 22) -> Iterator[list[tuple]]:
     """Sessions of the caches as chunks of event-ID tuples, in file order: `wanted` is "calibration" or
     "evaluation" (the two halves of the normal validation split, or of all normal sessions when the
-    split is 0), "normal" (every normal session), "abnormal" (label 1) or "all"."""
+    split is 0), "normal" (every normal session), "abnormal" (label 1) or "all". A chunk holds at most `chunk_size`
+    sessions and, past its first session, `max_events` events: long sessions make short chunks."""
     for entry in entries:
         meta = json.loads((entry / "meta.json").read_text())
         split_is_zero = meta["key"]["validation_split"] == 0
         for summary in meta["parts"]:
             part = _Part(entry / f"part-{summary['part']}", summary, meta["key"]["path"])
-            for begin in range(0, part.sessions, chunk_size):
-                end = min(begin + chunk_size, part.sessions)
+            all_offsets, begin = part["offsets"], 0
+            while begin < part.sessions:
+                # the largest end within both bounds, at least one session past begin
+                end = int(np.searchsorted(all_offsets, all_offsets[begin] + max_events, side="right")) - 1
+                end = min(max(end, begin + 1), begin + chunk_size, part.sessions)
                 flags = part["flags"][begin:end]
                 abnormal = (flags & FLAG_ABNORMAL) != 0
                 if wanted == "all":
@@ -740,11 +745,13 @@ def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096) -> 
                     chosen = held_out & (calibration if wanted == "calibration" else ~calibration)
                 indices = np.flatnonzero(chosen)
                 if not len(indices):
+                    begin = end
                     continue
                 offsets = part["offsets"][begin:end + 1]
                 tokens = part.tokens.array[offsets[0]:offsets[-1]].tolist()
                 local = (offsets - offsets[0]).tolist()
                 yield [tuple(tokens[local[i] + 1:local[i + 1] - 1]) for i in indices.tolist()]
+                begin = end
             part.release()
 
 

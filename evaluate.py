@@ -50,17 +50,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import utils
 from cache import build_caches, cache_settings, default_cache_dir, session_chunks
 from dataset import DataError, Record, is_validation, iter_sessions, list_data_files
-from model import IGNORE_INDEX, CoOccurrence, DeepLog, probability_columns, verdicts
+from model import IGNORE_INDEX, CoOccurrence, DeepLog, verdicts
 
 ACCURACY_KS = (1, 5, 10, 20)
 PERCENTILES = (90, 95, 99)
 RULES = ("combined", "probability", "event_set", "event_pair", "top_g", "score_p90", "score_p95", "score_p99")
 CHUNK_SIZE = 8192             # sessions read, de-duplicated and scored together
+CHUNK_EVENTS = 2 ** 22        # and at most this many events in a chunk (more only for one longer session)
 MAX_CACHED = 100_000          # distinct sessions whose scores are kept across chunks
 MAX_CACHED_LENGTH = 512       # longer sessions rarely repeat: not worth a place in the cache
 MAX_EXACT_SCORES = 200_000    # distinct anomaly-score values kept exactly for the percentiles
@@ -75,7 +75,10 @@ def load_model(checkpoint_path, device: torch.device) -> tuple[DeepLog, dict]:
     try:
         model = DeepLog(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model_state_dict"])
-    except (TypeError, RuntimeError) as error:
+        data = checkpoint.get("config", {}).get("data", {})   # score in the windows of training
+        model.set_windows(data.get("max_seq_length", model.max_seq_length),
+                          data.get("window_context", model.window_context))
+    except (TypeError, RuntimeError, ValueError) as error:
         raise utils.CheckpointError(f"{checkpoint_path}: weights do not fit the stored model arguments "
                                     f"{checkpoint['model_args']} ({str(error).splitlines()[0]})") from None
     return model.to(device).eval(), checkpoint
@@ -88,10 +91,18 @@ def known_co_occurrence(checkpoint: dict) -> CoOccurrence:
 
 
 # ----------------------------------------------------------------------------- sources of sessions
-def chunked(sessions: Iterable, chunk_size: int = CHUNK_SIZE) -> Iterator[list]:
-    """Consecutive items in lists of `chunk_size` (the last one shorter, none empty)."""
-    sessions = iter(sessions)
-    while chunk := list(itertools.islice(sessions, chunk_size)):
+def chunked(sessions: Iterable, chunk_size: int = CHUNK_SIZE, max_events: int = CHUNK_EVENTS) -> Iterator[list]:
+    """Consecutive items in lists of at most `chunk_size` items and, past the first item, `max_events` events
+    (an item is a sequence of events, or a Record), so that long sessions make short chunks; none empty."""
+    chunk, events = [], 0
+    for item in sessions:
+        size = len(item.event_ids if isinstance(item, Record) else item)
+        if chunk and (len(chunk) >= chunk_size or events + size > max_events):
+            yield chunk
+            chunk, events = [], 0
+        chunk.append(item)
+        events += size
+    if chunk:
         yield chunk
 
 
@@ -127,41 +138,15 @@ def score_columns(top_ks) -> list[str]:
             "loss_count", "unknown", "novel_set", "novel_pair"] + [f"misses_at_{k}" for k in sorted(set(top_ks))]
 
 
-@torch.no_grad()
 def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: int = 256,
-                   desc: str = "scoring", co_occurrence: CoOccurrence | None = None) -> dict[str, np.ndarray]:
-    """Score distinct sessions in batches of similar length, one LSTM pass each.
-
-    Returns arrays aligned with `sessions`: predictions (n + 1), misses_at_k for each k, max_rank,
-    min_log_prob, min_event_log_prob, end_log_prob (model.probability_columns), loss_sum and loss_count
-    (targets the model knows), unknown (events never seen in
-    training), novel_set (1 when the session's set of event types never occurred in a normal training
-    session) and novel_pair (1 when two of its event types never shared one): both 0 where `co_occurrence`
-    holds no such record.
-    """
-    ks = sorted(set(top_ks))
-    order = sorted(range(len(sessions)), key=lambda i: len(sessions[i]))
-    out = {name: np.zeros(len(sessions), dtype=np.float64) for name in score_columns(top_ks)}
-    if co_occurrence is not None:
-        out["novel_set"], out["novel_pair"] = co_occurrence.novel(sessions)
-    device = next(model.parameters()).device
-    with tqdm(total=len(sessions), desc=desc, disable=not sys.stderr.isatty(), leave=False) as progress:
-        for begin in range(0, len(order), batch_size):
-            rows = order[begin:begin + batch_size]
-            inputs, targets = model.encode([sessions[i] for i in rows], device)
-            ranks, log_probs = model.prediction_ranks(inputs, targets)
-            valid = ranks >= 0
-            finite = valid & torch.isfinite(log_probs)
-            # loss summed in float64: in float32 the sum's rounding depends on the batch's padded length,
-            # so the same session would score differently in another chunk
-            values = {"predictions": valid.sum(1), "max_rank": ranks.max(1).values,
-                      **probability_columns(ranks, log_probs),
-                      "loss_sum": -torch.where(finite, log_probs, 0.0).double().sum(1), "loss_count": finite.sum(1),
-                      "unknown": (valid & ~finite).sum(1)}
-            values.update({f"misses_at_{k}": ((ranks >= k) & valid).sum(1) for k in ks})
-            for name, tensor in values.items():
-                out[name][rows] = tensor.double().cpu().numpy()
-            progress.update(len(rows))
+                   co_occurrence: CoOccurrence | None = None) -> dict[str, np.ndarray]:
+    """Score distinct sessions: arrays aligned with `sessions`, the columns of DeepLog.session_scores (computed
+    in the windows of training, in batches of at most batch_size windows' worth of positions), plus novel_set
+    (1 when the session's set of event types never occurred in a normal training session) and novel_pair (1
+    when two of its event types never shared one): both 0 where `co_occurrence` holds no such record."""
+    columns = model.session_scores(sessions, top_ks, batch_size * model.max_seq_length)
+    out = {name: column.numpy() for name, column in columns.items()}
+    out["novel_set"], out["novel_pair"] = (co_occurrence or CoOccurrence(model.vocab_size)).novel(sessions)
     return out
 
 
@@ -205,7 +190,7 @@ class ChunkScorer:
         misses = [i for i, hit in enumerate(cached) if not hit]
         if misses:
             fresh = score_sessions(self.model, [sessions[i] for i in misses], self.top_ks, self.batch_size,
-                                   self.desc, self.co_occurrence)
+                                   self.co_occurrence)
             table[misses] = np.column_stack([fresh[name] for name in self.columns])
             self.scored += len(misses)
             for i in misses:
@@ -338,21 +323,21 @@ class ImpliedTail:
 
     @torch.no_grad()
     def add(self, model: DeepLog, sessions: list, weights: np.ndarray, batch_size: int = 256) -> None:
-        device = next(model.parameters()).device
-        for begin in range(0, len(sessions), batch_size):
-            inputs, targets = model.encode(list(sessions[begin:begin + batch_size]), device)
-            log_probs = torch.log_softmax(model(inputs).float(), dim=-1)
-            valid = targets != IGNORE_INDEX
-            position_weights = torch.as_tensor(weights[begin:begin + batch_size], dtype=torch.float64,
-                                               device=device).unsqueeze(1).expand_as(valid)[valid]
-            log_probs = log_probs[valid]                                        # [positions, classes]
-            # classes never seen in training are left out: their probability is whatever the softmax left them
-            # (they were never a target), and calibration sessions that hold one count as flagged anyway
-            mass = log_probs.double().exp() * position_weights.unsqueeze(1) * model.seen_events
-            bins = (-log_probs).clamp(max=MAX_SURPRISAL).div(SURPRISAL_BIN).long()
-            for histogram, columns in ((self.event, slice(0, model.end_id)), (self.end, slice(model.end_id, None))):
-                histogram += torch.bincount(bins[:, columns].flatten(), mass[:, columns].flatten(),
-                                            minlength=self.bins).cpu().numpy()
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        with model._evaluating():
+            for batch in model.windows(sessions, batch_size * model.max_seq_length):
+                log_probs = torch.log_softmax(batch.logits.float(), dim=-1)
+                valid = batch.targets != IGNORE_INDEX      # each prediction once: context and padding left out
+                position_weights = weights.to(log_probs.device)[batch.owners].unsqueeze(1).expand_as(valid)[valid]
+                log_probs = log_probs[valid]                                        # [positions, classes]
+                # classes never seen in training are left out: their probability is whatever the softmax left
+                # them (they were never a target), and calibration sessions that hold one count as flagged anyway
+                mass = log_probs.double().exp() * position_weights.unsqueeze(1) * model.seen_events
+                bins = (-log_probs).clamp(max=MAX_SURPRISAL).div(SURPRISAL_BIN).long()
+                for histogram, columns in ((self.event, slice(0, model.end_id)),
+                                           (self.end, slice(model.end_id, None))):
+                    histogram += torch.bincount(bins[:, columns].flatten(), mass[:, columns].flatten(),
+                                                minlength=self.bins).cpu().numpy()
 
     def threshold(self, which: str, target: float, sessions: float) -> float:
         """The lowest surprisal t (a bin edge) at which the mass above t is at most `target` per session."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,36 @@ IGNORE_INDEX = -100  # target value for padding: cross_entropy skips it, metrics
 def special_tokens(vocab_size: int) -> tuple[int, int, int, int]:
     """(end_id, pad_id, start_id, unk_id): all above the user's IDs, which are never shifted."""
     return vocab_size, vocab_size + 1, vocab_size + 2, vocab_size + 3
+
+
+SCORING_TOKENS = 2 ** 16   # positions (rows x padded length) per scoring batch, by default
+LOGIT_BUDGET = 2 ** 24     # logits per scoring batch: a big vocabulary gets fewer positions, memory stays bounded
+
+
+def window_spans(predictions: int, max_seq_length: int, window_context: int) -> list[tuple[int, int, int]]:
+    """How a session of `predictions` positions (n events + the end) is cut into windows, as training cuts it:
+    (begin, end, first scored) per window. Windows advance by max_seq_length - window_context; each later one
+    re-reads the previous window_context positions as context, whose predictions the earlier window made, so
+    every position is predicted exactly once, from at least window_context positions of history."""
+    if predictions <= max_seq_length:
+        return [(0, predictions, 0)]
+    stride = max_seq_length - window_context
+    spans, begin = [], 0
+    while True:
+        end = min(begin + max_seq_length, predictions)
+        spans.append((begin, end, begin + window_context if begin else 0))
+        if end == predictions:
+            return spans
+        begin += stride
+
+
+class WindowBatch(NamedTuple):
+    """One scoring batch: the logits of its windows [rows, time, classes], their targets (context and padding
+    IGNORE_INDEX), the session each row belongs to and the session position of its first column."""
+    logits: torch.Tensor
+    targets: torch.Tensor
+    owners: torch.Tensor
+    offsets: torch.Tensor
 
 
 class DeepLog(nn.Module):
@@ -65,6 +95,9 @@ class DeepLog(nn.Module):
         # model never saw is a miss at every k even if it happens to rank high: the model knows nothing
         # of it. Saved in the state dict, so the manual load_state_dict route keeps it too.
         self.register_buffer("seen_events", torch.ones(self.num_classes, dtype=torch.bool))
+        # Scoring cuts long sessions into the windows training used (window_spans): from_checkpoint sets the
+        # training's data.max_seq_length and data.window_context; these are the config's defaults.
+        self.max_seq_length, self.window_context = 256, 32
         self.calibration: dict | None = None      # detection thresholds: set by from_checkpoint
         self.co_occurrence: CoOccurrence | None = None  # event types seen together in training: likewise
 
@@ -139,15 +172,107 @@ class DeepLog(nn.Module):
         finally:
             self.train(was_training)
 
+    # ------------------------------------------------------------------ scoring in windows
+    def set_windows(self, max_seq_length: int, window_context: int) -> "DeepLog":
+        """Score sessions in the windows training cut them into (data.max_seq_length, data.window_context)."""
+        if not 0 <= window_context < max_seq_length:
+            raise ValueError(f"window_context {window_context} must be in [0, max_seq_length {max_seq_length})")
+        self.max_seq_length, self.window_context = int(max_seq_length), int(window_context)
+        return self
+
+    def scoring_tokens(self, max_tokens: int | None = None) -> int:
+        """Positions per scoring batch: `max_tokens` (SCORING_TOKENS by default) but at most LOGIT_BUDGET
+        logits, and always room for one whole window."""
+        tokens = min(max_tokens or SCORING_TOKENS, LOGIT_BUDGET // self.num_classes)
+        return max(tokens, self.max_seq_length)
+
+    @torch.no_grad()
+    def windows(self, sessions: Sequence[Sequence[int]], max_tokens: int | None = None) -> Iterator[WindowBatch]:
+        """The LSTM's outputs for every prediction of `sessions`, in batches bounded by positions rather than
+        sessions (scoring_tokens), so memory does not depend on how long a session is. A session of n events
+        has n + 1 predictions (its events, then the end), cut into window_spans as in training; each window
+        starts from a fresh hidden state, as in training, and scores only the positions past its context.
+        Windows are batched by length (least padding); IDs >= vocab_size are unk_id, as in encode()."""
+        device = next(self.parameters()).device
+        known = [np.asarray(s, dtype=np.int64) for s in sessions]
+        known = [np.where(k >= self.vocab_size, self.unk_id, k) for k in known]
+        spans = sorted((end - begin, owner, begin, end, scored) for owner, k in enumerate(known)
+                       for begin, end, scored in window_spans(len(k) + 1, self.max_seq_length, self.window_context))
+        budget, first = self.scoring_tokens(max_tokens), 0
+        while first < len(spans):
+            last = first + 1   # spans are sorted by length: the last row is the longest, the batch's width
+            while last < len(spans) and (last + 1 - first) * spans[last][0] <= budget:
+                last += 1
+            batch = spans[first:last]
+            width = batch[-1][0]
+            inputs = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+            targets = np.full((len(batch), width), IGNORE_INDEX, dtype=np.int64)
+            for row, (length, owner, begin, end, scored) in enumerate(batch):
+                events = known[owner]
+                if begin == 0:
+                    inputs[row, 0] = self.start_id
+                    inputs[row, 1:length] = events[:end - 1]
+                else:
+                    inputs[row, :length] = events[begin - 1:end - 1]
+                stop = min(end, len(events))
+                targets[row, :stop - begin] = events[begin:stop]
+                if end == len(events) + 1:
+                    targets[row, length - 1] = self.end_id
+                targets[row, :scored - begin] = IGNORE_INDEX
+            owners = torch.tensor([span[1] for span in batch], device=device)
+            offsets = torch.tensor([span[2] for span in batch], device=device)
+            logits = self(torch.from_numpy(inputs).to(device))
+            yield WindowBatch(logits, torch.from_numpy(targets).to(device), owners, offsets)
+            first = last
+
+    @torch.no_grad()
+    def session_scores(self, sessions: Sequence[Sequence[int]], top_ks=(), max_tokens: int | None = None,
+                       ) -> dict[str, torch.Tensor]:
+        """Per session (float64 tensors on the CPU): predictions (n + 1), misses_at_k for each k in top_ks,
+        max_rank (the worst rank of an actual event), min_log_prob (the least likely prediction),
+        min_event_log_prob (the least likely event; +inf for an empty session), end_log_prob (the end of
+        session), loss_sum and loss_count (over targets the model knows) and unknown (events never seen in
+        training: rank num_classes, log-probability -inf). Computed over windows (see windows()): a session
+        of at most max_seq_length predictions is one window, the whole session in one pass."""
+        ks = sorted(set(top_ks))
+        n = len(sessions)
+        lengths = torch.tensor([len(s) for s in sessions], dtype=torch.long)
+        out = {"predictions": torch.zeros(n, dtype=torch.float64),
+               "max_rank": torch.full((n,), -1.0, dtype=torch.float64),
+               "min_log_prob": torch.full((n,), math.inf, dtype=torch.float64),
+               "min_event_log_prob": torch.full((n,), math.inf, dtype=torch.float64),
+               "end_log_prob": torch.zeros(n, dtype=torch.float64), "loss_sum": torch.zeros(n, dtype=torch.float64),
+               "loss_count": torch.zeros(n, dtype=torch.float64), "unknown": torch.zeros(n, dtype=torch.float64),
+               **{f"misses_at_{k}": torch.zeros(n, dtype=torch.float64) for k in ks}}
+        with self._evaluating():
+            for batch in self.windows(sessions, max_tokens):
+                ranks, log_probs = self.ranks_from_logits(batch.logits, batch.targets)
+                ranks, log_probs, owners = ranks.cpu(), log_probs.double().cpu(), batch.owners.cpu()
+                valid = ranks >= 0
+                finite = valid & torch.isfinite(log_probs)
+                position = batch.offsets.cpu().unsqueeze(1) + torch.arange(ranks.size(1))
+                is_end = valid & (position == lengths[owners].unsqueeze(1))
+                # sums in float64: in float32 their rounding would depend on the batch a session lands in
+                sums = {"predictions": valid.sum(1), "loss_count": finite.sum(1), "unknown": (valid & ~finite).sum(1),
+                        "loss_sum": -torch.where(finite, log_probs, 0.0).sum(1),
+                        **{f"misses_at_{k}": ((ranks >= k) & valid).sum(1) for k in ks}}
+                for name, values in sums.items():
+                    out[name].index_add_(0, owners, values.double())
+                out["max_rank"].scatter_reduce_(0, owners, ranks.max(1).values.double(), "amax")
+                out["min_log_prob"].scatter_reduce_(
+                    0, owners, torch.where(valid, log_probs, math.inf).min(1).values, "amin")
+                out["min_event_log_prob"].scatter_reduce_(
+                    0, owners, torch.where(valid & ~is_end, log_probs, math.inf).min(1).values, "amin")
+                has_end = is_end.any(1)
+                out["end_log_prob"][owners[has_end]] = log_probs[is_end]
+        return out
+
     @torch.no_grad()
     def calculate_anomaly_score(self, input_ids, top_k: int = 10) -> torch.Tensor:
         """Per session: the fraction of its next-event predictions (start and end included) whose
         actual event is outside the top_k. Takes a 1-D sequence or a right-padded 2-D batch."""
-        with self._evaluating():
-            ranks, _ = self.prediction_ranks(*self.encode(input_ids))
-        valid = ranks >= 0
-        misses = ((ranks >= top_k) & valid).sum(1)
-        return (misses.float() / valid.sum(1).clamp(min=1)).cpu()
+        scores = self.session_scores(_as_list_of_lists(input_ids), [top_k])
+        return (scores[f"misses_at_{top_k}"] / scores["predictions"].clamp(min=1)).float()
 
     @torch.no_grad()
     def diagnose(self, input_ids, top_k: int = 10, max_misses: int | None = None,
@@ -155,39 +280,42 @@ class DeepLog(nn.Module):
         """Per session, each miss: its position (0 = the first event, n = the end), the actual event
         ("<end>" for the end of session), its probability and the top_k events the model expected, best
         first. A miss is an actual event outside the top_k or, given log_prob_bound, less likely than it
-        (the end of session: than end_log_prob_bound, when given)."""
+        (the end of session: than end_log_prob_bound, when given). The first max_misses, in session order."""
         sessions = _as_list_of_lists(input_ids)
-        with self._evaluating():
-            inputs, targets = self.encode(sessions)
-            logits = self(inputs)
-            ranks, log_probs = self.ranks_from_logits(logits, targets)
-            expected = logits.topk(min(top_k, self.num_classes), dim=-1).indices
         label = lambda token: "<end>" if token == self.end_id else int(token)  # noqa: E731
-        report = []
-        for row in range(inputs.size(0)):
-            misses = []
-            missed = ranks[row] >= top_k
-            if log_prob_bound is not None:
-                bounds = torch.full_like(log_probs[row], log_prob_bound)
-                if end_log_prob_bound is not None:
-                    bounds[len(sessions[row])] = end_log_prob_bound
-                missed |= (ranks[row] >= 0) & (log_probs[row] < bounds)
-            for pos in torch.nonzero(missed).flatten().tolist():
-                actual = sessions[row][pos] if pos < len(sessions[row]) else "<end>"  # the real ID, even unknown
-                misses.append({"position": pos, "actual": actual,
-                               "probability": float(log_probs[row, pos].exp()),
-                               "expected": [label(t) for t in expected[row, pos].tolist()]})
-                if max_misses is not None and len(misses) >= max_misses:
-                    break
-            report.append(misses)
-        return report
+        found: list[list[tuple[int, dict]]] = [[] for _ in sessions]
+        with self._evaluating():
+            for batch in self.windows(sessions):
+                ranks, log_probs = self.ranks_from_logits(batch.logits, batch.targets)
+                missed = ranks >= top_k
+                if log_prob_bound is not None:
+                    bounds = torch.full_like(log_probs, log_prob_bound)
+                    if end_log_prob_bound is not None:
+                        bounds[batch.targets == self.end_id] = end_log_prob_bound
+                    missed |= (ranks >= 0) & (log_probs < bounds)
+                rows, columns = torch.nonzero(missed, as_tuple=True)
+                if not len(rows):
+                    continue
+                expected = batch.logits[rows, columns].topk(min(top_k, self.num_classes), dim=-1).indices
+                for row, column, ranked in zip(rows.tolist(), columns.tolist(), expected.tolist()):
+                    owner, position = int(batch.owners[row]), int(batch.offsets[row]) + column
+                    events = sessions[owner]
+                    actual = events[position] if position < len(events) else "<end>"  # the real ID, even unknown
+                    found[owner].append((position, {
+                        "position": position, "actual": actual, "probability": float(log_probs[row, column].exp()),
+                        "expected": [label(t) for t in ranked]}))
+        return [[miss for _, miss in sorted(misses, key=lambda item: item[0])][:max_misses] for misses in found]
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> "DeepLog":
-        """Build the model from a checkpoint written by train.py (weights_only load, no pickled code)."""
+        """Build the model from a checkpoint written by train.py (weights_only load, no pickled code), scoring
+        in the windows it was trained with."""
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         model = cls(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model_state_dict"])
+        data = checkpoint.get("config", {}).get("data", {})
+        model.set_windows(data.get("max_seq_length", model.max_seq_length),
+                          data.get("window_context", model.window_context))
         model.calibration = checkpoint.get("calibration")
         model.co_occurrence = CoOccurrence.from_checkpoint(checkpoint)
         return model.eval()
@@ -201,13 +329,8 @@ class DeepLog(nn.Module):
             raise ValueError("this model holds no calibration: load it with DeepLog.from_checkpoint from a "
                              "checkpoint whose training ended (or calibrate with evaluate.py --calibrate-on)")
         sessions = _as_list_of_lists(input_ids)
-        with self._evaluating():
-            ranks, log_probs = self.prediction_ranks(*self.encode(sessions))
-        valid = ranks >= 0
         top_k = self.calibration["top_k"]
-        scores = {"predictions": valid.sum(1), "max_rank": ranks.max(1).values, **probability_columns(ranks, log_probs),
-                  f"misses_at_{top_k}": ((ranks >= top_k) & valid).sum(1)}
-        scores = {name: column.double().cpu().numpy() for name, column in scores.items()}
+        scores = {name: column.numpy() for name, column in self.session_scores(sessions, [top_k]).items()}
         co_occurrence = self.co_occurrence or CoOccurrence(self.vocab_size)
         scores["novel_set"], scores["novel_pair"] = co_occurrence.novel(sessions)
         flagged = verdicts(scores, self.calibration, rule or self.calibration["default_rule"])
@@ -235,18 +358,6 @@ def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
         return (scores["min_event_log_prob"] < bound) | (scores["end_log_prob"] < end_bound)
     top_k = calibration["top_k"]
     return scores[f"misses_at_{top_k}"] / scores["predictions"] > calibration["score_thresholds"][rule[6:]]
-
-
-def probability_columns(ranks: torch.Tensor, log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per session (rows of prediction_ranks' output): the log-probability of its least likely prediction
-    (min_log_prob), of its least likely event (min_event_log_prob; +inf for an empty session) and of its end
-    (end_log_prob, the last prediction). The probability rule bounds events and the end separately."""
-    valid = ranks >= 0
-    end_position = valid.sum(1) - 1
-    is_end = torch.arange(ranks.size(1), device=ranks.device) == end_position.unsqueeze(1)
-    return {"min_log_prob": torch.where(valid, log_probs, math.inf).min(1).values,
-            "min_event_log_prob": torch.where(valid & ~is_end, log_probs, math.inf).min(1).values,
-            "end_log_prob": log_probs.gather(1, end_position.unsqueeze(1)).squeeze(1)}
 
 
 MAX_EVENT_PAIRS = 2_000_000  # beyond this many distinct pairs of co-occurring event types, the record is dropped

@@ -524,7 +524,7 @@ def _oracle_weighted_percentile(values: np.ndarray, weights: np.ndarray, q: floa
 def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, target_fpr: float, source: str,
                             default_rule: str, batch_size: int = 256, co_occurrence=None) -> dict:
     sessions, counts = list(normal), np.array(list(normal.values()), dtype=np.float64)
-    scores = E.score_sessions(model, sessions, [top_k, top_g], batch_size, "calibrating", co_occurrence)
+    scores = E.score_sessions(model, sessions, [top_k, top_g], batch_size, co_occurrence)
     anomaly = scores[f"misses_at_{top_k}"] / scores["predictions"]
     finite = np.isfinite(scores["min_log_prob"])
     least_likely = float(scores["min_log_prob"][finite].min()) if finite.any() else 0.0
@@ -582,7 +582,7 @@ def _oracle_evaluate(model, calibration: dict, normal: Counter, abnormal: Counte
                      default_rule: str, batch_size: int = 256, co_occurrence=None) -> tuple[dict, tuple]:
     ks = [*E.ACCURACY_KS, top_k, calibration["top_g"]]
     results: dict = {"top_k": top_k}
-    normal_scores = E.score_sessions(model, list(normal), ks, batch_size, "normal", co_occurrence) if normal else None
+    normal_scores = E.score_sessions(model, list(normal), ks, batch_size, co_occurrence) if normal else None
     normal_w = np.array(list(normal.values()), dtype=np.float64)
     if normal_scores is not None:
         predictions = float((normal_scores["predictions"] * normal_w).sum())
@@ -605,7 +605,7 @@ def _oracle_evaluate(model, calibration: dict, normal: Counter, abnormal: Counte
     plot_data = (normal_scores, normal_w, None, None)
     if abnormal:
         abnormal_w = np.array(list(abnormal.values()), dtype=np.float64)
-        abnormal_scores = E.score_sessions(model, list(abnormal), ks, batch_size, "abnormal", co_occurrence)
+        abnormal_scores = E.score_sessions(model, list(abnormal), ks, batch_size, co_occurrence)
         results["unknown_events"]["abnormal"] = int((abnormal_scores["unknown"] * abnormal_w).sum())
         empty = np.zeros(0, dtype=bool)
         results["rules"] = {}

@@ -27,3 +27,101 @@ def test_encode_adds_start_and_end_and_maps_unknown_ids():
     # a padded 2-D tensor (padding -1) and a 1-D sequence give the same encoding
     assert model.encode(torch.tensor([[3, 4, -1], [5, 42, 6]]))[0].tolist() == inputs.tolist()
     assert model.encode([3, 4])[1].tolist() == [[3, 4, 10]]
+
+
+# ----------------------------------------------------------------------------- scoring in windows
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from dataset import make_windows  # noqa: E402
+from model import window_spans  # noqa: E402
+
+
+def _whole_session_columns(model, sessions, ks):
+    """The columns as scoring computed them before windows: one pass over each whole session."""
+    inputs, targets = model.encode(sessions)
+    ranks, log_probs = model.prediction_ranks(inputs, targets)
+    valid = ranks >= 0
+    lengths = torch.tensor([len(s) for s in sessions])
+    is_end = torch.arange(ranks.size(1)) == lengths.unsqueeze(1)
+    return {"predictions": valid.sum(1), "max_rank": ranks.max(1).values,
+            "min_log_prob": torch.where(valid, log_probs, float("inf")).min(1).values,
+            "min_event_log_prob": torch.where(valid & ~is_end, log_probs, float("inf")).min(1).values,
+            "end_log_prob": log_probs.gather(1, lengths.unsqueeze(1)).squeeze(1),
+            **{f"misses_at_{k}": ((ranks >= k) & valid).sum(1) for k in ks}}
+
+
+def _trained_window_columns(model, session, ks):
+    """The columns of one session from the windows training cuts it into (dataset.make_windows)."""
+    ranks, log_probs = [], []
+    for inputs, targets in make_windows(list(session), model.vocab_size, model.max_seq_length, model.window_context):
+        r, lp = model.prediction_ranks(torch.tensor([inputs]), torch.tensor([targets]))
+        keep = r[0] >= 0
+        ranks.append(r[0][keep])
+        log_probs.append(lp[0][keep])
+    ranks, log_probs = torch.cat(ranks), torch.cat(log_probs)
+    return {"predictions": len(ranks), "max_rank": int(ranks.max()), "min_log_prob": float(log_probs.min()),
+            "min_event_log_prob": float(log_probs[:-1].min()) if len(log_probs) > 1 else float("inf"),
+            "end_log_prob": float(log_probs[-1]), **{f"misses_at_{k}": int((ranks >= k).sum()) for k in ks}}
+
+
+def test_window_spans_predict_every_position_once_with_context():
+    for predictions, length, context in [(5, 8, 2), (8, 8, 2), (9, 8, 2), (100, 8, 3), (1000, 256, 32), (57, 10, 0)]:
+        spans = window_spans(predictions, length, context)
+        scored = [p for begin, end, first in spans for p in range(first, end)]
+        assert scored == list(range(predictions))                 # every prediction once, in order
+        assert all(end - begin <= length for begin, end, _ in spans)
+        assert all(first - begin == (context if begin else 0) for begin, _, first in spans)
+
+
+def test_short_sessions_score_as_one_whole_pass():
+    """Sessions of at most max_seq_length predictions: the same numbers as the whole-session pass."""
+    torch.manual_seed(1)
+    model = DeepLog(vocab_size=12, embedding_dim=8, hidden_size=16, num_layers=2).eval().set_windows(32, 4)
+    rng = np.random.default_rng(0)
+    sessions = [rng.integers(0, 14, rng.integers(0, 32)).tolist() for _ in range(60)]   # 12, 13: unknown IDs
+    windowed = model.session_scores(sessions, [1, 3], max_tokens=200)   # several batches of varied width
+    whole = _whole_session_columns(model, sessions, [1, 3])
+    for name, column in whole.items():
+        assert torch.allclose(windowed[name], column.double(), atol=1e-5), name
+    assert torch.isinf(windowed["min_log_prob"][[12 in s or 13 in s for s in sessions]]).all()
+
+
+@pytest.mark.parametrize("length,context", [(16, 4), (16, 0), (9, 8)])
+def test_long_sessions_score_in_the_windows_of_training(length, context):
+    torch.manual_seed(2)
+    model = DeepLog(vocab_size=10, embedding_dim=8, hidden_size=16, num_layers=1).eval().set_windows(length, context)
+    rng = np.random.default_rng(1)
+    sessions = [rng.integers(0, 10, n).tolist() for n in (3, 15, 16, 40, 101)]
+    windowed = model.session_scores(sessions, [2], max_tokens=48)
+    for row, session in enumerate(sessions):
+        expected = _trained_window_columns(model, session, [2])
+        for name, value in expected.items():
+            assert float(windowed[name][row]) == pytest.approx(value, abs=1e-5), (name, len(session))
+
+
+def test_scoring_batches_are_bounded_by_positions_not_sessions():
+    model = DeepLog(vocab_size=10, embedding_dim=4, hidden_size=8, num_layers=1).eval().set_windows(64, 8)
+    sessions = [[1] * 100_000, [2, 3], [4] * 300]
+    budget = model.scoring_tokens(4096)
+    rows = 0
+    for batch in model.windows(sessions, max_tokens=4096):
+        assert batch.logits.shape[0] * batch.logits.shape[1] <= budget
+        rows += batch.logits.shape[0]
+    assert rows == sum(len(window_spans(len(s) + 1, 64, 8)) for s in sessions)
+    # a big vocabulary gets fewer positions per batch: its logits stay within the budget
+    big = DeepLog(vocab_size=100_000, embedding_dim=4, hidden_size=8, num_layers=1).set_windows(64, 8)
+    assert big.scoring_tokens(2 ** 16) * big.num_classes <= 2 ** 24 and big.scoring_tokens(2 ** 16) >= 64
+
+
+def test_diagnose_names_positions_of_long_sessions_in_session_order():
+    torch.manual_seed(3)
+    model = DeepLog(vocab_size=10, embedding_dim=8, hidden_size=16, num_layers=1).eval().set_windows(12, 3)
+    session = np.random.default_rng(2).integers(0, 10, 50).tolist() + [11]   # an unknown ID near the end
+    misses = model.diagnose([session], top_k=3)[0]
+    expected = _trained_window_columns(model, session, [3])
+    assert len(misses) == expected["misses_at_3"]
+    positions = [m["position"] for m in misses]
+    assert positions == sorted(positions) and 50 in positions
+    assert all(m["actual"] == (session[m["position"]] if m["position"] < len(session) else "<end>") for m in misses)
+    assert model.diagnose([session], top_k=3, max_misses=2)[0] == misses[:2]
