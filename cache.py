@@ -719,7 +719,8 @@ def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096,
                    max_events: int = 2 ** 22) -> Iterator[list[tuple]]:
     """Sessions of the caches as chunks of event-ID tuples, in file order: `wanted` is "calibration" or
     "evaluation" (the two halves of the normal validation split, or of all normal sessions when the
-    split is 0), "normal" (every normal session), "abnormal" (label 1) or "all". A chunk holds at most `chunk_size`
+    split is 0), "normal" (every normal session), "train" (the normal sessions outside the validation split),
+    "abnormal" (label 1) or "all". A chunk holds at most `chunk_size`
     sessions and, past its first session, `max_events` events: long sessions make short chunks."""
     for entry in entries:
         meta = json.loads((entry / "meta.json").read_text())
@@ -739,6 +740,8 @@ def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096,
                     chosen = abnormal
                 elif wanted == "normal":
                     chosen = ~abnormal
+                elif wanted == "train":   # the normal sessions training learned from
+                    chosen = ~abnormal & (split_is_zero | ((flags & FLAG_VALIDATION) == 0))
                 else:
                     held_out = ~abnormal & (split_is_zero | ((flags & FLAG_VALIDATION) != 0))
                     calibration = (flags & FLAG_CALIBRATION) != 0

@@ -54,11 +54,12 @@ import torch
 import utils
 from cache import build_caches, cache_settings, default_cache_dir, session_chunks
 from dataset import DataError, Record, is_validation, iter_sessions, list_data_files
-from model import IGNORE_INDEX, CoOccurrence, DeepLog, verdicts
+from model import IGNORE_INDEX, MAX_COUNT_VECTORS, CoOccurrence, CountVectors, DeepLog, verdicts
 
 ACCURACY_KS = (1, 5, 10, 20)
 PERCENTILES = (90, 95, 99)
-RULES = ("combined", "probability", "event_set", "event_pair", "top_g", "score_p90", "score_p95", "score_p99")
+RULES = ("combined", "probability", "event_set", "event_pair", "count_vector", "top_g", "score_p90", "score_p95",
+         "score_p99")
 CHUNK_SIZE = 8192             # sessions read, de-duplicated and scored together
 CHUNK_EVENTS = 2 ** 22        # and at most this many events in a chunk (more only for one longer session)
 MAX_CACHED = 100_000          # distinct sessions whose scores are kept across chunks
@@ -134,8 +135,9 @@ def nonempty(chunks: Iterable[list]) -> Iterator[list] | None:
 
 # ----------------------------------------------------------------------------- scoring
 def score_columns(top_ks) -> list[str]:
-    return ["predictions", "max_rank", "min_log_prob", "min_event_log_prob", "end_log_prob", "loss_sum",
-            "loss_count", "unknown", "novel_set", "novel_pair"] + [f"misses_at_{k}" for k in sorted(set(top_ks))]
+    return ["predictions", "max_rank", "min_log_prob", "min_event_log_prob", "min_seen_event_log_prob",
+            "end_log_prob", "loss_sum", "loss_count", "unknown", "novel_set", "novel_pair",
+            "count_distance"] + [f"misses_at_{k}" for k in sorted(set(top_ks))]
 
 
 def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: int = 256,
@@ -146,7 +148,9 @@ def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: in
     when two of its event types never shared one): both 0 where `co_occurrence` holds no such record."""
     columns = model.session_scores(sessions, top_ks, batch_size * model.max_seq_length)
     out = {name: column.numpy() for name, column in columns.items()}
-    out["novel_set"], out["novel_pair"] = (co_occurrence or CoOccurrence(model.vocab_size)).novel(sessions)
+    co_occurrence = co_occurrence or CoOccurrence(model.vocab_size)
+    out["novel_set"], out["novel_pair"] = co_occurrence.novel(sessions)
+    out["count_distance"] = co_occurrence.distance(sessions)
     return out
 
 
@@ -376,6 +380,117 @@ def target_fpr_threshold(values: np.ndarray, weights: np.ndarray, total: float, 
     return implied, f"model-implied at {target:g} over every position of {total:.0f} calibration sessions"
 
 
+CONFIDENCE = 0.95               # of the bounds stated on false-positive rates
+MIN_CALIBRATION_SESSIONS = 100  # fewer calibration sessions cannot promise the probability rule's target
+
+
+def binomial_bounds(flagged: float, sessions: float, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """One-sided Clopper-Pearson bounds on a rate from `flagged` of `sessions`: (lower, upper), each holding
+    with probability `confidence` (with 0 flagged the upper bound is 1 - (1 - confidence)^(1/n), ~3/n)."""
+    k, n = int(round(flagged)), int(round(sessions))
+    if n <= 0:
+        return 0.0, 1.0
+    alpha = 1 - confidence
+    i = np.arange(n + 1)
+    log_choose = np.array([math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) for j in
+                           range(n + 1)]) if n <= 100_000 else None
+
+    def at_most(count: int, p: float) -> float:   # P(X <= count) for X ~ Binomial(n, p)
+        if count < 0:
+            return 0.0
+        if p <= 0:
+            return 1.0
+        if p >= 1:
+            return 1.0 if count >= n else 0.0
+        if log_choose is None:  # normal approximation, with continuity correction, for huge n
+            return 0.5 * math.erfc(-(count + 0.5 - n * p) / math.sqrt(2 * n * p * (1 - p)))
+        terms = log_choose[:count + 1] + i[:count + 1] * math.log(p) + (n - i[:count + 1]) * math.log1p(-p)
+        return float(np.exp(terms).sum())
+
+    def solve(decreasing_in_p) -> float:
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if decreasing_in_p(middle) > alpha else (low, middle)
+        return (low + high) / 2
+
+    upper = 1.0 if k >= n else solve(lambda p: at_most(k, p))
+    lower = 0.0 if k <= 0 else 1 - solve(lambda q: 1 - at_most(k - 1, 1 - q))
+    return lower, upper
+
+
+def plan_rules(co_occurrence: CoOccurrence | None, target_fpr: float, vocab_size: int) -> dict:
+    """Which rules `combined` takes, decided from the normal training sessions themselves (their event-count
+    vectors, when that record is kept): each training session is compared with all the others (leave one out).
+    - If significantly more of them than target_fpr bring an event type, a set of types or a pair of types
+      that no other training session has (the lower confidence bound above the target), new normal sessions
+      will bring such novelty as often: that novelty is normal here, and the rule that flags it is left out of
+      `combined` (a never-seen event type then no longer flags by itself in the probability rule either).
+    - The count-vector rule flags a session farther (L1 distance of event counts) from every training session
+      than any training session is from its nearest other one: with n exchangeable normal sessions, a new one
+      is the farthest with probability at most 1/(n + 1) (a conformal bound).
+    Without the record (checkpoints of older versions, or too many distinct vectors): the earlier combination,
+    probability, event_set and event_pair, and no statement from the training data."""
+    with_sets = co_occurrence is not None and co_occurrence.sets is not None
+    with_pairs = co_occurrence is not None and co_occurrence.pairs is not None
+    plan = {"combined_rules": ["probability"] + ["event_set"] * with_sets + ["event_pair"] * with_pairs,
+            "unseen_events_flag": True, "count_vector_distance": None, "training_sessions": None,
+            "novelty_on_training": None, "novelty_is_normal": None}
+    counts = co_occurrence.counts if co_occurrence is not None else None
+    if counts is None:
+        return plan
+    sessions, novelty = counts.sessions, counts.novelty(vocab_size)
+    is_normal = {name: binomial_bounds(k, sessions)[0] > target_fpr for name, k in novelty.items()}
+    leave_one_out = counts.leave_one_out()
+    finite = np.isfinite(leave_one_out)
+    distance = float(leave_one_out[finite].max()) if finite.any() else None
+    kept = [rule for rule, recorded in (("event_set", with_sets), ("event_pair", with_pairs))
+            if recorded and not is_normal[rule]]
+    plan.update(combined_rules=["probability", *kept] + ["count_vector"] * (distance is not None),
+                unseen_events_flag=not is_normal["event_type"], count_vector_distance=distance,
+                training_sessions=sessions, novelty_on_training=novelty, novelty_is_normal=is_normal)
+    return plan
+
+
+def expected_rates(calibration: dict) -> dict:
+    """What each rule is expected to flag of new normal sessions, at most (95% bounds): the probability rule
+    its target; the event-set and event-pair rules the upper bound from the training sessions that brought a
+    novelty of that kind; the count-vector rule 1/(n + 1); `combined` the sum of its rules (a new pair is a
+    new set, so the two together count once)."""
+    sessions, novelty = calibration.get("training_sessions"), calibration.get("novelty_on_training")
+    rates = {"probability": calibration["target_fpr"]}
+    if novelty is not None:
+        for rule in ("event_set", "event_pair"):
+            rates[rule] = binomial_bounds(novelty[rule], sessions)[1]
+        if calibration.get("count_vector_distance") is not None:
+            rates["count_vector"] = 1 / (sessions + 1)
+    parts = [rule for rule in calibration["combined_rules"] if rule in rates]
+    records = [rates[rule] for rule in ("event_set", "event_pair") if rule in parts]
+    rates["combined"] = rates["probability"] + (max(records) if records else 0.0) + rates.get(
+        "count_vector", 0.0) * ("count_vector" in parts)
+    return rates
+
+
+def calibration_warnings(calibration: dict, rule: str) -> list[str]:
+    """What the expected false-positive rate of `rule` cannot promise, in words, with what to do."""
+    warnings = []
+    sessions, flagged = calibration["sessions"], calibration["flagged_on_calibration"].get("probability", 0.0)
+    if rule in ("combined", "probability") and sessions < MIN_CALIBRATION_SESSIONS:
+        upper = binomial_bounds(flagged * sessions, sessions)[1]
+        warnings.append(
+            f"the probability rule's bounds rest on {sessions} calibration session(s), too few to promise its "
+            f"target false-positive rate {calibration['target_fpr']:g}: from what was seen ("
+            f"{flagged * sessions:.0f} flagged) its rate could be up to {upper:.1%} ({CONFIDENCE:.0%} upper bound). "
+            f"Train on more normal sessions, or refit on at least {MIN_CALIBRATION_SESSIONS * 10} other normal "
+            f"sessions with evaluate.py --calibrate-on DIR")
+    expected = calibration.get("expected_fpr", {}).get(rule)
+    if expected is not None and expected > 0.01:
+        warnings.append(f"the '{rule}' rule is expected to flag up to {expected:.2%} of normal sessions: "
+                        f"{calibration.get('training_sessions')} normal training sessions bound it no tighter; "
+                        f"more normal training data tightens it")
+    return warnings
+
+
 def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, target_fpr: float, source: str,
                     default_rule: str, batch_size: int = 256, co_occurrence: CoOccurrence | None = None,
                     max_cached: int = MAX_CACHED, max_exact_scores: int = MAX_EXACT_SCORES) -> dict:
@@ -389,11 +504,14 @@ def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, targe
     """
     if not 0 < target_fpr < 0.5:
         raise utils.ConfigError(f"target false-positive rate {target_fpr}: must be in (0, 0.5)")
+    plan = plan_rules(co_occurrence, target_fpr, model.vocab_size)
+    event_column = "min_event_log_prob" if plan["unseen_events_flag"] else "min_seen_event_log_prob"
+    others = [rule for rule in plan["combined_rules"] if rule != "probability"]
     scorer = ChunkScorer(model, [top_k, top_g], batch_size, co_occurrence, max_cached, "calibrating")
     quantiles = ScoreQuantiles(max_exact_scores)
     tail, implied = CalibrationTail(max_exact_scores), ImpliedTail()
     sessions, least_likely, novel = 0.0, math.inf, 0.0
-    flagged = dict.fromkeys(("event_set", "event_pair", "top_g"), 0.0)
+    flagged = dict.fromkeys(("event_set", "event_pair", "count_vector", "top_g"), 0.0)
     for chunk in normal:
         distinct, scores, weights = scorer(chunk)
         implied.add(model, distinct, weights, batch_size)
@@ -403,12 +521,14 @@ def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, targe
         if finite.any():
             least_likely = min(least_likely, float(min_log_prob[finite].min()))
         quantiles.add(anomaly_scores(scores, top_k), weights)
-        is_novel = (scores["novel_set"] > 0) | (scores["novel_pair"] > 0)
+        # the sessions that combined's other rules flag whatever the probability bounds will be
+        is_novel = np.zeros(len(weights), dtype=bool)
+        for rule in others:
+            is_novel |= verdicts(scores, plan, rule)
         novel += float(weights[is_novel].sum())
-        tail.add(-scores["min_event_log_prob"], -scores["end_log_prob"], is_novel, weights)
-        for rule, abnormal in (("event_set", scores["novel_set"] > 0), ("event_pair", scores["novel_pair"] > 0),
-                               ("top_g", scores["max_rank"] >= top_g)):
-            flagged[rule] += float(weights[abnormal].sum())
+        tail.add(-scores[event_column], -scores["end_log_prob"], is_novel, weights)
+        for rule in ("event_set", "event_pair", "count_vector", "top_g"):
+            flagged[rule] += float(weights[verdicts(scores, {**plan, "top_g": top_g}, rule)].sum())
     if not sessions:
         raise DataError(f"{source}: no normal sessions to calibrate on")
     half = target_fpr / 2
@@ -418,12 +538,12 @@ def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, targe
                                                      implied.threshold("end", half, sessions))
     by_probability = (tail.event > event_threshold) | (tail.end > end_threshold)
     flagged["probability"] = float(tail.weights[by_probability].sum())
-    # combined = probability OR event_set OR event_pair: the sessions of any, counted once
+    # combined = probability OR its other rules: the sessions of any, counted once
     # (every session the probability rule flags is among the rows the tail keeps; novel ones are counted apart)
     flagged["combined"] = novel + float(tail.weights[by_probability & ~tail.novel].sum())
     thresholds = {f"p{q}": quantiles.percentile(q) for q in PERCENTILES}
     flagged.update({f"score_{p}": quantiles.weight_above(value) for p, value in thresholds.items()})
-    return {
+    calibration = {
         "top_k": top_k, "top_g": top_g, "default_rule": default_rule, "source": source,
         "sessions": int(sessions), "distinct_sessions": scorer.distinct, "scored_sessions": scorer.scored,
         "score_thresholds": thresholds, "percentile_method": quantiles.method,
@@ -435,7 +555,9 @@ def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, targe
         "event_set_rule": co_occurrence is not None and co_occurrence.sets is not None,
         "event_pair_rule": co_occurrence is not None and co_occurrence.pairs is not None,
         "fitted_at": datetime.now().isoformat(timespec="seconds"),
-        "flagged_on_calibration": {rule: flagged[rule] / sessions for rule in RULES}}
+        "flagged_on_calibration": {rule: flagged[rule] / sessions for rule in RULES}, **plan}
+    calibration["expected_fpr"] = expected_rates(calibration)
+    return calibration
 
 
 def probability_bound_origin(calibration: dict) -> str:
@@ -456,36 +578,49 @@ def probability_rule_text(calibration: dict) -> str:
     return text
 
 
+RULE_WORDS = {"event_set": "a set of event types never seen together in training",
+              "event_pair": "two event types that never shared a training session",
+              "count_vector": "event counts farther from every normal training session than any of those is from "
+                              "its nearest other one (L1 distance > {distance:g})"}
+
+
 def rule_summary(calibration: dict, rule: str) -> str:
     """What the decision rule does with these thresholds, and the false-positive rate to expect from it."""
     bound = probability_rule_text(calibration)
+    if not calibration.get("unseen_events_flag", True):
+        bound += " (an event type never seen in training does not count by itself: see below)"
     expected = calibration["flagged_on_calibration"].get(rule, 0.0)
-    target = calibration.get("target_fpr")
-    with_sets, with_pairs = calibration["event_set_rule"], calibration.get("event_pair_rule", False)
-    if rule == "combined" and not (with_sets or with_pairs):
-        text = (f"'combined' is the LSTM's probability rule alone ({bound}), as no record of which event types "
-                f"occur together was kept (evaluation.event_set_rule and event_pair_rule false, or too many)")
-    elif rule == "combined":
-        records = [what for what, kept in (("a set of event types never seen together in training", with_sets),
-                                           ("two event types that never shared a training session", with_pairs))
-                   if kept]
-        text = f"'combined': {bound}, or " + ", or ".join(records)
-        if not with_sets:
-            text += " (no record of event-type sets: more than 10,000, or evaluation.event_set_rule false)"
-    elif rule == "probability":
-        text = f"'probability': {bound}"
+    parts = calibration.get("combined_rules", ["probability"] + ["event_set"] * bool(calibration["event_set_rule"])
+                            + ["event_pair"] * bool(calibration.get("event_pair_rule", False)))
+    words = {"probability": bound, **{name: text.format(distance=calibration.get("count_vector_distance") or 0)
+                                      for name, text in RULE_WORDS.items()}}
+    if rule == "combined":
+        text = "'combined': " + ", or ".join(words[part] for part in parts)
+        left_out = [name for name, normal in (calibration.get("novelty_is_normal") or {}).items() if normal]
+        if left_out:
+            novelty = calibration["novelty_on_training"]
+            brought = ", ".join(f"a new {name.replace('_', ' ')} ({novelty[name]})" for name in left_out)
+            text += (f" (left out: {brought} of the {calibration['training_sessions']} normal training sessions "
+                     f"bring one that no other has: such novelty is normal here)")
+    elif rule in words:
+        text = f"'{rule}': {words[rule]}"
     else:
         text = f"'{rule}'"
-    expectation = f"{expected:.3%} of the calibration sessions flagged"
-    if target is not None and rule in ("combined", "probability"):
-        flagged = calibration["flagged_on_calibration"]
-        # a new pair is a new set, so where both are kept the set rule's rate covers the pair rule's
-        records = max(flagged["event_set"] if with_sets else 0.0, flagged.get("event_pair", 0.0) if with_pairs else 0.0)
-        records = records if rule == "combined" and (with_sets or with_pairs) else 0.0
-        rate = target + records
-        expectation = (f"expected false-positive rate {rate:.3%} (the probability rule's target "
-                       f"evaluation.target_fpr{' plus the co-occurrence rules on calibration' if records else ''}); "
+    expectation = f"{expected:.3%} of the {calibration['sessions']} calibration sessions flagged"
+    rates = calibration.get("expected_fpr")
+    if rates and rule in rates:
+        expectation = (f"expected false-positive rate at most {rates[rule]:.3%} (the probability rule's target "
+                       f"{calibration['target_fpr']:g}" + (f", plus {CONFIDENCE:.0%} bounds from the "
+                       f"{calibration['training_sessions']} normal training sessions for the other rules"
+                       if rule != "probability" and calibration.get("training_sessions") else "") + "); "
                        + expectation)
+    elif calibration.get("target_fpr") is not None and rule in ("combined", "probability"):  # older calibrations
+        flagged = calibration["flagged_on_calibration"]
+        with_sets, with_pairs = calibration["event_set_rule"], calibration.get("event_pair_rule", False)
+        records = max(flagged["event_set"] if with_sets else 0.0, flagged.get("event_pair", 0.0) if with_pairs else 0.0)
+        records = records if rule == "combined" else 0.0
+        expectation = (f"expected false-positive rate {calibration['target_fpr'] + records:.3%} (the probability "
+                       f"rule's target plus the co-occurrence rules on calibration); " + expectation)
     return f"Decision rule {text}; {expectation}"
 
 
@@ -659,6 +794,7 @@ def format_report(r: dict) -> str:
               f"  Event-set rule: {'on' if c['event_set_rule'] else 'off (no record of event sets from training)'}"
               f"    Event-pair rule: {'on' if c.get('event_pair_rule') else 'off (no record of event pairs)'}",
               f"  {rule_summary(c, r['default']['rule'])}",
+              *(f"  WARNING: {w}" for w in calibration_warnings(c, r["default"]["rule"])),
               "  Flagged on the calibration sessions (expected FPR): " + "  ".join(
                   f"{rule}={rate:.2%}" for rule, rate in c["flagged_on_calibration"].items()), ""]
     unknown = ", ".join(f"{side} {n}" for side, n in r["unknown_events"].items())
@@ -666,12 +802,12 @@ def format_report(r: dict) -> str:
               f"  Occurrences: {unknown}. Each counts as a miss at every k and as probability 0.", ""]
     if "rules" in r:
         lines += ["DETECTION (every session weighted by its count)", "-" * 72,
-                  (f"  {'rule':<13}{'precision':>10}{'recall':>9}{'F1':>8}{'FPR':>9}{'TP':>8}{'FP':>7}"
+                  (f"  {'rule':<13}{'precision':>10}{'recall':>9}{'F1':>8}{'FPR':>10}{'TP':>8}{'FP':>7}"
                    f"{'TN':>8}{'FN':>7}")]
         for rule, m in r["rules"].items():
             marker = " *" if rule == r["default"]["rule"] else ""
             lines.append(f"  {rule:<13}{m['precision']:>10.4f}{m['recall']:>9.4f}{m['f1']:>8.4f}"
-                         f"{m['fpr']:>9.4%}{m['tp']:>8}{m['fp']:>7}{m['tn']:>8}{m['fn']:>7}{marker}")
+                         f"{m['fpr']:>10.4%}{m['tp']:>8}{m['fp']:>7}{m['tn']:>8}{m['fn']:>7}{marker}")
         lines += ["  * the default rule: the verdict detection gives", ""]
     elif "false_positive_rate" in r:
         lines += ["FALSE-POSITIVE RATE ON NORMAL DATA (no abnormal data given)", "-" * 72]
@@ -937,6 +1073,13 @@ def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_p
     return results
 
 
+def log_rule(calibration: dict, rule: str, logger) -> None:
+    """The decision rule and its expected false-positive rate, and a WARNING for what it cannot promise."""
+    logger.info(rule_summary(calibration, rule))
+    for warning in calibration_warnings(calibration, rule):
+        logger.warning(warning[0].upper() + warning[1:])
+
+
 def store_calibration(checkpoint_path, checkpoint: dict, calibration: dict, output_dir: Path) -> None:
     """Into the checkpoint (atomic rewrite) and calibration.json beside the outputs."""
     checkpoint["calibration"] = calibration
@@ -968,6 +1111,33 @@ def validation_sessions(config: utils.Config, options: dict, chunk_size: int = C
             file_chunks(data.preprocessed_dir, options, abnormal=True, chunk_size=chunk_size))
 
 
+def training_sessions(config: utils.Config, options: dict, logger=None) -> Iterator[list]:
+    """Chunks of the normal sessions the model trained on (outside the validation split), one pass."""
+    data, seed = config.data, config.training.seed
+    if config.lazy_loading.cache:
+        entries = build_caches(data.preprocessed_dir, cache_settings(config, config.model.vocab_size),
+                               config.lazy_loading.cache_dir or default_cache_dir(), config.lazy_loading.cache_workers,
+                               logger or logging.getLogger("deeplog"))
+        return session_chunks(entries, "train")
+    return chunked(r.event_ids for r in iter_sessions(data.preprocessed_dir, None, **options)
+                   if not r.label and not is_validation(r.file, r.index, seed, data.validation_split))
+
+
+def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: utils.Config, options: dict,
+                         logger) -> None:
+    """The event-count vectors of the training sessions, into the checkpoint ("count_vectors") and the record
+    the rules use; None (not kept) beyond MAX_COUNT_VECTORS distinct ones."""
+    counts = CountVectors.from_chunks(training_sessions(config, options, logger))
+    co_occurrence.counts = counts
+    checkpoint["count_vectors"] = None if counts is None else counts.state()
+    if counts is None:
+        logger.info(f"Count-vector record: not kept (more than {MAX_COUNT_VECTORS} distinct event-count vectors in "
+                    f"the training sessions): the count-vector rule is off")
+    else:
+        logger.info(f"Count-vector record: {len(counts.weights)} distinct event-count vectors of "
+                    f"{counts.sessions} normal training sessions")
+
+
 def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
     """Called by train.py: calibrate on half of the normal validation split, evaluate on the other half
     (plus abnormal sessions: labelled 1 in the training data, and data.abnormal_dir)."""
@@ -979,6 +1149,7 @@ def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
     options = utils.reader_options(config)
     if data.validation_split == 0:
         logger.warning("data.validation_split is 0: thresholds are fitted on sessions the model trained on")
+    record_count_vectors(checkpoint, co_occurrence, config, options, logger)
     calibration_set, normal, abnormal = validation_sessions(config, options, logger=logger)
     # tiny data: the other half
     calibration_set = nonempty(calibration_set) or validation_sessions(config, options, logger=logger)[1]
@@ -986,7 +1157,7 @@ def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
                                   f"validation split of {data.preprocessed_dir} (calibration half)",
                                   ev.decision_rule, ev.batch_size, co_occurrence)
     store_calibration(checkpoint_path, checkpoint, calibration, output_dir)
-    logger.info(rule_summary(calibration, ev.decision_rule))
+    log_rule(calibration, ev.decision_rule, logger)
     if data.abnormal_dir:
         abnormal = itertools.chain(abnormal, data_chunks(data.abnormal_dir, config, "all", logger))
     paths = {"normal": f"{data.preprocessed_dir} (validation split, evaluation half)",
@@ -1125,7 +1296,7 @@ def run(args, logger):
               else f"stored in {args.checkpoint}")
     logger.info(f"Thresholds applied: {origin}; fitted on {calibration.get('source', 'unknown data')} at "
                 f"{calibration.get('fitted_at', 'an unknown time')}")
-    logger.info(rule_summary(calibration, ev.decision_rule))
+    log_rule(calibration, ev.decision_rule, logger)
     if args.detect:
         try:
             out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 (closed below, not stdout)

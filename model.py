@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -230,7 +230,8 @@ class DeepLog(nn.Module):
                        ) -> dict[str, torch.Tensor]:
         """Per session (float64 tensors on the CPU): predictions (n + 1), misses_at_k for each k in top_ks,
         max_rank (the worst rank of an actual event), min_log_prob (the least likely prediction),
-        min_event_log_prob (the least likely event; +inf for an empty session), end_log_prob (the end of
+        min_event_log_prob (the least likely event; +inf for an empty session), min_seen_event_log_prob (the
+        least likely of the events seen in training), end_log_prob (the end of
         session), loss_sum and loss_count (over targets the model knows) and unknown (events never seen in
         training: rank num_classes, log-probability -inf). Computed over windows (see windows()): a session
         of at most max_seq_length predictions is one window, the whole session in one pass."""
@@ -241,6 +242,7 @@ class DeepLog(nn.Module):
                "max_rank": torch.full((n,), -1.0, dtype=torch.float64),
                "min_log_prob": torch.full((n,), math.inf, dtype=torch.float64),
                "min_event_log_prob": torch.full((n,), math.inf, dtype=torch.float64),
+               "min_seen_event_log_prob": torch.full((n,), math.inf, dtype=torch.float64),
                "end_log_prob": torch.zeros(n, dtype=torch.float64), "loss_sum": torch.zeros(n, dtype=torch.float64),
                "loss_count": torch.zeros(n, dtype=torch.float64), "unknown": torch.zeros(n, dtype=torch.float64),
                **{f"misses_at_{k}": torch.zeros(n, dtype=torch.float64) for k in ks}}
@@ -263,6 +265,8 @@ class DeepLog(nn.Module):
                     0, owners, torch.where(valid, log_probs, math.inf).min(1).values, "amin")
                 out["min_event_log_prob"].scatter_reduce_(
                     0, owners, torch.where(valid & ~is_end, log_probs, math.inf).min(1).values, "amin")
+                out["min_seen_event_log_prob"].scatter_reduce_(
+                    0, owners, torch.where(finite & ~is_end, log_probs, math.inf).min(1).values, "amin")
                 has_end = is_end.any(1)
                 out["end_log_prob"][owners[has_end]] = log_probs[is_end]
         return out
@@ -333,20 +337,29 @@ class DeepLog(nn.Module):
         scores = {name: column.numpy() for name, column in self.session_scores(sessions, [top_k]).items()}
         co_occurrence = self.co_occurrence or CoOccurrence(self.vocab_size)
         scores["novel_set"], scores["novel_pair"] = co_occurrence.novel(sessions)
+        scores["count_distance"] = co_occurrence.distance(sessions)
         flagged = verdicts(scores, self.calibration, rule or self.calibration["default_rule"])
         return ["abnormal" if abnormal else "normal" for abnormal in flagged.tolist()]
 
 
 def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
     """True where a session is abnormal under `rule`, from its score columns (see evaluate.score_sessions)
-    and the calibration fitted on normal sessions. The one place the decision rules are written."""
+    and the calibration fitted on normal sessions. The one place the decision rules are written.
+    `combined` is any of the rules the calibration chose for it ("combined_rules"; before that choice was
+    made, probability, event_set and event_pair)."""
     if rule == "combined":
-        return (verdicts(scores, calibration, "probability") | verdicts(scores, calibration, "event_set")
-                | verdicts(scores, calibration, "event_pair"))
+        flagged = np.zeros(len(scores["predictions"]), dtype=bool)
+        for part in calibration.get("combined_rules", ("probability", "event_set", "event_pair")):
+            flagged |= verdicts(scores, calibration, part)
+        return flagged
     if rule == "event_set":
         return scores["novel_set"] > 0
     if rule == "event_pair":
         return scores["novel_pair"] > 0
+    if rule == "count_vector":  # farther from every normal training session than any of them is from the others
+        distance = calibration.get("count_vector_distance")
+        return np.zeros(len(scores["predictions"]), dtype=bool) if distance is None else \
+            scores["count_distance"] > distance
     if rule == "top_g":
         return scores["max_rank"] >= calibration["top_g"]
     if rule == "probability":
@@ -355,7 +368,11 @@ def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
         end_bound = calibration.get("log_end_probability_bound")
         if end_bound is None:  # calibrations from before the end of session had a bound of its own
             return scores["min_log_prob"] < bound
-        return (scores["min_event_log_prob"] < bound) | (scores["end_log_prob"] < end_bound)
+        # where training shows that new normal sessions often bring an event type it never had, such an
+        # event is not flagged by itself (the count-vector rule still counts it)
+        events = scores["min_event_log_prob" if calibration.get("unseen_events_flag", True)
+                        else "min_seen_event_log_prob"]
+        return (events < bound) | (scores["end_log_prob"] < end_bound)
     top_k = calibration["top_k"]
     return scores[f"misses_at_{top_k}"] / scores["predictions"] > calibration["score_thresholds"][rule[6:]]
 
@@ -408,10 +425,11 @@ class CoOccurrence:
     evaluation.event_pair_rule false). A pair the training sessions never held is a weaker test than a new set
     (every new pair makes a new set) that does not grow with the data: at most vocab_size^2 / 2 pairs."""
 
-    def __init__(self, vocab_size: int, sets=None, pairs=None):
+    def __init__(self, vocab_size: int, sets=None, pairs=None, counts: "CountVectors | None" = None):
         self.vocab_size = vocab_size
         self.sets = None if sets is None else {frozenset(s) for s in sets}
         self.pairs = None if pairs is None else sorted_unique(pairs)
+        self.counts = counts   # the event-count vectors of the training sessions (None: not recorded)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "CoOccurrence":
@@ -424,7 +442,13 @@ class CoOccurrence:
             pairs = pairs[:, 0] * vocab_size + pairs[:, 1]
         elif sets is not None and "event_pairs" not in checkpoint:
             pairs = pairs_of_sets(sets, vocab_size)
-        return cls(vocab_size, sets, pairs)
+        counts = checkpoint.get("count_vectors")
+        return cls(vocab_size, sets, pairs, None if counts is None else CountVectors.from_state(counts))
+
+    def distance(self, sessions: Sequence[Sequence[int]]) -> np.ndarray:
+        """Per session: the L1 distance of its event counts to the nearest normal training session's (0 where
+        that record is not kept)."""
+        return np.zeros(len(sessions)) if self.counts is None else self.counts.nearest(sessions)
 
     def pair_table(self) -> torch.Tensor | None:
         """The pairs as an [n, 2] tensor of (first, second) IDs, as checkpoints store them."""
@@ -458,6 +482,151 @@ class CoOccurrence:
                                                           self.vocab_size)] or [np.empty(0, np.int64)])
         codes = codes[~np.isin(codes, self.pairs)][:limit]
         return [[int(a), int(b)] for a, b in zip(*np.divmod(codes, self.vocab_size))]
+
+
+MAX_COUNT_VECTORS = 10_000   # distinct event-count vectors of training kept; beyond, the count-vector rule is off
+MAX_COUNT_ENTRIES = 4_000_000  # and their non-zero counts, all vectors together
+DISTANCE_BUDGET = 2 ** 24    # elements of one block of the nearest-vector computation (sessions x vectors x types)
+
+
+def count_entries(sessions: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The event-count vectors of sessions, sparse: (session, event ID, count) of every non-zero count, sorted
+    by session and ID. IDs are taken as they are, unknown ones (>= vocab_size) included."""
+    lengths = np.fromiter(map(len, sessions), dtype=np.int64, count=len(sessions))
+    tokens = np.fromiter(itertools.chain.from_iterable(sessions), dtype=np.int64, count=int(lengths.sum()))
+    if not len(tokens):
+        return (np.empty(0, np.int64),) * 3
+    width = int(tokens.max()) + 1
+    codes, counts = np.unique(np.repeat(np.arange(len(sessions), dtype=np.int64), lengths) * width + tokens,
+                              return_counts=True)
+    owners, types = np.divmod(codes, width)
+    return owners, types, counts.astype(np.int64)
+
+
+class CountVectors:
+    """The distinct event-count vectors of the normal training sessions (how often each event type occurs in a
+    session), each with the number of sessions that had it: a bounded record (None beyond MAX_COUNT_VECTORS or
+    MAX_COUNT_ENTRIES) from which the count-vector rule measures how far a session is from the nearest normal
+    one (L1 distance: events added or missing), and from which the training data's own novelty is counted:
+    how many training sessions bring an event type, a set of types or a pair of types that no other one has."""
+
+    def __init__(self, entries: np.ndarray, weights: np.ndarray):
+        self.entries = np.asarray(entries, dtype=np.int64).reshape(-1, 3)   # (vector, event ID, count)
+        self.weights = np.asarray(weights, dtype=np.int64)                   # sessions per distinct vector
+        self.types = np.unique(self.entries[:, 1])
+        dense = np.zeros((len(self.weights), len(self.types)), dtype=np.int64)
+        dense[self.entries[:, 0], np.searchsorted(self.types, self.entries[:, 1])] = self.entries[:, 2]
+        self.dense, self.norms = dense, dense.sum(1)
+
+    @property
+    def sessions(self) -> int:
+        return int(self.weights.sum())
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[list]) -> "CountVectors | None":
+        """Record the sessions of `chunks` (lists of event-ID sequences); None when they have more distinct
+        count vectors than the record keeps (or none at all)."""
+        seen: dict[bytes, int] = {}
+        vectors: list[np.ndarray] = []
+        weights: list[int] = []
+        stored = 0
+        for chunk in chunks:
+            owners, types, counts = count_entries(chunk)
+            bounds = np.searchsorted(owners, np.arange(len(chunk) + 1))
+            for row in range(len(chunk)):
+                pairs = np.stack([types[bounds[row]:bounds[row + 1]], counts[bounds[row]:bounds[row + 1]]], 1)
+                key = pairs.tobytes()
+                if key in seen:
+                    weights[seen[key]] += 1
+                    continue
+                seen[key] = len(vectors)
+                vectors.append(pairs)
+                weights.append(1)
+                stored += len(pairs)
+                if len(vectors) > MAX_COUNT_VECTORS or stored > MAX_COUNT_ENTRIES:
+                    return None
+        if not vectors:
+            return None
+        entries = np.concatenate([np.column_stack([np.full(len(v), i), v]) for i, v in enumerate(vectors)])
+        return cls(entries, np.array(weights))
+
+    @classmethod
+    def from_state(cls, state: dict) -> "CountVectors":
+        """From the checkpoint's "count_vectors": {"entries": [E, 3] integer tensor of (vector, event ID, count),
+        "weights": [D] integer tensor}; ValueError saying what is wrong with any other content."""
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), torch.Tensor)
+                                                  for k in ("entries", "weights")):
+            raise ValueError("count_vectors must hold the tensors 'entries' and 'weights'")
+        entries, weights = state["entries"], state["weights"]
+        if entries.is_floating_point() or weights.is_floating_point() or entries.dim() != 2 or entries.size(1) != 3 \
+                or weights.dim() != 1:
+            raise ValueError("count_vectors: entries must be an [n, 3] and weights a [d] integer tensor")
+        entries, weights = entries.long().numpy(), weights.long().numpy()
+        if len(weights) > MAX_COUNT_VECTORS or len(entries) > MAX_COUNT_ENTRIES or (weights < 1).any() or \
+                (entries < 0).any() or (entries[:, 2] < 1).any() or \
+                (len(entries) and entries[:, 0].max() >= len(weights)):
+            raise ValueError("count_vectors: counts, weights or vector indexes out of range")
+        return cls(entries, weights)
+
+    def state(self) -> dict:
+        return {"entries": torch.from_numpy(self.entries.copy()), "weights": torch.from_numpy(self.weights.copy())}
+
+    def _nearest(self, owners, types, counts, sessions: int, self_rows: bool = False) -> np.ndarray:
+        """Per session (entries of count_entries' form): the L1 distance to the nearest stored vector, as
+        |session| + |vector| - 2 sum over types of min(session count, vector count), in blocks of sessions
+        so that memory stays within DISTANCE_BUDGET. self_rows: session i is stored vector i, left out."""
+        column = np.searchsorted(self.types, types)
+        known = (column < len(self.types)) & (self.types[np.minimum(column, len(self.types) - 1)] == types)
+        norms = np.bincount(owners, counts, minlength=sessions)
+        block = max(1, DISTANCE_BUDGET // max(1, len(self.weights)))
+        bounds = np.searchsorted(owners, np.arange(0, sessions + block, block))
+        nearest = np.empty(sessions)
+        for number, first in enumerate(range(0, sessions, block)):
+            last = min(first + block, sessions)
+            at = np.arange(bounds[number], bounds[number + 1])
+            at = at[known[at]]
+            shared = np.zeros((last - first, len(self.weights)))
+            np.add.at(shared, owners[at] - first, np.minimum(counts[at, None], self.dense[:, column[at]].T))
+            distances = norms[first:last, None] + self.norms[None, :] - 2 * shared
+            if self_rows:
+                distances[np.arange(last - first), np.arange(first, last)] = np.inf
+            nearest[first:last] = distances.min(1) if distances.shape[1] else np.inf
+        return nearest
+
+    def nearest(self, sessions: Sequence[Sequence[int]]) -> np.ndarray:
+        """Per session: the L1 distance of its count vector to the nearest stored one (events added or
+        missing; an event type the record never had counts in full)."""
+        return self._nearest(*count_entries(sessions), len(sessions))
+
+    def leave_one_out(self) -> np.ndarray:
+        """Per stored vector: the distance of one of its sessions to the nearest other training session (0
+        when another session has the same vector; inf when it is the only session)."""
+        return np.where(self.weights > 1, 0.0, self._nearest(*self.entries.T, len(self.weights), self_rows=True))
+
+    def novelty(self, vocab_size: int) -> dict[str, int]:
+        """How many training sessions bring what no other training session has: an event type, a set of event
+        types, a pair of event types (types below vocab_size). On a new normal session, each rule of that name
+        fires about as often as this count divided by the sessions (leave one out)."""
+        supports = [self.entries[self.entries[:, 0] == v, 1] for v in range(len(self.weights))]
+        single = self.weights == 1
+        type_sessions = np.bincount(self.entries[:, 1], self.weights[self.entries[:, 0]])
+        unique_type = np.array([bool((type_sessions[s] == 1).any()) for s in supports])
+        set_sessions: dict[bytes, int] = {}
+        for s, w in zip(supports, self.weights.tolist()):
+            set_sessions[s.tobytes()] = set_sessions.get(s.tobytes(), 0) + w
+        unique_set = np.array([set_sessions[s.tobytes()] == 1 for s in supports])
+        unique_pair = np.zeros(len(supports), dtype=bool)
+        kept = [s[s < vocab_size] for s in supports]
+        lengths = np.array([len(s) for s in kept], dtype=np.int64)
+        codes_owners = list(event_pairs(np.concatenate(kept) if kept else np.empty(0), lengths, vocab_size))
+        if codes_owners:
+            codes = np.concatenate([c for c, _ in codes_owners])
+            owners = np.concatenate([o for _, o in codes_owners])
+            values, where = np.unique(codes, return_inverse=True)
+            pair_sessions = np.bincount(where, self.weights[owners], minlength=len(values))
+            unique_pair[owners[pair_sessions[where] == 1]] = True
+        return {"event_type": int(unique_type.sum()), "event_set": int((unique_set & single).sum()),
+                "event_pair": int(unique_pair.sum())}
 
 
 def pairs_of_sets(sets, vocab_size: int) -> np.ndarray:

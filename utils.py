@@ -108,7 +108,7 @@ class DataConfig:
 class EvaluationConfig:
     top_k: int = 10
     top_g: int = 9                # DeepLog's rule: abnormal when any event is outside the top-g
-    decision_rule: str = "combined"   # combined | probability | event_set | event_pair | top_g | score_p90/p95/p99
+    decision_rule: str = "combined"   # or probability, event_set, event_pair, count_vector, top_g, score_p*
     target_fpr: float = 0.0005    # LSTM rules: thresholds flag at most this fraction of calibration sessions
     event_set_rule: bool = True   # false: never record nor use the sets of event types (as beyond their cap)
     event_pair_rule: bool = True  # false: never record nor use the pairs of event types sharing a session
@@ -131,8 +131,8 @@ class ConfigError(Exception):
 
 CHOICES = {"training.optimizer": ("adam", "adamw"), "training.lr_schedule": ("cosine", "linear", "constant"),
            "training.amp_dtype": ("auto", "bfloat16", "float16"),
-           "evaluation.decision_rule": ("combined", "probability", "event_set", "event_pair", "top_g", "score_p90",
-                                        "score_p95", "score_p99")}
+           "evaluation.decision_rule": ("combined", "probability", "event_set", "event_pair", "count_vector", "top_g",
+                                        "score_p90", "score_p95", "score_p99")}
 POSITIVE = ("model.vocab_size", "model.embedding_dim", "model.hidden_size", "model.num_layers",
             "training.batch_size", "training.epochs", "training.learning_rate", "training.log_every_steps",
             "training.gpu_stats_every_steps", "training.keep_last_checkpoints", "lazy_loading.buffer_size",
@@ -435,6 +435,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     missing = {"model_state_dict", "model_args", "config"} - set(checkpoint if isinstance(checkpoint, dict) else ())
     if missing:
         raise CheckpointError(f"{path}: not a DeepLog checkpoint (missing {', '.join(sorted(missing))})")
+    if checkpoint.get("count_vectors") is not None:
+        from model import CountVectors  # model imports nothing of utils: no cycle
+        try:
+            CountVectors.from_state(checkpoint["count_vectors"])
+        except ValueError as error:
+            raise CheckpointError(f"{path}: damaged checkpoint ({error})") from None
     return checkpoint
 
 
