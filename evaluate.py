@@ -428,7 +428,11 @@ def plan_rules(co_occurrence: CoOccurrence | None, target_fpr: float, vocab_size
       `combined` (a never-seen event type then no longer flags by itself in the probability rule either).
     - The count-vector rule flags a session farther (L1 distance of event counts) from every training session
       than any training session is from its nearest other one: with n exchangeable normal sessions, a new one
-      is the farthest with probability at most 1/(n + 1) (a conformal bound).
+      is the farthest with probability at most 1/(n + 1) (a conformal bound). It joins `combined` where some
+      novelty is normal (a rule was left out): it tolerates what the left-out rule could not, a new type or
+      set of types close to a normal session, and still flags sessions unlike any. Where novelty is rare, the
+      set and pair rules are the finer test and the count-vector rule would only add false positives (on HDFS
+      it flags normal sessions with many more reads than any training session: benchmarks/README.md).
     Without the record (checkpoints of older versions, or too many distinct vectors): the earlier combination,
     probability, event_set and event_pair, and no statement from the training data."""
     with_sets = co_occurrence is not None and co_occurrence.sets is not None
@@ -446,7 +450,8 @@ def plan_rules(co_occurrence: CoOccurrence | None, target_fpr: float, vocab_size
     distance = float(leave_one_out[finite].max()) if finite.any() else None
     kept = [rule for rule, recorded in (("event_set", with_sets), ("event_pair", with_pairs))
             if recorded and not is_normal[rule]]
-    plan.update(combined_rules=["probability", *kept] + ["count_vector"] * (distance is not None),
+    with_counts = distance is not None and any(is_normal.values())
+    plan.update(combined_rules=["probability", *kept] + ["count_vector"] * with_counts,
                 unseen_events_flag=not is_normal["event_type"], count_vector_distance=distance,
                 training_sessions=sessions, novelty_on_training=novelty, novelty_is_normal=is_normal)
     return plan
