@@ -5,6 +5,7 @@ Examples:
     python benchmarks/memory.py                              # 0.1, 0.5 and 2 GB of generated JSON
     python benchmarks/memory.py --gigabytes 0.1 1 --stages train
     python benchmarks/memory.py --gigabytes 0.05 0.2 --format jsonl
+    python benchmarks/memory.py --long 1000000x1 100000x160 --stages long   # sessions of any length
 
 For each size, a JSON array of random HDFS-like sessions (5-39 events of 29 types, all distinct) is
 written, then each stage runs in a fresh process that reports its peak resident memory (ru_maxrss):
@@ -19,6 +20,12 @@ so it grows with the cache until memory is short), and the peak of anonymous mem
 every 5 ms): what the process itself holds. Both include Python with torch loaded (about 230 MB). One
 .json file is parsed in the process itself; parsing processes, where a JSONL or text file is split,
 report their own peak ("parsers MB").
+
+    long       (--long EVENTSxSESSIONS ...) a JSONL file of that many random sessions of that many events each:
+               calibration, evaluation and detection (evaluate.detect, the misses of every flagged session
+               explained) over all of them, then DeepLog.verdict on the longest, with a tiny model scoring in
+               the windows of training (max_seq_length 256, window_context 32): memory stays bounded
+               whatever the length of a session.
 """
 from __future__ import annotations
 
@@ -94,6 +101,8 @@ def child(stage: str, path: str, cache_dir: str) -> None:
         batches = sum(1 for _ in train.batches(256))
         batches += sum(1 for _ in CachedSessions(entries, 29, "val", shuffle=False).batches(256))
         detail = {"windows": windows, "batches": batches}
+    elif stage == "long":
+        detail = long_sessions(config, path)
     else:
         torch.set_num_threads(2)
         model = evaluate.DeepLog(29, 8, 8, 1, 0.0).eval()
@@ -108,10 +117,45 @@ def child(stage: str, path: str, cache_dir: str) -> None:
                       "children_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 
 
+def write_long(path: Path, length: int, count: int) -> int:
+    rng = random.Random(1)
+    with open(path, "w") as handle:
+        for number in range(count):
+            events = [rng.randrange(0, 29) for _ in range(length)]
+            handle.write(json.dumps({"session_id": f"long{number}", "event_ids": events}) + "\n")
+    return count
+
+
+def long_sessions(config, path: str) -> dict:
+    import io
+    import logging
+
+    import torch
+
+    import evaluate
+    import utils
+    torch.set_num_threads(2)
+    model = evaluate.DeepLog(29, 8, 8, 1, 0.0).eval().set_windows(256, 32)
+    logger = logging.getLogger("deeplog")
+    calibration = evaluate.fit_calibration(model, evaluate.data_chunks(path, config, "all", logger), 10, 9, 0.001,
+                                           "memory benchmark", "combined")
+    results, _ = evaluate.evaluate(model, calibration, evaluate.data_chunks(path, config, "all", logger), [], 10,
+                                   "combined")
+    out = io.StringIO()
+    totals = evaluate.detect(model, calibration, path, utils.reader_options(config), "probability", out)
+    longest = max((json.loads(line)["event_ids"] for line in open(path)), key=len)
+    model.calibration = calibration
+    verdict = model.verdict([longest])
+    return {"sessions": results["normal_scores"]["count"], "predictions": results["next_event"]["total_predictions"],
+            "detected": sum(totals.get(v, 0) for v in ("normal", "abnormal")), "verdict": verdict[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gigabytes", type=float, nargs="+", default=[0.1, 0.5, 2.0], help="file sizes")
-    parser.add_argument("--stages", nargs="+", choices=["train", "evaluate"], default=["train", "evaluate"])
+    parser.add_argument("--stages", nargs="+", choices=["train", "evaluate", "long"], default=["train", "evaluate"])
+    parser.add_argument("--long", nargs="+", default=["1000000x1", "100000x160"],
+                        help="EVENTSxSESSIONS: the long-session cases of the `long` stage")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -119,10 +163,22 @@ def main() -> None:
     print(f"{'GB':>5} {'sessions':>10} {'stage':>9} {'seconds':>8} {'peak RSS MB':>12} {'anonymous MB':>13} "
           f"{'parsers MB':>11}")
     with tempfile.TemporaryDirectory() as tmp:
+        if "long" in args.stages:
+            for case in args.long:
+                length, count = map(int, case.split("x"))
+                path = Path(tmp) / "long.jsonl"
+                write_long(path, length, count)
+                out = subprocess.run([sys.executable, __file__, "--child", "long", str(path), f"{tmp}/cache"],
+                                     capture_output=True, text=True, check=True).stdout
+                row = json.loads(out.splitlines()[-1])
+                print(f"long {case}: {path.stat().st_size / 1e6:.0f} MB, {row['predictions']} predictions, "
+                      f"{row['seconds']:.1f} s, peak RSS {row['peak_mb']:.0f} MB, anonymous "
+                      f"{row['anonymous_peak_mb']:.0f} MB", flush=True)
+            args.gigabytes = [g for g in args.gigabytes if set(args.stages) - {"long"}]
         for gigabytes in args.gigabytes:
             path = Path(tmp) / "sessions.json"
             sessions = write_data(path, gigabytes)
-            for stage in args.stages:
+            for stage in [s for s in args.stages if s != "long"]:
                 out = subprocess.run([sys.executable, __file__, "--child", stage, str(path), f"{tmp}/cache"],
                                      capture_output=True, text=True, check=True).stdout
                 row = json.loads(out.splitlines()[-1])
