@@ -1286,6 +1286,10 @@ def run(args, logger):
                                     f"(missing {', '.join(sorted(missing))})")
     if args.calibrate_on:
         check_calibration_is_apart(args, config)
+        if "count_vectors" not in checkpoint and Path(config.data.preprocessed_dir).exists():
+            # a checkpoint the evaluation after training never completed (epoch_N.pt, a stopped run):
+            # the record of its training sessions, from the training data, for the rule plan
+            record_count_vectors(checkpoint, co_occurrence, config, options, logger)
         normal = data_chunks(args.calibrate_on, config, "normal", logger)
         calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.target_fpr, args.calibrate_on,
                                       ev.decision_rule, ev.batch_size, co_occurrence)
