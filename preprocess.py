@@ -22,6 +22,22 @@ Examples:
     python evaluate.py --checkpoint outputs/hdfs_raw/train/checkpoints/best_model.pt \
         --detect outputs/today/sessions.jsonl --output outputs/today/detections.jsonl
 
+    # parse only (no --session-key or --window): templates, parser state and loghub's structured CSV
+    python preprocess.py ../shared/data/loghub/Linux_2k.log --output outputs/linux \
+        --log-format '<Month> <Date> <Time> <Level> <Component>(\[<PID>\])?: <Content>' \
+        --structured outputs/linux/structured.csv
+
+Log formats are loghub's, as logpai/logparser reads them: <Field> placeholders, and the text between them a
+regular expression (`\[`, `\|`, optional groups such as `(\[<PID>\])?`) in which a run of spaces matches
+any run of whitespace; the line is stripped, then matched whole. Text without regex characters ([ ] ( ) . |
+? * + { } ^ $ \) means itself, as before. A field inside an optional group that is absent reads as "".
+A field other than Content ends where the text after it (or, before an optional group, the group's or the
+text after it) first matches, and is never retried, so a line costs about one pass. On the nine loghub
+samples these are the very fields of loghub's lazy regex, which retries every field at every later place:
+minutes on one line that does not fit. (Still retried: Content when fields follow it, and a field followed
+by a quantifier or by a group that opens with a field or an alternation.) If none of the first 1000 lines
+match, the run stops, naming the first three.
+
 Input: a file or a directory of files (plain or .gz), streamed line by line; memory holds the parser, the
 open sessions (those named within --session-idle lines, at most --max-open-sessions) or the current
 windows, never the lines. Settings: defaults in PreprocessConfig < the optional `preprocess:` section of
@@ -32,6 +48,8 @@ count], ...], runs of consecutive line numbers the events came from), sources.js
 indexes name, and the counts), templates.json (id, template, count), parser_state.json (plain JSON: log
 format, masks, Drain settings, templates, prefix tree, grouping), and config.yaml, the --config values with
 model.vocab_size, data.preprocessed_dir and training.output_dir set for `python train.py --config`.
+A parse-only run writes no sessions.jsonl or config.yaml. --structured writes loghub's *_structured.csv
+columns: LineId, the format's fields, EventId, EventTemplate.
 """
 from __future__ import annotations
 
@@ -101,17 +119,112 @@ class PreprocessError(Exception):
 
 
 # ----------------------------------------------------------------------------- parsing
+# Log formats are loghub's (logpai/logparser's generate_logformat_regex): <Field> placeholders, the text
+# between them a regular expression in which a run of spaces matches any run of whitespace, the whole line
+# (stripped) matched. loghub makes every field a lazy `.*?`, which backtracks without bound on a line that
+# does not fit (one line can take minutes): here a field other than Content ends where the fixed text after
+# it first matches, and is never re-tried (an atomic group), so a line costs about one pass. Content stays
+# lazy (free text may hold any separator); so does a field with no fixed text after it (see _field_regex).
+_MARK = "\0"  # a field's place in the text that follows it, while that text is scanned
+
+
+def _structure(text: str, start: int = 0):
+    """(index, char) of each `(`, `)`, `|` or field mark of a regex text, outside escapes and classes."""
+    i = start
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 1
+        elif char == "[":  # a class: `]` right after `[` or `[^` is a member, not its end
+            i += 2 if text[i + 1:i + 2] == "^" else 1
+            i += text[i:i + 1] == "]"
+            while i < len(text) and text[i] != "]":
+                i += 2 if text[i] == "\\" else 1
+        elif char in "()|" + _MARK:
+            yield i, char
+        i += 1
+
+
+def _fixed(text: str) -> bool:
+    """Whether `text` is a regex of its own that cannot match an empty string (so a field can end at it)."""
+    if not text or re.match(r"[*+?]|\{\d*,?\d*\}", text):  # a quantifier would bind to the field's group
+        return False
+    try:
+        return re._parser.parse(text).getwidth()[0] > 0  # stdlib's own parser; on any error: lazy
+    except Exception:
+        return False
+
+
+def _follow(rest: str) -> str | None:
+    """What may come right after a field that the group opening `rest` follows (`rest`: the format's
+    remaining text, later fields marked), as a regex: the group's leading text, and if the group is optional
+    (`?`, `*`) the text after it. None where that is no fixed text (a field first, an alternation)."""
+    inner = 3 if rest.startswith("(?:") else 1
+    if rest[1:2] == "?" and inner == 1:
+        return None  # a lookaround, a named group or flags
+    depth, end, first = 0, None, None
+    for i, char in _structure(rest):
+        depth += (char == "(") - (char == ")")
+        if char == "|" and depth == 1 or char == _MARK and depth == 0:
+            return None
+        first = i if first is None and i >= inner else first
+        if depth == 0:
+            end = i
+            break
+    if end is None or not _fixed(rest[inner:first]):
+        return None
+    quantifier = rest[end + 1:end + 2]
+    if quantifier not in ("?", "*"):
+        return None if quantifier == "{" else rest[inner:first]
+    start = end + 2 + (rest[end + 2:end + 3] in ("?", "+"))  # a lazy or possessive quantifier
+    stop = next((i for i, _ in _structure(rest, start)), len(rest))
+    after = rest[start:stop] or ("$" if stop == len(rest) else "")
+    return f"{rest[inner:first]}|{after}" if after == "$" or _fixed(after) else None
+
+
+def _field_regex(name: str, rest: str, last: bool) -> str:
+    """The regex of one field followed by `rest` (the remaining text, later fields marked), rest included.
+    Content (free text) stays lazy; other fields end at the first match of the fixed text after them."""
+    text = rest.split(_MARK, 1)[0]
+    lazy = f"(?P<{name}>.*?)"
+    if last:  # what follows ends the line: lazy with it inside an atomic group is exact and linear
+        return f"(?>{lazy}{text}$)" if next(_structure(text), None) is None else f"{lazy}{text}$"
+    if name == "Content":
+        return lazy + text
+    if not text:  # another field right after: loghub's lazy field is then always empty
+        return f"(?P<{name}>)"
+    cut = next((i for i, _ in _structure(text)), len(text))
+    if _fixed(text[:cut]):
+        return f"(?>{lazy}{text[:cut]}){text[cut:]}"
+    follow = _follow(rest) if text.startswith("(") else None
+    return f"(?>{lazy}(?={follow})){text}" if follow else lazy + text
+
+
 def format_regex(log_format: str) -> re.Pattern:
-    """loghub's format string -> a regex with one named group per <Field> (lazy, as loghub's own)."""
+    """loghub's format string -> a regex with one named group per <Field>, matched against a stripped line."""
     parts = re.split(r"(<[^<>]+>)", log_format)
     fields = parts[1::2]
     bad = [f for f in fields if not f[1:-1].isidentifier()]
     if "<Content>" not in fields or bad or len(set(fields)) != len(fields):
         why = f"bad field name {bad[0]}" if bad else "a field repeats" if "<Content>" in fields else "no <Content>"
         raise PreprocessError(f"--log-format {log_format!r}: {why} (expected e.g. '<Date> <Time> <Level>: <Content>')")
-    pattern = "".join(f"(?P<{part[1:-1]}>.*?)" if i % 2 else re.sub(r"(\\ )+", r"\\s+", re.escape(part))
-                      for i, part in enumerate(parts))
-    return re.compile(f"^{pattern}$")
+    texts = [re.sub(" +", r"\\s+", part) for part in parts[0::2]]
+    loghub = "".join(f"(?P<{part[1:-1]}>.*?)" if i % 2 else texts[i // 2] for i, part in enumerate(parts))
+    names = [f[1:-1] for f in fields]
+    try:
+        lost = [name for name in names if name not in re.compile(f"^{loghub}$").groupindex]
+        if lost:  # "[<Level>]" is a character class holding the field's group: it compiles, means nothing
+            raise re.error(f"<{lost[0]}> is inside a character class [...]")
+    except re.error as error:
+        raise PreprocessError(f"--log-format {log_format!r}: the text between fields is a regular expression "
+                              f"(as in loghub) and this one is not: {error} (write \\[ \\( \\. \\| \\? "
+                              f"for the characters themselves)") from None
+    pieces = [texts[0]] + [_field_regex(name, _MARK.join(texts[i + 1:]), i == len(names) - 1)
+                           for i, name in enumerate(names)]
+    try:
+        return re.compile("^" + "".join(pieces))
+    except re.error:  # not expected; loghub's own regex is then the safe choice
+        return re.compile(f"^{loghub}$")
 
 
 def compile_regex(pattern: str, flag: str) -> re.Pattern:
@@ -170,6 +283,10 @@ class Parser:
         drain.clusters_counter = state.get("vocab_size", 0)
         if state["tree"] is not None:  # the very tree Drain grew, so matching behaves exactly as it did
             drain.root_node = _tree_from_json(state["tree"])
+
+    def match(self, line: str) -> re.Match | None:
+        """The log format's fields of a line, matched as loghub does: on the line stripped of whitespace."""
+        return self.regex.match(line.strip())
 
     @property
     def vocab_size(self) -> int:
@@ -486,17 +603,27 @@ class RawLines:
 GROUPING = ("session_key", "session_idle", "window", "time_field", "time_format", "label_field", "normal_value")
 
 
-def make_grouper(cfg: PreprocessConfig, parser: Parser) -> Sessions | Windows:
+def make_grouper(cfg: PreprocessConfig, parser: Parser, parse_only: bool = False) -> Sessions | Windows | None:
+    """The grouper the settings ask for; None for a parse-only run (`parse_only` allowed and neither
+    --session-key nor --window given)."""
     fields = parser.regex.groupindex
     for flag, name in (("--label-field", cfg.label_field), ("--time-field", cfg.time_field)):
         if name is not None and name not in fields:
             raise PreprocessError(f"{flag} {name}: not a field of the log format ({', '.join(fields)})")
-    if (cfg.session_key is None) == (cfg.window is None):
+    if cfg.session_key is not None and cfg.window is not None or \
+            cfg.session_key is None and cfg.window is None and not parse_only:
         raise PreprocessError("give either --session-key REGEX or --window count:SIZE[:STEP] / time:SIZE[:STEP]")
     if cfg.max_open_sessions < 1 or (cfg.session_idle or 1) < 1:
         raise PreprocessError("--max-open-sessions and --session-idle must be >= 1")
     if cfg.session_key is not None:
         return Sessions(compile_regex(cfg.session_key, "--session-key"), cfg.max_open_sessions, cfg.session_idle)
+    if cfg.window is None:  # parse only: settings that only grouping reads would be silently ignored
+        given = [flag for flag, value in (("--labels", cfg.labels), ("--label-field", cfg.label_field),
+                                          ("--time-field", cfg.time_field), ("--session-idle", cfg.session_idle))
+                 if value is not None]
+        if given:
+            raise PreprocessError(f"{given[0]} groups lines: give --session-key or --window too, or drop it")
+        return None
     grouper = Windows(cfg.window)
     if grouper.kind == "time" and cfg.time_field is None:
         raise PreprocessError("--window time:... needs --time-field (a field of --log-format)")
@@ -505,11 +632,26 @@ def make_grouper(cfg: PreprocessConfig, parser: Parser) -> Sessions | Windows:
     return grouper
 
 
+FAIL_FAST_LINES = 1000  # none of this many first lines matching the log format: the format is wrong, stop
+
+
+def no_match_error(log_format: str, first_lines: list[str], lines: int) -> PreprocessError:
+    shown = "; ".join(first_lines) or "none, the input is empty"
+    return PreprocessError(f"no line {'of the first %d ' % lines if lines >= FAIL_FAST_LINES else ''}matches "
+                           f"--log-format {log_format!r} (first lines: {shown}). The text between fields is a "
+                           f"regular expression, as in loghub: write \\[ \\( \\. \\| \\? for the characters")
+
+
 def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], stats: dict,
-                      labels: dict | None = None, rows=None):
-    """Sessions as sessions.jsonl holds them (dicts), streamed from raw log files; counts go into `stats`,
-    and one "LineId,EventId" row per input line into `rows` when given."""
-    grouper = make_grouper(cfg, parser)
+                      labels: dict | None = None, rows=None, parse_only: bool = False,
+                      require_match: bool = False):
+    """Sessions as sessions.jsonl holds them (dicts), streamed from raw log files (none in a parse-only
+    run); counts go into `stats`, and one CSV row per input line (LineId, EventId, the fields) into `rows`
+    when given. PreprocessError once FAIL_FAST_LINES lines came and none matched the log format (or at the
+    end, with `require_match`)."""
+    grouper = make_grouper(cfg, parser, parse_only)
+    names, first_lines = list(parser.regex.groupindex), []
+    writer = csv.writer(rows) if rows else None
 
     def finished(groups):
         for session_id, events, refs, abnormal in groups:
@@ -521,29 +663,40 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
 
     for file_index, number, line in read_lines(files):
         stats["lines"] += 1
-        match = parser.regex.match(line)
+        match = parser.match(line)
         if match is None:
             stats["unmatched"] += 1
-            stats["first_unmatched"] = stats["first_unmatched"] or f"{files[file_index]}:{number}: {line[:120]}"
-            if rows:
-                rows.write(f"{stats['lines']},\n")
+            if len(first_lines) < 3:
+                first_lines.append(f"{files[file_index]}:{number}: {line[:120]}")
+                stats["first_unmatched"] = first_lines[0]
+            if stats["parsed"] == 0 and stats["lines"] >= FAIL_FAST_LINES:
+                raise no_match_error(parser.log_format, first_lines, stats["lines"])
+            if writer:
+                writer.writerow([stats["lines"], ""])
             continue
-        event = parser.parse(match.group("Content"))
+        # a field inside an optional group, such as loghub's (\[<PID>\])?, is None where absent: read as ""
+        event = parser.parse(match.group("Content") or "")
         stats["parsed"] += 1
         stats["unknown"] += event >= parser.vocab_size
-        if rows:
-            rows.write(f"{stats['lines']},{event}\n")
+        if writer:
+            writer.writerow([stats["lines"], event, *(match.group(name) or "" for name in names)])
+        if grouper is None:
+            continue
         when = None
         if cfg.time_field:
             try:
-                value = match.group(cfg.time_field)
+                value = match.group(cfg.time_field) or ""
                 when = datetime.strptime(value, cfg.time_format).replace(tzinfo=timezone.utc).timestamp() \
                     if cfg.time_format else float(value)
             except ValueError:
                 stats["bad_time"] += 1
                 continue
-        abnormal = cfg.label_field is not None and match.group(cfg.label_field) != cfg.normal_value
+        abnormal = cfg.label_field is not None and (match.group(cfg.label_field) or "") != cfg.normal_value
         yield from finished(grouper.add(line, event, file_index << 40 | number, abnormal, when))
+    if require_match and stats["parsed"] == 0:
+        raise no_match_error(parser.log_format, first_lines, stats["lines"])
+    if grouper is None:
+        return
     yield from finished(grouper.close())
     stats.update(**({"lines_without_key": grouper.no_key, "sessions_closed_idle": grouper.closed_idle,
                      "sessions_closed_early": grouper.closed_early}
@@ -565,31 +718,36 @@ def new_stats() -> dict:
 
 def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: dict | None = None,
                structured: str | None = None, base_config: str | None = None) -> dict:
+    """Parse and group `inputs` into `output`. Without --session-key or --window it only parses: templates,
+    parser state, sources and the --structured CSV, no sessions.jsonl or config.yaml (there is nothing to
+    train on)."""
     parser = Parser(cfg, state)
-    make_grouper(cfg, parser)  # settings checked before any work
+    parse_only = make_grouper(cfg, parser, parse_only=True) is None  # settings checked before any work
     labels = read_labels(cfg.labels) if cfg.labels else None
     files = input_files(inputs)
     output.mkdir(parents=True, exist_ok=True)
     stats = new_stats()
     started = time.perf_counter()
-    sessions_tmp = tempfile.NamedTemporaryFile("w", dir=output, prefix=".sessions.", delete=False)
-    rows_tmp = tempfile.NamedTemporaryFile("w", dir=output, prefix=".rows.", delete=False) if structured else None
+    sessions_tmp = None if parse_only else \
+        tempfile.NamedTemporaryFile("w", dir=output, prefix=".sessions.", delete=False)
+    rows_tmp = tempfile.NamedTemporaryFile("w", dir=output, prefix=".rows.", delete=False, newline="") \
+        if structured else None
     try:
         try:
-            for session in iter_log_sessions(cfg, parser, files, stats, labels, rows_tmp):
+            for session in iter_log_sessions(cfg, parser, files, stats, labels, rows_tmp, parse_only, True):
                 sessions_tmp.write(json.dumps(session, separators=(",", ":")) + "\n")
-            sessions_tmp.close()
+            if sessions_tmp:
+                sessions_tmp.close()
         except OSError as error:  # a full disk: a failed write names no file; the temp file goes below
             if error.filename:
                 raise
-            raise OSError(error.errno, error.strerror or str(error), str(output / "sessions.jsonl")) from None
-        if stats["parsed"] == 0:
-            raise PreprocessError(f"no line matches --log-format {parser.log_format!r} "
-                                  f"(first line: {stats['first_unmatched'] or 'none, the input is empty'})")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(sessions_tmp.name, 0o666 & ~umask)  # temp files are made 0600: follow the umask instead
-        os.replace(sessions_tmp.name, output / "sessions.jsonl")
+            name = output / "sessions.jsonl" if sessions_tmp else Path(structured)  # the file being made
+            raise OSError(error.errno, error.strerror or str(error), str(name)) from None
+        if sessions_tmp:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(sessions_tmp.name, 0o666 & ~umask)  # temp files are made 0600: follow the umask instead
+            os.replace(sessions_tmp.name, output / "sessions.jsonl")
         if rows_tmp:
             rows_tmp.close()
             write_structured(rows_tmp.name, structured, parser)
@@ -602,27 +760,32 @@ def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: di
     stats.update(templates=parser.vocab_size, seconds=round(elapsed, 3),
                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                  lines_per_s=round(stats["lines"] / max(elapsed, 1e-9)))
+    if parse_only:
+        stats["parse_only"] = True
     write_json(output / "templates.json", parser.table())
-    write_json(output / "parser_state.json", {**parser.state(), "grouping": {k: getattr(cfg, k) for k in GROUPING}})
+    grouping = {k: getattr(cfg, k) for k in GROUPING}
+    write_json(output / "parser_state.json", {**parser.state(), "grouping": grouping})
     write_json(output / "sources.json", {"files": [str(f.resolve()) for f in files], "stats": dict(stats)})
-    if parser.learning:  # data with unknown IDs (>= vocab_size) is for detection, not training
+    if parser.learning and not parse_only:  # data with unknown IDs (>= vocab_size) is for detection only
         write_train_config(base_config, output, parser.vocab_size)
     return dict(stats)
 
 
 def write_structured(rows_path: str, structured: str, parser: Parser) -> None:
-    """loghub's *_structured.csv columns, with each template as it stands at the end (Drain's templates
-    change while it learns, so the rows are written from the IDs once the parse is done)."""
+    """loghub's *_structured.csv columns: LineId, the log format's fields (Content among them), EventId,
+    EventTemplate, with each template as it stands at the end (Drain's templates change while it learns, so
+    the rows are written from the IDs once the parse is done). A line the format does not match has only its
+    LineId."""
     Path(structured).parent.mkdir(parents=True, exist_ok=True)
+    names = list(parser.regex.groupindex)
     templates = {}
-    with open(rows_path) as rows, open(structured, "w", newline="") as handle:
+    with open(rows_path, newline="") as rows, open(structured, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["LineId", "EventId", "EventTemplate"])
-        for row in rows:
-            line_id, _, event = row.rstrip("\n").partition(",")
+        writer.writerow(["LineId", *names, "EventId", "EventTemplate"])
+        for line_id, event, *values in csv.reader(rows):
             if event and event not in templates:
                 templates[event] = parser.template(int(event)) if int(event) < parser.vocab_size else "<unknown>"
-            writer.writerow([line_id, event, templates.get(event, "")])
+            writer.writerow([line_id, *(values or [""] * len(names)), event, templates.get(event, "")])
 
 
 def write_json(path: Path, data) -> None:
@@ -693,8 +856,9 @@ def parse_args(argv=None):
     add("--output", required=True, help="directory for sessions.jsonl, templates.json, parser_state.json, ...")
     add("--config", default="config.yaml", help="YAML whose `preprocess:` section gives defaults and whose "
         "other sections are copied into OUTPUT/config.yaml (default: config.yaml, if present)")
-    add("--log-format", help="loghub-style line layout, e.g. '<Date> <Time> <Level> <Component>: <Content>' "
-        "(default: the whole line is the content)")
+    add("--log-format", help="loghub's line layout, e.g. '<Date> <Time> <Level> \\[<Process>\\] <Component>: "
+        "<Content>': text between fields is a regex, a run of spaces any whitespace (default: the whole line is "
+        "the content)")
     add("--mask", action="append", dest="masks", help="regex of a variable part, replaced by <*> before Drain; "
         "repeatable (replaces the config's list), applied in order before the default masks")
     add("--no-default-masks", action="store_false", dest="default_masks", default=None,
@@ -719,7 +883,7 @@ def parse_args(argv=None):
     add("--max-open-sessions", type=int, help="open sessions held at most; then the least recently active is "
         "written early (default 1000000)")
     add("--structured", help="also write this CSV: one row per input line, LineId (1-based, counted over all "
-        "inputs), EventId, EventTemplate")
+        "inputs), the log format's fields, EventId, EventTemplate (without --session-key or --window: parse only)")
     return parser.parse_args(argv)
 
 
@@ -740,8 +904,13 @@ def main(argv=None):
         stats = preprocess(cfg, args.inputs, Path(args.output), state, args.structured, base)
         print(f"{stats['lines']} lines: {stats['parsed']} parsed, {stats['unmatched']} not matching the log format"
               f"{', %d of unknown events' % stats['unknown'] if args.parser_state else ''}; "
-              f"{stats['templates']} templates (vocab_size); {stats['sessions']} sessions, {stats['abnormal']} "
-              f"abnormal; {stats['lines_per_s']:,} lines/s. Output in {args.output}")
+              f"{stats['templates']} templates (vocab_size); "
+              + ("parsed only (no --session-key or --window): no sessions.jsonl or config.yaml written"
+                 if stats.get("parse_only") else f"{stats['sessions']} sessions, {stats['abnormal']} abnormal")
+              + f"; {stats['lines_per_s']:,} lines/s. Output in {args.output}")
+        if stats.get("parse_only") and (Path(args.output) / "sessions.jsonl").exists():
+            print(f"warning: {Path(args.output) / 'sessions.jsonl'} is an earlier run's, not this one's",
+                  file=sys.stderr)
         for key, what in (("sessions_closed_early", "sessions written early (raise --max-open-sessions)"),
                           ("unlabelled", "sessions missing from --labels (labelled normal)"),
                           ("bad_time", "lines with an unreadable --time-field (left out)"),
