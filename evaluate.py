@@ -480,7 +480,7 @@ def calibration_warnings(calibration: dict, rule: str) -> list[str]:
     """What the expected false-positive rate of `rule` cannot promise, in words, with what to do."""
     warnings = []
     sessions, flagged = calibration["sessions"], calibration["flagged_on_calibration"].get("probability", 0.0)
-    if rule in ("combined", "probability") and sessions < MIN_CALIBRATION_SESSIONS:
+    if rule in ("combined", "probability") and sessions < MIN_CALIBRATION_SESSIONS and "target_fpr" in calibration:
         upper = binomial_bounds(flagged * sessions, sessions)[1]
         warnings.append(
             f"the probability rule's bounds rest on {sessions} calibration session(s), too few to promise its "
@@ -599,8 +599,14 @@ def rule_summary(calibration: dict, rule: str) -> str:
                             + ["event_pair"] * bool(calibration.get("event_pair_rule", False)))
     words = {"probability": bound, **{name: text.format(distance=calibration.get("count_vector_distance") or 0)
                                       for name, text in RULE_WORDS.items()}}
-    if rule == "combined":
+    with_sets, with_pairs = calibration["event_set_rule"], calibration.get("event_pair_rule", False)
+    if rule == "combined" and not (with_sets or with_pairs) and parts == ["probability"]:
+        text = (f"'combined' is the LSTM's probability rule alone ({bound}), as no record of which event types "
+                f"occur together was kept (evaluation.event_set_rule and event_pair_rule false, or too many)")
+    elif rule == "combined":
         text = "'combined': " + ", or ".join(words[part] for part in parts)
+        if not with_sets:
+            text += " (no record of event-type sets: more than 10,000, or evaluation.event_set_rule false)"
         left_out = [name for name, normal in (calibration.get("novelty_is_normal") or {}).items() if normal]
         if left_out:
             novelty = calibration["novelty_on_training"]
@@ -613,7 +619,7 @@ def rule_summary(calibration: dict, rule: str) -> str:
         text = f"'{rule}'"
     expectation = f"{expected:.3%} of the {calibration['sessions']} calibration sessions flagged"
     rates = calibration.get("expected_fpr")
-    if rates and rule in rates:
+    if rates and rule in rates and "target_fpr" in calibration:
         expectation = (f"expected false-positive rate at most {rates[rule]:.3%} (the probability rule's target "
                        f"{calibration['target_fpr']:g}" + (f", plus {CONFIDENCE:.0%} bounds from the "
                        f"{calibration['training_sessions']} normal training sessions for the other rules"
@@ -621,7 +627,6 @@ def rule_summary(calibration: dict, rule: str) -> str:
                        + expectation)
     elif calibration.get("target_fpr") is not None and rule in ("combined", "probability"):  # older calibrations
         flagged = calibration["flagged_on_calibration"]
-        with_sets, with_pairs = calibration["event_set_rule"], calibration.get("event_pair_rule", False)
         records = max(flagged["event_set"] if with_sets else 0.0, flagged.get("event_pair", 0.0) if with_pairs else 0.0)
         records = records if rule == "combined" else 0.0
         expectation = (f"expected false-positive rate {calibration['target_fpr'] + records:.3%} (the probability "

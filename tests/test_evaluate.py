@@ -532,9 +532,11 @@ def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, targ
     implied = E.ImpliedTail()
     implied.add(model, sessions, counts, batch_size)
     half = target_fpr / 2
+    plan = E.plan_rules(co_occurrence, target_fpr, model.vocab_size)   # tested apart, in test_calibration.py
+    event_column = "min_event_log_prob" if plan["unseen_events_flag"] else "min_seen_event_log_prob"
     bounds = {which: E.target_fpr_threshold(-scores[column], counts, counts.sum(), half,
                                             implied.threshold(which, half, counts.sum()))
-              for which, column in (("event", "min_event_log_prob"), ("end", "end_log_prob"))}
+              for which, column in (("event", event_column), ("end", "end_log_prob"))}
     calibration = {
         "top_k": top_k, "top_g": top_g, "default_rule": default_rule, "source": source,
         "sessions": int(counts.sum()), "distinct_sessions": len(sessions),
@@ -543,16 +545,20 @@ def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, targ
         "log_probability_bound": -bounds["event"][0], "probability_bound_method": bounds["event"][1],
         "log_end_probability_bound": -bounds["end"][0], "end_probability_bound_method": bounds["end"][1],
         "event_set_rule": co_occurrence is not None and co_occurrence.sets is not None,
-        "event_pair_rule": co_occurrence is not None and co_occurrence.pairs is not None}
+        "event_pair_rule": co_occurrence is not None and co_occurrence.pairs is not None, **plan}
     calibration["flagged_on_calibration"] = {
         rule: float(counts[_oracle_verdicts(scores, calibration, rule)].sum() / counts.sum()) for rule in E.RULES}
+    calibration["expected_fpr"] = E.expected_rates(calibration)
     return calibration
 
 
 def _oracle_verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
     if rule == "combined":
-        return np.logical_or.reduce([_oracle_verdicts(scores, calibration, rule)
-                                     for rule in ("probability", "event_set", "event_pair")])
+        return np.logical_or.reduce([_oracle_verdicts(scores, calibration, rule) for rule in
+                                     calibration.get("combined_rules", ("probability", "event_set", "event_pair"))])
+    if rule == "count_vector":
+        distance = calibration.get("count_vector_distance")
+        return scores["count_distance"] > (np.inf if distance is None else distance)
     if rule == "event_set":
         return scores["novel_set"] > 0
     if rule == "event_pair":
@@ -560,7 +566,8 @@ def _oracle_verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
     if rule == "top_g":
         return scores["max_rank"] >= calibration["top_g"]
     if rule == "probability":
-        return (scores["min_event_log_prob"] < calibration["log_probability_bound"]) | \
+        events = "min_event_log_prob" if calibration.get("unseen_events_flag", True) else "min_seen_event_log_prob"
+        return (scores[events] < calibration["log_probability_bound"]) | \
             (scores["end_log_prob"] < calibration["log_end_probability_bound"])
     top_k = calibration["top_k"]
     return scores[f"misses_at_{top_k}"] / scores["predictions"] > calibration["score_thresholds"][rule[6:]]
