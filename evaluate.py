@@ -54,7 +54,7 @@ import torch
 import utils
 from cache import build_caches, cache_settings, default_cache_dir, session_chunks
 from dataset import DataError, Record, is_validation, iter_sessions, list_data_files
-from model import IGNORE_INDEX, MAX_COUNT_VECTORS, CoOccurrence, CountVectors, DeepLog, verdicts
+from model import IGNORE_INDEX, MAX_COUNT_VECTORS, MAX_RECORD_SESSIONS, CoOccurrence, CountVectors, DeepLog, verdicts
 
 ACCURACY_KS = (1, 5, 10, 20)
 PERCENTILES = (90, 95, 99)
@@ -391,9 +391,10 @@ def binomial_bounds(flagged: float, sessions: float, confidence: float = CONFIDE
     if n <= 0:
         return 0.0, 1.0
     alpha = 1 - confidence
-    i = np.arange(n + 1)
+    exact = n <= 100_000   # beyond, a normal approximation: no arrays of n + 1 terms
+    i = np.arange(n + 1) if exact else None
     log_choose = np.array([math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) for j in
-                           range(n + 1)]) if n <= 100_000 else None
+                           range(n + 1)]) if exact else None
 
     def at_most(count: int, p: float) -> float:   # P(X <= count) for X ~ Binomial(n, p)
         if count < 0:
@@ -1137,15 +1138,16 @@ def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: 
                          logger) -> None:
     """The event-count vectors of the training sessions, into the checkpoint ("count_vectors") and the record
     the rules use; None (not kept) beyond MAX_COUNT_VECTORS distinct ones."""
-    counts = CountVectors.from_chunks(training_sessions(config, options, logger))
+    counts = CountVectors.from_chunks(training_sessions(config, options, logger), MAX_RECORD_SESSIONS)
     co_occurrence.counts = counts
     checkpoint["count_vectors"] = None if counts is None else counts.state()
     if counts is None:
         logger.info(f"Count-vector record: not kept (more than {MAX_COUNT_VECTORS} distinct event-count vectors in "
                     f"the training sessions): the count-vector rule is off")
     else:
+        first = f" (the first {MAX_RECORD_SESSIONS:,} of them)" if counts.sessions >= MAX_RECORD_SESSIONS else ""
         logger.info(f"Count-vector record: {len(counts.weights)} distinct event-count vectors of "
-                    f"{counts.sessions} normal training sessions")
+                    f"{counts.sessions} normal training sessions{first}")
 
 
 def after_training(checkpoint_path, config: utils.Config, logger) -> dict:

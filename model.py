@@ -486,6 +486,7 @@ class CoOccurrence:
 
 MAX_COUNT_VECTORS = 10_000   # distinct event-count vectors of training kept; beyond, the count-vector rule is off
 MAX_COUNT_ENTRIES = 4_000_000  # and their non-zero counts, all vectors together
+MAX_RECORD_SESSIONS = 1_000_000  # training sessions the record is taken from (the first ones): a pass of seconds
 DISTANCE_BUDGET = 2 ** 24    # elements of one block of the nearest-vector computation (sessions x vectors x types)
 
 
@@ -523,28 +524,40 @@ class CountVectors:
         return int(self.weights.sum())
 
     @classmethod
-    def from_chunks(cls, chunks: Iterable[list]) -> "CountVectors | None":
-        """Record the sessions of `chunks` (lists of event-ID sequences); None when they have more distinct
-        count vectors than the record keeps (or none at all)."""
+    def from_chunks(cls, chunks: Iterable[list], max_sessions: int | None = None) -> "CountVectors | None":
+        """Record the sessions of `chunks` (lists of event-ID sequences), at most the first `max_sessions`;
+        None when they have more distinct count vectors than the record keeps (or none at all). Identical
+        vectors within a chunk are found by a vectorised hash, so Python touches each distinct one once."""
         seen: dict[bytes, int] = {}
         vectors: list[np.ndarray] = []
         weights: list[int] = []
-        stored = 0
+        stored = recorded = 0
         for chunk in chunks:
+            chunk = chunk[:max_sessions - recorded] if max_sessions is not None else chunk
             owners, types, counts = count_entries(chunk)
             bounds = np.searchsorted(owners, np.arange(len(chunk) + 1))
-            for row in range(len(chunk)):
+            # an order-free 64-bit hash of each session's (type, count) entries; equal vectors, equal hashes
+            mixed = (types.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
+                counts.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
+            mixed ^= mixed >> np.uint64(29)
+            hashes = np.zeros(len(chunk), dtype=np.uint64)
+            np.add.at(hashes, owners, mixed * np.uint64(0xBF58476D1CE4E5B9))
+            _, first, repeats = np.unique(hashes, return_index=True, return_counts=True)
+            for row, repeat in zip(first.tolist(), repeats.tolist()):
                 pairs = np.stack([types[bounds[row]:bounds[row + 1]], counts[bounds[row]:bounds[row + 1]]], 1)
                 key = pairs.tobytes()
                 if key in seen:
-                    weights[seen[key]] += 1
+                    weights[seen[key]] += repeat
                     continue
                 seen[key] = len(vectors)
                 vectors.append(pairs)
-                weights.append(1)
+                weights.append(repeat)
                 stored += len(pairs)
                 if len(vectors) > MAX_COUNT_VECTORS or stored > MAX_COUNT_ENTRIES:
                     return None
+            recorded += len(chunk)
+            if max_sessions is not None and recorded >= max_sessions:
+                break
         if not vectors:
             return None
         entries = np.concatenate([np.column_stack([np.full(len(v), i), v]) for i, v in enumerate(vectors)])

@@ -60,6 +60,8 @@ def test_count_vectors_nearest_and_leave_one_out_equal_brute_force():
     np.fill_diagonal(pairwise, np.inf)
     per_session = np.repeat(record.leave_one_out(), record.weights)
     assert sorted(per_session.tolist()) == sorted(pairwise.min(1).tolist())
+    assert sorted(record.weights.tolist()) == sorted(Counter(map(lambda s: tuple(sorted(s)), train)).values())
+    assert CountVectors.from_chunks([train[:30], train[30:]], max_sessions=35).sessions == 35   # the first 35
     # kept in a checkpoint as tensors, and back
     again = CountVectors.from_state(record.state())
     assert again.nearest(scored).tolist() == brute.tolist()
