@@ -62,6 +62,8 @@ RULES = ("combined", "probability", "event_set", "event_pair", "count_vector", "
          "score_p99")
 CHUNK_SIZE = 8192             # sessions read, de-duplicated and scored together
 CHUNK_EVENTS = 2 ** 22        # and at most this many events in a chunk (more only for one longer session)
+POSITIONS_PER_SESSION = 32    # a scoring batch holds evaluation.batch_size x this many positions: bigger
+                              # batches of short sessions ran slower on CPU (benchmarks/README.md)
 MAX_CACHED = 100_000          # distinct sessions whose scores are kept across chunks
 MAX_CACHED_LENGTH = 512       # longer sessions rarely repeat: not worth a place in the cache
 MAX_EXACT_SCORES = 200_000    # distinct anomaly-score values kept exactly for the percentiles
@@ -143,10 +145,10 @@ def score_columns(top_ks) -> list[str]:
 def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: int = 256,
                    co_occurrence: CoOccurrence | None = None) -> dict[str, np.ndarray]:
     """Score distinct sessions: arrays aligned with `sessions`, the columns of DeepLog.session_scores (computed
-    in the windows of training, in batches of at most batch_size windows' worth of positions), plus novel_set
+    in the windows of training, in batches of batch_size x POSITIONS_PER_SESSION positions), plus novel_set
     (1 when the session's set of event types never occurred in a normal training session) and novel_pair (1
     when two of its event types never shared one): both 0 where `co_occurrence` holds no such record."""
-    columns = model.session_scores(sessions, top_ks, batch_size * model.max_seq_length)
+    columns = model.session_scores(sessions, top_ks, batch_size * POSITIONS_PER_SESSION)
     out = {name: column.numpy() for name, column in columns.items()}
     co_occurrence = co_occurrence or CoOccurrence(model.vocab_size)
     out["novel_set"], out["novel_pair"] = co_occurrence.novel(sessions)
@@ -329,7 +331,7 @@ class ImpliedTail:
     def add(self, model: DeepLog, sessions: list, weights: np.ndarray, batch_size: int = 256) -> None:
         weights = torch.as_tensor(weights, dtype=torch.float64)
         with model._evaluating():
-            for batch in model.windows(sessions, batch_size * model.max_seq_length):
+            for batch in model.windows(sessions, batch_size * POSITIONS_PER_SESSION):
                 log_probs = torch.log_softmax(batch.logits.float(), dim=-1)
                 valid = batch.targets != IGNORE_INDEX      # each prediction once: context and padding left out
                 position_weights = weights.to(log_probs.device)[batch.owners].unsqueeze(1).expand_as(valid)[valid]

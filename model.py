@@ -44,7 +44,7 @@ def special_tokens(vocab_size: int) -> tuple[int, int, int, int]:
     return vocab_size, vocab_size + 1, vocab_size + 2, vocab_size + 3
 
 
-SCORING_TOKENS = 2 ** 16   # positions (rows x padded length) per scoring batch, by default
+SCORING_TOKENS = 2 ** 13   # positions (rows x padded length) per scoring batch, by default
 LOGIT_BUDGET = 2 ** 24     # logits per scoring batch: a big vocabulary gets fewer positions, memory stays bounded
 
 
