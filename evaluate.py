@@ -463,8 +463,8 @@ def plan_rules(co_occurrence: CoOccurrence | None, target_fpr: float, vocab_size
 def expected_rates(calibration: dict) -> dict:
     """What each rule is expected to flag of new normal sessions, at most (95% bounds): the probability rule
     its target; the event-set and event-pair rules the upper bound from the training sessions that brought a
-    novelty of that kind; the count-vector rule 1/(n + 1); `combined` the sum of its rules (a new pair is a
-    new set, so the two together count once)."""
+    novelty of that kind (without that record, from the calibration sessions they flagged); the count-vector
+    rule 1/(n + 1); `combined` the sum of its rules (a new pair is a new set: the two together count once)."""
     sessions, novelty = calibration.get("training_sessions"), calibration.get("novelty_on_training")
     rates = {"probability": calibration["target_fpr"]}
     if novelty is not None:
@@ -472,6 +472,11 @@ def expected_rates(calibration: dict) -> dict:
             rates[rule] = binomial_bounds(novelty[rule], sessions)[1]
         if calibration.get("count_vector_distance") is not None:
             rates["count_vector"] = 1 / (sessions + 1)
+    else:  # no record of the training sessions' counts: bounds from the calibration sessions the rules flagged
+        calibrated = calibration["sessions"]
+        for rule in ("event_set", "event_pair"):
+            flagged = calibration["flagged_on_calibration"].get(rule, 0.0) * calibrated
+            rates[rule] = binomial_bounds(flagged, calibrated)[1]
     parts = [rule for rule in calibration["combined_rules"] if rule in rates]
     records = [rates[rule] for rule in ("event_set", "event_pair") if rule in parts]
     rates["combined"] = rates["probability"] + (max(records) if records else 0.0) + rates.get(

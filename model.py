@@ -308,6 +308,8 @@ class DeepLog(nn.Module):
                     found[owner].append((position, {
                         "position": position, "actual": actual, "probability": float(log_probs[row, column].exp()),
                         "expected": [label(t) for t in ranked]}))
+                    if max_misses is not None and len(found[owner]) > 2 * max_misses:   # memory stays bounded
+                        found[owner] = sorted(found[owner], key=lambda item: item[0])[:max_misses]
         return [[miss for _, miss in sorted(misses, key=lambda item: item[0])][:max_misses] for misses in found]
 
     @classmethod
