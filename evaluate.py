@@ -78,9 +78,7 @@ def load_model(checkpoint_path, device: torch.device) -> tuple[DeepLog, dict]:
     try:
         model = DeepLog(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model_state_dict"])
-        data = checkpoint.get("config", {}).get("data", {})   # score in the windows of training
-        model.set_windows(data.get("max_seq_length", model.max_seq_length),
-                          data.get("window_context", model.window_context))
+        model.use_training_windows(checkpoint)   # score in the windows of training
     except (TypeError, RuntimeError, ValueError) as error:
         raise utils.CheckpointError(f"{checkpoint_path}: weights do not fit the stored model arguments "
                                     f"{checkpoint['model_args']} ({str(error).splitlines()[0]})") from None

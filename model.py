@@ -180,6 +180,12 @@ class DeepLog(nn.Module):
         self.max_seq_length, self.window_context = int(max_seq_length), int(window_context)
         return self
 
+    def use_training_windows(self, checkpoint: dict) -> "DeepLog":
+        """The windows of the checkpoint's training config (its data section); the defaults where it has none."""
+        data = checkpoint.get("config", {}).get("data", {})
+        return self.set_windows(data.get("max_seq_length", self.max_seq_length),
+                                data.get("window_context", self.window_context))
+
     def scoring_tokens(self, max_tokens: int | None = None) -> int:
         """Positions per scoring batch: `max_tokens` (SCORING_TOKENS by default) but at most LOGIT_BUDGET
         logits, and always room for one whole window."""
@@ -319,9 +325,7 @@ class DeepLog(nn.Module):
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         model = cls(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model_state_dict"])
-        data = checkpoint.get("config", {}).get("data", {})
-        model.set_windows(data.get("max_seq_length", model.max_seq_length),
-                          data.get("window_context", model.window_context))
+        model.use_training_windows(checkpoint)
         model.calibration = checkpoint.get("calibration")
         model.co_occurrence = CoOccurrence.from_checkpoint(checkpoint)
         return model.eval()

@@ -171,3 +171,19 @@ def test_small_training_set_states_an_honest_false_positive_rate(tmp_path):
     assert observed <= 2 * stated or warned
     assert warned   # 4 calibration sessions: the log must say so
     assert results["default"]["f1"] >= 0.95 and results["calibration"]["combined_rules"][-1] == "count_vector"
+
+
+@pytest.mark.parametrize("damage", [{"entries": torch.zeros(4, 2, dtype=torch.long)},
+                                    {"entries": torch.ones(2, 3), "weights": torch.ones(1)},
+                                    {"entries": torch.tensor([[5, 1, 1]]), "weights": torch.tensor([1])},
+                                    "not a record"])
+def test_a_damaged_count_vector_record_is_one_line_naming_the_checkpoint(tmp_path, damage):
+    import utils
+    model = _model(8)
+    path = tmp_path / "damaged.pt"
+    torch.save({"model_state_dict": model.state_dict(), "model_args": model.model_args, "config": {},
+                "count_vectors": damage}, path)
+    with pytest.raises(utils.CheckpointError, match=r"damaged\.pt: damaged checkpoint \(count_vectors"):
+        utils.load_checkpoint(path)
+    done = run_script("evaluate.py", "--checkpoint", path, "--data-dir", path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr and "count_vectors" in done.stderr
