@@ -65,7 +65,7 @@ from dataset import (
     one_line,
     split_draws,
 )
-from model import special_tokens
+from model import lay_out, window_table
 
 CACHE_FORMAT = 2            # 2: event_pairs.npy (the pairs of event types of training sessions)
 TAIL = 1024                  # zero tokens after each part: windows up to TAIL - 1 positions are one slice
@@ -283,7 +283,6 @@ def _build_part(task: _Task) -> dict:
     settings, file = task.settings, Path(task.file)
     dtype = settings.token_dtype()
     vocab = settings.vocab_size
-    end_id, _, start_id, _ = special_tokens(vocab) if vocab is not None else (0, 0, 0, 0)
     counters: dict = {}
     sessions = tokens_written = 0
     seen = np.zeros(vocab + 1 if vocab is not None else 0, dtype=np.int64)
@@ -302,14 +301,8 @@ def _build_part(task: _Task) -> dict:
                                      **settings.reader_options())
         for arrays in _grouped(chunks, 2 ** 16):
             n = len(arrays.lengths)
+            laid_out, local_starts = lay_out(arrays.tokens, arrays.lengths, vocab if vocab is not None else 0, dtype)
             sizes = arrays.lengths + 2
-            local_starts = np.cumsum(sizes) - sizes
-            laid_out = np.empty(int(sizes.sum()), dtype=dtype)
-            is_event = np.ones(len(laid_out), dtype=bool)
-            is_event[local_starts] = is_event[local_starts + sizes - 1] = False
-            laid_out[is_event] = arrays.tokens
-            laid_out[local_starts] = start_id
-            laid_out[local_starts + sizes - 1] = end_id
             validation = split_draws(task.file, arrays.indexes, settings.seed) < settings.validation_split
             calibration = split_draws(task.file, arrays.indexes, settings.seed + 1) < 0.5
             flags = (arrays.labels | (validation.astype(np.uint8) << 1) | (calibration.astype(np.uint8) << 2))
@@ -670,19 +663,11 @@ def _allow_open_files(needed: int) -> None:
 
 
 def _windows_of(starts: np.ndarray, lengths: np.ndarray, max_seq_length: int, window_context: int):
-    """Windows of sessions (start of the start token, events), as dataset.make_windows cuts them:
-    (window starts, window lengths), a length negative for a window whose first window_context targets
-    are context."""
-    predictions = lengths + 1
-    stride = max_seq_length - window_context
-    extra = np.maximum(0, -(-(predictions - max_seq_length) // stride))
-    count = 1 + extra
-    session = np.repeat(np.arange(len(starts)), count)
-    first = np.cumsum(count) - count
-    k = np.arange(len(session)) - first[session]
-    begin = k * stride
-    window_lengths = np.minimum(max_seq_length, predictions[session] - begin).astype(np.int32)
-    return (starts[session] + begin).astype(np.int64), np.where(k > 0, -window_lengths, window_lengths)
+    """Windows of sessions (start of the start token, events), cut by model.window_table: (window starts,
+    window lengths), a length negative for a window whose first window_context targets are context."""
+    session, begin, end, scored = window_table(lengths + 1, max_seq_length, window_context)
+    window_lengths = (end - begin).astype(np.int32)
+    return (starts[session] + begin).astype(np.int64), np.where(scored > 0, -window_lengths, window_lengths)
 
 
 def keyed_permutation(values: np.ndarray, n: int, key: str) -> np.ndarray:

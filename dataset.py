@@ -42,7 +42,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from model import IGNORE_INDEX, MAX_EVENT_PAIRS, event_pairs, pairs_of_sets, sorted_unique, special_tokens
+from model import (
+    IGNORE_INDEX,
+    MAX_EVENT_PAIRS,
+    event_pairs,
+    lay_out,
+    pairs_of_sets,
+    sorted_unique,
+    special_tokens,
+    window_table,
+)
 
 JSON_SUFFIXES = (".json", ".jsonl")
 MAX_EVENT_SETS = 10000  # beyond this many distinct sets of co-occurring event types, the record is dropped
@@ -590,30 +599,15 @@ def is_validation(file: str, index: int, seed: int, validation_split: float) -> 
 
 
 def make_windows(event_ids: list[int], vocab_size: int, max_seq_length: int, window_context: int):
-    """Session -> training samples (inputs, targets), each at most max_seq_length positions.
-
-    A session of n events has n + 1 predictions (inputs [start, e1..en], targets [e1..en, end]). When
-    that exceeds max_seq_length, consecutive windows advance by max_seq_length - window_context: each
-    later window re-reads the previous window_context positions as context, and their targets are
-    masked, so every prediction is trained exactly once and nothing is dropped or truncated.
-    """
-    end_id, _, start_id, _ = special_tokens(vocab_size)
-    inputs = [start_id] + event_ids
-    targets = event_ids + [end_id]
-    total = len(inputs)
-    if total <= max_seq_length:
-        return [(inputs, targets)]
-    stride = max_seq_length - window_context
-    windows, begin = [], 0
-    while True:
-        end = min(begin + max_seq_length, total)
-        window_targets = targets[begin:end]
-        if begin > 0:
-            window_targets = [IGNORE_INDEX] * window_context + window_targets[window_context:]
-        windows.append((inputs[begin:end], window_targets))
-        if end == total:
-            return windows
-        begin += stride
+    """Session -> training samples (inputs, targets), each at most max_seq_length positions: the session's
+    layout (model.lay_out: inputs [start, e1..en], targets [e1..en, end]) cut by model.window_table, the
+    targets of a later window's context masked, so every prediction is trained exactly once and nothing is
+    dropped or truncated."""
+    laid_out, _ = lay_out(np.asarray(event_ids, dtype=np.int64), np.array([len(event_ids)]), vocab_size)
+    laid_out = laid_out.tolist()
+    _, begins, ends, scored = window_table(np.array([len(event_ids) + 1]), max_seq_length, window_context)
+    return [(laid_out[begin:end], [IGNORE_INDEX] * (first - begin) + laid_out[first + 1:end + 1])
+            for begin, end, first in zip(begins.tolist(), ends.tolist(), scored.tolist())]
 
 
 def merge_counts(counts: list[dict], disjoint: bool) -> dict:

@@ -48,21 +48,45 @@ SCORING_TOKENS = 2 ** 13   # positions (rows x padded length) per scoring batch,
 LOGIT_BUDGET = 2 ** 24     # logits per scoring batch: a big vocabulary gets fewer positions, memory stays bounded
 
 
-def window_spans(predictions: int, max_seq_length: int, window_context: int) -> list[tuple[int, int, int]]:
-    """How a session of `predictions` positions (n events + the end) is cut into windows, as training cuts it:
-    (begin, end, first scored) per window. Windows advance by max_seq_length - window_context; each later one
-    re-reads the previous window_context positions as context, whose predictions the earlier window made, so
-    every position is predicted exactly once, from at least window_context positions of history."""
-    if predictions <= max_seq_length:
-        return [(0, predictions, 0)]
+def lay_out(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """The token layout of sessions, concatenated: [start, e1..en, end] per session, and where each begins.
+    Position p of a session's layout is the input whose target is position p + 1, so a window of positions
+    [begin, end) reads inputs layout[begin:end] and targets layout[begin + 1:end + 1]. The one builder of it:
+    the cache stores it, training and scoring slice it."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    sizes = lengths + 2
+    starts = np.cumsum(sizes) - sizes
+    laid_out = np.empty(int(sizes.sum()), dtype=dtype)
+    is_event = np.ones(len(laid_out), dtype=bool)
+    is_event[starts] = is_event[starts + sizes - 1] = False
+    end_id, _, start_id, _ = special_tokens(vocab_size)
+    laid_out[is_event] = tokens
+    laid_out[starts] = start_id
+    laid_out[starts + sizes - 1] = end_id
+    return laid_out, starts
+
+
+def window_table(predictions: np.ndarray, max_seq_length: int, window_context: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """How sessions of `predictions` positions each (n events + the end) are cut into windows, for training
+    and scoring alike: (session, begin, end, first scored) per window, in session order. Windows advance by
+    max_seq_length - window_context; each later one re-reads the previous window_context positions as
+    context, whose predictions the earlier window made, so every position is predicted exactly once, from at
+    least window_context positions of history. The one windower: everything else is built on it."""
+    predictions = np.asarray(predictions, dtype=np.int64)
     stride = max_seq_length - window_context
-    spans, begin = [], 0
-    while True:
-        end = min(begin + max_seq_length, predictions)
-        spans.append((begin, end, begin + window_context if begin else 0))
-        if end == predictions:
-            return spans
-        begin += stride
+    count = 1 + np.maximum(0, -(-(predictions - max_seq_length) // stride))
+    session = np.repeat(np.arange(len(predictions)), count)
+    k = np.arange(len(session)) - (np.cumsum(count) - count)[session]
+    begin = k * stride
+    end = np.minimum(begin + max_seq_length, predictions[session])
+    return session, begin, end, np.where(k > 0, begin + window_context, 0)
+
+
+def window_spans(predictions: int, max_seq_length: int, window_context: int) -> list[tuple[int, int, int]]:
+    """window_table for one session: [(begin, end, first scored), ...]."""
+    _, begin, end, scored = window_table(np.array([predictions]), max_seq_length, window_context)
+    return list(zip(begin.tolist(), end.tolist(), scored.tolist()))
 
 
 class WindowBatch(NamedTuple):
@@ -124,17 +148,17 @@ class DeepLog(nn.Module):
         unk_id, so they always count as misses (and never pass for the end-of-session class).
         """
         sessions = _as_list_of_lists(sessions)
-        longest = max((len(s) for s in sessions), default=0) + 1
+        lengths = np.array([len(s) for s in sessions], dtype=np.int64)
+        events = np.fromiter((e for s in sessions for e in s), dtype=np.int64, count=int(lengths.sum()))
+        laid_out, starts = lay_out(np.where(events >= self.vocab_size, self.unk_id, events), lengths,
+                                   self.vocab_size)
+        longest = int(lengths.max(initial=0)) + 1
         inputs = torch.full((len(sessions), longest), self.pad_id, dtype=torch.long)
         targets = torch.full((len(sessions), longest), IGNORE_INDEX, dtype=torch.long)
-        for row, events in enumerate(sessions):
-            events_t = torch.as_tensor(events, dtype=torch.long)
-            n = len(events)
-            inputs[row, 0] = self.start_id
-            known = torch.where(events_t >= self.vocab_size, self.unk_id, events_t)
-            inputs[row, 1:n + 1] = known
-            targets[row, :n] = known
-            targets[row, n] = self.end_id
+        laid_out = torch.from_numpy(laid_out)
+        for row, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+            inputs[row, :n + 1] = laid_out[start:start + n + 1]
+            targets[row, :n + 1] = laid_out[start + 1:start + n + 2]
         device = device or next(self.parameters()).device
         return inputs.to(device), targets.to(device)
 
@@ -201,9 +225,12 @@ class DeepLog(nn.Module):
         Windows are batched by length (least padding); IDs >= vocab_size are unk_id, as in encode()."""
         device = next(self.parameters()).device
         known = [np.asarray(s, dtype=np.int64) for s in sessions]
-        known = [np.where(k >= self.vocab_size, self.unk_id, k) for k in known]
-        spans = sorted((end - begin, owner, begin, end, scored) for owner, k in enumerate(known)
-                       for begin, end, scored in window_spans(len(k) + 1, self.max_seq_length, self.window_context))
+        lengths = np.array([len(k) for k in known], dtype=np.int64)
+        events = np.concatenate(known) if known else np.zeros(0, np.int64)
+        laid_out, starts = lay_out(np.where(events >= self.vocab_size, self.unk_id, events), lengths,
+                                   self.vocab_size)
+        owner, begin, end, scored = window_table(lengths + 1, self.max_seq_length, self.window_context)
+        spans = sorted(zip((end - begin).tolist(), owner.tolist(), begin.tolist(), scored.tolist()))
         budget, first = self.scoring_tokens(max_tokens), 0
         while first < len(spans):
             last = first + 1   # spans are sorted by length: the last row is the longest, the batch's width
@@ -213,18 +240,11 @@ class DeepLog(nn.Module):
             width = batch[-1][0]
             inputs = np.full((len(batch), width), self.pad_id, dtype=np.int64)
             targets = np.full((len(batch), width), IGNORE_INDEX, dtype=np.int64)
-            for row, (length, owner, begin, end, scored) in enumerate(batch):
-                events = known[owner]
-                if begin == 0:
-                    inputs[row, 0] = self.start_id
-                    inputs[row, 1:length] = events[:end - 1]
-                else:
-                    inputs[row, :length] = events[begin - 1:end - 1]
-                stop = min(end, len(events))
-                targets[row, :stop - begin] = events[begin:stop]
-                if end == len(events) + 1:
-                    targets[row, length - 1] = self.end_id
-                targets[row, :scored - begin] = IGNORE_INDEX
+            for row, (length, session, window_begin, window_scored) in enumerate(batch):
+                at = starts[session] + window_begin
+                inputs[row, :length] = laid_out[at:at + length]
+                targets[row, window_scored - window_begin:length] = laid_out[at + 1 + window_scored - window_begin:
+                                                                             at + 1 + length]
             owners = torch.tensor([span[1] for span in batch], device=device)
             offsets = torch.tensor([span[2] for span in batch], device=device)
             logits = self(torch.from_numpy(inputs).to(device))

@@ -116,6 +116,27 @@ class EvaluationConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """preprocess.py's settings (raw logs -> sessions); a parser state saves the grouping ones with it."""
+    log_format: str = "<Content>"         # loghub-style: <Field> placeholders; Drain parses <Content>
+    masks: list = field(default_factory=list)  # regexes replaced by <*> before Drain
+    default_masks: bool = True            # also apply preprocess.DEFAULT_MASKS (after the user's)
+    similarity: float = 0.45              # Drain sim_th: the middle of the plateau (0.4-0.5) where the loghub
+                                          # samples parse best with the default masks (benchmarks/parsing.py)
+    depth: int = 4                        # Drain prefix-tree depth (>= 3)
+    max_templates: typing.Optional[int] = None  # Drain max_clusters: LRU cap on templates held in memory
+    session_key: typing.Optional[str] = None    # regex of session identifiers
+    window: typing.Optional[str] = None         # count:SIZE[:STEP] or time:SIZE[:STEP] (seconds)
+    time_field: typing.Optional[str] = None     # a log-format field holding the time (time windows)
+    time_format: typing.Optional[str] = None    # strptime format of time_field; null: epoch seconds
+    labels: typing.Optional[str] = None         # CSV of session id, label (Normal/Anomaly or 0/1)
+    label_field: typing.Optional[str] = None    # a log-format field that labels each line
+    normal_value: str = "-"                     # ... and its value on normal lines
+    session_idle: typing.Optional[int] = None   # a session not named for this many lines is complete: written
+    max_open_sessions: int = 1_000_000          # beyond this, the least recently active session is written
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -123,6 +144,7 @@ class Config:
     lazy_loading: LazyLoadingConfig = field(default_factory=LazyLoadingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
 class ConfigError(Exception):
@@ -153,20 +175,18 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         for section_name, values in _canonical_layout(raw, path).items():
-            if values is None or section_name in OTHER_SCRIPTS:
+            if values is None:
                 continue
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section '{section_name}' must be a mapping")
             for key, value in values.items():
-                _set(config, f"{section_name}.{key}", value, source=path)
+                set_value(config, f"{section_name}.{key}", value, source=path)
     for dotted, value in (overrides or {}).items():
         if value is not None:
-            _set(config, dotted, value, source="command line")
-    _check_values(config)
+            set_value(config, dotted, value, source="command line")
+    check_values(config)
     return config
 
-
-OTHER_SCRIPTS = ("preprocess",)  # sections read and checked by their own script (preprocess.py)
 
 # The original design's config.yaml nests some settings elsewhere; both layouts load, and the resolved
 # config a run saves is always the canonical one.
@@ -201,7 +221,9 @@ RETIRED = {"evaluation.probability_margin": "the probability bound is now set by
                                             "fraction of normal calibration sessions it may flag)"}
 
 
-def _set(config: Config, dotted: str, value, source: str) -> None:
+def set_value(config: Config, dotted: str, value, source: str) -> None:
+    """config.<dotted> = value, type-checked against the dataclass; an unknown key names itself (call
+    check_values once all are set)."""
     section_name, _, key = dotted.partition(".")
     section = getattr(config, section_name, None)
     if section is None or not dataclasses.is_dataclass(section):
@@ -240,7 +262,7 @@ def _coerce(expected, value, dotted: str, source: str):
     return float(value) if expected is float else value
 
 
-def _check_values(config: Config) -> None:
+def check_values(config: Config) -> None:
     def get(dotted):
         section, key = dotted.split(".")
         return getattr(getattr(config, section), key)
@@ -263,7 +285,13 @@ def _check_values(config: Config) -> None:
               ("training.save_every_steps", config.training.save_every_steps >= 0, ">= 0"),
               ("training.min_lr_ratio", 0 <= config.training.min_lr_ratio <= 1, "in [0, 1]"),
               ("early_stopping.patience", config.early_stopping.patience >= 1, ">= 1"),
-              ("evaluation.target_fpr", 0 < config.evaluation.target_fpr < 0.5, "in (0, 0.5)")]
+              ("evaluation.target_fpr", 0 < config.evaluation.target_fpr < 0.5, "in (0, 0.5)"),
+              ("preprocess.similarity", 0 <= config.preprocess.similarity <= 1, "in [0, 1]"),
+              ("preprocess.depth", config.preprocess.depth >= 3, ">= 3"),
+              ("preprocess.max_templates", (config.preprocess.max_templates or 1) >= 1, "null or >= 1"),
+              ("preprocess.session_idle", (config.preprocess.session_idle or 1) >= 1, "null or >= 1"),
+              ("preprocess.max_open_sessions", config.preprocess.max_open_sessions >= 1, ">= 1"),
+              ("preprocess.masks", all(isinstance(m, str) for m in config.preprocess.masks), "a list of strings")]
     for dotted, ok, rule in checks:
         if not ok:
             raise ConfigError(f"'{dotted}' must be {rule}, got {get(dotted)!r}")
@@ -286,7 +314,7 @@ def config_from_dict(values: dict) -> Config:
     flat = {f"{section}.{key}": value for section, keys in values.items() for key, value in keys.items()}
     config = Config()
     for dotted, value in flat.items():
-        _set(config, dotted, value, source="checkpoint config")
+        set_value(config, dotted, value, source="checkpoint config")
     return config
 
 
@@ -328,7 +356,7 @@ def _report(message: str, logger: logging.Logger | None) -> None:
 
 
 def atomic_write_text(path, text: str) -> None:
-    _atomic(path, lambda handle: handle.write(text.encode()))
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def save_json(path, data) -> None:
@@ -374,7 +402,7 @@ class OutputLock:
         self.handle.close()
 
 
-def _atomic(path, write) -> None:
+def atomic_write(path, write) -> None:
     """Write to a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,7 +428,7 @@ def _atomic(path, write) -> None:
 
 def save_checkpoint(state: dict, path) -> None:
     """Tensors and plain types only (loadable with weights_only=True), written atomically."""
-    _atomic(path, lambda handle: torch.save(state, handle))
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # how a zip archive, and so every torch.save file, begins
