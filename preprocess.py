@@ -7,13 +7,13 @@ Examples:
         --log-format "<Date> <Time> <Pid> <Level> <Component>: <Content>" --session-key 'blk_-?\d+' \
         --labels anomaly_label.csv
     python train.py --config outputs/hdfs_raw/config.yaml          # vocab_size and data path are set
-    python preprocess.py /logs/hdfs/ --session-idle 200000 ...      # endless logs: a block unnamed for 200,000
-                                                                    # lines is complete (flat memory)
+    python preprocess.py /logs/hdfs/ --session-idle 200000 ...      # endless logs: a block unnamed for
+                                                                    # 200,000 lines is complete (flat memory)
 
     # BGL-style: no identifiers, so windows (here 1 h every 30 min); label from the first field ('-' = normal)
+    BGL='<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> <Content>'
     python preprocess.py BGL.log.gz --output outputs/bgl --window time:3600:1800 --time-field Timestamp \
-        --log-format "<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> <Content>" \
-        --label-field Label --normal-value - --structured outputs/bgl/structured.csv
+        --log-format "$BGL" --label-field Label --normal-value - --structured outputs/bgl/structured.csv
     python preprocess.py ../shared/data/loghub/BGL_2k.log --output outputs/bgl2k --window count:20:10 ...
 
     # new logs onto the SAME event IDs (nothing learned; a line no template matches gets ID vocab_size);
@@ -40,8 +40,9 @@ match, the run stops, naming the first three.
 
 Input: a file or a directory of files (plain or .gz), streamed line by line; memory holds the parser, the
 open sessions (those named within --session-idle lines, at most --max-open-sessions) or the current
-windows, never the lines. Settings: defaults in PreprocessConfig < the optional `preprocess:` section of
---config < (with --parser-state: the grouping saved in it) < flags.
+windows, never the lines. Settings: the one config of utils.py (its PreprocessConfig defaults < the
+optional `preprocess:` section of --config < with --parser-state, the grouping saved in it < flags), every
+value checked there; a parser state is checked key by key where it is read (load_state).
 
 Output in --output: sessions.jsonl (session_id, event_ids, label, and "lines": [[file index, first line,
 count], ...], runs of consecutive line numbers the events came from), sources.json (the files those
@@ -50,31 +51,45 @@ format, masks, Drain settings, templates, prefix tree, grouping), and config.yam
 model.vocab_size, data.preprocessed_dir and training.output_dir set for `python train.py --config`.
 A parse-only run writes no sessions.jsonl or config.yaml. --structured writes loghub's *_structured.csv
 columns: LineId, the format's fields, EventId, EventTemplate.
+
+One parse at a time, shown whole: a run holds --output's lock (utils.OutputLock; a second run on the same
+folder is refused, naming the holder) and writes every file (the --structured CSV too, when it names a
+file directly in --output) into a new generation folder, OUTPUT/.parse-<time>-<random>/. Once all are
+written and fsynced, OUTPUT/current, a symlink, is pointed at it with one atomic rename; the names users
+know (OUTPUT/sessions.jsonl, parser_state.json, config.yaml, ...) are fixed symlinks to current/<name>.
+So at every moment, an interrupt or a kill at any step included, the folder shows the previous parse or
+the new one, never a mix: a name the shown parse lacks (sessions.jsonl after a parse-only run) is a
+dangling link, then removed. The previous generation, and any a killed run left, is removed under the lock.
+Paths in config.yaml go through the fixed names (absolute, symlinks not resolved), so they follow the
+parse shown. A folder written before generations existed (plain files) is first taken in as one. A
+--structured CSV elsewhere is written atomically to its own path, before the switch.
 """
 from __future__ import annotations
 
 import argparse
 import array
 import collections
+import contextlib
 import csv
-import dataclasses
 import gzip
 import json
+import logging
 import os
 import re
 import resource
+import shutil
 import sys
 import tempfile
 import time
-import typing
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
 from drain3 import TemplateMiner
 from drain3.drain import LogCluster, Node
 from drain3.masking import MaskingInstruction
 from drain3.template_miner_config import TemplateMinerConfig
+
+import utils
 
 STATE_FORMAT = "deeplog parser state"
 # Default masks, applied in this order after the user's own (--mask). Each stands for a value, never for
@@ -86,32 +101,18 @@ DEFAULT_MASKS = [
     rf"{_B}(\d{{1,3}}\.){{3}}\d{{1,3}}(:\d{{1,5}})?{_E}",                  # IPv4 address, optional port
     rf"{_B}[0-9a-fA-F]{{8}}(-[0-9a-fA-F]{{4}}){{3}}-[0-9a-fA-F]{{12}}{_E}",  # UUID
     r"(?<![\w.<>*/])(/[\w.$~+-]+){2,}/?",                                # absolute paths of 2+ parts
-    rf"{_B}[A-Za-z]+_-?\d+(_\w+)?{_E}",                                  # block-like ids: blk_-42, job_2008_01
+    rf"{_B}[A-Za-z]+_-?\d+(_\w+)?{_E}",                                  # block-like ids: blk_-42, job_20_1
     rf"{_B}0[xX][0-9a-fA-F]+{_E}",                                       # 0x hex numbers
     rf"{_B}(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{{8,}}{_E}",                     # long hex ids, hashes
     rf"{_B}[-+]?\d+(\.\d+)?{_E}",                                        # numbers
-    r"<\*>(\s+<\*>)+",  # a run of values (a list of ids, "1 of 3"...) is one: lists of any length share a template
+    r"<\*>(\s+<\*>)+",  # a run of values (a list of ids, "1 of 3"...) is one: any length, one template
 ]
 
 
-@dataclasses.dataclass
-class PreprocessConfig:
-    log_format: str = "<Content>"         # loghub-style: <Field> placeholders; Drain parses <Content>
-    masks: list = dataclasses.field(default_factory=list)  # regexes replaced by <*> before Drain
-    default_masks: bool = True            # also apply DEFAULT_MASKS (after the user's)
-    similarity: float = 0.45              # Drain sim_th: the middle of the plateau (0.4-0.5) where the loghub
-                                          # samples parse best with the default masks (benchmarks/parsing.py)
-    depth: int = 4                        # Drain prefix-tree depth (>= 3)
-    max_templates: typing.Optional[int] = None  # Drain max_clusters: LRU cap on templates held in memory
-    session_key: typing.Optional[str] = None    # regex of session identifiers
-    window: typing.Optional[str] = None         # count:SIZE[:STEP] or time:SIZE[:STEP] (seconds)
-    time_field: typing.Optional[str] = None     # a log-format field holding the time (time windows)
-    time_format: typing.Optional[str] = None    # strptime format of time_field; null: epoch seconds
-    labels: typing.Optional[str] = None         # CSV of session id, label (Normal/Anomaly or 0/1)
-    label_field: typing.Optional[str] = None    # a log-format field that labels each line
-    normal_value: str = "-"                     # ... and its value on normal lines
-    session_idle: typing.Optional[int] = None   # a session not named for this many lines is complete: written
-    max_open_sessions: int = 1_000_000          # beyond this, the least recently active session is written
+PreprocessConfig = utils.PreprocessConfig  # the `preprocess:` section of the one config (utils.py)
+# The settings that group lines, saved in the parser state (so detection groups new logs the same way)
+GROUPING = ("session_key", "session_idle", "window", "time_field", "time_format", "label_field",
+            "normal_value")
 
 
 class PreprocessError(Exception):
@@ -206,8 +207,10 @@ def format_regex(log_format: str) -> re.Pattern:
     fields = parts[1::2]
     bad = [f for f in fields if not f[1:-1].isidentifier()]
     if "<Content>" not in fields or bad or len(set(fields)) != len(fields):
-        why = f"bad field name {bad[0]}" if bad else "a field repeats" if "<Content>" in fields else "no <Content>"
-        raise PreprocessError(f"--log-format {log_format!r}: {why} (expected e.g. '<Date> <Time> <Level>: <Content>')")
+        why = f"bad field name {bad[0]}" if bad else "a field repeats" if "<Content>" in fields \
+            else "no <Content>"
+        raise PreprocessError(f"--log-format {log_format!r}: {why} (expected e.g. "
+                              f"'<Date> <Time> <Level>: <Content>')")
     texts = [re.sub(" +", r"\\s+", part) for part in parts[0::2]]
     loghub = "".join(f"(?P<{part[1:-1]}>.*?)" if i % 2 else texts[i // 2] for i, part in enumerate(parts))
     names = [f[1:-1] for f in fields]
@@ -262,16 +265,13 @@ class Parser:
     def __init__(self, cfg: PreprocessConfig, state: dict | None = None):
         self.learning = state is None
         if state is None:
-            # the default masks as one alternation: one scan of the line instead of one per mask (a third
-            # faster, same result: each alternative starts where no earlier one could)
+            # the default masks as one alternation: one scan of the line instead of one per mask (faster,
+            # same result: each alternative starts where no earlier one could)
             masks = list(cfg.masks) + (["|".join(f"(?:{m})" for m in DEFAULT_MASKS[:-1]), DEFAULT_MASKS[-1]]
                                        if cfg.default_masks else [])
             state = {"log_format": cfg.log_format, "masks": masks, "templates": [], "tree": None,
                      "drain": {"sim_th": cfg.similarity, "depth": cfg.depth, "max_children": 100,
                                "max_clusters": cfg.max_templates}}
-        if not (0 <= state["drain"]["sim_th"] <= 1) or state["drain"]["depth"] < 3 or \
-                (state["drain"]["max_clusters"] or 1) < 1:
-            raise PreprocessError("--similarity must be in [0, 1], --depth >= 3 and --max-templates >= 1")
         self.log_format, self.masks, self.drain_settings = state["log_format"], state["masks"], state["drain"]
         self.regex = format_regex(self.log_format)
         self.miner = make_miner(self.drain_settings, self.masks)
@@ -320,21 +320,163 @@ class Parser:
 
     def table(self) -> list[dict]:
         live = {c.cluster_id - 1 for c in self.miner.drain.clusters}
-        return [{"id": i, "template": self.template(i), "count": self.counts[i] if i < len(self.counts) else 0,
+        return [{"id": i, "template": self.template(i),
+                 "count": self.counts[i] if i < len(self.counts) else 0,
                  **({} if i in live else {"evicted": True})} for i in range(self.vocab_size)]
 
 
+# ----------------------------------------------------------------------------- the parser state, validated
+# What Parser.state() writes (plus the grouping): every key is checked where the file is read, so that a
+# damaged or hand-edited state is one PreprocessError naming the file and the key, never a traceback, a
+# MemoryError or IDs silently shifted.
+STATE_KEYS = ("format", "version", "log_format", "masks", "drain", "vocab_size", "templates", "tree")
+DRAIN_KEYS = ("sim_th", "depth", "max_children", "max_clusters")
+MAX_VOCAB = 10_000_000  # event IDs a state may issue (the model holds an embedding row per ID)
+
+
 def load_state(path: str) -> dict:
+    """A parser_state.json written by preprocess.py, as it was written, once every key has been checked: its
+    type and range, the templates against vocab_size (IDs unique, ascending and below it; as many as
+    vocab_size unless drain.max_clusters evicted some), the prefix tree (its shape, depth and cluster IDs,
+    each template under its token count) and the grouping (the keys and types of the `preprocess:` config
+    section). Any fault: PreprocessError naming the file and what is wrong. Plain JSON: nothing is
+    unpickled."""
     try:
-        state = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise PreprocessError(f"--parser-state {path}: unreadable: {error}") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise PreprocessError(f"--parser-state {path}: not a parser_state.json written by preprocess.py")
-    missing = {"log_format", "masks", "drain", "vocab_size", "templates", "tree"} - set(state)
-    if missing:
-        raise PreprocessError(f"--parser-state {path}: incomplete, no {', '.join(sorted(missing))}")
+        state = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError) as error:
+        why = "nested too deep" if isinstance(error, RecursionError) else \
+            getattr(error, "strerror", None) or error
+        raise PreprocessError(f"--parser-state {path}: unreadable: {why}") from None
+    try:
+        _check_state(state)
+    except PreprocessError as error:
+        raise PreprocessError(f"--parser-state {path}: {error}") from None
     return state
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _need(ok: bool, key: str, rule: str, value) -> None:
+    if not ok:
+        raise PreprocessError(f"'{key}' must be {rule}, got {_show(value)}")
+
+
+def _check_state(state) -> None:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise PreprocessError(f"not a parser_state.json written by preprocess.py (a JSON object with "
+                              f"format {STATE_FORMAT!r}), got {_show(state)}")
+    missing = [key for key in STATE_KEYS if key not in state]
+    unknown = [key for key in state if key not in (*STATE_KEYS, "grouping")]
+    if missing or unknown:
+        raise PreprocessError(f"incomplete, no {', '.join(missing)}" if missing else
+                              f"unknown key '{unknown[0]}'")
+    _need(_is_int(state["version"]) and state["version"] == 1, "version", "1", state["version"])
+    _need(isinstance(state["log_format"], str), "log_format", "a string", state["log_format"])
+    masks = state["masks"]
+    _need(isinstance(masks, list) and all(isinstance(m, str) for m in masks), "masks", "a list of strings",
+          masks)
+    try:
+        format_regex(state["log_format"])
+        for mask in masks:
+            compile_regex(mask, "masks:")
+    except PreprocessError as error:
+        raise PreprocessError(f"log_format or masks: {error}") from None
+    drain = state["drain"]
+    _need(isinstance(drain, dict) and sorted(drain) == sorted(DRAIN_KEYS), "drain",
+          f"an object of {', '.join(DRAIN_KEYS)}", drain)
+    sim_th, depth = drain["sim_th"], drain["depth"]
+    _need(isinstance(sim_th, (int, float)) and not isinstance(sim_th, bool) and 0 <= sim_th <= 1,
+          "drain.sim_th", "a number in [0, 1]", sim_th)  # (NaN fails the comparison too)
+    _need(_is_int(depth) and depth >= 3, "drain.depth", "an int >= 3", depth)
+    _need(_is_int(drain["max_children"]) and drain["max_children"] >= 1, "drain.max_children", "an int >= 1",
+          drain["max_children"])
+    _need(drain["max_clusters"] is None or _is_int(drain["max_clusters"]) and drain["max_clusters"] >= 1,
+          "drain.max_clusters", "null or an int >= 1", drain["max_clusters"])
+    vocab_size = state["vocab_size"]
+    _need(_is_int(vocab_size) and 1 <= vocab_size <= MAX_VOCAB, "vocab_size", f"an int in [1, {MAX_VOCAB:,}]",
+          vocab_size)
+    templates = _check_templates(state["templates"], vocab_size, drain["max_clusters"])
+    _check_tree(state["tree"], templates, vocab_size, depth)
+    _check_grouping(state.get("grouping", {}), state["log_format"])
+
+
+def _check_templates(templates, vocab_size: int, max_clusters: int | None) -> dict[int, str]:
+    """ID -> template of a state's templates list, checked against vocab_size."""
+    _need(isinstance(templates, list), "templates", "a list", templates)
+    found: dict[int, str] = {}
+    last = -1
+    for index, entry in enumerate(templates):
+        key = f"templates[{index}]"
+        _need(isinstance(entry, dict) and sorted(entry) == ["id", "template"], key,
+              "an object of id, template", entry)
+        event_id, template = entry["id"], entry["template"]
+        _need(_is_int(event_id) and 0 <= event_id < vocab_size, f"{key}.id", f"an int in [0, vocab_size "
+              f"{vocab_size})", event_id)
+        _need(event_id > last, f"{key}.id", f"above the ID before it ({last})", event_id)
+        _need(isinstance(template, str), f"{key}.template", "a string", template)
+        found[event_id], last = template, event_id
+    if max_clusters is None and len(found) != vocab_size:
+        raise PreprocessError(f"vocab_size {vocab_size} but {len(found)} templates (without "
+                              f"drain.max_clusters no template is evicted: every ID issued has one)")
+    if max_clusters is not None and len(found) > max_clusters:
+        raise PreprocessError(f"{len(found)} templates, above drain.max_clusters {max_clusters}")
+    return found
+
+
+def _check_tree(tree, templates: dict[int, str], vocab_size: int, depth: int) -> None:
+    """Drain's prefix tree as _tree_to_json writes it: the root's children keyed by token count, at most
+    `depth` levels, cluster IDs in [1, vocab_size], each live template under its own token count."""
+    stack = [(tree, "tree", 0, None)]
+    while stack:
+        node, where, level, length = stack.pop()
+        _need(isinstance(node, dict) and sorted(node) == ["children", "clusters"], where,
+              "an object of clusters, children", node)
+        clusters, children = node["clusters"], node["children"]
+        _need(isinstance(clusters, list) and all(_is_int(c) and 1 <= c <= vocab_size for c in clusters),
+              f"{where}.clusters", f"a list of cluster IDs in [1, vocab_size {vocab_size}]", clusters)
+        _need(isinstance(children, dict), f"{where}.children", "an object", children)
+        if children and level >= max(1, depth - 2):  # Drain's leaves: max_node_depth = depth - 2
+            raise PreprocessError(f"'{where}' is deeper than drain.depth {depth} allows")
+        if level == 0:
+            _need(not clusters, "tree.clusters", "empty at the root", clusters)
+            bad = [key for key in children if not (key.isdigit() and str(int(key)) == key)]
+            _need(not bad, "tree.children", "keyed by token counts", bad[:1])
+        if length == 0 and level == 1:
+            _need(bool(clusters), f"{where}.clusters", "non-empty (the empty line's template)", clusters)
+        for cluster in clusters:
+            template = templates.get(cluster - 1)
+            _need(template is None or len(template.split()) == length, f"{where}.clusters",
+                  f"templates of {length} tokens", template)
+        for key, child in children.items():
+            stack.append((child, f"{where}.children[{key!r}]", level + 1, int(key) if level == 0 else length))
+
+
+def _check_grouping(grouping, log_format: str) -> None:
+    """The grouping settings saved with a state: known keys of the `preprocess:` config section, with its
+    types and ranges (utils), fields of the state's log format, a valid --window and --session-key."""
+    _need(isinstance(grouping, dict), "grouping", "an object", grouping)
+    unknown = [key for key in grouping if key not in GROUPING]
+    if unknown:
+        raise PreprocessError(f"grouping: unknown key '{unknown[0]}' (known: {', '.join(GROUPING)})")
+    try:
+        config = settings_config(None, [("grouping", grouping)])
+    except utils.ConfigError as error:
+        raise PreprocessError(str(error)) from None
+    cfg, fields = config.preprocess, format_regex(log_format).groupindex
+    for key in ("time_field", "label_field"):
+        _need(getattr(cfg, key) is None or getattr(cfg, key) in fields, f"grouping.{key}",
+              f"null or a field of log_format ({', '.join(fields)})", getattr(cfg, key))
+    if cfg.window is not None:
+        Windows(cfg.window)
+    if cfg.session_key is not None:
+        compile_regex(cfg.session_key, "grouping.session_key")
 
 
 # ----------------------------------------------------------------------------- input
@@ -381,7 +523,8 @@ def read_labels(path: str) -> dict[str, int]:
                 if value is None:
                     if number == 1:
                         continue  # the header
-                    raise PreprocessError(f"{path}: line {number}: label {row[1][:40]!r} is not Normal/Anomaly/0/1")
+                    raise PreprocessError(f"{path}: line {number}: label {row[1][:40]!r} is not "
+                                          f"Normal/Anomaly/0/1")
                 labels[row[0].strip()] = value
     except OSError as error:
         raise PreprocessError(f"--labels {path}: unreadable: {error.strerror}") from None
@@ -448,8 +591,8 @@ class Windows:
         except (ValueError, IndexError):
             ok = False
         if not ok or (kind == "count" and not (size.is_integer() and step.is_integer())):
-            raise PreprocessError(f"--window {spec!r}: expected count:SIZE[:STEP] (lines) or time:SIZE[:STEP] "
-                                  f"(seconds), positive")
+            raise PreprocessError(f"--window {spec!r}: expected count:SIZE[:STEP] (lines) or "
+                                  f"time:SIZE[:STEP] (seconds), positive")
         self.kind, self.size, self.step = kind, size, step
         self.lines = collections.deque()   # (position, event, ref, abnormal), position = line count or time
         self.begin = None                   # start of the current window
@@ -514,8 +657,9 @@ class RawLines:
 
     @classmethod
     def for_sessions(cls, path) -> RawLines | None:
-        """From the sources.json that preprocess.py writes next to sessions.jsonl; None where there is none."""
-        path = Path(path)
+        """From the sources.json that preprocess.py writes next to sessions.jsonl (of the same parse: the link
+        OUTPUT/sessions.jsonl is followed to its generation); None where there is none."""
+        path = Path(path).resolve()
         sources = (path if path.is_dir() else path.parent) / "sources.json"
         try:
             return cls(json.loads(sources.read_text())["files"])
@@ -524,7 +668,8 @@ class RawLines:
 
     @staticmethod
     def line_of(runs, position: int) -> tuple[int, int] | None:
-        """(file index, line number) of the event at `position`, or None (the end of session, no provenance)."""
+        """(file index, line number) of the event at `position`, or None (the end of session, no
+        provenance)."""
         try:
             for file_index, first, count in runs:
                 if position < count:
@@ -542,7 +687,8 @@ class RawLines:
                 by_file.setdefault(file_index, []).append(line)
         for file_index, lines in by_file.items():
             try:
-                found.update({(file_index, n): text for n, text in self._read(self.files[file_index], sorted(lines))})
+                found.update({(file_index, n): text
+                              for n, text in self._read(self.files[file_index], sorted(lines))})
             except (OSError, EOFError):
                 continue  # a log moved or rotated away: its misses are shown without their line
         return found
@@ -577,11 +723,12 @@ class RawLines:
                 target = next(wanted, None)
 
     def _index(self, file: Path):
-        import numpy as np  # only detection needs it: preprocessing stays lean (its peak RSS is ~30 MB)
+        import numpy as np  # only detection needs it
         offsets, newlines, position = [0], 0, 0
         with open(file, "rb") as handle:
             while block := handle.read(2 ** 20):
-                ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + position + 1  # after each newline
+                # the offset after each newline
+                ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + position + 1
                 first = (-newlines - 1) % self.INDEX_EVERY  # the newline that ends line k * INDEX_EVERY
                 offsets.extend(ends[first::self.INDEX_EVERY].tolist())
                 newlines += len(ends)
@@ -600,10 +747,10 @@ class RawLines:
 
 
 # ----------------------------------------------------------------------------- the run
-GROUPING = ("session_key", "session_idle", "window", "time_field", "time_format", "label_field", "normal_value")
 
 
-def make_grouper(cfg: PreprocessConfig, parser: Parser, parse_only: bool = False) -> Sessions | Windows | None:
+def make_grouper(cfg: PreprocessConfig, parser: Parser,
+                 parse_only: bool = False) -> Sessions | Windows | None:
     """The grouper the settings ask for; None for a parse-only run (`parse_only` allowed and neither
     --session-key nor --window given)."""
     fields = parser.regex.groupindex
@@ -612,15 +759,15 @@ def make_grouper(cfg: PreprocessConfig, parser: Parser, parse_only: bool = False
             raise PreprocessError(f"{flag} {name}: not a field of the log format ({', '.join(fields)})")
     if cfg.session_key is not None and cfg.window is not None or \
             cfg.session_key is None and cfg.window is None and not parse_only:
-        raise PreprocessError("give either --session-key REGEX or --window count:SIZE[:STEP] / time:SIZE[:STEP]")
-    if cfg.max_open_sessions < 1 or (cfg.session_idle or 1) < 1:
-        raise PreprocessError("--max-open-sessions and --session-idle must be >= 1")
+        raise PreprocessError("give either --session-key REGEX or --window count:SIZE[:STEP] / "
+                              "time:SIZE[:STEP]")
     if cfg.session_key is not None:
-        return Sessions(compile_regex(cfg.session_key, "--session-key"), cfg.max_open_sessions, cfg.session_idle)
+        return Sessions(compile_regex(cfg.session_key, "--session-key"), cfg.max_open_sessions,
+                        cfg.session_idle)
     if cfg.window is None:  # parse only: settings that only grouping reads would be silently ignored
         given = [flag for flag, value in (("--labels", cfg.labels), ("--label-field", cfg.label_field),
-                                          ("--time-field", cfg.time_field), ("--session-idle", cfg.session_idle))
-                 if value is not None]
+                                          ("--time-field", cfg.time_field),
+                                          ("--session-idle", cfg.session_idle)) if value is not None]
         if given:
             raise PreprocessError(f"{given[0]} groups lines: give --session-key or --window too, or drop it")
         return None
@@ -637,9 +784,10 @@ FAIL_FAST_LINES = 1000  # none of this many first lines matching the log format:
 
 def no_match_error(log_format: str, first_lines: list[str], lines: int) -> PreprocessError:
     shown = "; ".join(first_lines) or "none, the input is empty"
-    return PreprocessError(f"no line {'of the first %d ' % lines if lines >= FAIL_FAST_LINES else ''}matches "
-                           f"--log-format {log_format!r} (first lines: {shown}). The text between fields is a "
-                           f"regular expression, as in loghub: write \\[ \\( \\. \\| \\? for the characters")
+    return PreprocessError(f"no line {'of the first %d ' % lines if lines >= FAIL_FAST_LINES else ''}"
+                           f"matches --log-format {log_format!r} (first lines: {shown}). The text between "
+                           f"fields is a regular expression, as in loghub: write \\[ \\( \\. \\| \\? for the "
+                           f"characters")
 
 
 def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], stats: dict,
@@ -659,7 +807,8 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
             stats["sessions"] += 1
             stats["abnormal"] += label
             stats["unlabelled"] += labels is not None and session_id not in labels
-            yield {"session_id": session_id, "event_ids": list(events), "label": label, "lines": line_runs(refs)}
+            yield {"session_id": session_id, "event_ids": list(events), "label": label,
+                   "lines": line_runs(refs)}
 
     for file_index, number, line in read_lines(files):
         stats["lines"] += 1
@@ -707,162 +856,299 @@ def sessions_from_logs(state_path: str, inputs: list[str], stats: dict | None = 
     """For detection on raw logs: sessions (dicts as in sessions.jsonl) through a saved parser state, with
     the grouping it was saved with unless `settings` (PreprocessConfig fields) say otherwise. Streamed."""
     state = load_state(state_path)
-    cfg = PreprocessConfig(**{**state.get("grouping", {}), **settings})
+    try:
+        cfg = settings_config(None, [("parser state grouping", state.get("grouping", {})),
+                                     ("settings", settings)]).preprocess
+    except utils.ConfigError as error:
+        raise PreprocessError(str(error)) from None
     stats = stats if stats is not None else new_stats()
     return iter_log_sessions(cfg, Parser(cfg, state), input_files(inputs), stats)
 
 
 def new_stats() -> dict:
-    return collections.defaultdict(int, lines=0, parsed=0, unmatched=0, bad_time=0, unknown=0, first_unmatched="")
+    return collections.defaultdict(int, lines=0, parsed=0, unmatched=0, bad_time=0, unknown=0,
+                                   first_unmatched="")
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: dict | None = None,
-               structured: str | None = None, base_config: str | None = None) -> dict:
-    """Parse and group `inputs` into `output`. Without --session-key or --window it only parses: templates,
-    parser state, sources and the --structured CSV, no sessions.jsonl or config.yaml (there is nothing to
-    train on)."""
+               structured: str | None = None, config: utils.Config | None = None) -> dict:
+    """Parse and group `inputs` into `output`, holding its lock: every file goes into a new generation
+    folder, switched in at the end (the module docstring says how), so `output` shows this parse whole or
+    the previous one. Without --session-key or --window it only parses: templates, parser state, sources
+    and the --structured CSV, no sessions.jsonl or config.yaml (there is nothing to train on). `config`:
+    the one config whose other sections go into config.yaml (default: utils' defaults)."""
     parser = Parser(cfg, state)
     parse_only = make_grouper(cfg, parser, parse_only=True) is None  # settings checked before any work
     labels = read_labels(cfg.labels) if cfg.labels else None
     files = input_files(inputs)
-    output.mkdir(parents=True, exist_ok=True)
-    stats = new_stats()
-    started = time.perf_counter()
-    sessions_tmp = None if parse_only else \
-        tempfile.NamedTemporaryFile("w", dir=output, prefix=".sessions.", delete=False)
-    rows_tmp = tempfile.NamedTemporaryFile("w", dir=output, prefix=".rows.", delete=False, newline="") \
-        if structured else None
+    inside = structured_name(output, structured)
+    lock = lock_output(output)
     try:
+        remove_leftovers(output)
+        adopt_plain_files(output)
+        place = new_generation(output)
         try:
-            for session in iter_log_sessions(cfg, parser, files, stats, labels, rows_tmp, parse_only, True):
-                sessions_tmp.write(json.dumps(session, separators=(",", ":")) + "\n")
-            if sessions_tmp:
-                sessions_tmp.close()
-        except OSError as error:  # a full disk: a failed write names no file; the temp file goes below
-            if error.filename:
-                raise
-            name = output / "sessions.jsonl" if sessions_tmp else Path(structured)  # the file being made
-            raise OSError(error.errno, error.strerror or str(error), str(name)) from None
-        if sessions_tmp:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(sessions_tmp.name, 0o666 & ~umask)  # temp files are made 0600: follow the umask instead
-            os.replace(sessions_tmp.name, output / "sessions.jsonl")
-        if rows_tmp:
-            rows_tmp.close()
-            write_structured(rows_tmp.name, structured, parser)
+            stats = write_parse(place, output, cfg, parser, files, labels, parse_only,
+                                (structured, inside), config or utils.Config())
+            switch_to(output, place)
+        except BaseException as error:
+            if _current(output) != place.name:  # not switched in: the previous parse stays
+                shutil.rmtree(place, ignore_errors=True)
+            if isinstance(error, OSError):
+                raise _name_for_user(error, place, output, structured) from None
+            raise
+        remove_leftovers(output)
     finally:
-        for tmp in (sessions_tmp, rows_tmp):
-            if tmp is not None:
-                tmp.close()
-                Path(tmp.name).unlink(missing_ok=True)
+        lock.release()
+    return stats
+
+
+def write_parse(place: Path, output: Path, cfg: PreprocessConfig, parser: Parser, files: list[Path],
+                labels: dict | None, parse_only: bool, structured: tuple, config: utils.Config) -> dict:
+    """Every output of one parse, written into the generation folder `place` (and a --structured CSV outside
+    `output` to its own path); the stats."""
+    stats, started = new_stats(), time.perf_counter()
+    stats["start_rss_mb"] = peak_rss_mb()
+    rows_path = place / ".rows.csv" if structured[0] else None
+    opened = open(rows_path, "w", newline="", encoding="utf-8") if rows_path else contextlib.nullcontext()
+    with opened as rows:
+        sessions = iter_log_sessions(cfg, parser, files, stats, labels, rows, parse_only, True)
+        if parse_only:
+            collections.deque(sessions, maxlen=0)  # the rows are the output
+        else:
+            def write_sessions(handle):
+                for session in sessions:
+                    handle.write(json.dumps(session, separators=(",", ":")) + "\n")
+            utils.atomic_write(place / "sessions.jsonl", _as_text(write_sessions))
+    if rows_path:
+        target = place / structured[1] if structured[1] else Path(structured[0])
+        write_structured(rows_path, target, parser)
+        rows_path.unlink()
     elapsed = time.perf_counter() - started
-    stats.update(templates=parser.vocab_size, seconds=round(elapsed, 3),
-                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    stats.update(templates=parser.vocab_size, seconds=round(elapsed, 3), peak_rss_mb=peak_rss_mb(),
                  lines_per_s=round(stats["lines"] / max(elapsed, 1e-9)))
     if parse_only:
         stats["parse_only"] = True
-    write_json(output / "templates.json", parser.table())
+    utils.save_json(place / "templates.json", parser.table())
     grouping = {k: getattr(cfg, k) for k in GROUPING}
-    write_json(output / "parser_state.json", {**parser.state(), "grouping": grouping})
-    write_json(output / "sources.json", {"files": [str(f.resolve()) for f in files], "stats": dict(stats)})
+    utils.save_json(place / "parser_state.json", {**parser.state(), "grouping": grouping})
+    utils.save_json(place / "sources.json", {"files": [str(f.resolve()) for f in files],
+                                             "stats": dict(stats)})
     if parser.learning and not parse_only:  # data with unknown IDs (>= vocab_size) is for detection only
-        write_train_config(base_config, output, parser.vocab_size)
+        write_train_config(config, place, output, parser.vocab_size)
     return dict(stats)
 
 
-def write_structured(rows_path: str, structured: str, parser: Parser) -> None:
+class _Utf8:
+    """A text face on a binary handle (utils.atomic_write's), no buffer of its own: a failed write (a full
+    disk) raises where it happens, once."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, text: str) -> int:
+        return self.handle.write(text.encode())
+
+
+def _as_text(write):
+    """utils.atomic_write's writer (a binary handle) for a `write` that writes text (UTF-8)."""
+    return lambda handle: write(_Utf8(handle))
+
+
+def _name_for_user(error: OSError, place: Path, output: Path, structured: str | None) -> OSError:
+    """A failed write names the file as the user knows it (OUTPUT/sessions.jsonl), not its generation; one
+    that names no file (a write of the structured rows) names --structured."""
+    name = str(error.filename or structured or "")
+    if name.startswith(str(place) + os.sep):
+        name = str(output / Path(name).name)
+    return OSError(error.errno, error.strerror or str(error), name or None)
+
+
+def write_structured(rows_path: Path, target: Path, parser: Parser) -> None:
     """loghub's *_structured.csv columns: LineId, the log format's fields (Content among them), EventId,
     EventTemplate, with each template as it stands at the end (Drain's templates change while it learns, so
     the rows are written from the IDs once the parse is done). A line the format does not match has only its
-    LineId."""
-    Path(structured).parent.mkdir(parents=True, exist_ok=True)
+    LineId. Written atomically."""
     names = list(parser.regex.groupindex)
-    templates = {}
-    with open(rows_path, newline="") as rows, open(structured, "w", newline="") as handle:
+
+    def write(handle):
+        templates = {}
         writer = csv.writer(handle)
         writer.writerow(["LineId", *names, "EventId", "EventTemplate"])
-        for line_id, event, *values in csv.reader(rows):
-            if event and event not in templates:
-                templates[event] = parser.template(int(event)) if int(event) < parser.vocab_size else "<unknown>"
-            writer.writerow([line_id, *(values or [""] * len(names)), event, templates.get(event, "")])
+        with open(rows_path, newline="", encoding="utf-8") as rows:
+            for line_id, event, *values in csv.reader(rows):
+                if event and event not in templates:
+                    templates[event] = parser.template(int(event)) if int(event) < parser.vocab_size \
+                        else "<unknown>"
+                writer.writerow([line_id, *(values or [""] * len(names)), event, templates.get(event, "")])
+    utils.atomic_write(target, _as_text(write))
 
 
-def write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+def write_train_config(config: utils.Config, place: Path, output: Path, vocab_size: int) -> None:
+    """The one config (the --config values, the resolved `preprocess:` section among them) with this data:
+    model.vocab_size, and data.preprocessed_dir and training.output_dir as absolute paths through `output`'s
+    fixed names (symlinks not resolved: they name the current parse, whichever it is)."""
+    base = os.path.abspath(output)
+    for dotted, value in (("model.vocab_size", vocab_size),
+                          ("data.preprocessed_dir", os.path.join(base, "sessions.jsonl")),
+                          ("training.output_dir", os.path.join(base, "train"))):
+        utils.set_value(config, dotted, value, "preprocess.py")
+    utils.check_values(config)
+    utils.save_config(config, place / "config.yaml")
 
 
-def write_train_config(base_config: str | None, output: Path, vocab_size: int) -> None:
-    """The base config (minus its preprocess: section, which utils.load_config does not know) with this
-    data, validated by the same loader train.py uses."""
-    import utils  # here, not at the top: it imports torch, which parsing does not need
+# ----------------------------------------------------------------------------- the output folder
+# OUTPUT/.parse-<time>-<random>/   one generation: every file of one parse (the structured CSV too, when
+#                                  --structured names a file directly in OUTPUT)
+# OUTPUT/current -> .parse-...     the generation shown; switched with one atomic rename
+# OUTPUT/sessions.jsonl -> current/sessions.jsonl, and so on for each file: the names users know
+# OUTPUT/.lock                     utils.OutputLock: one preprocess.py at a time
+OUTPUT_FILES = ("sessions.jsonl", "sources.json", "templates.json", "parser_state.json", "config.yaml")
+LOGGER = logging.getLogger("preprocess")
 
-    raw = read_yaml(base_config) if base_config else {}
-    raw.pop("preprocess", None)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=output, delete=False) as handle:
-        yaml.safe_dump(raw, handle)
+
+def lock_output(output: Path) -> utils.OutputLock:
     try:
-        config = utils.load_config(handle.name, {"model.vocab_size": vocab_size,
-                                                 "data.preprocessed_dir": str((output / "sessions.jsonl").resolve()),
-                                                 "training.output_dir": str((output / "train").resolve())})
-    except utils.ConfigError as error:
-        raise PreprocessError(f"--config {base_config}: {str(error).replace(handle.name + ': ', '')}") from None
+        return utils.OutputLock(output, LOGGER)
+    except utils.ConfigError as error:  # its message names train.py's flag
+        raise utils.ConfigError(str(error).replace("--output-dir", "--output")) from None
+
+
+def structured_name(output: Path, structured: str | None) -> str | None:
+    """The name of --structured inside a generation when it names a file directly in `output` (so it is
+    switched in with the rest); None where it lies elsewhere (then written to its path, atomically)."""
+    if structured is None or Path(os.path.abspath(structured)).parent != Path(os.path.abspath(output)):
+        return None
+    name = Path(structured).name
+    if name in OUTPUT_FILES or name == "current" or name.startswith("."):
+        raise PreprocessError(f"--structured {structured}: a name preprocess.py keeps for itself in --output")
+    return name
+
+
+def _current(output: Path) -> str | None:
+    """The generation `output/current` names, or None."""
+    try:
+        return os.readlink(output / "current")
+    except OSError:
+        return None
+
+
+def _link(path: Path, target: str) -> None:
+    """`path` becomes a symlink to `target` in one atomic rename, whatever stood there."""
+    temp = path.with_name(f".{path.name}.link.tmp")  # (utils.remove_stale_temp_files removes a leftover)
+    temp.unlink(missing_ok=True)
+    os.symlink(target, temp)
+    os.replace(temp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
     finally:
-        Path(handle.name).unlink(missing_ok=True)
-    utils.save_config(config, output / "config.yaml")
+        os.close(handle)
 
 
-def read_yaml(path: str) -> dict:
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise PreprocessError(f"--config {path}: unreadable: {' '.join(str(error).split())}") from None
-    if not isinstance(raw, dict):
-        raise PreprocessError(f"--config {path}: expected a mapping of sections")
-    return raw
+def new_generation(output: Path) -> Path:
+    place = Path(tempfile.mkdtemp(dir=output, prefix=f".parse-{time.strftime('%Y%m%d-%H%M%S')}-"))
+    os.chmod(place, 0o777 & ~utils.UMASK)  # mkdtemp makes 0700: follow the umask, as every file does
+    return place
 
 
-def resolve_config(base_config: str | None, flags: dict, state_grouping: dict | None = None) -> PreprocessConfig:
-    """PreprocessConfig defaults < the `preprocess:` section of the YAML < the grouping saved in a parser
-    state < flags given (not None)."""
-    cfg = PreprocessConfig()
-    section = read_yaml(base_config).get("preprocess") or {} if base_config else {}
-    if not isinstance(section, dict):
-        raise PreprocessError(f"{base_config}: section 'preprocess' must be a mapping")
-    hints = typing.get_type_hints(PreprocessConfig)
-    for source, values in ((f"{base_config}: preprocess", section), ("parser state", state_grouping or {}),
-                           ("command line", flags)):
+def switch_to(output: Path, place: Path) -> None:
+    """Show generation `place`: first a fixed link OUTPUT/NAME -> current/NAME for each of its files (one
+    the shown generation lacks dangles until the switch), then `current` replaced in one atomic rename."""
+    for name in sorted(p.name for p in place.iterdir() if not p.name.startswith(".")):
+        link = output / name
+        if not (link.is_symlink() and os.readlink(link) == f"current/{name}"):
+            _link(link, f"current/{name}")
+    _fsync_dir(place)
+    _link(output / "current", place.name)
+    _fsync_dir(output)
+
+
+def remove_leftovers(output: Path) -> None:
+    """Under the lock: generations not shown (the previous one, or a killed run's), the fixed links to a
+    name the shown generation lacks (sessions.jsonl after a parse-only run), temp links."""
+    shown = _current(output)
+    for entry in output.iterdir():
+        if entry.name.startswith(".parse-") and entry.name != shown and not entry.is_symlink():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        elif entry.is_symlink() and os.readlink(entry) == f"current/{entry.name}" and not entry.exists():
+            entry.unlink()
+    utils.remove_stale_temp_files(output)
+
+
+def adopt_plain_files(output: Path) -> None:
+    """Plain files under the names users know (a folder written before generations, or a config.yaml an
+    editor saved by rename in place of its link) become a generation: what the folder shows (those files
+    and the shown generation's others) hard-linked (or copied) into a new one, shown as `current`, then each
+    plain name replaced by its link: the same bytes at every moment, and the next switch replaces that
+    parse whole. Plain files that already are the shown generation's (an adoption interrupted) are only
+    replaced by their links."""
+    shown = output / "current"
+    if shown.exists() and not shown.is_symlink():
+        raise PreprocessError(f"{shown}: not preprocess.py's link to its parse; move it away")
+    plain = [name for name in OUTPUT_FILES if (output / name).is_file() and not (output / name).is_symlink()]
+    if not plain:
+        return
+    if not all((shown / name).exists() and os.path.samefile(output / name, shown / name) for name in plain):
+        linked = [entry.name for entry in output.iterdir() if entry.is_symlink() and entry.exists()
+                  and os.readlink(entry) == f"current/{entry.name}"]
+        place = new_generation(output)
+        for name in plain + linked:
+            try:
+                os.link((output / name).resolve(), place / name)  # (a link's target: os.link keeps links)
+            except OSError:  # a file system without hard links
+                shutil.copy2(output / name, place / name)
+        _fsync_dir(place)
+        _link(shown, place.name)
+    for name in plain:
+        _link(output / name, f"current/{name}")
+    _fsync_dir(output)
+
+
+# ----------------------------------------------------------------------------- settings and the CLI
+def settings_config(base_config: str | None, layers: list[tuple[str, dict]]) -> utils.Config:
+    """The one config (utils): its defaults < the YAML file `base_config` (every section checked, the
+    `preprocess:` one among them) < each (source, {preprocess key: value}) layer in turn; then every value
+    checked (utils.check_values). A None of the command line means "not given"; elsewhere it is a value."""
+    config = utils.load_config(base_config) if base_config else utils.Config()
+    for source, values in layers:
         for key, value in values.items():
-            if value is None and source == "command line":
-                continue
-            if key not in hints:
-                raise PreprocessError(f"{source}: unknown key '{key}' (known: {', '.join(hints)})")
-            expected = typing.get_args(hints[key])[0] if typing.get_origin(hints[key]) is typing.Union else hints[key]
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not (value is None and typing.get_origin(hints[key]) is typing.Union) and \
-                    (not isinstance(value, expected) or isinstance(value, bool) != (expected is bool)):
-                raise PreprocessError(f"{source}: '{key}' must be {expected.__name__}, got {value!r}")
-            setattr(cfg, key, value)
-    return cfg
+            if value is not None or source != "command line":
+                utils.set_value(config, f"preprocess.{key}", value, source)
+    utils.check_values(config)
+    return config
+
+
+def resolve_config(base_config: str | None, flags: dict, state_grouping: dict | None = None) -> utils.Config:
+    """Defaults < the YAML's `preprocess:` section < the grouping saved in a parser state < flags given."""
+    return settings_config(base_config, [("parser state grouping", state_grouping or {}),
+                                         ("command line", flags)])
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("inputs", nargs="+", help="raw log files or directories of them (plain or .gz)")
-    add("--output", required=True, help="directory for sessions.jsonl, templates.json, parser_state.json, ...")
+    add("--output", required=True, help="directory for sessions.jsonl, templates.json, parser_state.json, "
+        "...; one run at a time, each shown whole once complete")
     add("--config", default="config.yaml", help="YAML whose `preprocess:` section gives defaults and whose "
         "other sections are copied into OUTPUT/config.yaml (default: config.yaml, if present)")
-    add("--log-format", help="loghub's line layout, e.g. '<Date> <Time> <Level> \\[<Process>\\] <Component>: "
-        "<Content>': text between fields is a regex, a run of spaces any whitespace (default: the whole line is "
-        "the content)")
-    add("--mask", action="append", dest="masks", help="regex of a variable part, replaced by <*> before Drain; "
-        "repeatable (replaces the config's list), applied in order before the default masks")
+    add("--log-format", help="loghub's line layout, e.g. '<Date> <Time> <Level> \\[<Process>\\] "
+        "<Component>: <Content>': text between fields is a regex, a run of spaces any whitespace (default: "
+        "the whole line is the content)")
+    add("--mask", action="append", dest="masks", help="regex of a variable part, replaced by <*> before "
+        "Drain; repeatable (replaces the config's list), applied in order before the default masks")
     add("--no-default-masks", action="store_false", dest="default_masks", default=None,
-        help="do not apply the built-in masks (IP:port, UUID, hex, long hex ids, paths, block-like ids, numbers)")
+        help="do not apply the built-in masks (IP:port, UUID, hex, long hex ids, paths, block-like ids, "
+        "numbers)")
     add("--similarity", type=float, help="Drain similarity threshold sim_th in [0, 1] (default 0.45)")
     add("--depth", type=int, help="Drain prefix-tree depth, >= 3 (default 4)")
     add("--max-templates", type=int, help="cap on templates held (drain3 max_clusters, least recently used "
@@ -870,20 +1156,23 @@ def parse_args(argv=None):
     add("--parser-state", help="parser_state.json of an earlier run: match lines onto its event IDs, learn "
         "nothing (unmatched lines get ID vocab_size); log format, masks and Drain settings come from it, and "
         "the grouping unless given")
-    add("--session-key", help=r"regex of session identifiers, e.g. 'blk_-?\d+' (a line naming several joins each)")
+    add("--session-key", help=r"regex of session identifiers, e.g. 'blk_-?\d+' (a line naming several "
+        "joins each)")
     add("--window", help="count:SIZE[:STEP] (lines) or time:SIZE[:STEP] (seconds; needs --time-field)")
     add("--time-field", help="log-format field holding each line's time (default format: epoch seconds)")
-    add("--time-format", help="strptime format of --time-field, e.g. '%%Y-%%m-%%d-%%H.%%M.%%S.%%f' (read as UTC)")
+    add("--time-format", help="strptime format of --time-field, e.g. '%%Y-%%m-%%d-%%H.%%M.%%S.%%f' (read "
+        "as UTC)")
     add("--labels", help="CSV of session id, label (Normal/Anomaly or 0/1), such as HDFS's anomaly_label.csv")
-    add("--label-field", help="log-format field labelling each line; a session or window with any line whose "
-        "value is not --normal-value is abnormal")
+    add("--label-field", help="log-format field labelling each line; a session or window with any line "
+        "whose value is not --normal-value is abnormal")
     add("--normal-value", help="value of --label-field on normal lines (default '-', as in BGL)")
     add("--session-idle", type=int, help="a session not named for this many input lines is complete and "
         "written, which keeps memory flat on endless logs (default: sessions end with the input)")
-    add("--max-open-sessions", type=int, help="open sessions held at most; then the least recently active is "
-        "written early (default 1000000)")
-    add("--structured", help="also write this CSV: one row per input line, LineId (1-based, counted over all "
-        "inputs), the log format's fields, EventId, EventTemplate (without --session-key or --window: parse only)")
+    add("--max-open-sessions", type=int, help="open sessions held at most; then the least recently active "
+        "is written early (default 1000000)")
+    add("--structured", help="also write this CSV: one row per input line, LineId (1-based, counted over "
+        "all inputs), the log format's fields, EventId, EventTemplate (without --session-key or --window: "
+        "parse only)")
     return parser.parse_args(argv)
 
 
@@ -895,40 +1184,29 @@ def main(argv=None):
         base = args.config if (args.config != "config.yaml" or Path(args.config).exists()) else None
         state = None
         if args.parser_state:
-            given = [k for k in ("log_format", "masks", "default_masks", "similarity", "depth", "max_templates")
-                     if flags[k] is not None]
+            parser_keys = ("log_format", "masks", "default_masks", "similarity", "depth", "max_templates")
+            given = [k for k in parser_keys if flags[k] is not None]
             if given:
                 raise PreprocessError(f"--parser-state fixes the parser: drop --{given[0].replace('_', '-')}")
             state = load_state(args.parser_state)
-        cfg = resolve_config(base, flags, state and state.get("grouping"))
-        stats = preprocess(cfg, args.inputs, Path(args.output), state, args.structured, base)
-        print(f"{stats['lines']} lines: {stats['parsed']} parsed, {stats['unmatched']} not matching the log format"
-              f"{', %d of unknown events' % stats['unknown'] if args.parser_state else ''}; "
+        config = resolve_config(base, flags, state and state.get("grouping"))
+        stats = preprocess(config.preprocess, args.inputs, Path(args.output), state, args.structured, config)
+        print(f"{stats['lines']} lines: {stats['parsed']} parsed, {stats['unmatched']} not matching the log "
+              f"format{', %d of unknown events' % stats['unknown'] if args.parser_state else ''}; "
               f"{stats['templates']} templates (vocab_size); "
               + ("parsed only (no --session-key or --window): no sessions.jsonl or config.yaml written"
-                 if stats.get("parse_only") else f"{stats['sessions']} sessions, {stats['abnormal']} abnormal")
+                 if stats.get("parse_only") else
+                 f"{stats['sessions']} sessions, {stats['abnormal']} abnormal")
               + f"; {stats['lines_per_s']:,} lines/s. Output in {args.output}")
-        if stats.get("parse_only") and (Path(args.output) / "sessions.jsonl").exists():
-            print(f"warning: {Path(args.output) / 'sessions.jsonl'} is an earlier run's, not this one's",
-                  file=sys.stderr)
         for key, what in (("sessions_closed_early", "sessions written early (raise --max-open-sessions)"),
                           ("unlabelled", "sessions missing from --labels (labelled normal)"),
                           ("bad_time", "lines with an unreadable --time-field (left out)"),
-                          ("out_of_order", "lines earlier than the line before (kept in the current window)")):
+                          ("out_of_order", "lines earlier than the line before (kept in the current "
+                                           "window)")):
             if stats.get(key):
                 print(f"warning: {stats[key]} {what}", file=sys.stderr)
 
-    try:
-        run()
-    except PreprocessError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:
-        print(f"error: {error.filename + ': ' if error.filename else ''}{error.strerror or error}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    utils.exit_on_user_error(run, (PreprocessError, utils.ConfigError), None)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from conftest import REPO, run_script, write_config
 import preprocess
 
 LOGHUB = REPO.parent / "shared" / "data" / "loghub"
-needs_loghub = pytest.mark.skipif(not (LOGHUB / "HDFS_2k.log").exists(), reason="../shared/data/loghub is absent")
+needs_loghub = pytest.mark.skipif(not (LOGHUB / "HDFS_2k.log").exists(),
+                                  reason="../shared/data/loghub is absent")
 sys.path.insert(0, str(REPO / "benchmarks"))
 LINUX = r"<Month> <Date> <Time> <Level> <Component>(\[<PID>\])?: <Content>"
 MAC = r"<Month>  <Date> <Time> <User> <Component>\[<PID>\]( \(<Address>\))?: <Content>"
@@ -28,16 +29,19 @@ def fields(log_format: str, line: str) -> dict | None:
 def old_format_regex(log_format: str) -> re.Pattern:
     """The format regex before loghub's convention: literal text escaped."""
     parts = re.split(r"(<[^<>]+>)", log_format)
-    return re.compile("^" + "".join(f"(?P<{p[1:-1]}>.*?)" if i % 2 else re.sub(r"(\\ )+", r"\\s+", re.escape(p))
+    return re.compile("^" + "".join(f"(?P<{p[1:-1]}>.*?)" if i % 2 else
+                                    re.sub(r"(\\ )+", r"\\s+", re.escape(p))
                                     for i, p in enumerate(parts)) + "$")
 
 
 @pytest.mark.parametrize("log_format, line, expected", [
     (r"<Date> <Time> <Level> \[<Process>\] <Component>: <Content>",
-     "2015-10-18 18:01:47,978 INFO [main] org.apache.hadoop.mapreduce.v2.app.MRAppMaster: Created MRAppMaster",
+     "2015-10-18 18:01:47,978 INFO [main] org.apache.hadoop.mapreduce.v2.app.MRAppMaster: "
+     "Created MRAppMaster",
      {"Date": "2015-10-18", "Time": "18:01:47,978", "Level": "INFO", "Process": "main",
       "Component": "org.apache.hadoop.mapreduce.v2.app.MRAppMaster", "Content": "Created MRAppMaster"}),
-    (r"<Time>\|<Component>\|<Pid>\|<Content>", "20171223-22:15:29:606|Step_LSC|30002312|onStandStepChanged 3579",
+    (r"<Time>\|<Component>\|<Pid>\|<Content>",
+     "20171223-22:15:29:606|Step_LSC|30002312|onStandStepChanged 3579",
      {"Time": "20171223-22:15:29:606", "Component": "Step_LSC", "Pid": "30002312",
       "Content": "onStandStepChanged 3579"}),
     (LINUX, "Jun 14 15:16:01 combo sshd(pam_unix)[19939]: check pass; user unknown",
@@ -48,7 +52,8 @@ def old_format_regex(log_format: str) -> re.Pattern:
         "Content": "Linux version 2.6.5"}),
     (MAC, "Jul  1 09:01:05 calvisitor-10-105-160-95 com.apple.CDScheduler[43]: Thermal pressure state: 1",
      {"Month": "Jul", "Date": "1", "Time": "09:01:05", "User": "calvisitor-10-105-160-95",
-      "Component": "com.apple.CDScheduler", "PID": "43", "Address": "", "Content": "Thermal pressure state: 1"}),
+      "Component": "com.apple.CDScheduler", "PID": "43", "Address": "",
+      "Content": "Thermal pressure state: 1"}),
     (MAC, "Jul  1 09:02:26 host kernel[0] (1.2.3): message: here",
      {"Month": "Jul", "Date": "1", "Time": "09:02:26", "User": "host", "Component": "kernel", "PID": "0",
       "Address": "1.2.3", "Content": "message: here"}),
@@ -68,7 +73,8 @@ PLAIN_LINES = ["2024-01-01 10:00:00 INFO svc: started", "2024-01-01  10:00:01\tW
                "garbage", "2024-01-01 10:00:02 INFO no colon here", "a b c d: e", "x y: z"]
 
 
-@pytest.mark.parametrize("log_format", ["<Date> <Time> <Level> <Component>: <Content>", "<Date> <Time> <Content>",
+@pytest.mark.parametrize("log_format", ["<Date> <Time> <Level> <Component>: <Content>",
+                                        "<Date> <Time> <Content>",
                                         "<Date> <Time> <Level> <Component>:<Content>", "<Content>"])
 def test_a_format_without_regex_characters_matches_as_before(log_format):
     old = old_format_regex(log_format)
@@ -89,7 +95,8 @@ def test_a_format_that_is_no_regex_is_refused_naming_it(log_format, message):
 
 def test_lines_that_do_not_fit_cost_one_pass_whatever_the_format():
     # loghub's own regex (every field lazy) takes minutes on one such line: each field retried at each space
-    formats = ["<A> <B> <C> <D> <E> <F> <G> <H>: <Content>", r"<A> <B> <C> <D>(\[<P>\])? <E> <F>: <Content> <Z>",
+    formats = ["<A> <B> <C> <D> <E> <F> <G> <H>: <Content>",
+               r"<A> <B> <C> <D>(\[<P>\])? <E> <F>: <Content> <Z>",
                r"<A> <B> <C> <D> <Component>\(\[<PID>\]\)\?: <Content>", MAC]
     lines = [" ".join(["word"] * n) + " [1] (x)" for n in range(5, 400, 13)] + ["x " * 3000]
     started = time.process_time()
@@ -100,8 +107,9 @@ def test_lines_that_do_not_fit_cost_one_pass_whatever_the_format():
 
 
 def linux_log(path, count: int, lines=None):
-    path.write_text("".join(f"Jun 14 15:16:{i % 60:02d} combo sshd(pam_unix)[{19000 + i}]: check pass; user "
-                            f"u{i % 7} unknown\n" for i in range(count)) if lines is None else "\n".join(lines) + "\n")
+    generated = "".join(f"Jun 14 15:16:{i % 60:02d} combo sshd(pam_unix)[{19000 + i}]: check pass; user "
+                        f"u{i % 7} unknown\n" for i in range(count))
+    path.write_text(generated if lines is None else "\n".join(lines) + "\n")
     return path
 
 
@@ -123,30 +131,34 @@ def test_a_format_that_matches_nothing_fails_fast_naming_the_first_lines(tmp_pat
 
 
 def test_parse_only_writes_templates_state_and_the_structured_csv(tmp_path):
-    log = linux_log(tmp_path / "l.log", 0, ["Jun 14 15:16:01 combo sshd(pam_unix)[19939]: check pass; user unknown",
-                                            "Jun 14 15:16:02 combo kernel: Linux booted", "not a linux line",
-                                            "Jun 14 15:16:03 combo sshd(pam_unix)[19940]: check pass; user unknown"])
+    log = linux_log(tmp_path / "l.log", 0, [
+        "Jun 14 15:16:01 combo sshd(pam_unix)[19939]: check pass; user unknown",
+        "Jun 14 15:16:02 combo kernel: Linux booted", "not a linux line",
+        "Jun 14 15:16:03 combo sshd(pam_unix)[19940]: check pass; user unknown"])
     (tmp_path / "cwd").mkdir()
     result = run_script("preprocess.py", log, "--output", tmp_path / "o", "--log-format", LINUX,
                         "--structured", tmp_path / "s.csv", cwd=tmp_path / "cwd")
     assert result.returncode == 0, result.stderr
     assert "parsed only (no --session-key or --window): no sessions.jsonl or config.yaml" in result.stdout
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["parser_state.json", "sources.json",
-                                                                 "templates.json"]
+    shown = sorted(p.name for p in (tmp_path / "o").iterdir() if p.is_file() and not p.name.startswith("."))
+    assert shown == ["parser_state.json", "sources.json", "templates.json"]
     rows = list(csv.DictReader((tmp_path / "s.csv").open()))
-    assert list(rows[0]) == ["LineId", "Month", "Date", "Time", "Level", "Component", "PID", "Content", "EventId",
-                             "EventTemplate"]
+    assert list(rows[0]) == ["LineId", "Month", "Date", "Time", "Level", "Component", "PID", "Content",
+                             "EventId", "EventTemplate"]
     assert [(r["LineId"], r["PID"], r["EventId"], r["EventTemplate"]) for r in rows] == [
         ("1", "19939", "0", "check pass; user unknown"), ("2", "", "1", "Linux booted"), ("3", "", "", ""),
         ("4", "19940", "0", "check pass; user unknown")]
     stats = json.loads((tmp_path / "o" / "sources.json").read_text())["stats"]
-    assert (stats["parsed"], stats["unmatched"], stats["parse_only"], stats.get("sessions", 0)) == (3, 1, True, 0)
+    assert (stats["parsed"], stats["unmatched"], stats["parse_only"], stats.get("sessions", 0)) == \
+        (3, 1, True, 0)
     # without --structured, and through the saved state (matching only): the same IDs
     result = run_script("preprocess.py", log, "--output", tmp_path / "p", "--parser-state",
-                        tmp_path / "o" / "parser_state.json", "--structured", tmp_path / "t.csv", cwd=tmp_path / "cwd")
+                        tmp_path / "o" / "parser_state.json", "--structured", tmp_path / "t.csv",
+                        cwd=tmp_path / "cwd")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "t.csv").read_text() == (tmp_path / "s.csv").read_text()
-    assert json.loads((tmp_path / "p" / "templates.json").read_text())[0]["template"] == "check pass; user unknown"
+    assert json.loads((tmp_path / "p" / "templates.json").read_text())[0]["template"] == \
+        "check pass; user unknown"
     # detection needs sessions: a parse-only state has no grouping, so it says what to give
     with pytest.raises(preprocess.PreprocessError, match="give either --session-key"):
         list(preprocess.sessions_from_logs(str(tmp_path / "o" / "parser_state.json"), [str(log)]))
@@ -158,12 +170,14 @@ def test_a_field_of_an_optional_group_reads_as_empty_when_absent(tmp_path):
     lines = [f"Jun 14 15:16:0{i} combo {'kernel' if i % 2 else 'sshd[7]'}: event {i}" for i in range(6)]
     log = linux_log(tmp_path / "l.log", 0, lines)
     preprocess.main([str(log), "--output", str(tmp_path / "o"), "--log-format", LINUX, "--window", "count:2",
-                     "--label-field", "PID", "--normal-value", "", "--config", str(write_config(tmp_path / "b.yaml"))])
+                     "--label-field", "PID", "--normal-value", "",
+                     "--config", str(write_config(tmp_path / "b.yaml"))])
     windows = [json.loads(x) for x in (tmp_path / "o" / "sessions.jsonl").read_text().splitlines()]
     assert [w["label"] for w in windows] == [1, 1, 1]  # each window holds one line with a PID
     preprocess.main([str(log), "--output", str(tmp_path / "t"), "--log-format", LINUX, "--window", "time:10",
                      "--time-field", "PID", "--config", str(tmp_path / "b.yaml")])
-    assert json.loads((tmp_path / "t" / "sources.json").read_text())["stats"]["bad_time"] == 3  # no time: left out
+    # no time: left out
+    assert json.loads((tmp_path / "t" / "sources.json").read_text())["stats"]["bad_time"] == 3
 
 
 SYSTEMS = ["HDFS", "BGL", "HPC", "Windows", "Linux", "Android", "Proxifier", "OpenStack", "Mac"]

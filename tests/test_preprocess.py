@@ -1,9 +1,17 @@
-"""preprocess.py: templates, sessions, windows, labels, parser state, provenance, errors, training on its output."""
+"""preprocess.py: templates, sessions, windows, labels, parser state (validated), provenance, errors, the
+output folder (locked, one parse shown whole), training on its output."""
 from __future__ import annotations
 
 import csv
 import gzip
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +21,8 @@ from conftest import REPO, run_script, write_config
 import preprocess
 
 LOGHUB = REPO.parent / "shared" / "data" / "loghub"
-needs_loghub = pytest.mark.skipif(not (LOGHUB / "HDFS_2k.log").exists(), reason="../shared/data/loghub is absent")
+needs_loghub = pytest.mark.skipif(not (LOGHUB / "HDFS_2k.log").exists(),
+                                  reason="../shared/data/loghub is absent")
 FORMAT = "<Date> <Time> <Level> <Component>: <Content>"
 
 
@@ -37,8 +46,8 @@ def run(tmp_path: Path, log_lines: list[str], *flags, name="log.txt", output="ou
     log = tmp_path / name
     log.write_text("\n".join(log_lines) + "\n")
     out = tmp_path / output
-    preprocess.main([str(log), "--output", str(out), "--log-format", FORMAT, "--config", str(tmp_path / "base.yaml"),
-                     *map(str, flags)])
+    preprocess.main([str(log), "--output", str(out), "--log-format", FORMAT,
+                     "--config", str(tmp_path / "base.yaml"), *map(str, flags)])
     return read_output(out)
 
 
@@ -90,7 +99,8 @@ def test_count_windows_and_label_field(tmp_path):
     log = tmp_path / "bgl.log"
     log.write_text("\n".join(lines) + "\n")
     preprocess.main([str(log), "--output", str(tmp_path / "w"), "--log-format", fmt, "--window", "count:4:2",
-                     "--label-field", "Label", "--normal-value", "-", "--config", str(tmp_path / "base.yaml")])
+                     "--label-field", "Label", "--normal-value", "-",
+                     "--config", str(tmp_path / "base.yaml")])
     windows = read_output(tmp_path / "w")["sessions"]
     # [0,4) [2,6) [4,8) [6,10): line 6 (index 5) is the alert
     assert [[r[1] for r in w["lines"]] for w in windows] == [[1], [3], [5], [7]]
@@ -116,7 +126,8 @@ def test_time_windows_slide_and_jump_gaps(tmp_path):
     log = tmp_path / "t.log"
     log.write_text("\n".join(lines) + "\n")
     preprocess.main([str(log), "--output", str(tmp_path / "w"), "--log-format", fmt, "--window", "time:10:5",
-                     "--time-field", "Stamp", "--label-field", "Label", "--config", str(tmp_path / "base.yaml")])
+                     "--time-field", "Stamp", "--label-field", "Label",
+                     "--config", str(tmp_path / "base.yaml")])
     windows = read_output(tmp_path / "w")["sessions"]
     members = [[times[line - 1] for _, first, count in w["lines"] for line in range(first, first + count)]
                for w in windows]
@@ -126,7 +137,8 @@ def test_time_windows_slide_and_jump_gaps(tmp_path):
 
 def test_time_format_parses_bgl_style_times(tmp_path):
     fmt = "<Time> <Content>"
-    lines = [f"2005-06-03-15.42.{s:02d}.675872 instruction cache parity error corrected" for s in (0, 5, 20, 21)]
+    lines = [f"2005-06-03-15.42.{s:02d}.675872 instruction cache parity error corrected"
+             for s in (0, 5, 20, 21)]
     (tmp_path / "b.log").write_text("\n".join(lines) + "\nnot-a-time something\n")
     preprocess.main([str(tmp_path / "b.log"), "--output", str(tmp_path / "w"), "--log-format", fmt,
                      "--window", "time:10", "--time-field", "Time", "--time-format", "%Y-%m-%d-%H.%M.%S.%f",
@@ -170,8 +182,9 @@ def test_parser_state_maps_new_data_onto_the_same_ids(tmp_path):
 
 def test_parser_state_refuses_parser_flags(tmp_path):
     run(tmp_path, block_log(range(1, 3)), "--session-key", r"blk_-?\d+")
-    result = run_script("preprocess.py", tmp_path / "log.txt", "--output", tmp_path / "again", "--parser-state",
-                        tmp_path / "out" / "parser_state.json", "--session-key", "blk_\\d+", "--similarity", "0.7")
+    result = run_script("preprocess.py", tmp_path / "log.txt", "--output", tmp_path / "again",
+                        "--parser-state", tmp_path / "out" / "parser_state.json", "--session-key", "blk_\\d+",
+                        "--similarity", "0.7")
     assert result.returncode == 2 and result.stderr.strip() == \
         "error: --parser-state fixes the parser: drop --similarity"
 
@@ -192,7 +205,8 @@ def test_gzip_input_and_directory(tmp_path):
 
 def test_structured_csv_has_final_templates_and_a_row_per_line(tmp_path):
     lines = [line(1, "User alice logged in"), "no format here", line(2, "User bob logged in")]
-    run(tmp_path, lines, "--session-key", "User \\w+", "--structured", tmp_path / "s.csv", "--no-default-masks")
+    run(tmp_path, lines, "--session-key", "User \\w+", "--structured", tmp_path / "s.csv",
+        "--no-default-masks")
     rows = list(csv.reader((tmp_path / "s.csv").open()))
     # loghub's columns: the fields of the log format between LineId and EventId; the first row's template is
     # the one Drain ended with, not "User alice logged in"
@@ -215,13 +229,39 @@ def test_masks_and_no_default_masks(tmp_path):
 
 def test_preprocess_section_of_the_config(tmp_path):
     base = tmp_path / "base.yaml"
-    base.write_text(base.read_text() + "preprocess:\n  session_key: 'blk_-?\\d+'\n  log_format: '" + FORMAT + "'\n")
+    base.write_text(base.read_text() + "preprocess:\n  session_key: 'blk_-?\\d+'\n  log_format: '" + FORMAT
+                    + "'\n")
     (tmp_path / "l.log").write_text("\n".join(block_log(range(1, 3))) + "\n")
     preprocess.main([str(tmp_path / "l.log"), "--output", str(tmp_path / "o"), "--config", str(base)])
     assert len(read_output(tmp_path / "o")["sessions"]) == 2
+    saved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())  # the one config, as resolved
+    assert saved["preprocess"]["session_key"] == r"blk_-?\d+" and saved["preprocess"]["log_format"] == FORMAT
     base.write_text(base.read_text() + "  windw: count:5\n")
     result = run_script("preprocess.py", tmp_path / "l.log", "--output", tmp_path / "o2", "--config", base)
-    assert result.returncode == 2 and "unknown key 'windw'" in result.stderr
+    assert result.returncode == 2 and "unknown config key 'preprocess.windw'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("section, message", [
+    ("windw: count:5", "unknown config key 'preprocess.windw'"),
+    ("depth: '4'", "'preprocess.depth' must be int, got '4'"),
+    ("similarity: high", "'preprocess.similarity' must be float, got 'high'"),
+    ("default_masks: 1", "'preprocess.default_masks' must be bool"),
+    ("masks: blk_\\d+", "'preprocess.masks' must be list"),
+    ("masks: [1]", "'preprocess.masks' must be a list of strings"),
+    ("session_idle: -1", "'preprocess.session_idle' must be null or >= 1"),
+    ("similarity: 1.5", "'preprocess.similarity' must be in [0, 1]"),
+])
+def test_a_bad_preprocess_section_is_one_line_naming_the_key(tmp_path, capsys, section, message):
+    base = tmp_path / "base.yaml"
+    base.write_text(base.read_text() + f"preprocess:\n  {section}\n")
+    (tmp_path / "l.log").write_text("\n".join(block_log(range(1, 3))) + "\n")
+    with pytest.raises(SystemExit) as exit_code:
+        preprocess.main([str(tmp_path / "l.log"), "--output", str(tmp_path / "o"), "--config", str(base),
+                         "--log-format", FORMAT, "--session-key", "blk_\\d+"])
+    err = capsys.readouterr().err
+    assert exit_code.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -232,19 +272,23 @@ def test_preprocess_section_of_the_config(tmp_path):
     (["--window", "time:60"], "needs --time-field"),
     (["--session-key", "x", "--window", "count:5"], "give either --session-key"),
     (["--label-field", "Level"], "--label-field groups lines: give --session-key or --window too"),
-    (["--log-format", "<Date> [<Level>] <Content>", "--window", "count:5"], "the text between fields is a regular"),
+    (["--log-format", "<Date> [<Level>] <Content>", "--window", "count:5"],
+     "the text between fields is a regular"),
 ])
-def test_bad_settings_give_one_line_and_exit_2(tmp_path, flags, message):
+def test_bad_settings_give_one_line_and_exit_2(tmp_path, capsys, flags, message):
     (tmp_path / "l.log").write_text(line(1, "hello") + "\n")
-    result = run_script("preprocess.py", tmp_path / "l.log", "--output", tmp_path / "o",
-                        *(flags if "--log-format" in flags else ["--log-format", FORMAT, *flags]))
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_code:  # (in-process: an uncaught error would fail the test)
+        preprocess.main([str(tmp_path / "l.log"), "--output", str(tmp_path / "o"),
+                         *(flags if "--log-format" in flags else ["--log-format", FORMAT, *flags])])
+    err = capsys.readouterr().err
+    assert exit_code.value.code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # refused before --output is made
 
 
 def test_missing_file_and_no_matching_line(tmp_path):
-    result = run_script("preprocess.py", tmp_path / "absent.log", "--output", tmp_path / "o", "--session-key", "x")
+    result = run_script("preprocess.py", tmp_path / "absent.log", "--output", tmp_path / "o",
+                        "--session-key", "x")
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'absent.log'}: no such file or directory"
     (tmp_path / "l.log").write_text("free text\n")
@@ -256,50 +300,54 @@ def test_missing_file_and_no_matching_line(tmp_path):
 
 def test_a_full_disk_is_one_line_naming_the_output_and_leaves_no_temp_file(tmp_path, monkeypatch, capsys):
     import errno
-    import tempfile
 
-    real = tempfile.NamedTemporaryFile
+    import utils
+    real = utils.atomic_write
 
-    class FullDisk:   # the sessions' temp file on a disk that is full
-        def __init__(self, *args, **kwargs):
-            self.handle = real(*args, **kwargs)
-            self.name = self.handle.name
+    class FullDisk:  # the handle of an atomic write on a disk that is full
+        def __init__(self, handle):
+            self.handle = handle
 
-        def write(self, text):
+        def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        def close(self):
-            self.handle.close()
-
-    monkeypatch.setattr(tempfile, "NamedTemporaryFile", FullDisk)
+    monkeypatch.setattr(utils, "atomic_write", lambda path, write: real(path, lambda h: write(FullDisk(h))))
     (tmp_path / "log.txt").write_text("\n".join(block_log(range(3))) + "\n")
     with pytest.raises(SystemExit) as exit_code:
         preprocess.main([str(tmp_path / "log.txt"), "--output", str(tmp_path / "out"), "--log-format", FORMAT,
                          "--session-key", r"blk_-?\d+", "--config", str(tmp_path / "base.yaml")])
     assert exit_code.value.code == 1
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'out' / 'sessions.jsonl'}: No space left on device"
-    assert list((tmp_path / "out").iterdir()) == []
+    assert capsys.readouterr().err.strip() == \
+        f"error: {tmp_path / 'out' / 'sessions.jsonl'}: No space left on device"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".lock"]  # no generation, no temp file
 
 
 def test_written_files_follow_the_umask(tmp_path):
     import os
-    mask = os.umask(0o027)
+    (tmp_path / "log.txt").write_text("\n".join(block_log(range(3))) + "\n")
+    mask = os.umask(0o027)  # inherited by the script
     try:
-        run(tmp_path, block_log(range(3)), "--session-key", r"blk_-?\d+")
+        result = run_script("preprocess.py", tmp_path / "log.txt", "--output", tmp_path / "out",
+                            "--log-format", FORMAT, "--session-key", r"blk_-?\d+",
+                            "--config", tmp_path / "base.yaml")
     finally:
         os.umask(mask)
-    assert oct((tmp_path / "out" / "sessions.jsonl").stat().st_mode & 0o777) == oct(0o640)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert {oct((out / name).stat().st_mode & 0o777) for name in preprocess.OUTPUT_FILES} == {oct(0o640)}
+    assert oct((out / "current").stat().st_mode & 0o777) == oct(0o750)  # the generation folder
 
 
 def test_generated_config_trains_and_detection_shows_the_raw_line_of_each_miss(tmp_path):
-    """preprocess -> train -> evaluate --detect on new raw logs through the parser state: the block with a line
-    no template matches is abnormal, and its miss names that line (file:line) and shows it."""
+    """preprocess -> train -> evaluate --detect on new raw logs through the parser state: the block with a
+    line no template matches is abnormal, and its miss names that line (file:line) and shows it."""
     lines = []
     for start in range(0, 120, 20):
         lines += block_log(range(start, start + 20), second=start)
     run(tmp_path, lines, "--session-key", r"blk_-?\d+")
     out = tmp_path / "out"
-    result = run_script("train.py", "--config", out / "config.yaml", "--epochs", "1", "--device", "cpu", timeout=600)
+    result = run_script("train.py", "--config", out / "config.yaml", "--epochs", "1", "--device", "cpu",
+                        timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     checkpoint = out / "train" / "checkpoints" / "best_model.pt"
     assert checkpoint.exists()
@@ -310,9 +358,10 @@ def test_generated_config_trains_and_detection_shows_the_raw_line_of_each_miss(t
     today.insert(7, line(9, "Checksum error on blk_503 from disk sda3"))   # a template never seen
     (new / "app.log").write_text("\n".join(today) + "\n")
     detections = tmp_path / "detections.jsonl"
-    calibrated = ["--calibrate-on", out / "sessions.jsonl", "--output-dir", tmp_path / "eval"]  # tiny run: no
-    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", new, "--parser-state",  # evaluation
-                        out / "parser_state.json", "--output", detections, *calibrated)          # after training
+    # a tiny run: no evaluation after training
+    calibrated = ["--calibrate-on", out / "sessions.jsonl", "--output-dir", tmp_path / "eval"]
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", new, "--parser-state",
+                        out / "parser_state.json", "--output", detections, *calibrated)
 
     assert result.returncode == 0, result.stderr[-2000:]
     verdicts = {d["session_id"]: d for d in map(json.loads, detections.read_text().splitlines())}
@@ -350,8 +399,8 @@ def test_raw_lines_come_from_a_sparse_index_or_a_gzip_scan(tmp_path, compressed)
 def test_bgl_2k_count_windows(tmp_path):
     out = tmp_path / "bgl"
     result = run_script("preprocess.py", LOGHUB / "BGL_2k.log", "--output", out, "--window", "count:20:10",
-                        "--log-format", "<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> "
-                        "<Level> <Content>", "--label-field", "Label", "--normal-value", "-",
+                        "--log-format", "<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> "
+                        "<Component> <Level> <Content>", "--label-field", "Label", "--normal-value", "-",
                         "--config", tmp_path / "base.yaml")
     assert result.returncode == 0, result.stderr
     windows = read_output(out)["sessions"]
@@ -370,8 +419,9 @@ def test_bgl_2k_count_windows(tmp_path):
     results = json.loads(next((out / "train").glob("evaluation_results_*.json")).read_text())
     assert results["abnormal_sessions"]["count"] == sum(w["label"] for w in windows) == 53
     detections = tmp_path / "detections.jsonl"
-    result = run_script("evaluate.py", "--checkpoint", out / "train" / "checkpoints" / "best_model.pt", "--detect",
-                        LOGHUB / "BGL_2k.log", "--parser-state", out / "parser_state.json", "--output", detections)
+    result = run_script("evaluate.py", "--checkpoint", out / "train" / "checkpoints" / "best_model.pt",
+                        "--detect", LOGHUB / "BGL_2k.log", "--parser-state", out / "parser_state.json",
+                        "--output", detections)
     assert result.returncode == 0, result.stderr[-2000:]
     raw_lines = (LOGHUB / "BGL_2k.log").read_text().splitlines()
     detected = [json.loads(x) for x in detections.read_text().splitlines()]
@@ -407,9 +457,10 @@ def test_sessions_from_logs_uses_the_saved_grouping(tmp_path):
 
 @needs_loghub
 @pytest.mark.parametrize("system, flags", [
-    ("HDFS", ["--log-format", "<Date> <Time> <Pid> <Level> <Component>: <Content>", "--session-key", r"blk_-?\d+"]),
-    ("BGL", ["--log-format", "<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> "
-             "<Content>", "--window", "count:20"])])
+    ("HDFS", ["--log-format", "<Date> <Time> <Pid> <Level> <Component>: <Content>",
+              "--session-key", r"blk_-?\d+"]),
+    ("BGL", ["--log-format", "<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> "
+             "<Level> <Content>", "--window", "count:20"])])
 def test_loghub_lines_match_the_saved_state_as_they_were_learned(tmp_path, system, flags):
     log = LOGHUB / f"{system}_2k.log"
     preprocess.main([str(log), "--output", str(tmp_path / "a"), "--structured", str(tmp_path / "a.csv"),
@@ -418,3 +469,311 @@ def test_loghub_lines_match_the_saved_state_as_they_were_learned(tmp_path, syste
                      "--parser-state", str(tmp_path / "a" / "parser_state.json")])
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
     assert (tmp_path / "a" / "sessions.jsonl").read_text() == (tmp_path / "b" / "sessions.jsonl").read_text()
+
+
+# ----------------------------------------------------------------------------- the parser state, validated
+def valid_state(tmp_path) -> dict:
+    run(tmp_path, block_log(range(1, 6)), "--session-key", r"blk_-?\d+")
+    return json.loads((tmp_path / "out" / "parser_state.json").read_text())
+
+
+def first_leaf(tree: dict) -> dict:
+    node = tree
+    while node["children"]:
+        node = next(iter(node["children"].values()))
+    return node
+
+
+def rekey_length(state: dict) -> None:  # a template's branch of the tree under another token count
+    children = state["tree"]["children"]
+    key = next(iter(children))
+    children[str(int(key) + 1) if str(int(key) + 1) not in children else "99"] = children.pop(key)
+
+
+def nested(depth: int) -> dict:
+    node = {"clusters": [], "children": {}}
+    for _ in range(depth):
+        node = {"clusters": [], "children": {"x": node}}
+    return node
+
+
+def set_in(path: tuple, value):
+    def change(state):
+        target = state
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return change
+
+
+DAMAGED_STATES = [  # (name, change: a function of the state dict, or the file's text; what the message says)
+    ("a number", "3", "not a parser_state.json written by preprocess.py"),
+    ("a list", "[]", "not a parser_state.json written by preprocess.py"),
+    ("not JSON", "{\"format\": ", "unreadable"),
+    ("too deeply nested", "[" * 100_000, "unreadable"),
+    ("another format", set_in(("format",), "drain3"), "not a parser_state.json"),
+    ("a newer version", set_in(("version",), 2), "'version' must be 1"),
+    ("a key missing", lambda s: s.pop("vocab_size"), "incomplete, no vocab_size"),
+    ("an unknown key", set_in(("extra",), 1), "unknown key 'extra'"),
+    ("an absurd vocab_size", set_in(("vocab_size",), 10 ** 12),
+     "'vocab_size' must be an int in [1, 10,000,000]"),
+    ("vocab_size a string", set_in(("vocab_size",), "3"), "'vocab_size' must be an int"),
+    ("vocab_size a bool", set_in(("vocab_size",), True), "'vocab_size' must be an int"),
+    ("vocab_size above the templates", set_in(("vocab_size",), 4), "vocab_size 4 but 3 templates"),
+    ("vocab_size below the templates", set_in(("vocab_size",), 2),
+     "'templates[2].id' must be an int in [0, vocab_size 2)"),
+    ("a template ID repeated", set_in(("templates", 1, "id"), 0), "'templates[1].id' must be above the ID"),
+    ("a template ID negative", set_in(("templates", 0, "id"), -1), "'templates[0].id' must be an int"),
+    ("a template not a string", set_in(("templates", 0, "template"), 5),
+     "'templates[0].template' must be a string"),
+    ("templates an object", set_in(("templates",), {}), "'templates' must be a list"),
+    ("a template without its ID", lambda s: s["templates"][0].pop("id"), "'templates[0]' must be an object"),
+    ("the tree a list", set_in(("tree",), []), "'tree' must be an object of clusters, children"),
+    ("a cluster ID out of range", lambda s: first_leaf(s["tree"])["clusters"].append(99),
+     "must be a list of cluster IDs"),
+    ("a cluster ID a string", lambda s: first_leaf(s["tree"])["clusters"].append("1"), "cluster IDs"),
+    ("a template under another token count", rekey_length, "must be templates of"),
+    ("a tree deeper than drain.depth", lambda s: first_leaf(s["tree"])["children"].update(x=nested(3)),
+     "deeper than drain.depth 4 allows"),
+    ("a tree keyed by words at the root", lambda s: s["tree"]["children"].update(word=nested(0)),
+     "'tree.children' must be keyed by token counts"),
+    ("drain.sim_th NaN", set_in(("drain", "sim_th"), float("nan")),
+     "'drain.sim_th' must be a number in [0, 1]"),
+    ("drain.depth a string", set_in(("drain", "depth"), "4"), "'drain.depth' must be an int >= 3"),
+    ("drain.max_clusters 0", set_in(("drain", "max_clusters"), 0), "'drain.max_clusters' must be null or"),
+    ("drain without max_children", lambda s: s["drain"].pop("max_children"), "'drain' must be an object of"),
+    ("masks a string", set_in(("masks",), "blk_\\d+"), "'masks' must be a list of strings"),
+    ("a mask not a regex", lambda s: s["masks"].append("blk_("), "not a regular expression"),
+    ("a log format without Content", set_in(("log_format",), "<Date> <Time>"), "no <Content>"),
+    ("grouping a list", set_in(("grouping",), []), "'grouping' must be an object"),
+    ("a grouping key unknown", set_in(("grouping", "windw"), "count:5"), "grouping: unknown key 'windw'"),
+    ("a grouping value mistyped", set_in(("grouping", "window"), 5),
+     "'preprocess.window' must be null or str"),
+    ("a grouping value out of range", set_in(("grouping", "session_idle"), -3),
+     "'preprocess.session_idle' must"),
+    ("a window that is no window", set_in(("grouping", "window"), "count:0"), "--window 'count:0'"),
+    ("a label field not in the format", set_in(("grouping", "label_field"), "Node"),
+     "'grouping.label_field' must be null or a field"),
+]
+
+
+def folder_bytes(folder: Path) -> dict:
+    """Every entry under `folder` (hidden ones too): file bytes, link targets, folders."""
+    return {str(p.relative_to(folder)): ("link", os.readlink(p)) if p.is_symlink() else
+            ("file", p.read_bytes()) if p.is_file() else ("dir",) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("name, change, message", DAMAGED_STATES, ids=[case[0] for case in DAMAGED_STATES])
+def test_a_damaged_parser_state_is_one_line_naming_the_file(tmp_path, capsys, name, change, message):
+    state = valid_state(tmp_path)
+    bad = tmp_path / "bad_state.json"
+    if isinstance(change, str):
+        bad.write_text(change)
+    else:
+        change(state)
+        bad.write_text(json.dumps(state))
+    before = folder_bytes(tmp_path / "out")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_code:  # a previous parse in --output: left as it is
+        preprocess.main([str(tmp_path / "log.txt"), "--output", str(tmp_path / "out"),
+                         "--parser-state", str(bad)])
+    err = capsys.readouterr().err
+    assert exit_code.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: --parser-state {bad}: ") and \
+        message in err, err
+    assert folder_bytes(tmp_path / "out") == before
+    with pytest.raises(preprocess.PreprocessError, match=re.escape(str(bad))):  # evaluate.py's route
+        preprocess.sessions_from_logs(str(bad), [str(tmp_path / "log.txt")])
+
+
+def test_a_damaged_parser_state_exits_2_without_a_traceback_as_a_script(tmp_path):
+    state = valid_state(tmp_path)
+    state["vocab_size"] = 10 ** 12  # once a MemoryError
+    (tmp_path / "bad.json").write_text(json.dumps(state))
+    result = run_script("preprocess.py", tmp_path / "log.txt", "--output", tmp_path / "new", "--parser-state",
+                        tmp_path / "bad.json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: --parser-state {tmp_path / 'bad.json'}: 'vocab_size' must be an int in [1, 10,000,000], "
+        f"got int 1000000000000"]
+    assert not (tmp_path / "new").exists()
+
+
+def test_states_that_drain_writes_load_at_every_depth_and_with_evictions(tmp_path):
+    lines = block_log(range(1, 30)) + [line(9, f"Request {w} served by node{w} in {w} ms with status ok")
+                                       for w in ("alpha", "beta", "gamma", "delta")]
+    for flags in (["--depth", "3"], ["--depth", "6"], ["--max-templates", "2"]):
+        run(tmp_path, lines, "--session-key", r"blk_-?\d+", "--no-default-masks", *flags, output="o")
+        state = preprocess.load_state(str(tmp_path / "o" / "parser_state.json"))
+        assert state == json.loads((tmp_path / "o" / "parser_state.json").read_text())  # as written
+    assert len(state["templates"]) == 2 < state["vocab_size"]  # evicted IDs have no template
+
+
+# ----------------------------------------------------------------------------- one parse in --output, whole
+NAMES = (*preprocess.OUTPUT_FILES, "s.csv")
+TIMING = ("seconds", "peak_rss_mb", "start_rss_mb", "lines_per_s")
+
+
+def shown(out: Path) -> dict:
+    """What --output shows under the names users know (None: absent), timings left out; a link among them
+    goes through `current`, so the shown names hold one parse when their bytes are one parse's."""
+    view = {name: (out / name).read_bytes() if (out / name).is_file() else None for name in NAMES}
+    if view["sources.json"]:
+        sources = json.loads(view["sources.json"])
+        sources["stats"] = {k: v for k, v in sources["stats"].items() if k not in TIMING}
+        view["sources.json"] = sources
+    assert all(os.readlink(out / name) == f"current/{name}" for name in NAMES if (out / name).is_symlink())
+    return view
+
+
+def two_parses(tmp_path: Path):
+    """Runs of parse A (sessions) and B (other lines: more templates, sessions or parse only, with a
+    --structured CSV in --output) into tmp_path / "o"."""
+    (tmp_path / "a.log").write_text("\n".join(block_log(range(1, 4))) + "\n")
+    (tmp_path / "b.log").write_text("\n".join(block_log(range(7, 9)) + [line(8, "Evicted blk_7 now")]) + "\n")
+    common = ["--output", str(tmp_path / "o"), "--log-format", FORMAT,
+              "--config", str(tmp_path / "base.yaml")]
+
+    def parse_a():
+        preprocess.main([str(tmp_path / "a.log"), *common, "--session-key", r"blk_-?\d+"])
+
+    def parse_b(parse_only: bool):
+        preprocess.main([str(tmp_path / "b.log"), *common, "--structured", str(tmp_path / "o" / "s.csv"),
+                         *([] if parse_only else ["--session-key", r"blk_-?\d+"])])
+    return parse_a, parse_b
+
+
+class FailAt:
+    """Raise KeyboardInterrupt at the n-th file-system call that changes something (or syncs it)."""
+    CALLS = ("replace", "rename", "symlink", "link", "unlink", "rmdir", "mkdir", "fsync", "chmod", "fchmod")
+
+    def __init__(self, monkeypatch, n: int):
+        self.n, self.calls = n, 0
+        for name in self.CALLS:
+            monkeypatch.setattr(os, name, self.wrap(getattr(os, name)))
+
+    def wrap(self, call):
+        def wrapper(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.n:
+                raise KeyboardInterrupt
+            return call(*args, **kwargs)
+        return wrapper
+
+
+def plain_files(out: Path, names: tuple, generations: bool) -> None:
+    """Plain files in place of the links `names`, with (an editor saved config.yaml by rename) or without
+    (preprocess.py before generations) the generation they came from."""
+    for name in names:
+        data = (out / name).read_bytes()
+        (out / name).unlink()
+        (out / name).write_bytes(data)
+    for entry in list(out.iterdir()) if not generations else []:
+        if entry.name == "current" or entry.name.startswith(".parse-"):
+            entry.unlink() if entry.is_symlink() else shutil.rmtree(entry)
+
+
+@pytest.mark.parametrize("before, parse_only", [("generations", False), ("generations", True),
+                                                ("plain files", False), ("an edited config.yaml", True)])
+def test_an_interrupt_at_any_step_leaves_one_whole_parse(tmp_path, monkeypatch, capsys, before, parse_only):
+    parse_a, parse_b = two_parses(tmp_path)
+    out = tmp_path / "o"
+    parse_a()
+    old = shown(out)
+    parse_b(parse_only)
+    new = shown(out)
+    assert all(old[name] != new[name] for name in NAMES if name != "config.yaml" or not parse_only)
+    assert (new["sessions.jsonl"] is None) == parse_only  # parse only: no earlier sessions.jsonl left
+    n = 0
+    while True:
+        n += 1
+        shutil.rmtree(out)
+        parse_a()
+        if before == "plain files":
+            plain_files(out, preprocess.OUTPUT_FILES, generations=False)
+        elif before == "an edited config.yaml":
+            plain_files(out, ("config.yaml",), generations=True)
+        assert shown(out) == old
+        with monkeypatch.context() as patch:
+            fail = FailAt(patch, n)
+            with pytest.raises(SystemExit) as exit_code:
+                parse_b(parse_only)
+                raise SystemExit("finished")
+        if exit_code.value.code == "finished":
+            break
+        assert exit_code.value.code == 130, capsys.readouterr().err
+        assert shown(out) in (old, new), n  # never a mix
+        parse_b(parse_only)  # the next run takes over what the interrupted one left
+        assert shown(out) == new
+        assert len([p for p in out.iterdir() if p.name.startswith(".parse-")]) == 1, n
+    assert n > 20 and fail.calls == n - 1  # every step of the run was interrupted once
+
+
+def test_a_run_killed_mid_parse_leaves_the_previous_parse(tmp_path):
+    parse_a, parse_b = two_parses(tmp_path)
+    out = tmp_path / "o"
+    parse_a()
+    old = shown(out)
+    with (tmp_path / "big.log").open("w") as handle:
+        for start in range(0, 60_000, 500):
+            handle.write("\n".join(block_log(range(start, start + 500), second=start % 3000)) + "\n")
+    command = [sys.executable, str(REPO / "preprocess.py"), str(tmp_path / "big.log"), "--output", str(out),
+               "--log-format", FORMAT, "--session-key", r"blk_-?\d+", "--config", str(tmp_path / "base.yaml")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        shown_before = os.readlink(out / "current")
+        while not [p for p in out.iterdir() if p.name.startswith(".parse-") and p.name != shown_before]:
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.01)
+        time.sleep(0.2)  # parsing, its files half written
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL  # killed, not finished
+    assert shown(out) == old
+    parse_b(False)  # the next run removes the killed run's generation
+    assert len([p for p in out.iterdir() if p.name.startswith(".parse-")]) == 1
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
+    import logging
+
+    import utils
+    parse_a, parse_b = two_parses(tmp_path)
+    out = tmp_path / "o"
+    parse_a()
+    before = folder_bytes(out)
+    capsys.readouterr()
+    lock = utils.OutputLock(out, logging.getLogger("test"))  # another run, holding --output
+    try:
+        with pytest.raises(SystemExit) as exit_code:
+            parse_b(False)
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert exit_code.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{out} is in use by another run (pid {os.getpid()} on host" in err and "another --output" in err
+    assert folder_bytes(out) == before
+    parse_b(False)  # once that run is over
+    assert shown(out)["sessions.jsonl"] is not None
+
+
+def test_config_paths_go_through_the_fixed_names(tmp_path):
+    parse_a, _ = two_parses(tmp_path)
+    parse_a()
+    config = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
+    assert config["data"]["preprocessed_dir"] == str(tmp_path / "o" / "sessions.jsonl")  # not the generation
+    assert config["training"]["output_dir"] == str(tmp_path / "o" / "train")
+    assert (tmp_path / "o" / "sessions.jsonl").is_symlink()
+    assert preprocess.RawLines.for_sessions(tmp_path / "o" / "sessions.jsonl").files == [
+        (tmp_path / "a.log").resolve()]
+
+
+def test_structured_names_kept_by_preprocess_are_refused(tmp_path, capsys):
+    (tmp_path / "log.txt").write_text("\n".join(block_log(range(2))) + "\n")
+    with pytest.raises(SystemExit) as exit_code:
+        preprocess.main([str(tmp_path / "log.txt"), "--output", str(tmp_path / "o"), "--log-format", FORMAT,
+                         "--structured", str(tmp_path / "o" / "sessions.jsonl"),
+                         "--config", str(tmp_path / "base.yaml")])
+    assert exit_code.value.code == 2 and "a name preprocess.py keeps for itself" in capsys.readouterr().err
