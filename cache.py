@@ -6,8 +6,10 @@ Examples:
     python cache.py /data/sessions --vocab-size 10000 --cache-dir /fast/deeplog-cache --workers 16
     python cache.py /data/sessions --vocab-size 10000 --seed 42 --validation-split 0.1   # as train.py will
 
-    from cache import CacheSettings, build_caches, CachedSessions
-    entries = build_caches(["data/sample/train/part-003.txt"], CacheSettings(vocab_size=29), "/tmp/cache")
+    import utils
+    from cache import build_caches, cache_settings, CachedSessions
+    settings = cache_settings(utils.Config(), 29)      # the data and split settings of a config
+    entries = build_caches(["data/sample/train/part-003.txt"], settings, "/tmp/cache")
     data = CachedSessions(entries, 29, split="train")
     for batch, position in data.batches(256):
         ...
@@ -23,19 +25,27 @@ byte range ("part"); a .json array by one. Each part holds, as raw little-endian
     flags    uint8: 1 abnormal label, 2 validation split, 4 calibration half (of the validation split)
     indexes  int64: the record number (.json) or line number, as error messages and session IDs use
 
-meta.json says what the arrays hold and is written last; a whole entry is written into a temp folder
-and renamed into place, so a cache is complete or absent. A stale (file changed, settings changed),
-partial or inconsistent entry is rebuilt with one log line. Epochs read windows through a keyed
-permutation (a true global shuffle in O(1) memory) and assemble a block of batches at a time with torch
-index_select from the memory-mapped caches: the process's own memory stays flat whatever the size, and
-the page cache keeps as much of the caches as the machine can spare.
-This module knows nothing of training.
+meta.json says what the arrays hold, with the size and CRC-32 of every file of the entry (taken while
+the file is written), and is written last; a whole entry is written into a temp folder, fsynced and
+renamed into place, so a cache is complete or absent. An entry is verified when a process first opens
+it: meta.json's fields and types, every file's size and checksum, and the arrays' own invariants
+(offsets from 0 to the last token, never decreasing, at least start and end per session; with a
+vocab_size every session framed by the start and end tokens; only known flag bits; increasing record
+numbers). A stale (file changed, settings changed), partial or damaged entry is rebuilt with one log
+line naming it and what was wrong: the data file is the truth, the cache is derived from it.
+
+Epochs read windows through a keyed permutation (a true global shuffle in O(1) memory) and assemble a
+block of batches at a time with torch index_select from the memory-mapped caches: the process's own
+memory stays flat whatever the size, and the page cache keeps as much of the caches as the machine can
+spare. The window index of a split (where its windows start, and their lengths) is derived from an entry
+once and kept beside it, with the size and CRC-32 of its files. This module knows nothing of training.
 """
 from __future__ import annotations
 
 import fcntl
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import mmap
@@ -47,47 +57,61 @@ import signal
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import utils
 from dataset import (
     CoOccurrenceRecorder,
     DataError,
     SessionArrays,
     _format_of,
+    excerpt,
     iter_session_arrays,
     list_data_files,
     merge_co_occurrence,
     one_line,
     split_draws,
 )
-from model import lay_out, window_table
+from model import lay_out, special_tokens, window_table
 
-CACHE_FORMAT = 2            # 2: event_pairs.npy (the pairs of event types of training sessions)
+CACHE_FORMAT = 3            # 2: event_pairs.npy (the pairs of event types of training sessions);
+                            # 3: meta.json's "files", the size and CRC-32 of every file of the entry
 TAIL = 1024                  # zero tokens after each part: windows up to TAIL - 1 positions are one slice
 PART_BYTES = 64 * 2 ** 20    # a JSONL or text file bigger than this is parsed by several processes
 MIN_PART_BYTES = 2 ** 16     # ... and never in pieces smaller than this
 FLAG_ABNORMAL, FLAG_VALIDATION, FLAG_CALIBRATION = 1, 2, 4
+KNOWN_FLAGS = FLAG_ABNORMAL | FLAG_VALIDATION | FLAG_CALIBRATION
+CHECK_BYTES = 2 ** 24        # read at a time when a checksum is verified
 PASS_SESSIONS = 2 ** 18      # sessions per step of a pass over the per-session arrays: small temporaries
 ARRAYS = {"offsets": np.int64, "flags": np.uint8, "indexes": np.int64}  # besides tokens
 
 log = logging.getLogger("deeplog")
+_DEFAULTS = utils.Config()   # the one place defaults live
 
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """Every setting that changes what a cache holds (with the file's path, size and mtime)."""
-    vocab_size: int | None = None          # None: IDs are not checked (evaluation data may hold unknown IDs)
-    event_ids_field: str = "event_ids"
-    label_field: str = "label"
-    json_array_key: str = "sessions"
-    skip_bad_records: bool = False
-    validation_split: float = 0.1
-    seed: int = 42
+    """Every setting that changes what a cache holds (with the file's path, size and mtime). No defaults:
+    build it from a config with cache_settings(), or give every field."""
+    vocab_size: int | None          # None: IDs are not checked (evaluation data may hold unknown IDs)
+    event_ids_field: str
+    label_field: str
+    json_array_key: str
+    skip_bad_records: bool
+    validation_split: float
+    seed: int
+
+    @classmethod
+    def of_key(cls, key: dict) -> CacheSettings:
+        """The settings an entry's key (meta.json's "key") was built with."""
+        return cls(**{f.name: key[f.name] for f in fields(cls)})
 
     def reader_options(self) -> dict:
         return dict(event_ids_field=self.event_ids_field, label_field=self.label_field,
@@ -99,7 +123,7 @@ class CacheSettings:
         return np.dtype(np.uint16 if small else np.int32)
 
 
-def cache_settings(config, vocab_size: int | None) -> CacheSettings:
+def cache_settings(config: utils.Config, vocab_size: int | None) -> CacheSettings:
     """The cache settings of a resolved config (utils.Config); vocab_size None for evaluation data."""
     data = config.data
     return CacheSettings(vocab_size, data.event_ids_field, data.label_field, data.json_array_key,
@@ -136,10 +160,11 @@ def entry_dir(file: Path, settings: CacheSettings, cache_dir: Path) -> Path:
 
 def build_caches(paths, settings: CacheSettings, cache_dir, workers: int | None = None,
                  logger: logging.Logger = log) -> list[Path]:
-    """The cache entry of every data file under `paths` (a file, a directory, or a list of them), building
-    the missing, stale or damaged ones with `workers` processes (None: all cores). Bad data raises DataError
-    naming file and record, and leaves no entry behind."""
-    named = [f for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths) for f in list_data_files(p)]
+    """The cache entry of every data file under `paths` (a file, a directory, or a list of them), each one
+    verified (check_entry), building the missing, stale or damaged ones with `workers` processes (None: all
+    cores). Bad data raises DataError naming file and record, and leaves no entry behind."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
+    named = [f for p in paths for f in list_data_files(p)]
     files = list({f.resolve(): f for f in named}.values())  # a file named twice is read once
     cache_dir = Path(cache_dir)
     try:
@@ -168,7 +193,7 @@ def _build_under_lock(files: list[Path], settings: CacheSettings, cache_dir: Pat
         if problem is None:
             continue
         if problem != "absent":
-            logger.info(f"Token cache of {file}: {problem}; rebuilding")
+            logger.info(f"Token cache of {file}: {problem}; rebuilding {entry}")
         todo.append((file, entry, key))
     if not todo:
         logger.info(f"Token cache: reusing {len(entries)} entries in {cache_dir}")
@@ -176,8 +201,8 @@ def _build_under_lock(files: list[Path], settings: CacheSettings, cache_dir: Pat
     workers = max(1, workers or os.cpu_count() or 1)
     for file, _, _ in todo:
         if _format_of(file) == "json" and file.stat().st_size > 4 * PART_BYTES:
-            logger.info(f"{file}: one .json array is parsed by one process; split such data into several files "
-                        f"(or JSONL) to use all cores")
+            logger.info(f"{file}: one .json array is parsed by one process; split such data into several "
+                        f"files (or JSONL) to use all cores")
     _remove_stale_temp(cache_dir)
     temp_dirs = {entry: Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{entry.name}.", suffix=".tmp"))
                  for _, entry, _ in todo}
@@ -288,12 +313,12 @@ def _build_part(task: _Task) -> dict:
     seen = np.zeros(vocab + 1 if vocab is not None else 0, dtype=np.int64)
     co_occurrence = CoOccurrenceRecorder(vocab) if vocab is not None else None
     prefix = Path(task.part_dir) / f"part-{task.part}"
-    handles = {name: open(f"{prefix}.{name}", "wb") for name in ("tokens", *ARRAYS)}
+    handles = {name: _Writer(Path(f"{prefix}.{name}")) for name in ("tokens", *ARRAYS)}
     # The cyclic garbage collector would rescan the parsed records many times over; parsing makes no cycles.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        np.zeros(1, np.int64).tofile(handles["offsets"])
+        handles["offsets"].write(np.zeros(1, np.int64))
         # without a vocabulary, IDs are bounded by what the token type holds (never silently wrapped)
         limit = vocab if vocab is not None else 2 ** 31 - 4
         chunks = iter_session_arrays(file, limit, counters=counters, byte_range=task.byte_range,
@@ -301,7 +326,7 @@ def _build_part(task: _Task) -> dict:
                                      **settings.reader_options())
         for arrays in _grouped(chunks, 2 ** 16):
             n = len(arrays.lengths)
-            laid_out, local_starts = lay_out(arrays.tokens, arrays.lengths, vocab if vocab is not None else 0, dtype)
+            laid_out, local_starts = lay_out(arrays.tokens, arrays.lengths, vocab or 0, dtype)
             sizes = arrays.lengths + 2
             validation = split_draws(task.file, arrays.indexes, settings.seed) < settings.validation_split
             calibration = split_draws(task.file, arrays.indexes, settings.seed + 1) < 0.5
@@ -310,22 +335,55 @@ def _build_part(task: _Task) -> dict:
                 trained = (flags & (FLAG_ABNORMAL | FLAG_VALIDATION)) == 0
                 seen += _seen_targets(arrays, trained, vocab)
                 co_occurrence.add(arrays.tokens, arrays.lengths, trained)
-            laid_out.tofile(handles["tokens"])
-            (tokens_written + local_starts + sizes).astype(np.int64).tofile(handles["offsets"])
-            flags.astype(np.uint8).tofile(handles["flags"])
-            arrays.indexes.astype(np.int64).tofile(handles["indexes"])
+            handles["tokens"].write(laid_out)
+            handles["offsets"].write((tokens_written + local_starts + sizes).astype(np.int64))
+            handles["flags"].write(flags.astype(np.uint8))
+            handles["indexes"].write(arrays.indexes.astype(np.int64))
             sessions += n
             tokens_written += len(laid_out)
-        np.zeros(TAIL, dtype=dtype).tofile(handles["tokens"])
+        handles["tokens"].write(np.zeros(TAIL, dtype=dtype))
     finally:
         if gc_was_enabled:
             gc.enable()
         for handle in handles.values():
             handle.close()
     return {"part": task.part, "sessions": sessions, "tokens": tokens_written, "dtype": dtype.name,
-            "bad_records": counters.get("bad_records", 0), "first_bad_record": counters.get("first_bad_record"),
+            "bad_records": counters.get("bad_records", 0),
+            "first_bad_record": counters.get("first_bad_record"),
             "seen_targets": np.flatnonzero(seen).tolist() if vocab is not None else None,
+            "files": {f"part-{task.part}.{name}": handle.record() for name, handle in handles.items()},
             **(co_occurrence.summary() if co_occurrence else {"event_sets": None, "event_pairs": None})}
+
+
+class _Writer:
+    """An array file being written, its size and CRC-32 taken on the way (the bytes are never read back)."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self.size = self.crc32 = 0
+
+    def write(self, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        self.handle.write(array)
+        self.crc32 = zlib.crc32(array, self.crc32)
+        self.size += array.nbytes
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def record(self) -> dict:
+        return {"size": self.size, "crc32": self.crc32}
+
+
+def _file_record(path: Path) -> dict:
+    """meta.json's record of a file: its size and CRC-32, read in CHECK_BYTES blocks."""
+    crc32, size, buffer = 0, 0, bytearray(CHECK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            crc32 = zlib.crc32(view[:count], crc32)
+            size += count
+    return {"size": size, "crc32": crc32}
 
 
 def _grouped(chunks, sessions: int) -> Iterator[SessionArrays]:
@@ -359,54 +417,303 @@ def _seen_targets(arrays, trained: np.ndarray, vocab: int) -> np.ndarray:
 
 def _finish_entry(entry: Path, temp: Path, key: dict, parts: list[dict]) -> None:
     parts = sorted(parts, key=lambda p: p["part"])
-    co_occurrence = merge_co_occurrence([{name: p.pop(name) for name in ("event_sets", "event_pairs")} for p in parts])
+    files = {name: record for part in parts for name, record in part.pop("files").items()}
+    co_occurrence = merge_co_occurrence([{name: p.pop(name) for name in ("event_sets", "event_pairs")}
+                                         for p in parts])
     pairs = co_occurrence["event_pairs"]
     if pairs is not None:
         np.save(temp / "event_pairs.npy", pairs)
+        files["event_pairs.npy"] = _file_record(temp / "event_pairs.npy")
     meta = {"key": key, "parts": parts, "event_sets": co_occurrence["event_sets"],
-            "event_pairs": None if pairs is None else len(pairs)}  # how many pairs event_pairs.npy holds
-    (temp / "meta.json").write_text(json.dumps(meta))
-    for path in temp.iterdir():  # durable before it becomes visible
-        with open(path, "rb") as handle:
+            "event_pairs": None if pairs is None else len(pairs),  # how many pairs event_pairs.npy holds
+            "files": files}
+    for name in files:  # durable before it becomes visible
+        with open(temp / name, "rb") as handle:
             os.fsync(handle.fileno())
+    utils.atomic_write(temp / "meta.json", lambda handle: handle.write(json.dumps(meta).encode()))
+    _fsync_directory(temp)
     if entry.exists():
         old = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.old.", suffix=".tmp"))
         entry.rename(old / "entry")
         shutil.rmtree(old, ignore_errors=True)
     temp.rename(entry)
+    _fsync_directory(entry.parent)
+    # verified: its checksums were taken as it was written
+    _verified[_entry_id(entry)] = _signature(_entry_files(entry, meta))
 
 
-def check_entry(entry: Path, key: dict) -> str | None:
-    """None when the entry is complete and matches `key`, else why it cannot be used."""
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# ----------------------------------------------------------------------------- verifying
+_verified: dict[str, tuple] = {}  # entry or window index -> (inode, size, mtime) of its files when verified
+
+
+def check_entry(entry: Path, key: dict | None) -> str | None:
+    """None when the entry is complete, intact and matches `key` (None: any key), else why it cannot be
+    used: "absent", "stale (...)", "incomplete (...)" or "damaged (what, where)". Verified in full (every
+    checksum and array invariant) once per process, and again only when one of its files changes."""
+    return _open_entry(Path(entry), key)[0]
+
+
+def open_entries(entries, logger: logging.Logger = log) -> list[dict]:
+    """The verified meta.json of each entry (see check_entry). A damaged or stale entry is rebuilt from the
+    data file and settings its meta.json names (one log line); one whose meta.json is unreadable cannot be,
+    and raises DataError naming it."""
+    metas = []
+    for entry in map(Path, entries):
+        problem, meta = _open_entry(entry, None)
+        if problem is not None:
+            key = _key_of(entry)
+            if key is None:
+                raise DataError(f"token cache {entry}: {problem}; build it again from its data file "
+                                f"(python cache.py, or train.py/evaluate.py do it)")
+            rebuilt = build_caches(key["path"], CacheSettings.of_key(key), entry.parent, logger=logger)
+            if rebuilt != [entry]:  # an entry of an older format, or a renamed folder
+                raise DataError(f"token cache {entry}: {problem}; its data file is now cached in "
+                                f"{rebuilt[0]}")
+            problem, meta = _open_entry(entry, None)
+            if problem is not None:
+                raise DataError(f"token cache {entry}: {problem} after it was rebuilt")
+        metas.append(meta)
+    return metas
+
+
+def _entry_id(entry: Path) -> str:
+    return os.path.abspath(entry)
+
+
+def _open_entry(entry: Path, key: dict | None) -> tuple[str | None, dict | None]:
+    """(None, meta) for a usable entry, else (why not, None)."""
     meta_path = entry / "meta.json"
     if not meta_path.exists():
-        return "absent" if not entry.exists() else "incomplete (no meta.json)"
+        return ("absent" if not entry.exists() else "incomplete (no meta.json)"), None
     try:
         meta = json.loads(meta_path.read_text())
-        if meta["key"] != key:
-            changed = sorted(k for k in key if meta["key"].get(k) != key[k])
-            return f"stale ({', '.join(changed)} changed)"
-        for part in meta["parts"]:
-            prefix = entry / f"part-{part['part']}"
-            expected = {"tokens": (part["tokens"] + TAIL) * np.dtype(part["dtype"]).itemsize,
-                        "offsets": (part["sessions"] + 1) * 8, "flags": part["sessions"],
-                        "indexes": part["sessions"] * 8}
-            for name, size in expected.items():
-                actual = os.path.getsize(f"{prefix}.{name}")
-                if actual != size:
-                    return f"damaged (part-{part['part']}.{name} has {actual} bytes, expected {size})"
-            offsets = np.fromfile(f"{prefix}.offsets", dtype=np.int64, offset=part["sessions"] * 8)
-            if offsets[0] != part["tokens"]:
-                return f"damaged (part-{part['part']}.offsets does not end at the last token)"
-        if meta["event_pairs"] is not None and len(event_pairs_of(entry)) != meta["event_pairs"]:
-            return "damaged (event_pairs.npy does not hold the pairs meta.json counts)"
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"damaged ({type(error).__name__}: {error})"
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError too
+        return f"damaged (meta.json unreadable: {one_line(error)})", None
+    problem = _meta_problem(meta)
+    if problem is not None:
+        return f"damaged ({problem})", None
+    if key is not None and meta["key"] != key:
+        changed = sorted(k for k in {**key, **meta["key"]} if meta["key"].get(k) != key.get(k))
+        return f"stale ({', '.join(changed)} changed)", None
+    try:
+        signature = _signature(_entry_files(entry, meta))
+        problem = _size_problem(entry, meta)
+        if problem is None and _verified.get(_entry_id(entry)) != signature:
+            problem = _arrays_problem(entry, meta) or _checksum_problem(entry, meta) or \
+                _pairs_problem(entry, meta)
+    except FileNotFoundError as error:
+        problem = f"{Path(error.filename).name} is missing" if error.filename else one_line(error)
+    except (OSError, ValueError, IndexError) as error:
+        problem = f"{type(error).__name__}: {one_line(error)}"
+    if problem is not None:
+        _verified.pop(_entry_id(entry), None)
+        return f"damaged ({problem})", None
+    _verified[_entry_id(entry)] = signature
+    return None, meta
+
+
+def _key_of(entry: Path) -> dict | None:
+    """The key of an entry whose meta.json holds a well-formed one, else None."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    key = meta.get("key") if isinstance(meta, dict) else None
+    return key if _key_problem(key) is None else None
+
+
+def _signature(paths) -> tuple:
+    """What changes when any of these files is replaced or written to: its inode, size and mtime."""
+    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, paths))
+
+
+def _entry_files(entry: Path, meta: dict) -> list[Path]:
+    return [entry / name for name in ("meta.json", *meta["files"])]
+
+
+def _typed(value, *kinds) -> bool:
+    """isinstance for JSON values: a bool is no integer, an integer is a number, None stands for null."""
+    def one(kind) -> bool:
+        if kind is None:
+            return value is None
+        return isinstance(value, (int, float) if kind is float else kind) and \
+            (kind is bool or not isinstance(value, bool))
+    return any(map(one, kinds))
+
+
+_KEY_TYPES = {"format": (int,), "path": (str,), "size": (int,), "mtime_ns": (int,), "vocab_size": (int, None),
+              "event_ids_field": (str,), "label_field": (str,), "json_array_key": (str,),
+              "skip_bad_records": (bool,), "validation_split": (float,), "seed": (int,)}
+_PART_TYPES = {"part": (int,), "sessions": (int,), "tokens": (int,), "dtype": (str,), "bad_records": (int,),
+               "first_bad_record": (str, None), "seen_targets": (list, None)}
+
+
+def _fields_problem(value, types: dict, what: str) -> str | None:
+    """Whether `value` is an object with exactly these fields, each of its types."""
+    if not isinstance(value, dict):
+        return f"{what} is {_json_kind(type(value))}, not an object"
+    missing, extra = sorted(set(types) - set(value)), sorted(set(value) - set(types))
+    if missing or extra:
+        return f"{what} {'lacks ' + ', '.join(missing) if missing else 'has unknown ' + ', '.join(extra)}"
+    wrong = [name for name, kinds in types.items() if not _typed(value[name], *kinds)]
+    if not wrong:
+        return None
+    expected = " or ".join(_json_kind(kind) for kind in types[wrong[0]])
+    return f"{what}: {wrong[0]} is {_json_kind(type(value[wrong[0]]))}, not {expected}"
+
+
+def _json_kind(kind) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
+             dict: "an object", None: "null", type(None): "null"}
+    return names.get(kind, kind.__name__)
+
+
+def _key_problem(key) -> str | None:
+    problem = _fields_problem(key, _KEY_TYPES, "meta.json's key")
+    if problem is None and key["vocab_size"] is not None and key["vocab_size"] < 1:
+        problem = f"meta.json's key: vocab_size {key['vocab_size']}"
+    return problem
+
+
+def _meta_problem(meta) -> str | None:
+    """What is wrong with the fields and types of a parsed meta.json, or None."""
+    types = {"key": (dict,), "parts": (list,), "event_sets": (list, None), "event_pairs": (int, None),
+             "files": (dict,)}
+    problem = _fields_problem(meta, types, "meta.json") or _key_problem(meta["key"])
+    if problem is not None:
+        return problem
+    vocab, parts = meta["key"]["vocab_size"], meta["parts"]
+    sets, pairs = meta["event_sets"], meta["event_pairs"]
+    if not parts:
+        return "meta.json lists no parts"
+    for number, part in enumerate(parts):
+        what = f"meta.json's parts[{number}]"
+        problem = _fields_problem(part, _PART_TYPES, what)
+        if problem is not None:
+            return problem
+        if part["part"] != number or min(part["sessions"], part["tokens"], part["bad_records"]) < 0:
+            return f"{what}: part, sessions, tokens or bad_records out of range"
+        if part["dtype"] != CacheSettings.of_key(meta["key"]).token_dtype().name:
+            return f"{what}: dtype {excerpt(part['dtype'])} is not the token type of vocab_size {vocab}"
+        seen = part["seen_targets"]
+        if (seen is None) != (vocab is None) or not _are_ids(seen or [], vocab):
+            return f"{what}: seen_targets are not IDs up to vocab_size {vocab}"
+    if vocab is None and (sets is not None or pairs is not None):
+        return "meta.json: event_sets or event_pairs without a vocab_size"
+    if sets is not None and (set(map(type, sets)) - {list} or
+                             not _are_ids(list(itertools.chain.from_iterable(sets)), vocab - 1)):
+        return "meta.json: event_sets are not lists of event IDs"
+    if pairs is not None and pairs < 0:
+        return f"meta.json: event_pairs {pairs}"
+    expected = {f"part-{p['part']}.{name}" for p in parts for name in ("tokens", *ARRAYS)}
+    expected |= {"event_pairs.npy"} if pairs is not None else set()
+    if set(meta["files"]) != expected:
+        return f"meta.json's files are {excerpt(sorted(meta['files']))}, not {excerpt(sorted(expected))}"
+    for name, record in meta["files"].items():
+        problem = _fields_problem(record, {"size": (int,), "crc32": (int,)}, f"meta.json's files[{name}]")
+        if problem is not None:
+            return problem
+    return None
+
+
+def _are_ids(values: list, largest: int) -> bool:
+    """Whether a JSON list holds only integers in [0, largest] (at C speed: meta.json may list 10^5)."""
+    return not values or set(map(type, values)) == {int} and min(values) >= 0 and max(values) <= largest
+
+
+def _size_problem(entry: Path, meta: dict) -> str | None:
+    """Every file as big as meta.json records and as its part's summary implies."""
+    for part in meta["parts"]:
+        itemsize = np.dtype(part["dtype"]).itemsize
+        expected = {"tokens": (part["tokens"] + TAIL) * itemsize, "offsets": (part["sessions"] + 1) * 8,
+                    "flags": part["sessions"], "indexes": part["sessions"] * 8}
+        for name, size in expected.items():
+            recorded = meta["files"][f"part-{part['part']}.{name}"]["size"]
+            if recorded != size:
+                return f"meta.json records {recorded} bytes for part-{part['part']}.{name}, not the {size} " \
+                       f"its part's summary implies"
+    for name, record in meta["files"].items():
+        actual = os.path.getsize(entry / name)
+        if actual != record["size"]:
+            return f"{name} has {actual} bytes, expected {record['size']}"
+    return None
+
+
+def _arrays_problem(entry: Path, meta: dict) -> str | None:
+    """The invariants of every part's arrays, over memory maps, PASS_SESSIONS sessions at a time."""
+    for summary in meta["parts"]:
+        part = _Part(entry / f"part-{summary['part']}", summary, "")
+        try:
+            problem = _part_problem(part, summary, meta["key"]["vocab_size"])
+        finally:
+            part.release()
+        if problem is not None:
+            return problem
+    return None
+
+
+def _pairs_problem(entry: Path, meta: dict) -> str | None:
+    if meta["event_pairs"] is None:
+        return None
+    pairs, vocab = event_pairs_of(entry), meta["key"]["vocab_size"]
+    if pairs.dtype != np.int64 or pairs.shape != (meta["event_pairs"],) or (np.diff(pairs) <= 0).any() or \
+            (len(pairs) and (pairs[0] < 0 or pairs[-1] >= vocab * vocab)):
+        return "event_pairs.npy does not hold the sorted distinct pair codes meta.json counts"
+    return None
+
+
+def _part_problem(part: _Part, summary: dict, vocab: int | None) -> str | None:
+    """Offsets from 0 to the last token, never decreasing, at least 2 tokens a session; the TAIL zeros;
+    with a vocabulary, every session framed by the start and end tokens; known flag bits only; record
+    numbers increasing from 1."""
+    name, sessions, total = f"part-{summary['part']}", summary["sessions"], summary["tokens"]
+    offsets, tokens, indexes = part["offsets"], part.tokens.array, part["indexes"]
+    if offsets[0] != 0 or offsets[sessions] != total:
+        return f"{name}.offsets run from {offsets[0]} to {offsets[sessions]}, not from 0 to {total}"
+    if tokens[total:].any():
+        return f"{name}.tokens: the {TAIL} zeros after the last session are not zeros"
+    end_id, _, start_id, _ = special_tokens(vocab or 0)
+    for begin in range(0, sessions, PASS_SESSIONS):
+        end = min(begin + PASS_SESSIONS, sessions)
+        bounds = np.array(offsets[begin:end + 1])
+        sizes = np.diff(bounds)
+        for bad, what in ((bounds > total, "point past the last token"), (sizes < 0, "decrease"),
+                          (sizes < 2, "leave fewer than 2 tokens (start and end)")):
+            if bad.any():
+                return f"{name}.offsets {what} at session {begin + int(np.argmax(bad))}"
+        if vocab is not None and ((tokens[bounds[:-1]] != start_id).any() or
+                                  (tokens[bounds[1:] - 1] != end_id).any()):
+            return f"{name}.tokens: sessions {begin}..{end - 1} are not all framed by start and end tokens"
+        if (part["flags"][begin:end] & ~np.uint8(KNOWN_FLAGS)).any():
+            return f"{name}.flags: bits besides {KNOWN_FLAGS} set in sessions {begin}..{end - 1}"
+        numbers = indexes[max(begin - 1, 0):end]
+        if (np.diff(numbers) <= 0).any() or (begin == 0 and numbers[0] < 1):
+            return f"{name}.indexes: record numbers not increasing from 1 in sessions {begin}..{end - 1}"
+    return None
+
+
+def _checksum_problem(entry: Path, meta: dict) -> str | None:
+    """Every file's CRC-32 against meta.json's (files read in parallel: zlib and reads release the GIL)."""
+    names = list(meta["files"])
+    with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1, 8)) as pool:
+        records = list(pool.map(lambda name: _file_record(entry / name), names))
+    for name, record in zip(names, records):
+        if record["crc32"] != meta["files"][name]["crc32"]:
+            return f"{name} fails its checksum (CRC-32 {record['crc32']:08x}, recorded " \
+                   f"{meta['files'][name]['crc32']:08x})"
     return None
 
 
 def event_pairs_of(entry: Path) -> np.ndarray:
-    """The sorted pair codes of an entry's training sessions (only where meta.json's event_pairs is a count)."""
+    """The sorted pair codes of an entry's training sessions (where meta.json's event_pairs is a count)."""
     return np.load(entry / "event_pairs.npy", allow_pickle=False)
 
 
@@ -434,14 +741,16 @@ class _Mapped:
 
 
 class _Part:
-    def __init__(self, prefix: Path, summary: dict, file: str, vocab_size: int | None = None, lazy: bool = True):
+    def __init__(self, prefix: Path, summary: dict, file: str, vocab_size: int | None = None,
+                 lazy: bool = True):
         self.file, self.sessions = file, summary["sessions"]
         self.prefix = prefix
         self.tokens = _Mapped(Path(f"{prefix}.tokens"), np.dtype(summary["dtype"]), lazy)
         self.arrays: dict[str, _Mapped] = {}  # offsets, flags, indexes: mapped while a pass reads them
         # what batches are cut from: int16 holds every token of a small vocabulary (torch's uint16 kernels
         # are slow), else int32; IDs of the shared tokens are the same either way
-        small = self.tokens.tensor.dtype == torch.uint16 and vocab_size is not None and vocab_size + 4 <= 2 ** 15
+        small = self.tokens.tensor.dtype == torch.uint16 and vocab_size is not None and \
+            vocab_size + 4 <= 2 ** 15
         self.rows = self.tokens.tensor.view(torch.int16) if small else self.tokens.tensor
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -482,10 +791,13 @@ class CachedSessions:
     global shuffle, but on HDFS it trained worse: benchmarks/README.md).
     """
 
-    def __init__(self, entries: list[Path], vocab_size: int, split: str = "train", seed: int = 42,
-                 max_seq_length: int = 256, window_context: int = 32, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, samples_per_rank: int | None = None,
-                 buffer_size: int = 10000, lazy: bool = True, length_bucketing: bool = False):
+    def __init__(self, entries: list[Path], vocab_size: int, split: str = "train",
+                 seed: int = _DEFAULTS.training.seed, max_seq_length: int = _DEFAULTS.data.max_seq_length,
+                 window_context: int = _DEFAULTS.data.window_context,
+                 shuffle: bool = _DEFAULTS.lazy_loading.shuffle_buffer, rank: int = 0, world_size: int = 1,
+                 samples_per_rank: int | None = None, buffer_size: int = _DEFAULTS.lazy_loading.buffer_size,
+                 lazy: bool = _DEFAULTS.lazy_loading.enabled,
+                 length_bucketing: bool = _DEFAULTS.lazy_loading.length_bucketing):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split}")
         if not 0 <= window_context < max_seq_length:
@@ -497,8 +809,9 @@ class CachedSessions:
         self.shard_by_file = False  # every rank reads every cache: the permutation spreads windows over ranks
         self.epoch = 0
         self.entries = list(entries)
-        self.metas = [json.loads((entry / "meta.json").read_text()) for entry in entries]
-        _allow_open_files(3 * sum(len(meta["parts"]) for meta in self.metas))  # tokens + window starts, lengths
+        self.metas = open_entries(self.entries)
+        # a map each of the tokens, the window starts and the window lengths
+        _allow_open_files(3 * sum(len(meta["parts"]) for meta in self.metas))
         self.parts, self.windows = [], []
         for entry, meta in zip(entries, self.metas):
             for summary in meta["parts"]:
@@ -515,22 +828,15 @@ class CachedSessions:
     # ------------------------------------------------------------------ the window index
     def _window_index(self, prefix: Path, part: _Part) -> dict:
         """Start (in tokens) and length of every window of this split, negative for a window that re-reads
-        window_context positions of the previous one; derived from the cache once, kept beside it."""
+        window_context positions of the previous one; derived from the cache once, kept beside it with the
+        size and CRC-32 of its two files (verified once per process; rebuilt when damaged)."""
         name = f"{prefix}.windows-{self.split}-{self.max_seq_length}-{self.window_context}"
-        if not Path(f"{name}.starts").exists():
-            temp = {k: f"{name}.{k}.{os.getpid()}.tmp" for k in ("starts", "lengths")}
-            with open(temp["starts"], "wb") as starts_out, open(temp["lengths"], "wb") as lengths_out:
-                for begin in range(0, part.sessions, PASS_SESSIONS):
-                    end = min(begin + PASS_SESSIONS, part.sessions)
-                    offsets = np.array(part["offsets"][begin:end + 1])
-                    chosen = session_selection(part["flags"][begin:end], self.split)
-                    starts, lengths = _windows_of(offsets[:-1][chosen], (np.diff(offsets) - 2)[chosen],
-                                                  self.max_seq_length, self.window_context)
-                    starts.tofile(starts_out)
-                    lengths.tofile(lengths_out)
-            for k in ("lengths", "starts"):  # starts last: its presence means both are complete
-                os.replace(temp[k], f"{name}.{k}")
-            part.release()
+        problem = _window_index_problem(name)
+        if problem is not None:
+            if problem != "absent":
+                log.info(f"Token cache of {part.file}: window index {Path(name).name}: {problem}; "
+                         f"rebuilding it")
+            _write_window_index(name, part, self.split, self.max_seq_length, self.window_context)
         return {"starts": _Mapped(Path(f"{name}.starts"), np.int64, self.lazy),
                 "lengths": _Mapped(Path(f"{name}.lengths"), np.int32, self.lazy)}
 
@@ -601,8 +907,8 @@ class CachedSessions:
             if self.length_bucketing:  # batches of windows alike in length carry little padding
                 order = np.argsort(lengths.astype(np.int16 if self.max_seq_length < 2 ** 15 else np.int32),
                                    kind="stable")  # a radix sort for int16
-                batch_order = np.random.default_rng([self.seed % 2 ** 32, self.epoch, block_number]).permutation(
-                    len(cuts))
+                rng = np.random.default_rng([self.seed % 2 ** 32, self.epoch, block_number])
+                batch_order = rng.permutation(len(cuts))
             else:  # back to the permutation's order: the inverse of read_order
                 order = np.empty_like(read_order)
                 order[read_order] = np.arange(len(read_order))
@@ -611,7 +917,8 @@ class CachedSessions:
         widths = np.maximum.reduceat(lengths, cuts).tolist()
         rows = rows.split(batch_size)
         lengths = torch.from_numpy(lengths.astype(np.int64)).split(batch_size)
-        context = torch.from_numpy(np.where(context, self.window_context, 0).astype(np.int64)).split(batch_size)
+        context = torch.from_numpy(np.where(context, self.window_context, 0).astype(np.int64))
+        context = context.split(batch_size)
         # inputs row[:-1], targets row[1:], both views; positions from `lengths` on and the first `context`
         # targets are masked where the batch lands (dataset.batch_to_device), not here
         return [{"input_ids": rows[k][:, :widths[k]], "targets": rows[k][:, 1:widths[k] + 1],
@@ -628,7 +935,8 @@ class CachedSessions:
             windows = self.windows[part]
             pieces.append((part, windows["starts"].tensor.index_select(0, local),
                            windows["lengths"].tensor.index_select(0, local)))
-        signed = (torch.cat([lengths for _, _, lengths in pieces]) if len(pieces) > 1 else pieces[0][2]).numpy()
+        signed = torch.cat([lengths for _, _, lengths in pieces]) if len(pieces) > 1 else pieces[0][2]
+        signed = signed.numpy()
         lengths = np.abs(signed)
         width = int(lengths.max()) + 1
         rows = []
@@ -647,6 +955,67 @@ class CachedSessions:
         for windows in self.windows:
             windows["starts"].release()
             windows["lengths"].release()
+
+
+def _window_index_problem(name: str) -> str | None:
+    """None when a window index is complete and intact (its record, NAME.json, holds both files' size and
+    CRC-32), else why not; "absent" when it was never written."""
+    files = {k: Path(f"{name}.{k}") for k in ("json", "starts", "lengths")}
+    if not files["json"].exists():
+        return "absent"
+    try:
+        record = json.loads(files["json"].read_text())
+        types = {"size": (int,), "crc32": (int,)}
+        problem = _fields_problem(record, {"starts": (dict,), "lengths": (dict,)}, files["json"].name) or \
+            _fields_problem(record["starts"], types, "starts") or \
+            _fields_problem(record["lengths"], types, "lengths")
+        if problem is not None:
+            return problem
+        signature = _signature(files.values())
+        if _verified.get(name) == signature:
+            return None
+        for k in ("starts", "lengths"):
+            actual = _file_record(files[k])
+            if actual != record[k]:
+                return f"{files[k].name} has {actual['size']} bytes, CRC-32 {actual['crc32']:08x}: " \
+                       f"not the recorded {record[k]['size']}, {record[k]['crc32']:08x}"
+    except (OSError, ValueError) as error:
+        return f"{type(error).__name__}: {one_line(error)}"
+    _verified[name] = signature
+    return None
+
+
+def _write_window_index(name: str, part: _Part, split: str, max_seq_length: int,
+                        window_context: int) -> None:
+    """The window index of a split (see CachedSessions._window_index); its record is written last, so that
+    its presence means both files are complete."""
+    temp = {k: Path(f"{name}.{k}.{os.getpid()}.tmp") for k in ("starts", "lengths")}
+    writers = {k: _Writer(path) for k, path in temp.items()}
+    try:
+        for begin in range(0, part.sessions, PASS_SESSIONS):
+            end = min(begin + PASS_SESSIONS, part.sessions)
+            offsets = np.array(part["offsets"][begin:end + 1])
+            chosen = session_selection(part["flags"][begin:end], split)
+            starts, lengths = _windows_of(offsets[:-1][chosen], (np.diff(offsets) - 2)[chosen],
+                                          max_seq_length, window_context)
+            writers["starts"].write(starts)
+            writers["lengths"].write(lengths)
+        for writer in writers.values():
+            writer.handle.flush()
+            os.fsync(writer.handle.fileno())
+    except BaseException:
+        for path in temp.values():
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        for writer in writers.values():
+            writer.close()
+    for k, path in temp.items():
+        os.replace(path, f"{name}.{k}")
+    record = {k: writer.record() for k, writer in writers.items()}
+    utils.atomic_write(f"{name}.json", lambda handle: handle.write(json.dumps(record).encode()))
+    _verified[name] = _signature(Path(f"{name}.{k}") for k in ("json", "starts", "lengths"))
+    part.release()
 
 
 def _allow_open_files(needed: int) -> None:
@@ -707,8 +1076,7 @@ def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096,
     split is 0), "normal" (every normal session), "train" (the normal sessions outside the validation split),
     "abnormal" (label 1) or "all". A chunk holds at most `chunk_size`
     sessions and, past its first session, `max_events` events: long sessions make short chunks."""
-    for entry in entries:
-        meta = json.loads((entry / "meta.json").read_text())
+    for entry, meta in zip(entries, open_entries(entries)):
         split_is_zero = meta["key"]["validation_split"] == 0
         for summary in meta["parts"]:
             part = _Part(entry / f"part-{summary['part']}", summary, meta["key"]["path"])
@@ -745,30 +1113,38 @@ def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096,
 
 def main(argv=None) -> int:
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = utils.Config()
+    data = defaults.data
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", nargs="+", help="data files or directories")
     parser.add_argument("--vocab-size", type=int, help="reject IDs >= this (model.vocab_size); omit for "
                         "evaluation data, whose unknown IDs are scored as misses")
-    parser.add_argument("--cache-dir", default=str(default_cache_dir()), help="where caches go "
-                        "(lazy_loading.cache_dir; default: %(default)s)")
-    parser.add_argument("--workers", type=int, help="parsing processes (default: all cores)")
-    parser.add_argument("--seed", type=int, default=42, help="the split's seed (training.seed)")
-    parser.add_argument("--validation-split", type=float, default=0.1, help="data.validation_split")
-    parser.add_argument("--event-ids-field", default="event_ids", help="data.event_ids_field")
-    parser.add_argument("--label-field", default="label", help="data.label_field")
-    parser.add_argument("--json-array-key", default="sessions", help="data.json_array_key")
-    parser.add_argument("--skip-bad-records", action="store_true", help="data.skip_bad_records")
+    parser.add_argument("--cache-dir", default=defaults.lazy_loading.cache_dir or str(default_cache_dir()),
+                        help="where caches go (lazy_loading.cache_dir; default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=defaults.lazy_loading.cache_workers,
+                        help="parsing processes (lazy_loading.cache_workers; default: all cores)")
+    parser.add_argument("--seed", type=int, default=defaults.training.seed,
+                        help="the split's seed (training.seed; default: %(default)s)")
+    parser.add_argument("--validation-split", type=float, default=data.validation_split,
+                        help="data.validation_split (default: %(default)s)")
+    parser.add_argument("--event-ids-field", default=data.event_ids_field, help="data.event_ids_field")
+    parser.add_argument("--label-field", default=data.label_field, help="data.label_field")
+    parser.add_argument("--json-array-key", default=data.json_array_key, help="data.json_array_key")
+    parser.add_argument("--skip-bad-records", action="store_true", default=data.skip_bad_records,
+                        help="data.skip_bad_records")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s",
+                        stream=sys.stderr)
     settings = CacheSettings(args.vocab_size, args.event_ids_field, args.label_field, args.json_array_key,
                              args.skip_bad_records, args.validation_split, args.seed)
-    try:
-        entries = build_caches(args.path, settings, args.cache_dir, args.workers)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for entry in entries:
-        meta = json.loads((entry / "meta.json").read_text())
+    build = lambda: _build_and_list(args.path, settings, args.cache_dir, args.workers)  # noqa: E731
+    return utils.exit_on_user_error(build, (DataError, utils.ConfigError), None)
+
+
+def _build_and_list(paths, settings: CacheSettings, cache_dir, workers: int | None) -> int:
+    entries = build_caches(paths, settings, cache_dir, workers)
+    for entry, meta in zip(entries, open_entries(entries)):
         sessions = sum(p["sessions"] for p in meta["parts"])
         print(f"{meta['key']['path']}: {sessions} sessions in {len(meta['parts'])} part(s) -> {entry} "
               f"({_size(entry) / 2 ** 20:.1f} MB)")

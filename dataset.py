@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+import utils
 from model import (
     IGNORE_INDEX,
     MAX_EVENT_PAIRS,
@@ -53,6 +54,8 @@ from model import (
     window_table,
 )
 
+_DEFAULTS = utils.Config()  # the one place defaults live (utils imports nothing of this module)
+_DATA = _DEFAULTS.data
 JSON_SUFFIXES = (".json", ".jsonl")
 MAX_EVENT_SETS = 10000  # beyond this many distinct sets of co-occurring event types, the record is dropped
 TEXT_SUFFIXES = (".txt", ".log", "")
@@ -146,7 +149,8 @@ def merge_co_occurrence(summaries: list[dict]) -> dict:
     union = None if None in sets else {tuple(x) for shard in sets for x in shard}
     pairs = [s["event_pairs"] for s in summaries]
     pair_union = None if any(p is None for p in pairs) else sorted_unique(*pairs)
-    return {"event_sets": None if union is None or len(union) > MAX_EVENT_SETS else sorted(list(x) for x in union),
+    too_many_sets = union is None or len(union) > MAX_EVENT_SETS
+    return {"event_sets": None if too_many_sets else sorted(list(x) for x in union),
             "event_pairs": None if pair_union is None or len(pair_union) > MAX_EVENT_PAIRS else pair_union}
 
 
@@ -186,7 +190,8 @@ def _open(path: Path, mode: str = "rb"):
     return gzip.open(path, mode) if path.name.endswith(".gz") else open(path, mode)
 
 
-MAX_JSON_DEPTH = 32  # a session file nests 3 or 4 levels: [array under a key,] array, session object, event IDs
+# a session file nests 3 or 4 levels: [array under a key,] array, session object, event IDs
+MAX_JSON_DEPTH = 32
 _ESCAPE = re.compile(rb"\\.", re.DOTALL)
 _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'"[]{}')))
 _OPENERS, _CLOSERS = np.zeros(256, np.int8), np.zeros(256, np.int8)
@@ -222,7 +227,8 @@ class _DepthBoundedReader:
         if not len(structure):
             return
         quotes = structure == ord('"')
-        outside = (np.cumsum(quotes) + self.in_string) % 2 == 0  # a closing quote counts as inside: not a bracket
+        # a closing quote counts as inside: not a bracket
+        outside = (np.cumsum(quotes) + self.in_string) % 2 == 0
         steps = (_OPENERS[structure] - _CLOSERS[structure]) * (outside & ~quotes)
         depths = self.depth + np.cumsum(steps, dtype=np.int64)
         if depths.max() > MAX_JSON_DEPTH:
@@ -232,9 +238,9 @@ class _DepthBoundedReader:
         self.depth, self.in_string = int(depths[-1]), bool((int(quotes.sum()) + self.in_string) % 2)
 
 
-def iter_sessions(path, vocab_size: int | None = None, event_ids_field: str = "event_ids",
-                  label_field: str = "label", session_id_field: str = "session_id",
-                  json_array_key: str = "sessions", skip_bad_records: bool = False,
+def iter_sessions(path, vocab_size: int | None = None, event_ids_field: str = _DATA.event_ids_field,
+                  label_field: str = _DATA.label_field, session_id_field: str = _DATA.session_id_field,
+                  json_array_key: str = _DATA.json_array_key, skip_bad_records: bool = _DATA.skip_bad_records,
                   counters: dict | None = None) -> Iterator[Record]:
     """Stream validated sessions from every data file under `path`.
 
@@ -329,10 +335,12 @@ def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt:
             raise DataError(f"{where}: missing field '{event_ids_field}' (data.event_ids_field)")
         events = item[event_ids_field]
         if not isinstance(events, list):
-            raise DataError(f"{where}: '{event_ids_field}' must be a list of integers, got {type(events).__name__}")
+            raise DataError(f"{where}: '{event_ids_field}' must be a list of integers, "
+                            f"got {type(events).__name__}")
         label = item.get(label_field, 0)
         if label not in (0, 1) or isinstance(label, bool):
-            raise DataError(f"{where}: '{label_field}' must be 0 (normal) or 1 (abnormal), got {excerpt(label)}")
+            raise DataError(f"{where}: '{label_field}' must be 0 (normal) or 1 (abnormal), "
+                            f"got {excerpt(label)}")
         session_id = str(item.get(session_id_field, session_id))
         lines = item.get("lines")
     if not events:
@@ -343,7 +351,8 @@ def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt:
         if event < 0:
             raise DataError(f"{where}: event ID {excerpt(event)} is negative")
         if vocab_size is not None and event >= vocab_size:
-            raise DataError(f"{where}: event ID {excerpt(event)} >= vocab_size {vocab_size} (raise model.vocab_size)")
+            raise DataError(f"{where}: event ID {excerpt(event)} >= vocab_size {vocab_size} "
+                            f"(raise model.vocab_size)")
     return Record(str(file), index, session_id, events, int(label),
                   lines if isinstance(lines, list) else None)
 
@@ -385,7 +394,8 @@ def _line_blocks(file: Path, byte_range: tuple[int, int] | None, first_line: int
         while block := handle.readlines(block_bytes):
             if end is not None:
                 sizes = np.fromiter(map(len, block), np.int64, len(block))
-                keep = int(np.searchsorted(position + np.cumsum(sizes) - sizes, end))  # lines starting before end
+                # the lines starting before end
+                keep = int(np.searchsorted(position + np.cumsum(sizes) - sizes, end))
                 position += int(sizes.sum())
                 if keep < len(block):
                     yield line_no, block[:keep]
@@ -428,11 +438,12 @@ class _RecheckFrom(Exception):
         self.records_done = records_done
 
 
-def iter_session_arrays(file, vocab_size: int | None = None, event_ids_field: str = "event_ids",
-                        label_field: str = "label", session_id_field: str = "session_id",
-                        json_array_key: str = "sessions", skip_bad_records: bool = False,
-                        counters: dict | None = None, byte_range: tuple[int, int] | None = None,
-                        first_line: int = 1, chunk_records: int = 512) -> Iterator[SessionArrays]:
+def iter_session_arrays(file, vocab_size: int | None = None, event_ids_field: str = _DATA.event_ids_field,
+                        label_field: str = _DATA.label_field, session_id_field: str = _DATA.session_id_field,
+                        json_array_key: str = _DATA.json_array_key,
+                        skip_bad_records: bool = _DATA.skip_bad_records, counters: dict | None = None,
+                        byte_range: tuple[int, int] | None = None, first_line: int = 1,
+                        chunk_records: int = 512) -> Iterator[SessionArrays]:
     """Validated sessions of one data file as chunks of flat arrays, with the same checks and messages as
     iter_sessions. Chunks are checked with a few C-speed passes; from the first chunk that fails them on,
     the file is read again and checked record by record, to name the bad record (or skip it).
@@ -452,7 +463,8 @@ def iter_session_arrays(file, vocab_size: int | None = None, event_ids_field: st
             arrays = _lines_at_c_speed(block_start, block, fmt, fields, vocab_size)
             if arrays is None:
                 chunk = list(_block_items(file, fmt, block_start, block))
-                arrays = _checked_record_by_record(file, chunk, fmt, fields, vocab_size, skip_bad_records, counters)
+                arrays = _checked_record_by_record(file, chunk, fmt, fields, vocab_size, skip_bad_records,
+                                                   counters)
             yield arrays
         return
     except _RecheckFrom as failed:
@@ -497,7 +509,8 @@ def _json_array_chunks(file: Path, array_key: str, fields, vocab_size, chunk_rec
                         f"with the array under '{array_key}' (data.json_array_key)")
 
 
-def _lines_at_c_speed(block_start: int, block: list[bytes], fmt: str, fields, vocab_size) -> SessionArrays | None:
+def _lines_at_c_speed(block_start: int, block: list[bytes], fmt: str, fields,
+                      vocab_size) -> SessionArrays | None:
     """A block of JSONL or text lines as SessionArrays when every line holds a valid session, else None:
     json.loads and bytes.split run over the whole block at C speed (a blank JSONL line fails it too)."""
     event_ids_field, label_field, _ = fields
@@ -618,7 +631,8 @@ def merge_counts(counts: list[dict], disjoint: bool) -> dict:
         return {**counts[0], "windows_per_rank": counts[0]["windows"] // world_size}
     merged = {key: sum(c[key] for c in counts) for key in ("sessions", "abnormal_skipped", "bad_records",
                                                           "windows", "tokens")}
-    merged["first_bad_record"] = next((c["first_bad_record"] for c in counts if "first_bad_record" in c), None)
+    first_bad = (c["first_bad_record"] for c in counts if "first_bad_record" in c)
+    merged["first_bad_record"] = next(first_bad, None)
     merged["seen_targets"] = sorted(set().union(*(c["seen_targets"] for c in counts)))
     merged.update(merge_co_occurrence(counts))
     merged["windows_per_rank"] = min(c["windows"] for c in counts)
@@ -667,10 +681,13 @@ class SessionDataset(IterableDataset):
     round-robin, an order as deterministic as the files, so resume stays exact (for the same num_workers).
     """
 
-    def __init__(self, path, vocab_size: int, split: str = "train", validation_split: float = 0.1,
-                 seed: int = 42, max_seq_length: int = 256, window_context: int = 32,
-                 shuffle: bool = True, buffer_size: int = 10000, rank: int = 0, world_size: int = 1,
-                 samples_per_rank: int | None = None, num_workers: int = 0, **reader_options):
+    def __init__(self, path, vocab_size: int, split: str = "train",
+                 validation_split: float = _DATA.validation_split, seed: int = _DEFAULTS.training.seed,
+                 max_seq_length: int = _DATA.max_seq_length, window_context: int = _DATA.window_context,
+                 shuffle: bool = _DEFAULTS.lazy_loading.shuffle_buffer,
+                 buffer_size: int = _DEFAULTS.lazy_loading.buffer_size, rank: int = 0, world_size: int = 1,
+                 samples_per_rank: int | None = None, num_workers: int = _DEFAULTS.lazy_loading.num_workers,
+                 **reader_options):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be train, val or all, got {split}")
         if not 0 <= window_context < max_seq_length:
@@ -697,7 +714,8 @@ class SessionDataset(IterableDataset):
         for key in ("sessions", "abnormal_skipped", "bad_records"):
             counters.setdefault(key, 0)
         records = (record for file in (self.files if files is None else files)
-                   for record in iter_sessions(file, self.vocab_size, counters=counters, **self.reader_options))
+                   for record in iter_sessions(file, self.vocab_size, counters=counters,
+                                               **self.reader_options))
         for record in records:
             if record.label != 0:  # DeepLog learns normal behaviour only
                 counters["abnormal_skipped"] += 1
@@ -711,13 +729,15 @@ class SessionDataset(IterableDataset):
     def _windows(self, files: list[Path] | None = None) -> Iterator[tuple[list[int], list[int]]]:
         """All windows of this split, in file order, before sharding and shuffling."""
         for record in self._records(files):
-            yield from make_windows(record.event_ids, self.vocab_size, self.max_seq_length, self.window_context)
+            yield from make_windows(record.event_ids, self.vocab_size, self.max_seq_length,
+                                    self.window_context)
 
     def _parallel(self, mode: str, batch_size: int = 0):
         """Items from `num_workers` reader processes, each over every num_workers-th file, merged round-robin.
         A dedicated generator keeps DataLoader from drawing on the global RNG (exact resume)."""
-        loader = DataLoader(_FileShardReader(self, mode, batch_size), batch_size=None, num_workers=self.num_workers,
-                            generator=torch.Generator(), prefetch_factor=4, worker_init_fn=_leave_signals_to_parent)
+        loader = DataLoader(_FileShardReader(self, mode, batch_size), batch_size=None,
+                            num_workers=self.num_workers, generator=torch.Generator(), prefetch_factor=4,
+                            worker_init_fn=_leave_signals_to_parent)
         for item in loader:
             if isinstance(item, _ReaderError):  # re-raised here as the one-line message it was
                 raise DataError(item.message)
@@ -862,21 +882,30 @@ def describe(path, vocab_size: int | None = None, **reader_options) -> Iterator[
         total = {"files": total["files"] + 1, "sessions": total["sessions"] + sessions,
                  "abnormal": total["abnormal"] + abnormal}
     if total["files"] > 1:
-        yield f"total: {total['sessions']} sessions in {total['files']} files, {total['abnormal']} labelled abnormal"
+        yield (f"total: {total['sessions']} sessions in {total['files']} files, "
+               f"{total['abnormal']} labelled abnormal")
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(description="Validate data files and count their sessions.")
     parser.add_argument("path", help="a data file or a directory of them")
     parser.add_argument("--vocab-size", type=int, default=None, help="reject IDs >= this")
-    parser.add_argument("--event-ids-field", default="event_ids", help="field holding the event IDs")
-    parser.add_argument("--label-field", default="label", help="field holding the label")
-    cli = parser.parse_args()
-    try:
+    parser.add_argument("--event-ids-field", default=_DATA.event_ids_field,
+                        help="field holding the event IDs (data.event_ids_field)")
+    parser.add_argument("--label-field", default=_DATA.label_field,
+                        help="field holding the label (data.label_field)")
+    parser.add_argument("--json-array-key", default=_DATA.json_array_key,
+                        help="key of the session array in a .json object (data.json_array_key)")
+    cli = parser.parse_args(argv)
+
+    def run() -> int:
         for line in describe(cli.path, cli.vocab_size, event_ids_field=cli.event_ids_field,
-                             label_field=cli.label_field):
+                             label_field=cli.label_field, json_array_key=cli.json_array_key):
             print(line, flush=True)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 0
+    return utils.exit_on_user_error(run, (DataError, utils.ConfigError), None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,8 @@ from dataset import SessionDataset  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=4, help="number of data files")
     parser.add_argument("--sessions", type=int, default=50000, help="sessions per file")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="num_workers values")

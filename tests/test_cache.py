@@ -1,5 +1,6 @@
 """The token cache: built once, reused, rebuilt when stale or damaged, parallel equal to serial, and
 epochs from it that hold the same windows as the streaming reader, in a deterministic global shuffle."""
+import dataclasses
 import json
 import logging
 import os
@@ -9,9 +10,15 @@ import numpy as np
 import pytest
 
 import cache
-from cache import CachedSessions, CacheSettings, build_caches, keyed_permutation, session_chunks
+import utils
+from cache import CachedSessions, build_caches, cache_settings, keyed_permutation, session_chunks
 from dataset import DataError, SessionDataset, batch_to_device, iter_sessions
 from model import IGNORE_INDEX
+
+
+def settings_of(vocab_size, **changes):
+    """The cache settings of the default config, with `changes` (CacheSettings fields)."""
+    return dataclasses.replace(cache_settings(utils.Config(), vocab_size), **changes)
 
 
 def write_sessions(path, sessions, labels=None):
@@ -19,7 +26,8 @@ def write_sessions(path, sessions, labels=None):
     if path.suffix == ".json":
         path.write_text(json.dumps([{"event_ids": s, "label": y} for s, y in zip(sessions, labels)]))
     elif path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps({"event_ids": s, "label": y}) + "\n" for s, y in zip(sessions, labels)))
+        path.write_text("".join(json.dumps({"event_ids": s, "label": y}) + "\n"
+                                for s, y in zip(sessions, labels)))
     else:
         path.write_text("".join(" ".join(map(str, s)) + "\n" for s in sessions))
 
@@ -43,7 +51,8 @@ def rows_of(batches):
     rows = []
     for batch, _ in batches:
         inputs, targets = batch_to_device(batch, "cpu")
-        for length, input_row, target_row in zip(batch["lengths"].tolist(), inputs.tolist(), targets.tolist()):
+        for length, input_row, target_row in zip(batch["lengths"].tolist(), inputs.tolist(),
+                                                 targets.tolist()):
             rows.append((tuple(input_row[:length]), tuple(target_row[:length])))
     return rows
 
@@ -56,7 +65,7 @@ def streaming_rows(path, split, **options):
 @pytest.fixture
 def built(tmp_path):
     data = make_data(tmp_path, long_every=9)
-    entries = build_caches(data, CacheSettings(vocab_size=29), tmp_path / "cache", workers=1)
+    entries = build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
     return data, entries
 
 
@@ -125,12 +134,13 @@ def test_keyed_permutation_is_a_bijection():
     for n in (1, 2, 3, 17, 1000, 4097):
         values = keyed_permutation(np.arange(n), n, "seed")
         assert sorted(values.tolist()) == list(range(n))
-    assert keyed_permutation(np.arange(100), 100, "a").tolist() != keyed_permutation(np.arange(100), 100, "b").tolist()
+    assert keyed_permutation(np.arange(100), 100, "a").tolist() != \
+        keyed_permutation(np.arange(100), 100, "b").tolist()
 
 
 def test_cache_is_reused_then_rebuilt_when_the_file_or_a_setting_changes(tmp_path, caplog):
     data = make_data(tmp_path)
-    settings = CacheSettings(vocab_size=29)
+    settings = settings_of(29)
     caplog.set_level(logging.INFO, logger="deeplog")
     entries = build_caches(data, settings, tmp_path / "cache", workers=1)
     built_at = {e: (e / "meta.json").stat().st_mtime_ns for e in entries}
@@ -141,19 +151,20 @@ def test_cache_is_reused_then_rebuilt_when_the_file_or_a_setting_changes(tmp_pat
     write_sessions(data / "c.txt", [[1, 2, 3]] * 5)                                 # the file changes
     caplog.clear()
     build_caches(data, settings, tmp_path / "cache", workers=1)
-    assert "Token cache of" in caplog.text and "c.txt: stale (mtime_ns, size changed); rebuilding" in caplog.text
+    assert "Token cache of" in caplog.text
+    assert "c.txt: stale (mtime_ns, size changed); rebuilding" in caplog.text
     assert sum(1 for _ in iter_sessions(data / "c.txt")) == 5
     assert CachedSessions(entries[2:], 29, "all", shuffle=False).count()["sessions"] == 5
     assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 3  # replaced
 
-    other = build_caches(data, CacheSettings(vocab_size=29, seed=1), tmp_path / "cache", workers=1)
-    assert set(other).isdisjoint(entries)                                           # another split: new entries
+    other = build_caches(data, settings_of(29, seed=1), tmp_path / "cache", workers=1)
+    assert set(other).isdisjoint(entries)                                      # another split: new entries
 
 
 @pytest.mark.parametrize("damage", ["truncate tokens", "drop meta", "garble meta", "truncate offsets"])
 def test_a_damaged_cache_is_rebuilt_with_one_log_line(tmp_path, caplog, damage):
     data = make_data(tmp_path)
-    settings = CacheSettings(vocab_size=29)
+    settings = settings_of(29)
     entry = build_caches(data, settings, tmp_path / "cache", workers=1)[1]
     good = CachedSessions([entry], 29, "all", shuffle=False).count()
     name = {"truncate tokens": "part-0.tokens", "truncate offsets": "part-0.offsets"}.get(damage, "meta.json")
@@ -171,6 +182,169 @@ def test_a_damaged_cache_is_rebuilt_with_one_log_line(tmp_path, caplog, damage):
     assert CachedSessions([entry], 29, "all", shuffle=False).count() == good
 
 
+def flip_byte(path, at):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(data)
+
+
+def set_offsets(entry, **values):
+    """Overwrite offsets of part 0 (the keys are positions: at3=...)."""
+    offsets = np.fromfile(entry / "part-0.offsets", dtype=np.int64)
+    original = offsets.copy()
+    for at, value in values.items():
+        offsets[int(at[2:])] = value if isinstance(value, int) else original[int(value[2:])]
+    offsets.tofile(entry / "part-0.offsets")
+
+
+def edit_meta(entry, change):
+    meta = json.loads((entry / "meta.json").read_text())
+    (entry / "meta.json").write_text(json.dumps(change(meta)))
+
+
+def zero_tokens(entry):
+    path = entry / "part-0.tokens"
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def replace_in_meta(**changes):
+    """A damage: meta.json with fields replaced, `part` the first part's, `key` the key's, `files` the
+    records of files (`changes` give a function of the old value)."""
+    def change(meta):
+        for field, new in changes.items():
+            where = {"part": meta["parts"][0], "key": meta["key"], "files": meta["files"]}.get(field, meta)
+            name, make = new
+            where[name] = make(where[name])
+        return meta
+    return lambda entry: edit_meta(entry, change)
+
+
+# damage: (what it does to an entry, what the log line says)
+DAMAGES = {
+    "tokens zeroed at the same size": (zero_tokens, "part-0.tokens: sessions 0..299 are not all framed"),
+    "offsets past the end": (lambda e: set_offsets(e, at5=10 ** 9),
+                             "part-0.offsets point past the last token at session 5"),
+    "offsets not monotone": (lambda e: set_offsets(e, at3="at4", at4="at3"),
+                             "part-0.offsets decrease at session 3"),
+    "a session without its end": (lambda e: set_offsets(e, at4="at3"),
+                                  "part-0.offsets leave fewer than 2 tokens (start and end) at session 3"),
+    "offsets not from 0": (lambda e: set_offsets(e, at0=1), "part-0.offsets run from 1 to"),
+    "a flipped byte in flags": (lambda e: flip_byte(e / "part-0.flags", 7), "part-0.flags: bits besides 7"),
+    "a flipped byte in indexes": (lambda e: flip_byte(e / "part-0.indexes", 8 * 9 + 2), "part-0.indexes"),
+    "a flipped byte in event_pairs": (lambda e: flip_byte(e / "event_pairs.npy", -3),
+                                      "event_pairs.npy fails its checksum"),
+    "a flipped byte in a token": (lambda e: flip_byte(e / "part-0.tokens", 21),
+                                  "part-0.tokens fails its checksum"),
+    "meta.json an array": (lambda e: (e / "meta.json").write_text("[1, 2]"),
+                           "meta.json is an array, not an object"),
+    "meta.json a number": (lambda e: (e / "meta.json").write_text("3"),
+                           "meta.json is an integer, not an object"),
+    "meta.json not JSON": (lambda e: (e / "meta.json").write_bytes(b"\xff\xfe{"), "meta.json unreadable"),
+    "meta.json missing keys": (lambda e: edit_meta(e, lambda m: {"key": m["key"]}),
+                               "meta.json lacks event_pairs, event_sets, files, parts"),
+    "meta.json a part's field a string": (replace_in_meta(part=("sessions", str)),
+                                          "meta.json's parts[0]: sessions is a string, not an integer"),
+    "meta.json a key's field a list": (replace_in_meta(key=("seed", lambda seed: [seed])),
+                                       "meta.json's key: seed is an array, not an integer"),
+    "meta.json a key's number a string": (replace_in_meta(key=("validation_split", str)),
+                                          "meta.json's key: validation_split is a string, not a number"),
+    "meta.json files an array": (replace_in_meta(files=("part-0.flags", lambda record: [record])),
+                                 "meta.json's files[part-0.flags] is an array, not an object"),
+    "meta.json a wrong checksum": (replace_in_meta(files=("part-0.flags", lambda rec: {**rec, "crc32": 1})),
+                                   "part-0.flags fails its checksum"),
+    "meta.json a wrong size": (replace_in_meta(files=("part-0.flags", lambda rec: {**rec, "size": 3})),
+                               "meta.json records 3 bytes for part-0.flags"),
+    "meta.json too many pairs": (replace_in_meta(event_pairs=("event_pairs", lambda count: count + 1)),
+                                 "event_pairs.npy does not hold the sorted distinct pair codes"),
+}
+
+
+def what_it_reads(entries):
+    """Every session (session_chunks), the counts and the batches of the training split."""
+    counted = CachedSessions(entries, 29, "train", shuffle=False, max_seq_length=40, window_context=8).count()
+    pairs = counted.pop("event_pairs")
+    rows = rows_of(CachedSessions(entries, 29, "train", shuffle=False, max_seq_length=40,
+                                  window_context=8).batches(64))
+    return [s for c in session_chunks(entries, "all") for s in c], counted, pairs.tolist(), rows
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_every_damage_is_rebuilt_with_one_line_naming_entry_and_damage(tmp_path, caplog, damage):
+    data = make_data(tmp_path)
+    entries = build_caches(data / "b.jsonl", settings_of(29), tmp_path / "cache", workers=1)
+    fresh = what_it_reads(entries)
+    harm, said = DAMAGES[damage]
+    harm(entries[0])
+    cache._verified.clear()  # as a later process finds it
+    caplog.set_level(logging.INFO, logger="deeplog")
+    assert build_caches(data / "b.jsonl", settings_of(29), tmp_path / "cache", workers=1) == entries
+    lines = [r.message for r in caplog.records if "rebuilding" in r.message]
+    assert len(lines) == 1 and "b.jsonl: damaged (" in lines[0] and str(entries[0]) in lines[0], lines
+    assert said in lines[0], lines[0]
+    assert what_it_reads(entries) == fresh
+    assert cache.check_entry(entries[0], None) is None
+
+
+def test_an_entry_opened_directly_is_verified_and_rebuilt_there(tmp_path, caplog):
+    data = make_data(tmp_path)
+    entries = build_caches(data / "b.jsonl", settings_of(29), tmp_path / "cache", workers=1)
+    fresh = what_it_reads(entries)
+    set_offsets(entries[0], at7=10 ** 6)
+    cache._verified.clear()
+    caplog.set_level(logging.INFO, logger="deeplog")
+    assert what_it_reads(entries) == fresh   # CachedSessions, then session_chunks, find it rebuilt
+    lines = [r.message for r in caplog.records if "rebuilding" in r.message]
+    assert len(lines) == 1 and "point past the last token at session 7" in lines[0]
+    (entries[0] / "meta.json").write_text("[]")  # names neither its file nor its settings: cannot be rebuilt
+    cache._verified.clear()
+    with pytest.raises(DataError, match=rf"token cache {entries[0]}: damaged \(meta.json is an array"):
+        CachedSessions(entries, 29, "train")
+
+
+def test_an_entry_is_verified_once_per_process_and_again_when_a_file_changes(tmp_path, monkeypatch):
+    data = make_data(tmp_path)
+    entries = build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
+    reads = []
+    real = cache._file_record
+    monkeypatch.setattr(cache, "_file_record", lambda path: reads.append(path.name) or real(path))
+    build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
+    CachedSessions(entries, 29, "train").count()
+    assert not reads                        # built here: their checksums were taken while they were written
+    cache._verified.clear()                 # a later process
+    build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
+    CachedSessions(entries, 29, "train").count()
+    window_index = [f"part-0.windows-train-256-32.{k}" for k in ("starts", "lengths")] * 3
+    assert sorted(reads) == sorted(window_index + [
+        name for e in entries for name in json.loads((e / "meta.json").read_text())["files"]])
+    reads.clear()
+    CachedSessions(entries, 29, "train").count()
+    list(session_chunks(entries, "all"))
+    assert not reads                        # verified once per process
+    (entries[1] / "part-0.flags").write_bytes((entries[1] / "part-0.flags").read_bytes())  # written again
+    CachedSessions(entries, 29, "train").count()
+    assert sorted(reads) == sorted(json.loads((entries[1] / "meta.json").read_text())["files"])
+
+
+def test_a_damaged_window_index_is_rebuilt_with_one_line(built, caplog):
+    _, entries = built
+    options = dict(max_seq_length=40, window_context=8, shuffle=False)
+    fresh = rows_of(CachedSessions(entries, 29, "train", **options).batches(32))
+    index = next(entries[0].glob("part-0.windows-train-40-8.starts"))
+    flip_byte(index, 3)
+    cache._verified.clear()
+    caplog.set_level(logging.INFO, logger="deeplog")
+    assert rows_of(CachedSessions(entries, 29, "train", **options).batches(32)) == fresh
+    lines = [r.message for r in caplog.records if "rebuilding" in r.message]
+    assert len(lines) == 1 and "window index part-0.windows-train-40-8" in lines[0] and "CRC-32" in lines[0]
+
+
+def test_the_cli_reports_bad_data_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        cache.main([str(tmp_path / "missing"), "--cache-dir", str(tmp_path / "cache")])
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing'}: no such file or directory"
+
+
 def test_parallel_byte_ranges_equal_the_serial_build(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
@@ -179,7 +353,7 @@ def test_parallel_byte_ranges_equal_the_serial_build(tmp_path, monkeypatch):
     write_sessions(data / "big.jsonl", sessions, [int(i % 7 == 0) for i in range(3000)])
     (data / "big.jsonl").write_text((data / "big.jsonl").read_text().replace("\n", "\n\n", 40))  # blank lines
     write_sessions(data / "big.txt", sessions[:2000])
-    settings = CacheSettings(vocab_size=29)
+    settings = settings_of(29)
     serial = build_caches(data, settings, tmp_path / "serial", workers=1)
     monkeypatch.setattr(cache, "MIN_PART_BYTES", 1000)
     parallel = build_caches(data, settings, tmp_path / "parallel", workers=3)  # fewer files than workers
@@ -193,8 +367,8 @@ def test_parallel_byte_ranges_equal_the_serial_build(tmp_path, monkeypatch):
     assert one_counted == many_counted
     assert rows_of(one.batches(64)) == rows_of(many.batches(64))
     records = [r.index for r in iter_sessions(data / "big.jsonl")]      # exact line numbers across ranges
-    indexes = np.concatenate([np.fromfile(p, dtype=np.int64) for p in sorted(parallel[0].glob("part-*.indexes"),
-                                                                          key=lambda p: int(p.name[5:-8]))])
+    parts = sorted(parallel[0].glob("part-*.indexes"), key=lambda p: int(p.name[5:-8]))
+    indexes = np.concatenate([np.fromfile(p, dtype=np.int64) for p in parts])
     assert indexes.tolist() == records
 
 
@@ -203,9 +377,9 @@ def test_bad_data_is_one_error_and_leaves_no_entry(tmp_path, monkeypatch):
     (data / "b.jsonl").write_text((data / "b.jsonl").read_text() + '{"event_ids": [1, 99]}\n')
     monkeypatch.setattr(cache, "MIN_PART_BYTES", 1000)
     with pytest.raises(DataError, match=r"b.jsonl: line 301: event ID 99 >= vocab_size 29"):
-        build_caches(data, CacheSettings(vocab_size=29), tmp_path / "cache", workers=2)
+        build_caches(data, settings_of(29), tmp_path / "cache", workers=2)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("b.jsonl")]
-    skipped = build_caches(data, CacheSettings(vocab_size=29, skip_bad_records=True), tmp_path / "cache")
+    skipped = build_caches(data, settings_of(29, skip_bad_records=True), tmp_path / "cache")
     counted = CachedSessions(skipped, 29, "all", shuffle=False).count()
     assert counted["bad_records"] == 1 and "line 301" in counted["first_bad_record"]
 
@@ -229,14 +403,15 @@ def test_targets_are_masked_beyond_each_row_and_over_context(built):
     for batch, _ in data.batches(32):
         _, targets = batch_to_device(batch, "cpu")
         for row, (length, context) in enumerate(zip(batch["lengths"].tolist(), batch["context"].tolist())):
-            assert (targets[row, length:] == IGNORE_INDEX).all() and (targets[row, :context] == IGNORE_INDEX).all()
+            assert (targets[row, length:] == IGNORE_INDEX).all()
+            assert (targets[row, :context] == IGNORE_INDEX).all()
             assert (targets[row, context:length] != IGNORE_INDEX).all()
 
 
 def test_a_file_named_twice_is_read_once(tmp_path):
     data = make_data(tmp_path)
-    once = build_caches(data, CacheSettings(vocab_size=29), tmp_path / "cache", workers=1)
-    twice = build_caches([data, data / "b.jsonl"], CacheSettings(vocab_size=29), tmp_path / "cache", workers=1)
+    once = build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
+    twice = build_caches([data, data / "b.jsonl"], settings_of(29), tmp_path / "cache", workers=1)
     assert twice == once
 
 
@@ -250,7 +425,7 @@ def test_a_file_that_changes_while_it_is_read_is_refused(tmp_path, monkeypatch):
             handle.write("1 2 3\n")
     monkeypatch.setattr(cache, "_run", run_then_append)
     with pytest.raises(DataError, match="c.txt: changed while it was being read"):
-        build_caches(data, CacheSettings(vocab_size=29), tmp_path / "cache", workers=1)
+        build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
     assert not list((tmp_path / "cache").glob("c.txt*"))  # the other files, unchanged, keep their entries
 
 
@@ -261,7 +436,7 @@ def test_concurrent_builders_wait_for_each_other(tmp_path):
 
     def build():
         try:
-            results.append(build_caches(data, CacheSettings(vocab_size=29), tmp_path / "cache", workers=1))
+            results.append(build_caches(data, settings_of(29), tmp_path / "cache", workers=1))
         except Exception as error:  # noqa: BLE001 - any failure fails the test below
             errors.append(error)
     threads = [threading.Thread(target=build) for _ in range(3)]
@@ -277,7 +452,7 @@ def test_an_unusable_cache_dir_is_one_clear_error(tmp_path):
     data = make_data(tmp_path)
     (tmp_path / "occupied").write_text("a file, not a folder")
     with pytest.raises(DataError, match=r"token cache .*occupied \(lazy_loading.cache_dir\)"):
-        build_caches(data, CacheSettings(vocab_size=29), tmp_path / "occupied")
+        build_caches(data, settings_of(29), tmp_path / "occupied")
 
 
 def test_negative_seeds_shuffle_too(built):
@@ -290,4 +465,4 @@ def test_negative_seeds_shuffle_too(built):
 def test_evaluation_caches_refuse_ids_their_tokens_cannot_hold(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"event_ids": [1, 2]}\n{"event_ids": [4294967301]}\n')
     with pytest.raises(DataError, match="line 2: event ID 4294967301 >="):
-        build_caches(tmp_path / "x.jsonl", CacheSettings(vocab_size=None), tmp_path / "cache")
+        build_caches(tmp_path / "x.jsonl", settings_of(None), tmp_path / "cache")

@@ -100,7 +100,8 @@ def test_bad_input_names_file_and_record(tmp_path, name, content, message):
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("name,content", [("x.json.gz", b"not gzip at all"), ("x.jsonl.gz", b"\x1f\x8b\x08garbage"),
+@pytest.mark.parametrize("name,content", [("x.json.gz", b"not gzip at all"),
+                                          ("x.jsonl.gz", b"\x1f\x8b\x08garbage"),
                                           ("x.txt", b"1 2\n\xff\xfe\x00binary\n")])
 def test_unreadable_files_are_data_errors(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
@@ -238,7 +239,8 @@ def test_ranks_shard_by_file_when_there_are_enough_files(tmp_path):
     from dataset import merge_counts
     for name, first in (("a.txt", 0), ("b.txt", 10), ("c.txt", 20)):
         (tmp_path / name).write_text("".join(f"{first + i} {i}\n" for i in range(3 + first // 10)))
-    shards = [SessionDataset(tmp_path, 29, split="all", shuffle=False, rank=r, world_size=2) for r in range(2)]
+    shards = [SessionDataset(tmp_path, 29, split="all", shuffle=False, rank=r, world_size=2)
+              for r in range(2)]
     assert [[f.name for f in s.files] for s in shards] == [["a.txt", "c.txt"], ["b.txt"]]
     firsts = [sorted(inputs[1] for inputs, _ in shard) for shard in shards]
     assert firsts == [[0, 1, 2, 20, 21, 22, 23, 24], [10, 11, 12, 13]]   # disjoint, every session once
@@ -303,8 +305,10 @@ def test_the_fast_first_pass_names_the_same_bad_record(tmp_path, name, content, 
 
 @pytest.mark.parametrize("chunk_records", [1, 2, 1024])
 @pytest.mark.parametrize("name,content", [
-    ("x.json", json.dumps([{"event_ids": [1, 0, 2], "label": 1}, {"event_ids": [3]}, {"x": 1}, {"event_ids": [0, 1]}])),
-    ("x.jsonl", '{"event_ids": [1, 0, 2], "label": 1}\n\n{"event_ids": [1, true]}\nnot json\n{"event_ids": [3]}\n'),
+    ("x.json", json.dumps([{"event_ids": [1, 0, 2], "label": 1}, {"event_ids": [3]}, {"x": 1},
+                           {"event_ids": [0, 1]}])),
+    ("x.jsonl", '{"event_ids": [1, 0, 2], "label": 1}\n\n{"event_ids": [1, true]}\nnot json\n'
+                '{"event_ids": [3]}\n'),
     ("x.txt", "1 2 3\n\n4 x\n5 6\n7 99\n"),
 ])
 def test_the_fast_first_pass_equals_the_record_reader_and_skips_what_it_skips(tmp_path, name, content,
@@ -325,14 +329,15 @@ def test_the_fast_first_pass_equals_the_record_reader_and_skips_what_it_skips(tm
 
 def test_byte_ranges_cover_every_line_once_with_exact_line_numbers(tmp_path):
     path = tmp_path / "r.txt"
-    path.write_text("".join(" ".join(str((i * 7 + k) % 29) for k in range(1 + i % 5)) + "\n" + "\n" * (i % 3 == 0)
-                            for i in range(500)))
+    path.write_text("".join(" ".join(str((i * 7 + k) % 29) for k in range(1 + i % 5)) + "\n"
+                            + "\n" * (i % 3 == 0) for i in range(500)))
     data, size = path.read_bytes(), path.stat().st_size
     whole = [(a.tokens.tolist(), a.indexes.tolist()) for a in iter_session_arrays(path, 29)]
     for bounds in ([0, 1, size], [0, 100, 101, 2000, size], [0, size // 2, size]):
         tokens, indexes = [], []
         for begin, end in zip(bounds, bounds[1:]):
-            for a in iter_session_arrays(path, 29, byte_range=(begin, end), first_line=data[:begin].count(b"\n") + 1):
+            first_line = data[:begin].count(b"\n") + 1
+            for a in iter_session_arrays(path, 29, byte_range=(begin, end), first_line=first_line):
                 tokens += a.tokens.tolist()
                 indexes += a.indexes.tolist()
         assert tokens == [t for c, _ in whole for t in c] and indexes == [i for _, c in whole for i in c]
@@ -344,10 +349,13 @@ def test_byte_ranges_cover_every_line_once_with_exact_line_numbers(tmp_path):
     ("x.json", '[{"event_ids": [1, ' + "[" * 5000 + "]" * 5000 + "]}]",
      "JSON nested deeper than 32 levels within bytes 0-10,022"),
     ("x.json", "[" * 20000 + "]" * 20000, "JSON nested deeper than 32 levels"),
-    ("x.jsonl", '{"event_ids": ' + "[" * 3000 + "]" * 3000 + "}\n", "line 1: malformed JSON: nested too deeply"),
+    ("x.jsonl", '{"event_ids": ' + "[" * 3000 + "]" * 3000 + "}\n",
+     "line 1: malformed JSON: nested too deeply"),
     ("x.jsonl", '{"event_ids": [1, ' + "9" * 5000 + "]}\n", "...9999999999999999999 >= vocab_size 29"),
-    ("x.json", '[{"event_ids": [1, ' + "9" * 5000 + "]}]", "malformed JSON after record 0 (at record 1): parse error"),
-    ("x.json", '[{"event_ids": [1], "label": "' + "x" * 5000 + '"}]', "'label' must be 0 (normal) or 1 (abnormal)"),
+    ("x.json", '[{"event_ids": [1, ' + "9" * 5000 + "]}]",
+     "malformed JSON after record 0 (at record 1): parse error"),
+    ("x.json", '[{"event_ids": [1], "label": "' + "x" * 5000 + '"}]',
+     "'label' must be 0 (normal) or 1 (abnormal)"),
 ], ids=["list nested 20 deep", "list nested 5000 deep", "brackets 20000 deep (ijson took 1 GB)",
         "JSONL line nested 3000 deep", "5000-digit ID in JSONL",
         "5000-digit ID in a JSON array (ijson crashed on it)", "5000-character label"])
@@ -369,7 +377,8 @@ def test_depth_bound_tracks_strings_and_escapes_across_any_block_boundaries():
 
     from dataset import MAX_JSON_DEPTH, _DepthBoundedReader
 
-    tricky_id = '"a\\\\\\"' + "[" * 40 + '{\\"}' + '"'  # the JSON "a\\\"[[[...{\"}": escapes, brackets in a string
+    # the JSON "a\\\"[[[...{\"}": escapes, brackets in a string
+    tricky_id = '"a\\\\\\"' + "[" * 40 + '{\\"}' + '"'
     nested = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
     good = '{"sessions": [' + ", ".join([f'{{"session_id": {tricky_id}, "event_ids": [1, 2]}}'] * 50) + "]}"
     assert json.loads(good)["sessions"][0]["session_id"].count("[") == 40
@@ -428,5 +437,5 @@ def test_co_occurrence_record_keeps_exact_pairs_past_the_set_cap(monkeypatch, vo
     few = dataset.CoOccurrenceRecorder(vocab_size)
     few.add(np.array([1, 2, 3, 3, 4, 5], dtype=np.int64), np.array([3, 1, 2]), np.array([True, False, True]))
     assert few.summary()["event_sets"] == [[1, 2, 3], [4, 5]]
-    assert few.summary()["event_pairs"].tolist() == [1 * vocab_size + 2, 1 * vocab_size + 3, 2 * vocab_size + 3,
-                                                     4 * vocab_size + 5]
+    assert few.summary()["event_pairs"].tolist() == [1 * vocab_size + 2, 1 * vocab_size + 3,
+                                                     2 * vocab_size + 3, 4 * vocab_size + 5]
