@@ -51,38 +51,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import calibration as cal
 import utils
 from cache import build_caches, cache_settings, default_cache_dir, session_chunks
+from calibration import PERCENTILES, RULES, ScoreQuantiles, anomaly_scores, verdicts
 from dataset import DataError, Record, is_validation, iter_sessions, list_data_files
-from model import IGNORE_INDEX, MAX_COUNT_VECTORS, MAX_RECORD_SESSIONS, CoOccurrence, CountVectors, DeepLog, verdicts
+from model import MAX_COUNT_VECTORS, MAX_RECORD_SESSIONS, CoOccurrence, CountVectors, DeepLog
 
 ACCURACY_KS = (1, 5, 10, 20)
-PERCENTILES = (90, 95, 99)
-RULES = ("combined", "probability", "event_set", "event_pair", "count_vector", "top_g", "score_p90", "score_p95",
-         "score_p99")
 CHUNK_SIZE = 8192             # sessions read, de-duplicated and scored together
 CHUNK_EVENTS = 2 ** 22        # and at most this many events in a chunk (more only for one longer session)
 POSITIONS_PER_SESSION = 32    # a scoring batch holds evaluation.batch_size x this many positions: bigger
                               # batches of short sessions ran slower on CPU (benchmarks/README.md)
 MAX_CACHED = 100_000          # distinct sessions whose scores are kept across chunks
 MAX_CACHED_LENGTH = 512       # longer sessions rarely repeat: not worth a place in the cache
-MAX_EXACT_SCORES = 200_000    # distinct anomaly-score values kept exactly for the percentiles
-SKETCH_BINS = 2 ** 16         # beyond them: histogram bins over [0, 1]
 SCORE_EDGES = np.linspace(0, 1, 41)                                  # the plot's bins of the anomaly score
 LOG10_PROBABILITY_EDGES = np.linspace(-30 / math.log(10), 0, 61)     # and of the least likely event's log10 p
 
 
 # ----------------------------------------------------------------------------- loading
 def load_model(checkpoint_path, device: torch.device) -> tuple[DeepLog, dict]:
+    """The checkpoint (validated by its one loader) and its model on `device`, in eval mode."""
     checkpoint = utils.load_checkpoint(checkpoint_path, map_location="cpu")  # works without the GPU it was saved on
-    try:
-        model = DeepLog(**checkpoint["model_args"])
-        model.load_state_dict(checkpoint["model_state_dict"])
-        model.use_training_windows(checkpoint)   # score in the windows of training
-    except (TypeError, RuntimeError, ValueError) as error:
-        raise utils.CheckpointError(f"{checkpoint_path}: weights do not fit the stored model arguments "
-                                    f"{checkpoint['model_args']} ({str(error).splitlines()[0]})") from None
-    return model.to(device).eval(), checkpoint
+    return utils.model_from_checkpoint(checkpoint, checkpoint_path).to(device), checkpoint
 
 
 def known_co_occurrence(checkpoint: dict) -> CoOccurrence:
@@ -214,438 +205,6 @@ class ChunkScorer:
         self.rows[slot] = row
 
 
-def anomaly_scores(scores: dict, top_k: int) -> np.ndarray:
-    """Per session: the fraction of its predictions whose actual event is outside the top-k."""
-    return scores[f"misses_at_{top_k}"] / scores["predictions"]
-
-
-def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
-    """The smallest value v with at least q% of the total weight at or below v (duplicates count)."""
-    order = np.argsort(values, kind="stable")
-    cumulative = np.cumsum(weights[order])
-    index = int(np.searchsorted(cumulative, q / 100 * cumulative[-1] - 1e-9))
-    return float(values[order][min(index, len(order) - 1)])
-
-
-class ScoreQuantiles:
-    """Weighted anomaly scores (in [0, 1]) for percentiles, in bounded memory.
-
-    Exact while at most `max_exact` distinct values occurred: a dict value -> total weight (the values are
-    fractions misses / predictions, so there are rarely many). Beyond that, a histogram of SKETCH_BINS bins
-    (b/n, (b+1)/n] (bin 0 also holds 0) where each value stands for its bin's upper edge: a percentile is
-    then the upper edge of the bin that holds the exact one, at most 1/65536 (1.53e-05) above it, never
-    below, and weight_above() such an edge is exact.
-    """
-
-    def __init__(self, max_exact: int = MAX_EXACT_SCORES):
-        self.max_exact = max_exact
-        self.exact: dict[float, float] | None = {}
-        self.bins: np.ndarray | None = None
-
-    @property
-    def method(self) -> str:
-        return "exact" if self.bins is None else f"histogram of {SKETCH_BINS} bins, error <= {1 / SKETCH_BINS:.3g}"
-
-    def add(self, values: np.ndarray, weights: np.ndarray) -> None:
-        if self.bins is None:
-            for value, weight in zip(values.tolist(), weights.tolist()):
-                self.exact[value] = self.exact.get(value, 0.0) + weight
-            if len(self.exact) <= self.max_exact:
-                return
-            values, weights = self.table()
-            self.exact, self.bins = None, np.zeros(SKETCH_BINS)
-        upper_edge_index = np.ceil(values * SKETCH_BINS).astype(np.int64)  # exact: SKETCH_BINS is a power of 2
-        self.bins += np.bincount(np.maximum(upper_edge_index - 1, 0), weights, minlength=SKETCH_BINS)
-
-    def table(self) -> tuple[np.ndarray, np.ndarray]:
-        """(values, weights): the distinct values, or the upper edges of the bins."""
-        if self.bins is None:
-            return np.array(list(self.exact)), np.array(list(self.exact.values()))
-        return np.arange(1, SKETCH_BINS + 1) / SKETCH_BINS, self.bins
-
-    def percentile(self, q: float) -> float:
-        return weighted_percentile(*self.table(), q)
-
-    def weight_above(self, threshold: float) -> float:
-        values, weights = self.table()
-        return float(weights[values > threshold].sum())
-
-
-MIN_BEYOND = 10        # calibration sessions beyond an empirical quantile for it to be trusted
-SURPRISAL_BIN = 0.01   # nats: the resolution of the model-implied tail (1% in probability)
-MAX_SURPRISAL = 60.0   # nats: the last bin holds everything less likely (p < 1e-26) and events never seen
-
-
-class CalibrationTail:
-    """Per calibration session (a row): the surprisal (-log p) of its least likely event and of its end, whether
-    the event-set or event-pair rule flags it, and its weight. Memory stays bounded: beyond 2 x max_kept rows,
-    only those among the max_kept largest of either surprisal are kept (the others' weight still counts in
-    `total`), so every threshold and flagged weight above those is exact: at target_fpr 0.0005 and 200,000
-    kept rows, for up to ~800 million calibration sessions."""
-
-    def __init__(self, max_kept: int = MAX_EXACT_SCORES):
-        self.max_kept, self.total = max_kept, 0.0
-        self.rows = np.empty((0, 4))
-
-    def add(self, event: np.ndarray, end: np.ndarray, novel: np.ndarray, weights: np.ndarray) -> None:
-        self.total += float(weights.sum())
-        self.rows = np.concatenate([self.rows, np.column_stack([event, end, novel, weights])])
-        if len(self.rows) > 2 * self.max_kept:
-            keep = np.zeros(len(self.rows), dtype=bool)
-            for column in (0, 1):
-                keep |= self.rows[:, column] >= np.partition(self.rows[:, column], -self.max_kept)[-self.max_kept]
-            self.rows = self.rows[keep]
-
-    @property
-    def event(self) -> np.ndarray:
-        return self.rows[:, 0]
-
-    @property
-    def end(self) -> np.ndarray:
-        return self.rows[:, 1]
-
-    @property
-    def novel(self) -> np.ndarray:
-        return self.rows[:, 2] > 0
-
-    @property
-    def weights(self) -> np.ndarray:
-        return self.rows[:, 3]
-
-
-class ImpliedTail:
-    """What the LSTM itself expects of normal sessions. At every position of every calibration session (weighted
-    by its count), the model gives each event and the end of session a probability; summed over positions, the
-    mass it puts below p = b is the number of positions per session at which it expects an actual event (or end)
-    less likely than b: an upper bound on the chance that a normal session gets flagged, from every position
-    rather than one value per session. Kept as mass per surprisal bin (SURPRISAL_BIN wide), for events and for
-    the end separately."""
-
-    def __init__(self):
-        self.bins = int(MAX_SURPRISAL / SURPRISAL_BIN) + 1
-        self.event, self.end = np.zeros(self.bins), np.zeros(self.bins)
-
-    @torch.no_grad()
-    def add(self, model: DeepLog, sessions: list, weights: np.ndarray, batch_size: int = 256) -> None:
-        weights = torch.as_tensor(weights, dtype=torch.float64)
-        with model._evaluating():
-            for batch in model.windows(sessions, batch_size * POSITIONS_PER_SESSION):
-                log_probs = torch.log_softmax(batch.logits.float(), dim=-1)
-                valid = batch.targets != IGNORE_INDEX      # each prediction once: context and padding left out
-                position_weights = weights.to(log_probs.device)[batch.owners].unsqueeze(1).expand_as(valid)[valid]
-                log_probs = log_probs[valid]                                        # [positions, classes]
-                # classes never seen in training are left out: their probability is whatever the softmax left
-                # them (they were never a target), and calibration sessions that hold one count as flagged anyway
-                mass = log_probs.double().exp() * position_weights.unsqueeze(1) * model.seen_events
-                bins = (-log_probs).clamp(max=MAX_SURPRISAL).div(SURPRISAL_BIN).long()
-                for histogram, columns in ((self.event, slice(0, model.end_id)),
-                                           (self.end, slice(model.end_id, None))):
-                    histogram += torch.bincount(bins[:, columns].flatten(), mass[:, columns].flatten(),
-                                                minlength=self.bins).cpu().numpy()
-
-    def threshold(self, which: str, target: float, sessions: float) -> float:
-        """The lowest surprisal t (a bin edge) at which the mass above t is at most `target` per session."""
-        histogram = self.event if which == "event" else self.end
-        at_or_above = np.cumsum(histogram[::-1])[::-1]
-        within = np.flatnonzero(at_or_above <= target * sessions)
-        return float(within[0]) * SURPRISAL_BIN if len(within) else MAX_SURPRISAL
-
-
-def target_fpr_threshold(values: np.ndarray, weights: np.ndarray, total: float, target: float,
-                         implied: float | None = None) -> tuple[float, str]:
-    """The threshold t on a score (higher = more anomalous) that flags at most `target` of `total` normal
-    sessions (score > t), from the table of the largest scores; infinite scores are flagged whatever t is and
-    count against the target. With at least MIN_BEYOND sessions' worth of weight beyond it, t is the empirical
-    quantile. Fewer, and the quantile would be the last few sessions' noise (with n sessions, a rate below 1/n is
-    not even observable): then t is `implied`, the model's own estimate (ImpliedTail), which sees every position
-    of every calibration session, but never below a score that would flag more than the target of the
-    calibration sessions (the empirical bound: where the model is overconfident, the data wins). Without
-    `implied`, the empirical bound."""
-    finite = np.isfinite(values)
-    infinite_weight = float(weights[~finite].sum())
-    allowed = target * total - infinite_weight
-    values, where = np.unique(values[finite], return_inverse=True)  # equal scores are one value, weights summed
-    weights = np.bincount(where, weights[finite], minlength=len(values))
-    if not len(values):
-        return (implied if implied is not None else math.inf), "no finite scores"
-    above = np.cumsum(weights[::-1])[::-1] - weights  # weight strictly above each value
-    empirical = float(values[np.argmax(above <= max(allowed, 0.0))])  # flags at most the target, observed
-    if target * total >= MIN_BEYOND:
-        return empirical, f"empirical quantile {1 - target:.6g}"
-    if implied is None:
-        return empirical, f"largest calibration score allowed ({total:.0f} sessions)"
-    if implied < empirical:
-        return empirical, (f"the calibration sessions' bound: the model's own estimate would flag more than "
-                           f"{target:g} of the {total:.0f} calibration sessions")
-    return implied, f"model-implied at {target:g} over every position of {total:.0f} calibration sessions"
-
-
-CONFIDENCE = 0.95               # of the bounds stated on false-positive rates
-MIN_CALIBRATION_SESSIONS = 100  # fewer calibration sessions cannot promise the probability rule's target
-
-
-def binomial_bounds(flagged: float, sessions: float, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """One-sided Clopper-Pearson bounds on a rate from `flagged` of `sessions`: (lower, upper), each holding
-    with probability `confidence` (with 0 flagged the upper bound is 1 - (1 - confidence)^(1/n), ~3/n)."""
-    k, n = int(round(flagged)), int(round(sessions))
-    if n <= 0:
-        return 0.0, 1.0
-    alpha = 1 - confidence
-    exact = n <= 100_000   # beyond, a normal approximation: no arrays of n + 1 terms
-    i = np.arange(n + 1) if exact else None
-    log_choose = np.array([math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) for j in
-                           range(n + 1)]) if exact else None
-
-    def at_most(count: int, p: float) -> float:   # P(X <= count) for X ~ Binomial(n, p)
-        if count < 0:
-            return 0.0
-        if p <= 0:
-            return 1.0
-        if p >= 1:
-            return 1.0 if count >= n else 0.0
-        if log_choose is None:  # normal approximation, with continuity correction, for huge n
-            return 0.5 * math.erfc(-(count + 0.5 - n * p) / math.sqrt(2 * n * p * (1 - p)))
-        terms = log_choose[:count + 1] + i[:count + 1] * math.log(p) + (n - i[:count + 1]) * math.log1p(-p)
-        return float(np.exp(terms).sum())
-
-    def solve(decreasing_in_p) -> float:
-        low, high = 0.0, 1.0
-        for _ in range(60):
-            middle = (low + high) / 2
-            low, high = (middle, high) if decreasing_in_p(middle) > alpha else (low, middle)
-        return (low + high) / 2
-
-    upper = 1.0 if k >= n else solve(lambda p: at_most(k, p))
-    lower = 0.0 if k <= 0 else 1 - solve(lambda q: 1 - at_most(k - 1, 1 - q))
-    return lower, upper
-
-
-def plan_rules(co_occurrence: CoOccurrence | None, target_fpr: float, vocab_size: int) -> dict:
-    """Which rules `combined` takes, decided from the normal training sessions themselves (their event-count
-    vectors, when that record is kept): each training session is compared with all the others (leave one out).
-    - If significantly more of them than target_fpr bring an event type, a set of types or a pair of types
-      that no other training session has (the lower confidence bound above the target), new normal sessions
-      will bring such novelty as often: that novelty is normal here, and the rule that flags it is left out of
-      `combined` (a never-seen event type then no longer flags by itself in the probability rule either).
-    - The count-vector rule flags a session farther (L1 distance of event counts) from every training session
-      than any training session is from its nearest other one: with n exchangeable normal sessions, a new one
-      is the farthest with probability at most 1/(n + 1) (a conformal bound). It joins `combined` where some
-      novelty is normal (a rule was left out): it tolerates what the left-out rule could not, a new type or
-      set of types close to a normal session, and still flags sessions unlike any. Where novelty is rare, the
-      set and pair rules are the finer test and the count-vector rule would only add false positives (on HDFS
-      it flags normal sessions with many more reads than any training session: benchmarks/README.md).
-    Without the record (checkpoints of older versions, or too many distinct vectors): the earlier combination,
-    probability, event_set and event_pair, and no statement from the training data."""
-    with_sets = co_occurrence is not None and co_occurrence.sets is not None
-    with_pairs = co_occurrence is not None and co_occurrence.pairs is not None
-    plan = {"combined_rules": ["probability"] + ["event_set"] * with_sets + ["event_pair"] * with_pairs,
-            "unseen_events_flag": True, "count_vector_distance": None, "training_sessions": None,
-            "novelty_on_training": None, "novelty_is_normal": None}
-    counts = co_occurrence.counts if co_occurrence is not None else None
-    if counts is None:
-        return plan
-    sessions, novelty = counts.sessions, counts.novelty(vocab_size)
-    is_normal = {name: binomial_bounds(k, sessions)[0] > target_fpr for name, k in novelty.items()}
-    leave_one_out = counts.leave_one_out()
-    finite = np.isfinite(leave_one_out)
-    distance = float(leave_one_out[finite].max()) if finite.any() else None
-    kept = [rule for rule, recorded in (("event_set", with_sets), ("event_pair", with_pairs))
-            if recorded and not is_normal[rule]]
-    with_counts = distance is not None and any(is_normal.values())
-    plan.update(combined_rules=["probability", *kept] + ["count_vector"] * with_counts,
-                unseen_events_flag=not is_normal["event_type"], count_vector_distance=distance,
-                training_sessions=sessions, novelty_on_training=novelty, novelty_is_normal=is_normal)
-    return plan
-
-
-def expected_rates(calibration: dict) -> dict:
-    """What each rule is expected to flag of new normal sessions, at most (95% bounds): the probability rule
-    its target; the event-set and event-pair rules the upper bound from the training sessions that brought a
-    novelty of that kind (without that record, from the calibration sessions they flagged); the count-vector
-    rule 1/(n + 1); `combined` the sum of its rules (a new pair is a new set: the two together count once)."""
-    sessions, novelty = calibration.get("training_sessions"), calibration.get("novelty_on_training")
-    rates = {"probability": calibration["target_fpr"]}
-    if novelty is not None:
-        for rule in ("event_set", "event_pair"):
-            rates[rule] = binomial_bounds(novelty[rule], sessions)[1]
-        if calibration.get("count_vector_distance") is not None:
-            rates["count_vector"] = 1 / (sessions + 1)
-    else:  # no record of the training sessions' counts: bounds from the calibration sessions the rules flagged
-        calibrated = calibration["sessions"]
-        for rule in ("event_set", "event_pair"):
-            flagged = calibration["flagged_on_calibration"].get(rule, 0.0) * calibrated
-            rates[rule] = binomial_bounds(flagged, calibrated)[1]
-    parts = [rule for rule in calibration["combined_rules"] if rule in rates]
-    records = [rates[rule] for rule in ("event_set", "event_pair") if rule in parts]
-    rates["combined"] = rates["probability"] + (max(records) if records else 0.0) + rates.get(
-        "count_vector", 0.0) * ("count_vector" in parts)
-    return rates
-
-
-def calibration_warnings(calibration: dict, rule: str) -> list[str]:
-    """What the expected false-positive rate of `rule` cannot promise, in words, with what to do."""
-    warnings = []
-    sessions, flagged = calibration["sessions"], calibration["flagged_on_calibration"].get("probability", 0.0)
-    if rule in ("combined", "probability") and sessions < MIN_CALIBRATION_SESSIONS and "target_fpr" in calibration:
-        upper = binomial_bounds(flagged * sessions, sessions)[1]
-        warnings.append(
-            f"the probability rule's bounds rest on {sessions} calibration session(s), too few to promise its "
-            f"target false-positive rate {calibration['target_fpr']:g}: from what was seen ("
-            f"{flagged * sessions:.0f} flagged) its rate could be up to {upper:.1%} ({CONFIDENCE:.0%} upper bound). "
-            f"Train on more normal sessions, or refit on at least {MIN_CALIBRATION_SESSIONS * 10} other normal "
-            f"sessions with evaluate.py --calibrate-on DIR")
-    expected = calibration.get("expected_fpr", {}).get(rule)
-    if expected is not None and expected > 0.01:
-        warnings.append(f"the '{rule}' rule is expected to flag up to {expected:.2%} of normal sessions: "
-                        f"{calibration.get('training_sessions')} normal training sessions bound it no tighter; "
-                        f"more normal training data tightens it")
-    return warnings
-
-
-def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, target_fpr: float, source: str,
-                    default_rule: str, batch_size: int = 256, co_occurrence: CoOccurrence | None = None,
-                    max_cached: int = MAX_CACHED, max_exact_scores: int = MAX_EXACT_SCORES) -> dict:
-    """Thresholds from normal sessions only (chunks, read once): score percentiles, and the two bounds of the
-    LSTM's probability rule, one on the least likely event of a session and one on its end, each set so that at
-    most half of `target_fpr` of normal sessions fall below it (see target_fpr_threshold): together at most the
-    target. Records how often each rule fires on these normal sessions.
-    Why two bounds: an event less likely than p is common in normal sessions (interleavings the training data
-    did not have), an end that unlikely is not, and a session cut short is the anomaly it reveals (on HDFS the
-    ends of normal sessions stay above p = 1e-3, premature ends fall to 1e-6; benchmarks/README.md).
-    """
-    if not 0 < target_fpr < 0.5:
-        raise utils.ConfigError(f"target false-positive rate {target_fpr}: must be in (0, 0.5)")
-    plan = plan_rules(co_occurrence, target_fpr, model.vocab_size)
-    event_column = "min_event_log_prob" if plan["unseen_events_flag"] else "min_seen_event_log_prob"
-    others = [rule for rule in plan["combined_rules"] if rule != "probability"]
-    scorer = ChunkScorer(model, [top_k, top_g], batch_size, co_occurrence, max_cached, "calibrating")
-    quantiles = ScoreQuantiles(max_exact_scores)
-    tail, implied = CalibrationTail(max_exact_scores), ImpliedTail()
-    sessions, least_likely, novel = 0.0, math.inf, 0.0
-    flagged = dict.fromkeys(("event_set", "event_pair", "count_vector", "top_g"), 0.0)
-    for chunk in normal:
-        distinct, scores, weights = scorer(chunk)
-        implied.add(model, distinct, weights, batch_size)
-        sessions += float(weights.sum())
-        min_log_prob = scores["min_log_prob"]
-        finite = np.isfinite(min_log_prob)
-        if finite.any():
-            least_likely = min(least_likely, float(min_log_prob[finite].min()))
-        quantiles.add(anomaly_scores(scores, top_k), weights)
-        # the sessions that combined's other rules flag whatever the probability bounds will be
-        is_novel = np.zeros(len(weights), dtype=bool)
-        for rule in others:
-            is_novel |= verdicts(scores, plan, rule)
-        novel += float(weights[is_novel].sum())
-        tail.add(-scores[event_column], -scores["end_log_prob"], is_novel, weights)
-        for rule in ("event_set", "event_pair", "count_vector", "top_g"):
-            flagged[rule] += float(weights[verdicts(scores, {**plan, "top_g": top_g}, rule)].sum())
-    if not sessions:
-        raise DataError(f"{source}: no normal sessions to calibrate on")
-    half = target_fpr / 2
-    event_threshold, event_method = target_fpr_threshold(tail.event, tail.weights, sessions, half,
-                                                         implied.threshold("event", half, sessions))
-    end_threshold, end_method = target_fpr_threshold(tail.end, tail.weights, sessions, half,
-                                                     implied.threshold("end", half, sessions))
-    by_probability = (tail.event > event_threshold) | (tail.end > end_threshold)
-    flagged["probability"] = float(tail.weights[by_probability].sum())
-    # combined = probability OR its other rules: the sessions of any, counted once
-    # (every session the probability rule flags is among the rows the tail keeps; novel ones are counted apart)
-    flagged["combined"] = novel + float(tail.weights[by_probability & ~tail.novel].sum())
-    thresholds = {f"p{q}": quantiles.percentile(q) for q in PERCENTILES}
-    flagged.update({f"score_{p}": quantiles.weight_above(value) for p, value in thresholds.items()})
-    calibration = {
-        "top_k": top_k, "top_g": top_g, "default_rule": default_rule, "source": source,
-        "sessions": int(sessions), "distinct_sessions": scorer.distinct, "scored_sessions": scorer.scored,
-        "score_thresholds": thresholds, "percentile_method": quantiles.method,
-        "least_likely_normal_log_prob": least_likely if least_likely < math.inf else 0.0,
-        "target_fpr": target_fpr,
-        # natural logs, like least_likely_normal_log_prob (the report shows the probabilities, exp of them)
-        "log_probability_bound": -event_threshold, "probability_bound_method": event_method,
-        "log_end_probability_bound": -end_threshold, "end_probability_bound_method": end_method,
-        "event_set_rule": co_occurrence is not None and co_occurrence.sets is not None,
-        "event_pair_rule": co_occurrence is not None and co_occurrence.pairs is not None,
-        "fitted_at": datetime.now().isoformat(timespec="seconds"),
-        "flagged_on_calibration": {rule: flagged[rule] / sessions for rule in RULES}, **plan}
-    calibration["expected_fpr"] = expected_rates(calibration)
-    return calibration
-
-
-def probability_bound_origin(calibration: dict) -> str:
-    """How the probability bounds were set, for reports and logs."""
-    if "end_probability_bound_method" in calibration:
-        return (f"target FPR {calibration['target_fpr']:g}, half for each bound; events: "
-                f"{calibration['probability_bound_method']}; end: {calibration['end_probability_bound_method']}")
-    if "target_fpr" in calibration:
-        return f"target FPR {calibration['target_fpr']:g}: {calibration['probability_bound_method']}"
-    return f"{calibration['probability_margin']} x least likely normal event"  # calibrations of older versions
-
-
-def probability_rule_text(calibration: dict) -> str:
-    """The probability rule in words, with its bounds."""
-    text = f"an actual event less likely than p={math.exp(log_probability_bound(calibration)):.3g}"
-    if calibration.get("log_end_probability_bound") is not None:
-        text += f" or an end of session less likely than p={math.exp(calibration['log_end_probability_bound']):.3g}"
-    return text
-
-
-RULE_WORDS = {"event_set": "a set of event types never seen together in training",
-              "event_pair": "two event types that never shared a training session",
-              "count_vector": "event counts farther from every normal training session than any of those is from "
-                              "its nearest other one (L1 distance > {distance:g})"}
-
-
-def rule_summary(calibration: dict, rule: str) -> str:
-    """What the decision rule does with these thresholds, and the false-positive rate to expect from it."""
-    bound = probability_rule_text(calibration)
-    if not calibration.get("unseen_events_flag", True):
-        bound += " (an event type never seen in training does not count by itself: see below)"
-    expected = calibration["flagged_on_calibration"].get(rule, 0.0)
-    parts = calibration.get("combined_rules", ["probability"] + ["event_set"] * bool(calibration["event_set_rule"])
-                            + ["event_pair"] * bool(calibration.get("event_pair_rule", False)))
-    words = {"probability": bound, **{name: text.format(distance=calibration.get("count_vector_distance") or 0)
-                                      for name, text in RULE_WORDS.items()}}
-    with_sets, with_pairs = calibration["event_set_rule"], calibration.get("event_pair_rule", False)
-    if rule == "combined" and not (with_sets or with_pairs) and parts == ["probability"]:
-        text = (f"'combined' is the LSTM's probability rule alone ({bound}), as no record of which event types "
-                f"occur together was kept (evaluation.event_set_rule and event_pair_rule false, or too many)")
-    elif rule == "combined":
-        text = "'combined': " + ", or ".join(words[part] for part in parts)
-        if not with_sets:
-            text += " (no record of event-type sets: more than 10,000, or evaluation.event_set_rule false)"
-        left_out = [name for name, normal in (calibration.get("novelty_is_normal") or {}).items() if normal]
-        if left_out:
-            novelty = calibration["novelty_on_training"]
-            brought = ", ".join(f"a new {name.replace('_', ' ')} ({novelty[name]})" for name in left_out)
-            text += (f" (left out: {brought} of the {calibration['training_sessions']} normal training sessions "
-                     f"bring one that no other has: such novelty is normal here)")
-    elif rule in words:
-        text = f"'{rule}': {words[rule]}"
-    else:
-        text = f"'{rule}'"
-    expectation = f"{expected:.3%} of the {calibration['sessions']} calibration sessions flagged"
-    rates = calibration.get("expected_fpr")
-    if rates and rule in rates and "target_fpr" in calibration:
-        expectation = (f"expected false-positive rate at most {rates[rule]:.3%} (the probability rule's target "
-                       f"{calibration['target_fpr']:g}" + (f", plus {CONFIDENCE:.0%} bounds from the "
-                       f"{calibration['training_sessions']} normal training sessions for the other rules"
-                       if rule != "probability" and calibration.get("training_sessions") else "") + "); "
-                       + expectation)
-    elif calibration.get("target_fpr") is not None and rule in ("combined", "probability"):  # older calibrations
-        flagged = calibration["flagged_on_calibration"]
-        records = max(flagged["event_set"] if with_sets else 0.0, flagged.get("event_pair", 0.0) if with_pairs else 0.0)
-        records = records if rule == "combined" else 0.0
-        expectation = (f"expected false-positive rate {calibration['target_fpr'] + records:.3%} (the probability "
-                       f"rule's target plus the co-occurrence rules on calibration); " + expectation)
-    return f"Decision rule {text}; {expectation}"
-
-
-def log_probability_bound(calibration: dict) -> float:
-    """The probability bound of a calibration, as a natural log: "log_probability_bound", or "probability_bound"
-    in calibrations written before the key was renamed (the same natural log under its old name)."""
-    return calibration["log_probability_bound" if "log_probability_bound" in calibration else "probability_bound"]
-
-
 def confusion(fp: float, normal: float, tp: float, abnormal: float) -> dict:
     """Counts and rates from the weights flagged abnormal (fp, tp) of the total normal and abnormal weights
     (every session counted as often as it occurs)."""
@@ -655,12 +214,6 @@ def confusion(fp: float, normal: float, tp: float, abnormal: float) -> dict:
     return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn), "precision": precision, "recall": recall,
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
             "fpr": fp / (fp + tn) if fp + tn else 0.0}
-
-
-def check_top_k(calibration: dict, top_k: int) -> None:
-    if top_k != calibration["top_k"]:
-        raise utils.ConfigError(f"the stored thresholds were fitted at top_k={calibration['top_k']}; "
-                                f"refit them with --calibrate-on DIR to use --top-k {top_k}")
 
 
 class SideTotals:
@@ -673,7 +226,7 @@ class SideTotals:
 
     SUMMED = ("predictions", "loss_sum", "loss_count", "unknown", *(f"misses_at_{k}" for k in ACCURACY_KS))
 
-    def __init__(self, scorer: ChunkScorer, calibration: dict, max_exact_scores: int = MAX_EXACT_SCORES):
+    def __init__(self, scorer: ChunkScorer, calibration: dict, max_exact_scores: int = cal.MAX_EXACT_SCORES):
         self.scorer, self.calibration = scorer, calibration
         self.sessions = self.score_sum = self.score_squared_deviations = 0.0
         self.sums = dict.fromkeys(self.SUMMED, 0.0)
@@ -718,11 +271,11 @@ class SideTotals:
 def evaluate(model, calibration: dict, normal: Iterable[list], abnormal: Iterable[list], top_k: int,
              default_rule: str, batch_size: int = 256, co_occurrence: CoOccurrence | None = None,
              max_cached: int = MAX_CACHED,
-             max_exact_scores: int = MAX_EXACT_SCORES) -> tuple[dict, dict]:
+             max_exact_scores: int = cal.MAX_EXACT_SCORES) -> tuple[dict, dict]:
     """Next-event metrics on normal sessions, score statistics and, with abnormal data, each rule's metrics.
     `normal` and `abnormal` are chunks of sessions, each read once, one side after the other. Returns the
     results and, for the plot, each side's histograms."""
-    check_top_k(calibration, top_k)
+    cal.check_top_k(calibration, top_k)
     ks = [*ACCURACY_KS, top_k, calibration["top_g"]]
     sides = {}
     for side, chunks in (("normal", normal), ("abnormal", abnormal)):
@@ -755,6 +308,15 @@ def evaluate(model, calibration: dict, normal: Iterable[list], abnormal: Iterabl
         results["false_positive_rate"] = {rule: n.flagged[rule] / n.sessions for rule in RULES}
         results["default"] = {"rule": default_rule, "fpr": results["false_positive_rate"][default_rule]}
     return results, {side: totals.histograms for side, totals in sides.items()}
+
+
+def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, target_fpr: float, source: str,
+                    default_rule: str, batch_size: int = 256, co_occurrence: CoOccurrence | None = None,
+                    max_cached: int = MAX_CACHED, max_exact_scores: int = cal.MAX_EXACT_SCORES) -> dict:
+    """calibration.fit on chunks of normal sessions, scored as evaluate() scores them."""
+    scorer = ChunkScorer(model, [top_k, top_g], batch_size, co_occurrence, max_cached, "calibrating")
+    return cal.fit(model, scorer, normal, top_k, top_g, target_fpr, source, default_rule, co_occurrence,
+                   batch_size * POSITIONS_PER_SESSION, max_exact_scores)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -803,14 +365,14 @@ def format_report(r: dict) -> str:
               f"  Calibrated on: {c['source']} ({c['sessions']} sessions)",
               "  Score thresholds: " + "  ".join(f"{p}={v:.4f}" for p, v in c["score_thresholds"].items()),
               f"  DeepLog top-g: g={c['top_g']}",
-              (f"  Probability rule: {probability_rule_text(c)} ({probability_bound_origin(c)}; natural logs "
-               f"log_probability_bound {log_probability_bound(c):.4f}"
+              (f"  Probability rule: {cal.probability_rule_text(c)} ({cal.probability_bound_origin(c)}; natural "
+               f"logs log_probability_bound {c['log_probability_bound']:.4f}"
                + (f", log_end_probability_bound {c['log_end_probability_bound']:.4f}"
-                  if c.get("log_end_probability_bound") is not None else "") + " in the JSON)"),
+                  if c["log_end_probability_bound"] is not None else "") + " in the JSON)"),
               f"  Event-set rule: {'on' if c['event_set_rule'] else 'off (no record of event sets from training)'}"
               f"    Event-pair rule: {'on' if c.get('event_pair_rule') else 'off (no record of event pairs)'}",
-              f"  {rule_summary(c, r['default']['rule'])}",
-              *(f"  WARNING: {w}" for w in calibration_warnings(c, r["default"]["rule"])),
+              f"  {cal.rule_summary(c, r['default']['rule'])}",
+              *(f"  WARNING: {w}" for w in cal.calibration_warnings(c, r["default"]["rule"])),
               "  Flagged on the calibration sessions (expected FPR): " + "  ".join(
                   f"{rule}={rate:.2%}" for rule, rate in c["flagged_on_calibration"].items()), ""]
     unknown = ", ".join(f"{side} {n}" for side, n in r["unknown_events"].items())
@@ -886,8 +448,9 @@ def plot_scores(histograms: dict, results, path: Path, logger) -> None:
         right.hist(LOG10_PROBABILITY_EDGES[:-1], LOG10_PROBABILITY_EDGES, weights=counts["log10_probability"],
                    alpha=0.6, label=label)
     draw_threshold_labels(left, calibration["score_thresholds"])
-    right.axvline(log_probability_bound(calibration) / math.log(10), color="red", linestyle="--", label="event bound")
-    if calibration.get("log_end_probability_bound") is not None:
+    right.axvline(calibration["log_probability_bound"] / math.log(10), color="red", linestyle="--",
+                  label="event bound")
+    if calibration["log_end_probability_bound"] is not None:
         right.axvline(calibration["log_end_probability_bound"] / math.log(10), color="tab:orange", linestyle=":",
                       label="end-of-session bound")
     left.set(title=f"anomaly score (fraction outside top-{top_k})", xlabel="score", ylabel="sessions", yscale="log")
@@ -972,8 +535,7 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
     preprocess.py names its raw log line ("at", "raw")."""
     top_k, totals = calibration["top_k"], Counter()
     out_name = out_name or getattr(out, "name", "the output")
-    bound = log_probability_bound(calibration) if rule in ("probability", "combined") else None
-    end_bound = calibration.get("log_end_probability_bound") if bound is not None else None
+    bound, end_bound = cal.miss_bounds(calibration, rule)
     scorer = ChunkScorer(model, [top_k, calibration["top_g"]], batch_size, co_occurrence, max_cached, "detecting")
     stopped: list[DataError] = []
     counters: dict = {}
@@ -1091,8 +653,8 @@ def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_p
 
 def log_rule(calibration: dict, rule: str, logger) -> None:
     """The decision rule and its expected false-positive rate, and a WARNING for what it cannot promise."""
-    logger.info(rule_summary(calibration, rule))
-    for warning in calibration_warnings(calibration, rule):
+    logger.info(cal.rule_summary(calibration, rule))
+    for warning in cal.calibration_warnings(calibration, rule):
         logger.warning(warning[0].upper() + warning[1:])
 
 
@@ -1100,7 +662,7 @@ def store_calibration(checkpoint_path, checkpoint: dict, calibration: dict, outp
     """Into the checkpoint (atomic rewrite) and calibration.json beside the outputs."""
     checkpoint["calibration"] = calibration
     utils.save_checkpoint(checkpoint, checkpoint_path)
-    utils.save_json(output_dir / "calibration.json", calibration)
+    cal.save_calibration(output_dir / "calibration.json", calibration)
 
 
 def validation_sessions(config: utils.Config, options: dict, chunk_size: int = CHUNK_SIZE,
@@ -1247,7 +809,7 @@ def check_stored_thresholds_are_apart(args, config: utils.Config, calibration: d
     """Thresholds fitted on the calibration half of the checkpoint's training data (the default) must not be
     evaluated on that data: --data-dir or --abnormal-dir sharing a file with it would score the sessions the
     thresholds were fitted on. (Without --data-dir, evaluate.py scores the other half: that is apart.)"""
-    if not str(calibration.get("source", "")).startswith("validation split of "):
+    if not calibration["source"].startswith("validation split of "):
         return
     try:
         training_files = {f.resolve() for f in list_data_files(config.data.preprocessed_dir)}
@@ -1286,16 +848,7 @@ def run(args, logger):
     options = utils.reader_options(config)
     calibration = checkpoint.get("calibration")
     if args.calibration:
-        try:
-            calibration = json.loads(Path(args.calibration).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise utils.ConfigError(f"{args.calibration}: unreadable calibration file ({error})") from None
-        missing = {"top_k", "top_g", "score_thresholds"} - set(calibration)
-        if "log_probability_bound" not in calibration and "probability_bound" not in calibration:
-            missing.add("log_probability_bound")  # older calibrations call it probability_bound
-        if missing:
-            raise utils.ConfigError(f"{args.calibration}: not a calibration.json "
-                                    f"(missing {', '.join(sorted(missing))})")
+        calibration = cal.load_calibration(args.calibration)
     if args.calibrate_on:
         check_calibration_is_apart(args, config)
         if "count_vectors" not in checkpoint and Path(config.data.preprocessed_dir).exists():
@@ -1305,18 +858,18 @@ def run(args, logger):
         normal = data_chunks(args.calibrate_on, config, "normal", logger)
         calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.target_fpr, args.calibrate_on,
                                       ev.decision_rule, ev.batch_size, co_occurrence)
-        utils.save_json(output_dir / "calibration.json", calibration)
+        cal.save_calibration(output_dir / "calibration.json", calibration)
         logger.info(f"Calibrated on {args.calibrate_on}: {output_dir / 'calibration.json'}")
     if calibration is None:
         raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (training was stopped before "
                                     f"it ended?); pass --calibrate-on DIR with normal sessions")
-    check_top_k(calibration, top_k)
+    cal.check_top_k(calibration, top_k)
     if not args.calibrate_on:
         check_stored_thresholds_are_apart(args, config, calibration)
     origin = ("fitted now, --calibrate-on" if args.calibrate_on else f"from {args.calibration}" if args.calibration
               else f"stored in {args.checkpoint}")
-    logger.info(f"Thresholds applied: {origin}; fitted on {calibration.get('source', 'unknown data')} at "
-                f"{calibration.get('fitted_at', 'an unknown time')}")
+    logger.info(f"Thresholds applied: {origin}; fitted on {calibration['source']} at "
+                f"{calibration['fitted_at'] or 'an unknown time'}")
     log_rule(calibration, ev.decision_rule, logger)
     if args.detect:
         try:

@@ -340,15 +340,12 @@ class DeepLog(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> "DeepLog":
-        """Build the model from a checkpoint written by train.py (weights_only load, no pickled code), scoring
-        in the windows it was trained with."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        model = cls(**checkpoint["model_args"])
-        model.load_state_dict(checkpoint["model_state_dict"])
-        model.use_training_windows(checkpoint)
-        model.calibration = checkpoint.get("calibration")
-        model.co_occurrence = CoOccurrence.from_checkpoint(checkpoint)
-        return model.eval()
+        """Build the model from a checkpoint written by train.py, validated by its one loader
+        (utils.load_checkpoint: weights_only, no pickled code, every key checked), with its calibration and
+        record of event types seen together in training, scoring in the windows it was trained with."""
+        import utils  # the checkpoint's owner (it imports this module lazily: no cycle)
+
+        return utils.model_from_checkpoint(utils.load_checkpoint(path, map_location), path)
 
     @torch.no_grad()
     def verdict(self, input_ids, rule: str | None = None) -> list[str]:
@@ -364,43 +361,10 @@ class DeepLog(nn.Module):
         co_occurrence = self.co_occurrence or CoOccurrence(self.vocab_size)
         scores["novel_set"], scores["novel_pair"] = co_occurrence.novel(sessions)
         scores["count_distance"] = co_occurrence.distance(sessions)
+        from calibration import verdicts  # the rules' owner (it imports this module: imported here, no cycle)
+
         flagged = verdicts(scores, self.calibration, rule or self.calibration["default_rule"])
         return ["abnormal" if abnormal else "normal" for abnormal in flagged.tolist()]
-
-
-def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
-    """True where a session is abnormal under `rule`, from its score columns (see evaluate.score_sessions)
-    and the calibration fitted on normal sessions. The one place the decision rules are written.
-    `combined` is any of the rules the calibration chose for it ("combined_rules"; before that choice was
-    made, probability, event_set and event_pair)."""
-    if rule == "combined":
-        flagged = np.zeros(len(scores["predictions"]), dtype=bool)
-        for part in calibration.get("combined_rules", ("probability", "event_set", "event_pair")):
-            flagged |= verdicts(scores, calibration, part)
-        return flagged
-    if rule == "event_set":
-        return scores["novel_set"] > 0
-    if rule == "event_pair":
-        return scores["novel_pair"] > 0
-    if rule == "count_vector":  # farther from every normal training session than any of them is from the others
-        distance = calibration.get("count_vector_distance")
-        return np.zeros(len(scores["predictions"]), dtype=bool) if distance is None else \
-            scores["count_distance"] > distance
-    if rule == "top_g":
-        return scores["max_rank"] >= calibration["top_g"]
-    if rule == "probability":
-        # natural logs; calibrations written before the key was renamed call it "probability_bound"
-        bound = calibration.get("log_probability_bound", calibration.get("probability_bound"))
-        end_bound = calibration.get("log_end_probability_bound")
-        if end_bound is None:  # calibrations from before the end of session had a bound of its own
-            return scores["min_log_prob"] < bound
-        # where training shows that new normal sessions often bring an event type it never had, such an
-        # event is not flagged by itself (the count-vector rule still counts it)
-        events = scores["min_event_log_prob" if calibration.get("unseen_events_flag", True)
-                        else "min_seen_event_log_prob"]
-        return (events < bound) | (scores["end_log_prob"] < end_bound)
-    top_k = calibration["top_k"]
-    return scores[f"misses_at_{top_k}"] / scores["predictions"] > calibration["score_thresholds"][rule[6:]]
 
 
 MAX_EVENT_PAIRS = 2_000_000  # beyond this many distinct pairs of co-occurring event types, the record is dropped

@@ -1012,10 +1012,7 @@ LOGGER = logging.getLogger("preprocess")
 
 
 def lock_output(output: Path) -> utils.OutputLock:
-    try:
-        return utils.OutputLock(output, LOGGER)
-    except utils.ConfigError as error:  # its message names train.py's flag
-        raise utils.ConfigError(str(error).replace("--output-dir", "--output")) from None
+    return utils.OutputLock(output, LOGGER, flag="--output")
 
 
 def structured_name(output: Path, structured: str | None) -> str | None:

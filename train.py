@@ -232,7 +232,8 @@ def resume_defaults(config: utils.Config, stored: dict, args) -> list[str]:
 
 def train(args, logger):
     config = resolve_config(args)
-    checkpoint = utils.load_checkpoint(args.resume) if args.resume else None  # read before anything is built
+    # read and validated before anything is built
+    checkpoint = utils.load_checkpoint(args.resume, for_resume=True) if args.resume else None
     from_checkpoint = resume_defaults(config, checkpoint["config"], args) if checkpoint is not None else []
     tc = config.training
     runtime = utils.setup_runtime(tc.device, tc.use_multi_gpu)

@@ -33,6 +33,9 @@ import numpy as np
 import torch
 import yaml
 
+if typing.TYPE_CHECKING:
+    from model import DeepLog
+
 
 # ----------------------------------------------------------------------------- config
 # The one place where defaults live. config.yaml overrides them, CLI flags override config.yaml.
@@ -147,7 +150,11 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
-class ConfigError(Exception):
+class UserError(Exception):
+    """Something the user gave us is wrong (a file, a flag, a setting): exit_on_user_error makes it one line."""
+
+
+class ConfigError(UserError):
     """A bad config file, key or value; the message names it."""
 
 
@@ -262,6 +269,10 @@ def _coerce(expected, value, dotted: str, source: str):
     return float(value) if expected is float else value
 
 
+def null_or_positive(value) -> bool:
+    return value is None or value >= 1
+
+
 def check_values(config: Config) -> None:
     def get(dotted):
         section, key = dotted.split(".")
@@ -280,7 +291,7 @@ def check_values(config: Config) -> None:
                "in [0, data.max_seq_length)"),
               ("training.max_grad_norm", config.training.max_grad_norm >= 0, ">= 0"),
               ("lazy_loading.num_workers", config.lazy_loading.num_workers >= 0, ">= 0"),
-              ("lazy_loading.cache_workers", (config.lazy_loading.cache_workers or 1) >= 1, "null or >= 1"),
+              ("lazy_loading.cache_workers", null_or_positive(config.lazy_loading.cache_workers), "null or >= 1"),
               ("training.warmup_steps", config.training.warmup_steps >= 0, ">= 0"),
               ("training.save_every_steps", config.training.save_every_steps >= 0, ">= 0"),
               ("training.min_lr_ratio", 0 <= config.training.min_lr_ratio <= 1, "in [0, 1]"),
@@ -288,8 +299,8 @@ def check_values(config: Config) -> None:
               ("evaluation.target_fpr", 0 < config.evaluation.target_fpr < 0.5, "in (0, 0.5)"),
               ("preprocess.similarity", 0 <= config.preprocess.similarity <= 1, "in [0, 1]"),
               ("preprocess.depth", config.preprocess.depth >= 3, ">= 3"),
-              ("preprocess.max_templates", (config.preprocess.max_templates or 1) >= 1, "null or >= 1"),
-              ("preprocess.session_idle", (config.preprocess.session_idle or 1) >= 1, "null or >= 1"),
+              ("preprocess.max_templates", null_or_positive(config.preprocess.max_templates), "null or >= 1"),
+              ("preprocess.session_idle", null_or_positive(config.preprocess.session_idle), "null or >= 1"),
               ("preprocess.max_open_sessions", config.preprocess.max_open_sessions >= 1, ">= 1"),
               ("preprocess.masks", all(isinstance(m, str) for m in config.preprocess.masks), "a list of strings")]
     for dotted, ok, rule in checks:
@@ -323,11 +334,11 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------------------- errors and files
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A missing, corrupt or incompatible checkpoint."""
 
 
-USER_ERRORS = (ConfigError, CheckpointError)  # dataset.DataError is added by the scripts
+USER_ERRORS = (UserError,)  # dataset.DataError (dataset.py imports nothing of utils) is added by the scripts
 
 
 def exit_on_user_error(main, errors: tuple, logger: logging.Logger | None = None):
@@ -377,7 +388,7 @@ class OutputLock:
     """One run per output directory: a second run there is refused, naming the holder (pid, host). The lock
     is an flock, so it dies with its process; a lock file whose holder has ended is taken over, with a warning."""
 
-    def __init__(self, output_dir: Path, logger: logging.Logger):
+    def __init__(self, output_dir: Path, logger: logging.Logger, flag: str = "--output-dir"):
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / ".lock"
         self.handle = open(self.path, "a+")  # noqa: SIM115 (held for the life of the run)
@@ -388,7 +399,7 @@ class OutputLock:
         except BlockingIOError:
             self.handle.close()
             raise ConfigError(f"{output_dir} is in use by another run ({holder or 'holder unknown'}): wait for it, "
-                              f"or pass another --output-dir") from None
+                              f"or pass another {flag}") from None
         if holder:
             logger.warning(f"Taking over {self.path}: its holder ({holder}) has ended")
         self.handle.seek(0)
@@ -434,9 +445,11 @@ def save_checkpoint(state: dict, path) -> None:
 ZIP_MAGIC = b"PK\x03\x04"  # how a zip archive, and so every torch.save file, begins
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint written by train.py, loaded with weights_only=True (never unpickling code); anything
-    else is one CheckpointError line saying what the file is."""
+def load_checkpoint(path, map_location="cpu", for_resume: bool = False) -> dict:
+    """A checkpoint written by train.py, loaded with weights_only=True (never unpickling code) and validated:
+    every key the code reads, with its type, shape and range (for_resume: also the training state). Its
+    calibration comes back in the current form (calibration.checked). Anything else is one CheckpointError
+    line naming the file and what is wrong."""
     path = Path(path)
     if path.is_dir():
         candidates = (path / "best_model.pt", path / "checkpoints" / "best_model.pt")
@@ -463,13 +476,125 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     missing = {"model_state_dict", "model_args", "config"} - set(checkpoint if isinstance(checkpoint, dict) else ())
     if missing:
         raise CheckpointError(f"{path}: not a DeepLog checkpoint (missing {', '.join(sorted(missing))})")
-    if checkpoint.get("count_vectors") is not None:
-        from model import CountVectors  # model imports nothing of utils: no cycle
-        try:
-            CountVectors.from_state(checkpoint["count_vectors"])
-        except ValueError as error:
-            raise CheckpointError(f"{path}: damaged checkpoint ({error})") from None
+    try:
+        _check_model_keys(checkpoint)
+        _check_records(checkpoint)
+        if for_resume:
+            _check_training_state(checkpoint)
+    except (ValueError, TypeError, KeyError, ConfigError) as error:
+        detail = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+        raise CheckpointError(f"{path}: damaged checkpoint ({detail})") from None
     return checkpoint
+
+
+MODEL_ARGS = {"vocab_size": int, "embedding_dim": int, "hidden_size": int, "num_layers": int, "dropout": float}
+
+
+def _expect(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_model_keys(checkpoint: dict) -> None:
+    """model_args, model_state_dict and config: the weights fit the arguments (checked on their shapes
+    before any model is built, so that an absurd vocab_size costs no memory), the config is a valid one."""
+    args, weights = checkpoint["model_args"], checkpoint["model_state_dict"]
+    _expect(isinstance(args, dict) and set(args) == set(MODEL_ARGS),
+            f"model_args must hold exactly {', '.join(MODEL_ARGS)}")
+    for key, kind in MODEL_ARGS.items():
+        value = args[key]
+        _expect(_is_int(value) and value >= 1 if kind is int else
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
+                f"model_args['{key}'] must be {'an int >= 1' if kind is int else 'a number in [0, 1)'}, "
+                f"got {value!r}"[:160])
+    _expect(isinstance(weights, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in weights.items()),
+            "model_state_dict must map names to tensors")
+    embedding = weights.get("embedding.weight")
+    expected = (args["vocab_size"] + 4, args["embedding_dim"])
+    _expect(embedding is not None and tuple(embedding.shape) == expected,
+            f"weights do not fit the stored model_args: embedding.weight is "
+            f"{list(embedding.shape) if embedding is not None else 'absent'}, they need {list(expected)}")
+    _expect(isinstance(checkpoint["config"], dict) and all(isinstance(v, dict) for v in checkpoint["config"].values()),
+            "config must be a mapping of sections")
+    config_from_dict(checkpoint["config"])   # a ConfigError names the key
+    scheme = checkpoint.get("split_scheme")
+    _expect(scheme is None or isinstance(scheme, str), "split_scheme must be a string")
+
+
+def _check_records(checkpoint: dict) -> None:
+    """What detection reads besides the weights: the event sets and pairs of training, the count vectors
+    and the calibration (upgraded to the current form here, the one place a stored one is read)."""
+    vocab_size = checkpoint["model_args"]["vocab_size"]
+    sets, pairs = checkpoint.get("event_sets"), checkpoint.get("event_pairs")
+    _expect(sets is None or isinstance(sets, list) and all(
+        isinstance(s, list) and all(_is_int(e) and 0 <= e < vocab_size for e in s) for s in sets),
+        f"event_sets must be null or lists of event IDs in [0, {vocab_size})")
+    if pairs is not None:
+        _expect(isinstance(pairs, torch.Tensor) and pairs.dim() == 2 and pairs.shape[1] == 2
+                and not pairs.is_floating_point() and pairs.dtype != torch.bool,
+                f"event_pairs must be an [n, 2] integer tensor, got "
+                f"{list(pairs.shape) if isinstance(pairs, torch.Tensor) else type(pairs).__name__}")
+        _expect(not len(pairs) or 0 <= int(pairs.min()) and int(pairs.max()) < vocab_size,
+                f"event_pairs must hold event IDs in [0, {vocab_size})")
+    if checkpoint.get("count_vectors") is not None:
+        from model import CountVectors  # model imports nothing of utils at the top: no cycle
+        CountVectors.from_state(checkpoint["count_vectors"])
+    if checkpoint.get("calibration") is not None:
+        import calibration
+        try:
+            checkpoint["calibration"] = calibration.checked(checkpoint["calibration"], "its calibration")
+        except calibration.CalibrationError as error:
+            raise ValueError(str(error)) from None
+
+
+def _check_training_state(checkpoint: dict) -> None:
+    """What a resume restores: each key of TrainState.state_dict with its type."""
+    for key in ("optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict", "early_stopping",
+                "history", "data_position"):
+        _expect(isinstance(checkpoint[key], dict), f"{key} must be a mapping")
+    _expect(_is_int(checkpoint["step"]) and checkpoint["step"] >= 0, "step must be an int >= 0")
+    history = checkpoint["history"]
+    _expect(set(history) == {"epoch", "train_loss", "val_loss", "learning_rate", "epoch_time"}
+            and all(isinstance(v, list) for v in history.values())
+            and len({len(v) for v in history.values()}) == 1, "history must hold five lists of one length")
+    position = checkpoint["data_position"]
+    for key, ok in (("epoch", lambda v: _is_int(v) and v >= 1), ("batches_done", lambda v: _is_int(v) and v >= 0),
+                    ("epoch_tokens", lambda v: _is_int(v) and v >= 0),
+                    ("epoch_loss_sum", lambda v: isinstance(v, (int, float)) and math.isfinite(v)),
+                    ("epoch_time", lambda v: isinstance(v, (int, float)) and v >= 0),
+                    ("order", lambda v: isinstance(v, dict))):
+        _expect(ok(position[key]), f"data_position['{key}'] is out of range or mistyped: {position[key]!r}"[:160])
+    stopping = checkpoint["early_stopping"]
+    _expect(isinstance(stopping.get("best_loss"), (int, float)) and _is_int(stopping.get("bad_epochs")),
+            "early_stopping must hold best_loss (a number) and bad_epochs (an int)")
+    states = checkpoint["rng_state"]
+    _expect(isinstance(states, list) and states and all(
+        isinstance(s, dict) and isinstance(s.get("torch"), torch.Tensor) and s["torch"].dtype == torch.uint8
+        and isinstance(s.get("numpy"), dict) and isinstance(s["numpy"].get("keys"), torch.Tensor)
+        and s["numpy"]["keys"].numel() == 624 and isinstance(s.get("python"), list) and len(s["python"]) == 3
+        and isinstance(s.get("cuda"), list) for s in states), "rng_state must hold every rank's RNG states")
+
+
+def model_from_checkpoint(checkpoint: dict, path) -> "DeepLog":
+    """The DeepLog of a loaded checkpoint (load_checkpoint), in eval mode on the CPU, with its calibration and
+    record of event types seen together in training, scoring in the windows it was trained with."""
+    from model import CoOccurrence, DeepLog
+
+    model = DeepLog(**checkpoint["model_args"])
+    try:
+        model.load_state_dict(checkpoint["model_state_dict"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not fit the stored model arguments {checkpoint['model_args']} "
+                              f"({str(error).splitlines()[0]})") from None
+    model.use_training_windows(checkpoint)
+    model.calibration = checkpoint.get("calibration")
+    model.co_occurrence = CoOccurrence.from_checkpoint(checkpoint)
+    return model.eval()
 
 
 def prune_checkpoints(directory: Path, prefix: str, keep: int) -> None:
@@ -517,11 +642,16 @@ class TrainState:
                 "split_scheme": SPLIT_SCHEME}
 
     def load_state_dict(self, checkpoint: dict) -> list[dict]:
-        """Restore everything but the RNGs, whose per-rank states are returned for the caller to apply."""
-        self.model.load_state_dict(checkpoint["model_state_dict"])
-        self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
-        self.scaler.load_state_dict(checkpoint["scaler_state_dict"])
+        """Restore everything but the RNGs, whose per-rank states are returned for the caller to apply
+        (a checkpoint validated by load_checkpoint(for_resume=True); what torch still refuses is one line)."""
+        try:
+            self.model.load_state_dict(checkpoint["model_state_dict"])
+            self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+            self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+            self.scaler.load_state_dict(checkpoint["scaler_state_dict"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"the checkpoint's training state does not fit this run "
+                                  f"({str(error).splitlines()[0][:200]})") from None
         self.early_stopping.load_state_dict(checkpoint["early_stopping"])
         self.history, self.step = checkpoint["history"], checkpoint["step"]
         position = checkpoint["data_position"]

@@ -63,3 +63,34 @@ def tiny_data(tmp_path, sample_sessions):
     (data / "b.jsonl").write_text("".join(json.dumps({"event_ids": s, "label": 0}) + "\n" for s in normal[80:160]))
     (data / "c.txt").write_text("".join(" ".join(map(str, s)) + "\n" for s in normal[160:]))
     return data
+
+
+def fixed_model(vocab_size=5):
+    """A model whose prediction ignores the input: class c has rank c (class 0 best, end-of-session last)."""
+    import torch
+
+    from model import DeepLog
+
+    model = DeepLog(vocab_size, embedding_dim=4, hidden_size=4, num_layers=1, dropout=0.0)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.arange(model.num_classes, 0, -1, dtype=torch.float))
+    return model.eval()
+
+
+def known(*sets, vocab_size=5):
+    """The record training would keep of these sets of event types: the sets and their pairs."""
+    from model import CoOccurrence, pairs_of_sets
+
+    return CoOccurrence(vocab_size, sets, pairs_of_sets(sets, vocab_size))
+
+
+def hand_calibration(**keys) -> dict:
+    """A calibration of the current form made by hand: these keys over a minimal one (no end-of-session
+    bound, combined = probability), upgraded and validated as a stored one would be."""
+    import calibration
+
+    base = {"top_k": 2, "top_g": 5, "sessions": 10, "score_thresholds": {"p90": 0.1, "p95": 0.2, "p99": 0.3},
+            "least_likely_normal_log_prob": -5.0, "log_probability_bound": -5.0, "event_set_rule": False,
+            "flagged_on_calibration": {}, "combined_rules": ["probability"]}
+    return calibration.checked({**base, **keys}, "hand-made calibration")

@@ -9,10 +9,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_script, write_config
+from conftest import REPO, fixed_model, hand_calibration, run_script, write_config
 
+import calibration as C
 import evaluate as E
-from model import CoOccurrence, CountVectors, DeepLog, pairs_of_sets, verdicts
+from calibration import verdicts
+from model import CoOccurrence, CountVectors, DeepLog, pairs_of_sets
 
 SEQUENCES = REPO.parent / "shared" / "data" / "sequences"
 
@@ -24,7 +26,7 @@ def _tail(k: int, n: int, p: float) -> float:
 
 @pytest.mark.parametrize("k,n", [(0, 1), (0, 50), (1, 4855), (3, 50), (7, 2447), (50, 50)])
 def test_binomial_bounds_are_clopper_pearson(k, n):
-    lower, upper = E.binomial_bounds(k, n)
+    lower, upper = C.binomial_bounds(k, n)
     if k == 0:
         assert lower == 0 and upper == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-6)
     else:
@@ -96,26 +98,26 @@ def _record(train, vocab_size):
 def test_plan_leaves_out_rules_whose_novelty_is_normal_in_training():
     rng = random.Random(2)
     varied = _random_sessions(rng, 50, 200, 6)         # most sessions bring types and sets no other has
-    plan = E.plan_rules(_record(varied, 200), 0.0005, 200)
+    plan = C.plan_rules(_record(varied, 200), 0.0005, 200)
     assert plan["combined_rules"] == ["probability", "count_vector"]
     assert not plan["unseen_events_flag"] and all(plan["novelty_is_normal"].values())
     assert plan["count_vector_distance"] == CountVectors.from_chunks([varied]).leave_one_out().max()
     # many identical sessions and two variants: no novelty worth the name, every rule is kept
     steady = [[1, 2, 3]] * 3000 + [[1, 2, 3, 3]] * 200 + [[1, 2]] * 200
-    plan = E.plan_rules(_record(steady, 20), 0.0005, 20)
+    plan = C.plan_rules(_record(steady, 20), 0.0005, 20)
     assert plan["combined_rules"] == ["probability", "event_set", "event_pair"]   # the finer tests
     assert plan["unseen_events_flag"] and plan["count_vector_distance"] == 0.0
     # without the count record (older checkpoints): the earlier combination
     old = CoOccurrence(20, {frozenset(s) for s in steady}, None)
-    assert E.plan_rules(old, 0.0005, 20)["combined_rules"] == ["probability", "event_set"]
+    assert C.plan_rules(old, 0.0005, 20)["combined_rules"] == ["probability", "event_set"]
 
 
 def test_verdicts_of_the_count_vector_rule_and_unseen_events():
     scores = {"predictions": np.array([3.0, 3, 3]), "count_distance": np.array([0.0, 2, 3]),
               "min_event_log_prob": np.array([-1.0, -np.inf, -1]), "min_seen_event_log_prob": np.array([-1.0, -1, -1]),
               "end_log_prob": np.zeros(3), "novel_set": np.array([0.0, 1, 0]), "novel_pair": np.zeros(3)}
-    calibration = {"log_probability_bound": -5.0, "log_end_probability_bound": -5.0, "count_vector_distance": 2.0,
-                   "combined_rules": ["probability", "count_vector"], "unseen_events_flag": False}
+    calibration = hand_calibration(log_end_probability_bound=-5.0, count_vector_distance=2.0,
+                                   combined_rules=["probability", "count_vector"], unseen_events_flag=False)
     assert verdicts(scores, calibration, "count_vector").tolist() == [False, False, True]
     assert verdicts(scores, calibration, "probability").tolist() == [False, False, False]   # unseen: not alone
     assert verdicts(scores, calibration, "combined").tolist() == [False, False, True]       # event_set left out
@@ -137,16 +139,16 @@ def test_few_calibration_sessions_are_stated_with_a_bound_and_what_to_do():
     rates = calibration["expected_fpr"]
     assert rates["count_vector"] == pytest.approx(1 / 41)
     assert rates["combined"] == pytest.approx(sum(rates[r] for r in ("probability", "count_vector")))
-    warnings = E.calibration_warnings(calibration, "combined")
+    warnings = C.calibration_warnings(calibration, "combined")
     assert any("5 calibration session(s), too few" in w and "--calibrate-on" in w for w in warnings)
     assert any("up to 2.49%" in w for w in warnings)   # combined's own bound is above 1%: said as a warning
-    summary = E.rule_summary(calibration, "combined")
+    summary = C.rule_summary(calibration, "combined")
     assert f"at most {rates['combined']:.3%}" in summary and "left out" in summary
     # enough calibration sessions and a large, steady training set: no warning
     steady = [[1, 2, 3]] * 3000 + [[1, 2, 3, 3]] * 200
     calibration = E.fit_calibration(_model(8), [steady[:500]], 3, 9, 0.0005, "steady", "combined",
                                     co_occurrence=_record(steady, 8))
-    assert E.calibration_warnings(calibration, "combined") == []
+    assert C.calibration_warnings(calibration, "combined") == []
     assert calibration["expected_fpr"]["combined"] < 0.005
 
 
@@ -187,3 +189,99 @@ def test_a_damaged_count_vector_record_is_one_line_naming_the_checkpoint(tmp_pat
         utils.load_checkpoint(path)
     done = run_script("evaluate.py", "--checkpoint", path, "--data-dir", path)
     assert done.returncode != 0 and "Traceback" not in done.stderr and "count_vectors" in done.stderr
+
+
+def test_weighted_percentile_counts_duplicates():
+    values, weights = np.array([0.0, 0.5, 1.0]), np.array([97.0, 2.0, 1.0])
+    assert C.weighted_percentile(values, weights, 90) == 0.0
+    assert C.weighted_percentile(values, weights, 98) == 0.5
+    assert C.weighted_percentile(values, weights, 99) == 0.5
+    assert C.weighted_percentile(values, weights, 100) == 1.0
+
+
+def test_target_fpr_threshold_is_the_exact_quantile_with_enough_sessions():
+    values = np.arange(1.0, 10001.0)                          # 10,000 sessions, one score each
+    threshold, method = C.target_fpr_threshold(values, np.ones_like(values), 10000.0, 0.001)
+    assert threshold == 9990.0 and (values > threshold).sum() == 10 and method.startswith("empirical quantile")
+    # weights count like repeated sessions; an infinite score (an event never seen) uses up the target
+    weighted, _ = C.target_fpr_threshold(np.array([1.0, 2.0, 3.0]), np.array([9970.0, 20.0, 10.0]), 10000.0, 0.001)
+    assert weighted == 2.0
+    with_inf, _ = C.target_fpr_threshold(np.array([1.0, 2.0, 3.0, math.inf]), np.array([9970.0, 20.0, 5.0, 5.0]),
+                                         10000.0, 0.001)
+    assert with_inf == 2.0   # 5 infinite + 5 above 2.0 = 10 flagged: the target
+
+
+def test_below_one_in_n_the_threshold_is_the_model_implied_one_never_below_the_calibration_sessions():
+    """With 500 sessions a rate of 1/2000 is not observable: the model's own estimate is used, unless it would
+    flag more than the target of the calibration sessions themselves (then the largest score allowed)."""
+    values = np.arange(1.0, 501.0)
+    threshold, method = C.target_fpr_threshold(values, np.ones_like(values), 500.0, 0.0005, implied=612.5)
+    assert threshold == 612.5 and method.startswith("model-implied at 0.0005")
+    threshold, method = C.target_fpr_threshold(values, np.ones_like(values), 500.0, 0.0005, implied=300.0)
+    assert threshold == 500.0 and method.startswith("the calibration sessions' bound")
+    threshold, method = C.target_fpr_threshold(values, np.ones_like(values), 500.0, 0.0005)
+    assert threshold == 500.0 and method.startswith("largest calibration score allowed")
+    # with enough sessions the data decides, whatever the model says
+    many = np.arange(1.0, 100001.0)
+    assert C.target_fpr_threshold(many, np.ones_like(many), 1e5, 0.0005, implied=1e9)[0] == 99950.0
+
+
+def test_implied_tail_sums_the_model_probability_mass_below_each_bound():
+    model = fixed_model()                       # every position: p_c = e^(6-c) / z, the end (5) least likely
+    log_p = [6 - c - math.log(sum(math.exp(i) for i in range(1, 7))) for c in range(6)]
+    tail = C.ImpliedTail()
+    tail.add(model, [(0, 1), (2,)], np.array([2.0, 1.0]), max_tokens=32)   # 3 x 2 + 2 x 1 = 8 positions
+    bin_of = [int(-lp / C.SURPRISAL_BIN) for lp in log_p]
+    for c in range(5):
+        assert tail.event[bin_of[c]] == pytest.approx(8 * math.exp(log_p[c]))
+    assert tail.end[bin_of[5]] == pytest.approx(8 * math.exp(log_p[5])) and tail.end.sum() == tail.end[bin_of[5]]
+    assert tail.event.sum() == pytest.approx(8 * (1 - math.exp(log_p[5])))
+    # at most 0.1 per session of 3: class 4's mass (8 x 0.0116) fits, with class 3's (8 x 0.0316) it does not
+    assert tail.threshold("event", 0.1, 3.0) == pytest.approx((bin_of[3] + 1) * C.SURPRISAL_BIN)
+    assert tail.threshold("end", 0.1, 3.0) == 0.0            # all of the end's mass fits: every end is flagged
+    model.seen_events[4] = False                              # an event never seen in training takes no part
+    unseen = C.ImpliedTail()
+    unseen.add(model, [(0, 1), (2,)], np.array([2.0, 1.0]))
+    assert unseen.event[bin_of[4]] == 0.0 and unseen.event[bin_of[3]] == pytest.approx(tail.event[bin_of[3]])
+
+
+def test_calibration_tail_keeps_the_largest_rows_of_either_column_in_bounded_memory():
+    tail = C.CalibrationTail(max_kept=100)
+    rng = np.random.default_rng(1)
+    event, end = rng.permutation(np.arange(1000.0)), rng.permutation(np.arange(1000.0))
+    for rows in np.array_split(np.arange(1000), 37):
+        tail.add(event[rows], end[rows], rows % 2 == 0, np.ones(len(rows)))
+    assert len(tail.rows) <= 400 and tail.total == 1000.0
+    kept_events, kept_ends = set(tail.event.tolist()), set(tail.end.tolist())
+    assert set(np.arange(900.0, 1000.0)) <= kept_events and set(np.arange(900.0, 1000.0)) <= kept_ends
+    assert C.target_fpr_threshold(tail.event, tail.weights, tail.total, 0.01)[0] == 989.0
+    row_of_value = np.argsort(event)            # the row that carried each event value, and so its flag
+    assert (tail.novel == (row_of_value[tail.event.astype(int)] % 2 == 0)).all()
+
+
+def test_thresholds_fitted_at_another_k_are_refused():
+    model = fixed_model()
+    calibration = E.fit_calibration(model, [[(0,)]], 2, 5, 0.001, "hand", "combined")
+    with pytest.raises(C.CalibrationError, match="fitted at top_k=2"):
+        E.evaluate(model, calibration, [[(0,)]], [], top_k=3, default_rule="combined")
+
+
+def test_percentile_sketch_beyond_the_cap_stays_within_its_error():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.integers(0, 50, 3000) / rng.integers(50, 400, 3000), [0.0, 0.25, 0.5, 1.0]])
+    weights = rng.integers(1, 20, len(values)).astype(float)
+    exact, sketch = C.ScoreQuantiles(), C.ScoreQuantiles(max_exact=100)
+    for begin in range(0, len(values), 250):
+        exact.add(values[begin:begin + 250], weights[begin:begin + 250])
+        sketch.add(values[begin:begin + 250], weights[begin:begin + 250])
+    assert exact.method == "exact" and sketch.method == "histogram of 65536 bins, error <= 1.53e-05"
+    for q in (1, 50, 90, 95, 99, 100):
+        true = C.weighted_percentile(values, weights, q)
+        assert exact.percentile(q) == true
+        assert 0 <= sketch.percentile(q) - true <= 1 / 65536
+        assert sketch.weight_above(sketch.percentile(q)) == weights[values > sketch.percentile(q)].sum()
+    # values on a bin's upper edge stay exact; 0 stands for the first bin's upper edge
+    tiny = C.ScoreQuantiles(max_exact=1)
+    tiny.add(np.array([0.0, 0.5, 1.0]), np.array([97.0, 2.0, 1.0]))
+    assert [tiny.percentile(q) for q in (90, 98, 100)] == [1 / 65536, 0.5, 1.0]
+    assert tiny.weight_above(0.5) == 1.0

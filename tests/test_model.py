@@ -30,8 +30,11 @@ def test_encode_adds_start_and_end_and_maps_unknown_ids():
 
 
 # ----------------------------------------------------------------------------- scoring in windows
+import math  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from conftest import fixed_model  # noqa: E402
 
 from dataset import make_windows  # noqa: E402
 from model import window_spans  # noqa: E402
@@ -125,3 +128,39 @@ def test_diagnose_names_positions_of_long_sessions_in_session_order():
     assert positions == sorted(positions) and 50 in positions
     assert all(m["actual"] == (session[m["position"]] if m["position"] < len(session) else "<end>") for m in misses)
     assert model.diagnose([session], top_k=3, max_misses=2)[0] == misses[:2]
+
+
+def test_anomaly_score_counts_start_and_end_predictions():
+    model = fixed_model()        # 6 classes: events 0..4 and end (5), ranked 0..5
+    # [0, 3]: predictions 0 (hit at k=2), 3 (miss), end (miss) -> 2 of 3
+    # [1]:    predictions 1 (hit), end (miss)                  -> 1 of 2
+    scores = model.calculate_anomaly_score([[0, 3], [1]], top_k=2)
+    assert scores.tolist() == pytest.approx([2 / 3, 1 / 2])
+    assert model.calculate_anomaly_score([0, 3], top_k=2).tolist() == pytest.approx([2 / 3])
+    padded = torch.tensor([[0, 3], [1, -1]])
+    assert model.calculate_anomaly_score(padded, top_k=2).tolist() == pytest.approx([2 / 3, 1 / 2])
+    assert model.calculate_anomaly_score([[0, 3]], top_k=6).tolist() == [0.0]   # every class in the top 6
+
+
+def test_unknown_and_unseen_events_are_misses_at_every_k():
+    model = fixed_model()
+    assert model.calculate_anomaly_score([[0, 9]], top_k=6).tolist() == pytest.approx([1 / 3])  # 9 >= vocab
+    # ID 5 == vocab_size is unknown, not the end-of-session class (5): a miss even at k = 6
+    assert model.calculate_anomaly_score([[5]], top_k=6).tolist() == pytest.approx([1 / 2])
+    assert model.diagnose([[0, 9]], top_k=2)[0][0]["actual"] == 9
+    model.seen_events[2] = False      # event 2 never occurred in training
+    assert model.calculate_anomaly_score([[2]], top_k=6).tolist() == pytest.approx([1 / 2])
+    ranks, log_probs = model.prediction_ranks(*model.encode([[2, 9]]))
+    assert ranks.tolist() == [[6, 6, 5]] and math.isinf(log_probs[0, 0]) and math.isinf(log_probs[0, 1])
+
+
+def test_diagnose_names_position_actual_and_expected():
+    model = fixed_model()
+    report = model.diagnose([[0, 3]], top_k=2)
+    assert report == [[
+        {"position": 1, "actual": 3, "probability": pytest.approx(math.exp(3) / sum(math.exp(i) for i in range(1, 7))),
+         "expected": [0, 1]},
+        {"position": 2, "actual": "<end>", "probability": pytest.approx(math.exp(1) / sum(math.exp(i) for i in
+                                                                                          range(1, 7))),
+         "expected": [0, 1]}]]
+    assert len(model.diagnose([[0, 3]], top_k=2, max_misses=1)[0]) == 1
