@@ -51,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", help="where logs, checkpoints and reports go (training.output_dir)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (training.device)")
     parser.add_argument("--seed", type=int, help="seed for weights, split, shuffling and dropout (training.seed)")
+    parser.add_argument("--overwrite", action="store_true", help="train into an output directory that holds "
+                        "another run's files: move them to OUTPUT_DIR/previous_runs/RUN_ID first")
     return parser.parse_args(argv)
 
 
@@ -238,21 +240,17 @@ def train(args, logger):
     tc = config.training
     runtime = utils.setup_runtime(tc.device, tc.use_multi_gpu)
     output_dir = Path(tc.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
+    utils.setup_logger(None, runtime.is_master, logger=logger)   # the console only, until the folder is ours
+    run = claim_output(output_dir, checkpoint, args, runtime, logger)
     utils.setup_logger(str(output_dir), runtime.is_master, logger=logger)
-    if runtime.is_master:  # one run per output directory; what a killed run left half-written goes
-        atexit.register(utils.OutputLock(output_dir, logger).release)
-        utils.remove_stale_temp_files(output_dir)
+    if run is not None:
+        logger.info(f"Run {run.run_id} in {output_dir}")
+        if run.moved_aside:
+            logger.warning(f"--overwrite: the files of the run that was in {output_dir} moved to {run.moved_aside}")
     if from_checkpoint:
         logger.info(f"Resuming with the checkpoint's settings where no flag gives them: {', '.join(from_checkpoint)}")
-    if checkpoint is not None and checkpoint.get("split_scheme") != utils.SPLIT_SCHEME:
-        logger.warning(f"{args.resume} was written with an earlier validation split: the sessions held out now "
-                       f"differ from those held out before the stop")
-    if checkpoint is not None and checkpoint["model_args"] != vars(config.model):
-        differing = {k: (v, vars(config.model).get(k)) for k, v in checkpoint["model_args"].items()
-                     if vars(config.model).get(k) != v}
-        raise utils.CheckpointError(f"{args.resume}: the model differs from the config's "
-                                    + ", ".join(f"{k} {old} vs {new}" for k, (old, new) in differing.items()))
+    if checkpoint is not None:
+        check_resumable(checkpoint, config, args.resume, logger)
     utils.seed_everything(tc.seed)
     logger.info(f"Device: {runtime.device} | processes: {runtime.world_size} | DataParallel GPUs: "
                 f"{runtime.data_parallel_gpus} | ijson backend: {IJSON_BACKEND} | torch {torch.__version__}")
@@ -267,6 +265,64 @@ def train(args, logger):
         utils.save_config(config, output_dir / "config.yaml")
 
     # ---------------------------------------------------------------- model, optimizer, schedule, precision
+    state, model, amp_dtype = build_training(config, data, runtime, logger)
+    state.run = run
+    if checkpoint is not None:
+        resume(state, checkpoint, args.resume, runtime, logger)
+
+    # ---------------------------------------------------------------- the loop, then the evaluation
+    stop_signal = utils.StopSignal()
+    run_start = time.time()
+    stopped = run_epochs(state, model, data, runtime, amp_dtype, rank_batch_size, stop_signal, logger)
+    if stopped is not None:
+        return stopped
+    best = output_dir / "checkpoints" / "best_model.pt"
+    logger.info(f"Training finished in {utils.format_duration(time.time() - run_start)} | best loss "
+                f"{state.early_stopping.best_loss:.4f}{' (early stop)' if state.stopped_early else ''} | "
+                f"best model: {best}")
+    utils.barrier(runtime)
+    stop_signal.raise_now = True  # from here a signal stops the evaluation at once
+    exit_code = 0
+    if tc.evaluate_after_training and runtime.is_master and best.exists():
+        exit_code = evaluate_after_training(best, config, stop_signal, logger)
+    if runtime.distributed:
+        torch.distributed.destroy_process_group()
+    return exit_code
+
+
+def claim_output(output_dir: Path, checkpoint: dict | None, args, runtime: utils.Runtime, logger):
+    """One run per output directory, and one run's files in it: the lock (no two runs at once) and the run
+    record (no new run over another's checkpoints, unless --overwrite moves them aside). Master only; a
+    refusal stops every rank with the same message."""
+    run, error = None, None
+    if runtime.is_master:
+        try:
+            atexit.register(utils.OutputLock(output_dir, logger).release)
+            utils.remove_stale_temp_files(output_dir)   # what a killed run left half-written
+            run = utils.RunRecord.claim(output_dir, checkpoint, args.resume, args.overwrite)
+        except utils.ConfigError as refused:
+            error = str(refused)
+    errors = [e for e in utils.all_gather(error, runtime) if e]
+    if errors:
+        raise utils.ConfigError(errors[0])
+    return run
+
+
+def check_resumable(checkpoint: dict, config: utils.Config, resume_path: str, logger) -> None:
+    if checkpoint.get("split_scheme") != utils.SPLIT_SCHEME:
+        logger.warning(f"{resume_path} was written with an earlier validation split: the sessions held out now "
+                       f"differ from those held out before the stop")
+    if checkpoint["model_args"] != vars(config.model):
+        differing = {k: (v, vars(config.model).get(k)) for k, v in checkpoint["model_args"].items()
+                     if vars(config.model).get(k) != v}
+        raise utils.CheckpointError(f"{resume_path}: the model differs from the config's "
+                                    + ", ".join(f"{k} {old} vs {new}" for k, (old, new) in differing.items()))
+
+
+def build_training(config: utils.Config, data: Data, runtime: utils.Runtime, logger):
+    """The model (wrapped for DDP or DataParallel), optimizer, LR schedule, precision and early stopping,
+    in one TrainState; returns it, the model to call and the autocast dtype."""
+    tc = config.training
     raw_model = DeepLog(**vars(config.model))
     if data.seen_targets is not None:  # events absent from training data are misses at detection time
         raw_model.seen_events.zero_()[data.seen_targets] = True
@@ -298,26 +354,36 @@ def train(args, logger):
                                                                            "window_context")},
                         **{f"lazy_loading.{k}": getattr(config.lazy_loading, k)
                            for k in ("cache", "buffer_size", "shuffle_buffer", "length_bucketing", "num_workers")}}
+    state.total_steps = total_steps
     logger.info(f"Model: {sum(p.numel() for p in raw_model.parameters()):,} parameters {vars(config.model)} | "
                 f"precision: {amp_dtype or torch.float32}{' + GradScaler' if use_loss_scaling else ''} | "
                 f"{data.steps_per_epoch} steps/epoch x {tc.epochs} epochs, batch {tc.batch_size}")
-    if checkpoint is not None:
-        order, rng_states = dict(state.data_order), state.load_state_dict(checkpoint)
-        saved_order = checkpoint["data_position"].get("order", {})
-        changed = [f"{k} {saved_order[k]} -> {v}" for k, v in order.items() if k in saved_order and saved_order[k] != v]
-        if changed:
-            logger.warning(f"Resuming with other settings than the checkpoint's ({', '.join(changed)}): the batch "
-                           f"order differs, so training continues, but not bit-exactly")
-        utils.set_rng_state(rng_states[runtime.rank % len(rng_states)])
-        logger.info(f"Resumed from {args.resume}: epoch {state.epoch}, batch {state.batches_done}, step {state.step}")
+    return state, model, amp_dtype
 
-    # ---------------------------------------------------------------- the loop
+
+def resume(state: utils.TrainState, checkpoint: dict, resume_path: str, runtime: utils.Runtime, logger) -> None:
+    """Everything the checkpoint saved, this rank's RNG states included: the run continues bit-exactly
+    under the same settings."""
+    order, rng_states = dict(state.data_order), state.load_state_dict(checkpoint)
+    saved_order = checkpoint["data_position"].get("order", {})
+    changed = [f"{k} {saved_order[k]} -> {v}" for k, v in order.items() if k in saved_order and saved_order[k] != v]
+    if changed:
+        logger.warning(f"Resuming with other settings than the checkpoint's ({', '.join(changed)}): the batch "
+                       f"order differs, so training continues, but not bit-exactly")
+    utils.set_rng_state(rng_states[runtime.rank % len(rng_states)])
+    logger.info(f"Resumed from {resume_path}: epoch {state.epoch}, batch {state.batches_done}, step {state.step}")
+
+
+def run_epochs(state: utils.TrainState, model, data: Data, runtime, amp_dtype, rank_batch_size: int,
+               stop_signal: utils.StopSignal, logger) -> int | None:
+    """The training loop, from where the state is to the last epoch or an early stop; a stop signal saves a
+    step checkpoint and returns the exit code (None: training ran to its end)."""
+    tc = state.config.training
+    checkpoint_dir = Path(tc.output_dir) / "checkpoints"
     gpu_monitor = utils.GPUMonitor(logger) if runtime.is_master else None
-    stop_signal = utils.StopSignal()
     run_start, steps_this_run = time.time(), 0
     window = utils.LossWindow(runtime.device)
     model.train()
-    stopped_early = False
     for epoch in range(state.epoch, tc.epochs + 1):
         state.start_epoch(epoch)
         data.train.set_epoch(epoch)
@@ -336,8 +402,8 @@ def train(args, logger):
                     # this rank's tokens x ranks: the ranks' batches are alike in size
                     batches.tokens += window.flush_into(state) * runtime.world_size
                     last_loss = (loss_sum / tokens.clamp(min=1)).item()
-                    logger.info(step_line(state, last_loss, time.time() - run_start, steps_this_run, total_steps,
-                                          gpu_monitor, batches))
+                    logger.info(step_line(state, last_loss, time.time() - run_start, steps_this_run,
+                                          state.total_steps, gpu_monitor, batches))
                 if gpu_monitor and gpu_monitor.handles and state.step % tc.gpu_stats_every_steps == 0:
                     for line in gpu_monitor.details():
                         logger.info(line)
@@ -345,8 +411,7 @@ def train(args, logger):
                     batches.tokens += window.flush_into(state) * runtime.world_size
                     state.epoch_time = time.time() - epoch_start
                     state.save(checkpoint_dir / f"step_{state.step}.pt", runtime)
-                    if runtime.is_master:
-                        utils.prune_checkpoints(checkpoint_dir, "step", tc.keep_last_checkpoints)
+                    state.prune("step", tc.keep_last_checkpoints)
                 if stop_signal.check(runtime, state.step, tc.log_every_steps):
                     window.flush_into(state)
                     state.epoch_time = time.time() - epoch_start
@@ -359,21 +424,10 @@ def train(args, logger):
         progress.close()
         window.flush_into(state)
         if end_of_epoch(state, model, data, runtime, amp_dtype, rank_batch_size, time.time() - epoch_start,
-                        output_dir, logger):
-            stopped_early = True
+                        Path(tc.output_dir), logger):
+            state.stopped_early = True
             break
-
-    logger.info(f"Training finished in {utils.format_duration(time.time() - run_start)} | best loss "
-                f"{early_stopping.best_loss:.4f}{' (early stop)' if stopped_early else ''} | "
-                f"best model: {checkpoint_dir / 'best_model.pt'}")
-    utils.barrier(runtime)
-    stop_signal.raise_now = True  # from here a signal stops the evaluation at once
-    exit_code = 0
-    if tc.evaluate_after_training and runtime.is_master and (checkpoint_dir / "best_model.pt").exists():
-        exit_code = evaluate_after_training(checkpoint_dir / "best_model.pt", config, stop_signal, logger)
-    if runtime.distributed:
-        torch.distributed.destroy_process_group()
-    return exit_code
+    return None
 
 
 def evaluate_after_training(best: Path, config: utils.Config, stop_signal: utils.StopSignal, logger) -> int:
@@ -418,8 +472,7 @@ def end_of_epoch(state: utils.TrainState, model, data: Data, runtime, amp_dtype,
     checkpoint_dir = output_dir / "checkpoints"
     if config.training.save_every_epoch:
         state.save(checkpoint_dir / f"epoch_{epoch}.pt", runtime)
-        if runtime.is_master:
-            utils.prune_checkpoints(checkpoint_dir, "epoch", config.training.keep_last_checkpoints)
+        state.prune("epoch", config.training.keep_last_checkpoints)
     if is_best:
         state.save(checkpoint_dir / "best_model.pt", runtime)
     if config.early_stopping.enabled and state.early_stopping.should_stop:

@@ -413,6 +413,106 @@ class OutputLock:
         self.handle.close()
 
 
+RUN_FILE = "run.json"       # in an output directory: which run owns it, and the checkpoints it wrote
+PREVIOUS_RUNS = "previous_runs"   # --overwrite moves another run's files here, one folder per run
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
+
+
+class RunRecord:
+    """A training run's claim on its output directory (run.json: its id, when it started, the checkpoints it
+    wrote). A new run is refused a directory that holds another run's files unless told to move them aside;
+    pruning removes only checkpoints this run wrote. Call claim() while holding the OutputLock."""
+
+    def __init__(self, output_dir: Path, run_id: str, started: str, checkpoints: list[str]):
+        self.output_dir, self.run_id, self.started, self.checkpoints = output_dir, run_id, started, checkpoints
+        self.moved_aside: Path | None = None   # where --overwrite moved another run's files
+
+    @classmethod
+    def read(cls, output_dir: Path) -> "RunRecord | None":
+        """The run.json there, or None (absent); a damaged one is a ConfigError naming it."""
+        path = output_dir / RUN_FILE
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            record = cls(output_dir, data["run_id"], data["started"], data["checkpoints"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path}: damaged run record; move the folder aside or pass --overwrite") from None
+        if not (isinstance(record.run_id, str) and isinstance(record.started, str) and isinstance(
+                record.checkpoints, list) and all(isinstance(c, str) and "/" not in c for c in record.checkpoints)):
+            raise ConfigError(f"{path}: damaged run record; move the folder aside or pass --overwrite")
+        return record
+
+    @classmethod
+    def claim(cls, output_dir: Path, resumed: dict | None, resume_path: str | None, overwrite: bool
+              ) -> "RunRecord":
+        """This run's record: a new one, or (resuming) the one of the run the checkpoint belongs to. Another
+        run's files there are refused, naming that run and the ways out, or with `overwrite` moved aside."""
+        existing = cls.read(output_dir)
+        checkpoint_dir = output_dir / "checkpoints"
+        found = sorted(p.name for p in checkpoint_dir.glob("*.pt")) if checkpoint_dir.is_dir() else []
+        if existing is not None and not found:
+            existing = None   # a run that ended before its first checkpoint (bad data): nothing to keep
+        run_id = (resumed or {}).get("run_id") or new_run_id()
+        same_run = resumed is not None and (existing.run_id == run_id if existing is not None else
+                                            Path(resume_path).resolve().parent == checkpoint_dir.resolve())
+        if (existing is not None or found) and not same_run:
+            if not overwrite:
+                raise ConfigError(cls._refusal(output_dir, existing, found))
+            moved_to = cls._move_aside(output_dir, existing)
+            existing, found = None, []
+        else:
+            moved_to = None
+        if existing is not None:
+            return existing
+        # a new run, or a resume into a new folder or a folder of checkpoints written before run records:
+        # the checkpoints there are the resumed run's
+        record = cls(output_dir, run_id, time.strftime("%Y-%m-%dT%H:%M:%S"), found if same_run else [])
+        record.moved_aside = moved_to
+        record.save()
+        return record
+
+    @staticmethod
+    def _refusal(output_dir: Path, existing: "RunRecord | None", found: list[str]) -> str:
+        who = (f"run {existing.run_id} (started {existing.started})" if existing is not None
+               else "a run without a run record")
+        newest = max(found, key=lambda n: (output_dir / "checkpoints" / n).stat().st_mtime)
+        holds = f"{len(found)} checkpoint(s), the newest checkpoints/{newest}"
+        return (f"{output_dir} holds the files of another training run, {who}: {holds}. Continue it with "
+                f"--resume {output_dir / 'checkpoints' / newest}, train into "
+                f"another --output-dir, or pass --overwrite to move its files to {output_dir / PREVIOUS_RUNS}/")
+
+    @staticmethod
+    def _move_aside(output_dir: Path, existing: "RunRecord | None") -> Path:
+        target = output_dir / PREVIOUS_RUNS / (existing.run_id if existing is not None else new_run_id())
+        target.mkdir(parents=True, exist_ok=False)
+        for entry in sorted(output_dir.iterdir()):
+            if entry.name not in (".lock", PREVIOUS_RUNS):
+                os.replace(entry, target / entry.name)
+        return target
+
+    def save(self) -> None:
+        save_json(self.output_dir / RUN_FILE, {"run_id": self.run_id, "started": self.started,
+                                                "checkpoints": sorted(set(self.checkpoints))})
+
+    def wrote(self, name: str) -> None:
+        if name not in self.checkpoints:
+            self.checkpoints.append(name)
+            self.save()
+
+    def prune(self, prefix: str, keep: int) -> None:
+        """Keep the newest `keep` of this run's checkpoints named prefix_N.pt (by N); others' are never touched."""
+        own = sorted((n for n in self.checkpoints if re.fullmatch(rf"{prefix}_\d+\.pt", n)),
+                     key=lambda n: int(n[len(prefix) + 1:-3]))
+        for name in own[:-keep]:
+            (self.output_dir / "checkpoints" / name).unlink(missing_ok=True)
+            self.checkpoints.remove(name)
+        self.save()
+
+
 def atomic_write(path, write) -> None:
     """Write to a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
@@ -522,8 +622,8 @@ def _check_model_keys(checkpoint: dict) -> None:
     _expect(isinstance(checkpoint["config"], dict) and all(isinstance(v, dict) for v in checkpoint["config"].values()),
             "config must be a mapping of sections")
     config_from_dict(checkpoint["config"])   # a ConfigError names the key
-    scheme = checkpoint.get("split_scheme")
-    _expect(scheme is None or isinstance(scheme, str), "split_scheme must be a string")
+    for key in ("split_scheme", "run_id"):
+        _expect(checkpoint.get(key) is None or isinstance(checkpoint[key], str), f"{key} must be a string")
 
 
 def _check_records(checkpoint: dict) -> None:
@@ -597,13 +697,6 @@ def model_from_checkpoint(checkpoint: dict, path) -> "DeepLog":
     return model.eval()
 
 
-def prune_checkpoints(directory: Path, prefix: str, keep: int) -> None:
-    """Keep the newest `keep` files named prefix_N.pt (by N)."""
-    found = sorted(directory.glob(f"{prefix}_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
-    for old in found[:-keep]:
-        old.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------- training state
 class TrainState:
     """What a checkpoint saves and a resume restores, in one place, so that both read as one schema: the
@@ -621,6 +714,8 @@ class TrainState:
         self.event_sets: list | None = None
         self.event_pairs: torch.Tensor | None = None
         self.data_order: dict = {}  # the settings that fix the batch order: a resume under others is not exact
+        self.run: RunRecord | None = None   # the master's claim on the output directory (None on other ranks)
+        self.total_steps, self.stopped_early = 0, False
 
     def start_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -639,7 +734,7 @@ class TrainState:
                 "config": config_to_dict(self.config), "world_size": len(rng_states),
                 "event_sets": self.event_sets,  # which event types co-occur in normal training sessions
                 "event_pairs": self.event_pairs,  # and which pairs of them share one: [n, 2] IDs
-                "split_scheme": SPLIT_SCHEME}
+                "split_scheme": SPLIT_SCHEME, "run_id": self.run.run_id if self.run is not None else None}
 
     def load_state_dict(self, checkpoint: dict) -> list[dict]:
         """Restore everything but the RNGs, whose per-rank states are returned for the caller to apply
@@ -669,6 +764,13 @@ class TrainState:
         states = all_gather(rng_state(), runtime)
         if runtime.is_master:
             save_checkpoint(self.state_dict(states), path)
+            if self.run is not None:
+                self.run.wrote(Path(path).name)
+
+    def prune(self, prefix: str, keep: int) -> None:
+        """Keep this run's newest `keep` checkpoints named prefix_N.pt (master only: it owns the record)."""
+        if self.run is not None:
+            self.run.prune(prefix, keep)
 
 
 # How dataset.split_draws assigns sessions to the validation split and its halves. Checkpoints record it:

@@ -423,3 +423,62 @@ def test_one_very_long_session_trains_and_skips_the_evaluation_with_a_warning(tm
     assert result.returncode == 0, result.stderr
     assert "Evaluation after training skipped:" in result.stdout and "no normal sessions" in result.stdout
     assert (tmp_path / "o" / "checkpoints" / "best_model.pt").exists()
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_a_new_run_into_another_runs_folder_is_refused_and_overwrite_moves_it_aside(tmp_path, tiny_data):
+    """A run owns its output folder: a second run there is refused, naming the first and the ways out, and
+    leaves every file alone; --overwrite moves the first run's files aside, so the folder holds one run."""
+    config = write_config(tmp_path / "config.yaml", {"training": {"epochs": 1}})
+    out = tmp_path / "out"
+    first = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", out)
+    assert first.returncode == 0, first.stderr
+    first_run = json.loads((out / "run.json").read_text())
+    assert sorted(first_run["checkpoints"]) == sorted(p.name for p in (out / "checkpoints").glob("*.pt"))
+    before = _files(out)
+    refused = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", out)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert f"run {first_run['run_id']}" in refused.stderr and "--resume" in refused.stderr
+    assert "--overwrite" in refused.stderr and "--output-dir" in refused.stderr
+    assert _files(out) == before                                       # nothing written, nothing removed
+    replaced = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", out,
+                          "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    aside = out / "previous_runs" / first_run["run_id"]
+    assert _files(aside) == before                                     # the first run, whole, beside
+    second_run = json.loads((out / "run.json").read_text())
+    assert second_run["run_id"] != first_run["run_id"]
+    own = {p.name for p in (out / "checkpoints").glob("*.pt")}
+    assert own == set(second_run["checkpoints"]) and "best_model.pt" in own
+    checkpoint = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
+    assert checkpoint["run_id"] == second_run["run_id"]
+
+
+def test_pruning_removes_only_the_checkpoints_of_the_run_that_wrote_them(tmp_path):
+    import utils
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "epoch_8.pt", "epoch_9.pt"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"x")
+    record = utils.RunRecord(tmp_path, "this-run", "now", ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt"])
+    record.prune("epoch", 2)        # epoch_8 and epoch_9 are not this run's: never the newest two of it
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == [
+        "epoch_2.pt", "epoch_3.pt", "epoch_8.pt", "epoch_9.pt"]
+    assert json.loads((tmp_path / "run.json").read_text())["checkpoints"] == ["epoch_2.pt", "epoch_3.pt"]
+
+
+def test_resume_continues_the_same_run_in_its_folder(straight_run, tmp_path):
+    _, config, data, out, _ = straight_run
+    folder = tmp_path / "out"
+    import shutil
+    shutil.copytree(out, folder)
+    run_id = json.loads((folder / "run.json").read_text())["run_id"]
+    result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", folder,
+                        "--resume", folder / "checkpoints" / "step_7.pt")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((folder / "run.json").read_text())
+    assert record["run_id"] == run_id
+    assert torch.load(folder / "checkpoints" / "best_model.pt", weights_only=True)["run_id"] == run_id
