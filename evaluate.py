@@ -320,19 +320,21 @@ def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, targe
 
 
 # ----------------------------------------------------------------------------- reports
-def report_paths(output_dir: Path, tag: str | None) -> tuple[Path, Path]:
-    """evaluation_results_YYYYMMDD[_tag].json; a second run the same day adds the time, never overwrites."""
-    now = datetime.now()
-    day = now.strftime("%Y%m%d") + (f"_{tag}" if tag else "")
-    timed = day + now.strftime("_%H%M%S")
-    for stem in [day, timed] + [f"{timed}_{n}" for n in range(2, 10000)]:
-        if not (output_dir / f"evaluation_results_{stem}.json").exists():
-            return output_dir / f"evaluation_results_{stem}.json", output_dir / f"evaluation_report_{stem}.txt"
-    raise RuntimeError("no free report file name")
+def output_name(output_dir: Path, prefix: str, checkpoint_path, tag: str | None, suffix: str) -> Path:
+    """PREFIX_<checkpoint>_<YYYYmmdd-HHMMSS>[_tag]SUFFIX in output_dir: which checkpoint and when, so that no
+    evaluation overwrites or is confused with another (a second one in the same second adds _2, _3, ...)."""
+    stem = f"{Path(checkpoint_path).stem}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for unique in [stem] + [f"{stem}_{n}" for n in range(2, 10000)]:
+        path = output_dir / f"{prefix}_{unique}{f'_{tag}' if tag else ''}{suffix}"
+        if not path.exists():
+            return path
+    raise OSError(f"{output_dir}: no free name for {prefix}_{stem}")
 
 
 def write_reports(results: dict, histograms: dict, output_dir: Path, tag: str | None, logger) -> tuple[Path, Path]:
-    json_path, text_path = report_paths(output_dir, tag)
+    json_path = output_name(output_dir, "evaluation_results", results["checkpoint"], tag, ".json")
+    text_path = json_path.with_name(json_path.name.replace("evaluation_results", "evaluation_report")
+                                    .replace(".json", ".txt"))
     utils.save_json(json_path, results)
     utils.atomic_write_text(text_path, format_report(results))
     logger.info(f"Evaluation results: {json_path} | report: {text_path}")
@@ -774,7 +776,7 @@ def parse_args(argv=None):
     parser.add_argument("--top-k", type=int, help="k of the anomaly score (default: evaluation.top_k)")
     parser.add_argument("--rule", choices=RULES, help="decision rule (default: evaluation.decision_rule)")
     parser.add_argument("--calibrate-on", help="refit the thresholds on these normal sessions first "
-                        "(saved as OUTPUT_DIR/calibration.json; never the data being scored)")
+                        "(saved as OUTPUT_DIR/calibration_CHECKPOINT_TIME.json; never the data being scored)")
     parser.add_argument("--calibration", help="use thresholds from this calibration.json")
     parser.add_argument("--detect", help="score these sessions without metrics: one JSON line per session")
     parser.add_argument("--output", help="with --detect: write the JSON lines here (default: stdout)")
@@ -831,6 +833,7 @@ def main(argv=None):
 
 
 def run(args, logger):
+    """evaluate.py: the thresholds to apply (stored, given or fitted now), then detection or the evaluation."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(args.checkpoint, device)
     co_occurrence = known_co_occurrence(checkpoint)
@@ -845,7 +848,20 @@ def run(args, logger):
         logger.handlers[0].setStream(sys.stderr)
     top_k = args.top_k or ev.top_k
     config.data.skip_bad_records = config.data.skip_bad_records or args.skip_bad_records
-    options = utils.reader_options(config)
+    calibration = applied_calibration(args, model, checkpoint, co_occurrence, config, top_k, output_dir, logger)
+    if args.detect:
+        return run_detection(args, model, calibration, co_occurrence, config, logger)
+    normal, abnormal, paths = evaluation_sources(args, checkpoint, config, logger)
+    run_evaluation(model, args.checkpoint, calibration, normal, abnormal, paths, config, output_dir, top_k, args.tag,
+                   logger, co_occurrence)
+    return 0
+
+
+def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: utils.Config, top_k: int,
+                        output_dir: Path, logger) -> dict:
+    """The thresholds this run applies: fitted now on --calibrate-on (and saved), read from --calibration,
+    or stored in the checkpoint; never fitted on the data being scored."""
+    ev = config.evaluation
     calibration = checkpoint.get("calibration")
     if args.calibration:
         calibration = cal.load_calibration(args.calibration)
@@ -854,12 +870,14 @@ def run(args, logger):
         if "count_vectors" not in checkpoint and Path(config.data.preprocessed_dir).exists():
             # a checkpoint the evaluation after training never completed (epoch_N.pt, a stopped run):
             # the record of its training sessions, from the training data, for the rule plan
-            record_count_vectors(checkpoint, co_occurrence, config, options, logger)
+            record_count_vectors(checkpoint, co_occurrence, config, utils.reader_options(config), logger)
         normal = data_chunks(args.calibrate_on, config, "normal", logger)
         calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.target_fpr, args.calibrate_on,
                                       ev.decision_rule, ev.batch_size, co_occurrence)
-        cal.save_calibration(output_dir / "calibration.json", calibration)
-        logger.info(f"Calibrated on {args.calibrate_on}: {output_dir / 'calibration.json'}")
+        # beside the run's own calibration.json, never over it: named after the checkpoint and the time
+        path = output_name(output_dir, "calibration", args.checkpoint, args.tag, ".json")
+        cal.save_calibration(path, calibration)
+        logger.info(f"Calibrated on {args.calibrate_on}: {path} (pass it to --calibration to reuse it)")
     if calibration is None:
         raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (training was stopped before "
                                     f"it ended?); pass --calibrate-on DIR with normal sessions")
@@ -871,27 +889,37 @@ def run(args, logger):
     logger.info(f"Thresholds applied: {origin}; fitted on {calibration['source']} at "
                 f"{calibration['fitted_at'] or 'an unknown time'}")
     log_rule(calibration, ev.decision_rule, logger)
-    if args.detect:
-        try:
-            out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 (closed below, not stdout)
-        except OSError as error:
-            raise utils.ConfigError(f"--output {args.output}: cannot write ({error.strerror})") from None
-        records, raw_lines = raw_log_records(args.parser_state, args.detect) if args.parser_state else (None, None)
-        try:
-            totals = detect(model, calibration, args.detect, options, ev.decision_rule, out, ev.batch_size,
-                            co_occurrence, out_name=f"--output {args.output}" if args.output else "stdout",
-                            records=records, raw_lines=raw_lines)
-        finally:
-            if args.output:
-                out.close()  # nothing left to write: detect() flushed every chunk, or cut back a failed one
-        logger.info(f"Detection ({ev.decision_rule} rule) on {args.detect}: {totals.get('abnormal', 0)} abnormal, "
-                    f"{totals.get('normal', 0)} normal sessions")
-        if config.data.skip_bad_records:
-            first = f"; the first: {totals['first_bad_record']}" if totals["bad_records"] else ""
-            log = logger.warning if totals["bad_records"] else logger.info
-            plural = "" if totals["bad_records"] == 1 else "s"
-            log(f"Skipped {totals['bad_records']} bad record{plural} (--skip-bad-records){first}")
-        return 0
+    return calibration
+
+
+def run_detection(args, model, calibration: dict, co_occurrence, config: utils.Config, logger) -> int:
+    """--detect: one JSON line per session to --output (or stdout), then what was found and skipped."""
+    ev = config.evaluation
+    try:
+        out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 (closed below, not stdout)
+    except OSError as error:
+        raise utils.ConfigError(f"--output {args.output}: cannot write ({error.strerror})") from None
+    records, raw_lines = raw_log_records(args.parser_state, args.detect) if args.parser_state else (None, None)
+    try:
+        totals = detect(model, calibration, args.detect, utils.reader_options(config), ev.decision_rule, out,
+                        ev.batch_size, co_occurrence, out_name=f"--output {args.output}" if args.output else "stdout",
+                        records=records, raw_lines=raw_lines)
+    finally:
+        if args.output:
+            out.close()  # nothing left to write: detect() flushed every chunk, or cut back a failed one
+    logger.info(f"Detection ({ev.decision_rule} rule) on {args.detect}: {totals.get('abnormal', 0)} abnormal, "
+                f"{totals.get('normal', 0)} normal sessions")
+    if config.data.skip_bad_records:
+        first = f"; the first: {totals['first_bad_record']}" if totals["bad_records"] else ""
+        log = logger.warning if totals["bad_records"] else logger.info
+        plural = "" if totals["bad_records"] == 1 else "s"
+        log(f"Skipped {totals['bad_records']} bad record{plural} (--skip-bad-records){first}")
+    return 0
+
+
+def evaluation_sources(args, checkpoint: dict, config: utils.Config, logger) -> tuple[Iterator, Iterator, dict]:
+    """The normal and abnormal chunks to evaluate, and where each came from: --data-dir (its labels) or the
+    evaluation half of the checkpoint's validation split, plus --abnormal-dir (or the config's)."""
     if args.data_dir:
         normal = data_chunks(args.data_dir, config, "normal", logger)
         abnormal = data_chunks(args.data_dir, config, "abnormal", logger)
@@ -901,18 +929,14 @@ def run(args, logger):
             raise utils.CheckpointError(f"{args.checkpoint} was trained with an earlier assignment of sessions to "
                                         f"the validation split, which this version cannot reproduce: pass "
                                         f"--data-dir with sessions it never trained on")
-        _, normal, abnormal = validation_sessions(config, options, logger=logger)
+        _, normal, abnormal = validation_sessions(config, utils.reader_options(config), logger=logger)
         normal_path = f"{config.data.preprocessed_dir} (validation split, evaluation half)"
     abnormal_dir = args.abnormal_dir or (None if args.data_dir else config.data.abnormal_dir)
     if abnormal_dir:
         abnormal = itertools.chain(abnormal, data_chunks(abnormal_dir, config, "all", logger))
     # where the abnormal sessions come from: the labels of the scored data, and the abnormal directory
     labelled = f"label 1 in {args.data_dir or config.data.preprocessed_dir}"
-    abnormal_sources = ", ".join(filter(None, [abnormal_dir, labelled]))
-    run_evaluation(model, args.checkpoint, calibration, normal, abnormal,
-                   {"normal": normal_path, "abnormal": abnormal_sources}, config, output_dir, top_k, args.tag, logger,
-                   co_occurrence)
-    return 0
+    return normal, abnormal, {"normal": normal_path, "abnormal": ", ".join(filter(None, [abnormal_dir, labelled]))}
 
 
 if __name__ == "__main__":

@@ -87,16 +87,16 @@ def test_calibration_and_rules_on_hand_made_sessions():
     assert results["unknown_events"] == {"normal": 0, "abnormal": 1}
 
 
-def test_report_names_never_overwrite(tmp_path):
-    first = E.report_paths(tmp_path, None)[0]
-    first.write_text("{}")
-    second = E.report_paths(tmp_path, None)[0]
-    second.write_text("{}")
-    third = E.report_paths(tmp_path, None)[0]
-    assert len({first, second, third}) == 3
-    assert re.fullmatch(r"evaluation_results_\d{8}\.json", first.name)
-    assert re.fullmatch(r"evaluation_results_\d{8}_\d{6}\.json", second.name)
-    assert E.report_paths(tmp_path, "dev")[0].name.endswith("_dev.json")
+def test_report_names_say_which_checkpoint_and_never_overwrite(tmp_path):
+    names = []
+    for _ in range(3):
+        path = E.output_name(tmp_path, "evaluation_results", "out/checkpoints/epoch_3.pt", None, ".json")
+        path.write_text("{}")
+        names.append(path.name)
+    assert len(set(names)) == 3
+    assert re.fullmatch(r"evaluation_results_epoch_3_\d{8}-\d{6}\.json", names[0])
+    assert all(re.fullmatch(r"evaluation_results_epoch_3_\d{8}-\d{6}(_\d)?\.json", name) for name in names)
+    assert E.output_name(tmp_path, "evaluation_results", "best_model.pt", "dev", ".json").name.endswith("_dev.json")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -176,7 +176,9 @@ def test_calibrate_on_refits_and_saves(trained, tmp_path):
     result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir", data,
                         "--output-dir", tmp_path, "--calibrate-on", quiet_day, "--top-k", "3")
     assert result.returncode == 0, result.stdout + result.stderr
-    calibration = json.loads((tmp_path / "calibration.json").read_text())
+    refitted, = tmp_path.glob("calibration_best_model_*.json")     # beside the run's, never over it
+    assert not (tmp_path / "calibration.json").exists()
+    calibration = json.loads(refitted.read_text())
     assert calibration["source"] == str(quiet_day) and calibration["top_k"] == 3 and calibration["sessions"] == 100
     results = json.loads(next(tmp_path.glob("evaluation_results_*.json")).read_text())
     assert results["calibration"] == calibration and "false_positive_rate" in results
