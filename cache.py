@@ -72,6 +72,7 @@ from dataset import (
     DataError,
     SessionArrays,
     _format_of,
+    calibration_half,
     excerpt,
     iter_session_arrays,
     list_data_files,
@@ -329,7 +330,7 @@ def _build_part(task: _Task) -> dict:
             laid_out, local_starts = lay_out(arrays.tokens, arrays.lengths, vocab or 0, dtype)
             sizes = arrays.lengths + 2
             validation = split_draws(task.file, arrays.indexes, settings.seed) < settings.validation_split
-            calibration = split_draws(task.file, arrays.indexes, settings.seed + 1) < 0.5
+            calibration = calibration_half(task.file, arrays.indexes, settings.seed)
             flags = (arrays.labels | (validation.astype(np.uint8) << 1) | (calibration.astype(np.uint8) << 2))
             if vocab is not None:
                 trained = (flags & (FLAG_ABNORMAL | FLAG_VALIDATION)) == 0

@@ -611,6 +611,12 @@ def is_validation(file: str, index: int, seed: int, validation_split: float) -> 
     return validation_split > 0 and bool(split_draws(file, [index], seed)[0] < validation_split)
 
 
+def calibration_half(file: str, indexes, seed: int) -> np.ndarray:
+    """Which sessions of the validation split fit the thresholds (True) and which are evaluated with them:
+    halved by another draw than the split's, so neither half ever scores what the other fitted."""
+    return split_draws(file, indexes, seed + 1) < 0.5
+
+
 def make_windows(event_ids: list[int], vocab_size: int, max_seq_length: int, window_context: int):
     """Session -> training samples (inputs, targets), each at most max_seq_length positions: the session's
     layout (model.lay_out: inputs [start, e1..en], targets [e1..en, end]) cut by model.window_table, the

@@ -10,16 +10,16 @@ Examples:
     python evaluate.py --checkpoint outputs/checkpoints/best_model.pt --detect data/sample/new \\
         --output outputs/detections.jsonl                 # one JSON line per session, streaming
     python evaluate.py --checkpoint outputs/hdfs_raw/train/checkpoints/best_model.pt \
-        --detect /logs/today/ --parser-state outputs/hdfs_raw/parser_state.json   # raw logs, via preprocess.py
+        --detect /logs/today/ --parser-state outputs/hdfs_raw/parser_state.json   # raw logs (preprocess.py)
 
 Scores. For every session the model predicts each next event from the start token to the end of the session.
 Per session we keep: the anomaly score (fraction of predictions whose actual event is outside the top-k), the
 worst rank (DeepLog's rule: abnormal when any event is outside the top-g), the lowest probability the model
 gave an actual event and the probability it gave the session's end (the probability rule bounds each), whether
-its set of event types ever occurred in a normal training session (the event_set rule) and whether every pair
-of its event types shared one (the event_pair rule); `combined`, the default, is any of the three. Thresholds
-are fitted on normal sessions only (calibration), stored with the model, and never fitted on the data being
-scored.
+its set of event types ever occurred in a normal training session (the event_set rule), whether every pair
+of its event types shared one (the event_pair rule) and how far its event counts are from the nearest normal
+training session's (the count_vector rule). The rules and their thresholds are calibration.py's: fitted on
+normal sessions only, stored with the model, and never fitted on the data being scored.
 
 Memory does not grow with the data: sessions stream from their source in chunks (CHUNK_SIZE) and every
 metric is a sum accumulated chunk by chunk, the same numbers as if every distinct session were scored at
@@ -27,9 +27,9 @@ once and weighted by its count. Identical sessions are scored once per chunk, an
 they are among the MAX_CACHED most recently seen (of at most MAX_CACHED_LENGTH events). In the results,
 "distinct" (per side; "distinct_sessions" in calibration and timing) is exact while that cache never
 overflowed and null otherwise; "scored" always counts the sessions the model actually scored. Score
-percentiles (the thresholds) are exact up to MAX_EXACT_SCORES distinct score values, then taken from a
-65536-bin histogram, at most 1.53e-05 above the exact value ("percentile_method" says which). The
-scoring time includes reading the data.
+percentiles are exact up to calibration.MAX_EXACT_SCORES distinct score values, then taken from a histogram
+of calibration.SKETCH_BINS bins, never below the exact value ("percentile_method" says which and how far
+above it may be). The scoring time includes reading the data.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ import calibration as cal
 import utils
 from cache import build_caches, cache_settings, default_cache_dir, session_chunks
 from calibration import PERCENTILES, RULES, ScoreQuantiles, anomaly_scores, verdicts
-from dataset import DataError, Record, is_validation, iter_sessions, list_data_files
+from dataset import DataError, Record, calibration_half, is_validation, iter_sessions, list_data_files
 from model import MAX_COUNT_VECTORS, MAX_RECORD_SESSIONS, CoOccurrence, CountVectors, DeepLog
 
 ACCURACY_KS = (1, 5, 10, 20)
@@ -72,7 +72,8 @@ LOG10_PROBABILITY_EDGES = np.linspace(-30 / math.log(10), 0, 61)     # and of th
 # ----------------------------------------------------------------------------- loading
 def load_model(checkpoint_path, device: torch.device) -> tuple[DeepLog, dict]:
     """The checkpoint (validated by its one loader) and its model on `device`, in eval mode."""
-    checkpoint = utils.load_checkpoint(checkpoint_path, map_location="cpu")  # works without the GPU it was saved on
+    # map to the CPU first: a checkpoint loads without the GPU it was saved on
+    checkpoint = utils.load_checkpoint(checkpoint_path, map_location="cpu")
     return utils.model_from_checkpoint(checkpoint, checkpoint_path).to(device), checkpoint
 
 
@@ -83,7 +84,8 @@ def known_co_occurrence(checkpoint: dict) -> CoOccurrence:
 
 
 # ----------------------------------------------------------------------------- sources of sessions
-def chunked(sessions: Iterable, chunk_size: int = CHUNK_SIZE, max_events: int = CHUNK_EVENTS) -> Iterator[list]:
+def chunked(sessions: Iterable, chunk_size: int = CHUNK_SIZE,
+            max_events: int = CHUNK_EVENTS) -> Iterator[list]:
     """Consecutive items in lists of at most `chunk_size` items and, past the first item, `max_events` events
     (an item is a sequence of events, or a Record), so that long sessions make short chunks; none empty."""
     chunk, events = [], 0
@@ -98,12 +100,14 @@ def chunked(sessions: Iterable, chunk_size: int = CHUNK_SIZE, max_events: int = 
         yield chunk
 
 
-def file_chunks(path, options: dict, abnormal: bool | None = None, chunk_size: int = CHUNK_SIZE) -> Iterator[list]:
+def file_chunks(path, options: dict, abnormal: bool | None = None,
+                chunk_size: int = CHUNK_SIZE) -> Iterator[list]:
     """The event-ID lists of the sessions under `path` in chunks, read in one streaming pass when iterated:
     those labelled abnormal (abnormal=True), the others (False) or all (None). IDs are not checked against
     the vocabulary here: an unknown ID is scored as a miss, not rejected."""
     records = iter_sessions(path, None, **options)
-    return chunked((r.event_ids for r in records if abnormal is None or bool(r.label) == abnormal), chunk_size)
+    wanted = (r.event_ids for r in records if abnormal is None or bool(r.label) == abnormal)
+    return chunked(wanted, chunk_size)
 
 
 def data_chunks(path, config: utils.Config, wanted: str, logger=None) -> Iterator[list]:
@@ -111,10 +115,17 @@ def data_chunks(path, config: utils.Config, wanted: str, logger=None) -> Iterato
     With lazy_loading.cache they come from the token cache of each file (built on first use, with IDs left
     unchecked: unknown IDs are scored as misses), else from one streaming pass over the files."""
     if not config.lazy_loading.cache:
-        return file_chunks(path, utils.reader_options(config), abnormal={"normal": False, "abnormal": True}.get(wanted))
-    entries = build_caches(path, cache_settings(config, None), config.lazy_loading.cache_dir or default_cache_dir(),
-                           config.lazy_loading.cache_workers, logger or logging.getLogger("deeplog"))
-    return session_chunks(entries, wanted)
+        abnormal = {"normal": False, "abnormal": True}.get(wanted)
+        return file_chunks(path, utils.reader_options(config), abnormal=abnormal)
+    return session_chunks(cache_entries(path, config, None, logger), wanted)
+
+
+def cache_entries(path, config: utils.Config, vocab_size: int | None, logger=None) -> list[Path]:
+    """The token-cache entries of the files under `path`, built on first use (vocab_size None: IDs left
+    unchecked, for data to score)."""
+    loading = config.lazy_loading
+    return build_caches(path, cache_settings(config, vocab_size), loading.cache_dir or default_cache_dir(),
+                        loading.cache_workers, logger or logging.getLogger("deeplog"))
 
 
 def nonempty(chunks: Iterable[list]) -> Iterator[list] | None:
@@ -133,8 +144,9 @@ def score_columns(top_ks) -> list[str]:
 
 def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: int = 256,
                    co_occurrence: CoOccurrence | None = None) -> dict[str, np.ndarray]:
-    """Score distinct sessions: arrays aligned with `sessions`, the columns of DeepLog.session_scores (computed
-    in the windows of training, in batches of batch_size x POSITIONS_PER_SESSION positions), plus novel_set
+    """Score distinct sessions: arrays aligned with `sessions`, the columns of DeepLog.session_scores
+    (computed in the windows of training, in batches of batch_size x POSITIONS_PER_SESSION positions), plus
+    novel_set
     (1 when the session's set of event types never occurred in a normal training session) and novel_pair (1
     when two of its event types never shared one): both 0 where `co_occurrence` holds no such record."""
     columns = model.session_scores(sessions, top_ks, batch_size * POSITIONS_PER_SESSION)
@@ -154,26 +166,29 @@ class ChunkScorer:
     """Scores chunks of sessions. Identical sessions are scored once within a chunk, and across chunks while
     their scores are cached: the `max_cached` most recently seen distinct sessions of at most
     MAX_CACHED_LENGTH events. Others are scored again (the same numbers, more work), so memory holds one
-    chunk and the cache whatever the data size: about 0.6 KB a cached session of 20 events (60 MB for
-    MAX_CACHED), and 8 bytes (36 for IDs above 256, Python's shared small ints) for each further event."""
+    chunk and the cache whatever the data size (a tuple and a row of scores per cached session)."""
 
-    def __init__(self, model: DeepLog, top_ks, batch_size: int = 256, co_occurrence: CoOccurrence | None = None,
-                 max_cached: int = MAX_CACHED, desc: str = "scoring"):
-        self.model, self.top_ks, self.batch_size, self.co_occurrence = model, top_ks, batch_size, co_occurrence
+    def __init__(self, model: DeepLog, top_ks, batch_size: int = 256,
+                 co_occurrence: CoOccurrence | None = None, max_cached: int = MAX_CACHED,
+                 desc: str = "scoring"):
+        self.model, self.top_ks, self.batch_size = model, top_ks, batch_size
+        self.co_occurrence = co_occurrence
         self.max_cached, self.desc, self.columns = max_cached, desc, score_columns(top_ks)
-        self.slots: OrderedDict[tuple, int] = OrderedDict()  # session -> its row in self.rows, least recent first
+        # session -> its row in self.rows, least recent first
+        self.slots: OrderedDict[tuple, int] = OrderedDict()
         self.rows = np.empty((max_cached, len(self.columns)))  # memory pages are only taken as slots fill
         self.scored = 0           # sessions run through the model
         self.overflowed = False   # some scored session was not kept, so it may have been scored twice
 
     @property
     def distinct(self) -> int | None:
-        """The number of distinct sessions seen: exact while the cache never overflowed, else unknown (None)."""
+        """The number of distinct sessions seen: exact while the cache never overflowed, else unknown
+        (None)."""
         return None if self.overflowed else self.scored
 
     def __call__(self, chunk: list) -> tuple[list[tuple], dict[str, np.ndarray], np.ndarray]:
-        """The chunk's distinct sessions (first seen first), their score columns (as score_sessions gives them)
-        and how often each occurs in the chunk."""
+        """The chunk's distinct sessions (first seen first), their score columns (as score_sessions gives
+        them) and how often each occurs in the chunk."""
         counts = Counter(map(session_key, chunk))
         sessions = list(counts)
         table = np.empty((len(sessions), len(self.columns)))
@@ -211,7 +226,8 @@ def confusion(fp: float, normal: float, tp: float, abnormal: float) -> dict:
     tn, fn = normal - fp, abnormal - tp
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn), "precision": precision, "recall": recall,
+    return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn), "precision": precision,
+            "recall": recall,
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
             "fpr": fp / (fp + tn) if fp + tn else 0.0}
 
@@ -236,7 +252,8 @@ class SideTotals:
                            "log10_probability": np.zeros(len(LOG10_PROBABILITY_EDGES) - 1)}
         known = scorer.co_occurrence
         if known is not None and (known.sets is not None or known.pairs is not None):
-            self.histograms["co_occurrence"] = np.zeros(2)  # sessions the event-set or -pair rule flags, the others
+            # sessions the event-set or event-pair rule flags, and the others
+            self.histograms["co_occurrence"] = np.zeros(2)
 
     def add(self, chunk: list) -> None:
         _, scores, weights = self.scorer(chunk)
@@ -257,8 +274,9 @@ class SideTotals:
             self.flagged[rule] += float(weights[verdicts(scores, self.calibration, rule)].sum())
         self.quantiles.add(anomaly, weights)
         self.histograms["score"] += np.histogram(anomaly, SCORE_EDGES, weights=weights)[0]
-        self.histograms["log10_probability"] += np.histogram(
-            np.maximum(scores["min_log_prob"], -30) / math.log(10), LOG10_PROBABILITY_EDGES, weights=weights)[0]
+        log10_probability = np.maximum(scores["min_log_prob"], -30) / math.log(10)
+        self.histograms["log10_probability"] += np.histogram(log10_probability, LOG10_PROBABILITY_EDGES,
+                                                             weights=weights)[0]
         if "co_occurrence" in self.histograms:
             novel = weights[verdicts(scores, self.calibration, "event_set")
                             | verdicts(scores, self.calibration, "event_pair")].sum()
@@ -331,7 +349,8 @@ def output_name(output_dir: Path, prefix: str, checkpoint_path, tag: str | None,
     raise OSError(f"{output_dir}: no free name for {prefix}_{stem}")
 
 
-def write_reports(results: dict, histograms: dict, output_dir: Path, tag: str | None, logger) -> tuple[Path, Path]:
+def write_reports(results: dict, histograms: dict, output_dir: Path, tag: str | None,
+                  logger) -> tuple[Path, Path]:
     json_path = output_name(output_dir, "evaluation_results", results["checkpoint"], tag, ".json")
     text_path = json_path.with_name(json_path.name.replace("evaluation_results", "evaluation_report")
                                     .replace(".json", ".txt"))
@@ -339,8 +358,8 @@ def write_reports(results: dict, histograms: dict, output_dir: Path, tag: str | 
     utils.atomic_write_text(text_path, format_report(results))
     logger.info(f"Evaluation results: {json_path} | report: {text_path}")
     # named like its report, so that another run (or --tag) never overwrites it
-    plot_scores(histograms, results, output_dir / json_path.name.replace("evaluation_results", "score_distribution")
-                .replace(".json", ".png"), logger)
+    picture = json_path.name.replace("evaluation_results", "score_distribution").replace(".json", ".png")
+    plot_scores(histograms, results, output_dir / picture, logger)
     return json_path, text_path
 
 
@@ -358,8 +377,9 @@ def format_report(r: dict) -> str:
         ns = r["normal_scores"]
         lines += ["ANOMALY SCORES ON NORMAL DATA (fraction of events outside the top-k)", "-" * 72,
                   f"  Mean: {ns['mean']:.4f}   Std: {ns['std']:.4f}   Sessions: {session_counts(ns)}",
-                  "  Percentiles: " + "  ".join(f"{p}={v:.4f}" for p, v in ns["reference_percentiles"].items()) +
-                  f" ({ns['percentile_method']})",
+                  "  Percentiles: "
+                  + "  ".join(f"{p}={v:.4f}" for p, v in ns["reference_percentiles"].items())
+                  + f" ({ns['percentile_method']})",
                   "  (of these scores, for reference: the thresholds applied are the calibrated ones below;",
                   "  evaluate.py --calibrate-on DIR refits those on other normal sessions)", ""]
     c = r["calibration"]
@@ -367,12 +387,13 @@ def format_report(r: dict) -> str:
               f"  Calibrated on: {c['source']} ({c['sessions']} sessions)",
               "  Score thresholds: " + "  ".join(f"{p}={v:.4f}" for p, v in c["score_thresholds"].items()),
               f"  DeepLog top-g: g={c['top_g']}",
-              (f"  Probability rule: {cal.probability_rule_text(c)} ({cal.probability_bound_origin(c)}; natural "
-               f"logs log_probability_bound {c['log_probability_bound']:.4f}"
+              (f"  Probability rule: {cal.probability_rule_text(c)} ({cal.probability_bound_origin(c)}; "
+               f"natural logs log_probability_bound {c['log_probability_bound']:.4f}"
                + (f", log_end_probability_bound {c['log_end_probability_bound']:.4f}"
                   if c["log_end_probability_bound"] is not None else "") + " in the JSON)"),
-              f"  Event-set rule: {'on' if c['event_set_rule'] else 'off (no record of event sets from training)'}"
-              f"    Event-pair rule: {'on' if c.get('event_pair_rule') else 'off (no record of event pairs)'}",
+              "  Event-set rule: "
+              f"{'on' if c['event_set_rule'] else 'off (no record of event sets from training)'}    "
+              f"Event-pair rule: {'on' if c.get('event_pair_rule') else 'off (no record of event pairs)'}",
               f"  {cal.rule_summary(c, r['default']['rule'])}",
               *(f"  WARNING: {w}" for w in cal.calibration_warnings(c, r["default"]["rule"])),
               "  Flagged on the calibration sessions (expected FPR): " + "  ".join(
@@ -413,7 +434,8 @@ def pyplot_or_note(picture: str, logger):
     return plt
 
 
-LABEL_TOP, LABEL_STEP = 0.95, 0.08   # threshold labels: the first one's height and the drop to the next (axes fraction)
+# threshold labels: the first one's height and the drop to the next (fractions of the axes)
+LABEL_TOP, LABEL_STEP = 0.95, 0.08
 
 
 def threshold_label_positions(thresholds: dict[str, float]) -> list[tuple[str, float, float]]:
@@ -444,7 +466,8 @@ def plot_scores(histograms: dict, results, path: Path, logger) -> None:
     if plt is None:
         return
     calibration, top_k = results["calibration"], results["top_k"]
-    figure, (left, right, sets) = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [5, 5, 3]})
+    figure, (left, right, sets) = plt.subplots(1, 3, figsize=(16, 4.5),
+                                               gridspec_kw={"width_ratios": [5, 5, 3]})
     for label, counts in histograms.items():  # one value per bin, weighted by the bin's count
         left.hist(SCORE_EDGES[:-1], SCORE_EDGES, weights=counts["score"], alpha=0.6, label=label)
         right.hist(LOG10_PROBABILITY_EDGES[:-1], LOG10_PROBABILITY_EDGES, weights=counts["log10_probability"],
@@ -453,9 +476,10 @@ def plot_scores(histograms: dict, results, path: Path, logger) -> None:
     right.axvline(calibration["log_probability_bound"] / math.log(10), color="red", linestyle="--",
                   label="event bound")
     if calibration["log_end_probability_bound"] is not None:
-        right.axvline(calibration["log_end_probability_bound"] / math.log(10), color="tab:orange", linestyle=":",
-                      label="end-of-session bound")
-    left.set(title=f"anomaly score (fraction outside top-{top_k})", xlabel="score", ylabel="sessions", yscale="log")
+        right.axvline(calibration["log_end_probability_bound"] / math.log(10), color="tab:orange",
+                      linestyle=":", label="end-of-session bound")
+    left.set(title=f"anomaly score (fraction outside top-{top_k})", xlabel="score", ylabel="sessions",
+             yscale="log")
     right.set(title="least likely actual event per session", xlabel="log10 probability", yscale="log")
     left.legend(loc="center right"), right.legend()
     draw_co_occurrence_panel(sets, co_occurrence_counts(histograms))
@@ -538,7 +562,8 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
     top_k, totals = calibration["top_k"], Counter()
     out_name = out_name or getattr(out, "name", "the output")
     bound, end_bound = cal.miss_bounds(calibration, rule)
-    scorer = ChunkScorer(model, [top_k, calibration["top_g"]], batch_size, co_occurrence, max_cached, "detecting")
+    scorer = ChunkScorer(model, [top_k, calibration["top_g"]], batch_size, co_occurrence, max_cached,
+                         "detecting")
     stopped: list[DataError] = []
     counters: dict = {}
     if records is None:
@@ -550,8 +575,8 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
         abnormal = verdicts(scores, calibration, rule)
         anomaly = anomaly_scores(scores, top_k)
         flagged = [s for s, a in zip(distinct, abnormal) if a]
-        explained = model.diagnose(flagged, top_k, max_misses, log_prob_bound=bound, end_log_prob_bound=end_bound) \
-            if flagged else []
+        explained = model.diagnose(flagged, top_k, max_misses, log_prob_bound=bound,
+                                   end_log_prob_bound=end_bound) if flagged else []
         reasons = dict(zip(flagged, explained))
         index = {session: i for i, session in enumerate(distinct)}
         # the pairs behind an event_pair verdict: which two event types never shared a training session
@@ -560,7 +585,7 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
         # each session's own copy of its misses: identical sessions can come from different raw lines
         misses = [[dict(miss) for miss in reasons.get(session_key(record.event_ids), [])] for record in chunk]
         if raw_lines is not None:
-            raw_lines.annotate([(record.lines, record_misses) for record, record_misses in zip(chunk, misses)])
+            raw_lines.annotate(list(zip((record.lines for record in chunk), misses)))
         lines, verdict_counts = [], Counter()
         for record, record_misses in zip(chunk, misses):
             i = index[session_key(record.event_ids)]
@@ -574,8 +599,9 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
         try:
             write_chunk(out, "".join(lines))
         except OSError as error:
-            raise OutputFailed(error.errno, f"{out_name}: cannot write ({error.strerror or error}): the output is "
-                                            f"partial, it holds the first {sum(totals.values())} sessions") from None
+            raise OutputFailed(error.errno, f"{out_name}: cannot write ({error.strerror or error}): the "
+                                            f"output is partial, it holds the first {sum(totals.values())} "
+                                            "sessions") from None
         totals.update(verdict_counts)
     if stopped:
         raise PartialOutput(f"{stopped[0]}; the {sum(totals.values())} sessions before it were written: the "
@@ -630,8 +656,9 @@ def _until_data_error(records, stopped: list):
 def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_paths, config, output_dir,
                    top_k, tag, logger, co_occurrence) -> dict:
     started = time.time()
-    results, histograms = evaluate(model, calibration, normal, abnormal, top_k, config.evaluation.decision_rule,
-                                   config.evaluation.batch_size, co_occurrence)
+    ev = config.evaluation
+    results, histograms = evaluate(model, calibration, normal, abnormal, top_k, ev.decision_rule,
+                                   ev.batch_size, co_occurrence)
     elapsed = time.time() - started  # reading and scoring: the data streams while it is scored
     sides = [results[key] for key in ("normal_scores", "abnormal_sessions") if key in results]
     sessions, distinct = sum(side["count"] for side in sides), [side["distinct"] for side in sides]
@@ -675,16 +702,15 @@ def validation_sessions(config: utils.Config, options: dict, chunk_size: int = C
     sessions. With lazy_loading.cache they come from the training run's token cache."""
     data, seed = config.data, config.training.seed
     if config.lazy_loading.cache:
-        entries = build_caches(data.preprocessed_dir, cache_settings(config, config.model.vocab_size),
-                               config.lazy_loading.cache_dir or default_cache_dir(), config.lazy_loading.cache_workers,
-                               logger or logging.getLogger("deeplog"))
-        return tuple(session_chunks(entries, wanted, chunk_size) for wanted in ("calibration", "evaluation",
-                                                                                 "abnormal"))
+        entries = cache_entries(data.preprocessed_dir, config, config.model.vocab_size, logger)
+        return tuple(session_chunks(entries, wanted, chunk_size)
+                     for wanted in ("calibration", "evaluation", "abnormal"))
 
-    def normal_half(calibration_half: bool) -> Iterator[list[int]]:
+    def normal_half(fitting: bool) -> Iterator[list[int]]:
         for r in iter_sessions(data.preprocessed_dir, None, **options):
-            validation = data.validation_split == 0 or is_validation(r.file, r.index, seed, data.validation_split)
-            if not r.label and validation and is_validation(r.file, r.index, seed + 1, 0.5) == calibration_half:
+            validation = (data.validation_split == 0
+                          or is_validation(r.file, r.index, seed, data.validation_split))
+            if not r.label and validation and bool(calibration_half(r.file, [r.index], seed)[0]) == fitting:
                 yield r.event_ids
 
     return (chunked(normal_half(True), chunk_size), chunked(normal_half(False), chunk_size),
@@ -695,10 +721,8 @@ def training_sessions(config: utils.Config, options: dict, logger=None) -> Itera
     """Chunks of the normal sessions the model trained on (outside the validation split), one pass."""
     data, seed = config.data, config.training.seed
     if config.lazy_loading.cache:
-        entries = build_caches(data.preprocessed_dir, cache_settings(config, config.model.vocab_size),
-                               config.lazy_loading.cache_dir or default_cache_dir(), config.lazy_loading.cache_workers,
-                               logger or logging.getLogger("deeplog"))
-        return session_chunks(entries, "train")
+        return session_chunks(cache_entries(data.preprocessed_dir, config, config.model.vocab_size, logger),
+                              "train")
     return chunked(r.event_ids for r in iter_sessions(data.preprocessed_dir, None, **options)
                    if not r.label and not is_validation(r.file, r.index, seed, data.validation_split))
 
@@ -711,10 +735,11 @@ def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: 
     co_occurrence.counts = counts
     checkpoint["count_vectors"] = None if counts is None else counts.state()
     if counts is None:
-        logger.info(f"Count-vector record: not kept (more than {MAX_COUNT_VECTORS} distinct event-count vectors in "
-                    f"the training sessions): the count-vector rule is off")
+        logger.info(f"Count-vector record: not kept (more than {MAX_COUNT_VECTORS} distinct event-count "
+                    "vectors in the training sessions): the count-vector rule is off")
     else:
-        first = f" (the first {MAX_RECORD_SESSIONS:,} of them)" if counts.sessions >= MAX_RECORD_SESSIONS else ""
+        capped = counts.sessions >= MAX_RECORD_SESSIONS
+        first = f" (the first {MAX_RECORD_SESSIONS:,} of them)" if capped else ""
         logger.info(f"Count-vector record: {len(counts.weights)} distinct event-count vectors of "
                     f"{counts.sessions} normal training sessions{first}")
 
@@ -767,7 +792,8 @@ def plot_training_curve(output_dir: Path, logger) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
     parser.add_argument("--data-dir", help="sessions to evaluate: label 0 (or none) normal, label 1 abnormal "
                         "(default: the checkpoint config's validation split)")
@@ -780,10 +806,12 @@ def parse_args(argv=None):
     parser.add_argument("--calibration", help="use thresholds from this calibration.json")
     parser.add_argument("--detect", help="score these sessions without metrics: one JSON line per session")
     parser.add_argument("--output", help="with --detect: write the JSON lines here (default: stdout)")
-    parser.add_argument("--parser-state", help="with --detect: the path holds raw log files, parsed and grouped "
+    parser.add_argument("--parser-state", help="with --detect: the path holds raw log files, parsed and "
+                                               "grouped "
                         "through this parser_state.json of preprocess.py (the same event IDs as training)")
     parser.add_argument("--tag", help="added to the report file names")
-    parser.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of "
+    parser.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead "
+                                                                        "of "
                         "stopping (data.skip_bad_records)")
     args = parser.parse_args(argv)
     if args.parser_state and not args.detect:
@@ -802,9 +830,9 @@ def check_calibration_is_apart(args, config: utils.Config) -> None:
     for path in scored:
         shared = sorted(str(f) for f in calibration_files & {f.resolve() for f in list_data_files(path)})
         if shared:
-            raise utils.ConfigError(f"--calibrate-on {args.calibrate_on} shares {len(shared)} file(s) with the "
-                                    f"sessions being scored ({path}), e.g. {shared[0]}: thresholds must be fitted "
-                                    f"on other normal sessions")
+            raise utils.ConfigError(f"--calibrate-on {args.calibrate_on} shares {len(shared)} file(s) with "
+                                    f"the sessions being scored ({path}), e.g. {shared[0]}: thresholds must "
+                                    "be fitted on other normal sessions")
 
 
 def check_stored_thresholds_are_apart(args, config: utils.Config, calibration: dict) -> None:
@@ -818,12 +846,14 @@ def check_stored_thresholds_are_apart(args, config: utils.Config, calibration: d
     except DataError:
         return  # the training data has moved: nothing of it can be scored by path
     for flag, path in (("--data-dir", args.data_dir), ("--abnormal-dir", args.abnormal_dir)):
-        shared = sorted(str(f) for f in training_files & {f.resolve() for f in list_data_files(path)}) if path else []
+        scored = {f.resolve() for f in list_data_files(path)} if path else set()
+        shared = sorted(str(f) for f in training_files & scored)
         if shared:
             raise utils.ConfigError(f"{flag} {path} shares {len(shared)} file(s) with the training data "
-                                    f"{config.data.preprocessed_dir}, e.g. {shared[0]}, whose validation split's "
-                                    f"calibration half fitted the thresholds applied: evaluate other data, omit "
-                                    f"--data-dir to score the split's other half, or refit with --calibrate-on DIR")
+                                    f"{config.data.preprocessed_dir}, e.g. {shared[0]}, whose validation "
+                                    "split's calibration half fitted the thresholds applied: evaluate other "
+                                    "data, omit --data-dir to score the split's other half, or refit with "
+                                    "--calibrate-on DIR")
 
 
 def main(argv=None):
@@ -833,7 +863,8 @@ def main(argv=None):
 
 
 def run(args, logger):
-    """evaluate.py: the thresholds to apply (stored, given or fitted now), then detection or the evaluation."""
+    """evaluate.py: the thresholds to apply (stored, given or fitted now), then detection or the
+    evaluation."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(args.checkpoint, device)
     co_occurrence = known_co_occurrence(checkpoint)
@@ -848,12 +879,13 @@ def run(args, logger):
         logger.handlers[0].setStream(sys.stderr)
     top_k = args.top_k or ev.top_k
     config.data.skip_bad_records = config.data.skip_bad_records or args.skip_bad_records
-    calibration = applied_calibration(args, model, checkpoint, co_occurrence, config, top_k, output_dir, logger)
+    calibration = applied_calibration(args, model, checkpoint, co_occurrence, config, top_k, output_dir,
+                                      logger)
     if args.detect:
         return run_detection(args, model, calibration, co_occurrence, config, logger)
     normal, abnormal, paths = evaluation_sources(args, checkpoint, config, logger)
-    run_evaluation(model, args.checkpoint, calibration, normal, abnormal, paths, config, output_dir, top_k, args.tag,
-                   logger, co_occurrence)
+    run_evaluation(model, args.checkpoint, calibration, normal, abnormal, paths, config, output_dir, top_k,
+                   args.tag, logger, co_occurrence)
     return 0
 
 
@@ -884,8 +916,8 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: ut
     cal.check_top_k(calibration, top_k)
     if not args.calibrate_on:
         check_stored_thresholds_are_apart(args, config, calibration)
-    origin = ("fitted now, --calibrate-on" if args.calibrate_on else f"from {args.calibration}" if args.calibration
-              else f"stored in {args.checkpoint}")
+    origin = ("fitted now, --calibrate-on" if args.calibrate_on
+              else f"from {args.calibration}" if args.calibration else f"stored in {args.checkpoint}")
     logger.info(f"Thresholds applied: {origin}; fitted on {calibration['source']} at "
                 f"{calibration['fitted_at'] or 'an unknown time'}")
     log_rule(calibration, ev.decision_rule, logger)
@@ -899,16 +931,17 @@ def run_detection(args, model, calibration: dict, co_occurrence, config: utils.C
         out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 (closed below, not stdout)
     except OSError as error:
         raise utils.ConfigError(f"--output {args.output}: cannot write ({error.strerror})") from None
-    records, raw_lines = raw_log_records(args.parser_state, args.detect) if args.parser_state else (None, None)
+    records, raw_lines = (raw_log_records(args.parser_state, args.detect) if args.parser_state
+                          else (None, None))
     try:
         totals = detect(model, calibration, args.detect, utils.reader_options(config), ev.decision_rule, out,
-                        ev.batch_size, co_occurrence, out_name=f"--output {args.output}" if args.output else "stdout",
-                        records=records, raw_lines=raw_lines)
+                        ev.batch_size, co_occurrence, records=records, raw_lines=raw_lines,
+                        out_name=f"--output {args.output}" if args.output else "stdout")
     finally:
         if args.output:
             out.close()  # nothing left to write: detect() flushed every chunk, or cut back a failed one
-    logger.info(f"Detection ({ev.decision_rule} rule) on {args.detect}: {totals.get('abnormal', 0)} abnormal, "
-                f"{totals.get('normal', 0)} normal sessions")
+    logger.info(f"Detection ({ev.decision_rule} rule) on {args.detect}: {totals.get('abnormal', 0)} "
+                f"abnormal, {totals.get('normal', 0)} normal sessions")
     if config.data.skip_bad_records:
         first = f"; the first: {totals['first_bad_record']}" if totals["bad_records"] else ""
         log = logger.warning if totals["bad_records"] else logger.info
@@ -917,7 +950,8 @@ def run_detection(args, model, calibration: dict, co_occurrence, config: utils.C
     return 0
 
 
-def evaluation_sources(args, checkpoint: dict, config: utils.Config, logger) -> tuple[Iterator, Iterator, dict]:
+def evaluation_sources(args, checkpoint: dict, config: utils.Config,
+                       logger) -> tuple[Iterator, Iterator, dict]:
     """The normal and abnormal chunks to evaluate, and where each came from: --data-dir (its labels) or the
     evaluation half of the checkpoint's validation split, plus --abnormal-dir (or the config's)."""
     if args.data_dir:
@@ -926,9 +960,9 @@ def evaluation_sources(args, checkpoint: dict, config: utils.Config, logger) -> 
         normal_path = args.data_dir
     else:  # the evaluation half of the validation split, as after training
         if checkpoint.get("split_scheme") != utils.SPLIT_SCHEME:
-            raise utils.CheckpointError(f"{args.checkpoint} was trained with an earlier assignment of sessions to "
-                                        f"the validation split, which this version cannot reproduce: pass "
-                                        f"--data-dir with sessions it never trained on")
+            raise utils.CheckpointError(f"{args.checkpoint} was trained with an earlier assignment of "
+                                        "sessions to the validation split, which this version cannot "
+                                        "reproduce: pass --data-dir with sessions it never trained on")
         _, normal, abnormal = validation_sessions(config, utils.reader_options(config), logger=logger)
         normal_path = f"{config.data.preprocessed_dir} (validation split, evaluation half)"
     abnormal_dir = args.abnormal_dir or (None if args.data_dir else config.data.abnormal_dir)
@@ -936,7 +970,8 @@ def evaluation_sources(args, checkpoint: dict, config: utils.Config, logger) -> 
         abnormal = itertools.chain(abnormal, data_chunks(abnormal_dir, config, "all", logger))
     # where the abnormal sessions come from: the labels of the scored data, and the abnormal directory
     labelled = f"label 1 in {args.data_dir or config.data.preprocessed_dir}"
-    return normal, abnormal, {"normal": normal_path, "abnormal": ", ".join(filter(None, [abnormal_dir, labelled]))}
+    sources = ", ".join(filter(None, [abnormal_dir, labelled]))
+    return normal, abnormal, {"normal": normal_path, "abnormal": sources}
 
 
 if __name__ == "__main__":

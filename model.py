@@ -45,10 +45,11 @@ def special_tokens(vocab_size: int) -> tuple[int, int, int, int]:
 
 
 SCORING_TOKENS = 2 ** 13   # positions (rows x padded length) per scoring batch, by default
-LOGIT_BUDGET = 2 ** 24     # logits per scoring batch: a big vocabulary gets fewer positions, memory stays bounded
+LOGIT_BUDGET = 2 ** 24     # logits per scoring batch: a big vocabulary gets fewer positions, memory bounded
 
 
-def lay_out(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+def lay_out(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int,
+            dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     """The token layout of sessions, concatenated: [start, e1..en, end] per session, and where each begins.
     Position p of a session's layout is the input whose target is position p + 1, so a window of positions
     [begin, end) reads inputs layout[begin:end] and targets layout[begin + 1:end + 1]. The one builder of it:
@@ -163,8 +164,10 @@ class DeepLog(nn.Module):
         return inputs.to(device), targets.to(device)
 
     @torch.no_grad()
-    def prediction_ranks(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each position: the rank of the actual event among the logits (0 = top-1) and its log-probability.
+    def prediction_ranks(self, inputs: torch.Tensor,
+                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each position: the rank of the actual event among the logits (0 = top-1) and its
+        log-probability.
 
         One LSTM pass over whole sessions. Targets the model never saw in training (IDs >= vocab_size,
         or IDs absent from the training data) get rank num_classes and log-probability -inf, so they
@@ -172,7 +175,8 @@ class DeepLog(nn.Module):
         """
         return self.ranks_from_logits(self(inputs), targets)
 
-    def ranks_from_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def ranks_from_logits(self, logits: torch.Tensor,
+                          targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
         log_probs = F.log_softmax(logits, dim=-1)
         valid = targets != IGNORE_INDEX
@@ -200,12 +204,14 @@ class DeepLog(nn.Module):
     def set_windows(self, max_seq_length: int, window_context: int) -> "DeepLog":
         """Score sessions in the windows training cut them into (data.max_seq_length, data.window_context)."""
         if not 0 <= window_context < max_seq_length:
-            raise ValueError(f"window_context {window_context} must be in [0, max_seq_length {max_seq_length})")
+            raise ValueError(f"window_context {window_context} must be in [0, max_seq_length "
+                             f"{max_seq_length})")
         self.max_seq_length, self.window_context = int(max_seq_length), int(window_context)
         return self
 
     def use_training_windows(self, checkpoint: dict) -> "DeepLog":
-        """The windows of the checkpoint's training config (its data section); the defaults where it has none."""
+        """The windows of the checkpoint's training config (its data section); the defaults where it has
+        none."""
         data = checkpoint.get("config", {}).get("data", {})
         return self.set_windows(data.get("max_seq_length", self.max_seq_length),
                                 data.get("window_context", self.window_context))
@@ -217,7 +223,8 @@ class DeepLog(nn.Module):
         return max(tokens, self.max_seq_length)
 
     @torch.no_grad()
-    def windows(self, sessions: Sequence[Sequence[int]], max_tokens: int | None = None) -> Iterator[WindowBatch]:
+    def windows(self, sessions: Sequence[Sequence[int]],
+                max_tokens: int | None = None) -> Iterator[WindowBatch]:
         """The LSTM's outputs for every prediction of `sessions`, in batches bounded by positions rather than
         sessions (scoring_tokens), so memory does not depend on how long a session is. A session of n events
         has n + 1 predictions (its events, then the end), cut into window_spans as in training; each window
@@ -243,8 +250,8 @@ class DeepLog(nn.Module):
             for row, (length, session, window_begin, window_scored) in enumerate(batch):
                 at = starts[session] + window_begin
                 inputs[row, :length] = laid_out[at:at + length]
-                targets[row, window_scored - window_begin:length] = laid_out[at + 1 + window_scored - window_begin:
-                                                                             at + 1 + length]
+                context = window_scored - window_begin   # positions the window only reads
+                targets[row, context:length] = laid_out[at + 1 + context:at + 1 + length]
             owners = torch.tensor([span[1] for span in batch], device=device)
             offsets = torch.tensor([span[2] for span in batch], device=device)
             logits = self(torch.from_numpy(inputs).to(device))
@@ -269,8 +276,8 @@ class DeepLog(nn.Module):
                "min_log_prob": torch.full((n,), math.inf, dtype=torch.float64),
                "min_event_log_prob": torch.full((n,), math.inf, dtype=torch.float64),
                "min_seen_event_log_prob": torch.full((n,), math.inf, dtype=torch.float64),
-               "end_log_prob": torch.zeros(n, dtype=torch.float64), "loss_sum": torch.zeros(n, dtype=torch.float64),
-               "loss_count": torch.zeros(n, dtype=torch.float64), "unknown": torch.zeros(n, dtype=torch.float64),
+               **{name: torch.zeros(n, dtype=torch.float64)
+                  for name in ("end_log_prob", "loss_sum", "loss_count", "unknown")},
                **{f"misses_at_{k}": torch.zeros(n, dtype=torch.float64) for k in ks}}
         with self._evaluating():
             for batch in self.windows(sessions, max_tokens):
@@ -281,7 +288,8 @@ class DeepLog(nn.Module):
                 position = batch.offsets.cpu().unsqueeze(1) + torch.arange(ranks.size(1))
                 is_end = valid & (position == lengths[owners].unsqueeze(1))
                 # sums in float64: in float32 their rounding would depend on the batch a session lands in
-                sums = {"predictions": valid.sum(1), "loss_count": finite.sum(1), "unknown": (valid & ~finite).sum(1),
+                sums = {"predictions": valid.sum(1), "loss_count": finite.sum(1),
+                        "unknown": (valid & ~finite).sum(1),
                         "loss_sum": -torch.where(finite, log_probs, 0.0).sum(1),
                         **{f"misses_at_{k}": ((ranks >= k) & valid).sum(1) for k in ks}}
                 for name, values in sums.items():
@@ -306,7 +314,8 @@ class DeepLog(nn.Module):
 
     @torch.no_grad()
     def diagnose(self, input_ids, top_k: int = 10, max_misses: int | None = None,
-                 log_prob_bound: float | None = None, end_log_prob_bound: float | None = None) -> list[list[dict]]:
+                 log_prob_bound: float | None = None,
+                 end_log_prob_bound: float | None = None) -> list[list[dict]]:
         """Per session, each miss: its position (0 = the first event, n = the end), the actual event
         ("<end>" for the end of session), its probability and the top_k events the model expected, best
         first. A miss is an actual event outside the top_k or, given log_prob_bound, less likely than it
@@ -330,13 +339,16 @@ class DeepLog(nn.Module):
                 for row, column, ranked in zip(rows.tolist(), columns.tolist(), expected.tolist()):
                     owner, position = int(batch.owners[row]), int(batch.offsets[row]) + column
                     events = sessions[owner]
-                    actual = events[position] if position < len(events) else "<end>"  # the real ID, even unknown
+                    # the real ID, even an unknown one
+                    actual = events[position] if position < len(events) else "<end>"
                     found[owner].append((position, {
-                        "position": position, "actual": actual, "probability": float(log_probs[row, column].exp()),
+                        "position": position, "actual": actual,
+                        "probability": float(log_probs[row, column].exp()),
                         "expected": [label(t) for t in ranked]}))
                     if max_misses is not None and len(found[owner]) > 2 * max_misses:   # memory stays bounded
                         found[owner] = sorted(found[owner], key=lambda item: item[0])[:max_misses]
-        return [[miss for _, miss in sorted(misses, key=lambda item: item[0])][:max_misses] for misses in found]
+        return [[miss for _, miss in sorted(misses, key=lambda item: item[0])][:max_misses]
+                for misses in found]
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> "DeepLog":
@@ -367,14 +379,15 @@ class DeepLog(nn.Module):
         return ["abnormal" if abnormal else "normal" for abnormal in flagged.tolist()]
 
 
-MAX_EVENT_PAIRS = 2_000_000  # beyond this many distinct pairs of co-occurring event types, the record is dropped
+MAX_EVENT_PAIRS = 2_000_000  # beyond this many distinct pairs of co-occurring event types, no record
 PAIR_SLICE = 2 ** 20          # pairs generated at a time: a session of m distinct types has m(m-1)/2 of them
 
 
 def sorted_unique(*arrays: np.ndarray) -> np.ndarray:
     """The sorted distinct int64 values of the arrays together: np.unique by a sort, which is several times
     faster than numpy 2's hash-based np.unique on millions of integer codes."""
-    values = np.sort(np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays] or [np.empty(0, np.int64)]))
+    parts = [np.asarray(a, dtype=np.int64).ravel() for a in arrays]
+    values = np.sort(np.concatenate(parts or [np.empty(0, np.int64)]))
     if len(values) < 2:
         return values
     keep = np.empty(len(values), dtype=bool)
@@ -383,7 +396,8 @@ def sorted_unique(*arrays: np.ndarray) -> np.ndarray:
     return values[keep]
 
 
-def event_pairs(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def event_pairs(tokens: np.ndarray, lengths: np.ndarray,
+                vocab_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The pairs of distinct event types (IDs below vocab_size) that occur in the same session, for sessions
     laid out back to back (`tokens`, and each session's `lengths`): (codes first * vocab_size + second with
     first < second, the index of the session of each), in slices of at most PAIR_SLICE pairs, so that one
@@ -409,9 +423,9 @@ def event_pairs(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int) -> Ite
 
 
 class CoOccurrence:
-    """Which event types occurred together in the normal training sessions: their distinct sets (None when not
-    recorded: more than 10,000 of them, or evaluation.event_set_rule false) and the pairs of types that shared a
-    session (sorted codes first * vocab_size + second; None beyond MAX_EVENT_PAIRS, or with
+    """Which event types occurred together in the normal training sessions: their distinct sets (None when
+    not recorded: more than 10,000 of them, or evaluation.event_set_rule false) and the pairs of types that
+    shared a session (sorted codes first * vocab_size + second; None beyond MAX_EVENT_PAIRS, or with
     evaluation.event_pair_rule false). A pair the training sessions never held is a weaker test than a new set
     (every new pair makes a new set) that does not grow with the data: at most vocab_size^2 / 2 pairs."""
 
@@ -423,8 +437,9 @@ class CoOccurrence:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "CoOccurrence":
-        """The checkpoint's "event_sets" (lists of IDs) and "event_pairs" (an [n, 2] tensor). Checkpoints written
-        before pairs were recorded get the pairs of their sets, which is what training would have recorded."""
+        """The checkpoint's "event_sets" (lists of IDs) and "event_pairs" (an [n, 2] tensor). Checkpoints
+        written before pairs were recorded get the pairs of their sets, which is what training would have
+        recorded."""
         vocab_size = checkpoint["model_args"]["vocab_size"]
         sets, pairs = checkpoint.get("event_sets"), checkpoint.get("event_pairs")
         if pairs is not None:
@@ -456,7 +471,8 @@ class CoOccurrence:
             novel_set[:] = [frozenset(s) not in self.sets for s in sessions]
         if self.pairs is not None and len(sessions):
             lengths = np.fromiter(map(len, sessions), dtype=np.int64, count=len(sessions))
-            tokens = np.fromiter(itertools.chain.from_iterable(sessions), dtype=np.int64, count=int(lengths.sum()))
+            tokens = np.fromiter(itertools.chain.from_iterable(sessions), dtype=np.int64,
+                                 count=int(lengths.sum()))
             for codes, owners in event_pairs(tokens, lengths, self.vocab_size):
                 at = np.minimum(np.searchsorted(self.pairs, codes), max(len(self.pairs) - 1, 0))
                 unseen = self.pairs[at] != codes if len(self.pairs) else np.ones(len(codes), dtype=bool)
@@ -474,10 +490,10 @@ class CoOccurrence:
         return [[int(a), int(b)] for a, b in zip(*np.divmod(codes, self.vocab_size))]
 
 
-MAX_COUNT_VECTORS = 10_000   # distinct event-count vectors of training kept; beyond, the count-vector rule is off
+MAX_COUNT_VECTORS = 10_000   # distinct event-count vectors of training kept; beyond, the rule is off
 MAX_COUNT_ENTRIES = 4_000_000  # and their non-zero counts, all vectors together
-MAX_RECORD_SESSIONS = 1_000_000  # training sessions the record is taken from (the first ones): a pass of seconds
-DISTANCE_BUDGET = 2 ** 24    # elements of one block of the nearest-vector computation (sessions x vectors x types)
+MAX_RECORD_SESSIONS = 1_000_000  # training sessions the record is taken from (the first ones)
+DISTANCE_BUDGET = 2 ** 24    # elements of one block of the nearest-vector search (sessions x vectors x types)
 
 
 def count_entries(sessions: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -498,8 +514,9 @@ class CountVectors:
     """The distinct event-count vectors of the normal training sessions (how often each event type occurs in a
     session), each with the number of sessions that had it: a bounded record (None beyond MAX_COUNT_VECTORS or
     MAX_COUNT_ENTRIES) from which the count-vector rule measures how far a session is from the nearest normal
-    one (L1 distance: events added or missing), and from which the training data's own novelty is counted:
-    how many training sessions bring an event type, a set of types or a pair of types that no other one has."""
+    one (L1 distance: events added or missing), and from which the training data's own novelty is
+    counted: how many training sessions bring an event type, a set of types or a pair of types that no other
+    one has."""
 
     def __init__(self, entries: np.ndarray, weights: np.ndarray):
         self.entries = np.asarray(entries, dtype=np.int64).reshape(-1, 3)   # (vector, event ID, count)
@@ -555,14 +572,14 @@ class CountVectors:
 
     @classmethod
     def from_state(cls, state: dict) -> "CountVectors":
-        """From the checkpoint's "count_vectors": {"entries": [E, 3] integer tensor of (vector, event ID, count),
-        "weights": [D] integer tensor}; ValueError saying what is wrong with any other content."""
+        """From the checkpoint's "count_vectors": {"entries": [E, 3] integer tensor of (vector, event ID,
+        count), "weights": [D] integer tensor}; ValueError saying what is wrong with any other content."""
         if not isinstance(state, dict) or not all(isinstance(state.get(k), torch.Tensor)
                                                   for k in ("entries", "weights")):
             raise ValueError("count_vectors must hold the tensors 'entries' and 'weights'")
         entries, weights = state["entries"], state["weights"]
-        if entries.is_floating_point() or weights.is_floating_point() or entries.dim() != 2 or entries.size(1) != 3 \
-                or weights.dim() != 1:
+        if entries.is_floating_point() or weights.is_floating_point() or entries.dim() != 2 \
+                or entries.size(1) != 3 or weights.dim() != 1:
             raise ValueError("count_vectors: entries must be an [n, 3] and weights a [d] integer tensor")
         entries, weights = entries.long().numpy(), weights.long().numpy()
         if len(weights) > MAX_COUNT_VECTORS or len(entries) > MAX_COUNT_ENTRIES or (weights < 1).any() or \
@@ -572,7 +589,8 @@ class CountVectors:
         return cls(entries, weights)
 
     def state(self) -> dict:
-        return {"entries": torch.from_numpy(self.entries.copy()), "weights": torch.from_numpy(self.weights.copy())}
+        return {"entries": torch.from_numpy(self.entries.copy()),
+                "weights": torch.from_numpy(self.weights.copy())}
 
     def _nearest(self, owners, types, counts, sessions: int, self_rows: bool = False) -> np.ndarray:
         """Per session (entries of count_entries' form): the L1 distance to the nearest stored vector, as
@@ -604,7 +622,8 @@ class CountVectors:
     def leave_one_out(self) -> np.ndarray:
         """Per stored vector: the distance of one of its sessions to the nearest other training session (0
         when another session has the same vector; inf when it is the only session)."""
-        return np.where(self.weights > 1, 0.0, self._nearest(*self.entries.T, len(self.weights), self_rows=True))
+        nearest_other = self._nearest(*self.entries.T, len(self.weights), self_rows=True)
+        return np.where(self.weights > 1, 0.0, nearest_other)
 
     def novelty(self, vocab_size: int) -> dict[str, int]:
         """How many training sessions bring what no other training session has: an event type, a set of event

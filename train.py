@@ -40,17 +40,21 @@ from model import IGNORE_INDEX, MAX_EVENT_PAIRS, CoOccurrence, DeepLog
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml; "
                         "missing keys take the defaults in utils.py)")
     parser.add_argument("--data-dir", help="training data, a directory or a file (data.preprocessed_dir)")
     parser.add_argument("--epochs", type=int, help="number of epochs (training.epochs)")
-    parser.add_argument("--batch-size", type=int, help="global batch size, split across GPUs (training.batch_size)")
+    parser.add_argument("--batch-size", type=int, help="global batch size, split across GPUs "
+                                                       "(training.batch_size)")
     parser.add_argument("--lr", type=float, help="peak learning rate (training.learning_rate)")
-    parser.add_argument("--resume", help="checkpoint to continue from exactly (model, optimizer, data position, RNG)")
+    parser.add_argument("--resume", help="checkpoint to continue from exactly (model, optimizer, data "
+                                         "position, RNG)")
     parser.add_argument("--output-dir", help="where logs, checkpoints and reports go (training.output_dir)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (training.device)")
-    parser.add_argument("--seed", type=int, help="seed for weights, split, shuffling and dropout (training.seed)")
+    parser.add_argument("--seed", type=int, help="seed for weights, split, shuffling and dropout "
+                                                 "(training.seed)")
     parser.add_argument("--overwrite", action="store_true", help="train into an output directory that holds "
                         "another run's files: move them to OUTPUT_DIR/previous_runs/RUN_ID first")
     return parser.parse_args(argv)
@@ -84,7 +88,9 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
     if loading.cache:
         cache_dir = loading.cache_dir or default_cache_dir()
         settings = cache_settings(config, config.model.vocab_size)
-        build = lambda: build_caches(data.preprocessed_dir, settings, cache_dir, loading.cache_workers, logger)  # noqa: E731
+        def build():
+            return build_caches(data.preprocessed_dir, settings, cache_dir, loading.cache_workers, logger)
+
         # One builder per machine, with all its cores; the other ranks wait, then find the caches built
         # (or, when cache_dir is not shared between machines, build the ones their machine lacks). Bad data
         # found by a builder is every rank's error, so that all of them stop with the same message.
@@ -106,9 +112,11 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
         counted = train.count()
         windows_per_rank = train.windows_per_rank()
         if data.samples_per_epoch:
-            logger.info("data.samples_per_epoch is not used with the token cache: the first pass counts exactly")
+            logger.info("data.samples_per_epoch is not used with the token cache: the first pass counts "
+                        "exactly")
     elif data.samples_per_epoch:
-        counted = {"windows": data.samples_per_epoch, "seen_targets": None, "event_sets": None, "event_pairs": None}
+        counted = {"windows": data.samples_per_epoch, "seen_targets": None, "event_sets": None,
+                   "event_pairs": None}
         windows_per_rank = data.samples_per_epoch // runtime.world_size  # utils.lockstep keeps ranks together
         logger.info(f"Training samples per epoch (from data.samples_per_epoch): {data.samples_per_epoch}; no "
                     f"counting pass, so no record of which events occur in training, nor together")
@@ -121,13 +129,14 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
                     f"{counted['windows']} windows, {counted['tokens']} predicted events | skipped: "
                     f"{counted['abnormal_skipped']} abnormal, {counted['bad_records']} bad records")
         if counted["event_sets"] is None:
-            logger.warning(f"More than {MAX_EVENT_SETS:,} distinct sets of event types in the training data: too "
-                           f"varied for the event_set rule, which is off for this model")
+            logger.warning(f"More than {MAX_EVENT_SETS:,} distinct sets of event types in the training data: "
+                           "too varied for the event_set rule, which is off for this model")
         if counted["event_pairs"] is None:
-            logger.warning(f"More than {MAX_EVENT_PAIRS:,} distinct pairs of event types sharing a session in the "
-                           f"training data: the event_pair rule is off for this model")
+            logger.warning(f"More than {MAX_EVENT_PAIRS:,} distinct pairs of event types sharing a session "
+                           "in the training data: the event_pair rule is off for this model")
         if counted["bad_records"]:
-            logger.warning(f"Skipped bad records (data.skip_bad_records): first was {counted['first_bad_record']}")
+            logger.warning("Skipped bad records (data.skip_bad_records): first was "
+                           f"{counted['first_bad_record']}")
     if counted["windows"] == 0:
         raise DataError(f"{data.preprocessed_dir}: no normal training sessions (after the "
                         f"{data.validation_split:.0%} validation split)")
@@ -143,12 +152,14 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
     return Data(train, val, steps, counted["seen_targets"], counted["event_sets"], counted["event_pairs"])
 
 
-def _streaming_dataset(config, split, runtime, common, samples_per_rank=None, shuffle=False) -> SessionDataset:
+def _streaming_dataset(config, split, runtime, common, samples_per_rank=None,
+                       shuffle=False) -> SessionDataset:
     data = config.data
     return SessionDataset(data.preprocessed_dir, config.model.vocab_size, split=split,
                           validation_split=data.validation_split, shuffle=shuffle,
                           buffer_size=config.lazy_loading.buffer_size, samples_per_rank=samples_per_rank,
-                          num_workers=config.lazy_loading.num_workers, **common, **utils.reader_options(config))
+                          num_workers=config.lazy_loading.num_workers, **common,
+                          **utils.reader_options(config))
 
 
 # ----------------------------------------------------------------------------- steps
@@ -246,9 +257,11 @@ def train(args, logger):
     if run is not None:
         logger.info(f"Run {run.run_id} in {output_dir}")
         if run.moved_aside:
-            logger.warning(f"--overwrite: the files of the run that was in {output_dir} moved to {run.moved_aside}")
+            logger.warning(f"--overwrite: the files of the run that was in {output_dir} moved to "
+                           f"{run.moved_aside}")
     if from_checkpoint:
-        logger.info(f"Resuming with the checkpoint's settings where no flag gives them: {', '.join(from_checkpoint)}")
+        logger.info("Resuming with the checkpoint's settings where no flag gives them: "
+                    f"{', '.join(from_checkpoint)}")
     if checkpoint is not None:
         check_resumable(checkpoint, config, args.resume, logger)
     utils.seed_everything(tc.seed)
@@ -310,8 +323,8 @@ def claim_output(output_dir: Path, checkpoint: dict | None, args, runtime: utils
 
 def check_resumable(checkpoint: dict, config: utils.Config, resume_path: str, logger) -> None:
     if checkpoint.get("split_scheme") != utils.SPLIT_SCHEME:
-        logger.warning(f"{resume_path} was written with an earlier validation split: the sessions held out now "
-                       f"differ from those held out before the stop")
+        logger.warning(f"{resume_path} was written with an earlier validation split: the sessions held out "
+                       "now differ from those held out before the stop")
     if checkpoint["model_args"] != vars(config.model):
         differing = {k: (v, vars(config.model).get(k)) for k, v in checkpoint["model_args"].items()
                      if vars(config.model).get(k) != v}
@@ -337,8 +350,9 @@ def build_training(config: utils.Config, data: Data, runtime: utils.Runtime, log
     optimizer = optimizer_class(raw_model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     total_steps = data.steps_per_epoch * tc.epochs
     if tc.warmup_steps >= total_steps:
-        logger.warning(f"training.warmup_steps {tc.warmup_steps} >= the run's {total_steps} steps: the learning rate "
-                       f"never reaches training.learning_rate; lower warmup_steps for short runs")
+        logger.warning(f"training.warmup_steps {tc.warmup_steps} >= the run's {total_steps} steps: the "
+                       "learning rate never reaches training.learning_rate; lower warmup_steps for short "
+                       "runs")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, utils.lr_multiplier(tc.warmup_steps, total_steps, tc.lr_schedule, tc.min_lr_ratio))
     amp_dtype, use_loss_scaling = utils.amp_settings(config, runtime.device)
@@ -350,28 +364,32 @@ def build_training(config: utils.Config, data: Data, runtime: utils.Runtime, log
     pairs = data.event_pairs if config.evaluation.event_pair_rule else None
     state.event_pairs = CoOccurrence(config.model.vocab_size, pairs=pairs).pair_table()  # an [n, 2] tensor
     state.data_order = {"batch_size": tc.batch_size, "world_size": runtime.world_size, "seed": tc.seed,
-                        **{f"data.{k}": getattr(config.data, k) for k in ("validation_split", "max_seq_length",
-                                                                           "window_context")},
+                        **{f"data.{k}": getattr(config.data, k)
+                           for k in ("validation_split", "max_seq_length", "window_context")},
                         **{f"lazy_loading.{k}": getattr(config.lazy_loading, k)
-                           for k in ("cache", "buffer_size", "shuffle_buffer", "length_bucketing", "num_workers")}}
+                           for k in ("cache", "buffer_size", "shuffle_buffer", "length_bucketing",
+                                     "num_workers")}}
     state.total_steps = total_steps
-    logger.info(f"Model: {sum(p.numel() for p in raw_model.parameters()):,} parameters {vars(config.model)} | "
-                f"precision: {amp_dtype or torch.float32}{' + GradScaler' if use_loss_scaling else ''} | "
+    logger.info(f"Model: {sum(p.numel() for p in raw_model.parameters()):,} parameters {vars(config.model)} "
+                f"| precision: {amp_dtype or torch.float32}{' + GradScaler' if use_loss_scaling else ''} | "
                 f"{data.steps_per_epoch} steps/epoch x {tc.epochs} epochs, batch {tc.batch_size}")
     return state, model, amp_dtype
 
 
-def resume(state: utils.TrainState, checkpoint: dict, resume_path: str, runtime: utils.Runtime, logger) -> None:
+def resume(state: utils.TrainState, checkpoint: dict, resume_path: str, runtime: utils.Runtime,
+           logger) -> None:
     """Everything the checkpoint saved, this rank's RNG states included: the run continues bit-exactly
     under the same settings."""
     order, rng_states = dict(state.data_order), state.load_state_dict(checkpoint)
     saved_order = checkpoint["data_position"].get("order", {})
-    changed = [f"{k} {saved_order[k]} -> {v}" for k, v in order.items() if k in saved_order and saved_order[k] != v]
+    changed = [f"{k} {saved_order[k]} -> {v}" for k, v in order.items()
+               if k in saved_order and saved_order[k] != v]
     if changed:
-        logger.warning(f"Resuming with other settings than the checkpoint's ({', '.join(changed)}): the batch "
-                       f"order differs, so training continues, but not bit-exactly")
+        logger.warning(f"Resuming with other settings than the checkpoint's ({', '.join(changed)}): the "
+                       "batch order differs, so training continues, but not bit-exactly")
     utils.set_rng_state(rng_states[runtime.rank % len(rng_states)])
-    logger.info(f"Resumed from {resume_path}: epoch {state.epoch}, batch {state.batches_done}, step {state.step}")
+    logger.info(f"Resumed from {resume_path}: epoch {state.epoch}, batch {state.batches_done}, step "
+                f"{state.step}")
 
 
 def run_epochs(state: utils.TrainState, model, data: Data, runtime, amp_dtype, rank_batch_size: int,
@@ -391,7 +409,8 @@ def run_epochs(state: utils.TrainState, model, data: Data, runtime, amp_dtype, r
         # A bar only on a terminal: under nohup or screen logs, plain lines stay readable.
         progress = tqdm(total=data.steps_per_epoch, initial=state.batches_done, desc=f"epoch {epoch}",
                         leave=False, disable=not (runtime.is_master and sys.stderr.isatty()))
-        batches = utils.Throughput(utils.lockstep(data.train.batches(rank_batch_size, state.batches_done), runtime))
+        batches = utils.Throughput(utils.lockstep(data.train.batches(rank_batch_size, state.batches_done),
+                                                  runtime))
         with logging_redirect_tqdm([logger]) if not progress.disable else contextlib.nullcontext():
             for batch, state.batches_done in batches:  # the loader's position goes into the checkpoint
                 loss_sum, tokens = train_step(state, model, batch, runtime, amp_dtype, tc.max_grad_norm)
@@ -440,18 +459,19 @@ def evaluate_after_training(best: Path, config: utils.Config, stop_signal: utils
         import evaluate  # imported here: evaluation is a separate, optional stage
         evaluate.after_training(best, config, logger)
     except utils.Stopped as signal_name:
-        logger.info(f"Stopped by {signal_name} before the evaluation after training ended; the checkpoints are "
-                    f"complete; evaluate with: {later}")
+        logger.info(f"Stopped by {signal_name} before the evaluation after training ended; the checkpoints "
+                    f"are complete; evaluate with: {later}")
         return stop_signal.exit_code
     except DataError as error:
-        logger.warning(f"Evaluation after training skipped: {error}. With more normal sessions in the validation "
-                       f"split (data.validation_split), or others via --calibrate-on: {later}")
+        logger.warning(f"Evaluation after training skipped: {error}. With more normal sessions in the "
+                       f"validation split (data.validation_split), or others via --calibrate-on: {later}")
     return 0
 
 
 def end_of_epoch(state: utils.TrainState, model, data: Data, runtime, amp_dtype, rank_batch_size: int,
                  epoch_time: float, output_dir: Path, logger) -> bool:
-    """Validate, record the epoch, write the epoch and best checkpoints; True when early stopping says stop."""
+    """Validate, record the epoch, write the epoch and best checkpoints; True when early stopping says
+    stop."""
     config, epoch = state.config, state.epoch
     train_loss_sum, train_tokens = utils.all_reduce_sum([state.epoch_loss_sum, state.epoch_tokens], runtime)
     train_loss = train_loss_sum / max(train_tokens, 1)
@@ -459,12 +479,13 @@ def end_of_epoch(state: utils.TrainState, model, data: Data, runtime, amp_dtype,
     # Without a validation split (tiny data), model selection falls back to the training loss.
     is_best = state.early_stopping.step(val_loss if val_tokens else train_loss)
     learning_rate = state.scheduler.get_last_lr()[0]
-    for key, value in (("epoch", epoch), ("train_loss", train_loss), ("val_loss", val_loss if val_tokens else None),
-                       ("learning_rate", learning_rate), ("epoch_time", epoch_time)):
+    for key, value in (("epoch", epoch), ("train_loss", train_loss),
+                       ("val_loss", val_loss if val_tokens else None), ("learning_rate", learning_rate),
+                       ("epoch_time", epoch_time)):
         state.history[key].append(value)
-    logger.info(f"Epoch {epoch}/{config.training.epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} "
-                f"({val_tokens} events) | LR {learning_rate:.2e} | time {utils.format_duration(epoch_time)}"
-                f"{' | new best' if is_best else ''}")
+    logger.info(f"Epoch {epoch}/{config.training.epochs} | train loss {train_loss:.4f} | val loss "
+                f"{val_loss:.4f} ({val_tokens} events) | LR {learning_rate:.2e} | time "
+                f"{utils.format_duration(epoch_time)}{' | new best' if is_best else ''}")
     if runtime.is_master:
         utils.save_json(output_dir / "training_history.json", state.history)
     # Saved as "the next epoch, batch 0": resuming from an epoch checkpoint starts the next epoch.

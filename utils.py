@@ -83,12 +83,13 @@ class EarlyStoppingConfig:
 @dataclass
 class LazyLoadingConfig:
     enabled: bool = True          # cache: memory-map it (own memory flat); false: read it whole into memory
-    cache: bool = True            # parse each file once into a token cache; false: stream and parse every epoch
+    cache: bool = True            # parse each file once into a token cache; false: parse every epoch
     cache_dir: typing.Optional[str] = None     # null: $XDG_CACHE_HOME/deeplog or ~/.cache/deeplog
     cache_workers: typing.Optional[int] = None  # processes of the first pass (cache build); null: all cores
     buffer_size: int = 10000      # cache: windows per block (length bucketing); streaming: the shuffle buffer
     shuffle_buffer: bool = True   # shuffle the training windows every epoch (false: file order)
-    length_bucketing: bool = False  # cache: batches of windows alike in length (less padding; HDFS trained worse)
+    length_bucketing: bool = False  # cache: batches of windows alike in length (less padding, but on HDFS
+                                    # it trained worse)
     num_workers: int = 0          # streaming only: reader processes parsing files in parallel (several files)
 
 
@@ -151,7 +152,8 @@ class Config:
 
 
 class UserError(Exception):
-    """Something the user gave us is wrong (a file, a flag, a setting): exit_on_user_error makes it one line."""
+    """Something the user gave us is wrong (a file, a flag, a setting): exit_on_user_error makes it one
+    line."""
 
 
 class ConfigError(UserError):
@@ -159,9 +161,8 @@ class ConfigError(UserError):
 
 
 CHOICES = {"training.optimizer": ("adam", "adamw"), "training.lr_schedule": ("cosine", "linear", "constant"),
-           "training.amp_dtype": ("auto", "bfloat16", "float16"),
-           "evaluation.decision_rule": ("combined", "probability", "event_set", "event_pair", "count_vector", "top_g",
-                                        "score_p90", "score_p95", "score_p99")}
+           "training.amp_dtype": ("auto", "bfloat16", "float16")}
+# and evaluation.decision_rule: one of calibration.RULES, the rules' owner (checked in check_values)
 POSITIVE = ("model.vocab_size", "model.embedding_dim", "model.hidden_size", "model.num_layers",
             "training.batch_size", "training.epochs", "training.learning_rate", "training.log_every_steps",
             "training.gpu_stats_every_steps", "training.keep_last_checkpoints", "lazy_loading.buffer_size",
@@ -217,8 +218,8 @@ def _canonical_layout(raw: dict, source: str) -> dict:
         raw[target] = destination
         for name, setting in moved.items():
             if name in destination and destination[name] != setting:
-                raise ConfigError(f"{source}: '{target}.{name}' is given twice, as {destination[name]!r} and as "
-                                  f"{setting!r} under '{section}.{key}'")
+                raise ConfigError(f"{source}: '{target}.{name}' is given twice, as {destination[name]!r} and "
+                                  f"as {setting!r} under '{section}.{key}'")
             destination[name] = setting
     return raw
 
@@ -264,8 +265,9 @@ def _coerce(expected, value, dotted: str, source: str):
           isinstance(value, int) and not isinstance(value, bool) if expected is int else
           isinstance(value, expected))
     if not ok:
-        raise ConfigError(f"{source}: '{dotted}' must be {'null or ' if optional else ''}{expected.__name__}, "
-                          f"got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{source}: '{dotted}' must be "
+                          f"{'null or ' if optional else ''}{expected.__name__}, got {value!r} "
+                          f"({type(value).__name__})")
     return float(value) if expected is float else value
 
 
@@ -277,11 +279,14 @@ def check_values(config: Config) -> None:
     def get(dotted):
         section, key = dotted.split(".")
         return getattr(getattr(config, section), key)
-    for dotted, allowed in CHOICES.items():
+    from calibration import RULES  # here: calibration imports this module
+
+    for dotted, allowed in {**CHOICES, "evaluation.decision_rule": RULES}.items():
         if get(dotted) not in allowed:
             raise ConfigError(f"'{dotted}' must be one of {', '.join(allowed)}, got {get(dotted)!r}")
     if not DEVICE.fullmatch(config.training.device):
-        raise ConfigError(f"'training.device' must be auto, cpu, cuda or cuda:N, got {config.training.device!r}")
+        raise ConfigError("'training.device' must be auto, cpu, cuda or cuda:N, got "
+                          f"{config.training.device!r}")
     for dotted in POSITIVE:
         if get(dotted) <= 0:
             raise ConfigError(f"'{dotted}' must be > 0, got {get(dotted)!r}")
@@ -291,7 +296,8 @@ def check_values(config: Config) -> None:
                "in [0, data.max_seq_length)"),
               ("training.max_grad_norm", config.training.max_grad_norm >= 0, ">= 0"),
               ("lazy_loading.num_workers", config.lazy_loading.num_workers >= 0, ">= 0"),
-              ("lazy_loading.cache_workers", null_or_positive(config.lazy_loading.cache_workers), "null or >= 1"),
+              ("lazy_loading.cache_workers", null_or_positive(config.lazy_loading.cache_workers), "null or "
+                                                                                                  ">= 1"),
               ("training.warmup_steps", config.training.warmup_steps >= 0, ">= 0"),
               ("training.save_every_steps", config.training.save_every_steps >= 0, ">= 0"),
               ("training.min_lr_ratio", 0 <= config.training.min_lr_ratio <= 1, "in [0, 1]"),
@@ -302,7 +308,8 @@ def check_values(config: Config) -> None:
               ("preprocess.max_templates", null_or_positive(config.preprocess.max_templates), "null or >= 1"),
               ("preprocess.session_idle", null_or_positive(config.preprocess.session_idle), "null or >= 1"),
               ("preprocess.max_open_sessions", config.preprocess.max_open_sessions >= 1, ">= 1"),
-              ("preprocess.masks", all(isinstance(m, str) for m in config.preprocess.masks), "a list of strings")]
+              ("preprocess.masks", all(isinstance(m, str) for m in config.preprocess.masks), "a list of "
+                                                                                             "strings")]
     for dotted, ok, rule in checks:
         if not ok:
             raise ConfigError(f"'{dotted}' must be {rule}, got {get(dotted)!r}")
@@ -386,7 +393,8 @@ def remove_stale_temp_files(directory: Path) -> None:
 
 class OutputLock:
     """One run per output directory: a second run there is refused, naming the holder (pid, host). The lock
-    is an flock, so it dies with its process; a lock file whose holder has ended is taken over, with a warning."""
+    is an flock, so it dies with its process; a lock file whose holder has ended is taken over, with a
+    warning."""
 
     def __init__(self, output_dir: Path, logger: logging.Logger, flag: str = "--output-dir"):
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -398,8 +406,8 @@ class OutputLock:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.handle.close()
-            raise ConfigError(f"{output_dir} is in use by another run ({holder or 'holder unknown'}): wait for it, "
-                              f"or pass another {flag}") from None
+            raise ConfigError(f"{output_dir} is in use by another run ({holder or 'holder unknown'}): wait "
+                              f"for it, or pass another {flag}") from None
         if holder:
             logger.warning(f"Taking over {self.path}: its holder ({holder}) has ended")
         self.handle.seek(0)
@@ -427,23 +435,25 @@ class RunRecord:
     pruning removes only checkpoints this run wrote. Call claim() while holding the OutputLock."""
 
     def __init__(self, output_dir: Path, run_id: str, started: str, checkpoints: list[str]):
-        self.output_dir, self.run_id, self.started, self.checkpoints = output_dir, run_id, started, checkpoints
+        self.output_dir, self.run_id, self.started = output_dir, run_id, started
+        self.checkpoints = checkpoints
         self.moved_aside: Path | None = None   # where --overwrite moved another run's files
 
     @classmethod
     def read(cls, output_dir: Path) -> "RunRecord | None":
         """The run.json there, or None (absent); a damaged one is a ConfigError naming it."""
-        path = output_dir / RUN_FILE
+        path, damaged = output_dir / RUN_FILE, "damaged run record; move the folder aside or pass --overwrite"
         if not path.exists():
             return None
         try:
             data = json.loads(path.read_text())
             record = cls(output_dir, data["run_id"], data["started"], data["checkpoints"])
         except (OSError, ValueError, KeyError, TypeError):
-            raise ConfigError(f"{path}: damaged run record; move the folder aside or pass --overwrite") from None
-        if not (isinstance(record.run_id, str) and isinstance(record.started, str) and isinstance(
-                record.checkpoints, list) and all(isinstance(c, str) and "/" not in c for c in record.checkpoints)):
-            raise ConfigError(f"{path}: damaged run record; move the folder aside or pass --overwrite")
+            raise ConfigError(f"{path}: {damaged}") from None
+        if not (isinstance(record.run_id, str) and isinstance(record.started, str)
+                and isinstance(record.checkpoints, list)
+                and all(isinstance(c, str) and "/" not in c for c in record.checkpoints)):
+            raise ConfigError(f"{path}: {damaged}")
         return record
 
     @classmethod
@@ -483,7 +493,8 @@ class RunRecord:
         holds = f"{len(found)} checkpoint(s), the newest checkpoints/{newest}"
         return (f"{output_dir} holds the files of another training run, {who}: {holds}. Continue it with "
                 f"--resume {output_dir / 'checkpoints' / newest}, train into "
-                f"another --output-dir, or pass --overwrite to move its files to {output_dir / PREVIOUS_RUNS}/")
+                "another --output-dir, or pass --overwrite to move its files to "
+                f"{output_dir / PREVIOUS_RUNS}/")
 
     @staticmethod
     def _move_aside(output_dir: Path, existing: "RunRecord | None") -> Path:
@@ -504,7 +515,8 @@ class RunRecord:
             self.save()
 
     def prune(self, prefix: str, keep: int) -> None:
-        """Keep the newest `keep` of this run's checkpoints named prefix_N.pt (by N); others' are never touched."""
+        """Keep the newest `keep` of this run's checkpoints named prefix_N.pt (by N); other runs' are never
+        touched."""
         own = sorted((n for n in self.checkpoints if re.fullmatch(rf"{prefix}_\d+\.pt", n)),
                      key=lambda n: int(n[len(prefix) + 1:-3]))
         for name in own[:-keep]:
@@ -555,7 +567,8 @@ def load_checkpoint(path, map_location="cpu", for_resume: bool = False) -> dict:
         candidates = (path / "best_model.pt", path / "checkpoints" / "best_model.pt")
         inside = next((p for p in candidates if p.is_file()), None)
         raise CheckpointError(f"{path} is a directory: pass a checkpoint file, "
-                              + (f"e.g. {inside}" if inside else "such as OUTPUT_DIR/checkpoints/best_model.pt"))
+                              + (f"e.g. {inside}" if inside else "such as "
+                                                                 "OUTPUT_DIR/checkpoints/best_model.pt"))
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     with open(path, "rb") as handle:
@@ -569,11 +582,12 @@ def load_checkpoint(path, map_location="cpu", for_resume: bool = False) -> dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{not_ours} (unsafe content refused: it holds pickled objects, not only tensors "
-                              f"and plain types)") from None
+        raise CheckpointError(f"{not_ours} (unsafe content refused: it holds pickled objects, not only "
+                              "tensors and plain types)") from None
     except Exception:  # torch raises many types for damaged archives
         raise CheckpointError(f"{not_ours} (damaged archive)") from None
-    missing = {"model_state_dict", "model_args", "config"} - set(checkpoint if isinstance(checkpoint, dict) else ())
+    keys = set(checkpoint if isinstance(checkpoint, dict) else ())
+    missing = {"model_state_dict", "model_args", "config"} - keys
     if missing:
         raise CheckpointError(f"{path}: not a DeepLog checkpoint (missing {', '.join(sorted(missing))})")
     try:
@@ -587,7 +601,8 @@ def load_checkpoint(path, map_location="cpu", for_resume: bool = False) -> dict:
     return checkpoint
 
 
-MODEL_ARGS = {"vocab_size": int, "embedding_dim": int, "hidden_size": int, "num_layers": int, "dropout": float}
+MODEL_ARGS = {"vocab_size": int, "embedding_dim": int, "hidden_size": int, "num_layers": int,
+              "dropout": float}
 
 
 def _expect(ok: bool, what: str) -> None:
@@ -619,7 +634,8 @@ def _check_model_keys(checkpoint: dict) -> None:
     _expect(embedding is not None and tuple(embedding.shape) == expected,
             f"weights do not fit the stored model_args: embedding.weight is "
             f"{list(embedding.shape) if embedding is not None else 'absent'}, they need {list(expected)}")
-    _expect(isinstance(checkpoint["config"], dict) and all(isinstance(v, dict) for v in checkpoint["config"].values()),
+    config = checkpoint["config"]
+    _expect(isinstance(config, dict) and all(isinstance(v, dict) for v in config.values()),
             "config must be a mapping of sections")
     config_from_dict(checkpoint["config"])   # a ConfigError names the key
     for key in ("split_scheme", "run_id"):
@@ -663,12 +679,14 @@ def _check_training_state(checkpoint: dict) -> None:
             and all(isinstance(v, list) for v in history.values())
             and len({len(v) for v in history.values()}) == 1, "history must hold five lists of one length")
     position = checkpoint["data_position"]
-    for key, ok in (("epoch", lambda v: _is_int(v) and v >= 1), ("batches_done", lambda v: _is_int(v) and v >= 0),
+    for key, ok in (("epoch", lambda v: _is_int(v) and v >= 1),
+                    ("batches_done", lambda v: _is_int(v) and v >= 0),
                     ("epoch_tokens", lambda v: _is_int(v) and v >= 0),
                     ("epoch_loss_sum", lambda v: isinstance(v, (int, float)) and math.isfinite(v)),
                     ("epoch_time", lambda v: isinstance(v, (int, float)) and v >= 0),
                     ("order", lambda v: isinstance(v, dict))):
-        _expect(ok(position[key]), f"data_position['{key}'] is out of range or mistyped: {position[key]!r}"[:160])
+        _expect(ok(position[key]),
+                f"data_position['{key}'] is out of range or mistyped: {position[key]!r}"[:160])
     stopping = checkpoint["early_stopping"]
     _expect(isinstance(stopping.get("best_loss"), (int, float)) and _is_int(stopping.get("bad_epochs")),
             "early_stopping must hold best_loss (a number) and bad_epochs (an int)")
@@ -689,8 +707,8 @@ def model_from_checkpoint(checkpoint: dict, path) -> "DeepLog":
     try:
         model.load_state_dict(checkpoint["model_state_dict"])
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit the stored model arguments {checkpoint['model_args']} "
-                              f"({str(error).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: weights do not fit the stored model arguments "
+                              f"{checkpoint['model_args']} ({str(error).splitlines()[0]})") from None
     model.use_training_windows(checkpoint)
     model.calibration = checkpoint.get("calibration")
     model.co_occurrence = CoOccurrence.from_checkpoint(checkpoint)
@@ -707,13 +725,14 @@ class TrainState:
     def __init__(self, model, optimizer, scheduler, scaler, early_stopping, config: "Config"):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.early_stopping, self.config = early_stopping, config
-        self.history: dict = {"epoch": [], "train_loss": [], "val_loss": [], "learning_rate": [], "epoch_time": []}
+        self.history: dict = {"epoch": [], "train_loss": [], "val_loss": [], "learning_rate": [],
+                              "epoch_time": []}
         self.step = 0
         self.epoch, self.batches_done = 1, 0              # where the data loader resumes
         self.epoch_loss_sum, self.epoch_tokens, self.epoch_time = 0.0, 0, 0.0   # the epoch so far
         self.event_sets: list | None = None
         self.event_pairs: torch.Tensor | None = None
-        self.data_order: dict = {}  # the settings that fix the batch order: a resume under others is not exact
+        self.data_order: dict = {}  # the settings that fix the batch order: a resume under others is inexact
         self.run: RunRecord | None = None   # the master's claim on the output directory (None on other ranks)
         self.total_steps, self.stopped_early = 0, False
 
@@ -725,7 +744,8 @@ class TrainState:
     def state_dict(self, rng_states: list[dict]) -> dict:
         return {"model_state_dict": self.model.state_dict(), "model_args": self.model.model_args,
                 "optimizer_state_dict": self.optimizer.state_dict(),
-                "scheduler_state_dict": self.scheduler.state_dict(), "scaler_state_dict": self.scaler.state_dict(),
+                "scheduler_state_dict": self.scheduler.state_dict(),
+                "scaler_state_dict": self.scaler.state_dict(),
                 "early_stopping": self.early_stopping.state_dict(), "rng_state": rng_states,
                 "history": self.history, "step": self.step, "epoch": self.epoch,
                 "data_position": {"epoch": self.epoch, "batches_done": self.batches_done,
@@ -794,7 +814,8 @@ def set_rng_state(state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]][:torch.cuda.device_count()])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
     internal, version, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
@@ -843,7 +864,8 @@ class Runtime:
 
 
 def setup_runtime(device_name: str, use_multi_gpu: bool) -> Runtime:
-    """DDP when launched by torchrun (RANK/WORLD_SIZE set), else one process, DataParallel if asked and possible."""
+    """DDP when launched by torchrun (RANK/WORLD_SIZE set), else one process, DataParallel if asked and
+    possible."""
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
@@ -858,7 +880,8 @@ def setup_runtime(device_name: str, use_multi_gpu: bool) -> Runtime:
     if device_name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"training.device is '{device_name}' but no CUDA GPU is available")
     device = torch.device(device_name)
-    gpus = torch.cuda.device_count() if device.type == "cuda" and use_multi_gpu and device.index is None else 1
+    several = device.type == "cuda" and use_multi_gpu and device.index is None
+    gpus = torch.cuda.device_count() if several else 1
     return Runtime(device, data_parallel_gpus=max(gpus, 1))
 
 
@@ -929,7 +952,8 @@ class StopSignal:
     raise_now = False  # set once training is over: a signal then stops what runs at once (the evaluation)
 
     def check(self, runtime: "Runtime", step: int, every: int) -> bool:
-        """Whether to stop now. Under DDP all ranks must agree, so the flag is all-reduced every `every` steps."""
+        """Whether to stop now. Under DDP all ranks must agree, so the flag is all-reduced every `every`
+        steps."""
         if runtime.distributed and step % every:
             return False
         return any_rank(self.received is not None, runtime)
