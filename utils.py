@@ -19,6 +19,7 @@ import os
 import pickle
 import random
 import re
+import reprlib
 import signal
 import socket
 import sys
@@ -169,17 +170,71 @@ POSITIVE = ("model.vocab_size", "model.embedding_dim", "model.hidden_size", "mod
             "data.max_seq_length", "evaluation.top_k", "evaluation.top_g", "evaluation.batch_size")
 
 
+MAX_YAML_DEPTH = 16      # a config nests 2 or 3 levels (section, key, a list of masks)
+MAX_YAML_ALIASES = 64    # anchors are fine; a "billion laughs" file of aliases of aliases is not
+MAX_YAML_BYTES = 2 ** 20
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (plain types only, no tags that build objects) that refuses what no config needs:
+    nesting deeper than MAX_YAML_DEPTH and more than MAX_YAML_ALIASES aliases, each of which would
+    otherwise expand into memory and into every message that shows the value."""
+
+    depth = aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name): expanded, they multiply")
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def read_yaml(path) -> object:
+    """A YAML file of plain types, bounded (size, nesting, aliases): anything else is one ConfigError."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_YAML_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: over {MAX_YAML_BYTES // 2 ** 20} MB: not a config file")
+    try:
+        return yaml.load(text.decode("utf-8"), Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {short_text(' '.join(str(error).split()), 300)}") from None
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = 6
+_SHORT.maxlevel = 3
+
+
+def short(value) -> str:
+    """A bounded repr for messages: whatever a value holds, the line stays short."""
+    return _SHORT.repr(value)
+
+
+def short_text(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def load_config(path: str | None = None, overrides: dict | None = None) -> Config:
     """Dataclass defaults < YAML file < overrides ({"section.key": value}); every value type-checked."""
     config = Config()
     if path:
-        try:
-            with open(path) as handle:
-                raw = yaml.safe_load(handle) or {}
-        except OSError as error:
-            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: invalid YAML: {error}") from None
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         for section_name, values in _canonical_layout(raw, path).items():
@@ -218,8 +273,9 @@ def _canonical_layout(raw: dict, source: str) -> dict:
         raw[target] = destination
         for name, setting in moved.items():
             if name in destination and destination[name] != setting:
-                raise ConfigError(f"{source}: '{target}.{name}' is given twice, as {destination[name]!r} and "
-                                  f"as {setting!r} under '{section}.{key}'")
+                raise ConfigError(f"{source}: '{target}.{name}' is given twice, as "
+                                  f"{short(destination[name])} and "
+                                  f"as {short(setting)} under '{section}.{key}'")
             destination[name] = setting
     return raw
 
@@ -258,15 +314,20 @@ def _coerce(expected, value, dotted: str, source: str):
         if value is None:
             return None
         expected = next(t for t in typing.get_args(expected) if t is not type(None))
+    # YAML 1.1 reads 1e-3 and 1e9 (no dot) as strings, where --lr 1e-3 is a number: such a string is one
+    # too (for an int key only in that exponent form, and only when whole: a quoted "3" stays a string)
     if expected is float and isinstance(value, str) and FLOAT_LITERAL.fullmatch(value.strip()):
-        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; --lr 1e-3 is a number
+        value = float(value)
+    elif expected is int and isinstance(value, str) and FLOAT_LITERAL.fullmatch(value.strip()) \
+            and "e" in value.lower() and float(value).is_integer():
+        value = int(float(value))
     ok = (isinstance(value, bool) if expected is bool else
           isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else
           isinstance(value, int) and not isinstance(value, bool) if expected is int else
           isinstance(value, expected))
     if not ok:
         raise ConfigError(f"{source}: '{dotted}' must be "
-                          f"{'null or ' if optional else ''}{expected.__name__}, got {value!r} "
+                          f"{'null or ' if optional else ''}{expected.__name__}, got {short(value)} "
                           f"({type(value).__name__})")
     return float(value) if expected is float else value
 
@@ -283,13 +344,13 @@ def check_values(config: Config) -> None:
 
     for dotted, allowed in {**CHOICES, "evaluation.decision_rule": RULES}.items():
         if get(dotted) not in allowed:
-            raise ConfigError(f"'{dotted}' must be one of {', '.join(allowed)}, got {get(dotted)!r}")
+            raise ConfigError(f"'{dotted}' must be one of {', '.join(allowed)}, got {short(get(dotted))}")
     if not DEVICE.fullmatch(config.training.device):
         raise ConfigError("'training.device' must be auto, cpu, cuda or cuda:N, got "
-                          f"{config.training.device!r}")
+                          f"{short(config.training.device)}")
     for dotted in POSITIVE:
         if get(dotted) <= 0:
-            raise ConfigError(f"'{dotted}' must be > 0, got {get(dotted)!r}")
+            raise ConfigError(f"'{dotted}' must be > 0, got {short(get(dotted))}")
     checks = [("model.dropout", 0 <= config.model.dropout < 1, "in [0, 1)"),
               ("data.validation_split", 0 <= config.data.validation_split < 1, "in [0, 1)"),
               ("data.window_context", 0 <= config.data.window_context < config.data.max_seq_length,
@@ -312,7 +373,7 @@ def check_values(config: Config) -> None:
                                                                                              "strings")]
     for dotted, ok, rule in checks:
         if not ok:
-            raise ConfigError(f"'{dotted}' must be {rule}, got {get(dotted)!r}")
+            raise ConfigError(f"'{dotted}' must be {rule}, got {short(get(dotted))}")
 
 
 def reader_options(config: Config) -> dict:

@@ -1,8 +1,9 @@
-r"""The default recipe on every labelled data set at hand, next to the simple detectors of the critical review.
+r"""The default recipe on every labelled data set at hand, beside the simple detectors of the critical review.
 
 Examples:
 
-    python benchmarks/datasets.py                          # HDFS dev and every set under ../shared/data/sequences
+    # HDFS dev and every set under ../shared/data/sequences
+    python benchmarks/datasets.py
     python benchmarks/datasets.py --only openstack_kalaki --epochs 5
     python benchmarks/datasets.py --skip-hdfs --json --output-dir /tmp/datasets
 
@@ -113,7 +114,8 @@ def count_matrix(sessions: list[list[int]], width: int) -> np.ndarray:
     return matrix
 
 
-def review_scores(train: list[list[int]], scored: list[list[int]], leave_one_out: bool) -> dict[str, np.ndarray]:
+def review_scores(train: list[list[int]], scored: list[list[int]],
+                  leave_one_out: bool) -> dict[str, np.ndarray]:
     """The four scores of `scored` sessions against the training sessions (leave_one_out: `scored` is
     `train`, each compared with the others)."""
     width = max(max((max(s) for s in train + scored if s), default=0) + 2, 2)
@@ -136,7 +138,8 @@ def review_scores(train: list[list[int]], scored: list[list[int]], leave_one_out
         scores["nearest count vector"][row] = distances.min() if len(distances) else np.inf
         twin = leave_one_out and multiplicity[tuple(events)] > 1   # another training session is identical
         skip = reference_of[tuple(events)] if leave_one_out else None
-        scores["nearest edit distance"][row] = 0.0 if twin else nearest_edit_distance(events, references, skip)
+        scores["nearest edit distance"][row] = (0.0 if twin
+                                                else nearest_edit_distance(events, references, skip))
     return scores
 
 
@@ -166,7 +169,8 @@ def baselines(paths: dict[str, Path]) -> dict[str, dict]:
     for name in on_train:
         threshold = float(np.max(on_train[name][np.isfinite(on_train[name])], initial=0.0))
         calibrated = metrics(on_normal[name] > threshold, on_abnormal[name] > threshold)
-        results[name] = {"calibrated": {**calibrated, "stated_fpr": 1 / (len(train) + 1), "threshold": threshold},
+        results[name] = {"calibrated": {**calibrated, "stated_fpr": 1 / (len(train) + 1),
+                                        "threshold": threshold},
                          "test_optimal": test_optimal(on_normal[name], on_abnormal[name])}
     results["_seconds"] = time.time() - started
     return results
@@ -177,7 +181,8 @@ def run(command: list[str]) -> None:
     print("$ " + " ".join(command), flush=True)
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"error: {' '.join(command)} failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")
+        sys.exit(f"error: {' '.join(command)} failed with exit code {done.returncode}:\n"
+                 f"{done.stderr[-3000:]}")
 
 
 def recipe(name: str, paths: dict[str, Path], output_dir: Path, epochs: int | None) -> dict:
@@ -187,7 +192,8 @@ def recipe(name: str, paths: dict[str, Path], output_dir: Path, epochs: int | No
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     # the data set's ID range (as its documentation gives it: every file's IDs; no labels are used), so that
     # HDFS gets config.yaml's 29 as benchmarks/hdfs.py does; IDs absent from training are unknown events
-    vocab_size = max(max(s) for name in ("train", "normal", "abnormal") for s in read_sessions(paths[name]) if s) + 1
+    vocab_size = max(max(s) for name in ("train", "normal", "abnormal")
+                     for s in read_sessions(paths[name]) if s) + 1
     config["model"]["vocab_size"] = vocab_size
     config["data"].update(preprocessed_dir=str(paths["train"]), abnormal_dir=None)
     config["training"]["output_dir"] = str(run_dir)
@@ -219,22 +225,27 @@ def rows_of(name: str, results: dict, review: dict) -> list[tuple]:
         c, t = both["calibrated"], both["test_optimal"]
         rows.append((name, f"{detector} (normal-calibrated)", c["f1"], c["precision"], c["recall"], c["fpr"],
                      c["stated_fpr"]))
-        rows.append((name, f"{detector} (test-optimal)", t["f1"], t["precision"], t["recall"], t["fpr"], None))
+        rows.append((name, f"{detector} (test-optimal)", t["f1"], t["precision"], t["recall"], t["fpr"],
+                     None))
     return rows
 
 
 def print_table(rows: list[tuple]) -> None:
-    print("\n| data set | detector | F1 | precision | recall | FPR | stated FPR |\n|---|---|---|---|---|---|---|")
+    print("\n| data set | detector | F1 | precision | recall | FPR | stated FPR "
+          "|\n|---|---|---|---|---|---|---|")
     for name, label, f1, precision, recall, fpr, stated in rows:
         stated_text = "" if stated is None else f"{stated:.2%}"
         print(f"| {name} | {label} | {f1:.3f} | {precision:.3f} | {recall:.3f} | {fpr:.2%} | {stated_text} |")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/datasets", help="runs, caches and reports go here")
-    parser.add_argument("--only", help="one data set by name (hdfs, openstack_kalaki, openstack_du, hadoop, ...)")
-    parser.add_argument("--skip-hdfs", action="store_true", help="only the sets under ../shared/data/sequences")
+    parser.add_argument("--only", help="one data set by name (hdfs, openstack_kalaki, openstack_du, hadoop, "
+                                       "...)")
+    parser.add_argument("--skip-hdfs", action="store_true", help="only the sets under "
+                                                                 "../shared/data/sequences")
     parser.add_argument("--epochs", type=int, help="override training.epochs of the recipe")
     parser.add_argument("--json", action="store_true", help="also print every figure as one JSON line")
     args = parser.parse_args()

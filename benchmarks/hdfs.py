@@ -5,7 +5,7 @@ Examples:
     python benchmarks/hdfs.py                                   # ../shared/data/hdfs, default recipe
     python benchmarks/hdfs.py --output-dir runs/hdfs --epochs 20
     python benchmarks/hdfs.py --output-dir runs/hdfs-pairs --no-event-sets  # as beyond the event-set cap
-    python benchmarks/hdfs.py --output-dir runs/hdfs-lstm --lstm-only       # no record of co-occurrence at all
+    python benchmarks/hdfs.py --output-dir runs/hdfs-lstm --lstm-only       # no record of co-occurrence
     python benchmarks/hdfs.py --train /data/hdfs_train --eval-normal /data/test_normal \\
         --eval-abnormal /data/test_abnormal --calibrate /data/quiet_normal
 
@@ -32,21 +32,28 @@ HDFS = REPO.parent / "shared" / "data" / "hdfs"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", default=str(HDFS / "hdfs_train"), help="normal training sessions")
     parser.add_argument("--calibrate", help="normal sessions to fit thresholds on (default: the training "
                         "data's validation split); never the evaluation sets")
-    parser.add_argument("--eval-normal", default=str(HDFS / "hdfs_dev_normal"), help="normal evaluation sessions")
-    parser.add_argument("--eval-abnormal", default=str(HDFS / "hdfs_dev_abnormal"), help="abnormal evaluation sessions")
+    parser.add_argument("--eval-normal", default=str(HDFS / "hdfs_dev_normal"), help="normal evaluation "
+                                                                                     "sessions")
+    parser.add_argument("--eval-abnormal", default=str(HDFS / "hdfs_dev_abnormal"),
+                        help="abnormal evaluation sessions")
     parser.add_argument("--output-dir", default="outputs/hdfs", help="where the run and reports go")
     parser.add_argument("--config", default=str(REPO / "config.yaml"), help="base config (the recipe)")
     parser.add_argument("--epochs", type=int, help="override training.epochs")
     parser.add_argument("--seed", type=int, help="override training.seed")
-    parser.add_argument("--no-event-sets", action="store_true", help="run as if the record of event-type sets "
-                        "were unavailable (as on data with more than 10,000 distinct sets): evaluation.event_set_rule "
-                        "false, so the default rule is the LSTM's probability rule or a novel pair of event types")
-    parser.add_argument("--lstm-only", action="store_true", help="no record of which event types occur together "
-                        "(evaluation.event_set_rule and event_pair_rule false): the default rule is the LSTM's alone")
+    parser.add_argument("--no-event-sets", action="store_true", help="run as if the record of event-type "
+                                                                     "sets "
+                        "were unavailable (as on data with more than 10,000 distinct sets): "
+                        "evaluation.event_set_rule false, so the default rule is the LSTM's probability rule "
+                        "or a novel pair of event types")
+    parser.add_argument("--lstm-only", action="store_true", help="no record of which event types occur "
+                                                                 "together "
+                        "(evaluation.event_set_rule and event_pair_rule false): the default rule is the "
+                        "LSTM's alone")
     args = parser.parse_args()
 
     for name in ("train", "eval_normal", "eval_abnormal") + (("calibrate",) if args.calibrate else ()):
@@ -54,7 +61,8 @@ def main() -> int:
             sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: no such file or directory")
     if args.calibrate and Path(args.calibrate).resolve() in {Path(args.eval_normal).resolve(),
                                                              Path(args.eval_abnormal).resolve()}:
-        sys.exit("error: --calibrate must not be an evaluation set: thresholds are never fitted on scored data")
+        sys.exit("error: --calibrate must not be an evaluation set: thresholds are never fitted on scored "
+                 "data")
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -75,8 +83,9 @@ def main() -> int:
     run([sys.executable, "train.py", "--config", str(output_dir / "recipe.yaml")])
     train_seconds = time.time() - started
     checkpoint = output_dir / "checkpoints" / "best_model.pt"
-    evaluate = [sys.executable, "evaluate.py", "--checkpoint", str(checkpoint), "--data-dir", args.eval_normal,
-                "--abnormal-dir", args.eval_abnormal, "--output-dir", str(output_dir), "--tag", "hdfs"]
+    evaluate = [sys.executable, "evaluate.py", "--checkpoint", str(checkpoint),
+                "--data-dir", args.eval_normal, "--abnormal-dir", args.eval_abnormal,
+                "--output-dir", str(output_dir), "--tag", "hdfs"]
     if args.calibrate:
         evaluate += ["--calibrate-on", args.calibrate]
     started = time.time()
@@ -89,7 +98,8 @@ def main() -> int:
     return 0
 
 
-MILESTONES = ("| Epoch ", "Token cache", "Training finished", "Evaluation results", "| WARNING |", "| ERROR |")
+MILESTONES = ("| Epoch ", "Token cache", "Training finished", "Evaluation results", "| WARNING |",
+              "| ERROR |")
 
 
 def run(command: list[str], progress_every_s: float = 30.0) -> None:
@@ -112,10 +122,11 @@ def run(command: list[str], progress_every_s: float = 30.0) -> None:
 def print_summary(results: dict, train_seconds: float, evaluate_seconds: float, result_file: Path) -> None:
     timing, next_event = results["timing"], results["next_event"]
     print(f"\nHDFS benchmark ({result_file})")
-    print(f"normal {results['normal_scores']['count']} sessions, abnormal {results['abnormal_sessions']['count']}; "
-          f"thresholds from: {results['calibration']['source']}")
+    print(f"normal {results['normal_scores']['count']} sessions, abnormal "
+          f"{results['abnormal_sessions']['count']}; thresholds from: {results['calibration']['source']}")
     print("next-event accuracy on normal: " + ", ".join(
-        f"top-{k} {next_event[f'top{k}_accuracy']:.4f}" for k in (1, 5, 10, 20)) + f", loss {next_event['loss']:.4f}")
+        f"top-{k} {next_event[f'top{k}_accuracy']:.4f}" for k in (1, 5, 10, 20))
+          + f", loss {next_event['loss']:.4f}")
     print(f"\n{'rule':<13}{'recall':>9}{'FPR':>9}{'precision':>11}{'F1':>8}{'FP':>6}{'FN':>6}")
     for rule, m in results["rules"].items():
         mark = "  <- default" if rule == results["default"]["rule"] else ""

@@ -21,11 +21,11 @@ every 5 ms): what the process itself holds. Both include Python with torch loade
 .json file is parsed in the process itself; parsing processes, where a JSONL or text file is split,
 report their own peak ("parsers MB").
 
-    long       (--long EVENTSxSESSIONS ...) a JSONL file of that many random sessions of that many events each:
-               calibration, evaluation and detection (evaluate.detect, the misses of every flagged session
-               explained) over all of them, then DeepLog.verdict on the longest, with a tiny model scoring in
-               the windows of training (max_seq_length 256, window_context 32): memory stays bounded
-               whatever the length of a session.
+    long       (--long EVENTSxSESSIONS ...) a JSONL file of that many random sessions of that many events
+               each: calibration, evaluation and detection (evaluate.detect, the misses of every flagged
+               session explained) over all of them, then DeepLog.verdict on the longest, with a tiny model
+               scoring in the windows of training (max_seq_length 256, window_context 32): memory stays
+               bounded whatever the length of a session.
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def write_data(path: Path, gigabytes: float) -> int:
         handle.write("[")
         while written < target:
             events = [rng.randrange(1, 29) for _ in range(rng.randrange(5, 40))]
-            record = ("," if sessions else "") + json.dumps({"session_id": f"s{sessions}", "event_ids": events})
+            record = ("," if sessions else "") + json.dumps({"session_id": f"s{sessions}",
+                                                             "event_ids": events})
             written += handle.write(record)
             sessions += 1
         handle.write("]")
@@ -90,7 +91,8 @@ def child(stage: str, path: str, cache_dir: str) -> None:
     import utils
     from cache import CachedSessions, build_caches, cache_settings
     config = utils.load_config(None, {"data.preprocessed_dir": path, "lazy_loading.cache_dir": cache_dir,
-                                      "model.embedding_dim": 8, "model.hidden_size": 8, "model.num_layers": 1})
+                                      "model.embedding_dim": 8, "model.hidden_size": 8,
+                                      "model.num_layers": 1})
     anonymous = AnonymousPeak()
     started = time.time()
     if stage == "train":
@@ -108,7 +110,8 @@ def child(stage: str, path: str, cache_dir: str) -> None:
         model = evaluate.DeepLog(29, 8, 8, 1, 0.0).eval()
         logger = logging.getLogger("deeplog")
         calibration_half, _, _ = evaluate.validation_sessions(config, {}, logger=logger)
-        calibration = evaluate.fit_calibration(model, calibration_half, 10, 9, 0.001, "memory benchmark", "combined")
+        calibration = evaluate.fit_calibration(model, calibration_half, 10, 9, 0.001, "memory benchmark",
+                                               "combined")
         normal = evaluate.data_chunks(path, config, "all", logger)
         results, _ = evaluate.evaluate(model, calibration, normal, [], 10, "combined")
         detail = {"sessions": results["normal_scores"]["count"], "scored": results["normal_scores"]["scored"]}
@@ -137,23 +140,26 @@ def long_sessions(config, path: str) -> dict:
     torch.set_num_threads(2)
     model = evaluate.DeepLog(29, 8, 8, 1, 0.0).eval().set_windows(256, 32)
     logger = logging.getLogger("deeplog")
-    calibration = evaluate.fit_calibration(model, evaluate.data_chunks(path, config, "all", logger), 10, 9, 0.001,
-                                           "memory benchmark", "combined")
-    results, _ = evaluate.evaluate(model, calibration, evaluate.data_chunks(path, config, "all", logger), [], 10,
-                                   "combined")
+    calibration = evaluate.fit_calibration(model, evaluate.data_chunks(path, config, "all", logger), 10, 9,
+                                           0.001, "memory benchmark", "combined")
+    results, _ = evaluate.evaluate(model, calibration, evaluate.data_chunks(path, config, "all", logger), [],
+                                   10, "combined")
     out = io.StringIO()
     totals = evaluate.detect(model, calibration, path, utils.reader_options(config), "probability", out)
     longest = max((json.loads(line)["event_ids"] for line in open(path)), key=len)
     model.calibration = calibration
     verdict = model.verdict([longest])
-    return {"sessions": results["normal_scores"]["count"], "predictions": results["next_event"]["total_predictions"],
+    return {"sessions": results["normal_scores"]["count"],
+            "predictions": results["next_event"]["total_predictions"],
             "detected": sum(totals.get(v, 0) for v in ("normal", "abnormal")), "verdict": verdict[0]}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gigabytes", type=float, nargs="+", default=[0.1, 0.5, 2.0], help="file sizes")
-    parser.add_argument("--stages", nargs="+", choices=["train", "evaluate", "long"], default=["train", "evaluate"])
+    parser.add_argument("--stages", nargs="+", choices=["train", "evaluate", "long"],
+                        default=["train", "evaluate"])
     parser.add_argument("--long", nargs="+", default=["1000000x1", "100000x160"],
                         help="EVENTSxSESSIONS: the long-session cases of the `long` stage")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -183,7 +189,8 @@ def main() -> None:
                                      capture_output=True, text=True, check=True).stdout
                 row = json.loads(out.splitlines()[-1])
                 print(f"{path.stat().st_size / 1e9:>5.2f} {sessions:>10} {stage:>9} {row['seconds']:>8.1f} "
-                      f"{row['peak_mb']:>12.0f} {row['anonymous_peak_mb']:>13.0f} {row['children_peak_mb']:>11.0f}",
+                      f"{row['peak_mb']:>12.0f} {row['anonymous_peak_mb']:>13.0f} "
+                      f"{row['children_peak_mb']:>11.0f}",
                       flush=True)
             path.unlink()
             subprocess.run(["rm", "-rf", f"{tmp}/cache"], check=True)

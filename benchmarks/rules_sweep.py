@@ -38,8 +38,10 @@ def scored(model, sessions: Counter, top_k: int, co_occurrence) -> tuple[dict, n
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="outputs/hdfs/checkpoints/best_model.pt", help="trained model")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="outputs/hdfs/checkpoints/best_model.pt",
+                        help="trained model")
     parser.add_argument("--eval-normal", default=str(HDFS / "hdfs_dev_normal"), help="normal sessions")
     parser.add_argument("--eval-abnormal", default=str(HDFS / "hdfs_dev_abnormal"), help="abnormal sessions")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.005, 0.002, 0.001, 0.0005, 0.0002],
@@ -74,7 +76,8 @@ def main() -> None:
                f"{calibration['flagged_on_calibration']['probability']:>7.2%}"]
         for rule in ("probability", "combined"):
             fp = normal_w[evaluate.verdicts(normal_scores, calibration, rule)].sum()
-            recall = abnormal_w[evaluate.verdicts(abnormal_scores, calibration, rule)].sum() / abnormal_w.sum()
+            recall = (abnormal_w[evaluate.verdicts(abnormal_scores, calibration, rule)].sum()
+                      / abnormal_w.sum())
             row += [f"{fp:>{15 if rule == 'probability' else 12}.0f}", f"{recall:>8.4f}"]
         print(" ".join(row))
         print(f"{'':>9}events: {calibration['probability_bound_method']}; end: "

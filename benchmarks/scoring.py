@@ -24,9 +24,12 @@ HDFS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hdfs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="outputs/hdfs/checkpoints/best_model.pt", help="trained model")
-    parser.add_argument("--data", nargs="+", default=[str(HDFS / "hdfs_dev_normal"), str(HDFS / "hdfs_dev_abnormal")],
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="outputs/hdfs/checkpoints/best_model.pt",
+                        help="trained model")
+    parser.add_argument("--data", nargs="+",
+                        default=[str(HDFS / "hdfs_dev_normal"), str(HDFS / "hdfs_dev_abnormal")],
                         help="session files to score")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
     parser.add_argument("--batch-size", type=int, default=256, help="sessions per LSTM batch")
@@ -37,7 +40,8 @@ def main() -> None:
     distinct = Counter(sessions)
     print(f"{len(sessions)} sessions ({len(distinct)} distinct), {torch.get_num_threads()} CPU threads, "
           f"batch {args.batch_size}, torch {torch.__version__}")
-    for label, batch in (("de-duplicated (what evaluate.py does)", list(distinct)), ("every session", sessions)):
+    for label, batch in (("de-duplicated (what evaluate.py does)", list(distinct)),
+                         ("every session", sessions)):
         best = min(timed(model, batch, args.batch_size) for _ in range(args.repeat))
         print(f"{label:<40} {best:6.2f}s  {len(sessions) / best:8.0f} sessions/s")
 

@@ -49,7 +49,8 @@ def measure(device, dtype, batch_size, length, steps, warmup) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=64, help="sessions per step")
     parser.add_argument("--length", type=int, default=20, help="events per session")
@@ -58,8 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtypes = [None, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
-    print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch_size} x {args.length} events, "
-          f"torch {torch.__version__}")
+    print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch_size} x {args.length} "
+          f"events, torch {torch.__version__}")
     for dtype in dtypes:
         rate = measure(device, dtype, args.batch_size, args.length, args.steps, args.warmup)
         name = "fp32" if dtype is None else str(dtype).replace("torch.", "") + " autocast"

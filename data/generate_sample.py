@@ -78,7 +78,8 @@ def abnormal_session(rng: random.Random) -> tuple[list[int], str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).parent / "sample"), help="output directory")
     parser.add_argument("--normal", type=int, default=3000, help="normal training sessions")
     parser.add_argument("--abnormal", type=int, default=400, help="abnormal sessions in abnormal/")

@@ -60,7 +60,8 @@ def tiny_data(tmp_path, sample_sessions):
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.json").write_text(json.dumps([{"event_ids": s} for s in normal[:80]]))
-    (data / "b.jsonl").write_text("".join(json.dumps({"event_ids": s, "label": 0}) + "\n" for s in normal[80:160]))
+    (data / "b.jsonl").write_text("".join(json.dumps({"event_ids": s, "label": 0}) + "\n"
+                                          for s in normal[80:160]))
     (data / "c.txt").write_text("".join(" ".join(map(str, s)) + "\n" for s in normal[160:]))
     return data
 

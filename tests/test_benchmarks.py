@@ -23,8 +23,8 @@ for line in ["| INFO | [Step 1] Loss: 1.0", "| INFO | noise", "| INFO | [Step 2]
 
 
 def test_hdfs_benchmark_passes_on_milestones_and_a_step_line_now_and_then(tmp_path, capsys):
-    """Off a terminal (nohup, CI) the benchmark must not be silent during a long epoch: step lines come through
-    at most every progress_every_s, milestones and warnings always, other lines never."""
+    """Off a terminal (nohup, CI) the benchmark must not be silent during a long epoch: step lines come
+    through at most every progress_every_s, milestones and warnings always, other lines never."""
     hdfs = load("hdfs")
     stage = tmp_path / "stage.py"
     stage.write_text(STAGE)
@@ -39,13 +39,14 @@ def test_hdfs_benchmark_passes_on_milestones_and_a_step_line_now_and_then(tmp_pa
 @pytest.mark.parametrize("flag", ["--no-event-sets", "--lstm-only"])
 def test_hdfs_benchmark_without_the_records_of_event_types_seen_together(tmp_path, flag):
     """--no-event-sets: the same recipe with the event-set record unavailable, as on data beyond its cap (the
-    default is then the LSTM's probability rule or a novel pair of event types); --lstm-only: no record at all,
-    the default is the LSTM's alone. Thresholds calibrated to evaluation.target_fpr."""
+    default is then the LSTM's probability rule or a novel pair of event types); --lstm-only: no record at
+    all, the default is the LSTM's alone. Thresholds calibrated to evaluation.target_fpr."""
     import json
     import subprocess
 
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "hdfs.py"), flag, "--epochs", "1",
-                             "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                             "--output-dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(next(tmp_path.glob("evaluation_results_*_hdfs.json")).read_text())
     calibration, rules = results["calibration"], results["rules"]

@@ -114,16 +114,20 @@ def test_plan_leaves_out_rules_whose_novelty_is_normal_in_training():
 
 def test_verdicts_of_the_count_vector_rule_and_unseen_events():
     scores = {"predictions": np.array([3.0, 3, 3]), "count_distance": np.array([0.0, 2, 3]),
-              "min_event_log_prob": np.array([-1.0, -np.inf, -1]), "min_seen_event_log_prob": np.array([-1.0, -1, -1]),
+              "min_event_log_prob": np.array([-1.0, -np.inf, -1]),
+              "min_seen_event_log_prob": np.array([-1.0, -1, -1]),
               "end_log_prob": np.zeros(3), "novel_set": np.array([0.0, 1, 0]), "novel_pair": np.zeros(3)}
     calibration = hand_calibration(log_end_probability_bound=-5.0, count_vector_distance=2.0,
                                    combined_rules=["probability", "count_vector"], unseen_events_flag=False)
     assert verdicts(scores, calibration, "count_vector").tolist() == [False, False, True]
-    assert verdicts(scores, calibration, "probability").tolist() == [False, False, False]   # unseen: not alone
-    assert verdicts(scores, calibration, "combined").tolist() == [False, False, True]       # event_set left out
+    # unseen: not alone
+    assert verdicts(scores, calibration, "probability").tolist() == [False, False, False]
+    # event_set left out
+    assert verdicts(scores, calibration, "combined").tolist() == [False, False, True]
     flagging = {**calibration, "unseen_events_flag": True, "combined_rules": ["probability", "event_set"]}
     assert verdicts(scores, flagging, "combined").tolist() == [False, True, False]
-    assert verdicts(scores, {**calibration, "count_vector_distance": None}, "count_vector").tolist() == [False] * 3
+    assert verdicts(scores, {**calibration, "count_vector_distance": None},
+                    "count_vector").tolist() == [False] * 3
 
 
 def _model(vocab_size):
@@ -202,12 +206,14 @@ def test_weighted_percentile_counts_duplicates():
 def test_target_fpr_threshold_is_the_exact_quantile_with_enough_sessions():
     values = np.arange(1.0, 10001.0)                          # 10,000 sessions, one score each
     threshold, method = C.target_fpr_threshold(values, np.ones_like(values), 10000.0, 0.001)
-    assert threshold == 9990.0 and (values > threshold).sum() == 10 and method.startswith("empirical quantile")
+    assert (threshold == 9990.0 and (values > threshold).sum() == 10
+            and method.startswith("empirical quantile"))
     # weights count like repeated sessions; an infinite score (an event never seen) uses up the target
-    weighted, _ = C.target_fpr_threshold(np.array([1.0, 2.0, 3.0]), np.array([9970.0, 20.0, 10.0]), 10000.0, 0.001)
+    weighted, _ = C.target_fpr_threshold(np.array([1.0, 2.0, 3.0]), np.array([9970.0, 20.0, 10.0]), 10000.0,
+                                         0.001)
     assert weighted == 2.0
-    with_inf, _ = C.target_fpr_threshold(np.array([1.0, 2.0, 3.0, math.inf]), np.array([9970.0, 20.0, 5.0, 5.0]),
-                                         10000.0, 0.001)
+    with_inf, _ = C.target_fpr_threshold(np.array([1.0, 2.0, 3.0, math.inf]),
+                                         np.array([9970.0, 20.0, 5.0, 5.0]), 10000.0, 0.001)
     assert with_inf == 2.0   # 5 infinite + 5 above 2.0 = 10 flagged: the target
 
 
@@ -234,11 +240,13 @@ def test_implied_tail_sums_the_model_probability_mass_below_each_bound():
     bin_of = [int(-lp / C.SURPRISAL_BIN) for lp in log_p]
     for c in range(5):
         assert tail.event[bin_of[c]] == pytest.approx(8 * math.exp(log_p[c]))
-    assert tail.end[bin_of[5]] == pytest.approx(8 * math.exp(log_p[5])) and tail.end.sum() == tail.end[bin_of[5]]
+    assert (tail.end[bin_of[5]] == pytest.approx(8 * math.exp(log_p[5]))
+            and tail.end.sum() == tail.end[bin_of[5]])
     assert tail.event.sum() == pytest.approx(8 * (1 - math.exp(log_p[5])))
     # at most 0.1 per session of 3: class 4's mass (8 x 0.0116) fits, with class 3's (8 x 0.0316) it does not
     assert tail.threshold("event", 0.1, 3.0) == pytest.approx((bin_of[3] + 1) * C.SURPRISAL_BIN)
-    assert tail.threshold("end", 0.1, 3.0) == 0.0            # all of the end's mass fits: every end is flagged
+    # all of the end's mass fits: every end is flagged
+    assert tail.threshold("end", 0.1, 3.0) == 0.0
     model.seen_events[4] = False                              # an event never seen in training takes no part
     unseen = C.ImpliedTail()
     unseen.add(model, [(0, 1), (2,)], np.array([2.0, 1.0]))

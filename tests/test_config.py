@@ -19,7 +19,8 @@ def test_defaults_then_yaml_then_flags(tmp_path):
     assert config.training.seed == 9
     assert config.training.batch_size == utils.TrainingConfig().batch_size   # default kept
     assert train.resolve_config(train.parse_args(["--config", str(path), "--data-dir", "d", "--epochs", "2",
-                                                  "--batch-size", "8", "--output-dir", "o", "--device", "cpu"])
+                                                  "--batch-size", "8", "--output-dir", "o",
+                                                  "--device", "cpu"])
                                 ).training.output_dir == "o"
 
 
@@ -32,13 +33,14 @@ def test_shipped_config_yaml_matches_the_dataclass_keys():
     expected = {s: set(v) for s, v in utils.config_to_dict(utils.Config()).items()}
     expected["preprocess"] = {f.name for f in dataclasses.fields(preprocess.PreprocessConfig)}
     assert {s: set(v) for s, v in shipped.items()} == expected
-    assert preprocess.PreprocessConfig(**shipped["preprocess"]) == preprocess.PreprocessConfig()  # same defaults
+    # same defaults
+    assert preprocess.PreprocessConfig(**shipped["preprocess"]) == preprocess.PreprocessConfig()
 
 
 @pytest.mark.parametrize("content,message", [
     ({"training": {"epochz": 3}}, "unknown config key 'training.epochz'"),
-    ({"evaluation": {"probability_margin": 0.001}}, "'evaluation.probability_margin' is retired: the probability "
-                                                    "bound is now set by evaluation.target_fpr"),
+    ({"evaluation": {"probability_margin": 0.001}}, "'evaluation.probability_margin' is retired: the "
+                                                    "probability bound is now set by evaluation.target_fpr"),
     ({"trainin": {"epochs": 3}}, "unknown config section 'trainin'"),
     ({"training": {"epochs": "3"}}, "'training.epochs' must be int"),
     ({"training": {"epochs": 2.5}}, "'training.epochs' must be int"),
@@ -133,7 +135,8 @@ def test_gpu_monitor_when_pynvml_fails(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="test-gpu2"):
         monitor = utils.GPUMonitor(logger)
     assert monitor.summary() is None
-    assert any("pynvml unavailable" in r.message and "NVML Shared Library" in r.message for r in caplog.records)
+    assert any("pynvml unavailable" in r.message and "NVML Shared Library" in r.message
+               for r in caplog.records)
 
 
 def test_gpu_monitor_formats_pynvml_readings(monkeypatch):
@@ -145,7 +148,8 @@ def test_gpu_monitor_formats_pynvml_readings(monkeypatch):
     fake.nvmlInit = lambda: None
     fake.nvmlDeviceGetCount = lambda: 2
     fake.nvmlDeviceGetHandleByIndex = lambda i: i
-    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=(h + 1) * 1000 * 2**20, total=80000 * 2**20)
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=(h + 1) * 1000 * 2**20,
+                                                                   total=80000 * 2**20)
     fake.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=90 + h)
     fake.nvmlDeviceGetTemperature = lambda h, kind: 60
     fake.nvmlDeviceGetPowerUsage = lambda h: 250000
@@ -169,11 +173,13 @@ def test_precision_choice_per_device(monkeypatch):
     assert utils.amp_settings(config, cuda) == (torch.float16, True)
     config.training.amp_dtype = "auto"
     for native in (False, True):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native,
+                            raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
         assert utils.amp_settings(config, cpu) == ((torch.bfloat16 if native else None), False)
     config.training.mixed_precision = False
-    assert utils.amp_settings(config, cuda) == (None, False) and utils.amp_settings(config, cpu) == (None, False)
+    assert (utils.amp_settings(config, cuda) == (None, False)
+            and utils.amp_settings(config, cpu) == (None, False))
 
 
 def test_gpu_stats_follow_cuda_visible_devices(monkeypatch):
@@ -201,7 +207,8 @@ def test_the_original_design_layout_loads_as_the_canonical_one(tmp_path):
         "data": {"preprocessed_dir": "d", "lazy_loading": {"enabled": True, "buffer_size": 500,
                                                            "shuffle_buffer": False}}}))
     config = load_config(str(original))
-    assert (config.training.epochs, config.training.batch_size, config.training.learning_rate) == (2, 32, 0.001)
+    assert (config.training.epochs, config.training.batch_size,
+            config.training.learning_rate) == (2, 32, 0.001)
     assert (config.early_stopping.patience, config.early_stopping.min_delta) == (5, 0.001)
     assert (config.lazy_loading.buffer_size, config.lazy_loading.shuffle_buffer) == (500, False)
     utils.save_config(config, tmp_path / "saved.yaml")   # the saved resolved config is the canonical layout
@@ -216,4 +223,41 @@ def test_a_setting_given_in_both_layouts_with_two_values_is_an_error(tmp_path):
     path.write_text(yaml.safe_dump({"training": {"epochs": 3, "num_epochs": 4}}))
     message = r"'training.epochs' is given twice, as 3 and as 4 under 'training.num_epochs'"
     with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+
+
+def _laughs(levels: int) -> str:
+    """The "billion laughs" shape: each level an alias of the one before, nine times."""
+    lines = ["training:", '  a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level, name in enumerate("bcdefghijk"[:levels]):
+        lines.append(f"  {name}: &{name} [" + ", ".join([f"*{'abcdefghijk'[level]}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text,message", [
+    (_laughs(9), "more than 64 aliases"),
+    ("a: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested more than 16 levels deep"),
+    ("model:\n  dropout: &x [1, 2, 3, 4, 5, 6, 7, 8, 9]\ntraining:\n  epochs: [*x, *x, *x, *x, *x, *x, *x]\n",
+     r"'model.dropout' must be float, got \[1, 2, 3, 4, 5, 6, \.\.\.\] \(list\)"),
+    ("training:\n  device: " + "x" * 100_000 + "\n", "'training.device' must be auto, cpu, cuda or cuda:N"),
+    ("\udcff".encode("utf-8", "surrogateescape").decode("latin-1"), "invalid YAML|not UTF-8"),
+])
+def test_configs_that_explode_are_one_short_error(tmp_path, text, message):
+    """Aliases of aliases, deep nesting and huge values end in one short ConfigError, quickly, never in
+    memory growth, a RecursionError or a message the size of the expanded value."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="latin-1" if "\xff" in text else "utf-8")
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_config(str(path))
+    assert len(str(raised.value)) < 400
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers_for_int_keys_too(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  epochs: 1e2\n  learning_rate: 1e-3\n")   # YAML 1.1: both are strings
+    config = load_config(str(path))
+    assert config.training.epochs == 100 and isinstance(config.training.epochs, int)
+    assert config.training.learning_rate == 0.001
+    path.write_text("training:\n  epochs: 1.5e0\n")
+    with pytest.raises(ConfigError, match="'training.epochs' must be int, got '1.5e0'"):
         load_config(str(path))

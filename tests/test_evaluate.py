@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HDFS_DIR, REPO, fixed_model, hand_calibration, known, needs_hdfs, run_script, write_config
+from conftest import (
+    HDFS_DIR,
+    REPO,
+    fixed_model,
+    hand_calibration,
+    known,
+    needs_hdfs,
+    run_script,
+    write_config,
+)
 
 import calibration as C
 import evaluate as E
@@ -31,7 +40,8 @@ def test_score_sessions_columns():
     assert scores["misses_at_1"].tolist()[:2] == [2, 2] and scores["misses_at_2"].tolist()[:2] == [2, 1]
     assert scores["max_rank"].tolist()[:2] == [5, 5]
     assert scores["novel_set"].tolist() == [0, 1, 1, 0]
-    assert scores["novel_pair"].tolist() == [0, 0, 1, 0]     # (1, 3) never shared a session; {1} alone is no pair
+    # (1, 3) never shared a session; {1} alone is no pair
+    assert scores["novel_pair"].tolist() == [0, 0, 1, 0]
     log_z = math.log(sum(math.exp(i) for i in range(1, 7)))
     assert scores["min_log_prob"][0] == pytest.approx(1 - log_z)             # the end, ranked last
     assert scores["loss_sum"][0] == pytest.approx(3 * log_z - (6 + 3 + 1))
@@ -57,11 +67,12 @@ def test_calibration_and_rules_on_hand_made_sessions():
     # 10 sessions are too few for a quantile at 0.1 (half the target each bound): the model-implied bound.
     # Every position puts p_c = e^(6-c) / z on event c; over the 29 positions, classes 4 and 3 together hold
     # 1.25 sessions' worth of mass (more than 0.1 x 10), class 4 alone 0.34: the bound sits just above class
-    # 3's surprisal (3.456 nats), at the next bin edge; the calibration sessions (events 0 and 1) stay above it.
+    # 3's surprisal (3.456 nats), at the next bin edge; the calibration sessions (events 0 and 1) stay above
+    # it.
     assert calibration["log_probability_bound"] == pytest.approx(-(math.floor((log_z - 3) / 0.01) + 1) * 0.01)
     assert calibration["probability_bound_method"].startswith("model-implied at 0.1")
-    # the end: p = e^1 / z everywhere, which the model calls unlikely at every position (0.12 sessions' worth in
-    # all), so its own estimate would flag every session: the calibration sessions' bound holds instead
+    # the end: p = e^1 / z everywhere, which the model calls unlikely at every position (0.12 sessions' worth
+    # in all), so its own estimate would flag every session: the calibration sessions' bound holds instead
     assert calibration["log_end_probability_bound"] == pytest.approx(1 - log_z)
     assert calibration["end_probability_bound_method"].startswith("the calibration sessions' bound")
     assert "probability_bound" not in calibration
@@ -69,11 +80,11 @@ def test_calibration_and_rules_on_hand_made_sessions():
     assert calibration["flagged_on_calibration"]["combined"] == 0.0
 
     abnormal = Counter({(0, 1): 2, (2, 3, 4): 3, (7,): 1})
-    results, _ = E.evaluate(model, calibration, _chunks(normal), _chunks(abnormal), top_k=2, default_rule="combined",
-                            co_occurrence=known({0, 1}, {0}))
+    results, _ = E.evaluate(model, calibration, _chunks(normal), _chunks(abnormal), top_k=2,
+                            default_rule="combined", co_occurrence=known({0, 1}, {0}))
     rules = results["rules"]
-    # (0, 1) looks normal to every rule; (2, 3, 4) and (7,) are novel event sets; (7,) is beyond the vocabulary;
-    # (2, 3, 4) holds event 4, below the event bound, and pairs never seen together
+    # (0, 1) looks normal to every rule; (2, 3, 4) and (7,) are novel event sets; (7,) is beyond the
+    # vocabulary; (2, 3, 4) holds event 4, below the event bound, and pairs never seen together
     assert (rules["event_set"]["tp"], rules["event_set"]["fn"], rules["event_set"]["fp"]) == (4, 2, 0)
     assert (rules["event_pair"]["tp"], rules["event_pair"]["fn"], rules["event_pair"]["fp"]) == (3, 3, 0)
     assert (rules["probability"]["tp"], rules["probability"]["fn"]) == (4, 2)
@@ -96,7 +107,8 @@ def test_report_names_say_which_checkpoint_and_never_overwrite(tmp_path):
     assert len(set(names)) == 3
     assert re.fullmatch(r"evaluation_results_epoch_3_\d{8}-\d{6}\.json", names[0])
     assert all(re.fullmatch(r"evaluation_results_epoch_3_\d{8}-\d{6}(_\d)?\.json", name) for name in names)
-    assert E.output_name(tmp_path, "evaluation_results", "best_model.pt", "dev", ".json").name.endswith("_dev.json")
+    assert E.output_name(tmp_path, "evaluation_results", "best_model.pt", "dev",
+                         ".json").name.endswith("_dev.json")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -153,8 +165,8 @@ def elsewhere(data: Path, tmp_path: Path) -> Path:
 def test_evaluate_cli_on_given_data_uses_stored_thresholds(trained, tmp_path):
     _, out, data, abnormal_dir, _ = trained
     data = elsewhere(data, tmp_path)
-    result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir", data,
-                        "--abnormal-dir", abnormal_dir, "--output-dir", tmp_path, "--tag", "t")
+    result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir",
+                        data, "--abnormal-dir", abnormal_dir, "--output-dir", tmp_path, "--tag", "t")
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(next(tmp_path.glob("evaluation_results_*_t.json")).read_text())
     stored = json.loads((out / "calibration.json").read_text())
@@ -172,20 +184,23 @@ def test_calibrate_on_refits_and_saves(trained, tmp_path):
     _, out, data, _, _ = trained
     quiet_day = tmp_path / "quiet_day.txt"   # other normal sessions than the ones scored
     rng = random.Random(999)
-    quiet_day.write_text("".join(" ".join(map(str, generate_sample.normal_session(rng))) + "\n" for _ in range(100)))
-    result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir", data,
-                        "--output-dir", tmp_path, "--calibrate-on", quiet_day, "--top-k", "3")
+    quiet_day.write_text("".join(" ".join(map(str, generate_sample.normal_session(rng))) + "\n"
+                                 for _ in range(100)))
+    result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir",
+                        data, "--output-dir", tmp_path, "--calibrate-on", quiet_day, "--top-k", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     refitted, = tmp_path.glob("calibration_best_model_*.json")     # beside the run's, never over it
     assert not (tmp_path / "calibration.json").exists()
     calibration = json.loads(refitted.read_text())
-    assert calibration["source"] == str(quiet_day) and calibration["top_k"] == 3 and calibration["sessions"] == 100
+    assert (calibration["source"] == str(quiet_day) and calibration["top_k"] == 3
+            and calibration["sessions"] == 100)
     results = json.loads(next(tmp_path.glob("evaluation_results_*.json")).read_text())
     assert results["calibration"] == calibration and "false_positive_rate" in results
     assert f"Thresholds applied: fitted now, --calibrate-on; fitted on {quiet_day} at " \
            f"{calibration['fitted_at']}" in result.stdout
+    # every run says which thresholds
     stored = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir",
-                        elsewhere(data, tmp_path), "--output-dir", tmp_path)   # every run says which thresholds
+                        elsewhere(data, tmp_path), "--output-dir", tmp_path)
     assert f"Thresholds applied: stored in {out / 'checkpoints' / 'best_model.pt'}" in stored.stdout
 
 
@@ -207,8 +222,10 @@ def test_detect_writes_one_line_per_session(trained, tmp_path):
     assert alien["verdict"] == "abnormal" and alien["novel_event_set"] and alien["misses"]
     assert alien["misses"][0]["actual"] == 28 and len(alien["misses"]) <= 3
     # to stdout when no --output is given, and the log goes to stderr
-    result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--detect", sessions)
-    assert [json.loads(line)["session_id"] for line in result.stdout.splitlines()] == ["same1", "same2", "alien"]
+    result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt",
+                        "--detect", sessions)
+    assert [json.loads(line)["session_id"]
+            for line in result.stdout.splitlines()] == ["same1", "same2", "alien"]
 
 
 def test_detect_streams_in_chunks_with_the_same_verdicts(trained, tmp_path):
@@ -233,7 +250,8 @@ def test_from_checkpoint_and_the_manual_route_agree(trained):
     manual.load_state_dict(checkpoint["model_state_dict"])
     manual.eval()
     batch = [[1, 2, 2, 3], [1, 2]]
-    assert torch.equal(model.calculate_anomaly_score(batch, top_k=3), manual.calculate_anomaly_score(batch, top_k=3))
+    assert torch.equal(model.calculate_anomaly_score(batch, top_k=3),
+                       manual.calculate_anomaly_score(batch, top_k=3))
     assert model.calibration == checkpoint["calibration"]
 
 
@@ -259,7 +277,8 @@ def _damaged_checkpoint(path):
 @pytest.mark.parametrize("make,message", [
     (lambda p: None, "x.pt: checkpoint not found"),
     (lambda p: p.write_bytes(b""), "x.pt is not a checkpoint written by train.py (empty file)"),
-    (lambda p: p.write_bytes(b"\x00garbage"), "x.pt is not a checkpoint written by train.py (not a zip archive)"),
+    (lambda p: p.write_bytes(b"\x00garbage"), "x.pt is not a checkpoint written by train.py (not a zip "
+                                              "archive)"),
     (_truncated_checkpoint, "x.pt is not a checkpoint written by train.py (truncated)"),
     (_damaged_checkpoint, "x.pt is not a checkpoint written by train.py (damaged archive)"),
     (lambda p: torch.save({"model_state_dict": _Payload()}, p), "(unsafe content refused"),
@@ -301,19 +320,24 @@ def test_thresholds_are_never_fitted_on_the_scored_data_and_bad_calibration_file
     for extra in (["--data-dir", data, "--calibrate-on", data / "s.jsonl"], ["--calibrate-on", data],
                   ["--data-dir", data / "s.jsonl", "--calibrate-on", data]):
         result = run_script("evaluate.py", "--checkpoint", checkpoint, *extra, "--output-dir", tmp_path)
-        assert result.returncode == 2 and "shares 1 file(s) with the sessions being scored" in result.stderr, extra
-    # the stored thresholds were fitted on the calibration half of this data: scoring it would reuse those sessions
+        assert (result.returncode == 2
+                and "shares 1 file(s) with the sessions being scored" in result.stderr), extra
+    # the stored thresholds were fitted on the calibration half of this data: scoring it would reuse those
+    # sessions
     (tmp_path / "elsewhere.jsonl").write_text('{"event_ids": [1, 2]}\n')
     for extra in (["--data-dir", data], ["--data-dir", tmp_path / "elsewhere.jsonl", "--abnormal-dir", data]):
         result = run_script("evaluate.py", "--checkpoint", checkpoint, *extra, "--output-dir", tmp_path)
-        assert result.returncode == 2 and f"shares 1 file(s) with the training data {data}" in result.stderr, extra
+        assert (result.returncode == 2
+                and f"shares 1 file(s) with the training data {data}" in result.stderr), extra
     (tmp_path / "c.json").write_text('{"top_k": 10}')
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--calibration", tmp_path / "c.json",
                         "--output-dir", tmp_path)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "c.json: not a calibration (missing top_g, " \
-        "sessions, score_thresholds, least_likely_normal_log_prob, log_probability_bound, event_set_rule, " \
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and \
+        "c.json: not a calibration (missing top_g, sessions, score_thresholds, " \
+        "least_likely_normal_log_prob, log_probability_bound, event_set_rule, " \
         "flagged_on_calibration)" in result.stderr
-    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", data, "--output", "/nonexistent/x")
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", data,
+                        "--output", "/nonexistent/x")
     assert result.returncode == 2 and "--output /nonexistent/x: cannot write" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
@@ -326,7 +350,8 @@ def hdfs_trained(tmp_path_factory):
         "training": {"evaluate_after_training": True, "epochs": 2, "batch_size": 64, "learning_rate": 0.01},
         "data": {"abnormal_dir": None}})
     out = root / "out"
-    result = run_script("train.py", "--config", config, "--data-dir", HDFS_DIR / "hdfs_train", "--output-dir", out)
+    result = run_script("train.py", "--config", config, "--data-dir", HDFS_DIR / "hdfs_train",
+                        "--output-dir", out)
     assert result.returncode == 0, result.stdout + result.stderr
     return out
 
@@ -336,7 +361,8 @@ def test_hdfs_end_to_end_small(hdfs_trained):
     """A small, fast version of benchmarks/hdfs.py: the pipeline works on the real benchmark data."""
     out = hdfs_trained
     result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt",
-                        "--data-dir", HDFS_DIR / "hdfs_dev_normal", "--abnormal-dir", HDFS_DIR / "hdfs_dev_abnormal",
+                        "--data-dir", HDFS_DIR / "hdfs_dev_normal",
+                        "--abnormal-dir", HDFS_DIR / "hdfs_dev_abnormal",
                         "--output-dir", out, "--tag", "dev")
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(next(out.glob("evaluation_results_*_dev.json")).read_text())
@@ -425,7 +451,8 @@ def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, targ
         "event_set_rule": co_occurrence is not None and co_occurrence.sets is not None,
         "event_pair_rule": co_occurrence is not None and co_occurrence.pairs is not None, **plan}
     calibration["flagged_on_calibration"] = {
-        rule: float(counts[_oracle_verdicts(scores, calibration, rule)].sum() / counts.sum()) for rule in E.RULES}
+        rule: float(counts[_oracle_verdicts(scores, calibration, rule)].sum() / counts.sum())
+        for rule in E.RULES}
     calibration["expected_fpr"] = C.expected_rates(calibration)
     return calibration
 
@@ -433,7 +460,8 @@ def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, targ
 def _oracle_verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
     if rule == "combined":
         return np.logical_or.reduce([_oracle_verdicts(scores, calibration, rule) for rule in
-                                     calibration.get("combined_rules", ("probability", "event_set", "event_pair"))])
+                                     calibration.get("combined_rules",
+                                                     ("probability", "event_set", "event_pair"))])
     if rule == "count_vector":
         distance = calibration.get("count_vector_distance")
         return scores["count_distance"] > (np.inf if distance is None else distance)
@@ -444,7 +472,8 @@ def _oracle_verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
     if rule == "top_g":
         return scores["max_rank"] >= calibration["top_g"]
     if rule == "probability":
-        events = "min_event_log_prob" if calibration.get("unseen_events_flag", True) else "min_seen_event_log_prob"
+        events = ("min_event_log_prob" if calibration.get("unseen_events_flag", True)
+                  else "min_seen_event_log_prob")
         return (scores[events] < calibration["log_probability_bound"]) | \
             (scores["end_log_prob"] < calibration["log_end_probability_bound"])
     top_k = calibration["top_k"]
@@ -458,7 +487,8 @@ def _oracle_confusion(abnormal_pred_normal, normal_w, abnormal_pred_abnormal, ab
     fn = float(abnormal_w.sum()) - tp
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn), "precision": precision, "recall": recall,
+    return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn), "precision": precision,
+            "recall": recall,
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
             "fpr": fp / (fp + tn) if fp + tn else 0.0}
 
@@ -480,7 +510,8 @@ def _oracle_evaluate(model, calibration: dict, normal: Counter, abnormal: Counte
         anomaly = normal_scores[f"misses_at_{top_k}"] / normal_scores["predictions"]
         mean = float((anomaly * normal_w).sum() / normal_w.sum())
         results["normal_scores"] = {
-            "mean": mean, "std": float(math.sqrt((((anomaly - mean) ** 2) * normal_w).sum() / normal_w.sum())),
+            "mean": mean,
+            "std": float(math.sqrt((((anomaly - mean) ** 2) * normal_w).sum() / normal_w.sum())),
             "count": int(normal_w.sum()), "distinct": len(normal),
             "reference_percentiles": {f"p{q}": _oracle_weighted_percentile(anomaly, normal_w, q)
                                        for q in E.PERCENTILES}}
@@ -495,7 +526,8 @@ def _oracle_evaluate(model, calibration: dict, normal: Counter, abnormal: Counte
         empty = np.zeros(0, dtype=bool)
         results["rules"] = {}
         for rule in E.RULES:
-            on_normal = _oracle_verdicts(normal_scores, calibration, rule) if normal_scores is not None else empty
+            on_normal = (_oracle_verdicts(normal_scores, calibration, rule) if normal_scores is not None
+                         else empty)
             results["rules"][rule] = _oracle_confusion(on_normal, normal_w if normal else np.zeros(0),
                                                        _oracle_verdicts(abnormal_scores, calibration, rule),
                                                        abnormal_w)
@@ -503,7 +535,8 @@ def _oracle_evaluate(model, calibration: dict, normal: Counter, abnormal: Counte
         results["abnormal_sessions"] = {"count": int(abnormal_w.sum()), "distinct": len(abnormal)}
         plot_data = (normal_scores, normal_w, abnormal_scores, abnormal_w)
     elif normal_scores is not None:
-        flagged = {rule: float(normal_w[_oracle_verdicts(normal_scores, calibration, rule)].sum()) for rule in E.RULES}
+        flagged = {rule: float(normal_w[_oracle_verdicts(normal_scores, calibration, rule)].sum())
+                   for rule in E.RULES}
         results["false_positive_rate"] = {rule: n / normal_w.sum() for rule, n in flagged.items()}
         results["default"] = {"rule": default_rule, "fpr": results["false_positive_rate"][default_rule]}
     return results, plot_data
@@ -516,7 +549,8 @@ def _oracle_validation_sessions(config, options: dict) -> tuple[Counter, Counter
         events = tuple(record.event_ids)
         if record.label:
             abnormal[events] += 1
-        elif data.validation_split == 0 or is_validation(record.file, record.index, seed, data.validation_split):
+        elif data.validation_split == 0 or is_validation(record.file, record.index, seed,
+                                                         data.validation_split):
             half = calibration if is_validation(record.file, record.index, seed + 1, 0.5) else evaluation
             half[events] += 1
     return calibration, evaluation, abnormal
@@ -574,10 +608,11 @@ def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, target_fp
         expected, (normal_scores, normal_w, abnormal_scores, abnormal_w) = _oracle_evaluate(
             model, calibration, normal, abnormal_side, 10, "combined", 256, co_occurrence)
         results, histograms = E.evaluate(model, calibration, _shuffled_chunks(normal, 7),
-                                         _shuffled_chunks(abnormal_side, 7), 10, "combined", 256, co_occurrence,
-                                         max_cached=5)
+                                         _shuffled_chunks(abnormal_side, 7), 10, "combined", 256,
+                                         co_occurrence, max_cached=5)
         _assert_same(results, expected, ignored={"distinct"})
-        assert results["normal_scores"]["distinct"] is None and results["normal_scores"]["scored"] > len(normal)
+        assert (results["normal_scores"]["distinct"] is None
+                and results["normal_scores"]["scored"] > len(normal))
         assert results["normal_scores"]["percentile_method"] == "exact"
         expected_histograms = {"normal": _whole_array_histograms(normal_scores, normal_w, 10)}
         if abnormal_side:
@@ -589,8 +624,8 @@ def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, target_fp
                 assert histograms[side][name].tolist() == counts.tolist(), (side, name)
 
     # a cache that holds every session scores each once: the distinct counts are exact
-    results, _ = E.evaluate(model, calibration, _shuffled_chunks(normal, 7), _shuffled_chunks(abnormal, 7), 10,
-                            "combined", 256, co_occurrence)
+    results, _ = E.evaluate(model, calibration, _shuffled_chunks(normal, 7), _shuffled_chunks(abnormal, 7),
+                            10, "combined", 256, co_occurrence)
     assert results["normal_scores"]["distinct"] == results["normal_scores"]["scored"] == len(normal)
     assert results["abnormal_sessions"]["distinct"] == len(abnormal)
 
@@ -605,23 +640,26 @@ def test_calibration_thresholds_from_the_sketch_stay_within_its_error(trained):
                                     max_exact_scores=10)
     assert calibration["percentile_method"] == "histogram of 65536 bins, error <= 1.53e-05"
     scores = E.score_sessions(model, list(normal), [2])
-    anomaly, counts = scores["misses_at_2"] / scores["predictions"], np.array(list(normal.values()), dtype=float)
+    anomaly, counts = (scores["misses_at_2"] / scores["predictions"],
+                       np.array(list(normal.values()), dtype=float))
     for name, threshold in calibration["score_thresholds"].items():
         assert 0 <= threshold - expected["score_thresholds"][name] <= 1 / 65536
         # the rule's rate on the calibration sessions is exact for the threshold reported
         flagged = counts[anomaly > threshold].sum() / counts.sum()
         assert calibration["flagged_on_calibration"][f"score_{name}"] == flagged
-    _assert_same(calibration, expected, ignored={"distinct_sessions", "score_thresholds", "score_p90", "score_p95",
-                                                 "score_p99"})
+    _assert_same(calibration, expected, ignored={"distinct_sessions", "score_thresholds", "score_p90",
+                                                 "score_p95", "score_p99"})
 
 
 def test_validation_sources_hold_the_in_memory_halves(trained, tmp_path):
     _, out, data, abnormal_dir, _ = trained
-    config = E.utils.config_from_dict(torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)["config"])
+    config = E.utils.config_from_dict(torch.load(out / "checkpoints" / "best_model.pt",
+                                                 weights_only=True)["config"])
     mixed = tmp_path / "mixed"   # normal sessions, and labelled abnormal ones
     mixed.mkdir()
     (mixed / "s.jsonl").write_text((data / "s.jsonl").read_text())
-    (mixed / "l.jsonl").write_text("".join(json.dumps({"event_ids": list(map(int, line.split())), "label": 1}) + "\n"
+    (mixed / "l.jsonl").write_text("".join(json.dumps({"event_ids": list(map(int, line.split())),
+                                                       "label": 1}) + "\n"
                                            for line in (abnormal_dir / "a.txt").read_text().splitlines()))
     config.data.preprocessed_dir = str(mixed)
     config.lazy_loading.cache_dir = str(tmp_path / "cache")
@@ -641,15 +679,17 @@ def test_streaming_gives_the_in_memory_numbers_on_hdfs(hdfs_trained):
     args = (10, 9, 0.001, "hdfs_train", "combined", 256, co_occurrence)
     train, _ = _oracle_collect(HDFS_DIR / "hdfs_train", {})
     expected = _oracle_fit_calibration(model, train, *args)
-    calibration = E.fit_calibration(model, E.file_chunks(HDFS_DIR / "hdfs_train", {}, abnormal=False, chunk_size=500),
+    calibration = E.fit_calibration(model, E.file_chunks(HDFS_DIR / "hdfs_train", {}, abnormal=False,
+                                                         chunk_size=500),
                                     *args, max_cached=64)
     _assert_same(calibration, expected, ignored={"distinct_sessions"})
     normal, _ = _oracle_collect(HDFS_DIR / "hdfs_dev_normal", {})
     _, abnormal = _oracle_collect(HDFS_DIR / "hdfs_dev_abnormal", {}, all_abnormal=True)
     expected, _ = _oracle_evaluate(model, calibration, normal, abnormal, 10, "combined", 256, co_occurrence)
-    results, _ = E.evaluate(model, calibration, E.file_chunks(HDFS_DIR / "hdfs_dev_normal", {}, chunk_size=500),
-                            E.file_chunks(HDFS_DIR / "hdfs_dev_abnormal", {}, chunk_size=500), 10, "combined", 256,
-                            co_occurrence, max_cached=64)
+    results, _ = E.evaluate(model, calibration,
+                            E.file_chunks(HDFS_DIR / "hdfs_dev_normal", {}, chunk_size=500),
+                            E.file_chunks(HDFS_DIR / "hdfs_dev_abnormal", {}, chunk_size=500), 10, "combined",
+                            256, co_occurrence, max_cached=64)
     _assert_same(results, expected, ignored={"distinct"})
     assert results["abnormal_sessions"]["count"] == 5051 and results["rules"]["combined"]["tp"] > 0
 
@@ -660,7 +700,8 @@ def test_chunk_scorer_scores_a_session_once_while_it_is_cached():
     chunks = [[[0, 1], (0, 1), np.array([2])], [(0, 1), [3]], [(2,)]]
     lru = E.ChunkScorer(model, [2], max_cached=2)
     sessions, scores, counts = lru(chunks[0])
-    assert sessions == [(0, 1), (2,)] and counts.tolist() == [2, 1] and scores["misses_at_2"].tolist() == [1, 2]
+    assert (sessions == [(0, 1), (2,)] and counts.tolist() == [2, 1]
+            and scores["misses_at_2"].tolist() == [1, 2])
     sessions, scores, counts = lru(chunks[1])   # (0, 1) from the cache, now the most recent; (3,) evicts (2,)
     fresh = E.score_sessions(model, sessions, [2])
     assert all(scores[name].tolist() == fresh[name].tolist() for name in fresh)
@@ -672,7 +713,8 @@ def test_chunk_scorer_scores_a_session_once_while_it_is_cached():
     assert roomy.scored == roomy.distinct == 3
     long_session = E.ChunkScorer(model, [2])
     long_session([[1] * (E.MAX_CACHED_LENGTH + 1)] * 2)
-    assert long_session.scored == 1 and long_session.distinct is None   # not cached: may be scored again later
+    # not cached: may be scored again later
+    assert long_session.scored == 1 and long_session.distinct is None
 
 
 def test_results_depend_neither_on_chunks_nor_on_the_cache():
@@ -681,9 +723,11 @@ def test_results_depend_neither_on_chunks_nor_on_the_cache():
     abnormal = Counter({(0, 1): 2, (2, 3, 4): 3, (7,): 1})
     args = (2, 5, 0.25, "hand", "combined", 256, co_occurrence)
     expected_calibration = _oracle_fit_calibration(model, normal, *args)
-    expected, _ = _oracle_evaluate(model, expected_calibration, normal, abnormal, 2, "combined", 256, co_occurrence)
+    expected, _ = _oracle_evaluate(model, expected_calibration, normal, abnormal, 2, "combined", 256,
+                                   co_occurrence)
     for chunk_size, max_cached in ((1, 0), (2, 1), (3, 100), (100, 100)):
-        calibration = E.fit_calibration(model, _shuffled_chunks(normal, chunk_size), *args, max_cached=max_cached)
+        calibration = E.fit_calibration(model, _shuffled_chunks(normal, chunk_size), *args,
+                                        max_cached=max_cached)
         _assert_same(calibration, expected_calibration, ignored={"distinct_sessions"})
         results, _ = E.evaluate(model, calibration, _shuffled_chunks(normal, chunk_size),
                                 _shuffled_chunks(abnormal, chunk_size), 2, "combined", 256, co_occurrence,
@@ -697,10 +741,13 @@ def test_few_calibration_sessions_flag_only_events_of_probability_zero():
     normal = Counter({(0, 1): 9, (0,): 1, (0, 9): 2})   # 9 >= vocab_size: probability 0
     calibration = E.fit_calibration(model, _chunks(normal), 2, 5, 0.001, "hand", "combined")
     # the model's own estimate puts both bounds below anything it gives probability (each of the 35 positions
-    # holds more mass on class 4, and on the end, than 0.0005 x 12 sessions allow): only probability 0 is flagged
+    # holds more mass on class 4, and on the end, than 0.0005 x 12 sessions allow): only probability 0 is
+    # flagged
     log_z = math.log(sum(math.exp(i) for i in range(1, 7)))
-    assert calibration["log_probability_bound"] < 2 - log_z and calibration["log_end_probability_bound"] < 1 - log_z
-    assert calibration["least_likely_normal_log_prob"] == pytest.approx(1 - log_z)   # the end of every session
+    assert (calibration["log_probability_bound"] < 2 - log_z
+            and calibration["log_end_probability_bound"] < 1 - log_z)
+    # the end of every session
+    assert calibration["least_likely_normal_log_prob"] == pytest.approx(1 - log_z)
     assert calibration["flagged_on_calibration"]["probability"] == 2 / 12
     _assert_same(calibration, _oracle_fit_calibration(model, normal, 2, 5, 0.001, "hand", "combined"))
     with pytest.raises(C.CalibrationError, match=r"target false-positive rate 0.5: must be in \(0, 0.5\)"):
@@ -730,7 +777,8 @@ def test_the_model_gives_the_same_verdicts_as_detect(trained, tmp_path, rule):
     """from model import DeepLog; DeepLog.from_checkpoint(...).verdict(sessions): the --detect verdicts."""
     _, out, data, abnormal_dir, _ = trained
     sessions = [json.loads(line)["event_ids"] for line in (data / "s.jsonl").read_text().splitlines()[:60]]
-    sessions += [list(map(int, line.split())) for line in (abnormal_dir / "a.txt").read_text().splitlines()[:60]]
+    sessions += [list(map(int, line.split()))
+                 for line in (abnormal_dir / "a.txt").read_text().splitlines()[:60]]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps({"event_ids": s}) + "\n" for s in sessions))
     checkpoint = out / "checkpoints" / "best_model.pt"
@@ -752,7 +800,8 @@ def test_detect_over_a_bad_record_writes_what_came_before_and_says_it_is_partial
     checkpoint, detections = out / "checkpoints" / "best_model.pt", tmp_path / "out.jsonl"
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", path, "--output", detections)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "line 5001: malformed JSON" in result.stderr and "the 5000 sessions before it were written" in result.stderr
+    assert ("line 5001: malformed JSON" in result.stderr
+            and "the 5000 sessions before it were written" in result.stderr)
     assert "partial" in result.stderr and len(detections.read_text().splitlines()) == 5000
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", path, "--output", detections,
                         "--skip-bad-records")
@@ -767,8 +816,8 @@ def test_the_report_names_where_the_abnormal_sessions_came_from(trained, tmp_pat
     (mixed / "s.jsonl").write_text((data / "s.jsonl").read_text() + "".join(
         json.dumps({"event_ids": list(map(int, line.split())), "label": 1}) + "\n"
         for line in (abnormal_dir / "a.txt").read_text().splitlines()))
-    result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir", mixed,
-                        "--output-dir", tmp_path / "reports")
+    result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt", "--data-dir",
+                        mixed, "--output-dir", tmp_path / "reports")
     assert result.returncode == 0, result.stderr
     report = next((tmp_path / "reports").glob("evaluation_report_*.txt")).read_text()
     assert f"Abnormal:    label 1 in {mixed}" in report and "Abnormal:    None" not in report
@@ -776,8 +825,8 @@ def test_the_report_names_where_the_abnormal_sessions_came_from(trained, tmp_pat
 
 # ----------------------------------------------------------------------------- names, plots and faults of #7
 def test_result_keys_say_what_they_hold(trained):
-    """The bound is stored as a natural log under a name that says so; the score percentiles of the scored data
-    are for reference, and the report says so."""
+    """The bound is stored as a natural log under a name that says so; the score percentiles of the scored
+    data are for reference, and the report says so."""
     _, out, _, _, _ = trained
     checkpoint = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
     results = json.loads(next(out.glob("evaluation_results_*.json")).read_text())
@@ -787,20 +836,23 @@ def test_result_keys_say_what_they_hold(trained):
         assert calibration["log_probability_bound"] <= calibration["least_likely_normal_log_prob"] < 0
         assert calibration["target_fpr"] == 0.0005
         for method in (calibration["probability_bound_method"], calibration["end_probability_bound_method"]):
-            assert method.startswith(("model-implied at 0.00025 over every position of", "the calibration sessions'"))
+            assert method.startswith(("model-implied at 0.00025 over every position of", "the calibration "
+                                                                                         "sessions'"))
         assert calibration["log_end_probability_bound"] < 0
     assert "recommended_thresholds" not in results["normal_scores"]
     assert list(results["normal_scores"]["reference_percentiles"]) == ["p90", "p95", "p99"]
     report = next(out.glob("evaluation_report_*.txt")).read_text()
     bound = results["calibration"]["log_probability_bound"]
     end_bound = results["calibration"]["log_end_probability_bound"]
-    assert (f"Probability rule: an actual event less likely than p={math.exp(bound):.3g} or an end of session "
-            f"less likely than p={math.exp(end_bound):.3g} (target FPR 0.0005, half for each bound;") in report
+    assert (f"Probability rule: an actual event less likely than p={math.exp(bound):.3g} or an end of "
+            f"session less likely than p={math.exp(end_bound):.3g} (target FPR 0.0005, "
+            "half for each bound;") in report
     assert (f"natural logs log_probability_bound {bound:.4f}, log_end_probability_bound {end_bound:.4f} "
             "in the JSON)") in report
-    percentiles = "  ".join(f"{p}={v:.4f}" for p, v in results["normal_scores"]["reference_percentiles"].items())
-    assert f"  Percentiles: {percentiles} (exact)\n  (of these scores, for reference: the thresholds applied are " \
-           "the calibrated ones below;" in report
+    percentiles = "  ".join(f"{p}={v:.4f}"
+                            for p, v in results["normal_scores"]["reference_percentiles"].items())
+    assert f"  Percentiles: {percentiles} (exact)\n  (of these scores, for reference: " \
+           "the thresholds applied are the calibrated ones below;" in report
 
 
 def test_calibrations_written_before_the_rename_still_work(trained, tmp_path):
@@ -811,8 +863,8 @@ def test_calibrations_written_before_the_rename_still_work(trained, tmp_path):
     old = dict(checkpoint["calibration"])   # as versions before target_fpr wrote it, config included
     old.pop("version")   # written before calibrations had one
     old["probability_bound"] = old.pop("log_probability_bound")
-    for key in ("target_fpr", "probability_bound_method", "log_end_probability_bound", "end_probability_bound_method",
-                "event_pair_rule"):
+    for key in ("target_fpr", "probability_bound_method", "log_end_probability_bound",
+                "end_probability_bound_method", "event_pair_rule"):
         del old[key]
     old["probability_margin"] = 0.001
     old_config = {section: dict(values) for section, values in checkpoint["config"].items()}
@@ -827,21 +879,28 @@ def test_calibrations_written_before_the_rename_still_work(trained, tmp_path):
         for line in (abnormal_dir / "a.txt").read_text().splitlines()))
     detected = []
     for extra in ([out / "checkpoints" / "best_model.pt"], [tmp_path / "old.pt"],
-                  [out / "checkpoints" / "best_model.pt", "--calibration", tmp_path / "old_calibration.json"]):
-        result = run_script("evaluate.py", "--checkpoint", *extra, "--detect", sessions, "--rule", "probability")
+                  [out / "checkpoints" / "best_model.pt", "--calibration",
+                   tmp_path / "old_calibration.json"]):
+        result = run_script("evaluate.py", "--checkpoint", *extra, "--detect", sessions,
+                            "--rule", "probability")
         assert result.returncode == 0, result.stderr
         detected.append([json.loads(line)["verdict"] for line in result.stdout.splitlines()])
     # an old calibration keeps its single bound on every prediction, the end included
     events = [json.loads(line)["event_ids"] for line in sessions.read_text().splitlines()]
-    scores = E.score_sessions(DeepLog.from_checkpoint(tmp_path / "old.pt"), [tuple(e) for e in events], [10])
-    single_bound = ["abnormal" if lp < old["probability_bound"] else "normal" for lp in scores["min_log_prob"]]
-    assert detected[1] == detected[2] == single_bound and "abnormal" in single_bound and "normal" in single_bound
+    scores = E.score_sessions(DeepLog.from_checkpoint(tmp_path / "old.pt"), [tuple(e) for e in events],
+                              [10])
+    single_bound = ["abnormal" if lp < old["probability_bound"] else "normal"
+                    for lp in scores["min_log_prob"]]
+    assert (detected[1] == detected[2] == single_bound and "abnormal" in single_bound
+            and "normal" in single_bound)
     assert DeepLog.from_checkpoint(tmp_path / "old.pt").verdict(events, "probability") == single_bound
-    result = run_script("evaluate.py", "--checkpoint", tmp_path / "old.pt", "--data-dir", elsewhere(data, tmp_path),
-                        "--abnormal-dir", abnormal_dir, "--output-dir", tmp_path / "reports")
+    result = run_script("evaluate.py", "--checkpoint", tmp_path / "old.pt",
+                        "--data-dir", elsewhere(data, tmp_path), "--abnormal-dir", abnormal_dir,
+                        "--output-dir", tmp_path / "reports")
     assert result.returncode == 0, result.stderr
     report = next((tmp_path / "reports").glob("evaluation_report_*.txt")).read_text()
-    assert f"Probability rule: an actual event less likely than p={math.exp(old['probability_bound']):.3g} (" in report
+    assert f"Probability rule: an actual event less likely than " \
+           f"p={math.exp(old['probability_bound']):.3g} (" in report
 
 
 @pytest.mark.parametrize("thresholds", [
@@ -855,7 +914,8 @@ def test_threshold_labels_never_overlap(thresholds):
     assert sorted("=".join(label for label, _, _ in positions).split("=")) == sorted(thresholds)
     heights = [height for _, _, height in positions]
     assert all(0 < height < 1 for height in heights)
-    assert all(upper - lower > E.LABEL_STEP - 1e-9 for lower, upper in zip(heights[1:], heights))   # staggered
+    # staggered
+    assert all(upper - lower > E.LABEL_STEP - 1e-9 for lower, upper in zip(heights[1:], heights))
     if thresholds == {"p90": 0.0, "p95": 0.0, "p99": 0.053}:
         assert positions == [("p90=p95", 0.0, E.LABEL_TOP), ("p99", 0.053, E.LABEL_TOP - E.LABEL_STEP)]
     # drawn as in the picture: no two labels' boxes meet
@@ -879,23 +939,27 @@ def test_event_set_panel_counts_what_the_rule_flags(tmp_path):
                                     co_occurrence=co_occurrence)
     normal = Counter({(0, 1): 5, (0,): 2, (0, 2): 1})          # (0, 2): a novel set in the normal data
     abnormal = Counter({(0, 1): 2, (2, 3, 4): 3, (7,): 1})
-    results, histograms = E.evaluate(model, calibration, _shuffled_chunks(normal, 3), _shuffled_chunks(abnormal, 2),
-                                     2, "combined", co_occurrence=co_occurrence)
+    results, histograms = E.evaluate(model, calibration, _shuffled_chunks(normal, 3),
+                                     _shuffled_chunks(abnormal, 2), 2, "combined",
+                                     co_occurrence=co_occurrence)
     assert E.co_occurrence_counts(histograms) == {"normal": (1.0, 7.0), "abnormal": (4.0, 2.0)}
     event_set = results["rules"]["event_set"]
     assert (event_set["fp"], event_set["tn"], event_set["tp"], event_set["fn"]) == (1, 7, 4, 2)
     pytest.importorskip("matplotlib")
-    E.plot_scores(histograms, {**results, "calibration": calibration}, tmp_path / "with.png", logging.getLogger("t"))
+    E.plot_scores(histograms, {**results, "calibration": calibration}, tmp_path / "with.png",
+                  logging.getLogger("t"))
     # without a record of the event sets of training: no counts, and the panel says so
     _, without = E.evaluate(model, calibration, _chunks(normal), _chunks(abnormal), 2, "combined")
     assert E.co_occurrence_counts(without) is None
-    E.plot_scores(without, {**results, "calibration": calibration}, tmp_path / "without.png", logging.getLogger("t"))
+    E.plot_scores(without, {**results, "calibration": calibration}, tmp_path / "without.png",
+                  logging.getLogger("t"))
     for name in ("with.png", "without.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_detect_on_a_full_disk_says_what_was_written(trained, tmp_path):
-    """Writes to /dev/full fail with ENOSPC: one line naming the output and the cause, exit 1, no traceback."""
+    """Writes to /dev/full fail with ENOSPC: one line naming the output and the cause, exit 1, no
+    traceback."""
     import subprocess
     import sys
     _, out, data, _, _ = trained
@@ -903,17 +967,19 @@ def test_detect_on_a_full_disk_says_what_was_written(trained, tmp_path):
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", data, "--output", "/dev/full",
                         "--output-dir", tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
-    message = "error: --output /dev/full: cannot write (No space left on device): the output is partial, it holds " \
-              "the first 0 sessions"
+    message = "error: --output /dev/full: cannot write (No space left on device): the output is partial, " \
+              "it holds the first 0 sessions"
     assert result.stderr.strip().splitlines() == [message]
     assert message in (tmp_path / "evaluation.log").read_text()
     with open("/dev/full", "w") as full:   # the JSON lines to stdout, on a full disk
-        result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(checkpoint), "--detect", str(data)],
+        result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(checkpoint),
+                                 "--detect", str(data)],
                                 cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True,
                                 timeout=300)
-    assert result.returncode == 1 and "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
-    assert "error: stdout: cannot write (No space left on device): the output is partial, it holds the first 0 " \
-           "sessions" in result.stderr
+    assert (result.returncode == 1 and "Traceback" not in result.stderr
+            and "Exception ignored" not in result.stderr)
+    assert "error: stdout: cannot write (No space left on device): the output is partial, " \
+           "it holds the first 0 sessions" in result.stderr
 
 
 def test_a_failed_write_leaves_whole_lines_and_says_how_many(tmp_path, monkeypatch):
@@ -923,7 +989,8 @@ def test_a_failed_write_leaves_whole_lines_and_says_how_many(tmp_path, monkeypat
     model = fixed_model()
     calibration = E.fit_calibration(model, _chunks(Counter({(0, 1): 3})), 2, 5, 0.25, "hand", "combined")
     data = tmp_path / "new.jsonl"
-    data.write_text("".join(json.dumps({"session_id": f"s{i}", "event_ids": [0, 1]}) + "\n" for i in range(5)))
+    data.write_text("".join(json.dumps({"session_id": f"s{i}", "event_ids": [0, 1]}) + "\n"
+                            for i in range(5)))
     real_write, calls = os.write, []
 
     def filling_up(descriptor, chunk):
@@ -938,9 +1005,10 @@ def test_a_failed_write_leaves_whole_lines_and_says_how_many(tmp_path, monkeypat
     with open(output, "w") as handle, monkeypatch.context() as patch:
         patch.setattr(os, "write", filling_up)
         with pytest.raises(E.OutputFailed) as failure:
-            E.detect(model, calibration, data, {}, "combined", handle, chunk_size=2, out_name="--output out.jsonl")
-    assert str(failure.value) == "[Errno 28] --output out.jsonl: cannot write (No space left on device): the " \
-                                 "output is partial, it holds the first 2 sessions"
+            E.detect(model, calibration, data, {}, "combined", handle, chunk_size=2,
+                     out_name="--output out.jsonl")
+    assert str(failure.value) == "[Errno 28] --output out.jsonl: cannot write (No space left on device): " \
+                                 "the output is partial, it holds the first 2 sessions"
     assert [json.loads(line)["session_id"] for line in output.read_text().splitlines()] == ["s0", "s1"]
 
 
@@ -953,7 +1021,8 @@ def test_detect_reports_the_bad_records_it_skipped(trained, tmp_path):
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", path, "--skip-bad-records")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2   # the JSON lines; the log went to stderr
-    assert re.search(r"WARNING \| Skipped 2 bad records \(--skip-bad-records\); the first: .*new\.jsonl: line 2: "
+    assert re.search(r"WARNING \| Skipped 2 bad records \(--skip-bad-records\); the first: .*new\.jsonl: "
+                     r"line 2: "
                      r"malformed JSON", result.stderr), result.stderr
     path.write_text(json.dumps({"event_ids": [1, 2]}) + "\n")
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", path, "--skip-bad-records",

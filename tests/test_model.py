@@ -57,7 +57,8 @@ def _whole_session_columns(model, sessions, ks):
 def _trained_window_columns(model, session, ks):
     """The columns of one session from the windows training cuts it into (dataset.make_windows)."""
     ranks, log_probs = [], []
-    for inputs, targets in make_windows(list(session), model.vocab_size, model.max_seq_length, model.window_context):
+    for inputs, targets in make_windows(list(session), model.vocab_size, model.max_seq_length,
+                                        model.window_context):
         r, lp = model.prediction_ranks(torch.tensor([inputs]), torch.tensor([targets]))
         keep = r[0] >= 0
         ranks.append(r[0][keep])
@@ -69,7 +70,8 @@ def _trained_window_columns(model, session, ks):
 
 
 def test_window_spans_predict_every_position_once_with_context():
-    for predictions, length, context in [(5, 8, 2), (8, 8, 2), (9, 8, 2), (100, 8, 3), (1000, 256, 32), (57, 10, 0)]:
+    for predictions, length, context in [(5, 8, 2), (8, 8, 2), (9, 8, 2), (100, 8, 3), (1000, 256, 32),
+                                         (57, 10, 0)]:
         spans = window_spans(predictions, length, context)
         scored = [p for begin, end, first in spans for p in range(first, end)]
         assert scored == list(range(predictions))                 # every prediction once, in order
@@ -93,7 +95,8 @@ def test_short_sessions_score_as_one_whole_pass():
 @pytest.mark.parametrize("length,context", [(16, 4), (16, 0), (9, 8)])
 def test_long_sessions_score_in_the_windows_of_training(length, context):
     torch.manual_seed(2)
-    model = DeepLog(vocab_size=10, embedding_dim=8, hidden_size=16, num_layers=1).eval().set_windows(length, context)
+    model = DeepLog(vocab_size=10, embedding_dim=8, hidden_size=16,
+                    num_layers=1).eval().set_windows(length, context)
     rng = np.random.default_rng(1)
     sessions = [rng.integers(0, 10, n).tolist() for n in (3, 15, 16, 40, 101)]
     windowed = model.session_scores(sessions, [2], max_tokens=48)
@@ -126,7 +129,8 @@ def test_diagnose_names_positions_of_long_sessions_in_session_order():
     assert len(misses) == expected["misses_at_3"]
     positions = [m["position"] for m in misses]
     assert positions == sorted(positions) and 50 in positions
-    assert all(m["actual"] == (session[m["position"]] if m["position"] < len(session) else "<end>") for m in misses)
+    assert all(m["actual"] == (session[m["position"]] if m["position"] < len(session) else "<end>")
+               for m in misses)
     assert model.diagnose([session], top_k=3, max_misses=2)[0] == misses[:2]
 
 
@@ -158,7 +162,8 @@ def test_diagnose_names_position_actual_and_expected():
     model = fixed_model()
     report = model.diagnose([[0, 3]], top_k=2)
     assert report == [[
-        {"position": 1, "actual": 3, "probability": pytest.approx(math.exp(3) / sum(math.exp(i) for i in range(1, 7))),
+        {"position": 1, "actual": 3,
+         "probability": pytest.approx(math.exp(3) / sum(math.exp(i) for i in range(1, 7))),
          "expected": [0, 1]},
         {"position": 2, "actual": "<end>", "probability": pytest.approx(math.exp(1) / sum(math.exp(i) for i in
                                                                                           range(1, 7))),

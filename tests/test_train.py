@@ -14,10 +14,12 @@ from conftest import REPO, run_script, write_config
 
 def run_torchrun(config, data, out, timeout=300) -> subprocess.CompletedProcess:
     """train.py under torchrun: two CPU processes (gloo) on a free port."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(REPO / "train.py"), "--config", str(config), "--data-dir", str(data),
-                           "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})  # a rank that dies still shows its lines
+    # PYTHONUNBUFFERED: a rank that dies still shows its lines
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(REPO / "train.py"), "--config", str(config),
+                           "--data-dir", str(data), "--output-dir", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def params(path):
@@ -37,7 +39,8 @@ def straight_run(tmp_path_factory, sample_sessions):
     data = root / "data"
     data.mkdir()
     normal, abnormal = sample_sessions
-    lines = [{"event_ids": s, "label": 0} for s in normal] + [{"event_ids": s, "label": 1} for s in abnormal[:5]]
+    lines = ([{"event_ids": s, "label": 0} for s in normal]
+             + [{"event_ids": s, "label": 1} for s in abnormal[:5]])
     (data / "sessions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     config = write_config(root / "config.yaml", {"training": {"keep_last_checkpoints": 10}})
     out = root / "out"
@@ -50,7 +53,8 @@ def test_outputs_logs_and_checkpoints(straight_run):
     root, config, data, out, result = straight_run
     log = (out / "training.log").read_text()
     step_line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| INFO \| \[Step (\d+)\] Loss: \d+\.\d{4} "
-                           r"\(avg: \d+\.\d{4}\) \| LR: \d\.\d\de-\d\d \| ([\d,]+) tok/s \| data wait (\d+)% \| "
+                           r"\(avg: \d+\.\d{4}\) \| LR: \d\.\d\de-\d\d \| ([\d,]+) tok/s \| data wait (\d+)% "
+                           r"\| "
                            r"Time: [\d.]+[smh] \(ETA: .+\)$", re.M)
     lines = step_line.findall(log)
     assert [int(step) for step, _, _ in lines] == list(range(5, 30, 5))  # every log_every_steps
@@ -83,7 +87,8 @@ def test_outputs_logs_and_checkpoints(straight_run):
 
 
 def test_resume_is_bit_identical_with_reader_processes(tmp_path, tiny_data):
-    """Parallel parsing (lazy_loading.num_workers) keeps the sample order deterministic, so resume stays exact."""
+    """Parallel parsing (lazy_loading.num_workers) keeps the sample order deterministic, so resume stays
+    exact."""
     config = write_config(tmp_path / "c.yaml", {"lazy_loading": {"num_workers": 2, "cache": False}})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", straight)
@@ -91,7 +96,8 @@ def test_resume_is_bit_identical_with_reader_processes(tmp_path, tiny_data):
     result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", resumed,
                         "--resume", straight / "checkpoints" / "step_21.pt")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert_same_params(params(straight / "checkpoints" / "epoch_2.pt"), params(resumed / "checkpoints" / "epoch_2.pt"))
+    assert_same_params(params(straight / "checkpoints" / "epoch_2.pt"),
+                       params(resumed / "checkpoints" / "epoch_2.pt"))
 
 
 @pytest.mark.parametrize("checkpoint", ["step_7.pt", "step_21.pt", "epoch_1.pt"])
@@ -102,7 +108,8 @@ def test_resume_is_bit_identical(straight_run, tmp_path, checkpoint):
     result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", resumed,
                         "--resume", out / "checkpoints" / checkpoint)
     assert result.returncode == 0, result.stderr
-    assert_same_params(params(out / "checkpoints" / "epoch_2.pt"), params(resumed / "checkpoints" / "epoch_2.pt"))
+    assert_same_params(params(out / "checkpoints" / "epoch_2.pt"),
+                       params(resumed / "checkpoints" / "epoch_2.pt"))
     straight_history = json.loads((out / "training_history.json").read_text())
     resumed_history = json.loads((resumed / "training_history.json").read_text())
     for key in ("train_loss", "val_loss", "learning_rate"):
@@ -113,7 +120,8 @@ def test_keep_last_n_and_early_stopping(tmp_path, tiny_data):
     config = write_config(tmp_path / "c.yaml", {
         "training": {"epochs": 8, "keep_last_checkpoints": 2, "save_every_steps": 3, "learning_rate": 1e-9},
         "early_stopping": {"enabled": True, "patience": 2, "min_delta": 0.01}})
-    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", tmp_path / "o")
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data,
+                        "--output-dir", tmp_path / "o")
     assert result.returncode == 0, result.stderr
     # learning rate ~0: the loss never improves by min_delta after epoch 1, so patience 2 stops after epoch 3
     history = json.loads((tmp_path / "o" / "training_history.json").read_text())
@@ -173,8 +181,8 @@ def test_corrupt_resume_checkpoint_is_rejected_and_left_alone(tmp_path, tiny_dat
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     config = write_config(tmp_path / "c.yaml")
-    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", tmp_path / "o",
-                        "--resume", bad)
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data,
+                        "--output-dir", tmp_path / "o", "--resume", bad)
     assert result.returncode == 2 and "is not a checkpoint written by train.py (not a zip archive)" in \
         result.stdout + result.stderr
     assert bad.read_bytes() == b"not a checkpoint"
@@ -193,7 +201,8 @@ def test_torchrun_ddp_on_cpu(tmp_path, tiny_data, layout, sample_sessions):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "processes: 2" in result.stdout
     # the counts of both ranks are merged: the same totals as a single process sees
-    single = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", tmp_path / "single")
+    single = run_script("train.py", "--config", config, "--data-dir", data,
+                        "--output-dir", tmp_path / "single")
     summary = re.compile(r"\d+ normal sessions -> \d+ windows, \d+ predicted events")
     assert summary.search(result.stdout).group() == summary.search(single.stdout).group()
     history = json.loads((out / "training_history.json").read_text())
@@ -211,7 +220,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path)
     stopped = tmp_path / "stopped"
     process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(config), "--data-dir",
                                 str(data), "--output-dir", str(stopped)], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     output = []
     for line in process.stdout:
         output.append(line)
@@ -225,7 +235,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path)
     result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", stopped,
                         "--resume", checkpoint)
     assert result.returncode == 0, result.stderr
-    assert_same_params(params(out / "checkpoints" / "epoch_2.pt"), params(stopped / "checkpoints" / "epoch_2.pt"))
+    assert_same_params(params(out / "checkpoints" / "epoch_2.pt"),
+                       params(stopped / "checkpoints" / "epoch_2.pt"))
     # the loss is summed in float64, so where the stop flushed it does not change the history's digits
     assert json.loads((stopped / "training_history.json").read_text())["train_loss"] == \
         json.loads((out / "training_history.json").read_text())["train_loss"]
@@ -233,7 +244,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path)
 
 def test_torchrun_without_counting_pass_keeps_ranks_in_lockstep(tmp_path, tiny_data):
     """samples_per_epoch overestimates the smaller file shard: the ranks still stop together (no hang)."""
-    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}, "data": {"samples_per_epoch": 240}})
+    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1},
+                                                "data": {"samples_per_epoch": 240}})
     result = run_torchrun(config, tiny_data, tmp_path / "o", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((tmp_path / "o" / "training_history.json").read_text())["epoch"] == [1]
@@ -255,7 +267,8 @@ def test_readme_plotting_snippet_runs_unchanged_on_a_real_history(straight_run, 
 
 def test_resume_under_other_batch_order_settings_warns(straight_run, tmp_path):
     root, config, data, out, _ = straight_run
-    other = write_config(tmp_path / "c.yaml", {"training": {"batch_size": 8}, "lazy_loading": {"buffer_size": 64}})
+    other = write_config(tmp_path / "c.yaml", {"training": {"batch_size": 8},
+                                               "lazy_loading": {"buffer_size": 64}})
     result = run_script("train.py", "--config", other, "--data-dir", data, "--output-dir", tmp_path / "o",
                         "--resume", out / "checkpoints" / "step_7.pt")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -284,7 +297,8 @@ def test_a_second_run_on_one_output_dir_is_refused_and_a_dead_holder_taken_over(
         result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", out)
     assert result.returncode == 2 and "is in use by another run (pid 4242 on host elsewhere)" in result.stderr
     assert not (out / "checkpoints").exists()
-    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", out)  # holder gone
+    # holder gone
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", out)
     assert result.returncode == 0, result.stderr
     assert "Taking over" in result.stdout and "pid 4242 on host elsewhere" in result.stdout
     assert (out / ".lock").read_text() == ""   # released at the end
@@ -302,7 +316,8 @@ def test_stale_temp_files_go_written_files_follow_the_umask_and_a_failed_run_kee
     assert not stale.exists()
     assert oct((out / "checkpoints" / "best_model.pt").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     saved = (out / "config.yaml").read_text()
-    result = run_script("train.py", "--config", config, "--data-dir", tmp_path / "missing", "--output-dir", out)
+    result = run_script("train.py", "--config", config, "--data-dir", tmp_path / "missing",
+                        "--output-dir", out)
     assert result.returncode == 2 and (out / "config.yaml").read_text() == saved
 
 
@@ -341,7 +356,8 @@ def test_a_signal_after_the_last_step_stops_the_evaluation_with_a_nonzero_exit(c
         with pytest.raises(utils.Stopped):   # during the evaluation: it stops at once
             os.kill(os.getpid(), signal.SIGTERM)
         logger = logging.getLogger("test-deeplog")
-        with caplog.at_level(logging.INFO, logger="test-deeplog"):   # arrived before it began: it never starts
+        # arrived before it began: it never starts
+        with caplog.at_level(logging.INFO, logger="test-deeplog"):
             code = train.evaluate_after_training(Path("runs/x/best_model.pt"), None, stop, logger)
         assert code == 143 and "Stopped by SIGTERM before the evaluation after training ended" in caplog.text
         assert "python evaluate.py --checkpoint runs/x/best_model.pt" in caplog.text
@@ -353,11 +369,13 @@ def test_a_signal_after_the_last_step_stops_the_evaluation_with_a_nonzero_exit(c
 def test_following_the_stop_message_continues_that_run_on_its_data(tmp_path, tiny_data):
     """--resume alone (as the stop message says) takes output_dir and the data settings from the checkpoint,
     instead of config.yaml's, which would write into another run's folder."""
-    one_epoch = write_config(tmp_path / "one.yaml", {"training": {"epochs": 1}, "data": {"validation_split": 0.2}})
+    one_epoch = write_config(tmp_path / "one.yaml", {"training": {"epochs": 1},
+                                                     "data": {"validation_split": 0.2}})
     run = tmp_path / "runs" / "x"
     result = run_script("train.py", "--config", one_epoch, "--data-dir", tiny_data, "--output-dir", run)
     assert result.returncode == 0, result.stderr
-    two_epochs = write_config(tmp_path / "two.yaml", {"training": {"epochs": 2, "output_dir": str(tmp_path / "other")}})
+    two_epochs = write_config(tmp_path / "two.yaml",
+                              {"training": {"epochs": 2, "output_dir": str(tmp_path / "other")}})
     result = run_script("train.py", "--config", two_epochs, "--resume", run / "checkpoints" / "epoch_1.pt")
     assert result.returncode == 0, result.stderr
     assert (run / "checkpoints" / "epoch_2.pt").exists() and not (tmp_path / "other").exists()
@@ -399,7 +417,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_earlier_checkpoints(t
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     [line] = result.stderr.strip().splitlines()
-    failed = re.fullmatch(rf"error: {re.escape(str(out / 'checkpoints'))}/(\w+\.pt): No space left on device", line)
+    failed = re.fullmatch(rf"error: {re.escape(str(out / 'checkpoints'))}"
+                          r"/(\w+\.pt): No space left on device", line)
     assert failed and failed.group(1) != "step_7.pt", line   # the second checkpoint written
     assert (out / "training.log").read_text().rstrip().endswith(line)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_7.pt"]   # the first one, intact
@@ -408,7 +427,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_earlier_checkpoints(t
 
 def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, tiny_data):
     config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1, "warmup_steps": 1000}})
-    result = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", tmp_path / "o")
+    result = run_script("train.py", "--config", config, "--data-dir", tiny_data,
+                        "--output-dir", tmp_path / "o")
     assert result.returncode == 0, result.stderr
     steps = int(re.search(r"(\d+) steps/epoch x 1 epochs", result.stdout).group(1))
     assert f"training.warmup_steps 1000 >= the run's {steps} steps" in result.stdout
