@@ -349,12 +349,13 @@ def build_training(config: utils.Config, data: Data, runtime: utils.Runtime, log
     optimizer_class = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(raw_model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     total_steps = data.steps_per_epoch * tc.epochs
-    if tc.warmup_steps >= total_steps:
-        logger.warning(f"training.warmup_steps {tc.warmup_steps} >= the run's {total_steps} steps: the "
-                       "learning rate never reaches training.learning_rate; lower warmup_steps for short "
-                       "runs")
+    warmup = utils.warmup_steps(tc.warmup_steps, total_steps)
+    if warmup >= total_steps:
+        logger.warning(f"training.warmup_steps {warmup} >= the run's {total_steps} steps: the learning rate "
+                       "never reaches training.learning_rate; lower warmup_steps (or leave it null: scaled "
+                       "to the run)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, utils.lr_multiplier(tc.warmup_steps, total_steps, tc.lr_schedule, tc.min_lr_ratio))
+        optimizer, utils.lr_multiplier(warmup, total_steps, tc.lr_schedule, tc.min_lr_ratio))
     amp_dtype, use_loss_scaling = utils.amp_settings(config, runtime.device)
     # Enabled only for fp16: bf16 and fp32 share the same code path with a pass-through scaler.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=use_loss_scaling)
@@ -372,7 +373,8 @@ def build_training(config: utils.Config, data: Data, runtime: utils.Runtime, log
     state.total_steps = total_steps
     logger.info(f"Model: {sum(p.numel() for p in raw_model.parameters()):,} parameters {vars(config.model)} "
                 f"| precision: {amp_dtype or torch.float32}{' + GradScaler' if use_loss_scaling else ''} | "
-                f"{data.steps_per_epoch} steps/epoch x {tc.epochs} epochs, batch {tc.batch_size}")
+                f"{data.steps_per_epoch} steps/epoch x {tc.epochs} epochs, batch {tc.batch_size}, warm-up "
+                f"{warmup} steps{'' if tc.warmup_steps is not None else ' (scaled to the run)'}")
     return state, model, amp_dtype
 
 
@@ -390,6 +392,16 @@ def resume(state: utils.TrainState, checkpoint: dict, resume_path: str, runtime:
     utils.set_rng_state(rng_states[runtime.rank % len(rng_states)])
     logger.info(f"Resumed from {resume_path}: epoch {state.epoch}, batch {state.batches_done}, step "
                 f"{state.step}")
+
+
+EXPECTATION_STEPS = 10   # steps timed before the run states what an epoch will cost
+
+
+def log_expected_time(elapsed: float, steps: int, steps_per_epoch: int, steps_left: int, logger) -> None:
+    per_step = elapsed / steps
+    logger.info(f"Expected time: {utils.format_duration(per_step * steps_per_epoch)} per epoch, "
+                f"{utils.format_duration(per_step * steps_left)} for the rest of the run "
+                f"(from the first {steps} steps on this hardware, {per_step * 1000:.0f} ms a step)")
 
 
 def run_epochs(state: utils.TrainState, model, data: Data, runtime, amp_dtype, rank_batch_size: int,
@@ -417,6 +429,9 @@ def run_epochs(state: utils.TrainState, model, data: Data, runtime, amp_dtype, r
                 window.add(loss_sum, tokens)
                 steps_this_run += 1
                 progress.update(1)
+                if steps_this_run == min(EXPECTATION_STEPS, data.steps_per_epoch, state.total_steps):
+                    log_expected_time(time.time() - run_start, steps_this_run, data.steps_per_epoch,
+                                      state.total_steps - state.step, logger)
                 if state.step % tc.log_every_steps == 0:
                     # this rank's tokens x ranks: the ranks' batches are alike in size
                     batches.tokens += window.flush_into(state) * runtime.world_size

@@ -57,7 +57,7 @@ class TrainingConfig:
     optimizer: str = "adamw"      # adam | adamw
     weight_decay: float = 0.0
     lr_schedule: str = "cosine"   # cosine | linear | constant, after linear warm-up
-    warmup_steps: int = 50
+    warmup_steps: typing.Optional[int] = None  # null: a tenth of the run's steps, at most 50
     min_lr_ratio: float = 0.1     # the decay ends at learning_rate * min_lr_ratio
     max_grad_norm: float = 1.0    # 0 disables clipping
     mixed_precision: bool = True  # CUDA: bf16 where supported, else fp16 + GradScaler; CPU: bf16 if native
@@ -359,7 +359,7 @@ def check_values(config: Config) -> None:
               ("lazy_loading.num_workers", config.lazy_loading.num_workers >= 0, ">= 0"),
               ("lazy_loading.cache_workers", null_or_positive(config.lazy_loading.cache_workers), "null or "
                                                                                                   ">= 1"),
-              ("training.warmup_steps", config.training.warmup_steps >= 0, ">= 0"),
+              ("training.warmup_steps", (config.training.warmup_steps or 0) >= 0, "null or >= 0"),
               ("training.save_every_steps", config.training.save_every_steps >= 0, ">= 0"),
               ("training.min_lr_ratio", 0 <= config.training.min_lr_ratio <= 1, "in [0, 1]"),
               ("early_stopping.patience", config.early_stopping.patience >= 1, ">= 1"),
@@ -1080,6 +1080,15 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict) -> None:
         self.best_loss, self.bad_epochs = float(state["best_loss"]), int(state["bad_epochs"])
+
+
+AUTO_WARMUP_STEPS = 50   # training.warmup_steps null: this many, or a tenth of a shorter run's steps
+
+
+def warmup_steps(setting: int | None, total_steps: int) -> int:
+    """The warm-up of a run: training.warmup_steps when set, else scaled to the run (a tenth of its steps,
+    at most AUTO_WARMUP_STEPS), so that a short run still reaches its learning rate."""
+    return setting if setting is not None else min(AUTO_WARMUP_STEPS, total_steps // 10)
 
 
 def lr_multiplier(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):

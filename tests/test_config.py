@@ -33,8 +33,14 @@ def test_shipped_config_yaml_matches_the_dataclass_keys():
     expected = {s: set(v) for s, v in utils.config_to_dict(utils.Config()).items()}
     expected["preprocess"] = {f.name for f in dataclasses.fields(preprocess.PreprocessConfig)}
     assert {s: set(v) for s, v in shipped.items()} == expected
-    # same defaults
+    # same defaults: the file shows the defaults of the one config, it does not restate others
     assert preprocess.PreprocessConfig(**shipped["preprocess"]) == preprocess.PreprocessConfig()
+    assert load_config(str(train.Path(__file__).parent.parent / "config.yaml")) == utils.Config()
+
+
+def test_the_warm_up_is_scaled_to_short_runs_unless_set():
+    assert [utils.warmup_steps(None, total) for total in (22, 300, 760, 100_000)] == [2, 30, 50, 50]
+    assert utils.warmup_steps(0, 22) == 0 and utils.warmup_steps(80, 22) == 80
 
 
 @pytest.mark.parametrize("content,message", [

@@ -60,6 +60,10 @@ def test_outputs_logs_and_checkpoints(straight_run):
     assert [int(step) for step, _, _ in lines] == list(range(5, 30, 5))  # every log_every_steps
     assert all(int(rate.replace(",", "")) > 0 and 0 <= int(wait) <= 100 for _, rate, wait in lines)
     assert "skipped: 5 abnormal, 0 bad records" in log
+    # what an epoch costs here, stated after the first steps, before the first step line
+    expected = re.search(r"Expected time: [\d.]+[smh] per epoch, [\d.]+[smh] for the rest of the run \(from "
+                         r"the first 10 steps on this hardware, \d+ ms a step\)", log)
+    assert expected and log.index("[Step 5]") < expected.start() < log.index("[Step 10]")
     if not torch.cuda.is_available():
         assert "GPU stats: no CUDA GPU" in log and "GPU:" not in log
     assert len(re.findall(r"\| Epoch \d/2 \| train loss", log)) == 2
