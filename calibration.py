@@ -1,4 +1,5 @@
-"""Calibration: the decision rules, the thresholds fitted for them on normal sessions, and the file that holds them.
+"""Calibration: the decision rules, the thresholds fitted for them on normal sessions, and the file that holds
+them.
 
 Examples:
 
@@ -16,7 +17,8 @@ Examples:
 The rules. Every session is scored by the model (evaluate.score_sessions); a rule turns its score columns
 into a verdict (`verdicts`):
 - probability: an actual event less likely than one bound, or an end of session less likely than another;
-- event_set / event_pair: a set of event types, or two types, never seen together in a normal training session;
+- event_set / event_pair: a set of event types, or two types, never seen together in a normal training
+  session;
 - count_vector: event counts farther from every normal training session than any is from its nearest other;
 - top_g: DeepLog's own rule, an actual event outside the top-g; score_pNN: the share of events outside the
   top-k above that percentile of the calibration sessions';
@@ -45,8 +47,8 @@ import utils
 from dataset import DataError
 from model import IGNORE_INDEX, CoOccurrence, DeepLog
 
-RULES = ("combined", "probability", "event_set", "event_pair", "count_vector", "top_g", "score_p90", "score_p95",
-         "score_p99")
+RULES = ("combined", "probability", "event_set", "event_pair", "count_vector", "top_g", "score_p90",
+         "score_p95", "score_p99")
 COMBINABLE = ("probability", "event_set", "event_pair", "count_vector")  # the rules `combined` may take
 PERCENTILES = (90, 95, 99)
 VERSION = 3                    # 3: "version" itself and the checks of validate(); 2 and earlier: no field
@@ -77,18 +79,20 @@ def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
         return scores["novel_set"] > 0
     if rule == "event_pair":
         return scores["novel_pair"] > 0
-    if rule == "count_vector":  # farther from every normal training session than any of them is from the others
+    if rule == "count_vector":  # farther from every normal training session than any of them from the others
         distance = calibration["count_vector_distance"]
         return flags if distance is None else scores["count_distance"] > distance
     if rule == "top_g":
         return scores["max_rank"] >= calibration["top_g"]
     if rule == "probability":
-        event_bound, end_bound = calibration["log_probability_bound"], calibration["log_end_probability_bound"]
+        event_bound = calibration["log_probability_bound"]
+        end_bound = calibration["log_end_probability_bound"]
         if end_bound is None:  # calibrations from before the end of session had a bound of its own
             return scores["min_log_prob"] < event_bound
         # where training shows that new normal sessions often bring an event type it never had, such an
         # event is not flagged by itself (the count-vector rule still counts it)
-        events = scores["min_event_log_prob" if calibration["unseen_events_flag"] else "min_seen_event_log_prob"]
+        events = scores["min_event_log_prob" if calibration["unseen_events_flag"]
+                        else "min_seen_event_log_prob"]
         return (events < event_bound) | (scores["end_log_prob"] < end_bound)
     if rule.startswith("score_"):
         return anomaly_scores(scores, calibration["top_k"]) > calibration["score_thresholds"][rule[6:]]
@@ -145,7 +149,8 @@ SCHEMA = {
     "event_set_rule": ((bool,), None, ""),
     "event_pair_rule": ((bool,), None, ""),
     "flagged_on_calibration": ((dict,), lambda v: _rules_of(v, RULES), "keyed by rules"),
-    "combined_rules": ((list,), lambda v: 0 < len(v) == len(set(v)) and _rules_of(v, COMBINABLE),
+    "combined_rules": ((list,), lambda v: all(isinstance(r, str) for r in v) and 0 < len(v) == len(set(v))
+                       and _rules_of(v, COMBINABLE),
                        f"distinct rules among {', '.join(COMBINABLE)}"),
     "unseen_events_flag": ((bool,), None, ""),
     "count_vector_distance": ((float, None), lambda v: v >= 0, ">= 0"),
@@ -155,8 +160,10 @@ SCHEMA = {
     "expected_fpr": ((dict, None), lambda v: _rules_of(v, RULES), "keyed by rules"),
 }
 # inside the mappings: (key of the mapping, types of its values, check, in words)
-VALUES = {"score_thresholds": ((float,), _rate, "in [0, 1]"), "flagged_on_calibration": ((float,), _rate, "in [0, 1]"),
-          "expected_fpr": ((float,), _rate, "in [0, 1]"), "novelty_on_training": ((int,), lambda v: v >= 0, ">= 0"),
+VALUES = {"score_thresholds": ((float,), _rate, "in [0, 1]"),
+          "flagged_on_calibration": ((float,), _rate, "in [0, 1]"),
+          "expected_fpr": ((float,), _rate, "in [0, 1]"),
+          "novelty_on_training": ((int,), lambda v: v >= 0, ">= 0"),
           "novelty_is_normal": ((bool,), None, ""), "combined_rules": ((str,), None, "")}
 
 
@@ -170,6 +177,13 @@ def _type_ok(value, types: tuple) -> bool:
     return any(t is not None and isinstance(value, t) for t in types)
 
 
+INT_RANGE = 2 ** 63   # ints (also where a number goes) must fit 64 bits: torch, numpy and floats take them
+
+
+def _out_of_range(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and not -INT_RANGE <= value < INT_RANGE
+
+
 def _type_words(types: tuple) -> str:
     return " or ".join("null" if t is None else {float: "a number"}.get(t, t.__name__) for t in types)
 
@@ -179,9 +193,10 @@ def validate(calibration, source: str) -> dict:
     CalibrationError naming `source` and the first key that is missing, unknown, mistyped or out of range."""
     if not isinstance(calibration, dict):
         raise CalibrationError(f"{source}: not a calibration (a {type(calibration).__name__}, not a mapping)")
-    unknown = sorted(set(calibration) - set(SCHEMA))
+    unknown = sorted((key for key in calibration if key not in SCHEMA), key=repr)   # a checkpoint's: any type
     if unknown:
-        raise CalibrationError(f"{source}: unknown key '{unknown[0]}' (not a calibration of this version?)")
+        raise CalibrationError(f"{source}: unknown key {_excerpt(unknown[0])} "
+                               f"(not a calibration of this version?)")
     missing = [key for key in SCHEMA if key not in calibration]
     if missing:
         raise CalibrationError(f"{source}: not a calibration (missing {', '.join(missing)})")
@@ -189,14 +204,18 @@ def validate(calibration, source: str) -> dict:
     for key, (types, check, words) in SCHEMA.items():
         value = calibration[key]
         if not _type_ok(value, types):
-            raise CalibrationError(f"{source}: '{key}' must be {_type_words(types)}, got {type(value).__name__}")
+            raise CalibrationError(f"{source}: '{key}' must be {_type_words(types)}, "
+                                   f"got {type(value).__name__}")
+        if _out_of_range(value):
+            raise CalibrationError(f"{source}: '{key}' is out of range (an int of {value.bit_length()} bits)")
         if value is not None and check is not None and not check(value):
             raise CalibrationError(f"{source}: '{key}' must be {words}, got {_excerpt(value)}")
         if key in VALUES and value is not None:
             inner_types, inner_check, inner_words = VALUES[key]
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for name, inner in items:
-                if not _type_ok(inner, inner_types) or (inner_check is not None and not inner_check(inner)):
+                if not _type_ok(inner, inner_types) or _out_of_range(inner) or (
+                        inner_check is not None and not inner_check(inner)):
                     raise CalibrationError(f"{source}: '{key}' [{name!r}] must be {_type_words(inner_types)} "
                                            f"{inner_words}, got {_excerpt(inner)}".replace("  ", " "))
             value = {k: float(v) if float in inner_types else v for k, v in value.items()} \
@@ -204,11 +223,13 @@ def validate(calibration, source: str) -> dict:
         checked[key] = float(value) if float in types and isinstance(value, int) else value
     thresholds = [checked["score_thresholds"][f"p{q}"] for q in PERCENTILES]
     if thresholds != sorted(thresholds):
-        raise CalibrationError(f"{source}: 'score_thresholds' must not decrease from p90 to p99, got {thresholds}")
+        raise CalibrationError(f"{source}: 'score_thresholds' must not decrease from p90 to p99, "
+                               f"got {thresholds}")
     if checked["expected_fpr"] is not None and checked["target_fpr"] is None:
         raise CalibrationError(f"{source}: 'expected_fpr' is given, but 'target_fpr' it rests on is null")
     if checked["count_vector_distance"] is None and "count_vector" in checked["combined_rules"]:
-        raise CalibrationError(f"{source}: 'combined_rules' takes count_vector, but 'count_vector_distance' is null")
+        raise CalibrationError(f"{source}: 'combined_rules' takes count_vector, "
+                               f"but 'count_vector_distance' is null")
     return checked
 
 
@@ -223,8 +244,8 @@ def upgrade(calibration, source: str) -> dict:
         return calibration   # validate names it
     version = calibration.get("version", 2)
     if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
-        raise CalibrationError(f"{source}: calibration version {_excerpt(version)} is not one this toolkit knows "
-                               f"(it writes {VERSION}): written by a newer version?")
+        raise CalibrationError(f"{source}: calibration version {_excerpt(version)} is not one this toolkit "
+                               f"knows (it writes {VERSION}): written by a newer version?")
     if version == VERSION:
         return calibration
     old = dict(calibration)
@@ -234,7 +255,8 @@ def upgrade(calibration, source: str) -> dict:
         margin = old.pop("probability_margin")
         old.setdefault("probability_bound_method", f"{margin} x least likely normal event")
     defaults = {"version": VERSION, "default_rule": "combined", "source": "unknown", "fitted_at": None,
-                "distinct_sessions": None, "scored_sessions": old.get("sessions", 0), "percentile_method": "exact",
+                "distinct_sessions": None, "scored_sessions": old.get("sessions", 0),
+                "percentile_method": "exact",
                 "target_fpr": None, "probability_bound_method": "unknown", "log_end_probability_bound": None,
                 "end_probability_bound_method": None, "event_pair_rule": False,
                 # before the plan, combined was these three (a rule without its record flags nothing)
@@ -247,10 +269,10 @@ def upgrade(calibration, source: str) -> dict:
     if old["target_fpr"] is None:
         old["expected_fpr"] = None   # expected rates rest on the probability rule's target
     elif old["expected_fpr"] is None:
-        try:
-            old["expected_fpr"] = expected_rates(old)
-        except (KeyError, TypeError, ValueError):
-            pass   # a damaged one: validate names what is wrong
+        try:   # from the checked values only: a damaged one must not reach the arithmetic
+            old["expected_fpr"] = expected_rates(validate(old, source))
+        except CalibrationError:
+            pass   # checked() validates it again and names what is wrong
     return old
 
 
@@ -260,15 +282,16 @@ def checked(calibration, source: str) -> dict:
 
 
 def load_calibration(path) -> dict:
-    """calibration.json, upgraded and validated: a damaged or foreign file is one CalibrationError naming it."""
+    """calibration.json, upgraded and validated: a damaged or foreign file is one CalibrationError naming
+    it."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")   # what save_calibration writes (JSON is UTF-8)
     except (OSError, UnicodeDecodeError) as error:
-        raise CalibrationError(f"{path}: unreadable calibration file ({getattr(error, 'strerror', None) or error})"
-                               ) from None
+        reason = getattr(error, "strerror", None) or error
+        raise CalibrationError(f"{path}: unreadable calibration file ({reason})") from None
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:   # JSONDecodeError is a ValueError
         raise CalibrationError(f"{path}: not a calibration.json (invalid JSON: {str(error)[:80]})") from None
     return checked(data, str(path))
 
@@ -304,7 +327,9 @@ class ScoreQuantiles:
 
     @property
     def method(self) -> str:
-        return "exact" if self.bins is None else f"histogram of {SKETCH_BINS} bins, error <= {1 / SKETCH_BINS:.3g}"
+        if self.bins is None:
+            return "exact"
+        return f"histogram of {SKETCH_BINS} bins, error <= {1 / SKETCH_BINS:.3g}"
 
     def add(self, values: np.ndarray, weights: np.ndarray) -> None:
         if self.bins is None:
@@ -314,7 +339,7 @@ class ScoreQuantiles:
                 return
             values, weights = self.table()
             self.exact, self.bins = None, np.zeros(SKETCH_BINS)
-        upper_edge_index = np.ceil(values * SKETCH_BINS).astype(np.int64)  # exact: SKETCH_BINS is a power of 2
+        upper_edge_index = np.ceil(values * SKETCH_BINS).astype(np.int64)  # exact: SKETCH_BINS a power of 2
         self.bins += np.bincount(np.maximum(upper_edge_index - 1, 0), weights, minlength=SKETCH_BINS)
 
     def table(self) -> tuple[np.ndarray, np.ndarray]:
@@ -337,11 +362,11 @@ MAX_SURPRISAL = 60.0   # nats: the last bin holds everything less likely (p < 1e
 
 
 class CalibrationTail:
-    """Per calibration session (a row): the surprisal (-log p) of its least likely event and of its end, whether
-    the event-set or event-pair rule flags it, and its weight. Memory stays bounded: beyond 2 x max_kept rows,
-    only those among the max_kept largest of either surprisal are kept (the others' weight still counts in
-    `total`), so every threshold and flagged weight above those is exact: at target_fpr 0.0005 and 200,000
-    kept rows, for up to ~800 million calibration sessions."""
+    """Per calibration session (a row): the surprisal (-log p) of its least likely event and of its end,
+    whether the event-set or event-pair rule flags it, and its weight. Memory stays bounded: beyond 2 x
+    max_kept rows, only those among the max_kept largest of either surprisal are kept (the others' weight
+    still counts in `total`), so every threshold and flagged weight above those is exact: at target_fpr
+    0.0005 and 200,000 kept rows, for up to ~800 million calibration sessions."""
 
     def __init__(self, max_kept: int = MAX_EXACT_SCORES):
         self.max_kept, self.total = max_kept, 0.0
@@ -353,7 +378,8 @@ class CalibrationTail:
         if len(self.rows) > 2 * self.max_kept:
             keep = np.zeros(len(self.rows), dtype=bool)
             for column in (0, 1):
-                keep |= self.rows[:, column] >= np.partition(self.rows[:, column], -self.max_kept)[-self.max_kept]
+                largest = np.partition(self.rows[:, column], -self.max_kept)[-self.max_kept]
+                keep |= self.rows[:, column] >= largest
             self.rows = self.rows[keep]
 
     @property
@@ -374,12 +400,12 @@ class CalibrationTail:
 
 
 class ImpliedTail:
-    """What the LSTM itself expects of normal sessions. At every position of every calibration session (weighted
-    by its count), the model gives each event and the end of session a probability; summed over positions, the
-    mass it puts below p = b is the number of positions per session at which it expects an actual event (or end)
-    less likely than b: an upper bound on the chance that a normal session gets flagged, from every position
-    rather than one value per session. Kept as mass per surprisal bin (SURPRISAL_BIN wide), for events and for
-    the end separately."""
+    """What the LSTM itself expects of normal sessions. At every position of every calibration session
+    (weighted by its count), the model gives each event and the end of session a probability; summed over
+    positions, the mass it puts below p = b is the number of positions per session at which it expects an
+    actual event (or end) less likely than b: an upper bound on the chance that a normal session gets
+    flagged, from every position rather than one value per session. Kept as mass per surprisal bin
+    (SURPRISAL_BIN wide), for events and for the end separately."""
 
     def __init__(self):
         self.bins = int(MAX_SURPRISAL / SURPRISAL_BIN) + 1
@@ -392,11 +418,13 @@ class ImpliedTail:
         with model._evaluating():
             for batch in model.windows(sessions, max_tokens):
                 log_probs = torch.log_softmax(batch.logits.float(), dim=-1)
-                valid = batch.targets != IGNORE_INDEX      # each prediction once: context and padding left out
-                position_weights = weights.to(log_probs.device)[batch.owners].unsqueeze(1).expand_as(valid)[valid]
+                valid = batch.targets != IGNORE_INDEX      # each prediction once: context, padding left out
+                owner_weights = weights.to(log_probs.device)[batch.owners]
+                position_weights = owner_weights.unsqueeze(1).expand_as(valid)[valid]
                 log_probs = log_probs[valid]                                        # [positions, classes]
-                # classes never seen in training are left out: their probability is whatever the softmax left
-                # them (they were never a target), and calibration sessions that hold one count as flagged anyway
+                # classes never seen in training are left out: their probability is whatever the softmax
+                # left them (they were never a target), and calibration sessions that hold one count as
+                # flagged anyway
                 mass = log_probs.double().exp() * position_weights.unsqueeze(1) * model.seen_events
                 bins = (-log_probs).clamp(max=MAX_SURPRISAL).div(SURPRISAL_BIN).long()
                 for histogram, columns in ((self.event, slice(0, model.end_id)),
@@ -416,16 +444,16 @@ def target_fpr_threshold(values: np.ndarray, weights: np.ndarray, total: float, 
                          implied: float | None = None) -> tuple[float, str]:
     """The threshold t on a score (higher = more anomalous) that flags at most `target` of `total` normal
     sessions (score > t), from the table of the largest scores; infinite scores are flagged whatever t is and
-    count against the target. With at least MIN_BEYOND sessions' worth of weight beyond it, t is the empirical
-    quantile. Fewer, and the quantile would be the last few sessions' noise (with n sessions, a rate below 1/n is
-    not even observable): then t is `implied`, the model's own estimate (ImpliedTail), which sees every position
-    of every calibration session, but never below a score that would flag more than the target of the
-    calibration sessions (the empirical bound: where the model is overconfident, the data wins). Without
-    `implied`, the empirical bound."""
+    count against the target. With at least MIN_BEYOND sessions' worth of weight beyond it, t is the
+    empirical quantile. Fewer, and the quantile would be the last few sessions' noise (with n sessions, a rate
+    below 1/n is not even observable): then t is `implied`, the model's own estimate (ImpliedTail), which sees
+    every position of every calibration session, but never below a score that would flag more than the
+    target of the calibration sessions (the empirical bound: where the model is overconfident, the data
+    wins). Without `implied`, the empirical bound."""
     finite = np.isfinite(values)
     infinite_weight = float(weights[~finite].sum())
     allowed = target * total - infinite_weight
-    values, where = np.unique(values[finite], return_inverse=True)  # equal scores are one value, weights summed
+    values, where = np.unique(values[finite], return_inverse=True)  # equal scores: one value, weights summed
     weights = np.bincount(where, weights[finite], minlength=len(values))
     if not len(values):
         return (implied if implied is not None else math.inf), "no finite scores"
@@ -531,7 +559,7 @@ def expected_rates(calibration: dict) -> dict:
             rates[rule] = binomial_bounds(novelty[rule], sessions)[1]
         if calibration.get("count_vector_distance") is not None:
             rates["count_vector"] = 1 / (sessions + 1)
-    else:  # no record of the training sessions' counts: bounds from the calibration sessions the rules flagged
+    else:  # no record of the training sessions' counts: bounds from the calibration sessions flagged
         calibrated = calibration["sessions"]
         for rule in ("event_set", "event_pair"):
             flagged = calibration["flagged_on_calibration"].get(rule, 0.0) * calibrated
@@ -547,14 +575,15 @@ def calibration_warnings(calibration: dict, rule: str) -> list[str]:
     """What the expected false-positive rate of `rule` cannot promise, in words, with what to do."""
     warnings = []
     sessions, flagged = calibration["sessions"], calibration["flagged_on_calibration"].get("probability", 0.0)
-    if rule in ("combined", "probability") and sessions < MIN_CALIBRATION_SESSIONS and calibration["target_fpr"]:
+    if rule in ("combined", "probability") and sessions < MIN_CALIBRATION_SESSIONS \
+            and calibration["target_fpr"]:
         upper = binomial_bounds(flagged * sessions, sessions)[1]
         warnings.append(
-            f"the probability rule's bounds rest on {sessions} calibration session(s), too few to promise its "
-            f"target false-positive rate {calibration['target_fpr']:g}: from what was seen ("
-            f"{flagged * sessions:.0f} flagged) its rate could be up to {upper:.1%} ({CONFIDENCE:.0%} upper bound). "
-            f"Train on more normal sessions, or refit on at least {MIN_CALIBRATION_SESSIONS * 10} other normal "
-            f"sessions with evaluate.py --calibrate-on DIR")
+            f"the probability rule's bounds rest on {sessions} calibration session(s), too few to promise "
+            f"its target false-positive rate {calibration['target_fpr']:g}: from what was seen ("
+            f"{flagged * sessions:.0f} flagged) its rate could be up to {upper:.1%} ({CONFIDENCE:.0%} upper "
+            f"bound). Train on more normal sessions, or refit on at least {MIN_CALIBRATION_SESSIONS * 10} "
+            f"other normal sessions with evaluate.py --calibrate-on DIR")
     expected = (calibration["expected_fpr"] or {}).get(rule)
     if expected is not None and expected > 0.01:
         training = calibration["training_sessions"]
@@ -565,12 +594,12 @@ def calibration_warnings(calibration: dict, rule: str) -> list[str]:
     return warnings
 
 
-Scorer = Callable[[list], tuple[list, dict, np.ndarray]]  # a chunk -> distinct sessions, score columns, counts
+Scorer = Callable[[list], tuple[list, dict, np.ndarray]]  # chunk -> distinct sessions, score columns, counts
 
 
 def fit(model: DeepLog, scorer: Scorer, normal: Iterable[list], top_k: int, top_g: int, target_fpr: float,
-        source: str, default_rule: str, co_occurrence: CoOccurrence | None = None, max_tokens: int | None = None,
-        max_exact_scores: int = MAX_EXACT_SCORES) -> dict:
+        source: str, default_rule: str, co_occurrence: CoOccurrence | None = None,
+        max_tokens: int | None = None, max_exact_scores: int = MAX_EXACT_SCORES) -> dict:
     """Thresholds from normal sessions only (chunks, read once, scored by `scorer`: evaluate.ChunkScorer):
     score percentiles, and the two bounds of the LSTM's probability rule, one on the least likely event of a
     session and one on its end, each set so that at most half of `target_fpr` of normal sessions fall below it
@@ -615,7 +644,7 @@ def fit(model: DeepLog, scorer: Scorer, normal: Iterable[list], top_k: int, top_
     by_probability = (tail.event > event_threshold) | (tail.end > end_threshold)
     flagged["probability"] = float(tail.weights[by_probability].sum())
     # combined = probability OR its other rules: the sessions of any, counted once
-    # (every session the probability rule flags is among the rows the tail keeps; novel ones are counted apart)
+    # (every session the probability rule flags is among the rows the tail keeps; novel ones counted apart)
     flagged["combined"] = novel + float(tail.weights[by_probability & ~tail.novel].sum())
     thresholds = {f"p{q}": quantiles.percentile(q) for q in PERCENTILES}
     flagged.update({f"score_{p}": quantiles.weight_above(value) for p, value in thresholds.items()})
@@ -642,7 +671,8 @@ def probability_bound_origin(calibration: dict) -> str:
         return calibration["probability_bound_method"]
     if calibration["end_probability_bound_method"] is not None:
         return (f"target FPR {calibration['target_fpr']:g}, half for each bound; events: "
-                f"{calibration['probability_bound_method']}; end: {calibration['end_probability_bound_method']}")
+                f"{calibration['probability_bound_method']}; "
+                f"end: {calibration['end_probability_bound_method']}")
     return f"target FPR {calibration['target_fpr']:g}: {calibration['probability_bound_method']}"
 
 
@@ -650,14 +680,15 @@ def probability_rule_text(calibration: dict) -> str:
     """The probability rule in words, with its bounds."""
     text = f"an actual event less likely than p={math.exp(calibration['log_probability_bound']):.3g}"
     if calibration["log_end_probability_bound"] is not None:
-        text += f" or an end of session less likely than p={math.exp(calibration['log_end_probability_bound']):.3g}"
+        end = math.exp(calibration["log_end_probability_bound"])
+        text += f" or an end of session less likely than p={end:.3g}"
     return text
 
 
 RULE_WORDS = {"event_set": "a set of event types never seen together in training",
               "event_pair": "two event types that never shared a training session",
-              "count_vector": "event counts farther from every normal training session than any of those is from "
-                              "its nearest other one (L1 distance > {distance:g})"}
+              "count_vector": "event counts farther from every normal training session than any of those is "
+                              "from its nearest other one (L1 distance > {distance:g})"}
 
 
 def rule_summary(calibration: dict, rule: str) -> str:
@@ -670,8 +701,9 @@ def rule_summary(calibration: dict, rule: str) -> str:
                                       for name, text in RULE_WORDS.items()}}
     with_sets, with_pairs = calibration["event_set_rule"], calibration["event_pair_rule"]
     if rule == "combined" and not (with_sets or with_pairs) and parts == ["probability"]:
-        text = (f"'combined' is the LSTM's probability rule alone ({bound}), as no record of which event types "
-                f"occur together was kept (evaluation.event_set_rule and event_pair_rule false, or too many)")
+        text = (f"'combined' is the LSTM's probability rule alone ({bound}), as no record of which event "
+                f"types occur together was kept (evaluation.event_set_rule and event_pair_rule false, or too "
+                f"many)")
     elif rule == "combined":
         text = "'combined': " + ", or ".join(words[part] for part in parts)
         if not with_sets:
@@ -680,8 +712,8 @@ def rule_summary(calibration: dict, rule: str) -> str:
         if left_out:
             novelty = calibration["novelty_on_training"]
             brought = ", ".join(f"a new {name.replace('_', ' ')} ({novelty[name]})" for name in left_out)
-            text += (f" (left out: {brought} of the {calibration['training_sessions']} normal training sessions "
-                     f"bring one that no other has: such novelty is normal here)")
+            text += (f" (left out: {brought} of the {calibration['training_sessions']} normal training "
+                     f"sessions bring one that no other has: such novelty is normal here)")
     elif rule in words:
         text = f"'{rule}': {words[rule]}"
     else:
@@ -691,8 +723,8 @@ def rule_summary(calibration: dict, rule: str) -> str:
     rates = calibration["expected_fpr"] or {}
     if rule in rates:
         training = calibration["training_sessions"]
-        expectation = (f"expected false-positive rate at most {rates[rule]:.3%} (the probability rule's target "
-                       f"{calibration['target_fpr']:g}" + (f", plus {CONFIDENCE:.0%} bounds from the {training} "
-                       f"normal training sessions for the other rules" if rule != "probability" and training else "")
-                       + "); " + expectation)
+        others = (f", plus {CONFIDENCE:.0%} bounds from the {training} normal training sessions for the "
+                  f"other rules" if rule != "probability" and training else "")
+        expectation = (f"expected false-positive rate at most {rates[rule]:.3%} (the probability rule's "
+                       f"target {calibration['target_fpr']:g}{others}); {expectation}")
     return f"Decision rule {text}; {expectation}"
