@@ -4,8 +4,12 @@ Examples (after `python train.py` has produced a checkpoint):
 
     from model import DeepLog
     model = DeepLog.from_checkpoint("outputs/checkpoints/best_model.pt", map_location="cpu")
-    scores = model.calculate_anomaly_score([22, 5, 5, 5, 11, 9], top_k=10)   # tensor([0.1429])
-    print(model.diagnose([22, 5, 5, 5, 11, 9], top_k=10))
+    print(model.verdict([[22, 5, 5, 5, 11, 9], [22, 5]]))    # 'normal' or 'abnormal' per session
+    print(model.calculate_anomaly_score([22, 5, 5, 5, 11, 9], top_k=10))    # tensor([0.1429])
+    print(model.diagnose([22, 5, 5, 5, 11, 9], top_k=10))   # one session: its misses, as a list of dicts
+
+Run from the repository root, or put it on the path first (sys.path.insert(0, "/path/to/deeplog")): the
+scripts are flat modules, not an installed package.
 
     # the manual route works too
     import torch
@@ -125,6 +129,21 @@ class DeepLog(nn.Module):
         self.max_seq_length, self.window_context = 256, 32
         self.calibration: dict | None = None      # detection thresholds: set by from_checkpoint
         self.co_occurrence: CoOccurrence | None = None  # event types seen together in training: likewise
+
+    @staticmethod
+    def state_shapes(vocab_size: int, embedding_dim: int, hidden_size: int, num_layers: int,
+                     dropout: float = 0.0) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor of the state dict of DeepLog(these arguments), without building it."""
+        shapes = {"embedding.weight": (vocab_size + 4, embedding_dim)}
+        for layer in range(num_layers):
+            inputs = embedding_dim if layer == 0 else hidden_size
+            shapes.update({f"lstm.weight_ih_l{layer}": (4 * hidden_size, inputs),
+                           f"lstm.weight_hh_l{layer}": (4 * hidden_size, hidden_size),
+                           f"lstm.bias_ih_l{layer}": (4 * hidden_size,),
+                           f"lstm.bias_hh_l{layer}": (4 * hidden_size,)})
+        shapes.update({"head.weight": (vocab_size + 1, hidden_size), "head.bias": (vocab_size + 1,),
+                       "seen_events": (vocab_size + 1,)})
+        return shapes
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Next-event logits [batch, time, vocab_size + 1] for every input position.
@@ -315,11 +334,14 @@ class DeepLog(nn.Module):
     @torch.no_grad()
     def diagnose(self, input_ids, top_k: int = 10, max_misses: int | None = None,
                  log_prob_bound: float | None = None,
-                 end_log_prob_bound: float | None = None) -> list[list[dict]]:
+                 end_log_prob_bound: float | None = None) -> list[list[dict]] | list[dict]:
         """Per session, each miss: its position (0 = the first event, n = the end), the actual event
         ("<end>" for the end of session), its probability and the top_k events the model expected, best
         first. A miss is an actual event outside the top_k or, given log_prob_bound, less likely than it
-        (the end of session: than end_log_prob_bound, when given). The first max_misses, in session order."""
+        (the end of session: than end_log_prob_bound, when given). The first max_misses, in session order.
+        One session (a 1-D input) gives its list of misses; a batch, one list per session."""
+        if _is_one_session(input_ids):
+            return self.diagnose([list(input_ids)], top_k, max_misses, log_prob_bound, end_log_prob_bound)[0]
         sessions = _as_list_of_lists(input_ids)
         label = lambda token: "<end>" if token == self.end_id else int(token)  # noqa: E731
         found: list[list[tuple[int, dict]]] = [[] for _ in sessions]
@@ -668,6 +690,14 @@ def _as_list_of_lists(sessions) -> list[list[int]]:
             raise ValueError(f"input_ids must be 1-D or 2-D, got shape {tuple(sessions.shape)}")
         return [[int(x) for x in row if x >= 0] for row in sessions.tolist()]
     sessions = list(sessions)
-    if not sessions or not isinstance(sessions[0], (list, tuple, torch.Tensor)):
+    if not sessions or not isinstance(sessions[0], (list, tuple, torch.Tensor, np.ndarray)):
         sessions = [sessions]
     return [[int(x) for x in s if int(x) >= 0] for s in sessions]
+
+
+def _is_one_session(sessions) -> bool:
+    """A 1-D input (one session of IDs) rather than a batch of sessions."""
+    if isinstance(sessions, (torch.Tensor, np.ndarray)):
+        return sessions.ndim == 1
+    sessions = list(sessions)
+    return bool(sessions) and not isinstance(sessions[0], (list, tuple, torch.Tensor, np.ndarray))

@@ -382,7 +382,10 @@ def resume(state: utils.TrainState, checkpoint: dict, resume_path: str, runtime:
            logger) -> None:
     """Everything the checkpoint saved, this rank's RNG states included: the run continues bit-exactly
     under the same settings."""
-    order, rng_states = dict(state.data_order), state.load_state_dict(checkpoint)
+    try:
+        order, rng_states = dict(state.data_order), state.load_state_dict(checkpoint)
+    except utils.CheckpointError as error:
+        raise utils.CheckpointError(f"{resume_path}: {error}") from None
     saved_order = checkpoint["data_position"].get("order", {})
     changed = [f"{k} {saved_order[k]} -> {v}" for k, v in order.items()
                if k in saved_order and saved_order[k] != v]

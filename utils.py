@@ -690,11 +690,15 @@ def _check_model_keys(checkpoint: dict) -> None:
     _expect(isinstance(weights, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in weights.items()),
             "model_state_dict must map names to tensors")
-    embedding = weights.get("embedding.weight")
-    expected = (args["vocab_size"] + 4, args["embedding_dim"])
-    _expect(embedding is not None and tuple(embedding.shape) == expected,
-            f"weights do not fit the stored model_args: embedding.weight is "
-            f"{list(embedding.shape) if embedding is not None else 'absent'}, they need {list(expected)}")
+    from model import DeepLog  # model imports nothing of utils at the top: no cycle
+
+    expected = DeepLog.state_shapes(**args)   # computed, never allocated: an absurd size costs nothing
+    stored = {k: tuple(v.shape) for k, v in weights.items()}
+    wrong = [f"{k} missing" for k in expected if k not in stored]
+    wrong += [f"{k} unknown" for k in stored if k not in expected]
+    wrong += [f"{k} is {list(stored[k])}, not {list(shape)}" for k, shape in expected.items()
+              if k in stored and stored[k] != shape]
+    _expect(not wrong, f"weights do not fit the stored model_args {short(args)}: {'; '.join(wrong[:3])}")
     config = checkpoint["config"]
     _expect(isinstance(config, dict) and all(isinstance(v, dict) for v in config.values()),
             "config must be a mapping of sections")
@@ -752,11 +756,44 @@ def _check_training_state(checkpoint: dict) -> None:
     _expect(isinstance(stopping.get("best_loss"), (int, float)) and _is_int(stopping.get("bad_epochs")),
             "early_stopping must hold best_loss (a number) and bad_epochs (an int)")
     states = checkpoint["rng_state"]
-    _expect(isinstance(states, list) and states and all(
-        isinstance(s, dict) and isinstance(s.get("torch"), torch.Tensor) and s["torch"].dtype == torch.uint8
-        and isinstance(s.get("numpy"), dict) and isinstance(s["numpy"].get("keys"), torch.Tensor)
-        and s["numpy"]["keys"].numel() == 624 and isinstance(s.get("python"), list) and len(s["python"]) == 3
-        and isinstance(s.get("cuda"), list) for s in states), "rng_state must hold every rank's RNG states")
+    _expect(isinstance(states, list) and states and all(map(_rng_state_ok, states)),
+            "rng_state must hold every rank's RNG states (torch, cuda, numpy, python)")
+    _check_optimizer_state(checkpoint)
+
+
+def _rng_state_ok(state) -> bool:
+    """One rank's rng_state() as saved: the shapes set_rng_state needs, so that it cannot fail later."""
+    if not isinstance(state, dict) or not isinstance(state.get("cuda"), list):
+        return False
+    torch_state, numpy_state, python_state = state.get("torch"), state.get("numpy"), state.get("python")
+    return (isinstance(torch_state, torch.Tensor) and torch_state.dtype == torch.uint8
+            and torch_state.numel() == torch.get_rng_state().numel()
+            and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in state["cuda"])
+            and isinstance(numpy_state, dict) and isinstance(numpy_state.get("keys"), torch.Tensor)
+            and numpy_state["keys"].numel() == 624 and not numpy_state["keys"].is_floating_point()
+            and _is_int(numpy_state.get("pos")) and 0 <= numpy_state["pos"] <= 624
+            and _is_int(numpy_state.get("has_gauss")) and isinstance(numpy_state.get("gauss"), float)
+            and isinstance(python_state, list) and len(python_state) == 3
+            and isinstance(python_state[0], list) and len(python_state[0]) == 625
+            and all(_is_int(v) for v in python_state[0]) and _is_int(python_state[1])
+            and (python_state[2] is None or isinstance(python_state[2], float)))
+
+
+def _check_optimizer_state(checkpoint: dict) -> None:
+    """The optimizer state belongs to this model: one parameter group over its parameters, and each
+    parameter's moments of the parameter's shape."""
+    shapes = [tuple(v.shape) for k, v in checkpoint["model_state_dict"].items() if k != "seen_events"]
+    state = checkpoint["optimizer_state_dict"]
+    groups = state.get("param_groups")
+    _expect(isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and groups[0].get("params") == list(range(len(shapes)))
+            and isinstance(state.get("state"), dict),
+            f"optimizer_state_dict is not the optimizer of this model ({len(shapes)} parameters in one group)")
+    for index, moments in state["state"].items():
+        _expect(_is_int(index) and 0 <= index < len(shapes) and isinstance(moments, dict) and all(
+            tuple(v.shape) == shapes[index] for k, v in moments.items()
+            if isinstance(v, torch.Tensor) and k != "step"),
+            f"optimizer_state_dict holds moments of another shape than parameter {index}")
 
 
 def model_from_checkpoint(checkpoint: dict, path) -> "DeepLog":
@@ -765,11 +802,7 @@ def model_from_checkpoint(checkpoint: dict, path) -> "DeepLog":
     from model import CoOccurrence, DeepLog
 
     model = DeepLog(**checkpoint["model_args"])
-    try:
-        model.load_state_dict(checkpoint["model_state_dict"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit the stored model arguments "
-                              f"{checkpoint['model_args']} ({str(error).splitlines()[0]})") from None
+    model.load_state_dict(checkpoint["model_state_dict"])   # the shapes were checked by load_checkpoint
     model.use_training_windows(checkpoint)
     model.calibration = checkpoint.get("calibration")
     model.co_occurrence = CoOccurrence.from_checkpoint(checkpoint)

@@ -169,3 +169,6 @@ def test_diagnose_names_position_actual_and_expected():
                                                                                           range(1, 7))),
          "expected": [0, 1]}]]
     assert len(model.diagnose([[0, 3]], top_k=2, max_misses=1)[0]) == 1
+    # one session (1-D: a list, a tuple, a tensor) gives its own misses, not a batch of one
+    for one in ([0, 3], (0, 3), torch.tensor([0, 3])):
+        assert model.diagnose(one, top_k=2) == report[0]
