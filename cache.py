@@ -42,6 +42,8 @@ once and kept beside it, with the size and CRC-32 of its files. This module know
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import gc
 import hashlib
@@ -265,10 +267,25 @@ def _plan(todo, temp_dirs, settings: CacheSettings, workers: int, files: int) ->
 
 
 def _pool(workers: int):
-    # fork: workers start in milliseconds and only parse (no torch, no threads in them). Ctrl-C is the
-    # parent's to handle: it ends the pool, instead of every worker printing a traceback.
+    # fork: workers start in milliseconds and only parse (no torch, no threads in them).
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    return context.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    return context.Pool(workers, initializer=_worker_start, initargs=(os.getpid(),))
+
+
+PR_SET_PDEATHSIG = 1   # linux/prctl.h
+
+
+def _worker_start(parent: int) -> None:
+    """Signals are the parent's to handle: Ctrl-C and SIGTERM end the pool from there (and its temp folders
+    go), instead of every worker printing a traceback. On Linux a worker also dies with its parent, even one
+    killed with SIGKILL, so that none goes on parsing (and holding the cache lock) for a dead build."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:   # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _count_newlines(job) -> int:

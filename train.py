@@ -244,6 +244,8 @@ def resume_defaults(config: utils.Config, stored: dict, args) -> list[str]:
 
 
 def train(args, logger):
+    # before any work: a signal during the first pass stops it at once, its workers and temp files with it
+    stop_signal = utils.StopSignal(raise_now=True)
     config = resolve_config(args)
     # read and validated before anything is built
     checkpoint = utils.load_checkpoint(args.resume, for_resume=True) if args.resume else None
@@ -273,7 +275,12 @@ def train(args, logger):
         logger.warning(f"batch_size {tc.batch_size} is not a multiple of the {runtime.world_size} ranks x "
                        f"{runtime.data_parallel_gpus} GPUs; per-GPU batches differ by one sample")
     rank_batch_size = max(1, tc.batch_size // runtime.world_size)
-    data = prepare_data(config, runtime, rank_batch_size, logger)
+    try:
+        data = prepare_data(config, runtime, rank_batch_size, logger)
+    except utils.Stopped as signal_name:
+        raise utils.Interrupted(f"{signal_name} during the first pass (reading the data, building its token "
+                                f"cache): no checkpoint was written and no partial cache entry is left; run "
+                                f"the same command again", stop_signal.exit_code) from None
     if runtime.is_master:  # only now: a run that fails on its data leaves the previous run's config alone
         utils.save_config(config, output_dir / "config.yaml")
 
@@ -284,7 +291,7 @@ def train(args, logger):
         resume(state, checkpoint, args.resume, runtime, logger)
 
     # ---------------------------------------------------------------- the loop, then the evaluation
-    stop_signal = utils.StopSignal()
+    stop_signal.raise_now = False   # in the loop: stop at the next step, with a resumable checkpoint
     run_start = time.time()
     stopped = run_epochs(state, model, data, runtime, amp_dtype, rank_batch_size, stop_signal, logger)
     if stopped is not None:

@@ -421,9 +421,24 @@ def exit_on_user_error(main, errors: tuple, logger: logging.Logger | None = None
         where = f"{error.filename}: " if error.filename else ""
         _report(f"error: {where}{error.strerror or error}", logger)
         sys.exit(1)
+    except Interrupted as stop:
+        _report(f"stopped: {stop}", logger)
+        sys.exit(stop.exit_code)
+    except Stopped as signal_name:
+        _report(f"stopped by {signal_name}", logger)
+        sys.exit(128 + signal.Signals[str(signal_name)].value)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class Interrupted(Exception):
+    """A stop signal ended a script's work early; the message says what was done and what is left, and the
+    exit code is 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _report(message: str, logger: logging.Logger | None) -> None:
@@ -788,7 +803,7 @@ def _check_optimizer_state(checkpoint: dict) -> None:
     _expect(isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
             and groups[0].get("params") == list(range(len(shapes)))
             and isinstance(state.get("state"), dict),
-            f"optimizer_state_dict is not the optimizer of this model ({len(shapes)} parameters in one group)")
+            f"optimizer_state_dict is not the optimizer of this model ({len(shapes)} parameters, one group)")
     for index, moments in state["state"].items():
         _expect(_is_int(index) and 0 <= index < len(shapes) and isinstance(moments, dict) and all(
             tuple(v.shape) == shapes[index] for k, v in moments.items()
@@ -1028,11 +1043,15 @@ class Stopped(Exception):
 
 
 class StopSignal:
-    """SIGTERM or SIGINT (kill of a nohup run, a scheduler's preemption, Ctrl-C) asks training to stop at
-    the next step boundary, where a resumable checkpoint is written. A second signal stops at once."""
+    """SIGTERM or SIGINT (kill of a nohup run, a scheduler's preemption, Ctrl-C). With raise_now (before the
+    training loop and after it) the work stops at once, as Stopped; in the loop the flag asks it to stop at
+    the next step boundary, where a resumable checkpoint is written; a second signal stops at once.
+    Installed before any work, so that no moment is left to the default (die without a word, leaving
+    worker processes and temp files behind)."""
 
-    def __init__(self):
+    def __init__(self, raise_now: bool = False):
         self.received: str | None = None
+        self.raise_now = raise_now
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -1042,8 +1061,6 @@ class StopSignal:
             raise KeyboardInterrupt
         if self.raise_now:
             raise Stopped(self.received)
-
-    raise_now = False  # set once training is over: a signal then stops what runs at once (the evaluation)
 
     def check(self, runtime: "Runtime", step: int, every: int) -> bool:
         """Whether to stop now. Under DDP all ranks must agree, so the flag is all-reduced every `every`

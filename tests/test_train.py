@@ -506,3 +506,73 @@ def test_resume_continues_the_same_run_in_its_folder(straight_run, tmp_path):
     record = json.loads((folder / "run.json").read_text())
     assert record["run_id"] == run_id
     assert torch.load(folder / "checkpoints" / "best_model.pt", weights_only=True)["run_id"] == run_id
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"   # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def _start_a_long_first_pass(tmp_path, sample_sessions):
+    """train.py on four data files big enough that the cache build runs in worker processes for seconds;
+    returns the process once its workers are parsing, their pids and the cache folder."""
+    import time
+    normal, _ = sample_sessions
+    data = tmp_path / "data"
+    data.mkdir()
+    block = "".join(json.dumps({"event_ids": s}) + "\n" for s in normal)
+    for name in "abcd":
+        (data / f"{name}.jsonl").write_text(block * 600)   # each a task of seconds for one worker
+    config = write_config(tmp_path / "c.yaml", {"lazy_loading": {"cache_workers": 2}})
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(config), "--data-dir",
+                                str(data), "--output-dir", str(tmp_path / "out")], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(_children(process.pid)) < 2:
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    assert len(workers) >= 2 and process.poll() is None, "the first pass did not start its workers"
+    return process, workers, tmp_path / "cache"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pgrep, /proc and PR_SET_PDEATHSIG")
+def test_sigterm_during_the_first_pass_says_so_and_leaves_no_worker_nor_temp_entry(tmp_path, sample_sessions):
+    import signal
+    import time
+    process, workers, cache = _start_a_long_first_pass(tmp_path, sample_sessions)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert stderr.strip().splitlines()[-1].startswith("stopped: SIGTERM during the first pass")
+    assert "Traceback" not in stderr
+    time.sleep(0.5)
+    assert not any(_alive(pid) for pid in workers)
+    assert not list(cache.glob(".*.tmp"))
+    assert not list((tmp_path / "out" / "checkpoints").glob("*.pt"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pgrep, /proc and PR_SET_PDEATHSIG")
+def test_a_cache_worker_dies_with_its_killed_parent_even_in_a_long_task(tmp_path):
+    """kill -9 of a first pass leaves no worker parsing on (and holding the cache lock) for nobody: a worker
+    of cache._pool busy with a long task ends with its parent, not when the task is done."""
+    import signal
+    import time
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import cache; pool = cache._pool(1); "
+              "pool.apply_async(time.sleep, (60,)); time.sleep(0.5); print('ready', flush=True); "
+              "time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(REPO)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().strip() == "ready"
+    workers = _children(parent.pid)
+    assert workers and all(_alive(pid) for pid in workers)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=10)
+    time.sleep(1.0)   # the worker's task has 59 s to go: only dying with the parent ends it this soon
+    assert not any(_alive(pid) for pid in workers)
