@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import signal
 import stat
 import sys
 import time
@@ -559,55 +560,70 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
     `records` replaces reading `path` (raw logs through preprocess.py); with `raw_lines` (a
     preprocess.RawLines, or the one of a sources.json next to `path`), each miss of a session from
     preprocess.py names its raw log line ("at", "raw")."""
-    top_k, totals = calibration["top_k"], Counter()
+    totals = Counter()
     out_name = out_name or getattr(out, "name", "the output")
-    bound, end_bound = cal.miss_bounds(calibration, rule)
-    scorer = ChunkScorer(model, [top_k, calibration["top_g"]], batch_size, co_occurrence, max_cached,
-                         "detecting")
+    co_occurrence = co_occurrence or CoOccurrence(model.vocab_size)
+    scorer = ChunkScorer(model, [calibration["top_k"], calibration["top_g"]], batch_size, co_occurrence,
+                         max_cached, "detecting")
     stopped: list[DataError] = []
     counters: dict = {}
     if records is None:
         records = iter_sessions(path, None, **{**options, "counters": counters})
         import preprocess  # knows the provenance format of the sessions it writes
         raw_lines = raw_lines or preprocess.RawLines.for_sessions(path)
-    for chunk in chunked(_until_data_error(records, stopped), chunk_size):
-        distinct, scores, _ = scorer([record.event_ids for record in chunk])
-        abnormal = verdicts(scores, calibration, rule)
-        anomaly = anomaly_scores(scores, top_k)
-        flagged = [s for s, a in zip(distinct, abnormal) if a]
-        explained = model.diagnose(flagged, top_k, max_misses, log_prob_bound=bound,
-                                   end_log_prob_bound=end_bound) if flagged else []
-        reasons = dict(zip(flagged, explained))
-        index = {session: i for i, session in enumerate(distinct)}
-        # the pairs behind an event_pair verdict: which two event types never shared a training session
-        unseen_pairs = {s: co_occurrence.unseen_pairs(s, max_misses) for s, a, novel in
-                        zip(distinct, abnormal, scores["novel_pair"]) if a and novel}
-        # each session's own copy of its misses: identical sessions can come from different raw lines
-        misses = [[dict(miss) for miss in reasons.get(session_key(record.event_ids), [])] for record in chunk]
-        if raw_lines is not None:
-            raw_lines.annotate(list(zip((record.lines for record in chunk), misses)))
-        lines, verdict_counts = [], Counter()
-        for record, record_misses in zip(chunk, misses):
-            i = index[session_key(record.event_ids)]
-            lines.append(json.dumps({
-                "session_id": record.session_id, "score": round(float(anomaly[i]), 6),
-                "verdict": "abnormal" if abnormal[i] else "normal", "rule": rule,
-                "min_probability": float(math.exp(scores["min_log_prob"][i])),
-                "novel_event_set": bool(scores["novel_set"][i]),
-                "novel_event_pairs": unseen_pairs.get(distinct[i], []), "misses": record_misses}) + "\n")
-            verdict_counts["abnormal" if abnormal[i] else "normal"] += 1
-        try:
-            write_chunk(out, "".join(lines))
-        except OSError as error:
-            raise OutputFailed(error.errno, f"{out_name}: cannot write ({error.strerror or error}): the "
-                                            f"output is partial, it holds the first {sum(totals.values())} "
-                                            "sessions") from None
-        totals.update(verdict_counts)
+    try:
+        for chunk in chunked(_until_data_error(records, stopped), chunk_size):
+            text, verdict_counts = verdict_lines(chunk, model, scorer, calibration, rule, co_occurrence,
+                                                 max_misses, raw_lines)
+            try:
+                write_chunk(out, text)
+            except OSError as error:
+                raise OutputFailed(error.errno, f"{out_name}: cannot write ({error.strerror or error}): the "
+                                                f"output is partial, it holds the first "
+                                                f"{sum(totals.values())} sessions") from None
+            totals.update(verdict_counts)
+    except utils.Stopped as signal_name:   # never inside a write: write_chunk holds signals back
+        raise utils.Interrupted(f"{signal_name}: {out_name} is partial: it holds the first "
+                                f"{sum(totals.values())} sessions, as whole lines",
+                                utils.signal_exit_code(str(signal_name))) from None
     if stopped:
         raise PartialOutput(f"{stopped[0]}; the {sum(totals.values())} sessions before it were written: the "
                             f"output is partial (--skip-bad-records skips such records)")
     return {**totals, "bad_records": counters.get("bad_records", 0),
             "first_bad_record": counters.get("first_bad_record")}
+
+
+def verdict_lines(chunk: list, model, scorer, calibration: dict, rule: str, co_occurrence, max_misses: int,
+                  raw_lines) -> tuple[str, Counter]:
+    """The JSON lines of a chunk of Records, one per session, and how many of each verdict."""
+    top_k = calibration["top_k"]
+    bound, end_bound = cal.miss_bounds(calibration, rule)
+    distinct, scores, _ = scorer([record.event_ids for record in chunk])
+    abnormal = verdicts(scores, calibration, rule)
+    anomaly = anomaly_scores(scores, top_k)
+    flagged = [s for s, a in zip(distinct, abnormal) if a]
+    explained = model.diagnose(flagged, top_k, max_misses, log_prob_bound=bound,
+                               end_log_prob_bound=end_bound) if flagged else []
+    reasons = dict(zip(flagged, explained))
+    index = {session: i for i, session in enumerate(distinct)}
+    # the pairs behind an event_pair verdict: which two event types never shared a training session
+    unseen_pairs = {s: co_occurrence.unseen_pairs(s, max_misses) for s, a, novel in
+                    zip(distinct, abnormal, scores["novel_pair"]) if a and novel}
+    # each session's own copy of its misses: identical sessions can come from different raw lines
+    misses = [[dict(miss) for miss in reasons.get(session_key(record.event_ids), [])] for record in chunk]
+    if raw_lines is not None:
+        raw_lines.annotate(list(zip((record.lines for record in chunk), misses)))
+    lines, verdict_counts = [], Counter()
+    for record, record_misses in zip(chunk, misses):
+        i = index[session_key(record.event_ids)]
+        lines.append(json.dumps({
+            "session_id": record.session_id, "score": round(float(anomaly[i]), 6),
+            "verdict": "abnormal" if abnormal[i] else "normal", "rule": rule,
+            "min_probability": float(math.exp(scores["min_log_prob"][i])),
+            "novel_event_set": bool(scores["novel_set"][i]),
+            "novel_event_pairs": unseen_pairs.get(distinct[i], []), "misses": record_misses}) + "\n")
+        verdict_counts["abnormal" if abnormal[i] else "normal"] += 1
+    return "".join(lines), verdict_counts
 
 
 class OutputFailed(OSError):
@@ -628,6 +644,8 @@ def write_chunk(out, text: str) -> None:
     regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
     start = os.lseek(descriptor, 0, os.SEEK_CUR) if regular else 0
     data = memoryview(text.encode())
+    # a stop signal waits until the chunk is written: the output never ends in half a line
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         while data:
             data = data[os.write(descriptor, data):]
@@ -637,6 +655,8 @@ def write_chunk(out, text: str) -> None:
                 os.ftruncate(descriptor, start)
                 os.lseek(descriptor, start, os.SEEK_SET)
         raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class PartialOutput(DataError):
@@ -859,6 +879,7 @@ def check_stored_thresholds_are_apart(args, config: utils.Config, calibration: d
 def main(argv=None):
     args = parse_args(argv)
     logger = logging.getLogger("deeplog")
+    utils.StopSignal(raise_now=True)   # a stop signal ends the work at once, with one line saying so
     return utils.exit_on_user_error(lambda: run(args, logger), (*utils.USER_ERRORS, DataError), logger)
 
 

@@ -426,10 +426,15 @@ def exit_on_user_error(main, errors: tuple, logger: logging.Logger | None = None
         sys.exit(stop.exit_code)
     except Stopped as signal_name:
         _report(f"stopped by {signal_name}", logger)
-        sys.exit(128 + signal.Signals[str(signal_name)].value)
+        sys.exit(signal_exit_code(str(signal_name)))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def signal_exit_code(name: str) -> int:
+    """The shell's exit code for a process ended by the signal of that name: 128 + its number."""
+    return 128 + signal.Signals[name].value
 
 
 class Interrupted(Exception):
@@ -1071,7 +1076,7 @@ class StopSignal:
 
     @property
     def exit_code(self) -> int:
-        return 128 + signal.Signals[self.received].value if self.received else 0
+        return signal_exit_code(self.received) if self.received else 0
 
 
 # ----------------------------------------------------------------------------- logging and progress

@@ -809,6 +809,36 @@ def test_detect_over_a_bad_record_writes_what_came_before_and_says_it_is_partial
     assert len(detections.read_text().splitlines()) == 5001
 
 
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_during_detect_says_the_output_is_partial_and_how_many(trained, tmp_path, signal_name):
+    import signal
+    import subprocess
+    import sys
+    import time
+    _, out, _, _, _ = trained
+    rng = random.Random(5)   # distinct sessions: none is scored from the cache, so detection takes seconds
+    path = tmp_path / "new.jsonl"
+    path.write_text("".join(json.dumps({"session_id": f"s{i}", "event_ids": [rng.randrange(1, 29) for _ in
+                                                                              range(40)]}) + "\n"
+                            for i in range(40_000)))
+    detections = tmp_path / "out.jsonl"
+    process = subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), "--checkpoint",
+                                str(out / "checkpoints" / "best_model.pt"), "--detect", str(path), "--output",
+                                str(detections)], cwd=REPO, text=True, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not detections.exists() or detections.stat().st_size == 0):
+        time.sleep(0.05)
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + getattr(signal, signal_name).value and "Traceback" not in stderr
+    lines = detections.read_text().splitlines()
+    assert 0 < len(lines) < 40_000
+    assert all(json.loads(line)["session_id"] for line in lines)   # whole lines
+    assert stderr.strip().splitlines()[-1] == (f"stopped: {signal_name}: --output {detections} is partial: it "
+                                               f"holds the first {len(lines)} sessions, as whole lines")
+
+
 def test_the_report_names_where_the_abnormal_sessions_came_from(trained, tmp_path):
     _, out, data, abnormal_dir, _ = trained
     mixed = tmp_path / "mixed"
