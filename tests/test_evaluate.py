@@ -836,8 +836,8 @@ def test_a_stop_signal_during_detect_says_the_output_is_partial_and_how_many(tra
     assert 0 < len(lines) < 40_000
     assert all(json.loads(line)["session_id"] for line in lines)   # whole lines
     assert stderr.strip().splitlines()[-1] == (
-        f"stopped: {signal_name}: --output {detections} is partial: it holds the first {len(lines)} sessions, "
-        "as whole lines")
+        f"stopped: {signal_name}: --output {detections} is partial: it holds the first {len(lines)} "
+        "sessions, as whole lines")
 
 
 def test_the_report_names_where_the_abnormal_sessions_came_from(trained, tmp_path):
