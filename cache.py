@@ -172,6 +172,8 @@ def build_caches(paths, settings: CacheSettings, cache_dir, workers: int | None 
     cache_dir = Path(cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        if not _writable(cache_dir):
+            return _read_only_entries(files, settings, cache_dir, logger)
         # One builder at a time per cache folder (two runs, a sweep, cache.py beside train.py): the second
         # waits, then finds the entries built.
         with open(cache_dir / ".build.lock", "a") as lock:
@@ -184,6 +186,25 @@ def build_caches(paths, settings: CacheSettings, cache_dir, workers: int | None 
     except OSError as error:  # a full disk, no permission: one line naming the place
         raise DataError(f"token cache {cache_dir} (lazy_loading.cache_dir): {error.strerror or error}"
                         f"{f': {error.filename}' if error.filename else ''}") from None
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK) and not os.statvfs(folder).f_flag & os.ST_RDONLY
+
+
+def _read_only_entries(files: list[Path], settings: CacheSettings, cache_dir: Path,
+                       logger: logging.Logger) -> list[Path]:
+    """A cache folder this process may not write (shared, read-only): used as it is when every entry is
+    complete and verified (nothing to build, so no lock is needed); else one error saying what to do."""
+    entries = [entry_dir(f, settings, cache_dir) for f in files]
+    for file, entry in zip(files, entries):
+        problem = check_entry(entry, _entry_key(file, settings))
+        if problem is not None:
+            raise DataError(f"token cache {cache_dir} (lazy_loading.cache_dir) is read-only and the entry of "
+                            f"{file} is {problem}: point lazy_loading.cache_dir at a folder this user can "
+                            f"write, or build the cache there first (python cache.py)")
+    logger.info(f"Token cache: reusing {len(entries)} entries in {cache_dir} (read-only)")
+    return entries
 
 
 def _build_under_lock(files: list[Path], settings: CacheSettings, cache_dir: Path, workers: int | None,
@@ -854,7 +875,11 @@ class CachedSessions:
             if problem != "absent":
                 log.info(f"Token cache of {part.file}: window index {Path(name).name}: {problem}; "
                          f"rebuilding it")
-            _write_window_index(name, part, self.split, self.max_seq_length, self.window_context)
+            if not _writable(prefix.parent):   # a read-only cache: the index goes to a private folder
+                name = str(_private_folder() / hashlib.sha1(name.encode()).hexdigest())
+                problem = _window_index_problem(name)
+            if problem is not None:
+                _write_window_index(name, part, self.split, self.max_seq_length, self.window_context)
         return {"starts": _Mapped(Path(f"{name}.starts"), np.int64, self.lazy),
                 "lengths": _Mapped(Path(f"{name}.lengths"), np.int32, self.lazy)}
 
@@ -1034,6 +1059,13 @@ def _write_window_index(name: str, part: _Part, split: str, max_seq_length: int,
     utils.atomic_write(f"{name}.json", lambda handle: handle.write(json.dumps(record).encode()))
     _verified[name] = _signature(Path(f"{name}.{k}") for k in ("json", "starts", "lengths"))
     part.release()
+
+
+def _private_folder() -> Path:
+    """Where this user keeps what a read-only cache cannot hold (window indexes)."""
+    folder = Path(tempfile.gettempdir()) / f"deeplog-windows-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
 
 
 def _allow_open_files(needed: int) -> None:

@@ -466,3 +466,30 @@ def test_evaluation_caches_refuse_ids_their_tokens_cannot_hold(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"event_ids": [1, 2]}\n{"event_ids": [4294967301]}\n')
     with pytest.raises(DataError, match="line 2: event ID 4294967301 >="):
         build_caches(tmp_path / "x.jsonl", settings_of(None), tmp_path / "cache")
+
+
+def test_a_read_only_cache_of_complete_entries_is_used_and_one_with_gaps_is_one_error(tmp_path, monkeypatch,
+                                                                                    caplog):
+    """A cache folder this user may not write (shared, read-only) needs no build lock when nothing is to be
+    built: its complete entries are used as they are, the window indexes go to a private folder, and the
+    batches equal those of a writable cache. With an entry missing: one error saying what to do."""
+    data = make_data(tmp_path)
+    cache_dir = tmp_path / "cache"
+    entries = build_caches(data, settings_of(29), cache_dir, workers=1)
+    writable = CachedSessions(entries, 29, "train", shuffle=False, max_seq_length=40, window_context=8)
+    expected = rows_of(writable.batches(16))
+    before = sorted(p.name for p in cache_dir.rglob("*"))
+    monkeypatch.setattr(cache, "_writable", lambda folder: False)
+    monkeypatch.setattr(cache, "_private_folder", lambda: (tmp_path / "private").mkdir(exist_ok=True) or
+                        tmp_path / "private")
+    caplog.set_level(logging.INFO)
+    assert build_caches(data, settings_of(29), cache_dir, workers=1) == entries
+    assert "(read-only)" in caplog.text
+    read_only = CachedSessions(entries, 29, "train", shuffle=False, max_seq_length=48, window_context=8)
+    assert rows_of(read_only.batches(16)) == expected   # sessions under 40 events: the same windows
+    assert sorted(p.name for p in cache_dir.rglob("*")) == before        # nothing written there
+    assert list((tmp_path / "private").glob("*.json"))                   # the new window index, privately
+    (data / "d.txt").write_text("1 2 3\n")
+    with pytest.raises(DataError, match=r"is read-only and the entry of .*d\.txt is absent: point "
+                                        r"lazy_loading\.cache_dir at a folder"):
+        build_caches(data, settings_of(29), cache_dir, workers=1)
