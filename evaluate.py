@@ -397,8 +397,8 @@ def format_report(r: dict) -> str:
               f"Event-pair rule: {'on' if c.get('event_pair_rule') else 'off (no record of event pairs)'}",
               f"  {cal.rule_summary(c, r['default']['rule'])}",
               *(f"  WARNING: {w}" for w in cal.calibration_warnings(c, r["default"]["rule"])),
-              "  Flagged on the calibration sessions (expected FPR): " + "  ".join(
-                  f"{rule}={rate:.2%}" for rule, rate in c["flagged_on_calibration"].items()), ""]
+              "  Flagged on the calibration sessions (observed there, not the expected rate above): "
+              + "  ".join(f"{rule}={rate:.2%}" for rule, rate in c["flagged_on_calibration"].items()), ""]
     unknown = ", ".join(f"{side} {n}" for side, n in r["unknown_events"].items())
     lines += ["EVENTS NEVER SEEN IN TRAINING (IDs >= vocab_size, or absent from the training data)", "-" * 72,
               f"  Occurrences: {unknown}. Each counts as a miss at every k and as probability 0.", ""]
@@ -458,31 +458,33 @@ def co_occurrence_counts(histograms: dict) -> dict[str, tuple[float, float]] | N
     return counts or None
 
 
+SIDE_COLORS = {"normal": "tab:blue", "abnormal": "tab:red"}
+
+
 def plot_scores(histograms: dict, results, path: Path, logger) -> None:
     """Normal vs abnormal score histograms (as evaluate() accumulates them: side -> {"score",
     "log10_probability"} counts over SCORE_EDGES, LOG10_PROBABILITY_EDGES, and "co_occurrence" when the
     event types seen together in training are known) with the thresholds marked, and how many sessions of
-    each side the event-set or event-pair rule flags (matplotlib is optional)."""
+    each side the event-set or event-pair rule flags (matplotlib is optional). Sides are outlines, so that
+    neither hides the other; legends sit below the panels, off the bars."""
     plt = pyplot_or_note(path.name, logger)
     if plt is None:
         return
     calibration, top_k = results["calibration"], results["top_k"]
-    figure, (left, right, sets) = plt.subplots(1, 3, figsize=(16, 4.5),
+    figure, (left, right, sets) = plt.subplots(1, 3, figsize=(17, 5.2),
                                                gridspec_kw={"width_ratios": [5, 5, 3]})
-    for label, counts in histograms.items():  # one value per bin, weighted by the bin's count
-        left.hist(SCORE_EDGES[:-1], SCORE_EDGES, weights=counts["score"], alpha=0.6, label=label)
+    for side, counts in histograms.items():  # one value per bin, weighted by the bin's count
+        style = dict(histtype="step", linewidth=1.8, color=SIDE_COLORS.get(side),
+                     label=f"{side} sessions ({counts['score'].sum():.0f})")
+        left.hist(SCORE_EDGES[:-1], SCORE_EDGES, weights=counts["score"], **style)
         right.hist(LOG10_PROBABILITY_EDGES[:-1], LOG10_PROBABILITY_EDGES, weights=counts["log10_probability"],
-                   alpha=0.6, label=label)
+                   **style)
     draw_threshold_labels(left, calibration["score_thresholds"])
-    right.axvline(calibration["log_probability_bound"] / math.log(10), color="red", linestyle="--",
-                  label="event bound")
-    if calibration["log_end_probability_bound"] is not None:
-        right.axvline(calibration["log_end_probability_bound"] / math.log(10), color="tab:orange",
-                      linestyle=":", label="end-of-session bound")
-    left.set(title=f"anomaly score (fraction outside top-{top_k})", xlabel="score", ylabel="sessions",
-             yscale="log")
-    right.set(title="least likely actual event per session", xlabel="log10 probability", yscale="log")
-    left.legend(loc="center right"), right.legend()
+    left.set(title=f"anomaly score: share of events outside the top-{top_k}", xlabel="score",
+             ylabel="sessions", yscale="log")
+    draw_probability_panel(right, calibration, histograms)
+    for axis in (left, right):
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     draw_co_occurrence_panel(sets, co_occurrence_counts(histograms))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -490,13 +492,33 @@ def plot_scores(histograms: dict, results, path: Path, logger) -> None:
     logger.info(f"Score distribution plot: {path}")
 
 
+def draw_probability_panel(axis, calibration: dict, histograms: dict) -> None:
+    """The least likely prediction of each session (an event, or its end) against the probability rule's
+    two bounds, each drawn and named; the leftmost bin (p = 0: an event never seen in training) is named."""
+    axis.axvline(calibration["log_probability_bound"] / math.log(10), color="black", linestyle="--",
+                 label=f"event bound p={math.exp(calibration['log_probability_bound']):.2g}")
+    if calibration["log_end_probability_bound"] is not None:
+        axis.axvline(calibration["log_end_probability_bound"] / math.log(10), color="tab:orange",
+                     linestyle=":", linewidth=2,
+                     label=f"end-of-session bound p={math.exp(calibration['log_end_probability_bound']):.2g}")
+    axis.set(title="least likely prediction per session (an actual event, or the end)",
+             xlabel="log10 probability the model gave it", ylabel="sessions", yscale="log")
+    if any(counts["log10_probability"][0] for counts in histograms.values()):
+        axis.annotate(f"leftmost bar: p = 0 (an event\nnever seen in training)\nor p < {math.exp(-30):.0e}",
+                      (LOG10_PROBABILITY_EDGES[0], 0.6), xycoords=("data", "axes fraction"), xytext=(6, 0),
+                      textcoords="offset points", fontsize=8,
+                      bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
+
+
 def draw_threshold_labels(axis, thresholds: dict[str, float]) -> list:
-    """A dashed line at each score threshold, labelled at threshold_label_positions(): the annotations."""
+    """A dashed line at each score threshold, labelled at threshold_label_positions() on a white ground,
+    so that a bar behind never hides it: the annotations."""
     labels = []
     for text, value, height in threshold_label_positions(thresholds):
         axis.axvline(value, linestyle="--", color="black", linewidth=0.8)
-        labels.append(axis.annotate(text, (value, height), xycoords=("data", "axes fraction"), fontsize=8,
-                                    xytext=(2, 0), textcoords="offset points", va="center"))
+        labels.append(axis.annotate(f"{text} threshold", (value, height), xycoords=("data", "axes fraction"),
+                                    fontsize=8, xytext=(3, 0), textcoords="offset points", va="center",
+                                    bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"}))
     return labels
 
 
@@ -516,10 +538,10 @@ def draw_co_occurrence_panel(axis, counts: dict[str, tuple[float, float]] | None
         values = [counts[side][column] for side in sides]
         bars = axis.bar(positions + (offset - 0.5) * 0.4, values, 0.4, label=label, color=color)
         axis.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
-    axis.set_xticks(positions, sides)
+    axis.set_xticks(positions, [f"{side} sessions" for side in sides])
     axis.set(ylabel="sessions")
     axis.margins(y=0.15)
-    axis.legend(fontsize=8)
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
 
 
 # ----------------------------------------------------------------------------- detection
@@ -797,14 +819,18 @@ def plot_training_curve(output_dir: Path, logger) -> None:
     if plt is None:
         return
     history = json.loads((output_dir / "training_history.json").read_text())
+    from matplotlib.ticker import MaxNLocator
+
     figure, loss_axis = plt.subplots(figsize=(7, 4))
     loss_axis.plot(history["epoch"], history["train_loss"], "o-", label="train loss")
-    loss_axis.plot(history["epoch"], history["val_loss"], "o-", label="val loss")
-    loss_axis.set(xlabel="epoch", ylabel="loss")
+    loss_axis.plot(history["epoch"], history["val_loss"], "o-", label="validation loss")
+    loss_axis.set(xlabel="epoch", ylabel="loss (cross-entropy per event)", title="training")
+    loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole, even in short runs
     lr_axis = loss_axis.twinx()
-    lr_axis.plot(history["epoch"], history["learning_rate"], "k:", label="learning rate")
-    lr_axis.set_ylabel("learning rate")
-    figure.legend(loc="upper center")
+    lr_axis.plot(history["epoch"], history["learning_rate"], "k:", label="learning rate (right axis)")
+    lr_axis.set_ylabel("learning rate at the epoch's end")
+    handles = loss_axis.get_legend_handles_labels()[0] + lr_axis.get_legend_handles_labels()[0]
+    loss_axis.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=8)
     figure.tight_layout()
     figure.savefig(output_dir / "training_curve.png", dpi=100)
     plt.close(figure)
