@@ -30,6 +30,7 @@ import random
 import re
 import reprlib
 import signal
+import stat
 import struct
 import sys
 from dataclasses import dataclass
@@ -67,7 +68,20 @@ sys.set_int_max_str_digits(0)
 
 
 class DataError(Exception):
-    """Bad input data. The message names the file and the record (or line)."""
+    """Bad input data. The message names the file and the record (or line). `skippable`: True on a bad
+    record that skip_bad_records would have skipped (set where it is raised unskipped), False on a fault
+    of the file itself (unreadable, malformed JSON array, nested too deep), which nothing skips."""
+
+    skippable = False
+
+
+def skip_hint(error: BaseException, skip_bad_records: bool) -> str:
+    """The advice that ends a message about `error`: " (--skip-bad-records skips such records)" where that
+    flag (data.skip_bad_records) is off and would have skipped the record; else "" (it is on already, or
+    the fault is the file's, which it does not skip)."""
+    if skip_bad_records or not getattr(error, "skippable", False):
+        return ""
+    return " (--skip-bad-records skips such records)"
 
 
 class CoOccurrenceRecorder:
@@ -164,13 +178,30 @@ class Record:
     lines: list | None = None  # preprocess.py's provenance: [[file index, first line, count], ...], else None
 
 
+def file_kind(path: str | os.PathLike) -> str:
+    """What `path` is, in words ("a FIFO (named pipe)", "a character device", ...; "a regular file",
+    "a directory"), following symlinks (/dev/stdin is then what standard input is)."""
+    mode = os.stat(path).st_mode
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "no regular file"
+
+
 def list_data_files(path: str | os.PathLike) -> list[Path]:
-    """The readable data files under `path` (a file or a directory), sorted. Raises DataError if none."""
+    """The readable data files under `path` (a file or a directory), sorted. Raises DataError if none, or
+    where `path` is neither a regular file nor a directory (a FIFO, /dev/stdin on a pipe, a device)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     if path.is_file():
         return [path]
+    if not path.is_dir():
+        raise DataError(f"{path} is {file_kind(path)}, not a regular file: the token cache needs a file it "
+                        f"can read twice (keyed by its size and time, parsed in byte ranges, checked after), "
+                        f"and so do the readers; write the data to a file first (e.g. ... > data.jsonl)")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _format_of(p))
     if not files:
         raise DataError(f"{path}: directory holds no readable data file "
@@ -258,6 +289,7 @@ def iter_sessions(path, vocab_size: int | None = None, event_ids_field: str = _D
                     yield _record(file, index, item, fields, vocab_size, fmt)
                 except DataError as error:
                     if not skip_bad_records:
+                        error.skippable = True
                         raise
                     counters["bad_records"] += 1
                     counters.setdefault("first_bad_record", str(error))
@@ -287,7 +319,7 @@ def _iter_json_array(file: Path, array_key: str):
                             f"{one_line(error)}") from None
     if count == 0 and prefix != "item":
         raise DataError(f"{file}: no session array found: expected a top-level array or an object "
-                        f"with the array under '{array_key}' (data.json_array_key)")
+                        f"with the array under {excerpt(array_key)} (data.json_array_key)")
 
 
 _PLAIN_INTEGER = re.compile(r"-?[0-9]+")
@@ -332,14 +364,14 @@ def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt:
         if not isinstance(item, dict):
             raise DataError(f"{where}: expected a session object, got {type(item).__name__}")
         if event_ids_field not in item:
-            raise DataError(f"{where}: missing field '{event_ids_field}' (data.event_ids_field)")
+            raise DataError(f"{where}: missing field {excerpt(event_ids_field)} (data.event_ids_field)")
         events = item[event_ids_field]
         if not isinstance(events, list):
-            raise DataError(f"{where}: '{event_ids_field}' must be a list of integers, "
+            raise DataError(f"{where}: {excerpt(event_ids_field)} must be a list of integers, "
                             f"got {type(events).__name__}")
         label = item.get(label_field, 0)
         if label not in (0, 1) or isinstance(label, bool):
-            raise DataError(f"{where}: '{label_field}' must be 0 (normal) or 1 (abnormal), "
+            raise DataError(f"{where}: {excerpt(label_field)} must be 0 (normal) or 1 (abnormal), "
                             f"got {excerpt(label)}")
         session_id = str(item.get(session_id_field, session_id))
         lines = item.get("lines")
@@ -506,7 +538,7 @@ def _json_array_chunks(file: Path, array_key: str, fields, vocab_size, chunk_rec
             done += len(chunk)
     if done == 0 and prefix != "item":
         raise DataError(f"{file}: no session array found: expected a top-level array or an object "
-                        f"with the array under '{array_key}' (data.json_array_key)")
+                        f"with the array under {excerpt(array_key)} (data.json_array_key)")
 
 
 def _lines_at_c_speed(block_start: int, block: list[bytes], fmt: str, fields,
@@ -581,6 +613,7 @@ def _checked_record_by_record(file: Path, chunk, fmt: str, fields, vocab_size, s
             records.append(_record(file, index, item, fields, vocab_size, fmt))
         except DataError as error:
             if not skip_bad_records:
+                error.skippable = True
                 raise
             counters["bad_records"] += 1
             counters.setdefault("first_bad_record", str(error))

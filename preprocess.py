@@ -38,11 +38,15 @@ minutes on one line that does not fit. (Still retried: Content when fields follo
 by a quantifier or by a group that opens with a field or an alternation.) If none of the first 1000 lines
 match, the run stops, naming the first three.
 
-Input: a file or a directory of files (plain or .gz), streamed line by line; memory holds the parser, the
-open sessions (those named within --session-idle lines, at most --max-open-sessions) or the current
-windows, never the lines. Settings: the one config of utils.py (its PreprocessConfig defaults < the
-optional `preprocess:` section of --config < with --parser-state, the grouping saved in it < flags), every
-value checked there; a parser state is checked key by key where it is read (load_state).
+Input: a file or a directory of files (plain or .gz; regular files, read again later for the raw lines
+behind detections, so not a FIFO or a pipe), streamed line by line, a line ending at "\n", "\r\n" or a lone
+"\r" (one splitter for parsing, --labels and the raw lines shown); memory holds the parser, the open
+sessions (those named within --session-idle lines, at most --max-open-sessions) or the current windows,
+never the lines. Each user regex (--mask, --session-key, the text of --log-format) has REGEX_BUDGET_S
+(1 s) per line: one that backtracks past it stops the run, naming it and the line. Settings: the one
+config of utils.py (its PreprocessConfig defaults < the optional `preprocess:` section of --config < with
+--parser-state, the grouping saved in it < flags), every value checked there; a parser state is checked key
+by key where it is read (load_state).
 
 Output in --output: sessions.jsonl (session_id, event_ids, label, and "lines": [[file index, first line,
 count], ...], runs of consecutive line numbers the events came from), sources.json (the files those
@@ -74,13 +78,16 @@ import csv
 import gzip
 import json
 import logging
+import math
 import os
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -89,6 +96,7 @@ from drain3.drain import LogCluster, Node
 from drain3.masking import MaskingInstruction
 from drain3.template_miner_config import TemplateMinerConfig
 
+import dataset
 import utils
 
 STATE_FORMAT = "deeplog parser state"
@@ -117,6 +125,135 @@ GROUPING = ("session_key", "session_idle", "window", "time_field", "time_format"
 
 class PreprocessError(Exception):
     """Bad input or settings; the message says which."""
+
+
+class LineError(PreprocessError):
+    """A PreprocessError about the log line being grouped; the parse adds which line it is."""
+
+
+# ----------------------------------------------------------------------------- user regexes, on a budget
+# A user's regex (--mask, --session-key, the text between the fields of --log-format) can backtrack without
+# end on a line it does not fit: (a+)+$ on 30 a's and a b takes minutes, on 40 days. Each call of one on one
+# line has a time budget, REGEX_BUDGET_S: the watchdog below stops the call past it, and the run stops on one
+# line naming the setting, the pattern and the log line. The engine stays the stdlib's (the `regex` package's
+# own timeout= costs about 3.5 us a call, a sixth of the parse; RE2 refuses lookarounds, which masks use):
+# its matcher checks for signals while it backtracks, so a SIGALRM handler can end even a match that never
+# would. The built-in masks are linear by construction and run without the watchdog.
+REGEX_BUDGET_S = 1.0
+_TICK_S = 0.2
+
+
+class PatternTimeout(PreprocessError):
+    """A user regex ran past REGEX_BUDGET_S on one line (raised inside the match by the watchdog)."""
+
+    def __init__(self, regex: UserRegex):
+        self.flag, self.pattern = regex.flag, regex.shown
+        super().__init__(f"{regex.flag} {utils.short(regex.shown)}: no result after {REGEX_BUDGET_S:g} s "
+                         f"on one line")
+
+
+class _Watchdog:
+    """While armed (a `with` block in the main thread, the others nest), a SIGALRM ticks every _TICK_S. A
+    UserRegex call marks itself running (one serial number per call); a tick that finds the same call still
+    running REGEX_BUDGET_S after it first saw it raises PatternTimeout inside that call. Ticks while no user
+    regex runs do nothing. Where it cannot arm (a thread other than the main one, or SIGALRM or the real-time
+    timer already in use) the patterns run without a budget."""
+
+    def __init__(self):
+        self.running: UserRegex | None = None
+        self.serial, self.depth, self.seen, self.armed = 0, 0, (0, 0.0), False
+
+    def __enter__(self):
+        if self.depth == 0:
+            self.armed = self._arm()
+        self.depth += 1
+        return self
+
+    def __exit__(self, *_):
+        self.depth -= 1
+        if self.depth == 0 and self.armed:
+            self.armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            with contextlib.suppress(ValueError):  # (left in another thread: the timer is off, enough)
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    def _arm(self) -> bool:
+        try:
+            if signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None) or \
+                    signal.getitimer(signal.ITIMER_REAL) != (0.0, 0.0):
+                return False  # someone else's alarm: left alone
+            signal.signal(signal.SIGALRM, self._tick)
+        except ValueError:  # not the main thread
+            return False
+        signal.setitimer(signal.ITIMER_REAL, _TICK_S, _TICK_S)
+        return True
+
+    def _tick(self, _signum, _frame):
+        running = self.running
+        if running is None:
+            return
+        now = time.monotonic()
+        if self.seen[0] != self.serial:
+            self.seen = (self.serial, now)
+        elif now - self.seen[1] >= REGEX_BUDGET_S:
+            self.running = None
+            raise PatternTimeout(running)
+
+
+_WATCHDOG = _Watchdog()
+
+
+class UserRegex:
+    """A compiled user regex whose calls run on the watchdog's budget; messages name it as `flag` `shown`
+    (default: its pattern). match and sub as re.Pattern's; finditer returns a list of the matches."""
+
+    __slots__ = ("regex", "flag", "shown")
+
+    def __init__(self, regex: re.Pattern, flag: str, shown: str | None = None):
+        self.regex, self.flag, self.shown = regex, flag, regex.pattern if shown is None else shown
+
+    @property
+    def pattern(self) -> str:
+        return self.regex.pattern
+
+    @property
+    def groupindex(self):
+        return self.regex.groupindex
+
+    def match(self, text: str):
+        watch = _WATCHDOG
+        watch.serial += 1
+        watch.running = self
+        try:
+            return self.regex.match(text)
+        finally:
+            watch.running = None
+
+    def sub(self, replacement: str, text: str) -> str:
+        watch = _WATCHDOG
+        watch.serial += 1
+        watch.running = self
+        try:
+            return self.regex.sub(replacement, text)
+        finally:
+            watch.running = None
+
+    def finditer(self, text: str) -> list[re.Match]:
+        watch = _WATCHDOG
+        watch.serial += 1
+        watch.running = self
+        try:
+            return list(self.regex.finditer(text))
+        finally:
+            watch.running = None
+
+
+def timeout_error(error: PatternTimeout, where: str) -> PreprocessError:
+    """The one line for a user regex stopped by the watchdog on the log line `where` (file:line)."""
+    return PreprocessError(f"{error.flag} {utils.short(error.pattern)}: no result after {REGEX_BUDGET_S:g} s "
+                           f"on {where}, so the run stops: a pattern whose repeats nest or overlap, such as "
+                           f"(a+)+ or (a|aa)*, backtracks exponentially on a line it almost fits; write each "
+                           f"repeat once (a+ for (a+)+)")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -207,9 +344,9 @@ def format_regex(log_format: str) -> re.Pattern:
     fields = parts[1::2]
     bad = [f for f in fields if not f[1:-1].isidentifier()]
     if "<Content>" not in fields or bad or len(set(fields)) != len(fields):
-        why = f"bad field name {bad[0]}" if bad else "a field repeats" if "<Content>" in fields \
-            else "no <Content>"
-        raise PreprocessError(f"--log-format {log_format!r}: {why} (expected e.g. "
+        why = f"bad field name {utils.short_text(bad[0], 80)}" if bad else \
+            "a field repeats" if "<Content>" in fields else "no <Content>"
+        raise PreprocessError(f"--log-format {utils.short(log_format)}: {why} (expected e.g. "
                               f"'<Date> <Time> <Level>: <Content>')")
     texts = [re.sub(" +", r"\\s+", part) for part in parts[0::2]]
     loghub = "".join(f"(?P<{part[1:-1]}>.*?)" if i % 2 else texts[i // 2] for i, part in enumerate(parts))
@@ -218,10 +355,11 @@ def format_regex(log_format: str) -> re.Pattern:
         lost = [name for name in names if name not in re.compile(f"^{loghub}$").groupindex]
         if lost:  # "[<Level>]" is a character class holding the field's group: it compiles, means nothing
             raise re.error(f"<{lost[0]}> is inside a character class [...]")
-    except re.error as error:
-        raise PreprocessError(f"--log-format {log_format!r}: the text between fields is a regular expression "
-                              f"(as in loghub) and this one is not: {error} (write \\[ \\( \\. \\| \\? "
-                              f"for the characters themselves)") from None
+    except (re.error, RecursionError, OverflowError) as error:
+        why = "nested too deep" if isinstance(error, RecursionError) else utils.short_text(str(error), 100)
+        raise PreprocessError(f"--log-format {utils.short(log_format)}: the text between fields is a regular "
+                              f"expression (as in loghub) and this one is not: {why} (write \\[ \\( \\. "
+                              f"\\| \\? for the characters themselves)") from None
     pieces = [texts[0]] + [_field_regex(name, _MARK.join(texts[i + 1:]), i == len(names) - 1)
                            for i, name in enumerate(names)]
     try:
@@ -231,17 +369,30 @@ def format_regex(log_format: str) -> re.Pattern:
 
 
 def compile_regex(pattern: str, flag: str) -> re.Pattern:
+    """`pattern` compiled (stdlib syntax); where it is none, PreprocessError naming `flag` and the pattern."""
     try:
         return re.compile(pattern)
-    except re.error as error:
-        raise PreprocessError(f"{flag} {pattern!r}: not a regular expression: {error}") from None
+    except (re.error, RecursionError, OverflowError, ValueError) as error:
+        why = "nested too deep" if isinstance(error, RecursionError) else utils.short_text(str(error), 100)
+        raise PreprocessError(f"{flag} {utils.short(pattern)}: not a regular expression: {why}") from None
 
 
-def make_miner(drain: dict, masks: list[str]) -> TemplateMiner:
+# the built-in masks as Parser joins them: linear by construction, run without the watchdog
+_BUILT_IN_MASKS = ("|".join(f"(?:{m})" for m in DEFAULT_MASKS[:-1]), DEFAULT_MASKS[-1])
+
+
+def make_miner(drain: dict, masks: list[str], flag: str = "--mask") -> TemplateMiner:
+    """drain3's TemplateMiner with these settings and masks (each replaced by <*>); every mask but the
+    built-in ones runs on the watchdog's budget, named `flag` in messages."""
     config = TemplateMinerConfig()  # in code: no drain3.ini is read
     config.drain_sim_th, config.drain_depth = drain["sim_th"], drain["depth"]
     config.drain_max_children, config.drain_max_clusters = drain["max_children"], drain["max_clusters"]
-    config.masking_instructions = [MaskingInstruction(compile_regex(m, "--mask").pattern, "*") for m in masks]
+    config.masking_instructions = []
+    for mask in masks:
+        instruction = MaskingInstruction(compile_regex(mask, flag).pattern, "*")
+        if mask not in _BUILT_IN_MASKS:
+            instruction.regex = UserRegex(instruction.regex, flag)  # what its mask() calls .sub on
+        config.masking_instructions.append(instruction)
     return TemplateMiner(config=config)
 
 
@@ -267,14 +418,16 @@ class Parser:
         if state is None:
             # the default masks as one alternation: one scan of the line instead of one per mask (faster,
             # same result: each alternative starts where no earlier one could)
-            masks = list(cfg.masks) + (["|".join(f"(?:{m})" for m in DEFAULT_MASKS[:-1]), DEFAULT_MASKS[-1]]
-                                       if cfg.default_masks else [])
+            masks = list(cfg.masks) + (list(_BUILT_IN_MASKS) if cfg.default_masks else [])
             state = {"log_format": cfg.log_format, "masks": masks, "templates": [], "tree": None,
                      "drain": {"sim_th": cfg.similarity, "depth": cfg.depth, "max_children": 100,
                                "max_clusters": cfg.max_templates}}
         self.log_format, self.masks, self.drain_settings = state["log_format"], state["masks"], state["drain"]
         self.regex = format_regex(self.log_format)
-        self.miner = make_miner(self.drain_settings, self.masks)
+        self._format = UserRegex(self.regex, "--log-format" if self.learning else "the log format of "
+                                 "--parser-state", self.log_format)
+        self.miner = make_miner(self.drain_settings, self.masks, "--mask" if self.learning else "a mask of "
+                                "--parser-state")
         drain = self.miner.drain
         self.templates = {t["id"]: t["template"] for t in state["templates"]}  # last known, evicted ones too
         self.counts = [0] * state.get("vocab_size", 0)
@@ -286,7 +439,7 @@ class Parser:
 
     def match(self, line: str) -> re.Match | None:
         """The log format's fields of a line, matched as loghub does: on the line stripped of whitespace."""
-        return self.regex.match(line.strip())
+        return self._format.match(line.strip())
 
     @property
     def vocab_size(self) -> int:
@@ -376,7 +529,7 @@ def _check_state(state) -> None:
     unknown = [key for key in state if key not in (*STATE_KEYS, "grouping")]
     if missing or unknown:
         raise PreprocessError(f"incomplete, no {', '.join(missing)}" if missing else
-                              f"unknown key '{unknown[0]}'")
+                              f"unknown key {utils.short(unknown[0])}")
     _need(_is_int(state["version"]) and state["version"] == 1, "version", "1", state["version"])
     _need(isinstance(state["log_format"], str), "log_format", "a string", state["log_format"])
     masks = state["masks"]
@@ -455,7 +608,8 @@ def _check_tree(tree, templates: dict[int, str], vocab_size: int, depth: int) ->
             _need(template is None or len(template.split()) == length, f"{where}.clusters",
                   f"templates of {length} tokens", template)
         for key, child in children.items():
-            stack.append((child, f"{where}.children[{key!r}]", level + 1, int(key) if level == 0 else length))
+            stack.append((child, f"{where}.children[{utils.short(key)}]", level + 1,
+                          int(key) if level == 0 else length))
 
 
 def _check_grouping(grouping, log_format: str) -> None:
@@ -464,7 +618,8 @@ def _check_grouping(grouping, log_format: str) -> None:
     _need(isinstance(grouping, dict), "grouping", "an object", grouping)
     unknown = [key for key in grouping if key not in GROUPING]
     if unknown:
-        raise PreprocessError(f"grouping: unknown key '{unknown[0]}' (known: {', '.join(GROUPING)})")
+        raise PreprocessError(f"grouping: unknown key {utils.short(unknown[0])} (known: "
+                              f"{', '.join(GROUPING)})")
     try:
         config = settings_config(None, [("grouping", grouping)])
     except utils.ConfigError as error:
@@ -481,6 +636,10 @@ def _check_grouping(grouping, log_format: str) -> None:
 
 # ----------------------------------------------------------------------------- input
 def input_files(paths: list[str]) -> list[Path]:
+    """The log files named: each file, and the files of each directory (sorted, hidden ones left out).
+    PreprocessError where a name is missing, an empty directory, or no regular file (a FIFO, /dev/stdin
+    on a pipe or a terminal, a device): its lines are read again later (the raw lines behind detections,
+    through sources.json), which such a stream cannot give."""
     files = []
     for name in paths:
         path = Path(name)
@@ -491,43 +650,139 @@ def input_files(paths: list[str]) -> list[Path]:
             files += found
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            raise PreprocessError(f"{path} is {dataset.file_kind(path)}, not a regular file: preprocess.py "
+                                  f"names its input files in sources.json, and detection reads them again to "
+                                  f"show the raw line behind each miss; write the log to a file first "
+                                  f"(e.g. ... > log.txt)")
         else:
             raise PreprocessError(f"{path}: no such file or directory")
     return files
 
 
+# One line splitter for every text this module reads (logs, --labels) and for the raw lines shown later
+# (RawLines): a line ends at "\n", "\r\n" or a lone "\r" (_LINE_END: Python's universal newlines), the last
+# one where the data ends. So line N of a parse is line N of its provenance, whatever the line endings.
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_LINE_END_TEXT = re.compile(_LINE_END.pattern.decode())
+LINE_BLOCK = 2 ** 20
+
+
+def line_blocks(handle, block_bytes: int = LINE_BLOCK):
+    r"""The bytes of a binary handle from where it stands, in blocks of whole lines of about `block_bytes`:
+    each block ends right after a line end (a "\r" that ends a read waits for the next, which may begin with
+    the "\n" of the same "\r\n"), the last one where the data ends; a longer line is a block of its own."""
+    pending: list[bytes] = []  # the pieces of a line not ended yet
+    while block := handle.read(block_bytes):
+        cut = max(block.rfind(b"\n"), block.rfind(b"\r")) + 1
+        if cut == len(block) and block.endswith(b"\r"):
+            cut = max(block.rfind(b"\n", 0, cut - 1), block.rfind(b"\r", 0, cut - 1)) + 1
+        if cut == 0:
+            pending.append(block)
+            continue
+        pending.append(block[:cut] if cut < len(block) else block)
+        yield b"".join(pending) if len(pending) > 1 else pending[0]
+        pending = [block[cut:]] if cut < len(block) else []
+    if pending:
+        yield b"".join(pending)
+
+
+def block_lines(block: bytes, errors: str = "replace") -> list[str]:
+    """The lines of a block of whole lines (line_blocks), decoded as UTF-8 (undecodable bytes replaced, or
+    with errors="strict" a UnicodeDecodeError), without their line ends."""
+    text = block.decode("utf-8", errors)
+    lines = _LINE_END_TEXT.split(text) if "\r" in text else text.split("\n")
+    if not lines[-1]:
+        lines.pop()  # what follows the last line end
+    return lines
+
+
+def split_lines(handle, block_bytes: int = LINE_BLOCK):
+    """Every line of a binary handle from where it stands, decoded, without its line end (line_blocks,
+    block_lines)."""
+    for block in line_blocks(handle, block_bytes):
+        yield from block_lines(block)
+
+
 def read_lines(files: list[Path]):
-    """(file index, 1-based line number, line) of every file in turn, streamed; undecodable bytes replaced."""
+    """(file index, 1-based line number, line) of every file in turn, streamed (split_lines): each line
+    without its line end, decoded as UTF-8 with undecodable bytes replaced."""
     for index, path in enumerate(files):
         opener = gzip.open if path.name.endswith(".gz") else open
         try:
-            with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as handle:
-                for number, line in enumerate(handle, start=1):
-                    yield index, number, line.rstrip("\r\n")
-        except (OSError, EOFError) as error:  # permissions, a corrupt or truncated .gz
-            raise PreprocessError(f"{path}: unreadable: {error}") from None
+            with opener(path, "rb") as handle:
+                for number, line in enumerate(split_lines(handle), start=1):
+                    yield index, number, line
+        except (OSError, EOFError, zlib.error) as error:  # permissions, a corrupt or truncated .gz
+            raise PreprocessError(f"{path}: unreadable: {dataset.one_line(error)}") from None
 
 
 LABEL_VALUES = {"normal": 0, "0": 0, "false": 0, "anomaly": 1, "abnormal": 1, "1": 1, "true": 1}
 
 
-def read_labels(path: str) -> dict[str, int]:
-    """session id -> 0/1 from a CSV of id, label (a header row, such as BlockId,Label, is skipped)."""
-    labels = {}
+def _label_rows(path: str, handle):
+    """(line number, CSV row) of a --labels file: lines split as logs are (line_blocks, block_lines), read
+    as UTF-8 (a byte-order mark before the first one dropped); a line that is not UTF-8, or not CSV, is a
+    PreprocessError naming the file and the line."""
+    def lines():
+        number = 0
+        for block in line_blocks(handle):
+            try:
+                texts = block_lines(block, "strict")
+            except UnicodeDecodeError as error:
+                at, bad = error.start, block[error.start:error.start + 4]
+                start = max(block.rfind(b"\n", 0, at), block.rfind(b"\r", 0, at)) + 1  # of its line
+                line = number + len(_LINE_END.findall(block, 0, start)) + 1
+                raise PreprocessError(f"--labels {path}: line {line} is not UTF-8 (byte {at - start + 1}: "
+                                      f"{dataset.excerpt(bad)}); save the CSV as UTF-8") from None
+            if number == 0 and texts:
+                texts[0] = texts[0].removeprefix("\ufeff")
+            number += len(texts)
+            yield from texts
+    reader = csv.reader(lines())
     try:
-        with open(path, newline="") as handle:
-            for number, row in enumerate(csv.reader(handle), start=1):
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as error:
+        raise PreprocessError(f"--labels {path}: line {reader.line_num}: not CSV: "
+                              f"{dataset.one_line(error, 100)}") from None
+
+
+def _first_label(path: str, handle, session: str) -> str:
+    """The first label of `session` in the --labels file and its line ("Normal on line 3"), read again
+    (a line number for every session would cost memory); of a stream that cannot be read again, "another on
+    an earlier line"."""
+    try:
+        handle.seek(0)
+    except OSError:
+        return "another on an earlier line"
+    return next(f"{row[1].strip()} on line {number}" for number, row in _label_rows(path, handle)
+                if len(row) >= 2 and row[0].strip() == session)
+
+
+def read_labels(path: str) -> dict[str, int]:
+    """session id -> 0/1 from a CSV of id, label (Normal/Anomaly, 0/1, true/false; any case). A first row
+    whose label is none of those (BlockId,Label) is the header; rows of fewer than two fields are skipped.
+    A session labelled twice alike is fine; twice differently, a PreprocessError naming both lines."""
+    labels: dict[str, int] = {}
+    try:
+        with open(path, "rb") as handle:
+            for number, row in _label_rows(path, handle):
                 if len(row) < 2:
                     continue
                 value = LABEL_VALUES.get(row[1].strip().lower())
                 if value is None:
-                    if number == 1:
+                    if not labels and number == 1:
                         continue  # the header
-                    raise PreprocessError(f"{path}: line {number}: label {row[1][:40]!r} is not "
-                                          f"Normal/Anomaly/0/1")
-                labels[row[0].strip()] = value
+                    raise PreprocessError(f"--labels {path}: line {number}: label {utils.short(row[1])} is "
+                                          f"not Normal/Anomaly/0/1")
+                session = row[0].strip()
+                if labels.setdefault(session, value) != value:
+                    raise PreprocessError(f"--labels {path}: session {utils.short(session)} has two labels, "
+                                          f"{_first_label(path, handle, session)} and {row[1].strip()} on "
+                                          f"line {number}; keep one")
     except OSError as error:
-        raise PreprocessError(f"--labels {path}: unreadable: {error.strerror}") from None
+        raise PreprocessError(f"--labels {path}: unreadable: {error.strerror or error}") from None
     return labels
 
 
@@ -578,44 +833,77 @@ class Sessions:
 
 
 class Windows:
-    """Sliding or tumbling windows over line counts or times: window k covers [start + k*step, ... + size).
+    """Sliding or tumbling windows over line counts or times: window k covers [k*step, k*step + size) from
+    the first line's position, computed from k (never summed step by step), so the arithmetic cannot stall.
     Only the lines of the current window(s) are held. At the end, one last partial window takes the lines
-    no full window covered."""
+    no full window covered. Refused (PreprocessError): a SIZE or STEP not positive and finite (count: whole
+    numbers); SIZE/STEP above MAX_OVERLAP (each line would be written in that many windows); and, as the
+    lines come, a time so large that a float cannot keep SIZE or STEP apart at it (RESOLUTION)."""
+
+    MAX_OVERLAP = 10_000  # windows one line may fall in: the output is up to that many times the input
+    RESOLUTION = 2 ** -42  # a time must be exact to step * this (a float time t is exact to |t| * 2**-52)
 
     def __init__(self, spec: str):
         kind, _, sizes = spec.partition(":")
         try:
             numbers = [float(x) for x in sizes.split(":")] if sizes else []
             size, step = numbers[0], numbers[1] if len(numbers) == 2 else numbers[0]
-            ok = kind in ("count", "time") and len(numbers) <= 2 and size > 0 and step > 0
+            ok = kind in ("count", "time") and len(numbers) <= 2 and all(
+                math.isfinite(x) and x > 0 for x in (size, step))
         except (ValueError, IndexError):
             ok = False
         if not ok or (kind == "count" and not (size.is_integer() and step.is_integer())):
-            raise PreprocessError(f"--window {spec!r}: expected count:SIZE[:STEP] (lines) or "
-                                  f"time:SIZE[:STEP] (seconds), positive")
-        self.kind, self.size, self.step = kind, size, step
-        self.lines = collections.deque()   # (position, event, ref, abnormal), position = line count or time
-        self.begin = None                   # start of the current window
+            raise PreprocessError(f"--window {utils.short(spec)}: expected count:SIZE[:STEP] (lines, whole "
+                                  f"numbers) or time:SIZE[:STEP] (seconds), positive and finite")
+        if size / step > self.MAX_OVERLAP:
+            raise PreprocessError(f"--window {utils.short(spec)}: SIZE {size:g} / STEP {step:g} is above "
+                                  f"{self.MAX_OVERLAP:,}: each line would be written in that many windows; "
+                                  f"take a larger STEP")
+        if kind == "count":
+            size, step = int(size), int(step)
+        self.kind, self.size, self.step, self.spec = kind, size, step, spec
+        # the largest |time| that keeps step apart; in relative times the windows are exact well beyond it
+        self.max_time = min(size, step) / self.RESOLUTION
+        self.lines = collections.deque()   # (position, event, ref, abnormal), position from the first line's
+        self.origin = None                  # the first line's position (count or time)
+        self.index = 0                      # k of the current window: the first not yet written
+        self.last = None                    # the position of the line before
         self.covered = None                 # end of the last window written
         self.count = self.out_of_order = self.written = 0
 
     def add(self, _line: str, event: int, ref: int, abnormal: bool, when):
-        position = self.count if self.kind == "count" else when
+        if self.kind == "count":
+            position = self.count
+        elif -self.max_time <= when <= self.max_time:
+            position = when
+        else:
+            raise LineError(f"--window {utils.short(self.spec)}: a time of {when:g} s is exact only to "
+                                  f"{math.ulp(when):.2g} s as a float, too coarse for windows of "
+                                  f"{min(self.size, self.step):g} s; take a SIZE and STEP of at least "
+                                  f"{abs(when) * self.RESOLUTION:.2g} s")
         self.count += 1
-        if self.begin is None:
-            self.begin = position
-        if self.lines and position < self.lines[-1][0]:
+        if self.origin is None:
+            self.origin = position
+        position -= self.origin
+        if self.last is not None and position < self.last:
             self.out_of_order += 1  # kept in the current window: a clock step back must not lose lines
-            position = self.lines[-1][0]
-        while position >= self.begin + self.size:  # the current window is complete
-            if self.lines and self.lines[0][0] < self.begin + self.size:
-                yield self._window(self.begin + self.size)
-            self.begin += self.step
-            while self.lines and self.lines[0][0] < self.begin:
+            position = self.last
+        self.last = position
+        size, step = self.size, self.step
+        while position >= self.index * step + size:  # the current window is complete
+            end = self.index * step + size
+            if self.lines and self.lines[0][0] < end:
+                yield self._window(end)
+            self.index += 1
+            begin = self.index * step
+            while self.lines and self.lines[0][0] < begin:
                 self.lines.popleft()
-            if not self.lines and position >= self.begin + self.size:  # a gap: jump over the empty windows
-                self.begin += (position - self.size - self.begin) // self.step * self.step + self.step
-        if position >= self.begin:  # (else it falls between two windows: step > size)
+            if not self.lines:  # a gap: jump to the first window that ends after this line
+                jump = int((position - size) // step) + 1
+                if jump > self.index and (jump - 1) * step + size > position:  # (// rounded up)
+                    jump -= 1
+                self.index = max(self.index, jump)
+        if position >= self.index * step:  # (else it falls between two windows: step > size)
             self.lines.append((position, event, ref, abnormal))
 
     def _window(self, end):
@@ -645,8 +933,9 @@ def line_runs(refs) -> list[list[int]]:
 
 # ----------------------------------------------------------------------------- alerts back to raw lines
 class RawLines:
-    """The raw log line behind each event of a session written by preprocess.py, whose "lines" runs
-    [[file index, first line, count], ...] number the lines of `files`. Lines are fetched a chunk at a time:
+    r"""The raw log line behind each event of a session written by preprocess.py, whose "lines" runs
+    [[file index, first line, count], ...] number the lines of `files`, split as the parse split them
+    (split_lines: "\n", "\r\n" or a lone "\r" ends a line). Lines are fetched a chunk at a time:
     plain files through a sparse index (the offset of every INDEX_EVERY-th line, built on first use, so memory
     is 8 bytes per INDEX_EVERY lines) and a seek; .gz files by one sequential read per chunk."""
 
@@ -680,6 +969,9 @@ class RawLines:
         return None
 
     def fetch(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
+        """The raw line (terminator dropped, undecodable bytes replaced) of each (file index, line number)
+        wanted; lines split as the parse split them (split_lines). A file gone, unreadable or no longer a
+        regular file (it would block) gives none of its lines."""
         found: dict[tuple[int, int], str] = {}
         by_file: dict[int, list[int]] = {}
         for file_index, line in wanted:
@@ -687,9 +979,11 @@ class RawLines:
                 by_file.setdefault(file_index, []).append(line)
         for file_index, lines in by_file.items():
             try:
+                if not self.files[file_index].is_file():
+                    continue
                 found.update({(file_index, n): text
                               for n, text in self._read(self.files[file_index], sorted(lines))})
-            except (OSError, EOFError):
+            except (OSError, EOFError, zlib.error):
                 continue  # a log moved or rotated away: its misses are shown without their line
         return found
 
@@ -706,34 +1000,34 @@ class RawLines:
                 block = (line - 1) // self.INDEX_EVERY
                 if block >= len(index):
                     break
-                handle.seek(int(index[block]))
-                yield from self._scan(handle, block * self.INDEX_EVERY + 1, [line])
+                handle.seek(index[block])
+                yield from self._scan(handle, block * self.INDEX_EVERY + 1, [line], 2 ** 16)
 
     @staticmethod
-    def _scan(handle, first: int, lines: list[int]):
+    def _scan(handle, first: int, lines: list[int], block_bytes: int = LINE_BLOCK):
+        """(number, text) of the `lines` wanted (ascending), reading from line number `first` on."""
         wanted = iter(lines)
         target = next(wanted, None)
-        for number, raw in enumerate(handle, start=first):
+        for number, text in enumerate(split_lines(handle, block_bytes), start=first):
             while target is not None and target < number:
                 target = next(wanted, None)
             if target is None:
                 return
             if number == target:
-                yield number, raw.decode(errors="replace").rstrip("\r\n")
+                yield number, text
                 target = next(wanted, None)
 
-    def _index(self, file: Path):
-        import numpy as np  # only detection needs it
-        offsets, newlines, position = [0], 0, 0
+    def _index(self, file: Path) -> array.array:
+        """The byte offset of line k * INDEX_EVERY + 1, for each k the file reaches (lines as line_blocks
+        and _LINE_END split them)."""
+        offsets, lines, position = array.array("q", [0]), 0, 0
         with open(file, "rb") as handle:
-            while block := handle.read(2 ** 20):
-                # the offset after each newline
-                ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + position + 1
-                first = (-newlines - 1) % self.INDEX_EVERY  # the newline that ends line k * INDEX_EVERY
-                offsets.extend(ends[first::self.INDEX_EVERY].tolist())
-                newlines += len(ends)
-                position += len(block)
-        return np.array(offsets, dtype=np.int64)
+            for block in line_blocks(handle):
+                ends = [match.end() for match in _LINE_END.finditer(block)]
+                first = (-lines - 1) % self.INDEX_EVERY  # the end of line k * INDEX_EVERY among them
+                offsets.extend(position + end for end in ends[first::self.INDEX_EVERY])
+                lines, position = lines + len(ends), position + len(block)
+        return offsets
 
     def annotate(self, located: list[tuple[list | None, list[dict]]]) -> None:
         """Add to each miss its raw line ("raw") and where it is ("at"), for (lines runs, misses) pairs."""
@@ -756,14 +1050,15 @@ def make_grouper(cfg: PreprocessConfig, parser: Parser,
     fields = parser.regex.groupindex
     for flag, name in (("--label-field", cfg.label_field), ("--time-field", cfg.time_field)):
         if name is not None and name not in fields:
-            raise PreprocessError(f"{flag} {name}: not a field of the log format ({', '.join(fields)})")
+            raise PreprocessError(f"{flag} {utils.short(name)}: not a field of the log format "
+                                  f"({utils.short_text(', '.join(fields))})")
     if cfg.session_key is not None and cfg.window is not None or \
             cfg.session_key is None and cfg.window is None and not parse_only:
         raise PreprocessError("give either --session-key REGEX or --window count:SIZE[:STEP] / "
                               "time:SIZE[:STEP]")
     if cfg.session_key is not None:
-        return Sessions(compile_regex(cfg.session_key, "--session-key"), cfg.max_open_sessions,
-                        cfg.session_idle)
+        return Sessions(UserRegex(compile_regex(cfg.session_key, "--session-key"), "--session-key"),
+                        cfg.max_open_sessions, cfg.session_idle)
     if cfg.window is None:  # parse only: settings that only grouping reads would be silently ignored
         given = [flag for flag, value in (("--labels", cfg.labels), ("--label-field", cfg.label_field),
                                           ("--time-field", cfg.time_field),
@@ -785,9 +1080,38 @@ FAIL_FAST_LINES = 1000  # none of this many first lines matching the log format:
 def no_match_error(log_format: str, first_lines: list[str], lines: int) -> PreprocessError:
     shown = "; ".join(first_lines) or "none, the input is empty"
     return PreprocessError(f"no line {'of the first %d ' % lines if lines >= FAIL_FAST_LINES else ''}"
-                           f"matches --log-format {log_format!r} (first lines: {shown}). The text between "
-                           f"fields is a regular expression, as in loghub: write \\[ \\( \\. \\| \\? for the "
-                           f"characters")
+                           f"matches --log-format {utils.short(log_format)} (first lines: {shown}). The "
+                           f"text between fields is a regular expression, as in loghub: write \\[ \\( \\. "
+                           f"\\| \\? for the characters")
+
+
+def no_group_error(cfg: PreprocessConfig, first_parsed: str, first_bad_time: str, all_bad_time: bool):
+    """Lines parsed but the grouping made nothing of them: the setting that matched no line (--time-field
+    where every parsed line's time was unreadable, else --session-key), with a sample line."""
+    if cfg.session_key is not None and not all_bad_time:
+        return PreprocessError(f"--session-key {utils.short(cfg.session_key)} matches no line, so there is "
+                               f"no session (it is searched in each whole line; the first: {first_parsed})")
+    how = f"with --time-format {utils.short(cfg.time_format)}" if cfg.time_format else \
+        "as epoch seconds (no --time-format given)"
+    return PreprocessError(f"--time-field {utils.short_text(cfg.time_field, 80)} holds no time readable "
+                           f"{how}, so there is no {'session' if cfg.session_key else 'window'} (the first: "
+                           f"{first_bad_time})")
+
+
+def _sample(files: list[Path], file_index: int, number: int, line: str) -> str:
+    """A log line for a message: where it is and its start."""
+    return f"{files[file_index]}:{number}: {utils.short_text(line, 120)}"
+
+
+def _line_time(cfg: PreprocessConfig, match: re.Match) -> float:
+    """The line's --time-field in seconds (--time-format read as UTC, else epoch seconds); ValueError where
+    it is unreadable or not finite."""
+    value = match.group(cfg.time_field) or ""
+    when = datetime.strptime(value, cfg.time_format).replace(tzinfo=timezone.utc).timestamp() \
+        if cfg.time_format else float(value)
+    if not math.isfinite(when):
+        raise ValueError("not a finite number")
+    return when
 
 
 def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], stats: dict,
@@ -796,57 +1120,72 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
     """Sessions as sessions.jsonl holds them (dicts), streamed from raw log files (none in a parse-only
     run); counts go into `stats`, and one CSV row per input line (LineId, EventId, the fields) into `rows`
     when given. PreprocessError once FAIL_FAST_LINES lines came and none matched the log format (or at the
-    end, with `require_match`)."""
+    end, with `require_match`); where lines parsed but the grouping made no session of them (no_group_error);
+    where a user regex runs past its budget on a line (the watchdog, armed while this runs)."""
     grouper = make_grouper(cfg, parser, parse_only)
-    names, first_lines = list(parser.regex.groupindex), []
+    names, first_lines, first_parsed, first_bad_time = list(parser.regex.groupindex), [], "", ""
     writer = csv.writer(rows) if rows else None
+    produced = 0
 
     def finished(groups):
+        nonlocal produced
         for session_id, events, refs, abnormal in groups:
             label = labels.get(session_id, 0) if labels is not None else int(abnormal)
+            produced += 1
             stats["sessions"] += 1
             stats["abnormal"] += label
             stats["unlabelled"] += labels is not None and session_id not in labels
             yield {"session_id": session_id, "event_ids": list(events), "label": label,
                    "lines": line_runs(refs)}
 
-    for file_index, number, line in read_lines(files):
-        stats["lines"] += 1
-        match = parser.match(line)
-        if match is None:
-            stats["unmatched"] += 1
-            if len(first_lines) < 3:
-                first_lines.append(f"{files[file_index]}:{number}: {line[:120]}")
-                stats["first_unmatched"] = first_lines[0]
-            if stats["parsed"] == 0 and stats["lines"] >= FAIL_FAST_LINES:
-                raise no_match_error(parser.log_format, first_lines, stats["lines"])
-            if writer:
-                writer.writerow([stats["lines"], ""])
-            continue
-        # a field inside an optional group, such as loghub's (\[<PID>\])?, is None where absent: read as ""
-        event = parser.parse(match.group("Content") or "")
-        stats["parsed"] += 1
-        stats["unknown"] += event >= parser.vocab_size
-        if writer:
-            writer.writerow([stats["lines"], event, *(match.group(name) or "" for name in names)])
-        if grouper is None:
-            continue
-        when = None
-        if cfg.time_field:
+    with _WATCHDOG:
+        for file_index, number, line in read_lines(files):
             try:
-                value = match.group(cfg.time_field) or ""
-                when = datetime.strptime(value, cfg.time_format).replace(tzinfo=timezone.utc).timestamp() \
-                    if cfg.time_format else float(value)
-            except ValueError:
-                stats["bad_time"] += 1
-                continue
-        abnormal = cfg.label_field is not None and (match.group(cfg.label_field) or "") != cfg.normal_value
-        yield from finished(grouper.add(line, event, file_index << 40 | number, abnormal, when))
+                stats["lines"] += 1
+                match = parser.match(line)
+                if match is None:
+                    stats["unmatched"] += 1
+                    if len(first_lines) < 3:
+                        first_lines.append(_sample(files, file_index, number, line))
+                        stats["first_unmatched"] = first_lines[0]
+                    if stats["parsed"] == 0 and stats["lines"] >= FAIL_FAST_LINES:
+                        raise no_match_error(parser.log_format, first_lines, stats["lines"])
+                    if writer:
+                        writer.writerow([stats["lines"], ""])
+                    continue
+                # a field in an optional group (loghub's (\[<PID>\])?) is None where absent: read as ""
+                event = parser.parse(match.group("Content") or "")
+                stats["parsed"] += 1
+                stats["unknown"] += event >= parser.vocab_size
+                first_parsed = first_parsed or _sample(files, file_index, number, line)
+                if writer:
+                    writer.writerow([stats["lines"], event, *(match.group(name) or "" for name in names)])
+                if grouper is None:
+                    continue
+                when = None
+                if cfg.time_field:
+                    try:
+                        when = _line_time(cfg, match)
+                    except ValueError as error:
+                        stats["bad_time"] += 1
+                        first_bad_time = first_bad_time or (f"{utils.short(match.group(cfg.time_field))}, "
+                                                            f"{dataset.one_line(error, 80)}, on "
+                                                            f"{_sample(files, file_index, number, line)}")
+                        continue
+                abnormal = cfg.label_field is not None and \
+                    (match.group(cfg.label_field) or "") != cfg.normal_value
+                yield from finished(grouper.add(line, event, file_index << 40 | number, abnormal, when))
+            except PatternTimeout as error:
+                raise timeout_error(error, f"{files[file_index]}:{number}") from None
+            except LineError as error:
+                raise PreprocessError(f"{error} (at {_sample(files, file_index, number, line)})") from None
     if require_match and stats["parsed"] == 0:
         raise no_match_error(parser.log_format, first_lines, stats["lines"])
     if grouper is None:
         return
     yield from finished(grouper.close())
+    if produced == 0 and first_parsed:
+        raise no_group_error(cfg, first_parsed, first_bad_time, stats["bad_time"] >= stats["parsed"])
     stats.update(**({"lines_without_key": grouper.no_key, "sessions_closed_idle": grouper.closed_idle,
                      "sessions_closed_early": grouper.closed_early}
                     if isinstance(grouper, Sessions) else {"out_of_order": grouper.out_of_order}))
@@ -866,8 +1205,8 @@ def sessions_from_logs(state_path: str, inputs: list[str], stats: dict | None = 
 
 
 def new_stats() -> dict:
-    return collections.defaultdict(int, lines=0, parsed=0, unmatched=0, bad_time=0, unknown=0,
-                                   first_unmatched="")
+    return collections.defaultdict(int, lines=0, parsed=0, unmatched=0, bad_time=0, unknown=0, sessions=0,
+                                   abnormal=0, first_unmatched="")
 
 
 def peak_rss_mb() -> float:

@@ -1,6 +1,7 @@
 """Parsing of every input format, every bad-input case, the split, windowing, padding and positions."""
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from dataset import (
     iter_sessions,
     list_data_files,
     make_windows,
+    skip_hint,
 )
 from model import IGNORE_INDEX, special_tokens
 
@@ -117,6 +119,34 @@ def test_missing_path_and_empty_directories(tmp_path):
     (tmp_path / "notes.md").write_text("x")
     with pytest.raises(DataError, match="no readable data file"):
         list_data_files(tmp_path)
+
+
+def test_a_fifo_or_a_device_as_data_is_one_line_saying_what_it_is(tmp_path):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=r"pipe.jsonl is a FIFO \(named pipe\), not a regular file: the "
+                                        r"token cache needs a file it can read twice .*to a file first"):
+        list_data_files(fifo)
+    with pytest.raises(DataError, match="^/dev/null is a character device, not a regular file"):
+        list_data_files("/dev/null")
+    with pytest.raises(DataError, match="FIFO"):
+        list(iter_sessions(fifo, 29))   # never opened: it would wait for a writer
+
+
+def test_the_skip_bad_records_hint_only_where_that_flag_is_off_and_would_skip(tmp_path):
+    records = tmp_path / "x.jsonl"
+    records.write_text('{"event_ids": [1]}\n{"event_ids": [99]}\n')
+    for read in (lambda: list(iter_sessions(records, 29)), lambda: list(iter_session_arrays(records, 29))):
+        with pytest.raises(DataError, match="line 2") as bad_record:
+            read()
+        assert skip_hint(bad_record.value, False) == " (--skip-bad-records skips such records)"
+        assert skip_hint(bad_record.value, True) == ""   # given already: never suggested again
+    damaged = tmp_path / "y.json"
+    damaged.write_text('[{"event_ids": [1]}, {"event_ids": [2')
+    for skip in (False, True):   # a damaged file is not a bad record: the flag would not skip it
+        with pytest.raises(DataError, match="malformed JSON") as bad_file:
+            list(iter_sessions(damaged, 29, skip_bad_records=skip))
+        assert skip_hint(bad_file.value, skip) == ""
 
 
 def test_skip_bad_records_counts_them(tmp_path):

@@ -2,6 +2,7 @@
 output folder (locked, one parse shown whole), training on its output."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
@@ -777,3 +778,262 @@ def test_structured_names_kept_by_preprocess_are_refused(tmp_path, capsys):
                          "--structured", str(tmp_path / "o" / "sessions.jsonl"),
                          "--config", str(tmp_path / "base.yaml")])
     assert exit_code.value.code == 2 and "a name preprocess.py keeps for itself" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- hostile input, round 3
+def script_error(*args, timeout: int = 120) -> str:
+    """preprocess.py as a subprocess (so that a hang fails the test instead of stalling the suite): its one
+    line of error, after checking that it is one line, exit code 2, no traceback."""
+    try:
+        result = run_script("preprocess.py", *args, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"preprocess.py still running after {timeout} s")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def one_error_line(capsys, argv: list) -> str:
+    """preprocess.main(argv) in-process: exit code 2 and one line on stderr, returned."""
+    with pytest.raises(SystemExit) as exit_code:
+        preprocess.main([str(arg) for arg in argv])
+    err = capsys.readouterr().err
+    assert exit_code.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+# (a+)+$, (a|aa)+$ and (x+x+)+y try about 2**40 ways to fit such a line: minutes to days without a budget
+@pytest.mark.parametrize("flags, flag, pattern, content", [
+    (["--log-format", FORMAT, "--session-key", "(a+)+$"], "--session-key", "(a+)+$", "a" * 40 + "!"),
+    (["--log-format", FORMAT, "--mask", "(a|aa)+$", "--window", "count:5"], "--mask", "(a|aa)+$",
+     "a" * 44 + "!"),
+    (["--log-format", "<Date> <Time> <Level> <Component>: (x+x+)+y <Content>", "--window", "count:5"],
+     "--log-format", "(x+x+)+y", "x" * 40),
+    (["--log-format", FORMAT, "--session-key", "(?:" + "z" * 50_000 + ")?(a+)+$"], "--session-key", "zzz...",
+     "a" * 40 + "!"),   # a long pattern is shown bounded
+])
+def test_a_user_regex_that_backtracks_without_end_stops_on_its_line(tmp_path, flags, flag, pattern, content):
+    log = tmp_path / "log.txt"
+    log.write_text(line(1, "xxy fits every pattern blk_1") + "\n" + line(2, content) + "\n")
+    started = time.monotonic()
+    error = script_error(log, "--output", tmp_path / "o", *flags, "--config", tmp_path / "base.yaml")
+    assert time.monotonic() - started < 60
+    assert error.startswith(f"error: {flag} ") and pattern in error and f"{log}:2" in error, error
+    assert "backtracks exponentially" in error and len(error) < 600
+    assert not (tmp_path / "o" / "sessions.jsonl").exists()
+
+
+def test_the_watchdog_stops_only_a_call_past_its_budget_and_leaves_alarms_as_they_were(tmp_path, monkeypatch):
+    monkeypatch.setattr(preprocess, "REGEX_BUDGET_S", 0.3)
+    regex = preprocess.UserRegex(re.compile(r"(a+)+$"), "--session-key")
+    before = signal.getsignal(signal.SIGALRM)
+    started = time.monotonic()
+    with pytest.raises(preprocess.PatternTimeout, match=re.escape("--session-key '(a+)+$'")), \
+            preprocess._WATCHDOG:
+        regex.finditer("a" * 27 + "b")  # about 15 s unstopped
+    assert time.monotonic() - started < 3
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    # a parse that takes its time between lines (here its reader, between sessions) is not stopped
+    learned = run(tmp_path, block_log(range(1, 4)), "--session-key", r"blk_-?\d+")
+    sessions = []
+    for session in preprocess.sessions_from_logs(str(tmp_path / "out" / "parser_state.json"),
+                                                 [str(tmp_path / "log.txt")]):
+        time.sleep(0.4)
+        sessions.append(session)
+    assert sessions == learned["sessions"]
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("spec", ["count:0", "count:-3", "count:2.5", "count:inf", "count:1e400", "count:5:0",
+                                  "count:", "count:1:2:3", "time:0", "time:-1", "time:nan", "time:inf",
+                                  "time:1:inf", "time:1:nan", "count:20001:2", "time:1:1e-5", "bogus:3"])
+def test_degenerate_windows_are_refused_naming_them(spec):
+    with pytest.raises(preprocess.PreprocessError, match=f"--window {re.escape(repr(spec))}"):
+        preprocess.Windows(spec)
+
+
+def test_a_window_step_too_fine_for_the_times_is_refused_instead_of_looping(tmp_path):
+    log = tmp_path / "t.log"
+    log.write_text("".join(f"{1_700_000_000 + i / 10:.1f} job step done\n" for i in range(30)))
+    error = script_error(log, "--output", tmp_path / "o", "--log-format", "<Stamp> <Content>", "--window",
+                         "time:1e-7", "--time-field", "Stamp", "--config", tmp_path / "base.yaml", timeout=60)
+    assert "--window 'time:1e-7'" in error and "too coarse for windows of 1e-07 s" in error, error
+    assert re.search(r"at least 0\.000\d+ s \(at .*t\.log:1: 1700000000\.0 job step done\)$", error)
+
+
+def expected_windows(positions: list, size, step) -> list[list[int]]:
+    """What each window holds, counted directly: window k is [k*step, k*step + size) from the first line;
+    those a later line completes are written when they hold a line, then one last partial window takes the
+    lines no complete window reached, unless every one of them is already in a written window."""
+    rel = [p - positions[0] for p in positions]
+    windows, k, covered = [], 0, None
+    while k * step + size <= rel[-1]:
+        inside = [i for i, p in enumerate(rel) if k * step <= p < k * step + size]
+        if inside:
+            windows.append(inside)
+            covered = k * step + size
+        k += 1
+    held = [i for i, p in enumerate(rel) if p >= k * step]
+    if held and (covered is None or rel[held[-1]] >= covered):
+        windows.append(held)
+    return windows
+
+
+def windows_of(spec: str, positions: list) -> list[list[int]]:
+    grouper = preprocess.Windows(spec)
+    groups = [group for i, p in enumerate(positions) for group in grouper.add("", 0, i, False, p)]
+    return [refs for _, _, refs, _ in groups + list(grouper.close())]
+
+
+def test_windows_hold_what_a_direct_count_finds_and_jump_any_gap_at_once():
+    import random
+    rng = random.Random(7)
+    for _ in range(300):
+        size, step = rng.choice([1, 2, 3, 5, 8]), rng.choice([1, 2, 3, 5, 8])
+        count = list(range(rng.randrange(1, 40)))
+        assert windows_of(f"count:{size}:{step}", count) == expected_windows(count, size, step)
+        size, step = rng.choice([0.5, 1, 2.5, 3, 10]), rng.choice([0.25, 0.5, 1, 2.5, 3, 10])
+        times = [1_700_000_000.0]
+        for _ in range(rng.randrange(40)):
+            times.append(times[-1] + rng.choice([0, 0, 0.25, 0.5, 1, 2, 7, 40]))
+        assert windows_of(f"time:{size}:{step}", times) == expected_windows(times, size, step)
+    started = time.monotonic()  # a gap of 30 years in steps of 1 ms: jumped, not walked
+    assert windows_of("time:1:0.001", [1e6, 1e6 + 1e9]) == [[0], [1]]
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+@pytest.mark.parametrize("header", [b"", b"BlockId,Label"])
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"])
+def test_labels_csv_with_or_without_a_bom_or_header_and_any_line_ending(tmp_path, bom, header, ending):
+    rows = [b"blk_1,Anomaly", b"blk_2,Normal", b"blk_1,anomaly", b"", b"blk_3,0"]  # one label twice: fine
+    path = tmp_path / "labels.csv"
+    path.write_bytes(bom + b"".join(row + ending for row in ([header] if header else []) + rows))
+    assert preprocess.read_labels(str(path)) == {"blk_1": 1, "blk_2": 0, "blk_3": 0}
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"blk_1,Normal\nblk_2,Anom\xe9ly\n",
+     "line 2 is not UTF-8 (byte 11: b'\\xe9ly\\n'); save the CSV as UTF-8"),
+    (b"\xef\xbb\xbfBlockId,Label\nblk_1,Normal\r\nblk_2,Anomaly\nblk_1,Anomaly\n",
+     "session 'blk_1' has two labels, Normal on line 2 and Anomaly on line 4; keep one"),
+    (b"blk_1,Normal\nblk_2," + b"x" * 200_000 + b"\n", "line 2: not CSV: field larger than field limit"),
+    (b"blk_1,Normal\nblk_2," + b"y" * 5000 + b"\n", "line 2: label 'yyyy"),
+], ids=["not UTF-8", "two labels", "not CSV", "a long label"])
+def test_a_bad_labels_csv_is_one_line_naming_the_file_and_the_line(tmp_path, capsys, data, message):
+    (tmp_path / "log.txt").write_text("\n".join(block_log(range(1, 3))) + "\n")
+    (tmp_path / "labels.csv").write_bytes(data)
+    error = one_error_line(capsys, [tmp_path / "log.txt", "--output", tmp_path / "o", "--log-format", FORMAT,
+                                    "--session-key", r"blk_-?\d+", "--labels", tmp_path / "labels.csv",
+                                    "--config", tmp_path / "base.yaml"])
+    assert error.startswith(f"error: --labels {tmp_path / 'labels.csv'}: ") and message in error, error
+    assert len(error) < 600
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--session-key", r"req-\d+"], r"--session-key 'req-\\d+' matches no line, so there is no session"),
+    (["--window", "time:60", "--time-field", "Time", "--time-format", "%H-%M-%S"],
+     "--time-field Time holds no time readable with --time-format '%H-%M-%S', so there is no window (the "
+     "first: '00:00:00', time data '00:00:00' does not match format '%H-%M-%S', on "),
+    (["--window", "time:60", "--time-field", "Level"],
+     "--time-field Level holds no time readable as epoch seconds (no --time-format given)"),
+    (["--session-key", r"blk_-?\d+", "--time-field", "Time", "--time-format", "%H-%M-%S"],
+     "--time-field Time holds no time readable with --time-format '%H-%M-%S', so there is no session"),
+])
+def test_a_grouping_that_matches_no_line_is_one_line_with_a_sample(tmp_path, capsys, flags, message):
+    log = tmp_path / "log.txt"
+    log.write_text("\n".join(block_log(range(1, 3))) + "\n")
+    error = one_error_line(capsys, [log, "--output", tmp_path / "o", "--log-format", FORMAT, *flags,
+                                    "--config", tmp_path / "base.yaml"])
+    assert message in error and f"{log}:1: 2024-01-01 00:00:00 INFO svc.Store: Opened block blk_1" in error
+    assert not (tmp_path / "o" / "sessions.jsonl").exists()
+
+
+def test_detection_with_a_grouping_that_matches_no_new_line_says_so(tmp_path):
+    run(tmp_path, block_log(range(1, 3)), "--session-key", r"blk_-?\d+")
+    with pytest.raises(preprocess.PreprocessError, match=r"--session-key 'req-\\\\d\+' matches no line"):
+        list(preprocess.sessions_from_logs(str(tmp_path / "out" / "parser_state.json"),
+                                           [str(tmp_path / "log.txt")], session_key=r"req-\d+"))
+
+
+def test_one_line_splitter_splits_as_universal_newlines_across_any_block_boundary():
+    import io
+    import random
+    rng = random.Random(5)
+    for _ in range(300):
+        text = "".join(rng.choice(["a", "bc", "\r", "\n", "\r\n", "é"]) for _ in range(rng.randrange(30)))
+        # "\n", "\r\n" and a lone "\r" end a line, as in Python's universal newlines
+        expected = [line.rstrip("\r\n") for line in io.StringIO(text, newline="")]
+        for block in (1, 2, 3, 7, 64):
+            assert list(preprocess.split_lines(io.BytesIO(text.encode()), block)) == expected
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r", "mixed"])
+def test_the_raw_line_shown_for_each_event_is_its_input_line_whatever_the_line_endings(tmp_path, ending,
+                                                                                        compressed):
+    lines = block_log(range(1, 60))
+    lines[5:5] = ["", "garbage that does not fit the format", line(3, "Wrote a\tb\x0bc\x1cd to blk_2")]
+    endings = ["\n", "\r\n", "\r"] * len(lines) if ending == "mixed" else [ending] * len(lines)
+    data = "".join(text + end for text, end in zip(lines, endings)).encode()
+    log = tmp_path / ("log.gz" if compressed else "log.txt")
+    log.write_bytes(gzip.compress(data) if compressed else data)
+    preprocess.main([str(log), "--output", str(tmp_path / "out"), "--log-format", FORMAT, "--session-key",
+                     r"blk_-?\d+", "--config", str(tmp_path / "base.yaml")])
+    sessions = read_output(tmp_path / "out")["sessions"]
+    raw = preprocess.RawLines.for_sessions(tmp_path / "out" / "sessions.jsonl")
+    raw.INDEX_EVERY = 7  # many index entries: the seeks land after every kind of line ending
+    located = [(s["lines"], [{"position": i} for i in range(len(s["event_ids"]))]) for s in sessions]
+    raw.annotate(located)   # as evaluate.py --detect does for each miss
+    shown = {}
+    for session, (_, misses) in zip(sessions, located):
+        for miss in misses:
+            path, number = miss["at"].rsplit(":", 1)
+            assert path == str(log.resolve()) and miss["raw"] == lines[int(number) - 1]
+            assert session["session_id"] in miss["raw"]
+            shown[int(number)] = miss["raw"]
+    assert len(shown) == len(lines) - 2   # every line but the empty one and the garbage
+
+
+def test_a_fifo_is_refused_as_input_and_never_opened_as_a_source(tmp_path):
+    import threading
+    fifo = tmp_path / "pipe.log"
+    os.mkfifo(fifo)
+    with pytest.raises(preprocess.PreprocessError, match=r"pipe.log is a FIFO \(named pipe\), not a regular "
+                                                         r"file: .*write the log to a file first"):
+        preprocess.input_files([str(fifo)])
+    with pytest.raises(preprocess.PreprocessError, match="is a character device, not a regular file"):
+        preprocess.input_files(["/dev/null"])
+
+    def writer():  # opening a FIFO to read waits for a writer: one comes after 3 s, if anyone waits
+        time.sleep(3)
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    threading.Thread(target=writer, daemon=True).start()
+    started = time.monotonic()
+    assert preprocess.RawLines([str(fifo)]).fetch({(0, 1)}) == {}   # a sources.json naming a FIFO
+    assert time.monotonic() - started < 2
+
+
+HUGE = "x" * 100_000
+
+
+@pytest.mark.parametrize("flags", [
+    ["--session-key", "(" + HUGE],
+    ["--mask", HUGE + "(", "--window", "count:5"],
+    ["--mask", "(" * 10_000 + "a" + ")" * 10_000, "--window", "count:5"],
+    ["--window", "count:" + HUGE],
+    ["--window", "count:1:1" + HUGE],
+    ["--log-format", "<Content> [" + HUGE, "--window", "count:5"],
+    ["--log-format", "(" * 10_000 + "<Content>" + ")" * 10_000, "--window", "count:5"],
+    ["--log-format", f"<{HUGE}-> <Content>", "--window", "count:5"],
+    ["--log-format", f"<Date> <Time> <Content> {HUGE}", "--window", "count:5"],   # no line matches
+    ["--label-field", HUGE, "--window", "count:5"],
+    ["--session-key", "never" + HUGE],   # matches no line
+])
+def test_every_message_that_shows_user_data_is_bounded(tmp_path, capsys, flags):
+    (tmp_path / "log.txt").write_text(line(1, "y" * 100_000 + "!") + "\n" + line(2, "y" * 40 + "!") + "\n")
+    argv = [tmp_path / "log.txt", "--output", tmp_path / "o", "--config", tmp_path / "base.yaml", *flags]
+    error = one_error_line(capsys, argv if "--log-format" in flags else [*argv, "--log-format", FORMAT])
+    assert len(error) < 1000, error[:2000]
