@@ -56,7 +56,15 @@ import calibration as cal
 import utils
 from cache import build_caches, cache_settings, default_cache_dir, session_chunks
 from calibration import PERCENTILES, RULES, ScoreQuantiles, anomaly_scores, verdicts
-from dataset import DataError, Record, calibration_half, is_validation, iter_sessions, list_data_files
+from dataset import (
+    DataError,
+    Record,
+    calibration_half,
+    is_validation,
+    iter_sessions,
+    list_data_files,
+    skip_hint,
+)
 from model import MAX_COUNT_VECTORS, MAX_RECORD_SESSIONS, CoOccurrence, CountVectors, DeepLog
 
 ACCURACY_KS = (1, 5, 10, 20)
@@ -609,8 +617,9 @@ def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_
                                 f"{sum(totals.values())} sessions, as whole lines",
                                 utils.signal_exit_code(str(signal_name))) from None
     if stopped:
+        hint = skip_hint(stopped[0], options.get("skip_bad_records", False))
         raise PartialOutput(f"{stopped[0]}; the {sum(totals.values())} sessions before it were written: the "
-                            f"output is partial (--skip-bad-records skips such records)")
+                            f"output is partial{hint}")
     return {**totals, "bad_records": counters.get("bad_records", 0),
             "first_bad_record": counters.get("first_bad_record")}
 

@@ -803,6 +803,7 @@ def test_detect_over_a_bad_record_writes_what_came_before_and_says_it_is_partial
     assert ("line 5001: malformed JSON" in result.stderr
             and "the 5000 sessions before it were written" in result.stderr)
     assert "partial" in result.stderr and len(detections.read_text().splitlines()) == 5000
+    assert "(--skip-bad-records skips such records)" in result.stderr   # the flag is off, and would skip it
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", path, "--output", detections,
                         "--skip-bad-records")
     assert result.returncode == 0, result.stderr
