@@ -395,9 +395,10 @@ class DeepLog(nn.Module):
         co_occurrence = self.co_occurrence or CoOccurrence(self.vocab_size)
         scores["novel_set"], scores["novel_pair"] = co_occurrence.novel(sessions)
         scores["count_distance"] = co_occurrence.distance(sessions)
-        from calibration import verdicts  # the rules' owner (it imports this module: imported here, no cycle)
+        from calibration import checked, verdicts  # the rules' owner (it imports this module: no cycle here)
 
-        flagged = verdicts(scores, self.calibration, rule or self.calibration["default_rule"])
+        calibration = checked(self.calibration, "model.calibration")   # one set by hand, of any form
+        flagged = verdicts(scores, calibration, rule or calibration["default_rule"])
         return ["abnormal" if abnormal else "normal" for abnormal in flagged.tolist()]
 
 

@@ -542,7 +542,12 @@ class RunRecord:
               ) -> "RunRecord":
         """This run's record: a new one, or (resuming) the one of the run the checkpoint belongs to. Another
         run's files there are refused, naming that run and the ways out, or with `overwrite` moved aside."""
-        existing = cls.read(output_dir)
+        try:
+            existing = cls.read(output_dir)
+        except ConfigError:
+            if not overwrite:
+                raise
+            existing = None   # a damaged record: --overwrite moves the files it should have described aside
         checkpoint_dir = output_dir / "checkpoints"
         found = sorted(p.name for p in checkpoint_dir.glob("*.pt")) if checkpoint_dir.is_dir() else []
         if existing is not None and not found:
