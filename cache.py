@@ -470,23 +470,16 @@ def _finish_entry(entry: Path, temp: Path, key: dict, parts: list[dict]) -> None
         with open(temp / name, "rb") as handle:
             os.fsync(handle.fileno())
     utils.atomic_write(temp / "meta.json", lambda handle: handle.write(json.dumps(meta).encode()))
-    _fsync_directory(temp)
+    utils.fsync_directory(temp)
     if entry.exists():
         old = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.old.", suffix=".tmp"))
         entry.rename(old / "entry")
         shutil.rmtree(old, ignore_errors=True)
     temp.rename(entry)
-    _fsync_directory(entry.parent)
+    utils.fsync_directory(entry.parent)
     # verified: its checksums were taken as it was written
     _verified[_entry_id(entry)] = _signature(_entry_files(entry, meta))
 
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # ----------------------------------------------------------------------------- verifying

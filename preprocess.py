@@ -1381,13 +1381,6 @@ def _link(path: Path, target: str) -> None:
     os.replace(temp, path)
 
 
-def _fsync_dir(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
 
 def new_generation(output: Path) -> Path:
     place = Path(tempfile.mkdtemp(dir=output, prefix=f".parse-{time.strftime('%Y%m%d-%H%M%S')}-"))
@@ -1402,9 +1395,9 @@ def switch_to(output: Path, place: Path) -> None:
         link = output / name
         if not (link.is_symlink() and os.readlink(link) == f"current/{name}"):
             _link(link, f"current/{name}")
-    _fsync_dir(place)
+    utils.fsync_directory(place)
     _link(output / "current", place.name)
-    _fsync_dir(output)
+    utils.fsync_directory(output)
 
 
 def remove_leftovers(output: Path) -> None:
@@ -1441,11 +1434,11 @@ def adopt_plain_files(output: Path) -> None:
                 os.link((output / name).resolve(), place / name)  # (a link's target: os.link keeps links)
             except OSError:  # a file system without hard links
                 shutil.copy2(output / name, place / name)
-        _fsync_dir(place)
+        utils.fsync_directory(place)
         _link(shown, place.name)
     for name in plain:
         _link(output / name, f"current/{name}")
-    _fsync_dir(output)
+    utils.fsync_directory(output)
 
 
 # ----------------------------------------------------------------------------- settings and the CLI

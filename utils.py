@@ -611,6 +611,15 @@ class RunRecord:
         self.save()
 
 
+def fsync_directory(path) -> None:
+    """Make a rename or a new entry in `path` durable (the directory's own metadata)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def atomic_write(path, write) -> None:
     """Write to a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
