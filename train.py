@@ -301,13 +301,14 @@ def train(args, logger):
                 f"{state.early_stopping.best_loss:.4f}{' (early stop)' if state.stopped_early else ''} | "
                 f"best model: {best}")
     utils.barrier(runtime)
-    stop_signal.raise_now = True  # from here a signal stops the evaluation at once
-    exit_code = 0
-    if tc.evaluate_after_training and runtime.is_master and best.exists():
-        exit_code = evaluate_after_training(best, config, stop_signal, logger)
     if runtime.distributed:
+        # Every rank leaves the group together, before the master's single-process evaluation: a rank that
+        # tore its gloo group down while the master still held it open could abort at exit (SIGABRT).
         torch.distributed.destroy_process_group()
-    return exit_code
+    stop_signal.raise_now = True  # from here a signal stops the evaluation at once
+    if tc.evaluate_after_training and runtime.is_master and best.exists():
+        return evaluate_after_training(best, config, stop_signal, logger)
+    return 0
 
 
 def claim_output(output_dir: Path, checkpoint: dict | None, args, runtime: utils.Runtime, logger):

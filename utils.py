@@ -142,6 +142,29 @@ class PreprocessConfig:
 
 
 @dataclass
+class DetectConfig:
+    """detect.py --follow (live detection): when a session is complete, how often the place is saved."""
+    idle_lines: typing.Optional[int] = None     # a session without an event for this many lines is closed;
+                                                # null: the parser state's session_idle, else 100,000
+    idle_seconds: typing.Optional[float] = None  # ... or for this many seconds of wall-clock time
+    max_session_events: typing.Optional[int] = None  # a session is closed at this many events (a window
+                                                     # fills); its next event opens a new one
+    state_interval_s: float = 5.0   # the position and the open sessions are saved this often (and on SIGTERM)
+    poll_interval_s: float = 0.1    # wait at the end of a followed file before looking again
+    block_lines: int = 8192         # lines read and scored together, at most (fewer when no more have come)
+    max_misses: int = 3             # misses shown per abnormal verdict
+
+
+@dataclass
+class UpdateConfig:
+    """train.py --update: fine-tuning a trained model on sessions an operator marked normal."""
+    epochs: int = 3
+    learning_rate: float = 1.0e-4
+    replay_sessions: int = 2000     # training sessions replayed with the feedback, so nothing is forgotten
+    feedback_repeats: int = 8       # each feedback session is seen this many times per epoch
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -150,6 +173,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
 
 
 class UserError(Exception):
@@ -370,7 +395,19 @@ def check_values(config: Config) -> None:
               ("preprocess.session_idle", null_or_positive(config.preprocess.session_idle), "null or >= 1"),
               ("preprocess.max_open_sessions", config.preprocess.max_open_sessions >= 1, ">= 1"),
               ("preprocess.masks", all(isinstance(m, str) for m in config.preprocess.masks), "a list of "
-                                                                                             "strings")]
+                                                                                             "strings"),
+              ("detect.idle_lines", null_or_positive(config.detect.idle_lines), "null or >= 1"),
+              ("detect.idle_seconds", (config.detect.idle_seconds or 1) > 0, "null or > 0"),
+              ("detect.max_session_events", null_or_positive(config.detect.max_session_events),
+               "null or >= 1"),
+              ("detect.state_interval_s", config.detect.state_interval_s > 0, "> 0"),
+              ("detect.poll_interval_s", config.detect.poll_interval_s > 0, "> 0"),
+              ("detect.block_lines", config.detect.block_lines >= 1, ">= 1"),
+              ("detect.max_misses", config.detect.max_misses >= 0, ">= 0"),
+              ("update.epochs", config.update.epochs >= 1, ">= 1"),
+              ("update.learning_rate", config.update.learning_rate > 0, "> 0"),
+              ("update.replay_sessions", config.update.replay_sessions >= 0, ">= 0"),
+              ("update.feedback_repeats", config.update.feedback_repeats >= 1, ">= 1")]
     for dotted, ok, rule in checks:
         if not ok:
             raise ConfigError(f"'{dotted}' must be {rule}, got {short(get(dotted))}")
