@@ -10,11 +10,20 @@ Examples:
     torchrun --standalone --nproc_per_node=4 train.py --data-dir /data/sessions   # DistributedDataParallel
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 train.py ...
     python cache.py /data/sessions --vocab-size 10000   # optional: build the token cache before a big run
+    python train.py --update outputs/checkpoints/best_model.pt --feedback false_positives.jsonl
+    python train.py --update outputs/checkpoints/best_model.pt --feedback fp.txt --output-dir outputs/fixed
 
 Outputs in training.output_dir: training.log, training_history.json, config.yaml (the resolved config),
 checkpoints/{best_model,epoch_N,step_N}.pt and, when evaluation runs, the evaluation reports. The first
 pass parses every data file once into a token cache (lazy_loading.cache_dir); later epochs, runs,
 resumes and the evaluation read that.
+
+--update CHECKPOINT --feedback FILE: learning from feedback. Sessions an operator marked normal (JSON lines
+of sessions, DeepLog text, or detect.py's output lines) fine-tune the model for a few epochs (update:
+section of the config) together with a replay sample of its own training data; its records of which event
+types occur together take them in; its thresholds are fitted again as after training. The result goes to a
+new folder, by default PARENT_RUN/update-TIME/checkpoints/best_model.pt, recording its parent and the
+feedback; the parent is never written, so rollback is pointing detection back at it (feedback.py).
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import atexit
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import feedback
 import utils
 from cache import CachedSessions, build_caches, cache_settings, default_cache_dir
 from dataset import IJSON_BACKEND, MAX_EVENT_SETS, DataError, SessionDataset, batch_to_device, merge_counts
@@ -45,10 +56,12 @@ def parse_args(argv=None):
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml; "
                         "missing keys take the defaults in utils.py)")
     parser.add_argument("--data-dir", help="training data, a directory or a file (data.preprocessed_dir)")
-    parser.add_argument("--epochs", type=int, help="number of epochs (training.epochs)")
+    parser.add_argument("--epochs", type=int, help="number of epochs (training.epochs; with --update: "
+                                                   "update.epochs)")
     parser.add_argument("--batch-size", type=int, help="global batch size, split across GPUs "
                                                        "(training.batch_size)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (training.learning_rate)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (training.learning_rate; with --update: "
+                                                 "update.learning_rate)")
     parser.add_argument("--resume", help="checkpoint to continue from exactly (model, optimizer, data "
                                          "position, RNG)")
     parser.add_argument("--output-dir", help="where logs, checkpoints and reports go (training.output_dir)")
@@ -57,7 +70,17 @@ def parse_args(argv=None):
                                                  "(training.seed)")
     parser.add_argument("--overwrite", action="store_true", help="train into an output directory that holds "
                         "another run's files: move them to OUTPUT_DIR/previous_runs/RUN_ID first")
-    return parser.parse_args(argv)
+    parser.add_argument("--update", metavar="CHECKPOINT", help="learn from feedback: fine-tune this "
+                        "trained model on the sessions of --feedback (into a new folder; the checkpoint "
+                        "itself is never written)")
+    parser.add_argument("--feedback", metavar="FILE", help="with --update: sessions marked normal (JSON "
+                        "lines, DeepLog text, or detect.py's output lines)")
+    args = parser.parse_args(argv)
+    if bool(args.update) != bool(args.feedback):
+        parser.error("--update CHECKPOINT and --feedback FILE go together")
+    if args.update and (args.resume or args.overwrite):
+        parser.error("--update writes a new folder of its own: no --resume, no --overwrite")
+    return args
 
 
 def resolve_config(args) -> utils.Config:
@@ -225,7 +248,8 @@ def step_line(state: utils.TrainState, last_loss, elapsed: float, steps_this_run
 def main(argv=None):
     args = parse_args(argv)
     logger = logging.getLogger("deeplog")
-    return utils.exit_on_user_error(lambda: train(args, logger), (*utils.USER_ERRORS, DataError), logger)
+    work = update if args.update else train
+    return utils.exit_on_user_error(lambda: work(args, logger), (*utils.USER_ERRORS, DataError), logger)
 
 
 def resume_defaults(config: utils.Config, stored: dict, args) -> list[str]:
@@ -309,6 +333,92 @@ def train(args, logger):
     if tc.evaluate_after_training and runtime.is_master and best.exists():
         return evaluate_after_training(best, config, stop_signal, logger)
     return 0
+
+
+def update(args, logger) -> int:
+    """--update: fine-tune a trained model on sessions an operator marked normal, with a replay sample of
+    its training data; join its records of event types seen together with them; fit its thresholds again;
+    write the new checkpoint, complete and once, into a folder of its own (feedback.py holds the plumbing).
+    The parent is only read: rollback is pointing detection back at it."""
+    stop_signal = utils.StopSignal(raise_now=True)   # until the checkpoint is written, a signal stops at once
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise utils.ConfigError("--update runs in one process: start it with python, not torchrun")
+    # everything read and checked before the new folder exists: bad feedback leaves nothing behind
+    parent = feedback.Parent.load(args.update)
+    config = feedback.update_config(parent, args)
+    found = feedback.read_feedback(args.feedback, config.model.vocab_size, utils.reader_options(config))
+    tc, uc, output_dir = config.training, config.update, Path(config.training.output_dir)
+    utils.setup_logger(None, logger=logger)
+    run = feedback.claim_output(output_dir, logger)
+    utils.setup_logger(str(output_dir), logger=logger)
+    logger.info(f"Update {run.run_id} in {output_dir} of {parent.describe()} | feedback {found.path}: "
+                f"{len(found.sessions)} sessions to learn as normal{found.skipped_text()}")
+    utils.seed_everything(tc.seed)
+    runtime = utils.setup_runtime(tc.device, use_multi_gpu=False)
+    try:
+        data = prepare_data(config, runtime, tc.batch_size, logger)   # the token cache: replay and validation
+        replay = feedback.replay_sample(config, logger)
+    except utils.Stopped as signal_name:
+        raise utils.Interrupted(f"{signal_name} while reading the training data: nothing was written; run "
+                                f"the same command again", stop_signal.exit_code) from None
+
+    model = DeepLog(**parent.checkpoint["model_args"])
+    model.load_state_dict(parent.checkpoint["model_state_dict"])
+    new_events = feedback.mark_seen(model, found.sessions)
+    model.set_windows(config.data.max_seq_length, config.data.window_context).to(runtime.device)
+    windows = feedback.update_windows(found.sessions, replay, config)
+    state, amp_dtype = feedback.update_state(model, config, len(windows), runtime)
+    state.run = run
+    logger.info(feedback.plan_line(found, replay, windows, state, parent, new_events))
+    started = time.time()
+    for epoch in range(1, uc.epochs + 1):
+        update_epoch(state, model, data, windows, runtime, amp_dtype, epoch, logger)
+    logger.info(f"Update finished in {utils.format_duration(time.time() - started)} ({state.step} steps); "
+                f"the parent's training took {parent.training_time()}")
+
+    model.eval()
+    records = dict(parent.checkpoint)   # the parent's records, joined with the feedback in this copy
+    co_occurrence = feedback.join_records(records, found.sessions, config, logger)
+    calibration, normal, abnormal = feedback.recalibrate(model, co_occurrence, config, logger)
+    best = output_dir / "checkpoints" / "best_model.pt"
+    utils.save_config(config, output_dir / "config.yaml")
+    utils.save_json(output_dir / "training_history.json", state.history)
+    feedback.save_updated(state, records, parent, found, len(replay), calibration, best)
+    logger.info(f"Updated model: {best} | parent {parent.path} {parent.still_unchanged()}: rollback is "
+                f"pointing detection back at it")
+    try:
+        feedback.evaluate_update(model, best, calibration, normal, abnormal, co_occurrence, config, logger)
+    except utils.Stopped as signal_name:
+        logger.info(f"Stopped by {signal_name} during the evaluation after the update; {best} is complete")
+        return stop_signal.exit_code
+    return 0
+
+
+def update_epoch(state: utils.TrainState, model, data: Data, windows: list, runtime, amp_dtype, epoch: int,
+                 logger) -> None:
+    """One epoch of an update over its windows (feedback and replay), then the validation loss on the
+    parent's validation split: how much of what it knew the model kept."""
+    config = state.config
+    tc = config.training
+    state.start_epoch(epoch)
+    started = time.time()
+    window = utils.LossWindow(runtime.device)
+    model.train()
+    for batch in feedback.epoch_batches(windows, tc.batch_size, tc.seed, epoch, model.pad_id):
+        window.add(*train_step(state, model, batch, runtime, amp_dtype, tc.max_grad_norm))
+    window.flush_into(state)
+    train_loss = state.epoch_loss_sum / max(state.epoch_tokens, 1)
+    val_loss, val_tokens = evaluate_loss(model, data.val, tc.batch_size, runtime, amp_dtype)
+    state.early_stopping.step(val_loss if val_tokens else train_loss)
+    learning_rate = state.scheduler.get_last_lr()[0]
+    for key, value in (("epoch", epoch), ("train_loss", train_loss),
+                       ("val_loss", val_loss if val_tokens else None), ("learning_rate", learning_rate),
+                       ("epoch_time", time.time() - started)):
+        state.history[key].append(value)
+    logger.info(f"Update epoch {epoch}/{config.update.epochs} | train loss {train_loss:.4f} (feedback and "
+                f"replay) | val loss {val_loss:.4f} ({val_tokens} events of the parent's validation split) | "
+                f"LR {learning_rate:.2e} | time {utils.format_duration(time.time() - started)}")
+    state.start_epoch(epoch + 1)
 
 
 def claim_output(output_dir: Path, checkpoint: dict | None, args, runtime: utils.Runtime, logger):

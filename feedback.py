@@ -1,0 +1,454 @@
+"""Learning from feedback: the plumbing of `train.py --update` (the story itself is train.update).
+
+Examples:
+
+    python train.py --update outputs/checkpoints/best_model.pt --feedback false_positives.jsonl
+    python train.py --update outputs/checkpoints/best_model.pt --feedback fp.txt --output-dir outputs/fixed
+    python train.py --update outputs/checkpoints/best_model.pt --feedback detections.jsonl --epochs 5
+    python -c "import feedback; print(feedback.read_feedback('fp.jsonl', 29).sessions[:3])"
+    # rollback: point detection back at outputs/checkpoints/best_model.pt (the parent is never written)
+
+The feedback FILE lists sessions an operator marked normal, in any of three forms, told apart by content:
+    JSON lines of sessions, as dataset.py reads them ({"session_id": ..., "event_ids": [...], "label": 0});
+        a session labelled 1 (abnormal) is no feedback that it is normal: skipped, and counted in the log
+    DeepLog text: one session per line, its event IDs separated by spaces
+    detect.py's output: {"session_id": ..., "verdict": "abnormal", ..., "event_ids": [...]} per flagged
+        session; its early-alert lines ("alert": "early", no event_ids) and "normal" verdicts are skipped
+        and counted in the log
+A *.json file holds an array of session objects (or one under data.json_array_key), as in training data.
+A bad line (not JSON, no event_ids, an ID outside the model's vocabulary) stops the update before anything
+is written, with one message naming the file and the line.
+
+The update fine-tunes the parent's weights for update.epochs epochs over every feedback session repeated
+update.feedback_repeats times plus update.replay_sessions sessions of the parent's own training data (from
+the token cache training built), at update.learning_rate; the parent's records of which event types occur
+in training (seen events, event sets, pairs, count vectors) are joined with the feedback sessions'; the
+thresholds are fitted again on the calibration half of the validation split, as after training, and stored
+with the new checkpoint, which is written once, complete: OUTPUT_DIR/checkpoints/best_model.pt, recording
+its "parent" (path, sha256, run_id, step, epoch) and the "feedback" it learned (path, sha256, sessions).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import utils
+from dataset import MAX_EVENT_SETS, DataError, _numbered_items, _open, _record, collate, make_windows
+from model import (
+    MAX_COUNT_ENTRIES,
+    MAX_COUNT_VECTORS,
+    MAX_EVENT_PAIRS,
+    CoOccurrence,
+    CountVectors,
+    pairs_of_sets,
+    sorted_unique,
+    special_tokens,
+)
+
+UPDATE_FOLDER = "update-{time}"   # beside the parent's run: OUTPUT_DIR/update-YYYYmmdd-HHMMSS
+SKIPPED_WORDS = {"early_alerts": "early-alert lines (no event_ids: not a whole session)",
+                 "normal_verdicts": "lines with verdict normal (nothing to correct)",
+                 "labelled_abnormal": "sessions labelled 1 (abnormal: not feedback that they are normal)"}
+
+
+# ----------------------------------------------------------------------------- the parent
+@dataclass
+class Parent:
+    path: Path
+    checkpoint: dict
+    sha256: str
+
+    @classmethod
+    def load(cls, path) -> "Parent":
+        """The checkpoint to update, validated by the one loader, with the digest of its bytes (read once
+        more: the digest names exactly the file the weights came from)."""
+        checkpoint = utils.load_checkpoint(path, map_location="cpu")
+        return cls(Path(path).resolve(), checkpoint, file_sha256(path))
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder of the parent's run: the one holding checkpoints/, else the checkpoint's own folder."""
+        folder = self.path.parent
+        return folder.parent if folder.name == "checkpoints" else folder
+
+    def describe(self) -> str:
+        c = self.checkpoint
+        return f"{self.path} (run {c.get('run_id')}, step {c.get('step')}, epoch {c.get('epoch')})"
+
+    def training_time(self) -> str:
+        """The parent's own training (or update) time, as its history recorded it."""
+        history = self.checkpoint.get("history") or {}
+        times = [t for t in history.get("epoch_time", []) if isinstance(t, (int, float))]
+        return f"{utils.format_duration(sum(times))} over its {len(times)} recorded epochs" if times else \
+            "an unrecorded time"
+
+    def still_unchanged(self) -> str:
+        """Whether the parent file still holds the bytes the update read (nothing here writes it)."""
+        same = self.path.is_file() and file_sha256(self.path) == self.sha256
+        return f"unchanged (sha256 {self.sha256[:12]}...)" if same else "CHANGED by another process meanwhile"
+
+    def record(self) -> dict:
+        """What the new checkpoint says about where it came from (rollback: point detection back here)."""
+        c = self.checkpoint
+        return {"path": str(self.path), "sha256": self.sha256, "run_id": c.get("run_id"),
+                "step": c.get("step"), "epoch": c.get("epoch")}
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(2 ** 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def update_config(parent: Parent, args) -> utils.Config:
+    """The parent's resolved config (its model, data, windows, rules), with the update: section of --config
+    (config.yaml where present) and the flags: --epochs and --lr set update.epochs and
+    update.learning_rate, --data-dir, --batch-size, --device and --seed as in training."""
+    config = utils.config_from_dict(parent.checkpoint["config"])
+    config_path = args.config if (args.config != "config.yaml" or Path(args.config).exists()) else None
+    config.update = utils.load_config(config_path).update
+    overrides = {"update.epochs": args.epochs, "update.learning_rate": args.lr,
+                 "data.preprocessed_dir": args.data_dir, "training.batch_size": args.batch_size,
+                 "training.device": args.device, "training.seed": args.seed}
+    for dotted, value in overrides.items():
+        if value is not None:
+            utils.set_value(config, dotted, value, source="command line")
+    utils.check_values(config)
+    output_dir = Path(args.output_dir) if args.output_dir else \
+        parent.run_dir / UPDATE_FOLDER.format(time=time.strftime("%Y%m%d-%H%M%S"))
+    if output_dir.resolve() in (parent.path.parent, parent.run_dir):
+        raise utils.ConfigError(f"--output-dir {output_dir} is the parent's own run folder: the update "
+                                "writes a new folder, so that the parent stays as it is (rollback)")
+    config.training.output_dir = str(output_dir)
+    config.training.evaluate_after_training = True
+    if not Path(config.data.preprocessed_dir).exists():
+        raise DataError(f"{config.data.preprocessed_dir}: the parent's training data is not there; it is "
+                        f"needed for the replay sample and the recalibration (its validation split): pass "
+                        f"--data-dir")
+    return config
+
+
+# ----------------------------------------------------------------------------- the feedback file
+@dataclass
+class Feedback:
+    path: Path
+    sha256: str
+    sessions: list[list[int]]
+    session_ids: list[str]
+    skipped: Counter = field(default_factory=Counter)
+
+    def record(self) -> dict:
+        return {"path": str(self.path.resolve()), "sha256": self.sha256, "sessions": len(self.sessions),
+                "distinct_sessions": len({tuple(s) for s in self.sessions}),
+                "skipped": {key: int(self.skipped[key]) for key in SKIPPED_WORDS}}
+
+    def skipped_text(self) -> str:
+        parts = [f"{self.skipped[key]} {words}" for key, words in SKIPPED_WORDS.items() if self.skipped[key]]
+        return "; skipped: " + ", ".join(parts) if parts else ""
+
+
+def feedback_format(file: Path) -> str:
+    """"json" (an array, by its suffix), "jsonl" (the first non-blank byte opens an object) or "text"."""
+    name = file.name[:-3] if file.name.endswith(".gz") else file.name
+    if name.endswith(".json"):
+        return "json"
+    with _open(file) as handle:
+        while block := handle.read(4096):
+            stripped = block.lstrip()
+            if stripped:
+                return "jsonl" if stripped[:1] == b"{" else "text"
+    raise DataError(f"{file}: empty feedback file: no sessions to learn from")
+
+
+def read_feedback(path, vocab_size: int, options: dict | None = None) -> Feedback:
+    """Every session of a feedback file, validated in full before any work starts: DataError naming the
+    file and the line of the first bad record (no skipping: feedback is few sessions, each deliberate)."""
+    file, options = Path(path), options or utils.reader_options(utils.Config())
+    if not file.exists():
+        raise DataError(f"{file}: feedback file not found")
+    if not file.is_file():
+        raise DataError(f"{file}: not a regular file: pass a file of sessions")
+    fmt = feedback_format(file)
+    fields = (options["event_ids_field"], options["label_field"], options["session_id_field"])
+    found = Feedback(file, file_sha256(file), [], [])
+    try:
+        for index, item in _numbered_items(file, fmt, options["json_array_key"], None, 1):
+            kind = _skipped_kind(item)
+            if kind is not None:
+                found.skipped[kind] += 1
+                continue
+            record = _record(file, index, item, fields, None, fmt)
+            if record.label:
+                found.skipped["labelled_abnormal"] += 1
+                continue
+            outside = next((e for e in record.event_ids if e >= vocab_size), None)
+            if outside is not None:
+                where = "record" if fmt == "json" else "line"
+                raise DataError(f"{file}: {where} {index}: event ID {outside} is outside the model's "
+                                f"vocabulary (0..{vocab_size - 1}): the model has no place for it; train a "
+                                f"new model with a larger model.vocab_size")
+            found.sessions.append(record.event_ids)
+            found.session_ids.append(record.session_id)
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise DataError(f"{file}: unreadable: {' '.join(str(error).split())[:160]}") from None
+    if not found.sessions:
+        raise DataError(f"{file}: no feedback sessions to learn from{found.skipped_text()}")
+    return found
+
+
+def _skipped_kind(item) -> str | None:
+    """Which kind of skipped line a detect.py output line is (None: a session to learn from)."""
+    if not isinstance(item, dict):
+        return None
+    if item.get("alert") is not None and "event_ids" not in item:
+        return "early_alerts"
+    if item.get("verdict") == "normal" and "event_ids" not in item:
+        return "normal_verdicts"
+    return None
+
+
+# ----------------------------------------------------------------------------- records joined
+def join_records(checkpoint: dict, sessions: list[list[int]], config: utils.Config, logger) -> CoOccurrence:
+    """The parent's records of which event types occur in normal training sessions, joined with the
+    feedback sessions, written into `checkpoint` (a copy of the parent's) and returned as the rules' record.
+    A record the parent did not keep (None: too many, or its rule switched off) stays unkept."""
+    vocab_size = checkpoint["model_args"]["vocab_size"]
+    known = CoOccurrence.from_checkpoint(checkpoint)
+    if "count_vectors" not in checkpoint:   # a parent whose evaluation after training never ran
+        import evaluate
+        evaluate.record_count_vectors(checkpoint, known, config, utils.reader_options(config), logger)
+    new_sets = {frozenset(s) for s in sessions} - (known.sets or set())
+    sets = None if known.sets is None else known.sets | new_sets
+    if sets is not None and len(sets) > MAX_EVENT_SETS:
+        logger.warning(f"With the feedback, more than {MAX_EVENT_SETS:,} distinct sets of event types: "
+                       f"the event_set rule is off for the updated model")
+        sets = None
+    pairs, new_pairs = known.pairs, 0
+    if pairs is not None:
+        joined = sorted_unique(pairs, pairs_of_sets(new_sets, vocab_size))
+        new_pairs, pairs = len(joined) - len(pairs), joined
+        if len(pairs) > MAX_EVENT_PAIRS:
+            logger.warning(f"With the feedback, more than {MAX_EVENT_PAIRS:,} pairs of event types: the "
+                           f"event_pair rule is off for the updated model")
+            pairs = None
+    counts = None if known.counts is None else join_count_vectors(known.counts, sessions)
+    checkpoint["event_sets"] = None if sets is None else sorted(sorted(s) for s in sets)
+    joined = CoOccurrence(vocab_size, checkpoint["event_sets"], pairs, counts)
+    checkpoint["event_pairs"] = joined.pair_table()
+    checkpoint["count_vectors"] = None if counts is None else counts.state()
+    logger.info(f"Records joined with the feedback: {'not kept' if sets is None else len(new_sets)} new "
+                f"sets of event types, {'not kept' if pairs is None else new_pairs} new pairs, count "
+                f"vectors {'not kept' if counts is None else f'of {counts.sessions} sessions'}")
+    return joined
+
+
+def join_count_vectors(known: CountVectors, sessions: list[list[int]]) -> CountVectors | None:
+    """The distinct event-count vectors of the parent's record and of the feedback sessions, each with its
+    number of sessions, as CountVectors.from_chunks would have recorded them all together; None beyond the
+    record's bounds."""
+    added = CountVectors.from_chunks([sessions])
+    weights: dict[bytes, int] = {}
+    vectors: dict[bytes, np.ndarray] = {}
+    for record in (known, added):
+        if record is None:
+            continue
+        bounds = np.searchsorted(record.entries[:, 0], np.arange(len(record.weights) + 1))
+        for vector, weight in enumerate(record.weights.tolist()):
+            pairs = record.entries[bounds[vector]:bounds[vector + 1], 1:]
+            key = np.ascontiguousarray(pairs).tobytes()
+            vectors.setdefault(key, pairs)
+            weights[key] = weights.get(key, 0) + weight
+    if len(vectors) > MAX_COUNT_VECTORS or sum(map(len, vectors.values())) > MAX_COUNT_ENTRIES:
+        return None
+    entries = np.concatenate([np.column_stack([np.full(len(v), i), v])
+                              for i, v in enumerate(vectors.values())])
+    return CountVectors(entries, np.array(list(weights.values())))
+
+
+def mark_seen(model, sessions: list[list[int]]) -> list[int]:
+    """Targets the feedback holds that training never had: from now on the model may predict them (they
+    stop being misses at every k). Returns those event IDs."""
+    ids = sorted({e for s in sessions for e in s})
+    new = [e for e in ids if not bool(model.seen_events[e])]
+    model.seen_events[ids] = True
+    model.seen_events[special_tokens(model.vocab_size)[0]] = True   # every session ends
+    return new
+
+
+# ----------------------------------------------------------------------------- what is trained on
+def replay_sample(config: utils.Config, logger) -> list[list[int]]:
+    """update.replay_sessions sessions drawn uniformly from the parent's training sessions (outside its
+    validation split), read from the token cache training built (rebuilt if it was removed)."""
+    import evaluate
+    chunks = evaluate.training_sessions(config, utils.reader_options(config), logger)
+    return reservoir(chunks, config.update.replay_sessions, config.training.seed)
+
+
+def reservoir(chunks, wanted: int, seed: int) -> list[list[int]]:
+    """A uniform sample of `wanted` sessions from chunks of sessions, in one pass and the memory of
+    `wanted` sessions (reservoir sampling, seeded)."""
+    if wanted <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    sample: list = []
+    seen = 0
+    for chunk in chunks:
+        for session in chunk:
+            seen += 1
+            if len(sample) < wanted:
+                sample.append(list(session))
+                continue
+            slot = int(rng.integers(seen))
+            if slot < wanted:
+                sample[slot] = list(session)
+    return sample
+
+
+def update_windows(feedback: list[list[int]], replay: list[list[int]], config: utils.Config) -> list:
+    """The training windows of an update epoch: every feedback session update.feedback_repeats times, and
+    the replay sample once, cut as training cut sessions (data.max_seq_length, data.window_context)."""
+    vocab, data = config.model.vocab_size, config.data
+    windows = []
+    for sessions, repeats in ((feedback, config.update.feedback_repeats), (replay, 1)):
+        for session in sessions:
+            windows += make_windows(session, vocab, data.max_seq_length, data.window_context) * repeats
+    return windows
+
+
+def epoch_batches(windows: list, batch_size: int, seed: int, epoch: int, pad_id: int):
+    """The batches of one update epoch: the windows in a seeded random order, padded."""
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    for begin in range(0, len(windows), batch_size):
+        yield collate([windows[i] for i in order[begin:begin + batch_size].tolist()], pad_id)
+
+
+def optimizer_for(model, config: utils.Config, total_steps: int):
+    """A fresh optimizer at update.learning_rate, warmed up and decayed like training's (its schedule and
+    floor): an update is a short run of its own."""
+    tc = config.training
+    optimizer_class = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(model.parameters(), lr=config.update.learning_rate,
+                                weight_decay=tc.weight_decay)
+    warmup = utils.warmup_steps(None, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, utils.lr_multiplier(warmup, total_steps, tc.lr_schedule, tc.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def update_state(model, config: utils.Config, window_count: int, runtime: utils.Runtime):
+    """The update's TrainState (fresh optimizer and schedule over its steps, training's precision) and the
+    autocast dtype."""
+    tc, uc = config.training, config.update
+    steps = math.ceil(window_count / tc.batch_size) * uc.epochs
+    optimizer, scheduler = optimizer_for(model, config, steps)
+    amp_dtype, use_loss_scaling = utils.amp_settings(config, runtime.device)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=use_loss_scaling)
+    early_stopping = utils.EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
+    state = utils.TrainState(model, optimizer, scheduler, scaler, early_stopping, config)
+    state.total_steps = steps
+    return state, amp_dtype
+
+
+def plan_line(found: Feedback, replay: list, windows: list, state: utils.TrainState, parent: Parent,
+              new_events: list[int]) -> str:
+    uc = state.config.update
+    parent_steps = parent.checkpoint.get("step")
+    share = f", {state.total_steps / parent_steps:.1%} of them" if parent_steps else ""
+    new = f"; event types new to the model: {new_events}" if new_events else ""
+    return (f"Fine-tuning: {len(found.sessions)} feedback sessions x {uc.feedback_repeats} + {len(replay)} "
+            f"replayed training sessions = {len(windows)} windows; {state.total_steps} steps "
+            f"({uc.epochs} epochs) at lr {uc.learning_rate:g} (the parent trained {parent_steps} steps"
+            f"{share}){new}")
+
+
+# ----------------------------------------------------------------------------- the new checkpoint
+def claim_output(output_dir: Path, logger):
+    """The update's own folder, as a training run claims one: locked, with a run record; a folder holding
+    another run's checkpoints is refused (never overwritten)."""
+    import atexit
+    lock = utils.OutputLock(output_dir, logger)
+    atexit.register(lock.release)
+    utils.remove_stale_temp_files(output_dir)
+    return utils.RunRecord.claim(output_dir, None, None, overwrite=False)
+
+
+def recalibrate(model, co_occurrence: CoOccurrence, config: utils.Config, logger):
+    """Thresholds fitted on the calibration half of the parent's validation split, as after training
+    (evaluate.after_training's pieces; its count-vector record is the joined one here, not recounted from
+    the training data alone). Returns the calibration and the evaluation half and abnormal sessions."""
+    import evaluate
+    ev, data = config.evaluation, config.data
+    options = utils.reader_options(config)
+    calibration_set, normal, abnormal = evaluate.validation_sessions(config, options, logger=logger)
+    calibration_set = evaluate.nonempty(calibration_set) or \
+        evaluate.validation_sessions(config, options, logger=logger)[1]
+    source = f"validation split of {data.preprocessed_dir} (calibration half), after the update"
+    calibration = evaluate.fit_calibration(model, calibration_set, ev.top_k, ev.top_g, ev.target_fpr, source,
+                                           ev.decision_rule, ev.batch_size, co_occurrence)
+    evaluate.log_rule(calibration, ev.decision_rule, logger)
+    return calibration, normal, abnormal
+
+
+def evaluate_update(model, checkpoint_path: Path, calibration: dict, normal, abnormal, co_occurrence,
+                    config: utils.Config, logger) -> dict:
+    """The evaluation after training, for the updated model: the evaluation half of the validation split and
+    the abnormal sessions (labelled 1, and data.abnormal_dir), reports in the update's folder."""
+    import itertools
+
+    import evaluate
+    data = config.data
+    if data.abnormal_dir:
+        abnormal = itertools.chain(abnormal, evaluate.data_chunks(data.abnormal_dir, config, "all", logger))
+    paths = {"normal": f"{data.preprocessed_dir} (validation split, evaluation half)",
+             "abnormal": ", ".join(filter(None, [data.abnormal_dir, f"label 1 in {data.preprocessed_dir}"]))}
+    return evaluate.run_evaluation(model, checkpoint_path, calibration, normal, abnormal, paths, config,
+                                   Path(config.training.output_dir), config.evaluation.top_k, None, logger,
+                                   co_occurrence)
+
+
+def save_updated(state: utils.TrainState, records: dict, parent: Parent, found: Feedback, replayed: int,
+                 calibration: dict, path: Path) -> dict:
+    """The new checkpoint, complete (weights, records, calibration, lineage), written once, atomically:
+    there is never a half-updated or uncalibrated one, and the parent is never touched; then, as after
+    training, calibration.json beside it."""
+    checkpoint = state.state_dict([utils.rng_state()])
+    checkpoint.update({key: records[key] for key in ("event_sets", "event_pairs", "count_vectors")})
+    checkpoint["calibration"] = calibration
+    checkpoint["parent"] = parent.record()
+    checkpoint["feedback"] = {**found.record(), "replay_sessions": replayed,
+                              "epochs": state.config.update.epochs,
+                              "learning_rate": state.config.update.learning_rate,
+                              "feedback_repeats": state.config.update.feedback_repeats}
+    utils.save_checkpoint(checkpoint, path)
+    if state.run is not None:
+        state.run.wrote(path.name)
+    import calibration as cal
+    cal.save_calibration(Path(state.config.training.output_dir) / "calibration.json", calibration)
+    return checkpoint
+
+
+
+# ----------------------------------------------------------------------------- checking an update
+def flagged_sessions(checkpoint_path, sessions: list) -> tuple[np.ndarray, dict]:
+    """Which of `sessions` a checkpoint flags, under its stored calibration and decision rule (as detection
+    would), and that calibration: what to look at before and after an update."""
+    import calibration as cal
+    import evaluate
+    checkpoint = utils.load_checkpoint(checkpoint_path)
+    model = utils.model_from_checkpoint(checkpoint, checkpoint_path)
+    calibration, rule = checkpoint["calibration"], checkpoint["config"]["evaluation"]["decision_rule"]
+    scorer = evaluate.ChunkScorer(model, [calibration["top_k"], calibration["top_g"]],
+                                  co_occurrence=evaluate.known_co_occurrence(checkpoint))
+    distinct, scores, _ = scorer([tuple(s) for s in sessions])
+    verdicts = cal.verdicts(scores, calibration, rule)
+    row = {session: i for i, session in enumerate(distinct)}
+    return np.array([bool(verdicts[row[tuple(s)]]) for s in sessions], dtype=bool), calibration

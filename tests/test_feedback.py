@@ -1,0 +1,214 @@
+"""train.py --update: learning from feedback on a small run (a kind of normal session held out of training,
+half of it fed back), the new checkpoint's lineage, the parent left byte-identical, bad feedback files."""
+import hashlib
+import json
+import random
+
+import generate_sample
+import pytest
+import torch
+from conftest import run_script, write_config
+
+import feedback
+
+KIND = 8   # re-replication (events 8, 9, 10): the kind of normal session held out of training
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    rng = random.Random(7)
+    normal = [generate_sample.normal_session(rng) for _ in range(700)]
+    abnormal = [generate_sample.abnormal_session(rng)[0] for _ in range(80)]
+    kind = [s for s in normal if KIND in s]
+    return {"train": [s for s in normal if KIND not in s], "fed": kind[0::2][:20],
+            "held_out": kind[1::2][:20], "abnormal_train": abnormal[:20],
+            # faults in sessions of other kinds: one made from the held-out kind is flagged by the parent
+            # for the kind's novelty alone, which the feedback rightly teaches away
+            "abnormal": [s for s in abnormal[20:] if not {8, 9, 10} & set(s)]}
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory, sessions):
+    """A small model trained (and calibrated) on normal sessions without the kind."""
+    root = tmp_path_factory.mktemp("feedback")
+    data = root / "data"
+    data.mkdir()
+    lines = [{"event_ids": s, "label": 0} for s in sessions["train"]]
+    lines += [{"event_ids": s, "label": 1} for s in sessions["abnormal_train"]]
+    (data / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = write_config(root / "config.yaml", {"training": {"epochs": 4, "evaluate_after_training": True,
+                                                              "learning_rate": 0.005, "save_every_steps": 0},
+                                                 "data": {"validation_split": 0.2}})
+    out = root / "run"
+    result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", out)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    return root, config, out / "checkpoints" / "best_model.pt"
+
+
+def detect_file(path, sessions):
+    """Feedback as detect.py writes it: abnormal verdicts with their event_ids, and early alerts."""
+    lines = []
+    for number, session in enumerate(sessions):
+        lines.append({"session_id": f"s{number}", "alert": "early", "score": 0.4, "misses": []})
+        lines.append({"session_id": f"s{number}", "score": 0.1, "verdict": "abnormal", "rule": "combined",
+                      "min_probability": 0.0, "novel_event_set": True, "novel_event_pairs": [[1, 8]],
+                      "misses": [], "event_ids": session})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def updated(parent, sessions):
+    """One update with the default output folder (beside the parent's run)."""
+    root, config, checkpoint = parent
+    parent_bytes = checkpoint.read_bytes()
+    before = {name: feedback.flagged_sessions(checkpoint, sessions[name])[0]
+              for name in ("fed", "held_out", "abnormal")}
+    feedback_file = detect_file(root / "feedback.jsonl", sessions["fed"])
+    result = run_script("train.py", "--config", config, "--update", checkpoint, "--feedback", feedback_file)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    folders = sorted(checkpoint.parent.parent.glob("update-*"))
+    assert len(folders) == 1
+    return {"parent_bytes": parent_bytes, "before": before, "result": result, "folder": folders[0],
+            "checkpoint": folders[0] / "checkpoints" / "best_model.pt", "feedback_file": feedback_file}
+
+
+def test_update_removes_the_false_positives_without_hurting_recall(updated, sessions):
+    before = updated["before"]
+    after = {name: feedback.flagged_sessions(updated["checkpoint"], sessions[name])[0]
+             for name in ("fed", "held_out", "abnormal")}
+    assert before["fed"].all() and before["held_out"].all()     # the kind is new to the parent
+    assert not after["fed"].any()                               # fed back: normal now
+    assert after["held_out"].sum() <= 1                         # and the kind's others, not fed back
+    # the abnormal sessions: as many flagged (at most one let through, of 48)
+    assert len(sessions["abnormal"]) == 48 and before["abnormal"].sum() >= 20
+    assert after["abnormal"].sum() >= before["abnormal"].sum() - 1
+    log = (updated["folder"] / "training.log").read_text()
+    assert "skipped: 20 early-alert lines" in log and "20 sessions to learn as normal" in log
+    assert "event types new to the model: [8, 9, 10]" in log
+
+
+def test_the_new_checkpoint_records_parent_and_feedback(updated, parent):
+    _, _, parent_path = parent
+    assert parent_path.read_bytes() == updated["parent_bytes"]    # the parent: byte-identical
+    stored = torch.load(updated["checkpoint"], map_location="cpu", weights_only=True)
+    parent_checkpoint = torch.load(parent_path, map_location="cpu", weights_only=True)
+    assert stored["parent"] == {"path": str(parent_path.resolve()),
+                                "sha256": hashlib.sha256(updated["parent_bytes"]).hexdigest(),
+                                "run_id": parent_checkpoint["run_id"], "step": parent_checkpoint["step"],
+                                "epoch": parent_checkpoint["epoch"]}
+    learned = stored["feedback"]
+    assert learned["path"] == str(updated["feedback_file"].resolve()) and learned["sessions"] == 20
+    assert learned["sha256"] == hashlib.sha256(updated["feedback_file"].read_bytes()).hexdigest()
+    assert learned["skipped"] == {"early_alerts": 20, "normal_verdicts": 0, "labelled_abnormal": 0}
+    assert stored["run_id"] != parent_checkpoint["run_id"]
+    assert "after the update" in stored["calibration"]["source"]
+    assert stored["model_state_dict"]["seen_events"][[8, 9, 10]].all()
+    assert any(KIND in s for s in stored["event_sets"])
+    # the validated loader takes it, as detection and a resume would
+    import utils
+    assert utils.load_checkpoint(updated["checkpoint"], for_resume=True)["feedback"]["sessions"] == 20
+    assert (updated["folder"] / "calibration.json").exists()
+    assert list(updated["folder"].glob("evaluation_report_*.txt"))
+
+
+def test_a_damaged_lineage_record_is_refused(updated, tmp_path):
+    import utils
+    stored = torch.load(updated["checkpoint"], map_location="cpu", weights_only=True)
+    stored["parent"]["sha256"] = "not a digest"
+    torch.save(stored, tmp_path / "bad.pt")
+    with pytest.raises(utils.CheckpointError, match="parent must hold path, sha256"):
+        utils.load_checkpoint(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("missing.jsonl", None, "missing.jsonl: feedback file not found"),
+    ("empty.jsonl", "\n\n", "empty.jsonl: empty feedback file"),
+    ("malformed.jsonl", '{"event_ids": [1, 2]}\n{"event_ids": [1,\n',
+     "malformed.jsonl: line 2: malformed JSON"),
+    ("outside.txt", "1 2 3\n1 2 3\n1 2 99\n",
+     "outside.txt: line 3: event ID 99 is outside the model's vocabulary"),
+    ("negative.txt", "1 2 3\n1 -2 3\n", "negative.txt: line 2: event ID -2 is negative"),
+    ("alerts.jsonl", '{"session_id": "a", "alert": "early"}\n',
+     "alerts.jsonl: no feedback sessions to learn from; skipped: 1 early-alert lines"),
+    ("no_ids.jsonl", '{"session_id": "a", "verdict": "abnormal"}\n', "no_ids.jsonl: line 1: missing field"),
+])
+def test_bad_feedback_exits_with_one_line_and_writes_nothing(parent, tmp_path, name, content, message):
+    _, config, checkpoint = parent
+    before = checkpoint.read_bytes()
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    out = tmp_path / "update"
+    result = run_script("train.py", "--config", config, "--update", checkpoint, "--feedback", path,
+                        "--output-dir", out)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and checkpoint.read_bytes() == before
+
+
+def test_update_flags_go_together(parent, tmp_path):
+    _, _, checkpoint = parent
+    result = run_script("train.py", "--update", checkpoint)
+    assert result.returncode == 2 and "--update CHECKPOINT and --feedback FILE go together" in result.stderr
+    result = run_script("train.py", "--update", checkpoint, "--feedback", "f", "--resume", checkpoint)
+    assert result.returncode == 2 and "no --resume" in result.stderr
+
+
+def test_feedback_formats_and_what_is_skipped(tmp_path):
+    detections = tmp_path / "detections.jsonl"
+    detections.write_text("\n".join(json.dumps(line) for line in [
+        {"session_id": "a", "alert": "early", "score": 0.5},
+        {"session_id": "b", "verdict": "normal", "score": 0.0},
+        {"session_id": "c", "verdict": "abnormal", "event_ids": [1, 2, 3]},
+        {"session_id": "d", "alert": "early"}]) + "\n")
+    found = feedback.read_feedback(detections, 29)
+    assert found.sessions == [[1, 2, 3]] and found.session_ids == ["c"]
+    assert found.skipped == {"early_alerts": 2, "normal_verdicts": 1}
+    text = tmp_path / "fp.txt"
+    text.write_text("1 2 3\n\n4 5\n")
+    assert feedback.read_feedback(text, 29).sessions == [[1, 2, 3], [4, 5]]
+    labelled = tmp_path / "sessions.jsonl"
+    labelled.write_text('{"event_ids": [1, 2], "label": 0}\n{"event_ids": [3], "label": 1}\n')
+    found = feedback.read_feedback(labelled, 29)
+    assert found.sessions == [[1, 2]] and found.skipped["labelled_abnormal"] == 1
+    array = tmp_path / "sessions.json"
+    array.write_text(json.dumps([{"event_ids": [4, 4]}]))
+    assert feedback.read_feedback(array, 29).sessions == [[4, 4]]
+
+
+def test_records_are_joined_with_the_feedback():
+    import logging
+
+    import numpy as np
+
+    from model import CountVectors, pairs_of_sets
+    counts = CountVectors.from_chunks([[[1, 2, 2], [1, 2, 2], [3]]])
+    checkpoint = {"model_args": {"vocab_size": 5}, "event_sets": [[1, 2], [3]],
+                  "event_pairs": torch.tensor([[1, 2]]), "count_vectors": counts.state()}
+    joined = feedback.join_records(checkpoint, [[1, 2, 2], [1, 4]], None, logging.getLogger("test"))
+    assert checkpoint["event_sets"] == [[1, 2], [1, 4], [3]]
+    assert checkpoint["event_pairs"].tolist() == [[1, 2], [1, 4]]
+    assert joined.sets == {frozenset({1, 2}), frozenset({3}), frozenset({1, 4})}
+    assert np.array_equal(joined.pairs, pairs_of_sets([[1, 2], [1, 4]], 5))
+    merged = CountVectors.from_state(checkpoint["count_vectors"])
+    assert merged.sessions == 5 and len(merged.weights) == 3   # [1, 2, 2] three times, [3], [1, 4]
+    assert sorted(merged.weights.tolist()) == [1, 1, 3]
+    # a record the parent did not keep stays unkept
+    unkept = {"model_args": {"vocab_size": 5}, "event_sets": None, "event_pairs": None, "count_vectors": None}
+    feedback.join_records(unkept, [[1, 2]], None, logging.getLogger("test"))
+    assert unkept["event_sets"] is None and unkept["event_pairs"] is None and unkept["count_vectors"] is None
+
+
+def test_the_replay_sample_is_uniform_and_seeded():
+    chunks = [[(i,) for i in range(start, start + 100)] for start in range(0, 1000, 100)]
+    first = feedback.reservoir(chunks, 50, seed=3)
+    assert len(first) == 50 and first == feedback.reservoir(chunks, 50, seed=3)
+    assert np_mean([s[0] for s in first]) == pytest.approx(500, abs=120)
+    assert feedback.reservoir(chunks, 0, seed=3) == [] and len(feedback.reservoir(chunks, 5000, 3)) == 1000
+
+
+def np_mean(values):
+    return sum(values) / len(values)
+
