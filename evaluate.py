@@ -34,14 +34,10 @@ above it may be). The scoring time includes reading the data.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import logging
 import math
-import os
-import signal
-import stat
 import sys
 import time
 from collections import Counter, OrderedDict
@@ -63,7 +59,6 @@ from dataset import (
     is_validation,
     iter_sessions,
     list_data_files,
-    skip_hint,
 )
 from model import MAX_COUNT_VECTORS, MAX_RECORD_SESSIONS, CoOccurrence, CountVectors, DeepLog
 
@@ -552,157 +547,6 @@ def draw_co_occurrence_panel(axis, counts: dict[str, tuple[float, float]] | None
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
 
 
-# ----------------------------------------------------------------------------- detection
-def raw_log_records(parser_state: str, path: str) -> tuple[Iterator[Record], object]:
-    """Sessions of raw log files (a file or a directory) parsed and grouped through preprocess.py's saved
-    parser state, as Records with their line provenance, and the RawLines that resolves it."""
-    import preprocess  # only this path needs Drain3
-
-    try:
-        files = preprocess.input_files([path])
-        preprocess.load_state(parser_state)
-    except preprocess.PreprocessError as error:
-        raise utils.ConfigError(str(error)) from None
-
-    def records():
-        try:
-            for number, session in enumerate(preprocess.sessions_from_logs(parser_state, [path]), start=1):
-                yield Record(path, number, str(session["session_id"]), session["event_ids"],
-                             int(session.get("label", 0)), session.get("lines"))
-        except preprocess.PreprocessError as error:
-            raise DataError(str(error)) from None
-
-    return records(), preprocess.RawLines([str(f.resolve()) for f in files])
-
-
-def detect(model, calibration: dict, path, options: dict, rule: str, out, batch_size: int = 256,
-           co_occurrence: CoOccurrence | None = None, chunk_size: int = 4096, max_misses: int = 3,
-           max_cached: int = MAX_CACHED, out_name: str | None = None, records: Iterable | None = None,
-           raw_lines=None) -> dict:
-    """Stream sessions from `path` in chunks and write one JSON line per session, each chunk flushed
-    before the next is read. Memory holds one chunk and the score cache. Returns the number of "normal"
-    and "abnormal" verdicts and, as the reader counted them, the "bad_records" skipped (with
-    skip_bad_records) and the "first_bad_record"'s message (None when none was skipped).
-
-    A bad record (without skip_bad_records) ends the stream: the sessions before it are written first, then
-    PartialOutput says how many. A failed write (a full disk) raises OutputFailed naming `out_name` and
-    the cause, and saying how many sessions the output holds: whole lines only (see write_chunk).
-    `records` replaces reading `path` (raw logs through preprocess.py); with `raw_lines` (a
-    preprocess.RawLines, or the one of a sources.json next to `path`), each miss of a session from
-    preprocess.py names its raw log line ("at", "raw")."""
-    totals = Counter()
-    out_name = out_name or getattr(out, "name", "the output")
-    co_occurrence = co_occurrence or CoOccurrence(model.vocab_size)
-    scorer = ChunkScorer(model, [calibration["top_k"], calibration["top_g"]], batch_size, co_occurrence,
-                         max_cached, "detecting")
-    stopped: list[DataError] = []
-    counters: dict = {}
-    if records is None:
-        records = iter_sessions(path, None, **{**options, "counters": counters})
-        import preprocess  # knows the provenance format of the sessions it writes
-        raw_lines = raw_lines or preprocess.RawLines.for_sessions(path)
-    try:
-        for chunk in chunked(_until_data_error(records, stopped), chunk_size):
-            text, verdict_counts = verdict_lines(chunk, model, scorer, calibration, rule, co_occurrence,
-                                                 max_misses, raw_lines)
-            try:
-                write_chunk(out, text)
-            except OSError as error:
-                raise OutputFailed(error.errno, f"{out_name}: cannot write ({error.strerror or error}): the "
-                                                f"output is partial, it holds the first "
-                                                f"{sum(totals.values())} sessions") from None
-            totals.update(verdict_counts)
-    except utils.Stopped as signal_name:   # never inside a write: write_chunk holds signals back
-        raise utils.Interrupted(f"{signal_name}: {out_name} is partial: it holds the first "
-                                f"{sum(totals.values())} sessions, as whole lines",
-                                utils.signal_exit_code(str(signal_name))) from None
-    if stopped:
-        hint = skip_hint(stopped[0], options.get("skip_bad_records", False))
-        raise PartialOutput(f"{stopped[0]}; the {sum(totals.values())} sessions before it were written: the "
-                            f"output is partial{hint}")
-    return {**totals, "bad_records": counters.get("bad_records", 0),
-            "first_bad_record": counters.get("first_bad_record")}
-
-
-def verdict_lines(chunk: list, model, scorer, calibration: dict, rule: str, co_occurrence, max_misses: int,
-                  raw_lines) -> tuple[str, Counter]:
-    """The JSON lines of a chunk of Records, one per session, and how many of each verdict."""
-    top_k = calibration["top_k"]
-    bound, end_bound = cal.miss_bounds(calibration, rule)
-    distinct, scores, _ = scorer([record.event_ids for record in chunk])
-    abnormal = verdicts(scores, calibration, rule)
-    anomaly = anomaly_scores(scores, top_k)
-    flagged = [s for s, a in zip(distinct, abnormal) if a]
-    explained = model.diagnose(flagged, top_k, max_misses, log_prob_bound=bound,
-                               end_log_prob_bound=end_bound) if flagged else []
-    reasons = dict(zip(flagged, explained))
-    index = {session: i for i, session in enumerate(distinct)}
-    # the pairs behind an event_pair verdict: which two event types never shared a training session
-    unseen_pairs = {s: co_occurrence.unseen_pairs(s, max_misses) for s, a, novel in
-                    zip(distinct, abnormal, scores["novel_pair"]) if a and novel}
-    # each session's own copy of its misses: identical sessions can come from different raw lines
-    misses = [[dict(miss) for miss in reasons.get(session_key(record.event_ids), [])] for record in chunk]
-    if raw_lines is not None:
-        raw_lines.annotate(list(zip((record.lines for record in chunk), misses)))
-    lines, verdict_counts = [], Counter()
-    for record, record_misses in zip(chunk, misses):
-        i = index[session_key(record.event_ids)]
-        lines.append(json.dumps({
-            "session_id": record.session_id, "score": round(float(anomaly[i]), 6),
-            "verdict": "abnormal" if abnormal[i] else "normal", "rule": rule,
-            "min_probability": float(math.exp(scores["min_log_prob"][i])),
-            "novel_event_set": bool(scores["novel_set"][i]),
-            "novel_event_pairs": unseen_pairs.get(distinct[i], []), "misses": record_misses}) + "\n")
-        verdict_counts["abnormal" if abnormal[i] else "normal"] += 1
-    return "".join(lines), verdict_counts
-
-
-class OutputFailed(OSError):
-    """Writing the --detect output failed (a full disk): the output holds the sessions written before."""
-
-
-def write_chunk(out, text: str) -> None:
-    """Write `text` to `out` and flush it. To a file or pipe it goes straight to the file descriptor, so that
-    a failure leaves nothing in Python's buffer to be written when the file is closed, and a regular file is
-    cut back to its length before this chunk: the output then holds whole lines only, the earlier chunks."""
-    try:
-        descriptor = out.fileno()
-    except (AttributeError, OSError, ValueError):  # io.StringIO and the like: io.UnsupportedOperation
-        out.write(text)
-        out.flush()
-        return
-    out.flush()
-    regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
-    start = os.lseek(descriptor, 0, os.SEEK_CUR) if regular else 0
-    data = memoryview(text.encode())
-    # a stop signal waits until the chunk is written: the output never ends in half a line
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        while data:
-            data = data[os.write(descriptor, data):]
-    except OSError:
-        if regular:
-            with contextlib.suppress(OSError):
-                os.ftruncate(descriptor, start)
-                os.lseek(descriptor, start, os.SEEK_SET)
-        raise
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-class PartialOutput(DataError):
-    """Bad data ended --detect after some sessions were written."""
-
-
-def _until_data_error(records, stopped: list):
-    """The records up to the first bad one, which is kept in `stopped` instead of raised at once: the
-    sessions read before it are still scored and written."""
-    try:
-        yield from records
-    except DataError as error:
-        stopped.append(error)
-
-
 # ----------------------------------------------------------------------------- entry points
 def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_paths, config, output_dir,
                    top_k, tag, logger, co_occurrence) -> dict:
@@ -937,8 +781,10 @@ def run(args, logger):
     config.data.skip_bad_records = config.data.skip_bad_records or args.skip_bad_records
     calibration = applied_calibration(args, model, checkpoint, co_occurrence, config, top_k, output_dir,
                                       logger)
-    if args.detect:
-        return run_detection(args, model, calibration, co_occurrence, config, logger)
+    if args.detect:   # detection is detect.py's; this flag stays for the commands written before it
+        import detect
+
+        return detect.run_batch(args, model, calibration, co_occurrence, config, logger)
     normal, abnormal, paths = evaluation_sources(args, checkpoint, config, logger)
     run_evaluation(model, args.checkpoint, calibration, normal, abnormal, paths, config, output_dir, top_k,
                    args.tag, logger, co_occurrence)
@@ -978,32 +824,6 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: ut
                 f"{calibration['fitted_at'] or 'an unknown time'}")
     log_rule(calibration, ev.decision_rule, logger)
     return calibration
-
-
-def run_detection(args, model, calibration: dict, co_occurrence, config: utils.Config, logger) -> int:
-    """--detect: one JSON line per session to --output (or stdout), then what was found and skipped."""
-    ev = config.evaluation
-    try:
-        out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 (closed below, not stdout)
-    except OSError as error:
-        raise utils.ConfigError(f"--output {args.output}: cannot write ({error.strerror})") from None
-    records, raw_lines = (raw_log_records(args.parser_state, args.detect) if args.parser_state
-                          else (None, None))
-    try:
-        totals = detect(model, calibration, args.detect, utils.reader_options(config), ev.decision_rule, out,
-                        ev.batch_size, co_occurrence, records=records, raw_lines=raw_lines,
-                        out_name=f"--output {args.output}" if args.output else "stdout")
-    finally:
-        if args.output:
-            out.close()  # nothing left to write: detect() flushed every chunk, or cut back a failed one
-    logger.info(f"Detection ({ev.decision_rule} rule) on {args.detect}: {totals.get('abnormal', 0)} "
-                f"abnormal, {totals.get('normal', 0)} normal sessions")
-    if config.data.skip_bad_records:
-        first = f"; the first: {totals['first_bad_record']}" if totals["bad_records"] else ""
-        log = logger.warning if totals["bad_records"] else logger.info
-        plural = "" if totals["bad_records"] == 1 else "s"
-        log(f"Skipped {totals['bad_records']} bad record{plural} (--skip-bad-records){first}")
-    return 0
 
 
 def evaluation_sources(args, checkpoint: dict, config: utils.Config,

@@ -158,6 +158,17 @@ class DeepLog(nn.Module):
         hidden_states, _ = self.lstm(self.embedding(input_ids))
         return self.head(self.dropout(hidden_states))
 
+    @torch.no_grad()
+    def advance(self, input_ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Run the LSTM on from `state` (h, c), each [num_layers, batch, hidden_size] (None: a fresh session):
+        the top layer's outputs [batch, time, hidden_size] for input_ids [batch, time], and the state after
+        them. Live scoring steps each open session by its new events only (detect.py); self.head(outputs)
+        gives the logits. Stepping and one pass over the whole sequence give the same numbers."""
+        self.lstm.flatten_parameters()
+        outputs, state = self.lstm(self.embedding(input_ids), state)
+        return outputs, state
+
     # ------------------------------------------------------------------ detection helpers
     def encode(self, sessions: Sequence[Sequence[int]] | torch.Tensor,
                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

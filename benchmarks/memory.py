@@ -22,7 +22,7 @@ every 5 ms): what the process itself holds. Both include Python with torch loade
 report their own peak ("parsers MB").
 
     long       (--long EVENTSxSESSIONS ...) a JSONL file of that many random sessions of that many events
-               each: calibration, evaluation and detection (evaluate.detect, the misses of every flagged
+               each: calibration, evaluation and detection (detect.score_files, the misses of every flagged
                session explained) over all of them, then DeepLog.verdict on the longest, with a tiny model
                scoring in the windows of training (max_seq_length 256, window_context 32): memory stays
                bounded whatever the length of a session.
@@ -135,6 +135,7 @@ def long_sessions(config, path: str) -> dict:
 
     import torch
 
+    import detect
     import evaluate
     import utils
     torch.set_num_threads(2)
@@ -145,7 +146,7 @@ def long_sessions(config, path: str) -> dict:
     results, _ = evaluate.evaluate(model, calibration, evaluate.data_chunks(path, config, "all", logger), [],
                                    10, "combined")
     out = io.StringIO()
-    totals = evaluate.detect(model, calibration, path, utils.reader_options(config), "probability", out)
+    totals = detect.score_files(model, calibration, path, utils.reader_options(config), "probability", out)
     longest = max((json.loads(line)["event_ids"] for line in open(path)), key=len)
     model.calibration = calibration
     verdict = model.verdict([longest])

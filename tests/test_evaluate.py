@@ -22,6 +22,7 @@ from conftest import (
 )
 
 import calibration as C
+import detect as D
 import evaluate as E
 from dataset import is_validation, iter_sessions
 from model import DeepLog
@@ -235,8 +236,8 @@ def test_detect_streams_in_chunks_with_the_same_verdicts(trained, tmp_path):
     for chunk_size in (7, 10000):
         path = tmp_path / f"d{chunk_size}.jsonl"
         with open(path, "w") as handle:
-            E.detect(model, checkpoint["calibration"], data, {}, "combined", handle,
-                     co_occurrence=E.known_co_occurrence(checkpoint), chunk_size=chunk_size)
+            D.score_files(model, checkpoint["calibration"], data, {}, "combined", handle,
+                          co_occurrence=E.known_co_occurrence(checkpoint), chunk_size=chunk_size)
         outputs.append(path.read_text())
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 240
 
@@ -1036,9 +1037,9 @@ def test_a_failed_write_leaves_whole_lines_and_says_how_many(tmp_path, monkeypat
     output = tmp_path / "out.jsonl"
     with open(output, "w") as handle, monkeypatch.context() as patch:
         patch.setattr(os, "write", filling_up)
-        with pytest.raises(E.OutputFailed) as failure:
-            E.detect(model, calibration, data, {}, "combined", handle, chunk_size=2,
-                     out_name="--output out.jsonl")
+        with pytest.raises(D.OutputFailed) as failure:
+            D.score_files(model, calibration, data, {}, "combined", handle, chunk_size=2,
+                          out_name="--output out.jsonl")
     assert str(failure.value) == "[Errno 28] --output out.jsonl: cannot write (No space left on device): " \
                                  "the output is partial, it holds the first 2 sessions"
     assert [json.loads(line)["session_id"] for line in output.read_text().splitlines()] == ["s0", "s1"]

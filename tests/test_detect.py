@@ -1,0 +1,407 @@
+"""detect.py: live scoring equals batch scoring, early alerts, following files, restarts without loss."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, hand_calibration, run_script, write_config
+
+import detect as D
+from model import CoOccurrence, CountVectors, DeepLog, pairs_of_sets
+
+
+# ----------------------------------------------------------------------------- in process: the scorer
+def random_model(vocab_size=12, max_seq_length=9, window_context=3, seed=0):
+    """A random 2-layer model scoring in small windows, so that sessions cross several window boundaries."""
+    torch.manual_seed(seed)
+    model = DeepLog(vocab_size, embedding_dim=8, hidden_size=16, num_layers=2, dropout=0.0).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(4)   # sharper predictions: ranks spread, some events far below the bound
+    return model.set_windows(max_seq_length, window_context)
+
+
+def random_sessions(count=60, vocab_size=12, seed=1, longest=30):
+    rng = random.Random(seed)
+    # a few common openings (shared prefixes, as real logs have), then random events; some IDs unknown
+    openings = [[rng.randrange(vocab_size) for _ in range(4)] for _ in range(3)]
+    sessions = []
+    for _ in range(count):
+        tail = [rng.randrange(vocab_size + (2 if rng.random() < 0.1 else 0))
+                for _ in range(rng.randrange(0, longest))]
+        sessions.append(rng.choice(openings)[:rng.randrange(1, 5)] + tail)
+    return sessions
+
+
+def calibration_for(model, sessions, **keys):
+    """A calibration whose probability bound lies inside the sessions' scores (some flagged, most not)."""
+    scores = model.session_scores(sessions, [2])
+    finite = lambda column: column[np.isfinite(column)]  # noqa: E731
+    event_bound = float(np.quantile(finite(scores["min_event_log_prob"].numpy()), 0.3))
+    end_bound = float(np.quantile(finite(scores["end_log_prob"].numpy()), 0.2))
+    return hand_calibration(**{"log_probability_bound": event_bound, "log_end_probability_bound": end_bound,
+                               "unseen_events_flag": False, "top_k": 2, "top_g": 5,
+                               "combined_rules": ["probability", "event_set", "event_pair"], **keys})
+
+
+def co_occurrence_of(sessions, vocab_size=12):
+    sets = [sorted(set(e for e in s if e < vocab_size)) for s in sessions]
+    return CoOccurrence(vocab_size, sets, pairs_of_sets(sets, vocab_size),
+                        CountVectors.from_chunks([sessions]))
+
+
+def interleaved_items(sessions, rng):
+    """One event line at a time, sessions interleaved at random (each keeps its own order)."""
+    cursors = [[f"s{i}", list(s), 0] for i, s in enumerate(sessions)]
+    items = []
+    while cursors:
+        pick = rng.randrange(len(cursors))
+        name, events, at = cursors[pick]
+        line = len(items) + 1
+        items.append(D.Item("event", (name,), [events[at]], f"log:{line}", f"line {line}"))
+        cursors[pick][2] += 1
+        if cursors[pick][2] == len(events):
+            cursors.pop(pick)
+    return items
+
+
+def live_lines(model, calibration, co_occurrence, items, steps, prefix_nodes=1000, rule="combined"):
+    detector = D.LiveDetector(model, calibration, rule, co_occurrence, None, None, None, 3, prefix_nodes)
+    lines, at = [], 0
+    for size in steps:
+        lines += detector.feed(items[at:at + size], now=0.0)
+        at += size
+    lines += detector.feed(items[at:], now=0.0) + detector.close_all()
+    return lines
+
+
+def batch_lines(model, calibration, co_occurrence, sessions, tmp_path, rule="combined"):
+    path = tmp_path / "sessions.jsonl"
+    path.write_text("".join(json.dumps({"session_id": f"s{i}", "event_ids": s}) + "\n"
+                            for i, s in enumerate(sessions)))
+    output = tmp_path / "batch.jsonl"
+    with open(output, "w") as handle:
+        D.score_files(model, calibration, path, {}, rule, handle, co_occurrence=co_occurrence)
+    return [json.loads(line) for line in output.read_text().splitlines()]
+
+
+def assert_same_verdict(live: dict, batch: dict) -> None:
+    for key, value in batch.items():
+        if key == "min_probability":
+            assert math.isclose(live[key], value, rel_tol=1e-5, abs_tol=1e-300), (key, live, batch)
+        elif key == "misses":
+            assert [(m["position"], m["actual"], m["expected"]) for m in live[key]] == \
+                [(m["position"], m["actual"], m["expected"]) for m in value]
+            for a, b in zip(live[key], value):
+                assert math.isclose(a["probability"], b["probability"], rel_tol=1e-5, abs_tol=1e-300)
+        else:
+            assert live[key] == value, (key, live, batch)
+
+
+def test_incremental_scoring_equals_batch_scoring(tmp_path):
+    """Interleaved one line at a time, in steps of any size, windows crossed, prefixes shared or not: the
+    verdict lines are the batch scorer's (float32 rounding apart)."""
+    model, sessions = random_model(), random_sessions()
+    co_occurrence = co_occurrence_of(sessions[:30])
+    calibration = calibration_for(model, sessions)
+    batch = {line["session_id"]: line for line in batch_lines(model, calibration, co_occurrence, sessions,
+                                                              tmp_path)}
+    assert 5 < sum(line["verdict"] == "abnormal" for line in batch.values()) < len(sessions) - 5
+    assert any(len(s) + 1 > 2 * model.max_seq_length for s in sessions)   # several windows
+    items = interleaved_items(sessions, random.Random(2))
+    for steps, prefix_nodes in (([1] * 50 + [7] * 20, 1000), ([len(items)], 0), ([3, 100, 1, 1, 40], 5)):
+        verdicts = [json.loads(line) for line in live_lines(model, calibration, co_occurrence, items, steps,
+                                                              prefix_nodes) if '"alert"' not in line]
+        assert sorted(v["session_id"] for v in verdicts) == sorted(batch)
+        for verdict in verdicts:
+            assert_same_verdict(verdict, batch[verdict["session_id"]])
+
+
+def test_live_output_does_not_depend_on_steps_or_shared_prefixes():
+    """Byte for byte: what a restart relies on (it splits the lines into steps differently)."""
+    model, sessions = random_model(), random_sessions(seed=4)
+    co_occurrence, calibration = co_occurrence_of(sessions[:30]), calibration_for(model, sessions)
+    items = interleaved_items(sessions, random.Random(5))
+    first = live_lines(model, calibration, co_occurrence, items, [len(items)], 1000)
+    assert any('"alert": "early"' in line for line in first)
+    for steps, prefix_nodes in (([1] * 200, 1000), ([13] * 30, 0), ([2, 500], 3)):
+        assert live_lines(model, calibration, co_occurrence, items, steps, prefix_nodes) == first
+
+
+@pytest.mark.parametrize("rule", ["probability", "combined", "top_g"])
+def test_an_early_alert_is_the_batch_verdicts_first_miss_and_the_verdict_follows(tmp_path, rule):
+    model, sessions = random_model(), random_sessions(seed=7)
+    co_occurrence, calibration = co_occurrence_of(sessions[:30]), calibration_for(model, sessions)
+    lines = [json.loads(line) for line in live_lines(model, calibration, co_occurrence,
+                                                       interleaved_items(sessions, random.Random(8)),
+                                                       [5] * 100, rule=rule)]
+    alerts = {a["session_id"]: a for a in lines if a.get("alert") == "early"}
+    verdicts = {v["session_id"]: v for v in lines if "verdict" in v}
+    assert alerts and all(verdicts[name]["verdict"] == "abnormal" for name in alerts)
+    bound = calibration["log_probability_bound"]
+    for index, session in enumerate(sessions):
+        name = f"s{index}"
+        # the batch record of each event: its rank and probability (diagnose with every event a miss)
+        everything = model.diagnose(session, top_k=model.num_classes, log_prob_bound=0.0)
+        events = [m for m in everything if m["position"] < len(session)]
+        ranks = model.diagnose(session, top_k=calibration["top_g"])
+        fired = []
+        if rule in ("probability", "combined"):
+            fired += [m["position"] for m in events if m["probability"] < math.exp(bound) and
+                      m["probability"] > 0]   # unseen_events_flag false: a never-seen event does not count
+        if rule == "top_g":
+            fired += [m["position"] for m in ranks if m["position"] < len(session)]
+        if rule == "combined":   # the first type that makes the set novel, or a pair never seen together
+            types = set()
+            candidates = [set(s) for s in co_occurrence.sets]
+            for position, event in enumerate(session):
+                if event not in types:
+                    pair_new = event < 12 and any(
+                        min(t, event) * 12 + max(t, event) not in set(co_occurrence.pairs.tolist())
+                        for t in types if t < 12)
+                    types.add(event)
+                    if pair_new or not any(types <= c for c in candidates):
+                        fired.append(position)
+        if fired:
+            assert alerts[name]["position"] == min(fired), (name, alerts[name], fired)
+            assert alerts[name]["event"] == session[min(fired)]
+            assert alerts[name]["at"].startswith("log:") and alerts[name]["raw"].startswith("line ")
+        else:
+            assert name not in alerts
+
+
+def test_a_probability_alert_names_the_event_its_line_and_the_expected_events():
+    model, sessions = random_model(), random_sessions(seed=9)
+    co_occurrence, calibration = co_occurrence_of(sessions[:30]), calibration_for(model, sessions)
+    lines = [json.loads(line) for line in live_lines(model, calibration, co_occurrence,
+                                                       interleaved_items(sessions, random.Random(3)),
+                                                       [9] * 80, rule="probability")]
+    alert = next(a for a in lines if a.get("alert") == "early")
+    session = sessions[int(alert["session_id"][1:])]
+    miss = model.diagnose(session, top_k=2, log_prob_bound=calibration["log_probability_bound"])
+    first = next(m for m in miss if m["probability"] < math.exp(calibration["log_probability_bound"]))
+    assert (alert["position"], alert["event"], alert["expected"]) == \
+        (first["position"], first["actual"], first["expected"])
+    assert math.isclose(alert["probability"], first["probability"], rel_tol=1e-5)
+
+
+def test_the_state_of_open_sessions_round_trips_exactly():
+    """Saved in the middle and restored into a new detector: the rest of the output is the same."""
+    model, sessions = random_model(), random_sessions(seed=11)
+    co_occurrence, calibration = co_occurrence_of(sessions[:30]), calibration_for(model, sessions)
+    items = interleaved_items(sessions, random.Random(12))
+    whole = live_lines(model, calibration, co_occurrence, items, [len(items)])
+    detector = D.LiveDetector(model, calibration, "combined", co_occurrence, None, None, None, 3, 1000)
+    half = len(items) // 2
+    before = detector.feed(items[:half], now=0.0)
+    saved = detector.state_dict()
+    again = D.LiveDetector(model, calibration, "combined", co_occurrence, None, None, None, 3, 1000)
+    again.load_state_dict(saved)
+    assert before + again.feed(items[half:], now=0.0) + again.close_all() == whole
+
+
+def test_sessions_close_when_idle_or_full():
+    model, sessions = random_model(), random_sessions(count=4, seed=13, longest=6)
+    co_occurrence, calibration = co_occurrence_of(sessions), calibration_for(model, sessions)
+    detector = D.LiveDetector(model, calibration, "combined", co_occurrence, 3, None, 4, 3)
+    item = lambda key, line: D.Item("event", (key,), [1], f"f:{line}", "x")  # noqa: E731
+    # a and b named; then three lines without a: it closes at the third (idle 3)
+    out = detector.feed([item("a", 1), item("b", 2), item("b", 3), item("b", 4)], now=0.0)
+    assert [json.loads(line)["session_id"] for line in out if '"verdict"' in line] == ["a"]
+    # b reaches 4 events: closed at once; its next event opens a new one
+    out = detector.feed([item("b", 5), item("b", 6)], now=0.0)
+    assert [json.loads(line)["session_id"] for line in out if '"verdict"' in line] == ["b"]
+    assert list(detector.open) == ["b"] and detector.open["b"].events == [1]
+    idle = D.LiveDetector(model, calibration, "combined", co_occurrence, None, 10.0, None, 3)
+    idle.feed([item("c", 1)], now=100.0)
+    assert idle.close_idle(105.0) == [] and len(idle.close_idle(111.0)) == 1
+
+
+def test_live_windows_join_and_close_as_preprocess_counts_them():
+    windows = D.LiveWindows("count:4:2")
+    places = [windows.place(None) for _ in range(7)]
+    assert places[0] == (["count-window-1"], [])
+    assert places[2] == (["count-window-1", "count-window-2"], [])
+    assert places[4] == (["count-window-2", "count-window-3"], ["count-window-1"])
+    timed = D.LiveWindows("time:10")
+    assert timed.place(100.0) == (["time-window-1"], [])
+    assert timed.place(125.0) == (["time-window-3"], ["time-window-1"])   # a gap: window 2 never opened
+
+
+# ----------------------------------------------------------------------------- following files
+class Quiet:
+    def info(self, *_):
+        pass
+
+    warning = info
+
+
+def take(source, limit=100):
+    lines = source.peek(limit)
+    source.advance(len(lines))
+    return [text for _, text in lines]
+
+
+def test_a_followed_file_is_read_as_it_grows_rotates_and_is_truncated(tmp_path):
+    path = tmp_path / "app.log"
+    path.write_bytes(b"one\ntwo\r\nthr")
+    source = D.FollowedFile(str(path), Quiet())
+    source.open()
+    assert take(source) == ["one", "two"]   # the third line waits for its end
+    with open(path, "ab") as handle:
+        handle.write(b"ee\rfour\r")
+    assert take(source) == ["three"]        # "four\r" may yet become "four\r\n"
+    with open(path, "ab") as handle:
+        handle.write(b"\nfive\n")
+    assert take(source) + take(source) == ["four", "five"]
+    assert source.place()["line"] == 5 and source.place()["offset"] == path.stat().st_size
+    # rotation: the old file's last lines first (a last one without its end included), then the new file
+    with open(path, "ab") as handle:
+        handle.write(b"six\nsev")
+    os.rename(path, tmp_path / "app.log.1")
+    path.write_bytes(b"new one\n")
+    assert take(source) + take(source) + take(source) == ["six", "sev", "new one"]
+    assert source.place()["line"] == 1
+    # truncation (copytruncate): read again from the start
+    path.write_bytes(b"")
+    assert take(source) == []
+    path.write_bytes(b"after\n")
+    assert take(source) + take(source) == ["after"]
+
+
+def test_a_followed_file_that_does_not_exist_yet_is_waited_for(tmp_path):
+    path = tmp_path / "later.log"
+    source = D.FollowedFile(str(path), Quiet())
+    source.open()
+    assert take(source) == []
+    path.write_text("first\n")
+    assert take(source) == ["first"]
+
+
+# ----------------------------------------------------------------------------- the command
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, sample_sessions):
+    """A small model trained and calibrated by train.py on the sample's normal sessions."""
+    root = tmp_path_factory.mktemp("live")
+    normal, _ = sample_sessions
+    data = root / "data"
+    data.mkdir()
+    (data / "s.jsonl").write_text("".join(json.dumps({"event_ids": s, "session_id": f"n{i}"}) + "\n"
+                                          for i, s in enumerate(normal)))
+    config = write_config(root / "c.yaml", {"training": {"evaluate_after_training": True, "epochs": 3,
+                                                         "learning_rate": 0.01},
+                                            "data": {"validation_split": 0.3}})
+    result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", root / "out")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root / "out" / "checkpoints" / "best_model.pt"
+
+
+def event_lines(sessions, seed) -> list[str]:
+    items = interleaved_items(sessions, random.Random(seed))
+    return [json.dumps({"session_id": item.keys[0], "event_id": item.events[0]}) + "\n" for item in items]
+
+
+def start(checkpoint, log, output, *flags):
+    return subprocess.Popen([sys.executable, str(REPO / "detect.py"), "--checkpoint", str(checkpoint),
+                             str(log),
+                             "--follow", "--output", str(output), "--idle-lines", "40", "--state-interval",
+                             "0.2", *flags], cwd=REPO, stderr=subprocess.PIPE, text=True)
+
+
+def caught_up(output, log, timeout=120) -> None:
+    """Until the place saved by the run started last (a state written after now) is the end of the log."""
+    started = time.time()
+    deadline = started + timeout
+    size = log.stat().st_size
+    while time.time() < deadline:
+        try:
+            state = f"{output}.state"
+            if os.stat(state).st_mtime > started and \
+                    torch.load(state, weights_only=True)["sources"][0]["offset"] >= size:
+                return
+        except (OSError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError("detect.py did not catch up")
+
+
+def stopped(process) -> str:
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr and "the same command continues" in stderr
+    return stderr
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_restart_after_a_kill_loses_and_repeats_nothing(checkpoint, sample_sessions, tmp_path, how):
+    normal, abnormal = sample_sessions
+    lines = event_lines(normal[:60] + abnormal[:20], seed=3)
+    half = len(lines) // 2
+    # one uninterrupted run over the whole log
+    whole_log, whole_out = tmp_path / "whole.log", tmp_path / "whole.jsonl"
+    whole_log.write_text("".join(lines))
+    process = start(checkpoint, whole_log, whole_out)
+    caught_up(whole_out, whole_log)
+    stopped(process)
+    expected = whole_out.read_text()
+    assert expected.count('"verdict"') > 20 and '"alert": "early"' in expected
+    # the same log, written in two parts, the detector stopped in the middle of the second
+    log, out = tmp_path / "app.log", tmp_path / "app.jsonl"
+    log.write_text("".join(lines[:half]))
+    process = start(checkpoint, log, out)
+    caught_up(out, log)
+    with open(log, "a") as handle:
+        handle.write("".join(lines[half:]))
+    time.sleep(0.3)
+    if how == "SIGKILL":
+        process.kill()
+        process.wait(timeout=60)
+    else:
+        stopped(process)
+    process = start(checkpoint, log, out)
+    caught_up(out, log)
+    stderr = stopped(process)
+    assert "Continuing from" in stderr
+    assert out.read_text().replace(str(log), "LOG") == expected.replace(str(whole_log), "LOG")
+
+
+def test_a_bad_line_stops_with_one_message_and_the_place_before_it(checkpoint, tmp_path):
+    log, out = tmp_path / "app.log", tmp_path / "app.jsonl"
+    log.write_text('{"session_id": "a", "event_id": 3}\n{"session_id": "a", "event_id": "x"}\n')
+    process = start(checkpoint, log, out)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"error: {log}: line 2: event_id must be an integer")
+    state = torch.load(f"{out}.state", weights_only=True)
+    assert state["sources"][0]["line"] == 1 and len(state["detector"]["sessions"]) == 1
+
+
+def test_a_state_of_another_command_is_refused(checkpoint, tmp_path):
+    log, out = tmp_path / "app.log", tmp_path / "app.jsonl"
+    log.write_text('{"session_id": "a", "event_id": 3}\n')
+    process = start(checkpoint, log, out)
+    caught_up(out, log)
+    stopped(process)
+    result = run_script("detect.py", "--checkpoint", checkpoint, log, "--follow", "--output", out,
+                        "--idle-lines", "41")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "written by a run with idle_lines 40, not 41" in result.stderr
+
+
+def test_standard_input_is_read_to_its_end(checkpoint, sample_sessions, tmp_path):
+    normal, _ = sample_sessions
+    text = "".join(" ".join(map(str, s)) + "\n" for s in normal[:30])
+    result = subprocess.run([sys.executable, str(REPO / "detect.py"), "--checkpoint", str(checkpoint), "-",
+                             "--follow"], cwd=REPO, input=text, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    verdicts = [json.loads(line) for line in result.stdout.splitlines() if '"verdict"' in line]
+    assert [v["session_id"] for v in verdicts] == [f"-:{i}" for i in range(1, 31)]
