@@ -48,12 +48,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import json
 import logging
 import math
 import os
-import re
 import select
 import signal
 import stat
@@ -61,6 +61,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import NamedTuple
 
@@ -81,7 +82,6 @@ DEFAULT_IDLE_LINES = 100_000   # a live session no line names for this long is c
 READ_BYTES = 1 << 20    # read from a followed file at a time
 STATE_FORMAT = "deeplog-detect-state"
 STATE_VERSION = 1
-LINE_END = re.compile(rb"\r\n|\n|\r")
 
 
 # ----------------------------------------------------------------------------- finished files
@@ -363,9 +363,16 @@ class LiveScorer:
             self.node_of[on_trie] = -1
 
     def state_of(self, slots: list[int]) -> dict:
-        self._own_states(slots)   # (the same numbers from there on: a state is a state)
+        """The sessions' states (their node's, on the trie: restored, they go on with states of their own,
+        the same numbers) and columns."""
         index = torch.tensor(slots, dtype=torch.long)
-        return {"h": self.h[:, index].clone(), "c": self.c[:, index].clone(),
+        h, c = self.h[:, index].clone(), self.c[:, index].clone()
+        nodes = self.node_of[np.asarray(slots, dtype=np.int64)]
+        on_trie = torch.from_numpy(nodes >= 0)
+        if bool(on_trie.any()):
+            h[:, on_trie] = self.trie.h[:, torch.from_numpy(nodes[nodes >= 0])]
+            c[:, on_trie] = self.trie.c[:, torch.from_numpy(nodes[nodes >= 0])]
+        return {"h": h, "c": c,
                 "columns": {name: torch.from_numpy(column[slots].copy())
                             for name, column in self.columns.items()}}
 
@@ -659,7 +666,7 @@ class Item(NamedTuple):
 
 class LiveSession:
     __slots__ = ("session_id", "slot", "first_seq", "events", "misses", "alerted", "last_seq", "last_time",
-                 "types", "candidates", "refs", "n0")
+                 "types", "known", "candidates", "refs", "n0")
 
     def __init__(self, session_id: str, slot: int, first_seq: int):
         self.session_id, self.slot, self.first_seq = session_id, slot, first_seq
@@ -668,7 +675,8 @@ class LiveSession:
         self.alerted = False
         self.last_seq, self.last_time = 0, 0.0
         self.types: set[int] = set()
-        self.candidates: np.ndarray | None = None   # training sets holding every type so far (event_set)
+        self.known = 0                  # its types below vocab_size, as bits (event_pair)
+        self.candidates: int | None = None   # training sets holding every type so far, as bits (event_set)
         self.refs: list | None = None   # this step's new events: (seq, at, raw) each
         self.n0 = 0                     # events before this step
 
@@ -685,14 +693,23 @@ class EarlyRules:
         self.unseen_counts = calibration["log_end_probability_bound"] is None or \
             bool(calibration["unseen_events_flag"])
         self.top_g = calibration["top_g"] if "top_g" in parts else None
-        self.sets: dict[int, np.ndarray] | None = None
+        # Python ints as bit sets: a session's candidates are one AND per new type, its unseen pairs one
+        # AND NOT (a numpy intersection per type cost more than the LSTM, measured)
+        self.sets: dict[int, int] | None = None       # event -> the training sets holding it
         if "event_set" in parts and co_occurrence.sets is not None:
             holders = collections.defaultdict(list)
             for index, types in enumerate(co_occurrence.sets):
                 for event in types:
                     holders[event].append(index)
-            self.sets = {event: np.array(indexes, dtype=np.int64) for event, indexes in holders.items()}
-        self.pairs = co_occurrence.pairs if "event_pair" in parts else None
+            self.sets = {event: bits(indexes) for event, indexes in holders.items()}
+        self.partners: dict[int, int] | None = None   # event -> the types it shared a training session with
+        if "event_pair" in parts and co_occurrence.pairs is not None:
+            first, second = np.divmod(co_occurrence.pairs, co_occurrence.vocab_size)
+            together = collections.defaultdict(list)
+            for a, b in zip(first.tolist(), second.tolist()):
+                together[a].append(b)
+                together[b].append(a)
+            self.partners = {event: bits(others) for event, others in together.items()}
         self.vocab_size = co_occurrence.vocab_size
 
     def fires(self, rank: np.ndarray, log_prob: np.ndarray) -> np.ndarray:
@@ -713,22 +730,26 @@ class EarlyRules:
             event = session.events[position]
             if event in session.types:
                 continue
-            if self.sets is not None and (session.candidates is None or len(session.candidates)):
-                holders = self.sets.get(event, np.zeros(0, np.int64))
-                session.candidates = holders if session.candidates is None else \
-                    np.intersect1d(session.candidates, holders, assume_unique=True)
-                if not len(session.candidates):
+            if self.sets is not None and session.candidates != 0:
+                holders = self.sets.get(event, 0)
+                session.candidates = holders if session.candidates is None else session.candidates & holders
+                if session.candidates == 0:   # no training set holds every type so far
                     found.append((position, "event_set", None))
-            if self.pairs is not None and 0 <= event < self.vocab_size and session.types:
-                others = np.array([t for t in session.types if 0 <= t < self.vocab_size], dtype=np.int64)
-                codes = np.minimum(others, event) * self.vocab_size + np.maximum(others, event)
-                at = np.minimum(np.searchsorted(self.pairs, codes), max(len(self.pairs) - 1, 0))
-                unseen = self.pairs[at] != codes if len(self.pairs) else np.ones(len(codes), dtype=bool)
-                if unseen.any():
-                    other = int(others[np.flatnonzero(unseen)[0]])
+            if self.partners is not None and 0 <= event < self.vocab_size:
+                unseen = session.known & ~self.partners.get(event, 0)
+                if unseen:
+                    other = (unseen & -unseen).bit_length() - 1   # the lowest type it never met
                     found.append((position, "event_pair", sorted([other, event])))
+                session.known |= 1 << event
             session.types.add(event)
         return found
+
+
+def bits(indexes) -> int:
+    """A set of small non-negative integers as the bits of one Python int."""
+    flags = np.zeros(max(indexes) + 1, dtype=bool)
+    flags[indexes] = True
+    return int.from_bytes(np.packbits(flags, bitorder="little").tobytes(), "little")
 
 
 class LiveDetector:
@@ -939,9 +960,11 @@ class FollowedFile:
         self.handle = None
         self.identity: tuple[int, int] | None = None
         self.offset, self.line = 0, 0      # where the next line not taken starts, and its number - 1
-        self.buffer = b""                  # bytes read past offset
+        self.ready: list[tuple[bytes, int]] = []   # whole lines read past offset: (text, bytes with its end)
+        self.buffer = b""                  # and the bytes after them: a line without its end yet
         self.ended = False                 # (not following) the end was reached
         self.rotated = False               # the path names a new file: the old one's last lines first
+        self.peeked = 0                    # lines given by peek and not yet taken (one block in flight)
 
     def place(self) -> dict:
         device, inode = self.identity or (0, 0)
@@ -973,49 +996,56 @@ class FollowedFile:
                                 "not read")
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
-        """Up to `limit` whole lines from the place: (line number, text)."""
+        """Up to `limit` whole lines after those already peeked and not yet taken: (line number, text)."""
         if self.handle is None:
             self.open()
             if self.handle is None:
                 return []
-        lines = self._split(limit)
-        if len(lines) < limit and not self.rotated:
+        if len(self.ready) - self.peeked < limit and not self.rotated:
             data = self.handle.read(READ_BYTES)
             if data:
                 self.buffer += data
+                self._split(final=False)
             elif self.follow:
-                self._check_moved()
+                if not self.peeked:   # (a moved or cut file is looked at only with nothing in flight)
+                    self._check_moved()
             else:
                 self.ended = True
-            lines = self._split(limit)
+                self._split(final=True)
+        first = self.peeked
+        lines = [(self.line + first + i + 1, text.decode(errors="replace"))
+                 for i, (text, _) in enumerate(self.ready[first:first + limit])]
+        self.peeked += len(lines)
         return lines
 
-    def _split(self, limit: int) -> list[tuple[int, str]]:
-        lines, start = [], 0
-        for found in LINE_END.finditer(self.buffer):
-            if len(lines) >= limit:
-                break
-            final = self.ended or self.rotated
-            if found.group() == b"\r" and found.end() == len(self.buffer) and not final:
-                break    # "\r" at the end of what is there: perhaps the first half of "\r\n"
-            text = self.buffer[start:found.start()].decode(errors="replace")
-            lines.append((self.line + len(lines) + 1, text))
-            start = found.end()
-        if self.ended and len(lines) < limit and start < len(self.buffer):   # a last line without its end
-            lines.append((self.line + len(lines) + 1, self.buffer[start:].decode(errors="replace")))
-        return lines
+    def _split(self, final: bool) -> None:
+        """Move the whole lines of the buffer to `ready` (and, when `final`, a last one without its end)."""
+        data = self.buffer
+        if final:
+            end = len(data)
+        else:   # a "\r" at the very end may be the first half of "\r\n": its line waits
+            held = data[:-1] if data.endswith(b"\r") else data
+            end = max(held.rfind(b"\n"), held.rfind(b"\r")) + 1
+        if end:
+            # bytes.splitlines ends lines at \n, \r\n and \r only: preprocess.py's splitter
+            self.ready.extend((piece.rstrip(b"\r\n"), len(piece))
+                              for piece in data[:end].splitlines(keepends=True))
+            self.buffer = data[end:]
 
     def advance(self, count: int) -> None:
-        """Take the first `count` lines of the last peek."""
-        consumed = 0
-        for _ in range(count):
-            found = LINE_END.search(self.buffer, consumed)
-            consumed = found.end() if found is not None else len(self.buffer)
-        self.buffer = self.buffer[consumed:]
-        self.offset += consumed
+        """Take the first `count` lines peeked; the others peeked are given again by the next peek."""
+        self.offset += sum(size for _, size in self.ready[:count])
+        del self.ready[:count]
         self.line += count
-        if self.rotated and not self.buffer:
+        self.peeked -= count
+        if self.rotated and not self.ready:
             self._reopen()
+
+    def pending(self) -> bool:
+        return bool(self.ready or self.buffer)
+
+    def unpeek(self) -> None:
+        self.peeked = 0
 
     def _check_moved(self) -> None:
         try:
@@ -1025,21 +1055,20 @@ class FollowedFile:
         size = os.fstat(self.handle.fileno()).st_size
         if (info.st_dev, info.st_ino) != self.identity:
             self.buffer += self.handle.read()   # what was written to the old file before it moved
-            if self.buffer and not self.buffer.endswith((b"\n", b"\r")):
-                self.buffer += b"\n"             # its last line will never be finished: take it as it is
+            self._split(final=True)             # its last line will never be finished: taken as it is
             self.logger.info(f"{self.path}: rotated; the new file is read from its start")
             self.rotated = True
-            if not self.buffer:
+            if not self.ready:
                 self._reopen()
         elif size < self.offset:
             self.logger.warning(f"{self.path}: truncated to {size} bytes; read again from its start")
             self.handle.seek(0)
-            self.offset, self.line, self.buffer = 0, 0, b""
+            self.offset, self.line, self.buffer, self.ready = 0, 0, b"", []
 
     def _reopen(self) -> None:
         self.handle.close()
         self.handle, self.identity, self.rotated = None, None, False
-        self.offset, self.line, self.buffer = 0, 0, b""
+        self.offset, self.line, self.buffer, self.ready = 0, 0, b"", []
         self.open()
 
 
@@ -1059,8 +1088,7 @@ class StandardInput(FollowedFile):
         return None
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
-        lines = self._split(limit)
-        if len(lines) < limit and not self.ended:
+        if len(self.ready) - self.peeked < limit and not self.ended:
             ready, _, _ = select.select([self.handle], [], [], self.poll_interval)
             if ready:
                 data = os.read(self.handle.fileno(), READ_BYTES)
@@ -1068,7 +1096,11 @@ class StandardInput(FollowedFile):
                     self.buffer += data
                 else:
                     self.ended = True
-                lines = self._split(limit)
+                self._split(final=self.ended)
+        first = self.peeked
+        lines = [(self.line + first + i + 1, text.decode(errors="replace"))
+                 for i, (text, _) in enumerate(self.ready[first:first + limit])]
+        self.peeked += len(lines)
         return lines
 
 
@@ -1128,10 +1160,98 @@ class LiveWindows:
         return [self.key(k) for k in joined], closed
 
 
+PARSED, UNMATCHED, NO_KEY, BAD_TIME, TIMEOUT = range(5)   # what RawParser.parse says of a line
+
+
+class RawParser:
+    """The part of parsing raw log lines that needs no order, so that it can run in a worker process while
+    the scoring runs here (detect.parse_workers): the log format, the template (Drain's tree of the saved
+    parser state, matching only, the masked form's ID remembered), the session keys or the time. Per line:
+    (PARSED, event, keys or time) or (UNMATCHED | NO_KEY | BAD_TIME,) or (TIMEOUT, message)."""
+
+    def __init__(self, parser_state: str):
+        import preprocess
+
+        try:
+            state = preprocess.load_state(parser_state)
+            self.cfg = preprocess.settings_config(None, [("parser state grouping",
+                                                          state.get("grouping", {}))]).preprocess
+            self.parser = preprocess.Parser(self.cfg, state)
+            self.key = None
+            if self.cfg.window is None and self.cfg.session_key is not None:
+                regex = preprocess.compile_regex(self.cfg.session_key, "--session-key")
+                self.key = preprocess.UserRegex(regex, "the session key of --parser-state")
+            elif self.cfg.window is None:
+                raise preprocess.PreprocessError(f"{parser_state}: a parse-only state (no session key, no "
+                                                 "window): it cannot group lines into sessions")
+        except (preprocess.PreprocessError, utils.ConfigError) as error:
+            raise utils.ConfigError(str(error)) from None
+        self._event_of: dict[str, int] = {}   # masked content -> event ID: Drain's tree walked once per form
+
+    def parse(self, texts: list[str]) -> list[tuple]:
+        import preprocess
+
+        parsed = []
+        with preprocess._WATCHDOG:
+            for text in texts:
+                try:
+                    parsed.append(self._line(text))
+                except preprocess.PatternTimeout as error:
+                    parsed.append((TIMEOUT, str(error)))
+        return parsed
+
+    def _line(self, text: str) -> tuple:
+        match = self.parser.match(text)
+        if match is None:
+            return (UNMATCHED,)
+        event = self._event(match.group("Content") or "")
+        if self.key is not None:
+            keys = tuple(dict.fromkeys(m.group(0) for m in self.key.finditer(text)))
+            return (PARSED, event, keys) if keys else (NO_KEY,)
+        if not self.cfg.time_field:
+            return PARSED, event, None
+        import preprocess
+
+        try:
+            return PARSED, event, preprocess._line_time(self.cfg, match)
+        except ValueError:
+            return (BAD_TIME,)
+
+    def _event(self, content: str) -> int:
+        """Parser.parse of a saved state (match only), with the masked form's ID remembered."""
+        miner = self.parser.miner
+        masked = miner.masker.mask(content)
+        event = self._event_of.get(masked)
+        if event is None:
+            cluster = miner.drain.match(masked, full_search_strategy="fallback")
+            event = self.parser.vocab_size if cluster is None else cluster.cluster_id - 1
+            if len(self._event_of) >= 1_000_000:   # forms that never repeat: bounded memory
+                self._event_of.clear()
+            self._event_of[masked] = event
+        return event
+
+
+_WORKER_PARSER: RawParser | None = None
+
+
+def _start_parse_worker(parent: int, parser_state: str) -> None:
+    from cache import _worker_start  # dies with its parent, leaves Ctrl-C to it
+
+    _worker_start(parent)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a service stop (the whole group) is the parent's
+    global _WORKER_PARSER
+    _WORKER_PARSER = RawParser(parser_state)
+
+
+def _parse_in_worker(texts: list[str]) -> list[tuple]:
+    return _WORKER_PARSER.parse(texts)
+
+
 class LineParser:
     """Input lines -> Items. Raw log lines go through the saved parser state (preprocess.py's: the same
-    templates, masks and grouping as training); other lines are JSON (one event {"session_id": ...,
-    "event_id": N} or a whole session, as data files hold them) or DeepLog text (a whole session)."""
+    templates, masks and grouping as training; RawParser, here or in a worker process); other lines are
+    JSON (one event {"session_id": ..., "event_id": N} or a whole session, as data files hold them) or
+    DeepLog text (a whole session)."""
 
     def __init__(self, config: utils.Config, parser_state: str | None, logger):
         self.options = utils.reader_options(config)
@@ -1140,38 +1260,24 @@ class LineParser:
         self.skip_bad_records = config.data.skip_bad_records
         self.counts = Counter()
         self.first_bad: str | None = None
-        self.parser = self.cfg = self.key = self.windows = None
-        if parser_state:
-            self._raw(parser_state)
+        self.raw = RawParser(parser_state) if parser_state else None
+        self.cfg = self.raw.cfg if self.raw else None
+        self.windows = LiveWindows(self.cfg.window) if self.cfg and self.cfg.window else None
         self.logger = logger
-        self._event_of: dict[str, int] = {}   # masked content -> event ID: Drain's tree walked once per form
 
-    def _raw(self, parser_state: str) -> None:
-        import preprocess
-
-        try:
-            state = preprocess.load_state(parser_state)
-            self.cfg = preprocess.settings_config(None, [("parser state grouping",
-                                                          state.get("grouping", {}))]).preprocess
-            self.parser = preprocess.Parser(self.cfg, state)
-            if self.cfg.window is not None:
-                self.windows = LiveWindows(self.cfg.window)
-            elif self.cfg.session_key is not None:
-                regex = preprocess.compile_regex(self.cfg.session_key, "--session-key")
-                self.key = preprocess.UserRegex(regex, "the session key of --parser-state")
-            else:
-                raise preprocess.PreprocessError(f"{parser_state}: a parse-only state (no session key, no "
-                                                 "window): it cannot group lines into sessions")
-        except (preprocess.PreprocessError, utils.ConfigError) as error:
-            raise utils.ConfigError(str(error)) from None
-
-    def items(self, lines: list[tuple[str, int, str]]) -> tuple[list[Item], int, DataError | None]:
-        """The Items of (path, line number, text) lines, how many lines they took, and the bad line that
-        stopped them (None: all taken). A bad line is skipped and counted with data.skip_bad_records."""
+    def items(self, lines: list[tuple[str, int, str]], parsed: list[tuple] | None = None
+              ) -> tuple[list[Item], int, DataError | None]:
+        """The Items of (path, line number, text) lines (raw ones parsed already, or here), how many lines
+        they took, and the bad line that stopped them (None: all taken). A bad line is skipped and counted
+        with data.skip_bad_records."""
+        if self.raw is not None and parsed is None:
+            parsed = self.raw.parse([text for _, _, text in lines])
         items: list[Item] = []
         for taken, (path, number, text) in enumerate(lines):
+            self.counts["lines"] += 1
             try:
-                items.extend(self._line(path, number, text))
+                items.extend(self._raw_line(path, number, text, parsed[taken]) if parsed is not None
+                             else self._line(path, number, text))
             except DataError as error:
                 if not self.skip_bad_records:
                     return items, taken, error
@@ -1180,10 +1286,7 @@ class LineParser:
         return items, len(lines), None
 
     def _line(self, path: str, number: int, text: str) -> list[Item]:
-        self.counts["lines"] += 1
         at = f"{path}:{number}"
-        if self.parser is not None:
-            return self._raw_line(at, text, path, number)
         stripped = text.strip()
         if not stripped:
             return []
@@ -1215,48 +1318,25 @@ class LineParser:
         record = _validate(Path(path), number, item, self.fields, None, "jsonl")
         return Item("session", (record.session_id,), record.event_ids, at, None)
 
-    def _raw_line(self, at: str, text: str, path: str, number: int) -> list[Item]:
+    def _raw_line(self, path: str, number: int, text: str, parsed: tuple) -> list[Item]:
         import preprocess
 
+        status = parsed[0]
+        if status == TIMEOUT:
+            raise utils.ConfigError(f"{parsed[1]} (at {path}:{number})")
+        if status != PARSED:
+            self.counts[("unmatched", "lines_without_key", "bad_time")[status - 1]] += 1
+            return []
+        _, event, keys_or_time = parsed
+        at = f"{path}:{number}"
+        if self.windows is None:
+            return [Item("event", keys_or_time, [event], at, text)]
         try:
-            match = self.parser.match(text)
-            if match is None:
-                self.counts["unmatched"] += 1
-                return []
-            event = self._event(match.group("Content") or "")
-            if self.key is not None:
-                keys = tuple(dict.fromkeys(m.group(0) for m in self.key.finditer(text)))
-                if not keys:
-                    self.counts["lines_without_key"] += 1
-                    return []
-                return [Item("event", keys, [event], at, text)]
-            when = None
-            if self.cfg.time_field:
-                try:
-                    when = preprocess._line_time(self.cfg, match)
-                except ValueError:
-                    self.counts["bad_time"] += 1
-                    return []
-            joined, closed = self.windows.place(when)
-            return ([Item("close", tuple(closed), [], at, None)] if closed else []) + \
-                ([Item("event", tuple(joined), [event], at, text)] if joined else [])
-        except preprocess.PatternTimeout as error:
-            raise utils.ConfigError(str(preprocess.timeout_error(error, f"{path}:{number}"))) from None
+            joined, closed = self.windows.place(keys_or_time)
         except preprocess.LineError as error:
             raise DataError(f"{path}: line {number}: {error}") from None
-
-    def _event(self, content: str) -> int:
-        """Parser.parse of a saved state (match only), with the masked form's ID remembered."""
-        miner = self.parser.miner
-        masked = miner.masker.mask(content)
-        event = self._event_of.get(masked)
-        if event is None:
-            cluster = miner.drain.match(masked, full_search_strategy="fallback")
-            event = self.parser.vocab_size if cluster is None else cluster.cluster_id - 1
-            if len(self._event_of) >= 1_000_000:   # forms that never repeat: bounded memory
-                self._event_of.clear()
-            self._event_of[masked] = event
-        return event
+        return ([Item("close", tuple(closed), [], at, None)] if closed else []) + \
+            ([Item("event", tuple(joined), [event], at, text)] if joined else [])
 
     def state(self) -> dict:
         return {"counts": dict(self.counts), "first_bad": self.first_bad,
@@ -1375,26 +1455,49 @@ class LiveRun:
     written; the place saved (with the output's length) at intervals, on a stop and at the end."""
 
     def __init__(self, detector: LiveDetector, sources: list[FollowedFile], parser: LineParser, out,
-                 state: LiveState | None, block_lines: int):
+                 state: LiveState | None, block_lines: int, pool=None):
         self.detector, self.sources, self.parser, self.out = detector, sources, parser, out
-        self.state, self.block_lines = state, block_lines
+        self.state, self.block_lines, self.pool = state, block_lines, pool
+        self.ahead = None   # the next block: its lines, the pool's parse of a share under way, the rest's
+        self.share = 0.8    # of each block's lines parsed by the pool (adjusted as it goes)
         self.taken, self.first_at, self.last_at = 0, None, None   # lines taken, when (the speed logged)
 
-    def step(self) -> int:
-        """Read what has come (at most block_lines lines), score it, write what it brought; the number of
-        lines taken."""
-        began = time.monotonic()
+    def _read_ahead(self):
+        """The next block's lines, and their parse: the share sent to the pool under way there, the rest
+        done here now (while the pool works)."""
         lines = []
         for index, source in enumerate(self.sources):
             lines.extend((index, number, text) for number, text in source.peek(self.block_lines - len(lines)))
             if len(lines) >= self.block_lines:
                 break
-        items, taken, error = self.parser.items([(self.sources[i].path, n, t) for i, n, t in lines])
+        if not lines or self.pool is None:
+            return lines, None, None
+        texts = [text for _, _, text in lines]
+        cut = int(len(texts) * self.share)
+        return lines, self.pool.submit(_parse_in_worker, texts[:cut]), self.parser.raw.parse(texts[cut:])
+
+    def step(self) -> int:
+        """Score the lines that have come (at most block_lines), write what they brought; the number of
+        lines taken. With a pool, the next block is read and parsed while this one is scored."""
+        began = time.monotonic()
+        lines, parsing, own = self.ahead or self._read_ahead()
+        self.ahead = None
+        parsed = None
+        if parsing is not None:
+            waited = time.monotonic()
+            parsed = parsing.result() + own
+            # the pool's share follows the work: a wait means the pool has too much, none too little
+            waited = time.monotonic() - waited
+            self.share = max(0.3, self.share - 0.05) if waited > 0.002 else min(1.0, self.share + 0.02)
+        if lines and self.pool is not None:
+            self.ahead = self._read_ahead()
+        items, taken, error = self.parser.items([(self.sources[i].path, n, t) for i, n, t in lines], parsed)
         texts = self.detector.feed(items) + self.detector.close_idle(time.time())
         self.write(texts)
         for index, count in Counter(i for i, _, _ in lines[:taken]).items():
             self.sources[index].advance(count)
         if error is not None:
+            self.ahead = None
             self.save()
             hint = skip_hint(error, False)
             raise DataError(f"{error}; the lines before it are scored and the place saved{hint}")
@@ -1411,7 +1514,7 @@ class LiveRun:
                f"{self.taken / seconds:,.0f} lines/s"
 
     def finished(self) -> bool:
-        return all(s.ended and not s.buffer for s in self.sources)
+        return self.ahead is None and all(s.ended and not s.pending() for s in self.sources)
 
     def write(self, texts: list[str]) -> None:
         if texts:
@@ -1477,18 +1580,31 @@ def run_live(args, model, calibration: dict, co_occurrence, config: utils.Config
         logger.info(f"Continuing from {state_path}: {len(detector.open)} open sessions, "
                     f"{', '.join(f'{s.path} line {s.line}' for s in sources)}")
     out = open_live_output(args.output, saved, state_path)
-    run = LiveRun(detector, sources, parser, out, state, dc.block_lines)
+    pool = None
+    if parser.raw is not None and dc.parse_workers:
+        import multiprocessing
+
+        pool = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("fork"), initializer=_start_parse_worker,
+            initargs=(os.getpid(), args.parser_state))
+    run = LiveRun(detector, sources, parser, out, state, dc.block_lines, pool)
     logger.info(f"Live detection ({rule} rule) on {', '.join(args.paths)}: sessions close after "
                 f"{dc.idle_lines or 'no limit of'} idle lines"
                 f"{f', {dc.idle_seconds:g} idle seconds' if dc.idle_seconds else ''}"
                 f"{f', {dc.max_session_events} events' if dc.max_session_events else ''}")
-    import preprocess
-
     stop.raise_now = False   # from here a stop signal ends the loop at a step's end, with the place saved
     try:
-        with preprocess._WATCHDOG if parser.parser is not None else contextlib.nullcontext():
-            run.run(stop, dc.state_interval_s, dc.poll_interval_s)
+        run.run(stop, dc.state_interval_s, dc.poll_interval_s)
+    except BrokenProcessPool:
+        if not stop.received:
+            raise utils.ConfigError("the parsing worker process died (killed? out of memory?): the place "
+                                    "of the last step is saved; run the same command again") from None
+        run.save()
+        raise utils.Interrupted(f"{stop.received}; the place is saved in {state_path}",
+                                stop.exit_code) from None
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         log_live_totals(detector, parser, run.speed(), logger)
         if out is not sys.stdout:
             out.close()

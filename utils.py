@@ -152,6 +152,8 @@ class DetectConfig:
     state_interval_s: float = 5.0   # the position and the open sessions are saved this often (and on SIGTERM)
     poll_interval_s: float = 0.1    # wait at the end of a followed file before looking again
     block_lines: int = 8192         # lines read and scored together, at most (fewer when no more have come)
+    parse_workers: int = 1          # raw logs: parse the next lines in a worker process while these are
+                                    # scored (0: here, one core)
     prefix_nodes: int = 20_000      # session prefixes whose LSTM states are shared (0: none); each holds
                                     # 2 x num_layers x hidden_size floats (4 KB for the default model)
     max_misses: int = 3             # misses shown per abnormal verdict
@@ -406,6 +408,7 @@ def check_values(config: Config) -> None:
               ("detect.poll_interval_s", config.detect.poll_interval_s > 0, "> 0"),
               ("detect.block_lines", config.detect.block_lines >= 1, ">= 1"),
               ("detect.prefix_nodes", config.detect.prefix_nodes >= 0, ">= 0"),
+              ("detect.parse_workers", config.detect.parse_workers in (0, 1), "0 or 1"),
               ("detect.max_misses", config.detect.max_misses >= 0, ">= 0"),
               ("update.epochs", config.update.epochs >= 1, ">= 1"),
               ("update.learning_rate", config.update.learning_rate > 0, "> 0"),
