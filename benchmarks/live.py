@@ -129,11 +129,14 @@ def throughput(checkpoint: Path, work: Path, lines: int, concurrent: int, rng, n
     state = Path(f"{output}.state")
     import torch
 
-    while True:   # until the saved place is the end of the log
+    seen = None
+    while True:   # until the saved place is the end of the log (read when the state changed: it is big)
         time.sleep(1)
         try:
-            if torch.load(state, weights_only=True)["sources"][0]["offset"] >= size:
+            changed = state.stat().st_mtime
+            if changed != seen and torch.load(state, weights_only=True)["sources"][0]["offset"] >= size:
                 break
+            seen = changed
         except (OSError, RuntimeError, EOFError, KeyError):
             pass
     stderr = stop(process)
