@@ -529,12 +529,15 @@ class LiveScorer:
     def _accumulate(self, slot, rank, log_prob, end: bool) -> None:
         """The columns of session_scores, summed in float64 as there."""
         columns, finite = self.columns, np.isfinite(log_prob)
-        np.add.at(columns["predictions"], slot, 1.0)
-        np.add.at(columns["loss_count"], slot, finite)
-        np.add.at(columns["unknown"], slot, ~finite)
-        np.add.at(columns["loss_sum"], slot, -np.where(finite, log_prob, 0.0))
+        size = len(columns["predictions"])
+        add = lambda name, weights: columns[name].__iadd__(  # noqa: E731
+            np.bincount(slot, weights=weights, minlength=size))
+        add("predictions", None)
+        add("loss_count", finite.astype(np.float64))
+        add("unknown", (~finite).astype(np.float64))
+        add("loss_sum", -np.where(finite, log_prob, 0.0))
         for k in self.ks:
-            np.add.at(columns[f"misses_at_{k}"], slot, rank >= k)
+            add(f"misses_at_{k}", (rank >= k).astype(np.float64))
         np.maximum.at(columns["max_rank"], slot, rank.astype(np.float64))
         np.minimum.at(columns["min_log_prob"], slot, log_prob)
         if end:
@@ -585,33 +588,43 @@ class PrefixTrie:
     def walk(self, work: list[tuple[int, list, int]], watch_extra) -> tuple[list, Scored]:
         """Move the sessions on the trie by their new events, a round of one event each at a time; the work
         left for their own states (those that left, and the others), and the rows scored here."""
-        node_of, token = self.scorer.node_of, self.scorer.token
-        rest = [w for w in work if node_of[w[0]] < 0]
-        active = [[slot, events, n0] for slot, events, n0 in work if node_of[slot] >= 0]
+        node_of = self.scorer.node_of
+        vocab_size, unk_id = self.scorer.model.vocab_size, self.scorer.model.unk_id
+        places = node_of[np.array([w[0] for w in work], dtype=np.int64)].tolist() if work else []
+        rest = [w for w, node in zip(work, places) if node < 0]
+        # [slot, events, position, node]: plain lists in the loop (a numpy scalar per event costs more)
+        active = [[slot, events, n0, node] for (slot, events, n0), node in zip(work, places) if node >= 0]
         rows: list[tuple] = []
         expected: dict[int, list] = {}
-        leaving = []
+        leaving, children, scores = [], self.children, self.scores
         while active:
-            moves = [(entry, int(node_of[entry[0]]), token(entry[1][entry[2]])) for entry in active]
-            self._add([(node, tok) for _, node, tok in moves])
-            self._score([(node, tok) for _, node, tok in moves if (node, tok) in self.children])
-            active = []
-            for entry, node, tok in moves:
-                slot, events, position = entry
-                child = self.children.get((node, tok))
+            moves = []
+            for entry in active:
+                event = entry[1][entry[2]]
+                moves.append((entry[3], event if event < vocab_size else unk_id))
+            self._add(moves)
+            self._score([move for move in moves if move in children])
+            still = []
+            for entry, move in zip(active, moves):
+                slot, events, position, node = entry
+                child = children.get(move)
                 if child is None:   # leaves here: this event is scored from its own state
                     leaving.append((slot, events, position))
+                    node_of[slot] = node
                     continue
-                rank, log_prob, top = self.scores[(node, tok)]
-                if top is None and (slot, position) in watch_extra:
+                rank, log_prob, top = scores[move]
+                if top is None and watch_extra and (slot, position) in watch_extra:
                     top = self._expected(node)
                 if top is not None:
                     expected[len(rows)] = top
                 rows.append((slot, position, events[position], rank, log_prob))
-                node_of[slot] = child
+                entry[3] = child
                 if position + 1 < len(events):
                     entry[2] = position + 1
-                    active.append(entry)
+                    still.append(entry)
+                else:
+                    node_of[slot] = child
+            active = still
         if leaving:
             self.scorer._own_states(np.array([slot for slot, _, _ in leaving]))
         columns = list(zip(*rows)) if rows else [[]] * 5
@@ -782,33 +795,39 @@ class LiveDetector:
         output: list[tuple] = []
         touched: dict[int, LiveSession] = {}
         closing: list[tuple[int, int, LiveSession]] = []
-        for item in items:
-            if item.kind == "close":
-                closing.extend((self.seq, 0, self.open.pop(key)) for key in item.keys if key in self.open)
+        opened, idle_lines, max_events = self.open, self.idle_lines, self.max_session_events
+        seq = self.seq
+        for kind, keys, events, at, raw in items:
+            if kind == "close":
+                closing.extend((seq, 0, opened.pop(key)) for key in keys if key in opened)
                 continue
-            self.seq += 1
-            while self.idle_lines and self.open and \
-                    next(iter(self.open.values())).last_seq <= self.seq - self.idle_lines:
-                closing.append((self.seq, 0, self.open.popitem(last=False)[1]))
-            for key in item.keys:
-                session = self.open.get(key) if item.kind == "event" else None
+            seq += 1
+            if idle_lines:
+                while opened and next(iter(opened.values())).last_seq <= seq - idle_lines:
+                    closing.append((seq, 0, opened.popitem(last=False)[1]))
+            ref = (seq, at, raw)
+            for key in keys:
+                session = opened.get(key) if kind == "event" else None
                 if session is None:
-                    session = LiveSession(key, self.scorer.allocate(), self.seq)
-                    if item.kind == "event":
-                        self.open[key] = session
+                    session = LiveSession(key, self.scorer.allocate(), seq)
+                    if kind == "event":
+                        opened[key] = session
                 else:
-                    self.open.move_to_end(key)
+                    opened.move_to_end(key)
                 if session.refs is None:
                     session.refs, session.n0 = [], len(session.events)
                     touched[id(session)] = session
-                session.events.extend(item.events)
-                session.refs.extend([(self.seq, item.at, item.raw)] * len(item.events))
-                session.last_seq, session.last_time = self.seq, now
-                full = self.max_session_events and len(session.events) >= self.max_session_events
-                if item.kind == "session" or full:
-                    if item.kind == "event":
-                        del self.open[key]
-                    closing.append((self.seq, 2, session))
+                session.events += events
+                if len(events) == 1:
+                    session.refs.append(ref)
+                else:
+                    session.refs += [ref] * len(events)
+                session.last_seq, session.last_time = seq, now
+                if kind == "session" or (max_events and len(session.events) >= max_events):
+                    if kind == "event":
+                        del opened[key]
+                    closing.append((seq, 2, session))
+        self.seq = seq
         if touched:
             self._score(list(touched.values()), output)
         self._close(closing, output)
@@ -1330,7 +1349,7 @@ class LineParser:
         _, event, keys_or_time = parsed
         at = f"{path}:{number}"
         if self.windows is None:
-            return [Item("event", keys_or_time, [event], at, text)]
+            return [("event", keys_or_time, [event], at, text)]   # (an Item: a plain tuple is cheaper)
         try:
             joined, closed = self.windows.place(keys_or_time)
         except preprocess.LineError as error:
