@@ -405,3 +405,46 @@ def test_standard_input_is_read_to_its_end(checkpoint, sample_sessions, tmp_path
     assert result.returncode == 0, result.stderr
     verdicts = [json.loads(line) for line in result.stdout.splitlines() if '"verdict"' in line]
     assert [v["session_id"] for v in verdicts] == [f"-:{i}" for i in range(1, 31)]
+
+
+def test_live_raw_logs_through_the_parser_state_give_the_batch_verdicts(tmp_path):
+    """Raw lines parsed in the worker process (and here), grouped by the saved session key: the verdicts of
+    detect.py on the finished file, and each miss names its raw line."""
+    from test_preprocess import block_log, line, run
+
+    lines = []
+    for start in range(0, 120, 20):
+        lines += block_log(range(start, start + 20), second=start)
+    write_config(tmp_path / "base.yaml")   # the tiny model
+    run(tmp_path, lines, "--session-key", r"blk_-?\d+")
+    out = tmp_path / "out"
+    result = run_script("train.py", "--config", out / "config.yaml", "--epochs", "1", "--device", "cpu",
+                        timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = out / "train" / "checkpoints" / "best_model.pt"
+    (tmp_path / "quiet").mkdir()   # normal sessions to fit thresholds on (a tiny run does not calibrate)
+    (tmp_path / "quiet" / "s.jsonl").write_text((out / "sessions.jsonl").read_text())
+    result = run_script("evaluate.py", "--checkpoint", checkpoint, "--calibrate-on", tmp_path / "quiet",
+                        "--output-dir", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr[-2000:]
+    calibration = next((tmp_path / "eval").glob("calibration_*.json"))
+    today = block_log(range(500, 530))
+    today.insert(7, line(9, "Checksum error on blk_503 from disk sda3"))   # a template never seen
+    log = tmp_path / "app.log"
+    log.write_text("\n".join(today) + "\n")
+    common = ["--checkpoint", str(checkpoint), "--parser-state", str(out / "parser_state.json"),
+              "--calibration", str(calibration)]
+    batch_out = tmp_path / "batch.jsonl"
+    result = run_script("detect.py", *common, log, "--output", batch_out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    batch = {d["session_id"]: d for d in map(json.loads, batch_out.read_text().splitlines())}
+    live = subprocess.run([sys.executable, str(REPO / "detect.py"), *common, "-", "--follow"], cwd=REPO,
+                          input=log.read_text(), capture_output=True, text=True, timeout=300)
+    assert live.returncode == 0, live.stderr[-2000:]
+    verdicts = {d["session_id"]: d for d in map(json.loads, live.stdout.splitlines()) if "verdict" in d}
+    assert sorted(verdicts) == sorted(batch) and len(batch) == 30
+    for name, verdict in verdicts.items():
+        assert (verdict["verdict"], verdict["score"]) == (batch[name]["verdict"], batch[name]["score"])
+        assert [m["position"] for m in verdict["misses"]] == [m["position"] for m in batch[name]["misses"]]
+    assert verdicts["blk_503"]["verdict"] == "abnormal"
+    assert any(m.get("raw") == today[7] and m["at"] == "-:8" for m in verdicts["blk_503"]["misses"])
