@@ -538,13 +538,31 @@ class LiveScorer:
         add("loss_sum", -np.where(finite, log_prob, 0.0))
         for k in self.ks:
             add(f"misses_at_{k}", (rank >= k).astype(np.float64))
-        np.maximum.at(columns["max_rank"], slot, rank.astype(np.float64))
-        np.minimum.at(columns["min_log_prob"], slot, log_prob)
+        group_extreme(columns["max_rank"], slot, rank.astype(np.float64), np.maximum)
+        group_extreme(columns["min_log_prob"], slot, log_prob, np.minimum)
         if end:
             columns["end_log_prob"][slot] = log_prob
         else:
-            np.minimum.at(columns["min_event_log_prob"], slot, log_prob)
-            np.minimum.at(columns["min_seen_event_log_prob"], slot, np.where(finite, log_prob, math.inf))
+            group_extreme(columns["min_event_log_prob"], slot, log_prob, np.minimum)
+            group_extreme(columns["min_seen_event_log_prob"], slot, np.where(finite, log_prob, math.inf),
+                          np.minimum)
+
+
+def group_extreme(column: np.ndarray, slot: np.ndarray, values: np.ndarray, extreme) -> None:
+    """column[s] = extreme(column[s], the min (np.minimum) or max (np.maximum) of values where slot == s):
+    np.minimum.at's result by one sort (ufunc.at took 3 ms a step, measured)."""
+    if not len(slot):
+        return
+    order = np.lexsort((values, slot))
+    slots, ordered = slot[order], values[order]
+    edge = np.empty(len(slots), dtype=bool)
+    if extreme is np.minimum:   # the first of each slot's run holds its least value
+        edge[0] = True
+        np.not_equal(slots[1:], slots[:-1], out=edge[1:])
+    else:                       # the last its greatest
+        edge[-1] = True
+        np.not_equal(slots[1:], slots[:-1], out=edge[:-1])
+    column[slots[edge]] = extreme(column[slots[edge]], ordered[edge])
 
 
 def watched_rows(slot: np.ndarray, position: np.ndarray, watch_extra: set) -> np.ndarray:
@@ -775,6 +793,7 @@ class LiveDetector:
         self.calibration, self.rule, self.co_occurrence = calibration, rule, co_occurrence
         self.top_k = calibration["top_k"]
         self.early = EarlyRules(calibration, rule, co_occurrence)
+        self.count_rule = "count_vector" in (calibration["combined_rules"] if rule == "combined" else [rule])
         # a miss of the verdict's record, as DeepLog.diagnose counts one: outside the top-k or, under the
         # probability rule, below its bound (the end of session: below its own bound, where there is one)
         self.bound, end_bound = cal.miss_bounds(calibration, rule)
@@ -932,7 +951,9 @@ class LiveDetector:
         scores = self.scorer.columns_of(slots)
         events = [s.events for s in sessions]
         scores["novel_set"], scores["novel_pair"] = self.co_occurrence.novel(events)
-        scores["count_distance"] = self.co_occurrence.distance(events)
+        # (the nearest training session's counts: only where the rule reads them, the search is not cheap)
+        scores["count_distance"] = self.co_occurrence.distance(events) if self.count_rule else \
+            np.zeros(len(events))
         abnormal = verdicts(scores, self.calibration, self.rule)
         anomaly = anomaly_scores(scores, self.top_k)
         for i, ((seq, phase, session), flagged) in enumerate(zip(closing, abnormal.tolist())):

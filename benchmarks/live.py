@@ -161,11 +161,14 @@ def delay(checkpoint: Path, work: Path, rate: int, seconds: float, concurrent: i
         while not output.exists():
             time.sleep(0.01)
         with open(output) as handle:
+            partial = ""
             while not done.is_set():
-                line = handle.readline()
-                if not line:
+                line = partial + handle.readline()
+                if not line.endswith("\n"):   # nothing new, or half a write so far
+                    partial = line
                     time.sleep(0.005)
                     continue
+                partial = ""
                 record = json.loads(line)
                 if record.get("alert") == "early":
                     seen.setdefault(record["at"], time.time())
