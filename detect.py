@@ -1680,6 +1680,8 @@ def parse_args(argv=None):
     parser.add_argument("--calibration", help="use thresholds from this calibration.json (default: the "
                                               "checkpoint's)")
     parser.add_argument("--rule", choices=RULES, help="decision rule (default: evaluation.decision_rule)")
+    parser.add_argument("--config", help="a config.yaml whose detect: section replaces the checkpoint's "
+                                         "(prefix_nodes, parse_workers, poll_interval_s, ...); flags override it")
     parser.add_argument("--state", help="with --follow: where the place and open sessions are saved "
                                         "(default: OUTPUT.state)")
     parser.add_argument("--idle-lines", type=int, help="with --follow: close a session no line named for "
@@ -1720,6 +1722,8 @@ def run(args, stop: utils.StopSignal, logger) -> int:
     model, checkpoint = load_model(args.checkpoint, device)
     co_occurrence = known_co_occurrence(checkpoint)
     config = utils.config_from_dict(checkpoint["config"])
+    if args.config:
+        config.detect = utils.load_config(args.config).detect
     for flag, dotted in (("rule", "evaluation.decision_rule"), ("idle_lines", "detect.idle_lines"),
                          ("idle_seconds", "detect.idle_seconds"), ("max_misses", "detect.max_misses"),
                          ("max_session_events", "detect.max_session_events"),

@@ -8,9 +8,7 @@ Examples:
     python evaluate.py --checkpoint outputs/checkpoints/best_model.pt --calibrate-on /data/quiet_day \\
         --data-dir /data/today --tag today                # refit thresholds on other normal sessions first
     python evaluate.py --checkpoint outputs/checkpoints/best_model.pt --detect data/sample/new \\
-        --output outputs/detections.jsonl                 # one JSON line per session, streaming
-    python evaluate.py --checkpoint outputs/hdfs_raw/train/checkpoints/best_model.pt \
-        --detect /logs/today/ --parser-state outputs/hdfs_raw/parser_state.json   # raw logs (preprocess.py)
+        --output outputs/detections.jsonl    # detection is detect.py's (live too); this flag runs it
 
 Scores. For every session the model predicts each next event from the start token to the end of the session.
 Per session we keep: the anomaly score (fraction of predictions whose actual event is outside the top-k), the
