@@ -1681,7 +1681,7 @@ def parse_args(argv=None):
                                               "checkpoint's)")
     parser.add_argument("--rule", choices=RULES, help="decision rule (default: evaluation.decision_rule)")
     parser.add_argument("--config", help="a config.yaml whose detect: section replaces the checkpoint's "
-                                         "(prefix_nodes, parse_workers, poll_interval_s, ...); flags override it")
+                                         "(prefix_nodes, parse_workers, ...); flags override it")
     parser.add_argument("--state", help="with --follow: where the place and open sessions are saved "
                                         "(default: OUTPUT.state)")
     parser.add_argument("--idle-lines", type=int, help="with --follow: close a session no line named for "
