@@ -1475,8 +1475,10 @@ def open_live_output(path: str | None, state: dict | None, state_path: Path | No
     target = Path(path)
     size = target.stat().st_size if target.exists() else None
     if state is None and size:
-        raise utils.ConfigError(f"--output {path} exists and holds {size} bytes, but no state "
-                                f"({state_path}) says where that run ended: move it away, or give --state")
+        where = f"no state ({state_path}) says where that run ended" if state_path else \
+            "standard input keeps no state to continue from"
+        raise utils.ConfigError(f"--output {path} exists and holds {size} bytes, but {where}: move it away "
+                                "(or give the --state of the run that wrote it)")
     if state is not None:
         if size is None or size < state["output_bytes"]:
             raise utils.ConfigError(f"--output {path} is shorter ({size or 0} bytes) than its state "
