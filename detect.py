@@ -1312,6 +1312,8 @@ class LineParser:
         with data.skip_bad_records."""
         if self.raw is not None and parsed is None:
             parsed = self.raw.parse([text for _, _, text in lines])
+        if parsed is not None and self.windows is None and all(p[0] != TIMEOUT for p in parsed):
+            return self._keyed_items(lines, parsed), len(lines), None
         items: list[Item] = []
         for taken, (path, number, text) in enumerate(lines):
             self.counts["lines"] += 1
@@ -1324,6 +1326,15 @@ class LineParser:
                 self.counts["bad_records"] += 1
                 self.first_bad = self.first_bad or str(error)
         return items, len(lines), None
+
+    def _keyed_items(self, lines: list[tuple[str, int, str]], parsed: list[tuple]) -> list[Item]:
+        """_raw_line for a whole block grouped by session keys, in one pass (the hot path of raw logs)."""
+        statuses = Counter(p[0] for p in parsed)
+        self.counts["lines"] += len(lines)
+        for status, name in ((UNMATCHED, "unmatched"), (NO_KEY, "lines_without_key"), (BAD_TIME, "bad_time")):
+            self.counts[name] += statuses[status]
+        return [("event", p[2], [p[1]], f"{path}:{number}", text)
+                for (path, number, text), p in zip(lines, parsed) if p[0] == PARSED]
 
     def _line(self, path: str, number: int, text: str) -> list[Item]:
         at = f"{path}:{number}"
