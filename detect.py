@@ -1283,8 +1283,11 @@ def _start_parse_worker(parent: int, parser_state: str) -> None:
     _WORKER_PARSER = RawParser(parser_state)
 
 
-def _parse_in_worker(texts: list[str]) -> list[tuple]:
-    return _WORKER_PARSER.parse(texts)
+def _parse_in_worker(texts: list[str]) -> tuple[float, list[tuple]]:
+    """The parse of a share of a block, and the seconds it took (the share is set from them)."""
+    started = time.perf_counter()
+    parsed = _WORKER_PARSER.parse(texts)
+    return time.perf_counter() - started, parsed
 
 
 class LineParser:
@@ -1512,7 +1515,8 @@ class LiveRun:
         self.detector, self.sources, self.parser, self.out = detector, sources, parser, out
         self.state, self.block_lines, self.pool = state, block_lines, pool
         self.ahead = None   # the next block: its lines, the pool's parse of a share under way, the rest's
-        self.share = 0.8    # of each block's lines parsed by the pool (adjusted as it goes)
+        self.share = 0.8    # of each block's lines parsed by the pool (adjusted as it goes: _balance)
+        self.own_parse = (0.0, 0)
         self.taken, self.first_at, self.last_at = 0, None, None   # lines taken, when (the speed logged)
 
     def _read_ahead(self):
@@ -1527,7 +1531,11 @@ class LiveRun:
             return lines, None, None
         texts = [text for _, _, text in lines]
         cut = int(len(texts) * self.share)
-        return lines, self.pool.submit(_parse_in_worker, texts[:cut]), self.parser.raw.parse(texts[cut:])
+        parsing = self.pool.submit(_parse_in_worker, texts[:cut])
+        started = time.perf_counter()
+        own = self.parser.raw.parse(texts[cut:])
+        self.own_parse = (time.perf_counter() - started, len(texts) - cut)
+        return lines, parsing, own
 
     def step(self) -> int:
         """Score the lines that have come (at most block_lines), write what they brought; the number of
@@ -1535,13 +1543,14 @@ class LiveRun:
         began = time.monotonic()
         lines, parsing, own = self.ahead or self._read_ahead()
         self.ahead = None
-        parsed = None
+        parsed, pool_parse = None, None
+        waited = time.monotonic()
         if parsing is not None:
-            waited = time.monotonic()
-            parsed = parsing.result() + own
-            # the pool's share follows the work: a wait means the pool has too much, none too little
-            waited = time.monotonic() - waited
-            self.share = max(0.3, self.share - 0.05) if waited > 0.002 else min(1.0, self.share + 0.02)
+            pool_parse, parsed = parsing.result()
+            pool_parse = (pool_parse, len(parsed))
+            parsed += own
+        waited = time.monotonic() - waited
+        own_parse = self.own_parse
         if lines and self.pool is not None:
             self.ahead = self._read_ahead()
         items, taken, error = self.parser.items([(self.sources[i].path, n, t) for i, n, t in lines], parsed)
@@ -1557,7 +1566,22 @@ class LiveRun:
         if taken:
             self.first_at = self.first_at or began
             self.last_at, self.taken = time.monotonic(), self.taken + taken
+        if pool_parse is not None and lines:
+            self._balance(pool_parse, own_parse, time.monotonic() - began - waited, len(lines))
         return taken
+
+    def _balance(self, pool_parse: tuple, own_parse: tuple, step_seconds: float, lines: int) -> None:
+        """The pool's share of the next blocks, so that its parse takes as long as this process's step
+        (scoring plus its own share of the parse, the wait for the pool not counted): share x pool = rest +
+        (1 - share) x own, per line."""
+        per_line = lambda part: part[0] / part[1] if part[1] else None  # noqa: E731
+        pool, own = per_line(pool_parse), per_line(own_parse)
+        own = pool if own is None else own
+        if pool is None or own is None:
+            return
+        rest = max(0.0, step_seconds - own_parse[0]) / lines   # scoring, writing, reading
+        target = min(1.0, max(0.0, (rest + own) / (pool + own)))
+        self.share = 0.7 * self.share + 0.3 * target
 
     def speed(self) -> str:
         if not self.taken or self.last_at <= self.first_at:
