@@ -600,8 +600,8 @@ class PrefixTrie:
         self.h, self.c = torch.zeros(layers, capacity, hidden), torch.zeros(layers, capacity, hidden)
         self.h[:, :1], self.c[:, :1] = scorer.fresh
         self.lengths = [0]                             # events of each node's prefix
-        self.children: dict[tuple[int, int], int] = {}   # (node, token) -> node
-        self.scores: dict[tuple[int, int], tuple] = {}   # (node, token) -> (rank, log_prob, expected | None)
+        # (node, token) -> (child node, the token's rank and log-probability after node, expected | None)
+        self.edges: dict[tuple[int, int], tuple] = {}
 
     def walk(self, work: list[tuple[int, list, int]], watch_extra) -> tuple[list, Scored]:
         """Move the sessions on the trie by their new events, a round of one event each at a time; the work
@@ -614,23 +614,24 @@ class PrefixTrie:
         active = [[slot, events, n0, node] for (slot, events, n0), node in zip(work, places) if node >= 0]
         rows: list[tuple] = []
         expected: dict[int, list] = {}
-        leaving, children, scores = [], self.children, self.scores
+        leaving, edges = [], self.edges
         while active:
             moves = []
             for entry in active:
                 event = entry[1][entry[2]]
                 moves.append((entry[3], event if event < vocab_size else unk_id))
-            self._add(moves)
-            self._score([move for move in moves if move in children])
+            missing = [move for move in moves if move not in edges]
+            if missing:
+                self._extend(missing)
             still = []
             for entry, move in zip(active, moves):
                 slot, events, position, node = entry
-                child = children.get(move)
-                if child is None:   # leaves here: this event is scored from its own state
+                edge = edges.get(move)
+                if edge is None:   # leaves here: this event is scored from its own state
                     leaving.append((slot, events, position))
                     node_of[slot] = node
                     continue
-                rank, log_prob, top = scores[move]
+                child, rank, log_prob, top = edge
                 if top is None and watch_extra and (slot, position) in watch_extra:
                     top = self._expected(node)
                 if top is not None:
@@ -650,33 +651,24 @@ class PrefixTrie:
                           zip(columns, (np.int64, np.int64, np.int64, np.int64, np.float64))), expected)
         return rest + leaving, scored
 
-    def _add(self, moves: list[tuple[int, int]]) -> None:
-        """New nodes for the moves that need one and may have one, in one batched LSTM step."""
-        wanted = list(dict.fromkeys(m for m in moves if m not in self.children and
-                                    self.lengths[m[0]] + 1 < self.scorer.length))
+    def _extend(self, moves: list[tuple[int, int]]) -> None:
+        """Edges for the moves that may have one (room left, within the first window): the child's state in
+        one batched LSTM step, and the event's score after the parent in one pass of the head."""
+        wanted = [m for m in dict.fromkeys(moves) if self.lengths[m[0]] + 1 < self.scorer.length]
         wanted = wanted[:max(0, self.capacity - len(self.lengths))]
         if not wanted:
             return
+        scorer = self.scorer
         nodes = torch.tensor([node for node, _ in wanted], dtype=torch.long)
-        inputs = torch.tensor([[tok] for _, tok in wanted], dtype=torch.long)
-        _, (h, c) = self.scorer._run(inputs, (self.h[:, nodes], self.c[:, nodes]))
+        tokens = torch.tensor([tok for _, tok in wanted], dtype=torch.long)
+        _, (h, c) = scorer._run(tokens[:, None], (self.h[:, nodes], self.c[:, nodes]))
+        rank, log_prob, expected = scorer.head(self.h[-1, nodes], tokens, scorer.watch_log_prob,
+                                               np.zeros(len(wanted), dtype=bool))
         first = len(self.lengths)
         self.h[:, first:first + len(wanted)], self.c[:, first:first + len(wanted)] = h, c
-        for offset, (node, tok) in enumerate(wanted):
-            self.children[(node, tok)] = first + offset
+        for row, (node, tok) in enumerate(wanted):
+            self.edges[(node, tok)] = (first + row, int(rank[row]), float(log_prob[row]), expected.get(row))
             self.lengths.append(self.lengths[node] + 1)
-
-    def _score(self, moves: list[tuple[int, int]]) -> None:
-        wanted = list(dict.fromkeys(m for m in moves if m not in self.scores))
-        if not wanted:
-            return
-        nodes = torch.tensor([node for node, _ in wanted], dtype=torch.long)
-        targets = torch.tensor([tok for _, tok in wanted], dtype=torch.long)
-        scorer = self.scorer
-        rank, log_prob, expected = scorer.head(self.h[-1, nodes], targets, scorer.watch_log_prob,
-                                               np.zeros(len(wanted), dtype=bool))
-        for row, move in enumerate(wanted):
-            self.scores[move] = (int(rank[row]), float(log_prob[row]), expected.get(row))
 
     def _expected(self, node: int) -> list[int]:
         logits = self.scorer.model.head(self.h[-1, node:node + 1].expand(MIN_ROWS, -1))[0]
@@ -1227,6 +1219,24 @@ class RawParser:
         except (preprocess.PreprocessError, utils.ConfigError) as error:
             raise utils.ConfigError(str(error)) from None
         self._event_of: dict[str, int] = {}   # masked content -> event ID: Drain's tree walked once per form
+        self._mask = fast_masker(self.parser.miner.masker)
+        if self.key is not None and not self.key.regex.groups:   # findall gives the matches themselves
+            self._keys = self._find_keys
+        elif self.key is not None:
+            self._keys = lambda text: [m.group(0) for m in self.key.finditer(text)]
+
+    def _find_keys(self, text: str) -> list[str]:
+        """The session keys of a line: UserRegex.finditer's result by findall (a key regex without groups),
+        on the watchdog's budget as UserRegex's calls are."""
+        import preprocess
+
+        watch = preprocess._WATCHDOG
+        watch.serial += 1
+        watch.running = self.key
+        try:
+            return self.key.regex.findall(text)
+        finally:
+            watch.running = None
 
     def parse(self, texts: list[str]) -> list[tuple]:
         import preprocess
@@ -1246,7 +1256,7 @@ class RawParser:
             return (UNMATCHED,)
         event = self._event(match.group("Content") or "")
         if self.key is not None:
-            keys = tuple(dict.fromkeys(m.group(0) for m in self.key.finditer(text)))
+            keys = tuple(dict.fromkeys(self._keys(text)))
             return (PARSED, event, keys) if keys else (NO_KEY,)
         if not self.cfg.time_field:
             return PARSED, event, None
@@ -1260,7 +1270,7 @@ class RawParser:
     def _event(self, content: str) -> int:
         """Parser.parse of a saved state (match only), with the masked form's ID remembered."""
         miner = self.parser.miner
-        masked = miner.masker.mask(content)
+        masked = self._mask(content)
         event = self._event_of.get(masked)
         if event is None:
             cluster = miner.drain.match(masked, full_search_strategy="fallback")
@@ -1269,6 +1279,44 @@ class RawParser:
                 self._event_of.clear()
             self._event_of[masked] = event
         return event
+
+
+def fast_masker(masker):
+    """drain3's masker.mask, the same result, faster: preprocess.py's built-in alternation of masks is
+    applied word by word (words split at " "), each word's result remembered. None of its parts can match
+    a space, and to each of its look-arounds a space reads as the start or the end of the text does, so the
+    words' results joined are the whole text's (tests/test_detect.py checks it on the loghub samples); the
+    words repeat (a template's own words, small numbers) where whole lines never do. Other masks (the
+    user's, the run of <*>) are applied as drain3 applies them."""
+    import preprocess
+
+    prefix, suffix = masker.mask_prefix, masker.mask_suffix
+    words: dict[str, str] = {}
+    steps = []
+    for instruction in masker.masking_instructions:
+        if instruction.regex.pattern == preprocess._BUILT_IN_MASKS[0]:
+            steps.append((instruction.regex.sub, prefix + instruction.mask_with + suffix))
+        else:
+            steps.append((instruction, None))
+
+    def by_word(sub, replacement: str, text: str) -> str:
+        if len(words) >= 1_000_000:   # words that never repeat: bounded memory
+            words.clear()
+        out = []
+        for word in text.split(" "):
+            masked = words.get(word)
+            if masked is None:
+                masked = words[word] = sub(replacement, word)
+            out.append(masked)
+        return " ".join(out)
+
+    def mask(text: str) -> str:
+        for step, replacement in steps:
+            text = by_word(step, replacement, text) if replacement is not None else \
+                step.mask(text, prefix, suffix)
+        return text
+
+    return mask
 
 
 _WORKER_PARSER: RawParser | None = None

@@ -326,6 +326,8 @@ def _field_regex(name: str, rest: str, last: bool) -> str:
     text = rest.split(_MARK, 1)[0]
     lazy = f"(?P<{name}>.*?)"
     if last:  # what follows ends the line: lazy with it inside an atomic group is exact and linear
+        if not text:   # nothing follows: the rest of the line, greedy (the same span: a stripped line has
+            return f"(?>(?P<{name}>.*)$)"   # no newline before its end; a C loop, not a step per char)
         return f"(?>{lazy}{text}$)" if next(_structure(text), None) is None else f"{lazy}{text}$"
     if name == "Content":
         return lazy + text
