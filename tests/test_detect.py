@@ -448,3 +448,24 @@ def test_live_raw_logs_through_the_parser_state_give_the_batch_verdicts(tmp_path
         assert [m["position"] for m in verdict["misses"]] == [m["position"] for m in batch[name]["misses"]]
     assert verdicts["blk_503"]["verdict"] == "abnormal"
     assert any(m.get("raw") == today[7] and m["at"] == "-:8" for m in verdicts["blk_503"]["misses"])
+
+
+def test_the_word_by_word_masker_gives_drain3s_masks():
+    """fast_masker equals drain3's masker.mask (a user mask, the built-in alternation, the run of <*>) on
+    every line of the loghub samples and on random text with spaces, tabs, <*> and non-ASCII digits."""
+    import glob
+
+    import preprocess
+    miner = preprocess.make_miner({"sim_th": 0.45, "depth": 4, "max_children": 100, "max_clusters": None},
+                                  [r"user\d+x", *preprocess._BUILT_IN_MASKS])
+    fast = D.fast_masker(miner.masker)
+    # the loghub samples where ../shared has them, random text always
+    samples = glob.glob(str(REPO.parent / "shared" / "data" / "loghub" / "*_2k.log"))
+    texts = [line.rstrip("\n") for path in samples for line in open(path, errors="replace")]
+    rng = random.Random(0)
+    alphabet = "ab_ 0123456789.:/-+xX<*>\t\u0663eF"
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))) for _ in range(20_000)]
+    texts += ["blk_-42 10.0.0.1:50010 /a/b 0x1F  deadbeef12 user7x <*> <*>", " lead and trail ", ""]
+    mismatched = [text for text in texts if fast(text) != miner.masker.mask(text)]
+    assert not mismatched, mismatched[:3]
+    assert fast("blk_-42 size 67108864") == "<*> size <*>"
