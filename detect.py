@@ -1693,6 +1693,9 @@ def run_live(args, model, calibration: dict, co_occurrence, config: utils.Config
     if args.paths == ["-"]:
         state_path = None
     state = LiveState(state_path, live_identity(args, rule, dc)) if state_path else None
+    if state_path is not None:   # one detector per state: a second one on it is refused, naming the first
+        lock = utils.OutputLock(state_path.parent, logger, "--output (or --state)",
+                                f".{state_path.name}.lock")
     saved = state.load() if state else None
     sources = [StandardInput(logger, dc.poll_interval_s)] if args.paths == ["-"] else \
         [FollowedFile(path, logger) for path in args.paths]
@@ -1737,6 +1740,8 @@ def run_live(args, model, calibration: dict, co_occurrence, config: utils.Config
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if state_path is not None:
+            lock.release()
         log_live_totals(detector, parser, run.speed(), logger)
         if out is not sys.stdout:
             out.close()

@@ -520,9 +520,10 @@ class OutputLock:
     is an flock, so it dies with its process; a lock file whose holder has ended is taken over, with a
     warning."""
 
-    def __init__(self, output_dir: Path, logger: logging.Logger, flag: str = "--output-dir"):
+    def __init__(self, output_dir: Path, logger: logging.Logger, flag: str = "--output-dir",
+                 name: str = ".lock"):
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.path = output_dir / ".lock"
+        self.path = output_dir / name   # (a name of its own: one lock per output file in a shared folder)
         self.handle = open(self.path, "a+")  # noqa: SIM115 (held for the life of the run)
         self.handle.seek(0)
         holder = self.handle.read().strip()

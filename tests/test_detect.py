@@ -397,6 +397,18 @@ def test_a_state_of_another_command_is_refused(checkpoint, tmp_path):
     assert "written by a run with idle_lines 40, not 41" in result.stderr
 
 
+def test_a_second_detector_on_the_same_output_is_refused(checkpoint, tmp_path):
+    log, out = tmp_path / "app.log", tmp_path / "app.jsonl"
+    log.write_text('{"session_id": "a", "event_id": 3}\n')
+    first = start(checkpoint, log, out)
+    caught_up(out, log)
+    second = run_script("detect.py", "--checkpoint", checkpoint, log, "--follow", "--output", out,
+                        "--idle-lines", "40")
+    stopped(first)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert "is in use by another run (pid" in second.stderr.strip().splitlines()[-1]
+
+
 def test_standard_input_is_read_to_its_end(checkpoint, sample_sessions, tmp_path):
     normal, _ = sample_sessions
     text = "".join(" ".join(map(str, s)) + "\n" for s in normal[:30])
