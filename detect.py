@@ -138,13 +138,12 @@ def score_files(model, calibration: dict, path, options: dict, rule: str, out, b
         for chunk in chunked(_until_data_error(records, stopped), chunk_size):
             text, verdict_counts = verdict_lines(chunk, model, scorer, calibration, rule, co_occurrence,
                                                  max_misses, raw_lines)
-            try:
-                write_chunk(out, text)
+            try:   # counted while a stop signal still waits: the count always matches the output
+                write_chunk(out, text, then=lambda counts=verdict_counts: totals.update(counts))
             except OSError as error:
                 raise OutputFailed(error.errno, f"{out_name}: cannot write ({error.strerror or error}): the "
                                                 f"output is partial, it holds the first "
                                                 f"{sum(totals.values())} sessions") from None
-            totals.update(verdict_counts)
     except utils.Stopped as signal_name:   # never inside a write: write_chunk holds signals back
         raise utils.Interrupted(f"{signal_name}: {out_name} is partial: it holds the first "
                                 f"{sum(totals.values())} sessions, as whole lines",
@@ -203,15 +202,19 @@ class OutputFailed(OSError):
     """Writing the --detect output failed (a full disk): the output holds the sessions written before."""
 
 
-def write_chunk(out, text: str) -> None:
+def write_chunk(out, text: str, then=None) -> None:
     """Write `text` to `out` and flush it. To a file or pipe it goes straight to the file descriptor, so that
     a failure leaves nothing in Python's buffer to be written when the file is closed, and a regular file is
-    cut back to its length before this chunk: the output then holds whole lines only, the earlier chunks."""
+    cut back to its length before this chunk: the output then holds whole lines only, the earlier chunks.
+    `then()` runs once the text is written, before a stop signal held back meanwhile is let through (a
+    count of what was written then never misses the last chunk)."""
     try:
         descriptor = out.fileno()
     except (AttributeError, OSError, ValueError):  # io.StringIO and the like: io.UnsupportedOperation
         out.write(text)
         out.flush()
+        if then is not None:
+            then()
         return
     out.flush()
     regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
@@ -222,6 +225,8 @@ def write_chunk(out, text: str) -> None:
     try:
         while data:
             data = data[os.write(descriptor, data):]
+        if then is not None:
+            then()
     except OSError:
         if regular:
             with contextlib.suppress(OSError):
