@@ -1,10 +1,14 @@
 """Shared fixtures: tiny data sets written on the fly, and a runner for the scripts as subprocesses."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,10 +29,50 @@ TINY = {"model": {"vocab_size": 29, "embedding_dim": 16, "hidden_size": 32, "num
         "early_stopping": {"enabled": False}}
 
 
-def run_script(script: str, *args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def run_script(script: str, *args, cwd=REPO, timeout=300, env: dict | None = None
+               ) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS...` as a process of its own, its output captured. Forked from tests/zygote.py,
+    which has the heavy imports done (two seconds a run saved); DEEPLOG_TEST_SUBPROCESS=1 starts each run
+    from scratch instead."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    command = [sys.executable, str(REPO / script), *map(str, args)]
+    if os.environ.get("DEEPLOG_TEST_SUBPROCESS") == "1":
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="deeplog-run-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        umask = os.umask(0)   # (read by setting it: put back at once)
+        os.umask(umask)
+        request = {"script": command[1], "args": command[2:], "cwd": str(cwd), "env": env, "umask": umask,
+                   "stdout": str(out), "stderr": str(err)}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.connect(_zygote())
+            connection.sendall(json.dumps(request).encode() + b"\n")
+            replies = connection.makefile("rb")
+            pid = int(replies.readline())
+            connection.settimeout(timeout)
+            try:
+                code = int(replies.readline())
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired(command, timeout) from None
+        return subprocess.CompletedProcess(command, code, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
+
+
+_ZYGOTE: dict = {}
+
+
+def _zygote() -> str:
+    """The socket of this pytest process's zygote, started on first use."""
+    if "socket" not in _ZYGOTE or _ZYGOTE["process"].poll() is not None:
+        path = os.path.join(tempfile.mkdtemp(prefix="deeplog-zygote-"), "socket")
+        process = subprocess.Popen([sys.executable, str(REPO / "tests" / "zygote.py"), path],
+                                   stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        if process.stdout.readline() != b"ready\n":
+            raise RuntimeError("tests/zygote.py did not start")
+        atexit.register(process.kill)
+        _ZYGOTE.update(socket=path, process=process)
+    return _ZYGOTE["socket"]
 
 
 def write_config(path: Path, overrides: dict | None = None, base: dict | None = None) -> Path:

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import re
-import subprocess
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import HDFS_DIR, REPO
+from conftest import HDFS_DIR, REPO, run_script
 
 LOGHUB = REPO.parent / "shared" / "data" / "loghub"
 pytestmark = pytest.mark.skipif(
@@ -186,12 +183,10 @@ def check_renaming(original: list[list[int]], parsed: dict[str, list[int]],
 
 
 def run_ok(script: str, *args) -> str:
-    """Runs a script of the repository, as conftest.run_script does, but with one thread for torch: the models
+    """Runs a script of the repository (conftest.run_script) with one thread for torch: the models
     here are tiny, and two scripts run side by side (see `beside`), where more threads than cores only wait
     on each other."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=900)
+    result = run_script(script, *args, timeout=900, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, f"{script}: {result.stderr[-3000:]}"
     return result.stdout + result.stderr
 
