@@ -82,7 +82,7 @@ MIN_ROWS = 8            # LSTM and head batches are padded to this many rows: be
 DEFAULT_IDLE_LINES = 100_000   # a live session no line names for this long is closed (else detect.idle_lines)
 READ_BYTES = 1 << 20    # read from a followed file at a time
 STATE_FORMAT = "deeplog-detect-state"
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: the open sessions as flat tensors
 
 
 # ----------------------------------------------------------------------------- finished files
@@ -804,6 +804,7 @@ class LiveDetector:
         self.max_session_events, self.max_misses = max_session_events, max_misses
         self.open: collections.OrderedDict[str, LiveSession] = collections.OrderedDict()  # least recent first
         self.seq = 0                     # event lines so far: the clock of idle_lines and of the output order
+        self.idle_due = 0                # the first seq at which the least recent session can be idle
         self.totals = Counter()
 
     # -------------------------------------------------------------- a step
@@ -813,15 +814,21 @@ class LiveDetector:
         touched: dict[int, LiveSession] = {}
         closing: list[tuple[int, int, LiveSession]] = []
         opened, idle_lines, max_events = self.open, self.idle_lines, self.max_session_events
-        seq = self.seq
+        seq, due = self.seq, self.idle_due
         for kind, keys, events, at, raw in items:
             if kind == "close":
                 closing.extend((seq, 0, opened.pop(key)) for key in keys if key in opened)
                 continue
             seq += 1
-            if idle_lines:
-                while opened and next(iter(opened.values())).last_seq <= seq - idle_lines:
+            if idle_lines and seq >= due:   # (due: no session can be idle before it; looked at only then)
+                while opened:
+                    oldest = next(iter(opened.values()))
+                    if oldest.last_seq > seq - idle_lines:
+                        due = oldest.last_seq + idle_lines
+                        break
                     closing.append((seq, 0, opened.popitem(last=False)[1]))
+                else:
+                    due = seq + idle_lines
             ref = (seq, at, raw)
             for key in keys:
                 session = opened.get(key) if kind == "event" else None
@@ -844,7 +851,7 @@ class LiveDetector:
                     if kind == "event":
                         del opened[key]
                     closing.append((seq, 2, session))
-        self.seq = seq
+        self.seq, self.idle_due = seq, due
         if touched:
             self._score(list(touched.values()), output)
         self._close(closing, output)
@@ -965,24 +972,37 @@ class LiveDetector:
 
     # -------------------------------------------------------------- saved and restored
     def state_dict(self) -> dict:
-        """The open sessions (least recently active first) and the counters: tensors and plain types."""
-        sessions = list(self.open.items())
-        return {"seq": self.seq, "totals": dict(self.totals), "keys": [key for key, _ in sessions],
-                "sessions": [{"session_id": s.session_id, "first_seq": s.first_seq, "misses": s.misses,
-                              "events": torch.tensor(s.events, dtype=torch.long), "alerted": s.alerted,
-                              "last_seq": s.last_seq, "last_time": s.last_time} for _, s in sessions],
-                "model": self.scorer.state_of([s.slot for _, s in sessions])}
+        """The open sessions (least recently active first) and the counters, flat: one tensor per field
+        (their events end to end), so that a save costs a few objects, not a few per session."""
+        sessions = list(self.open.values())
+        long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        with_misses = [i for i, s in enumerate(sessions) if s.misses]
+        return {"seq": self.seq, "totals": dict(self.totals), "keys": list(self.open),
+                "first_seq": long([s.first_seq for s in sessions]),
+                "last_seq": long([s.last_seq for s in sessions]),
+                "last_time": torch.tensor([s.last_time for s in sessions], dtype=torch.float64),
+                "alerted": torch.tensor([s.alerted for s in sessions], dtype=torch.bool),
+                "lengths": long([len(s.events) for s in sessions]),
+                "events": long([e for s in sessions for e in s.events]),
+                "misses": {"sessions": with_misses, "misses": [sessions[i].misses for i in with_misses]},
+                "model": self.scorer.state_of([s.slot for s in sessions])}
 
     def load_state_dict(self, state: dict) -> None:
+        """A state_dict's sessions back (checked by state_problem first)."""
         self.seq, self.totals = state["seq"], Counter(state["totals"])
         slots = self.scorer.restore(state["model"])
-        for key, saved, slot in zip(state["keys"], state["sessions"], slots):
-            session = LiveSession(saved["session_id"], slot, saved["first_seq"])
-            session.events, session.misses = saved["events"].tolist(), saved["misses"]
-            session.alerted, session.last_seq, session.last_time = (saved["alerted"], saved["last_seq"],
-                                                                    saved["last_time"])
+        events = state["events"].tolist()
+        ends = np.cumsum(state["lengths"].numpy()).tolist()
+        misses = dict(zip(state["misses"]["sessions"], state["misses"]["misses"]))
+        columns = zip(state["keys"], slots, state["first_seq"].tolist(), state["last_seq"].tolist(),
+                      state["last_time"].tolist(), state["alerted"].tolist(), [0, *ends[:-1]], ends)
+        for i, (key, slot, first_seq, last_seq, last_time, alerted, begin, end) in enumerate(columns):
+            session = LiveSession(key, slot, first_seq)
+            session.events, session.misses = events[begin:end], misses.get(i, [])
+            session.alerted, session.last_seq, session.last_time = alerted, last_seq, last_time
             self.early.new_types(session)   # its types and candidate sets, from its events (n0 = 0)
             self.open[key] = session
+        self.idle_due = 0   # looked at again on the next line
 
 
 # ----------------------------------------------------------------------------- live: lines in
@@ -1516,21 +1536,40 @@ def state_problem(state, identity: dict) -> str | None:
               ("parser", isinstance(state.get("parser"), dict) and
                isinstance(state["parser"].get("counts"), dict)),
               ("detector", isinstance(detector, dict) and isinstance(detector.get("seq"), int) and
-               isinstance(detector.get("keys"), list) and isinstance(detector.get("sessions"), list) and
-               len(detector["keys"]) == len(detector["sessions"]))]
+               isinstance(detector.get("totals"), dict))]
     for key, ok in checks:
         if not ok:
             return f"'{key}' is damaged"
-    for number, session in enumerate(detector["sessions"], start=1):
-        events = session.get("events") if isinstance(session, dict) else None
-        if not (isinstance(events, torch.Tensor) and events.dtype == torch.long and events.dim() == 1 and
-                len(events) and bool((events >= 0).all()) and isinstance(session.get("misses"), list) and
-                isinstance(session.get("session_id"), str) and isinstance(session.get("last_seq"), int)):
-            return f"open session {number} is damaged"
+    return sessions_problem(detector)
+
+
+def sessions_problem(detector: dict) -> str | None:
+    """What is wrong with a saved detector's open sessions (LiveDetector.state_dict), None if nothing."""
+    keys = detector.get("keys")
+    if not (isinstance(keys, list) and all(isinstance(key, str) for key in keys) and
+            len(set(keys)) == len(keys)):
+        return "the open sessions' keys are damaged"
+    count = len(keys)
+    for name, dtype in (("first_seq", torch.long), ("last_seq", torch.long), ("last_time", torch.float64),
+                        ("alerted", torch.bool), ("lengths", torch.long)):
+        value = detector.get(name)
+        if not (isinstance(value, torch.Tensor) and value.dtype == dtype and value.shape == (count,)):
+            return f"the open sessions' {name!r} is damaged"
+    lengths, events = detector["lengths"], detector.get("events")
+    if not (isinstance(events, torch.Tensor) and events.dtype == torch.long and events.dim() == 1 and
+            bool((lengths > 0).all()) and len(events) == int(lengths.sum()) and bool((events >= 0).all())):
+        return "the open sessions' events are damaged"
+    misses = detector.get("misses")
+    if not (isinstance(misses, dict) and isinstance(misses.get("sessions"), list) and
+            isinstance(misses.get("misses"), list) and len(misses["sessions"]) == len(misses["misses"]) and
+            all(isinstance(i, int) and 0 <= i < count for i in misses["sessions"]) and
+            all(isinstance(m, list) and all(isinstance(d, dict) for d in m) for m in misses["misses"])):
+        return "the open sessions' misses are damaged"
     model = detector.get("model")
-    open_sessions = len(detector["sessions"])
     if not (isinstance(model, dict) and all(isinstance(model.get(k), torch.Tensor) and model[k].dim() == 3 and
-                                            model[k].size(1) == open_sessions for k in ("h", "c"))):
+                                            model[k].size(1) == count for k in ("h", "c")) and
+            isinstance(model.get("columns"), dict) and
+            all(isinstance(v, torch.Tensor) and v.shape == (count,) for v in model["columns"].values())):
         return "the open sessions' model state is damaged"
     return None
 

@@ -1,6 +1,7 @@
 """detect.py: live scoring equals batch scoring, early alerts, following files, restarts without loss."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -382,7 +384,7 @@ def test_a_bad_line_stops_with_one_message_and_the_place_before_it(checkpoint, t
     assert process.returncode == 2 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith(f"error: {log}: line 2: event_id must be an integer")
     state = torch.load(f"{out}.state", weights_only=True)
-    assert state["sources"][0]["line"] == 1 and len(state["detector"]["sessions"]) == 1
+    assert state["sources"][0]["line"] == 1 and state["detector"]["keys"] == ["a"]
 
 
 def test_a_state_of_another_command_is_refused(checkpoint, tmp_path):
@@ -395,6 +397,56 @@ def test_a_state_of_another_command_is_refused(checkpoint, tmp_path):
                         "--idle-lines", "41")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "written by a run with idle_lines 40, not 41" in result.stderr
+
+
+DAMAGES = {   # what is done to a saved state -> what the refusal names
+    "not a state": (lambda state: [1, 2], "not a detect.py state"),
+    "old version": (lambda state: {**state, "version": 1}, "state version 1, this detect.py reads 2"),
+    "events cut": (lambda state: state["detector"].update(events=state["detector"]["events"][:-1]),
+                   "the open sessions' events are damaged"),
+    "negative event": (lambda state: state["detector"]["events"].__setitem__(0, -5),
+                       "the open sessions' events are damaged"),
+    "lengths of floats": (lambda state: state["detector"].update(
+        lengths=state["detector"]["lengths"].double()), "the open sessions' 'lengths' is damaged"),
+    "a key twice": (lambda state: state["detector"]["keys"].__setitem__(1, state["detector"]["keys"][0]),
+                    "the open sessions' keys are damaged"),
+    "misses of another session": (lambda state: state["detector"].update(misses={"sessions": [99],
+                                                                                 "misses": [[]]}),
+                                  "the open sessions' misses are damaged"),
+    "state of fewer sessions": (lambda state: state["detector"]["model"].update(
+        h=state["detector"]["model"]["h"][:, :1]), "the open sessions' model state is damaged"),
+    "a place of text": (lambda state: state["sources"][0].update(offset="12"), "'sources' is damaged"),
+}
+
+
+def test_a_damaged_state_is_one_line_naming_it_and_nothing_is_written(checkpoint, tmp_path):
+    """Each damage of the state file: one error line naming the file and what is wrong, exit 2, the
+    output and the state left as they were."""
+    log, out = tmp_path / "app.log", tmp_path / "app.jsonl"
+    log.write_text("".join(f'{{"session_id": "s{i % 3}", "event_id": {5 + i % 4}}}\n' for i in range(12)))
+    process = start(checkpoint, log, out)
+    caught_up(out, log)
+    stopped(process)
+    state_path = Path(f"{out}.state")
+    good = torch.load(state_path, weights_only=True)
+    assert good["detector"]["keys"] == ["s0", "s1", "s2"]
+    assert good["detector"]["lengths"].tolist() == [4, 4, 4]
+    identity = good["identity"]
+    for name, (damage, problem) in DAMAGES.items():
+        state = copy.deepcopy(good)
+        state = damage(state) or state
+        assert D.state_problem(state, identity) == problem, name
+    state = copy.deepcopy(good)
+    DAMAGES["events cut"][0](state)
+    torch.save(state, state_path)
+    before = (out.read_bytes(), state_path.read_bytes())
+    result = run_script("detect.py", "--checkpoint", checkpoint, log, "--follow", "--output", out,
+                        "--idle-lines", "40")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {state_path}: the open sessions' events are damaged; remove {state_path} (and the output it "
+        "belongs to) to start over")
+    assert (out.read_bytes(), state_path.read_bytes()) == before
 
 
 def test_a_second_detector_on_the_same_output_is_refused(checkpoint, tmp_path):
