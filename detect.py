@@ -1282,7 +1282,8 @@ class RawParser:
             return (UNMATCHED,)
         event = self._event(match.group("Content") or "")
         if self.key is not None:
-            keys = tuple(dict.fromkeys(self._keys(text)))
+            found = self._keys(text)
+            keys = tuple(found) if len(found) < 2 else tuple(dict.fromkeys(found))   # each key once
             return (PARSED, event, keys) if keys else (NO_KEY,)
         if not self.cfg.time_field:
             return PARSED, event, None
@@ -1332,7 +1333,12 @@ def fast_masker(masker):
         for word in text.split(" "):
             masked = words.get(word)
             if masked is None:
-                masked = words[word] = sub(replacement, word)
+                # ASCII digits alone are one number (or long hex) whole: the alternation's result without
+                # running it, and not remembered (sizes, counters: they rarely repeat)
+                if word.isdecimal() and word.isascii():
+                    masked = replacement
+                else:
+                    masked = words[word] = sub(replacement, word)
             out.append(masked)
         return " ".join(out)
 

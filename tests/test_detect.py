@@ -529,7 +529,8 @@ def test_the_word_by_word_masker_gives_drain3s_masks():
     rng = random.Random(0)
     alphabet = "ab_ 0123456789.:/-+xX<*>\t\u0663eF"
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))) for _ in range(20_000)]
-    texts += ["blk_-42 10.0.0.1:50010 /a/b 0x1F  deadbeef12 user7x <*> <*>", " lead and trail ", ""]
+    texts += ["blk_-42 10.0.0.1:50010 /a/b 0x1F  deadbeef12 user7x <*> <*>", " lead and trail ", "",
+              "7 007 12345678 123456789012 12345678\u0663 \u0663\u0663 1\u00b2 -5 +5 5.5 5x x5"]
     mismatched = [text for text in texts if fast(text) != miner.masker.mask(text)]
     assert not mismatched, mismatched[:3]
     assert fast("blk_-42 size 67108864") == "<*> size <*>"
