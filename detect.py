@@ -621,34 +621,37 @@ class PrefixTrie:
         rows: list[tuple] = []
         expected: dict[int, list] = {}
         leaving, edges = [], self.edges
-        while active:
-            moves = []
+        tried: set[tuple[int, int]] = set()   # moves _extend was asked for
+        while active:   # a round: each session on the trie moves by one event
+            still, pending = [], []
             for entry in active:
-                event = entry[1][entry[2]]
-                moves.append((entry[3], event if event < vocab_size else unk_id))
-            missing = [move for move in moves if move not in edges]
-            if missing:
-                self._extend(missing)
-            still = []
-            for entry, move in zip(active, moves):
                 slot, events, position, node = entry
+                event = events[position]
+                move = (node, event if event < vocab_size else unk_id)
                 edge = edges.get(move)
-                if edge is None:   # leaves here: this event is scored from its own state
-                    leaving.append((slot, events, position))
-                    node_of[slot] = node
+                if edge is None:
+                    if move in tried:   # no room, or past the first window: leaves, scored from its own state
+                        leaving.append((slot, events, position))
+                        node_of[slot] = node
+                    else:               # added with the round's others at its end, taken in the next round
+                        pending.append(move)
+                        still.append(entry)
                     continue
                 child, rank, log_prob, top = edge
                 if top is None and watch_extra and (slot, position) in watch_extra:
                     top = self._expected(node)
                 if top is not None:
                     expected[len(rows)] = top
-                rows.append((slot, position, events[position], rank, log_prob))
+                rows.append((slot, position, event, rank, log_prob))
                 entry[3] = child
                 if position + 1 < len(events):
                     entry[2] = position + 1
                     still.append(entry)
                 else:
                     node_of[slot] = child
+            if pending:
+                self._extend(pending)
+                tried.update(pending)
             active = still
         if leaving:
             self.scorer._own_states(np.array([slot for slot, _, _ in leaving]))
