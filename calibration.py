@@ -38,7 +38,6 @@ import json
 import math
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -285,7 +284,8 @@ def load_calibration(path) -> dict:
     """calibration.json, upgraded and validated: a damaged or foreign file is one CalibrationError naming
     it."""
     try:
-        text = Path(path).read_text(encoding="utf-8")   # what save_calibration writes (JSON is UTF-8)
+        with utils.open_regular(path) as handle:
+            text = handle.read().decode("utf-8")   # what save_calibration writes (JSON is UTF-8)
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or error
         raise CalibrationError(f"{path}: unreadable calibration file ({reason})") from None

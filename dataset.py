@@ -30,7 +30,6 @@ import random
 import re
 import reprlib
 import signal
-import stat
 import struct
 import sys
 from dataclasses import dataclass
@@ -178,16 +177,7 @@ class Record:
     lines: list | None = None  # preprocess.py's provenance: [[file index, first line, count], ...], else None
 
 
-def file_kind(path: str | os.PathLike) -> str:
-    """What `path` is, in words ("a FIFO (named pipe)", "a character device", ...; "a regular file",
-    "a directory"), following symlinks (/dev/stdin is then what standard input is)."""
-    mode = os.stat(path).st_mode
-    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "no regular file"
+file_kind = utils.file_kind
 
 
 def list_data_files(path: str | os.PathLike) -> list[Path]:
@@ -354,6 +344,9 @@ def excerpt(value) -> str:
     return _EXCERPT.repr(value)
 
 
+MAX_EVENT_ID = 2 ** 63 - 1   # IDs are held as int64 (an ID a model never saw is scored as unknown)
+
+
 def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt: str) -> Record:
     event_ids_field, label_field, session_id_field = fields
     where = f"{file}: {'record' if fmt == 'json' else 'line'} {index}"
@@ -382,6 +375,8 @@ def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt:
             raise DataError(f"{where}: event ID {excerpt(event)} is not an integer")
         if event < 0:
             raise DataError(f"{where}: event ID {excerpt(event)} is negative")
+        if event > MAX_EVENT_ID:
+            raise DataError(f"{where}: event ID {excerpt(event)} is too large (IDs are 64-bit integers)")
         if vocab_size is not None and event >= vocab_size:
             raise DataError(f"{where}: event ID {excerpt(event)} >= vocab_size {vocab_size} "
                             f"(raise model.vocab_size)")

@@ -72,7 +72,7 @@ import torch
 import calibration as cal
 import utils
 from calibration import RULES, anomaly_scores, verdicts
-from dataset import DataError, Record, iter_sessions, skip_hint
+from dataset import MAX_EVENT_ID, DataError, Record, iter_sessions, skip_hint
 from evaluate import MAX_CACHED, ChunkScorer, chunked, known_co_occurrence, load_model, session_key
 from model import LOGIT_BUDGET, CoOccurrence, DeepLog
 
@@ -758,6 +758,8 @@ class EarlyRules:
         """The session's new events of a type it had not held, checked against the training sets and pairs:
         (position, rule, pair) where one fires; the types join the session's."""
         found = []
+        if session.types.issuperset(session.events[session.n0:]):   # (most steps: nothing new, in C)
+            return found
         for position in range(session.n0, len(session.events)):
             event = session.events[position]
             if event in session.types:
@@ -1446,8 +1448,9 @@ class LineParser:
         options = self.options
         if isinstance(item, dict) and options["event_ids_field"] not in item and "event_id" in item:
             event, session_id = item["event_id"], item.get(options["session_id_field"])
-            if not isinstance(event, int) or isinstance(event, bool) or event < 0:
-                raise DataError(f"{where}: event_id must be an integer >= 0, got {utils.short(event)}")
+            if not isinstance(event, int) or isinstance(event, bool) or not 0 <= event <= MAX_EVENT_ID:
+                raise DataError(f"{where}: event_id must be an integer in [0, 2**63), got "
+                                f"{utils.short(event)}")
             if session_id is None:
                 raise DataError(f"{where}: an event needs its {options['session_id_field']!r} "
                                 f"(data.session_id_field)")
@@ -1885,9 +1888,9 @@ def run(args, stop: utils.StopSignal, logger) -> int:
     calibration = cal.load_calibration(args.calibration) if args.calibration else \
         checkpoint.get("calibration")
     if calibration is None:
-        raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (training was stopped before "
-                                    "it ended?): calibrate with evaluate.py --calibrate-on DIR, then "
-                                    "--calibration")
+        raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
+                                    "before the end, or ran with evaluate_after_training false): calibrate "
+                                    "with evaluate.py --calibrate-on DIR, then --calibration")
     calibration = cal.checked(calibration, args.calibration or f"{args.checkpoint} (its calibration)")
     if args.follow:
         # one thread: a live step scores a few thousand rows at most, where waking a second thread costs

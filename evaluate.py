@@ -811,8 +811,9 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: ut
         cal.save_calibration(path, calibration)
         logger.info(f"Calibrated on {args.calibrate_on}: {path} (pass it to --calibration to reuse it)")
     if calibration is None:
-        raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (training was stopped before "
-                                    f"it ended?); pass --calibrate-on DIR with normal sessions")
+        raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
+                                    "before the end, or ran with evaluate_after_training false); pass "
+                                    "--calibrate-on DIR with normal sessions")
     cal.check_top_k(calibration, top_k)
     if not args.calibrate_on:
         check_stored_thresholds_are_apart(args, config, calibration)

@@ -352,7 +352,8 @@ class DeepLog(nn.Module):
         (the end of session: than end_log_prob_bound, when given). The first max_misses, in session order.
         One session (a 1-D input) gives its list of misses; a batch, one list per session."""
         if _is_one_session(input_ids):
-            return self.diagnose([list(input_ids)], top_k, max_misses, log_prob_bound, end_log_prob_bound)[0]
+            return self.diagnose(_as_list_of_lists(input_ids), top_k, max_misses, log_prob_bound,
+                                 end_log_prob_bound)[0]
         sessions = _as_list_of_lists(input_ids)
         label = lambda token: "<end>" if token == self.end_id else int(token)  # noqa: E731
         found: list[list[tuple[int, dict]]] = [[] for _ in sessions]
@@ -694,17 +695,33 @@ def pairs_of_sets(sets, vocab_size: int) -> np.ndarray:
 
 
 def _as_list_of_lists(sessions) -> list[list[int]]:
-    """One sequence, a list of sequences or a 1-D/2-D tensor -> lists of IDs, negative padding removed."""
-    if isinstance(sessions, torch.Tensor):
-        if sessions.dim() == 1:
-            sessions = sessions.unsqueeze(0)
-        if sessions.dim() != 2:
+    """One sequence, a list of sequences or a 1-D/2-D tensor -> lists of IDs, negative padding removed. An
+    empty session (after its padding) is a ValueError, an ID that is not an integer a TypeError."""
+    if isinstance(sessions, (str, bytes)):
+        raise TypeError(f"input_ids must be event IDs (integers), got {sessions[:40]!r}")
+    if isinstance(sessions, (torch.Tensor, np.ndarray)):
+        if sessions.ndim not in (1, 2):
             raise ValueError(f"input_ids must be 1-D or 2-D, got shape {tuple(sessions.shape)}")
-        return [[int(x) for x in row if x >= 0] for row in sessions.tolist()]
-    sessions = list(sessions)
-    if not sessions or not isinstance(sessions[0], (list, tuple, torch.Tensor, np.ndarray)):
-        sessions = [sessions]
-    return [[int(x) for x in s if int(x) >= 0] for s in sessions]
+        sessions = sessions.tolist() if sessions.ndim == 2 else [sessions.tolist()]
+    else:
+        sessions = list(sessions)
+        if not sessions or not isinstance(sessions[0], (list, tuple, torch.Tensor, np.ndarray)):
+            sessions = [sessions]
+    out = []
+    for session in sessions:
+        ids = [_event_id(x) for x in (session.tolist() if hasattr(session, "tolist") else session)]
+        ids = [x for x in ids if x >= 0]
+        if not ids:
+            raise ValueError("a session of input_ids is empty: a session holds at least one event")
+        out.append(ids)
+    return out
+
+
+def _event_id(value) -> int:
+    """An event ID as given: a Python or numpy integer (a float, a bool or a string is a TypeError)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    raise TypeError(f"event IDs must be integers, got {value!r:.40}")
 
 
 def _is_one_session(sessions) -> bool:

@@ -139,17 +139,24 @@ class LineError(PreprocessError):
 # own timeout= costs about 3.5 us a call, a sixth of the parse; RE2 refuses lookarounds, which masks use):
 # its matcher checks for signals while it backtracks, so a SIGALRM handler can end even a match that never
 # would. The built-in masks are linear by construction and run without the watchdog.
+# A budget per call alone would let a pattern that takes just under it on every line run for days: calls
+# that each run past one tick are slow for a log line whatever the pattern, and past SLOW_BUDGET_S of them
+# (CPU time of the main thread, so a loaded machine does not count) within SLOW_WINDOW_S the run stops too.
 REGEX_BUDGET_S = 1.0
+SLOW_BUDGET_S, SLOW_WINDOW_S = 5.0, 60.0
 _TICK_S = 0.2
 
 
 class PatternTimeout(PreprocessError):
-    """A user regex ran past REGEX_BUDGET_S on one line (raised inside the match by the watchdog)."""
+    """A user regex ran past REGEX_BUDGET_S on one line, or its slow calls past SLOW_BUDGET_S (`slow_s`)
+    within SLOW_WINDOW_S (raised inside the match by the watchdog)."""
 
-    def __init__(self, regex: UserRegex):
-        self.flag, self.pattern = regex.flag, regex.shown
+    def __init__(self, regex: UserRegex, slow_s: float | None = None):
+        self.flag, self.pattern, self.slow_s = regex.flag, regex.shown, slow_s
         super().__init__(f"{regex.flag} {utils.short(regex.shown)}: no result after {REGEX_BUDGET_S:g} s "
-                         f"on one line")
+                         f"on one line" if slow_s is None else
+                         f"{regex.flag} {utils.short(regex.shown)}: {slow_s:.1f} s in calls of over "
+                         f"{_TICK_S:g} s each on one line within {SLOW_WINDOW_S:g} s")
 
 
 class _Watchdog:
@@ -162,6 +169,8 @@ class _Watchdog:
     def __init__(self):
         self.running: UserRegex | None = None
         self.serial, self.depth, self.seen, self.armed = 0, 0, (0, 0.0), False
+        self.last = (0, 0.0)               # the call running at the last tick, and the thread's CPU time then
+        self.slow_s, self.slow_since = 0.0, 0.0   # CPU time in calls seen by two ticks, since when
 
     def __enter__(self):
         if self.depth == 0:
@@ -192,12 +201,20 @@ class _Watchdog:
         running = self.running
         if running is None:
             return
-        now = time.monotonic()
+        now, cpu = time.monotonic(), time.thread_time()
         if self.seen[0] != self.serial:
             self.seen = (self.serial, now)
         elif now - self.seen[1] >= REGEX_BUDGET_S:
             self.running = None
             raise PatternTimeout(running)
+        if self.last[0] == self.serial:   # one call seen by two ticks: its CPU time between them is slow
+            if now - self.slow_since > SLOW_WINDOW_S:
+                self.slow_s, self.slow_since = 0.0, now
+            self.slow_s += cpu - self.last[1]
+            if self.slow_s >= SLOW_BUDGET_S:
+                slow_s, self.slow_s, self.running = self.slow_s, 0.0, None
+                raise PatternTimeout(running, slow_s)
+        self.last = (self.serial, cpu)
 
 
 _WATCHDOG = _Watchdog()
@@ -250,8 +267,11 @@ class UserRegex:
 
 def timeout_error(error: PatternTimeout, where: str) -> PreprocessError:
     """The one line for a user regex stopped by the watchdog on the log line `where` (file:line)."""
-    return PreprocessError(f"{error.flag} {utils.short(error.pattern)}: no result after {REGEX_BUDGET_S:g} s "
-                           f"on {where}, so the run stops: a pattern whose repeats nest or overlap, such as "
+    took = f"no result after {REGEX_BUDGET_S:g} s on {where}" if error.slow_s is None else \
+        f"{error.slow_s:.1f} s in calls of over {_TICK_S:g} s each on one line within {SLOW_WINDOW_S:g} s " \
+        f"(the last on {where})"
+    return PreprocessError(f"{error.flag} {utils.short(error.pattern)}: {took}, so the run stops: a pattern "
+                           f"whose repeats nest or overlap, such as "
                            f"(a+)+ or (a|aa)*, backtracks exponentially on a line it almost fits; write each "
                            f"repeat once (a+ for (a+)+)")
 
@@ -497,7 +517,8 @@ def load_state(path: str) -> dict:
     section). Any fault: PreprocessError naming the file and what is wrong. Plain JSON: nothing is
     unpickled."""
     try:
-        state = json.loads(Path(path).read_bytes())
+        with utils.open_regular(path) as handle:
+            state = json.loads(handle.read())
     except (OSError, ValueError, RecursionError) as error:
         why = "nested too deep" if isinstance(error, RecursionError) else \
             getattr(error, "strerror", None) or error
@@ -764,14 +785,18 @@ def _first_label(path: str, handle, session: str) -> str:
 
 def read_labels(path: str) -> dict[str, int]:
     """session id -> 0/1 from a CSV of id, label (Normal/Anomaly, 0/1, true/false; any case). A first row
-    whose label is none of those (BlockId,Label) is the header; rows of fewer than two fields are skipped.
-    A session labelled twice alike is fine; twice differently, a PreprocessError naming both lines."""
+    whose label is none of those (BlockId,Label) is the header; blank lines are skipped. A row without a
+    label, a file without labels, and a session labelled twice differently (both lines named) are a
+    PreprocessError; twice alike is fine."""
     labels: dict[str, int] = {}
     try:
-        with open(path, "rb") as handle:
+        with utils.open_regular(path) as handle:
             for number, row in _label_rows(path, handle):
+                if not any(field.strip() for field in row):
+                    continue   # a blank line
                 if len(row) < 2:
-                    continue
+                    raise PreprocessError(f"--labels {path}: line {number}: {utils.short(row[0].strip())} "
+                                          f"has no label (expected id,label)")
                 value = LABEL_VALUES.get(row[1].strip().lower())
                 if value is None:
                     if not labels and number == 1:
@@ -785,6 +810,8 @@ def read_labels(path: str) -> dict[str, int]:
                                           f"line {number}; keep one")
     except OSError as error:
         raise PreprocessError(f"--labels {path}: unreadable: {error.strerror or error}") from None
+    if not labels:
+        raise PreprocessError(f"--labels {path}: holds no labels (expected lines of id,label)")
     return labels
 
 
@@ -1237,10 +1264,16 @@ def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: di
                                 (structured, inside), config or utils.Config())
             switch_to(output, place)
         except BaseException as error:
-            if _current(output) != place.name:  # not switched in: the previous parse stays
+            switched = _current(output) == place.name
+            if not switched:  # the previous parse stays
                 shutil.rmtree(place, ignore_errors=True)
             if isinstance(error, OSError):
                 raise _name_for_user(error, place, output, structured) from None
+            if isinstance(error, utils.Stopped):
+                shows = "this parse, whole" if switched else "the previous parse as it was (if there was one)"
+                done = "finished" if switched else "did not finish"
+                raise utils.Interrupted(f"{error}: the parse {done}: {output} shows {shows}",
+                                        utils.signal_exit_code(str(error))) from None
             raise
         remove_leftovers(output)
     finally:
@@ -1265,6 +1298,11 @@ def write_parse(place: Path, output: Path, cfg: PreprocessConfig, parser: Parser
                 for session in sessions:
                     handle.write(json.dumps(session, separators=(",", ":")) + "\n")
             utils.atomic_write(place / "sessions.jsonl", _as_text(write_sessions))
+    if labels is not None and stats["sessions"] and stats["unlabelled"] == stats["sessions"]:
+        example = next(iter(labels))
+        raise PreprocessError(f"--labels {cfg.labels}: none of its {len(labels):,} ids is one of the "
+                              f"{stats['sessions']:,} sessions' (its first: {utils.short(example)}; session "
+                              f"ids come from --session-key): nothing written")
     if rows_path:
         target = place / structured[1] if structured[1] else Path(structured[0])
         write_structured(rows_path, target, parser)
@@ -1508,6 +1546,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    utils.StopSignal(raise_now=True)   # before any work: a stop at any moment is one line, never a silence
     args = parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k in PreprocessConfig.__dataclass_fields__}
 

@@ -11,6 +11,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -22,6 +23,7 @@ import re
 import reprlib
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -225,10 +227,42 @@ class _BoundedLoader(yaml.SafeLoader):
             self.depth -= 1
 
 
+def file_kind(path) -> str:
+    """What `path` is, in words ("a FIFO (named pipe)", "a character device", ...; "a regular file",
+    "a directory"), following symlinks (/dev/stdin is then what standard input is)."""
+    return _kind_of(os.stat(path).st_mode)
+
+
+def _kind_of(mode: int) -> str:
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "no regular file"
+
+
+def open_regular(path):
+    """A file a user names (a config, calibration, parser state, labels), opened for reading in binary, or
+    OSError: one that is not a regular file (a FIFO, a device, a directory) is refused instead of read, as
+    reading it could wait forever or never end. Opened without blocking, so that a FIFO with no writer is
+    refused too, then read as usual."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"{_kind_of(mode)}, not a regular file")
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
 def read_yaml(path) -> object:
     """A YAML file of plain types, bounded (size, nesting, aliases): anything else is one ConfigError."""
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             text = handle.read(MAX_YAML_BYTES + 1)
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
@@ -240,6 +274,8 @@ def read_yaml(path) -> object:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as error:   # a number of thousands of digits
+        raise ConfigError(f"{path}: invalid YAML: {short_text(str(error), 120)}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: invalid YAML: {short_text(' '.join(str(error).split()), 300)}") from None
 
@@ -358,7 +394,19 @@ def _coerce(expected, value, dotted: str, source: str):
         raise ConfigError(f"{source}: '{dotted}' must be "
                           f"{'null or ' if optional else ''}{expected.__name__}, got {short(value)} "
                           f"({type(value).__name__})")
+    # every number bounded here, whatever the key: a float finite (NaN passes every comparison of the range
+    # checks), an int within what a float holds exactly (the code divides, logs and formats them)
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{source}: '{dotted}' must be a finite number, got {short(value)}")
+    if expected in (int, float) and abs(value) > MAX_CONFIG_NUMBER:
+        raise ConfigError(f"{source}: '{dotted}' is out of range (at most 2**53 in size), got {short(value)}")
     return float(value) if expected is float else value
+
+
+MAX_CONFIG_NUMBER = 2 ** 53
+
+
+MAX_VOCAB_SIZE = 2 ** 24
 
 
 def null_or_positive(value) -> bool:
@@ -381,6 +429,9 @@ def check_values(config: Config) -> None:
         if get(dotted) <= 0:
             raise ConfigError(f"'{dotted}' must be > 0, got {short(get(dotted))}")
     checks = [("model.dropout", 0 <= config.model.dropout < 1, "in [0, 1)"),
+              # an embedding and an output layer of this many rows, a count per event type: memory
+              ("model.vocab_size", config.model.vocab_size <= MAX_VOCAB_SIZE, f"at most {MAX_VOCAB_SIZE:,}"),
+              ("training.seed", 0 <= config.training.seed < 2 ** 32, "in [0, 2**32)"),
               ("data.validation_split", 0 <= config.data.validation_split < 1, "in [0, 1)"),
               ("data.window_context", 0 <= config.data.window_context < config.data.max_seq_length,
                "in [0, data.max_seq_length)"),
@@ -708,10 +759,13 @@ def load_checkpoint(path, map_location="cpu", for_resume: bool = False) -> dict:
         raise CheckpointError(f"{path} is a directory: pass a checkpoint file, "
                               + (f"e.g. {inside}" if inside else "such as "
                                                                  "OUTPUT_DIR/checkpoints/best_model.pt"))
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
-    with open(path, "rb") as handle:
-        head = handle.read(4)
+    try:
+        with open_regular(path) as handle:
+            head = handle.read(4)
+    except OSError as error:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({error.strerror or error})") from None
     not_ours = f"{path} is not a checkpoint written by train.py"
     if not head:
         raise CheckpointError(f"{not_ours} (empty file)")

@@ -247,7 +247,19 @@ def _laughs(levels: int) -> str:
      r"'model.dropout' must be float, got \[1, 2, 3, 4, 5, 6, \.\.\.\] \(list\)"),
     ("training:\n  device: " + "x" * 100_000 + "\n", "'training.device' must be auto, cpu, cuda or cuda:N"),
     ("\udcff".encode("utf-8", "surrogateescape").decode("latin-1"), "invalid YAML|not UTF-8"),
-])
+    # (beyond Python's limit for int() of a text, where a program keeps it: sys.set_int_max_str_digits)
+    ("training:\n  epochs: " + "9" * 100_000 + "\n",
+     "invalid YAML: Exceeds the limit|'training.epochs' is out of range"),
+    ("training:\n  epochs: " + "9" * 4000 + "\n", r"'training.epochs' is out of range \(at most 2\*\*53"),
+    ("detect:\n  block_lines: 1e30\n", r"'detect.block_lines' is out of range"),
+    ("training:\n  learning_rate: .nan\n", "'training.learning_rate' must be a finite number, got nan"),
+    ("training:\n  learning_rate: .inf\n", "'training.learning_rate' must be a finite number, got inf"),
+    ("training:\n  learning_rate: 1.0e+400\n", "'training.learning_rate' must be a finite number, got inf"),
+    ("evaluation:\n  target_fpr: .NaN\n", "'evaluation.target_fpr' must be a finite number"),
+    ("training:\n  seed: -1\n", r"'training.seed' must be in \[0, 2\*\*32\), got -1"),
+    ("training:\n  seed: 4294967296\n", r"'training.seed' must be in \[0, 2\*\*32\)"),
+    ("model:\n  vocab_size: 99999999999999\n", "'model.vocab_size' must be at most 16,777,216"),
+], ids=lambda value: value[:40] if isinstance(value, str) else None)
 def test_configs_that_explode_are_one_short_error(tmp_path, text, message):
     """Aliases of aliases, deep nesting and huge values end in one short ConfigError, quickly, never in
     memory growth, a RecursionError or a message the size of the expanded value."""

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -100,6 +101,18 @@ def test_bad_input_names_file_and_record(tmp_path, name, content, message):
         ids(path, vocab_size=29)
     assert str(path) in str(error.value)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("name,line", [("x.jsonl", '{{"event_ids": [1, {}]}}'), ("x.txt", "3 {}")])
+def test_an_event_id_beyond_64_bits_is_named_where_any_id_is_allowed(tmp_path, name, line):
+    """Detection reads IDs of any size (one the model never saw is scored as unknown), up to int64's."""
+    path = tmp_path / name
+    path.write_text(line.format(2 ** 63 - 1) + "\n")
+    assert ids(path, vocab_size=None)[0][-1] == 2 ** 63 - 1
+    path.write_text(line.format(2 ** 63 - 1) + "\n" + line.format(2 ** 63) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: line 2: event ID 9223372036854775808 is too "
+                                                  "large (IDs are 64-bit integers)")):
+        ids(path, vocab_size=None)
 
 
 @pytest.mark.parametrize("name,content", [("x.json.gz", b"not gzip at all"),

@@ -31,6 +31,7 @@ def test_encode_adds_start_and_end_and_maps_unknown_ids():
 
 # ----------------------------------------------------------------------------- scoring in windows
 import math  # noqa: E402
+import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -144,6 +145,25 @@ def test_anomaly_score_counts_start_and_end_predictions():
     padded = torch.tensor([[0, 3], [1, -1]])
     assert model.calculate_anomaly_score(padded, top_k=2).tolist() == pytest.approx([2 / 3, 1 / 2])
     assert model.calculate_anomaly_score([[0, 3]], top_k=6).tolist() == [0.0]   # every class in the top 6
+
+
+@pytest.mark.parametrize("given, error, message", [
+    ([], ValueError, "a session of input_ids is empty"),
+    ([[1, 2], []], ValueError, "a session of input_ids is empty"),
+    (torch.tensor([[-1, -1]]), ValueError, "a session of input_ids is empty"),   # padding only
+    ([1.5, 2], TypeError, "event IDs must be integers, got 1.5"),
+    ([True], TypeError, "event IDs must be integers, got True"),
+    ("abc", TypeError, "input_ids must be event IDs (integers), got 'abc'"),
+    ([[1, "2"]], TypeError, "event IDs must be integers, got '2'"),
+])
+def test_the_api_refuses_what_is_not_a_session_of_event_ids(given, error, message):
+    """score, diagnose and verdict read their input alike: an empty session or an ID that is not an integer
+    is an error, never a score of nothing or a rounded ID."""
+    model = fixed_model()
+    for call in (model.calculate_anomaly_score, model.diagnose):
+        with pytest.raises(error, match=re.escape(message)):
+            call(given, top_k=2)
+    assert model.calculate_anomaly_score(np.array([0, 3]), top_k=2).tolist() == pytest.approx([2 / 3])
 
 
 def test_unknown_and_unseen_events_are_misses_at_every_k():

@@ -710,7 +710,8 @@ def test_an_interrupt_at_any_step_leaves_one_whole_parse(tmp_path, monkeypatch, 
     assert n > 20 and fail.calls == n - 1  # every step of the run was interrupted once
 
 
-def test_a_run_killed_mid_parse_leaves_the_previous_parse(tmp_path):
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_a_run_killed_mid_parse_leaves_the_previous_parse(tmp_path, how):
     parse_a, parse_b = two_parses(tmp_path)
     out = tmp_path / "o"
     parse_a()
@@ -729,9 +730,15 @@ def test_a_run_killed_mid_parse_leaves_the_previous_parse(tmp_path):
             time.sleep(0.01)
         time.sleep(0.2)  # parsing, its files half written
     finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL  # killed, not finished
+        process.send_signal(how)
+        _, stderr = process.communicate(timeout=60)
+    if how == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL  # killed, not finished
+    else:   # one line saying so, the shell's code for the signal
+        assert process.returncode == 128 + how and b"Traceback" not in stderr
+        assert stderr.decode().strip().splitlines()[-1] == (
+            f"stopped: {how.name}: the parse did not finish: {out} shows the previous parse as it was (if "
+            "there was one)")
     assert shown(out) == old
     parse_b(False)  # the next run removes the killed run's generation
     assert len([p for p in out.iterdir() if p.name.startswith(".parse-")]) == 1
@@ -845,6 +852,30 @@ def test_the_watchdog_stops_only_a_call_past_its_budget_and_leaves_alarms_as_the
     assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
+def test_a_pattern_slow_on_every_line_but_under_the_budget_of_one_stops_the_run(monkeypatch):
+    """Each call under the one-line budget, many of them: the slow calls' sum within a minute stops it."""
+    monkeypatch.setattr(preprocess, "REGEX_BUDGET_S", 30.0)   # never reached by one call here
+    monkeypatch.setattr(preprocess, "SLOW_BUDGET_S", 1.5)
+    pattern = re.compile(r"(a+)+$")
+    n = 16
+    while True:   # a line this machine takes about half a second on (doubling with each "a")
+        started = time.thread_time()
+        pattern.match("a" * n + "!")
+        if time.thread_time() - started > 0.45 or n > 40:
+            break
+        n += 1
+    regex = preprocess.UserRegex(pattern, "--mask")
+    lines = 0
+    with pytest.raises(preprocess.PatternTimeout) as stopped, preprocess._WATCHDOG:
+        for _ in range(40):
+            regex.match("a" * n + "!")
+            lines += 1
+    assert 2 <= lines < 12 and stopped.value.slow_s >= 1.5
+    error = str(preprocess.timeout_error(stopped.value, "app.log:7"))
+    assert error.startswith("--mask '(a+)+$': ") and "in calls of over 0.2 s each on one line" in error
+    assert "(the last on app.log:7), so the run stops" in error and "backtracks exponentially" in error
+
+
 @pytest.mark.parametrize("spec", ["count:0", "count:-3", "count:2.5", "count:inf", "count:1e400", "count:5:0",
                                   "count:", "count:1:2:3", "time:0", "time:-1", "time:nan", "time:inf",
                                   "time:1:inf", "time:1:nan", "count:20001:2", "time:1:1e-5", "bogus:3"])
@@ -920,7 +951,14 @@ def test_labels_csv_with_or_without_a_bom_or_header_and_any_line_ending(tmp_path
      "session 'blk_1' has two labels, Normal on line 2 and Anomaly on line 4; keep one"),
     (b"blk_1,Normal\nblk_2," + b"x" * 200_000 + b"\n", "line 2: not CSV: field larger than field limit"),
     (b"blk_1,Normal\nblk_2," + b"y" * 5000 + b"\n", "line 2: label 'yyyy"),
-], ids=["not UTF-8", "two labels", "not CSV", "a long label"])
+    (b"blk_1,Normal\nblk_2\n", "line 2: 'blk_2' has no label (expected id,label)"),
+    (b"BlockId,Label\n\n", "holds no labels (expected lines of id,label)"),
+    (b"", "holds no labels"),
+    (b"job_1,Normal\njob_2,Anomaly\n",
+     "none of its 2 ids is one of the 2 sessions' (its first: 'job_1'; session ids come from --session-key): "
+     "nothing written"),
+], ids=["not UTF-8", "two labels", "not CSV", "a long label", "no label", "a header alone", "empty",
+        "ids of no session"])
 def test_a_bad_labels_csv_is_one_line_naming_the_file_and_the_line(tmp_path, capsys, data, message):
     (tmp_path / "log.txt").write_text("\n".join(block_log(range(1, 3))) + "\n")
     (tmp_path / "labels.csv").write_bytes(data)

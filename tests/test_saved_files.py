@@ -505,3 +505,27 @@ def test_old_form_file_loads_upgraded(tmp_path):
     assert loaded == C.checked(old, "elsewhere")
     for rule, expected in BEFORE.items():
         assert C.verdicts(SCORES, loaded, rule).astype(int).tolist() == expected, rule
+
+
+def test_a_fifo_named_as_any_file_a_user_gives_is_refused_at_once(tmp_path):
+    """A config, calibration, parser state, labels CSV or checkpoint that is a FIFO: refused as not a
+    regular file, without waiting for a writer that never comes."""
+    import os
+
+    import preprocess
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    readers = [(utils.load_config, utils.ConfigError), (C.load_calibration, C.CalibrationError),
+               (preprocess.load_state, preprocess.PreprocessError),
+               (preprocess.read_labels, preprocess.PreprocessError),
+               (utils.load_checkpoint, utils.CheckpointError)]
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("a FIFO was waited on"))
+    try:
+        for read, error in readers:
+            signal.alarm(10)
+            refused = re.escape(f"{fifo}") + ".*a FIFO \\(named pipe\\), not a regular file"
+            with pytest.raises(error, match=refused):
+                read(str(fifo))
+            signal.alarm(0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
