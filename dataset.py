@@ -375,11 +375,11 @@ def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt:
             raise DataError(f"{where}: event ID {excerpt(event)} is not an integer")
         if event < 0:
             raise DataError(f"{where}: event ID {excerpt(event)} is negative")
-        if event > MAX_EVENT_ID:
-            raise DataError(f"{where}: event ID {excerpt(event)} is too large (IDs are 64-bit integers)")
         if vocab_size is not None and event >= vocab_size:
             raise DataError(f"{where}: event ID {excerpt(event)} >= vocab_size {vocab_size} "
                             f"(raise model.vocab_size)")
+        if event > MAX_EVENT_ID:
+            raise DataError(f"{where}: event ID {excerpt(event)} is too large (IDs are 64-bit integers)")
     return Record(str(file), index, session_id, events, int(label),
                   lines if isinstance(lines, list) else None)
 
