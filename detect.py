@@ -1619,9 +1619,10 @@ class LiveRun:
                  state: LiveState | None, block_lines: int, pool=None):
         self.detector, self.sources, self.parser, self.out = detector, sources, parser, out
         self.state, self.block_lines, self.pool = state, block_lines, pool
-        self.ahead = None   # the next block: its lines, the pool's parse of a share under way, the rest's
+        # the blocks read ahead, oldest first: (lines, the pool's parse of a share under way, the rest's
+        # parse done here, its (seconds, lines)); with a pool, two, so that it never waits for this process
+        self.ahead: collections.deque = collections.deque()
         self.share = 0.8    # of each block's lines parsed by the pool (adjusted as it goes: _balance)
-        self.own_parse = (0.0, 0)
         self.taken, self.first_at, self.last_at = 0, None, None   # lines taken, when (the speed logged)
 
     def _read_ahead(self):
@@ -1633,21 +1634,24 @@ class LiveRun:
             if len(lines) >= self.block_lines:
                 break
         if not lines or self.pool is None:
-            return lines, None, None
+            return lines, None, None, (0.0, 0)
         texts = [text for _, _, text in lines]
         cut = int(len(texts) * self.share)
         parsing = self.pool.submit(_parse_in_worker, texts[:cut])
         started = time.perf_counter()
         own = self.parser.raw.parse(texts[cut:])
-        self.own_parse = (time.perf_counter() - started, len(texts) - cut)
-        return lines, parsing, own
+        return lines, parsing, own, (time.perf_counter() - started, len(texts) - cut)
 
     def step(self) -> int:
         """Score the lines that have come (at most block_lines), write what they brought; the number of
-        lines taken. With a pool, the next block is read and parsed while this one is scored."""
+        lines taken. With a pool, the next block is read and sent to it before this one's parse is waited
+        for, and scored while it parses that one."""
         began = time.monotonic()
-        lines, parsing, own = self.ahead or self._read_ahead()
-        self.ahead = None
+        if not self.ahead:
+            self.ahead.append(self._read_ahead())
+        if self.pool is not None and self.ahead[-1][0]:
+            self.ahead.append(self._read_ahead())
+        lines, parsing, own, own_parse = self.ahead.popleft()
         parsed, pool_parse = None, None
         waited = time.monotonic()
         if parsing is not None:
@@ -1655,16 +1659,13 @@ class LiveRun:
             pool_parse = (pool_parse, len(parsed))
             parsed += own
         waited = time.monotonic() - waited
-        own_parse = self.own_parse
-        if lines and self.pool is not None:
-            self.ahead = self._read_ahead()
         items, taken, error = self.parser.items([(self.sources[i].path, n, t) for i, n, t in lines], parsed)
         texts = self.detector.feed(items) + self.detector.close_idle(time.time())
         self.write(texts)
         for index, count in Counter(i for i, _, _ in lines[:taken]).items():
             self.sources[index].advance(count)
         if error is not None:
-            self.ahead = None
+            self.ahead.clear()
             self.save()
             hint = skip_hint(error, False)
             raise DataError(f"{error}; the lines before it are scored and the place saved{hint}")
@@ -1696,7 +1697,7 @@ class LiveRun:
                f"{self.taken / seconds:,.0f} lines/s"
 
     def finished(self) -> bool:
-        return self.ahead is None and all(s.ended and not s.pending() for s in self.sources)
+        return not self.ahead and all(s.ended and not s.pending() for s in self.sources)
 
     def write(self, texts: list[str]) -> None:
         if texts:
