@@ -1151,15 +1151,19 @@ class StandardInput(FollowedFile):
         return None
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
-        if len(self.ready) - self.peeked < limit and not self.ended:
-            ready, _, _ = select.select([self.handle], [], [], self.poll_interval)
-            if ready:
-                data = os.read(self.handle.fileno(), READ_BYTES)
-                if data:
-                    self.buffer += data
-                else:
-                    self.ended = True
-                self._split(final=self.ended)
+        wait = self.poll_interval
+        # a pipe gives at most its buffer (64 KiB) a read: read on while more is there, up to a block
+        while len(self.ready) - self.peeked < limit and not self.ended:
+            ready, _, _ = select.select([self.handle], [], [], wait)
+            if not ready:
+                break
+            data = os.read(self.handle.fileno(), READ_BYTES)
+            if data:
+                self.buffer += data
+            else:
+                self.ended = True
+            self._split(final=self.ended)
+            wait = 0
         first = self.peeked
         lines = [(self.line + first + i + 1, text.decode(errors="replace"))
                  for i, (text, _) in enumerate(self.ready[first:first + limit])]
