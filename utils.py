@@ -834,7 +834,7 @@ def _check_model_keys(checkpoint: dict) -> None:
     config = checkpoint["config"]
     _expect(isinstance(config, dict) and all(isinstance(v, dict) for v in config.values()),
             "config must be a mapping of sections")
-    config_from_dict(checkpoint["config"])   # a ConfigError names the key
+    check_values(config_from_dict(checkpoint["config"]))   # a ConfigError names the key, this names the file
     for key in ("split_scheme", "run_id"):
         _expect(checkpoint.get(key) is None or isinstance(checkpoint[key], str), f"{key} must be a string")
 
