@@ -327,6 +327,10 @@ CHECKPOINT_DAMAGES = {
     "config wrong type": (_key("config", lambda config: {**config, "training": {
         **config["training"], "batch_size": "16"}}), "batch_size"),
     "config a list": (_key("config", lambda config: [config]), "config"),
+    "config value out of its range": (_key("config", lambda config: {**config, "model": {
+        **config["model"], "num_layers": -1}}), "'model.num_layers' must be > 0"),
+    "config learning rate NaN": (_key("config", lambda config: {**config, "training": {
+        **config["training"], "learning_rate": float("nan")}}), "must be a finite number"),
     "config section a string": (_inner("config", "training", "fast"), "config"),
     "count_vectors a list": (_key(COUNTS, [1, 2]), COUNTS),
     "count_vectors without weights": (_inner(COUNTS, "weights", None), COUNTS),
