@@ -1509,7 +1509,8 @@ class LiveState:
                  "parser": parser.state(), "detector": detector.state_dict()}
         utils.atomic_write(self.path, lambda handle: torch.save(state, handle))
 
-    def load(self) -> dict | None:
+    def load(self, columns) -> dict | None:
+        """The saved state, checked (its sessions' score columns must be `columns`), or None if none."""
         if not self.path.exists():
             return None
         again = f"remove {self.path} (and the output it belongs to) to start over"
@@ -1518,7 +1519,7 @@ class LiveState:
         except Exception as error:  # noqa: BLE001 (any unreadable file: one message, never a traceback)
             raise utils.ConfigError(f"{self.path}: not a readable detect.py state ({dataset_line(error)}); "
                                     f"{again}") from None
-        problem = state_problem(state, self.identity)
+        problem = state_problem(state, self.identity, columns)
         if problem:
             raise utils.ConfigError(f"{self.path}: {problem}; {again}")
         return state
@@ -1530,7 +1531,7 @@ def dataset_line(error: BaseException) -> str:
     return one_line(error, 160)
 
 
-def state_problem(state, identity: dict) -> str | None:
+def state_problem(state, identity: dict, columns) -> str | None:
     """What is wrong with a loaded state (None: nothing): its form, and whether this command wrote it."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         return "not a detect.py state"
@@ -1556,11 +1557,12 @@ def state_problem(state, identity: dict) -> str | None:
     for key, ok in checks:
         if not ok:
             return f"'{key}' is damaged"
-    return sessions_problem(detector)
+    return sessions_problem(detector, columns)
 
 
-def sessions_problem(detector: dict) -> str | None:
-    """What is wrong with a saved detector's open sessions (LiveDetector.state_dict), None if nothing."""
+def sessions_problem(detector: dict, columns) -> str | None:
+    """What is wrong with a saved detector's open sessions (LiveDetector.state_dict, its score columns
+    named `columns`), None if nothing."""
     keys = detector.get("keys")
     if not (isinstance(keys, list) and all(isinstance(key, str) for key in keys) and
             len(set(keys)) == len(keys)):
@@ -1584,7 +1586,7 @@ def sessions_problem(detector: dict) -> str | None:
     model = detector.get("model")
     if not (isinstance(model, dict) and all(isinstance(model.get(k), torch.Tensor) and model[k].dim() == 3 and
                                             model[k].size(1) == count for k in ("h", "c")) and
-            isinstance(model.get("columns"), dict) and
+            isinstance(model.get("columns"), dict) and set(model["columns"]) == set(columns) and
             all(isinstance(v, torch.Tensor) and v.shape == (count,) for v in model["columns"].values())):
         return "the open sessions' model state is damaged"
     return None
@@ -1737,7 +1739,8 @@ class LiveRun:
 def live_identity(args, rule: str, detect_config) -> dict:
     resolved = lambda path: None if path is None else str(Path(path).resolve())  # noqa: E731
     return {"checkpoint": resolved(args.checkpoint), "inputs": [resolved(p) for p in args.paths],
-            "parser_state": resolved(args.parser_state), "rule": rule, "output": resolved(args.output),
+            "parser_state": resolved(args.parser_state), "calibration": resolved(args.calibration),
+            "rule": rule, "output": resolved(args.output),
             "idle_lines": detect_config.idle_lines, "max_session_events": detect_config.max_session_events}
 
 
@@ -1757,13 +1760,13 @@ def run_live(args, model, calibration: dict, co_occurrence, config: utils.Config
     if state_path is not None:   # one detector per state: a second one on it is refused, naming the first
         lock = utils.OutputLock(state_path.parent, logger, "--output (or --state)",
                                 f".{state_path.name}.lock")
-    saved = state.load() if state else None
+    detector = LiveDetector(model.cpu(), calibration, rule, co_occurrence, dc.idle_lines, dc.idle_seconds,
+                            dc.max_session_events, dc.max_misses, dc.prefix_nodes)
+    saved = state.load(detector.scorer.columns) if state else None
     sources = [StandardInput(logger, dc.poll_interval_s)] if args.paths == ["-"] else \
         [FollowedFile(path, logger) for path in args.paths]
     for index, source in enumerate(sources):
         source.open(saved["sources"][index] if saved else None)
-    detector = LiveDetector(model.cpu(), calibration, rule, co_occurrence, dc.idle_lines, dc.idle_seconds,
-                            dc.max_session_events, dc.max_misses, dc.prefix_nodes)
     if saved:
         detector.load_state_dict(saved["detector"])
         parser.restore(saved["parser"])

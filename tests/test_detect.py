@@ -415,6 +415,8 @@ DAMAGES = {   # what is done to a saved state -> what the refusal names
                                   "the open sessions' misses are damaged"),
     "state of fewer sessions": (lambda state: state["detector"]["model"].update(
         h=state["detector"]["model"]["h"][:, :1]), "the open sessions' model state is damaged"),
+    "columns of another calibration": (lambda state: state["detector"]["model"]["columns"].update(
+        misses_at_99=torch.zeros(3)), "the open sessions' model state is damaged"),
     "a place of text": (lambda state: state["sources"][0].update(offset="12"), "'sources' is damaged"),
 }
 
@@ -435,7 +437,7 @@ def test_a_damaged_state_is_one_line_naming_it_and_nothing_is_written(checkpoint
     for name, (damage, problem) in DAMAGES.items():
         state = copy.deepcopy(good)
         state = damage(state) or state
-        assert D.state_problem(state, identity) == problem, name
+        assert D.state_problem(state, identity, good["detector"]["model"]["columns"]) == problem, name
     state = copy.deepcopy(good)
     DAMAGES["events cut"][0](state)
     torch.save(state, state_path)
