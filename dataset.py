@@ -192,7 +192,12 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
         raise DataError(f"{path} is {file_kind(path)}, not a regular file: the token cache needs a file it "
                         f"can read twice (keyed by its size and time, parsed in byte ranges, checked after), "
                         f"and so do the readers; write the data to a file first (e.g. ... > data.jsonl)")
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _format_of(p))
+    named = [p for p in path.iterdir() if not p.name.startswith(".") and _format_of(p)]
+    special = next((p for p in sorted(named) if p.exists() and not p.is_file() and not p.is_dir()), None)
+    if special is not None:   # a pipe or device among the data: never skipped without a word
+        raise DataError(f"{special} is {file_kind(special)}, not a regular file: the data folder must hold "
+                        f"files only (move it out, or write its data to a file)")
+    files = sorted(p for p in named if p.is_file())
     if not files:
         raise DataError(f"{path}: directory holds no readable data file "
                         f"(*.json, *.jsonl, DeepLog text *.txt/*.log/no suffix, or .gz of these)")

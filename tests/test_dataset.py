@@ -144,6 +144,12 @@ def test_a_fifo_or_a_device_as_data_is_one_line_saying_what_it_is(tmp_path):
         list_data_files("/dev/null")
     with pytest.raises(DataError, match="FIFO"):
         list(iter_sessions(fifo, 29))   # never opened: it would wait for a writer
+    (tmp_path / "a.jsonl").write_text('{"event_ids": [1]}\n')   # a folder of data with the pipe among it
+    with pytest.raises(DataError, match=re.escape(f"{fifo} is a FIFO (named pipe), not a regular file: the "
+                                                  "data folder must hold files only")):
+        list_data_files(tmp_path)
+    fifo.unlink()
+    assert list_data_files(tmp_path) == [tmp_path / "a.jsonl"]
 
 
 def test_the_skip_bad_records_hint_only_where_that_flag_is_off_and_would_skip(tmp_path):
