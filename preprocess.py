@@ -667,20 +667,27 @@ def input_files(paths: list[str]) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            named = sorted(p for p in path.iterdir() if not p.name.startswith(".") and not p.is_dir())
+            special = next((p for p in named if p.exists() and not p.is_file()), None)
+            if special is not None:   # a pipe among the logs: never skipped without a word
+                raise _not_regular(special)
+            found = [p for p in named if p.is_file()]
             if not found:
                 raise PreprocessError(f"{path}: directory holds no file")
             files += found
         elif path.is_file():
             files.append(path)
         elif path.exists():
-            raise PreprocessError(f"{path} is {dataset.file_kind(path)}, not a regular file: preprocess.py "
-                                  f"names its input files in sources.json, and detection reads them again to "
-                                  f"show the raw line behind each miss; write the log to a file first "
-                                  f"(e.g. ... > log.txt)")
+            raise _not_regular(path)
         else:
             raise PreprocessError(f"{path}: no such file or directory")
     return files
+
+
+def _not_regular(path: Path) -> PreprocessError:
+    return PreprocessError(f"{path} is {dataset.file_kind(path)}, not a regular file: preprocess.py names "
+                           f"its input files in sources.json, and detection reads them again to show the "
+                           f"raw line behind each miss; write the log to a file first (e.g. ... > log.txt)")
 
 
 # One line splitter for every text this module reads (logs, --labels) and for the raw lines shown later

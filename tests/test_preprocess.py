@@ -1043,6 +1043,9 @@ def test_a_fifo_is_refused_as_input_and_never_opened_as_a_source(tmp_path):
         preprocess.input_files([str(fifo)])
     with pytest.raises(preprocess.PreprocessError, match="is a character device, not a regular file"):
         preprocess.input_files(["/dev/null"])
+    (tmp_path / "a.log").write_text("a line\n")   # a folder of logs with the pipe among them
+    with pytest.raises(preprocess.PreprocessError, match=re.escape(f"{fifo} is a FIFO (named pipe)")):
+        preprocess.input_files([str(tmp_path)])
 
     def writer():  # opening a FIFO to read waits for a writer: one comes after 3 s, if anyone waits
         time.sleep(3)
