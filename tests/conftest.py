@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,12 +41,14 @@ def run_script(script: str, *args, cwd=REPO, timeout=300, env: dict | None = Non
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="deeplog-run-") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        umask = os.umask(0)   # (read by setting it: put back at once)
-        os.umask(umask)
+        with _LOCK:   # the umask is read by setting it (put back at once), and the zygote starts once
+            umask = os.umask(0)
+            os.umask(umask)
+            socket_path = _zygote()
         request = {"script": command[1], "args": command[2:], "cwd": str(cwd), "env": env, "umask": umask,
                    "stdout": str(out), "stderr": str(err)}
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-            connection.connect(_zygote())
+            connection.connect(socket_path)
             connection.sendall(json.dumps(request).encode() + b"\n")
             replies = connection.makefile("rb")
             pid = int(replies.readline())
@@ -60,6 +63,7 @@ def run_script(script: str, *args, cwd=REPO, timeout=300, env: dict | None = Non
 
 
 _ZYGOTE: dict = {}
+_LOCK = threading.Lock()   # run_script is called from threads too (tests/test_raw_hdfs.py runs two at once)
 
 
 def _zygote() -> str:
