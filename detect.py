@@ -73,8 +73,8 @@ import calibration as cal
 import utils
 from calibration import RULES, anomaly_scores, verdicts
 from dataset import MAX_EVENT_ID, DataError, Record, iter_sessions, skip_hint
-from evaluate import MAX_CACHED, ChunkScorer, chunked, known_co_occurrence, load_model, session_key
 from model import LOGIT_BUDGET, CoOccurrence, DeepLog
+from scoring import MAX_CACHED, ChunkScorer, chunked, known_co_occurrence, load_model, session_key
 
 MIN_ROWS = 8            # LSTM and head batches are padded to this many rows: below it the CPU kernels round
                         # differently (one row takes another path), so a session's numbers would depend on

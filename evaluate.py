@@ -38,7 +38,6 @@ import logging
 import math
 import sys
 import time
-from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -47,179 +46,35 @@ import numpy as np
 import torch
 
 import calibration as cal
+import detect
 import utils
-from cache import build_caches, cache_settings, default_cache_dir, session_chunks
+from cache import session_chunks
 from calibration import PERCENTILES, RULES, ScoreQuantiles, anomaly_scores, verdicts
 from dataset import (
     DataError,
-    Record,
     calibration_half,
     is_validation,
     iter_sessions,
     list_data_files,
 )
-from model import MAX_COUNT_VECTORS, MAX_RECORD_SESSIONS, CoOccurrence, CountVectors, DeepLog
+from model import MAX_COUNT_VECTORS, MAX_RECORD_SESSIONS, CoOccurrence, CountVectors
+from scoring import (
+    CHUNK_SIZE,
+    MAX_CACHED,
+    POSITIONS_PER_SESSION,
+    ChunkScorer,
+    cache_entries,
+    chunked,
+    data_chunks,
+    file_chunks,
+    known_co_occurrence,
+    load_model,
+    nonempty,
+)
 
 ACCURACY_KS = (1, 5, 10, 20)
-CHUNK_SIZE = 8192             # sessions read, de-duplicated and scored together
-CHUNK_EVENTS = 2 ** 22        # and at most this many events in a chunk (more only for one longer session)
-POSITIONS_PER_SESSION = 32    # a scoring batch holds evaluation.batch_size x this many positions: bigger
-                              # batches of short sessions ran slower on CPU (benchmarks/README.md)
-MAX_CACHED = 100_000          # distinct sessions whose scores are kept across chunks
-MAX_CACHED_LENGTH = 512       # longer sessions rarely repeat: not worth a place in the cache
 SCORE_EDGES = np.linspace(0, 1, 41)                                  # the plot's bins of the anomaly score
 LOG10_PROBABILITY_EDGES = np.linspace(-30 / math.log(10), 0, 61)     # and of the least likely event's log10 p
-
-
-# ----------------------------------------------------------------------------- loading
-def load_model(checkpoint_path, device: torch.device) -> tuple[DeepLog, dict]:
-    """The checkpoint (validated by its one loader) and its model on `device`, in eval mode."""
-    # map to the CPU first: a checkpoint loads without the GPU it was saved on
-    checkpoint = utils.load_checkpoint(checkpoint_path, map_location="cpu")
-    return utils.model_from_checkpoint(checkpoint, checkpoint_path).to(device), checkpoint
-
-
-def known_co_occurrence(checkpoint: dict) -> CoOccurrence:
-    """Which event types occurred together in the normal training sessions (sets and pairs; either may be
-    absent: not recorded)."""
-    return CoOccurrence.from_checkpoint(checkpoint)
-
-
-# ----------------------------------------------------------------------------- sources of sessions
-def chunked(sessions: Iterable, chunk_size: int = CHUNK_SIZE,
-            max_events: int = CHUNK_EVENTS) -> Iterator[list]:
-    """Consecutive items in lists of at most `chunk_size` items and, past the first item, `max_events` events
-    (an item is a sequence of events, or a Record), so that long sessions make short chunks; none empty."""
-    chunk, events = [], 0
-    for item in sessions:
-        size = len(item.event_ids if isinstance(item, Record) else item)
-        if chunk and (len(chunk) >= chunk_size or events + size > max_events):
-            yield chunk
-            chunk, events = [], 0
-        chunk.append(item)
-        events += size
-    if chunk:
-        yield chunk
-
-
-def file_chunks(path, options: dict, abnormal: bool | None = None,
-                chunk_size: int = CHUNK_SIZE) -> Iterator[list]:
-    """The event-ID lists of the sessions under `path` in chunks, read in one streaming pass when iterated:
-    those labelled abnormal (abnormal=True), the others (False) or all (None). IDs are not checked against
-    the vocabulary here: an unknown ID is scored as a miss, not rejected."""
-    records = iter_sessions(path, None, **options)
-    wanted = (r.event_ids for r in records if abnormal is None or bool(r.label) == abnormal)
-    return chunked(wanted, chunk_size)
-
-
-def data_chunks(path, config: utils.Config, wanted: str, logger=None) -> Iterator[list]:
-    """The sessions under `path` in chunks: "normal" (label 0 or none), "abnormal" (label 1) or "all".
-    With lazy_loading.cache they come from the token cache of each file (built on first use, with IDs left
-    unchecked: unknown IDs are scored as misses), else from one streaming pass over the files."""
-    if not config.lazy_loading.cache:
-        abnormal = {"normal": False, "abnormal": True}.get(wanted)
-        return file_chunks(path, utils.reader_options(config), abnormal=abnormal)
-    return session_chunks(cache_entries(path, config, None, logger), wanted)
-
-
-def cache_entries(path, config: utils.Config, vocab_size: int | None, logger=None) -> list[Path]:
-    """The token-cache entries of the files under `path`, built on first use (vocab_size None: IDs left
-    unchecked, for data to score)."""
-    loading = config.lazy_loading
-    return build_caches(path, cache_settings(config, vocab_size), loading.cache_dir or default_cache_dir(),
-                        loading.cache_workers, logger or logging.getLogger("deeplog"))
-
-
-def nonempty(chunks: Iterable[list]) -> Iterator[list] | None:
-    """The same chunks, or None when there are none (the first chunk is read ahead)."""
-    chunks = iter(chunks)
-    first = next(chunks, None)
-    return None if first is None else itertools.chain([first], chunks)
-
-
-# ----------------------------------------------------------------------------- scoring
-def score_columns(top_ks) -> list[str]:
-    return ["predictions", "max_rank", "min_log_prob", "min_event_log_prob", "min_seen_event_log_prob",
-            "end_log_prob", "loss_sum", "loss_count", "unknown", "novel_set", "novel_pair",
-            "count_distance"] + [f"misses_at_{k}" for k in sorted(set(top_ks))]
-
-
-def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: int = 256,
-                   co_occurrence: CoOccurrence | None = None) -> dict[str, np.ndarray]:
-    """Score distinct sessions: arrays aligned with `sessions`, the columns of DeepLog.session_scores
-    (computed in the windows of training, in batches of batch_size x POSITIONS_PER_SESSION positions), plus
-    novel_set
-    (1 when the session's set of event types never occurred in a normal training session) and novel_pair (1
-    when two of its event types never shared one): both 0 where `co_occurrence` holds no such record."""
-    columns = model.session_scores(sessions, top_ks, batch_size * POSITIONS_PER_SESSION)
-    out = {name: column.numpy() for name, column in columns.items()}
-    co_occurrence = co_occurrence or CoOccurrence(model.vocab_size)
-    out["novel_set"], out["novel_pair"] = co_occurrence.novel(sessions)
-    out["count_distance"] = co_occurrence.distance(sessions)
-    return out
-
-
-def session_key(events) -> tuple:
-    """A session as a hashable tuple of ints (numpy arrays converted)."""
-    return tuple(events.tolist()) if isinstance(events, np.ndarray) else tuple(events)
-
-
-class ChunkScorer:
-    """Scores chunks of sessions. Identical sessions are scored once within a chunk, and across chunks while
-    their scores are cached: the `max_cached` most recently seen distinct sessions of at most
-    MAX_CACHED_LENGTH events. Others are scored again (the same numbers, more work), so memory holds one
-    chunk and the cache whatever the data size (a tuple and a row of scores per cached session)."""
-
-    def __init__(self, model: DeepLog, top_ks, batch_size: int = 256,
-                 co_occurrence: CoOccurrence | None = None, max_cached: int = MAX_CACHED,
-                 desc: str = "scoring"):
-        self.model, self.top_ks, self.batch_size = model, top_ks, batch_size
-        self.co_occurrence = co_occurrence
-        self.max_cached, self.desc, self.columns = max_cached, desc, score_columns(top_ks)
-        # session -> its row in self.rows, least recent first
-        self.slots: OrderedDict[tuple, int] = OrderedDict()
-        self.rows = np.empty((max_cached, len(self.columns)))  # memory pages are only taken as slots fill
-        self.scored = 0           # sessions run through the model
-        self.overflowed = False   # some scored session was not kept, so it may have been scored twice
-
-    @property
-    def distinct(self) -> int | None:
-        """The number of distinct sessions seen: exact while the cache never overflowed, else unknown
-        (None)."""
-        return None if self.overflowed else self.scored
-
-    def __call__(self, chunk: list) -> tuple[list[tuple], dict[str, np.ndarray], np.ndarray]:
-        """The chunk's distinct sessions (first seen first), their score columns (as score_sessions gives
-        them) and how often each occurs in the chunk."""
-        counts = Counter(map(session_key, chunk))
-        sessions = list(counts)
-        table = np.empty((len(sessions), len(self.columns)))
-        cached = [s in self.slots for s in sessions]
-        hits = [i for i, hit in enumerate(cached) if hit]
-        table[hits] = self.rows[[self.slots[sessions[i]] for i in hits]]
-        for i in hits:
-            self.slots.move_to_end(sessions[i])
-        misses = [i for i, hit in enumerate(cached) if not hit]
-        if misses:
-            fresh = score_sessions(self.model, [sessions[i] for i in misses], self.top_ks, self.batch_size,
-                                   self.co_occurrence)
-            table[misses] = np.column_stack([fresh[name] for name in self.columns])
-            self.scored += len(misses)
-            for i in misses:
-                self.remember(sessions[i], table[i])
-        return sessions, dict(zip(self.columns, table.T)), np.array(list(counts.values()), dtype=np.float64)
-
-    def remember(self, session: tuple, row: np.ndarray) -> None:
-        if len(session) > MAX_CACHED_LENGTH or not self.max_cached:
-            self.overflowed = True
-            return
-        if len(self.slots) < self.max_cached:
-            slot = len(self.slots)
-        else:
-            _, slot = self.slots.popitem(last=False)
-            self.overflowed = True
-        self.slots[session] = slot
-        self.rows[slot] = row
 
 
 def confusion(fp: float, normal: float, tp: float, abnormal: float) -> dict:
@@ -780,8 +635,6 @@ def run(args, logger):
     calibration = applied_calibration(args, model, checkpoint, co_occurrence, config, top_k, output_dir,
                                       logger)
     if args.detect:   # detection is detect.py's; this flag stays for the commands written before it
-        import detect
-
         return detect.run_batch(args, model, calibration, co_occurrence, config, logger)
     normal, abnormal, paths = evaluation_sources(args, checkpoint, config, logger)
     run_evaluation(model, args.checkpoint, calibration, normal, abnormal, paths, config, output_dir, top_k,

@@ -88,8 +88,10 @@ def child(stage: str, path: str, cache_dir: str) -> None:
     import torch
 
     import evaluate
+    import scoring
     import utils
     from cache import CachedSessions, build_caches, cache_settings
+    from model import DeepLog
     config = utils.load_config(None, {"data.preprocessed_dir": path, "lazy_loading.cache_dir": cache_dir,
                                       "model.embedding_dim": 8, "model.hidden_size": 8,
                                       "model.num_layers": 1})
@@ -107,12 +109,12 @@ def child(stage: str, path: str, cache_dir: str) -> None:
         detail = long_sessions(config, path)
     else:
         torch.set_num_threads(2)
-        model = evaluate.DeepLog(29, 8, 8, 1, 0.0).eval()
+        model = DeepLog(29, 8, 8, 1, 0.0).eval()
         logger = logging.getLogger("deeplog")
         calibration_half, _, _ = evaluate.validation_sessions(config, {}, logger=logger)
         calibration = evaluate.fit_calibration(model, calibration_half, 10, 9, 0.001, "memory benchmark",
                                                "combined")
-        normal = evaluate.data_chunks(path, config, "all", logger)
+        normal = scoring.data_chunks(path, config, "all", logger)
         results, _ = evaluate.evaluate(model, calibration, normal, [], 10, "combined")
         detail = {"sessions": results["normal_scores"]["count"], "scored": results["normal_scores"]["scored"]}
     print(json.dumps({**detail, "seconds": time.time() - started, "anonymous_peak_mb": anonymous.stop(),
@@ -137,13 +139,15 @@ def long_sessions(config, path: str) -> dict:
 
     import detect
     import evaluate
+    import scoring
     import utils
+    from model import DeepLog
     torch.set_num_threads(2)
-    model = evaluate.DeepLog(29, 8, 8, 1, 0.0).eval().set_windows(256, 32)
+    model = DeepLog(29, 8, 8, 1, 0.0).eval().set_windows(256, 32)
     logger = logging.getLogger("deeplog")
-    calibration = evaluate.fit_calibration(model, evaluate.data_chunks(path, config, "all", logger), 10, 9,
+    calibration = evaluate.fit_calibration(model, scoring.data_chunks(path, config, "all", logger), 10, 9,
                                            0.001, "memory benchmark", "combined")
-    results, _ = evaluate.evaluate(model, calibration, evaluate.data_chunks(path, config, "all", logger), [],
+    results, _ = evaluate.evaluate(model, calibration, scoring.data_chunks(path, config, "all", logger), [],
                                    10, "combined")
     out = io.StringIO()
     totals = detect.score_files(model, calibration, path, utils.reader_options(config), "probability", out)

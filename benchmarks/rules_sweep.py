@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evaluate  # noqa: E402
+import scoring  # noqa: E402
 import utils  # noqa: E402
 
 HDFS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hdfs"
@@ -34,7 +35,7 @@ HDFS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hdfs
 
 def scored(model, sessions: Counter, top_k: int, co_occurrence) -> tuple[dict, np.ndarray]:
     weights = np.array(list(sessions.values()), dtype=np.float64)
-    return evaluate.score_sessions(model, list(sessions), [top_k], 256, co_occurrence=co_occurrence), weights
+    return scoring.score_sessions(model, list(sessions), [top_k], 256, co_occurrence=co_occurrence), weights
 
 
 def main() -> None:
@@ -48,15 +49,15 @@ def main() -> None:
                         help="target false-positive rates to try")
     parser.add_argument("--no-event-sets", action="store_true", help="ignore the record of event-type sets")
     args = parser.parse_args()
-    model, checkpoint = evaluate.load_model(args.checkpoint, torch.device("cpu"))
+    model, checkpoint = scoring.load_model(args.checkpoint, torch.device("cpu"))
     config = utils.config_from_dict(checkpoint["config"])
-    co_occurrence = evaluate.known_co_occurrence(checkpoint)
+    co_occurrence = scoring.known_co_occurrence(checkpoint)
     if args.no_event_sets:
         co_occurrence.sets = None
     calibration_chunks, _, _ = evaluate.validation_sessions(config, utils.reader_options(config))
     calibration_set = Counter(tuple(s) for chunk in calibration_chunks for s in chunk)
-    normal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_normal, {}, abnormal=False) for s in c)
-    abnormal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_abnormal, {}) for s in c)
+    normal = Counter(tuple(s) for c in scoring.file_chunks(args.eval_normal, {}, abnormal=False) for s in c)
+    abnormal = Counter(tuple(s) for c in scoring.file_chunks(args.eval_abnormal, {}) for s in c)
     top_k = config.evaluation.top_k
     (normal_scores, normal_w), (abnormal_scores, abnormal_w) = (
         scored(model, sessions, top_k, co_occurrence) for sessions in (normal, abnormal))

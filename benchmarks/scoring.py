@@ -1,4 +1,4 @@
-"""Scoring speed: sessions per second of evaluate.py's batched scorer, with and without de-duplication.
+"""Scoring speed: sessions per second of scoring.py's batched scorer, with and without de-duplication.
 
 Examples:
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import evaluate  # noqa: E402
+import scoring  # noqa: E402  (the repository's scoring.py, first on the path: not this file)
 from dataset import iter_sessions  # noqa: E402
 
 HDFS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hdfs"
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="sessions per LSTM batch")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    model, checkpoint = evaluate.load_model(args.checkpoint, torch.device("cpu"))
+    model, checkpoint = scoring.load_model(args.checkpoint, torch.device("cpu"))
     sessions = [tuple(r.event_ids) for path in args.data for r in iter_sessions(path)]
     distinct = Counter(sessions)
     print(f"{len(sessions)} sessions ({len(distinct)} distinct), {torch.get_num_threads()} CPU threads, "
@@ -48,7 +48,7 @@ def main() -> None:
 
 def timed(model, sessions, batch_size) -> float:
     started = time.perf_counter()
-    evaluate.score_sessions(model, sessions, [1, 5, 10, 20], batch_size)
+    scoring.score_sessions(model, sessions, [1, 5, 10, 20], batch_size)
     return time.perf_counter() - started
 
 

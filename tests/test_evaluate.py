@@ -24,18 +24,19 @@ from conftest import (
 import calibration as C
 import detect as D
 import evaluate as E
+import scoring as S
 from dataset import is_validation, iter_sessions
 from model import DeepLog
 
 
-def _chunks(sessions: Counter, chunk_size: int = E.CHUNK_SIZE) -> list[list]:
+def _chunks(sessions: Counter, chunk_size: int = S.CHUNK_SIZE) -> list[list]:
     """Every session as often as it occurs, in chunks: what evaluate() and fit_calibration() read."""
-    return list(E.chunked(sessions.elements(), chunk_size))
+    return list(S.chunked(sessions.elements(), chunk_size))
 
 
 def test_score_sessions_columns():
     model = fixed_model()
-    scores = E.score_sessions(model, [(0, 3), (1,), (0, 3, 1), (3, 0, 0)], [1, 2],
+    scores = S.score_sessions(model, [(0, 3), (1,), (0, 3, 1), (3, 0, 0)], [1, 2],
                               co_occurrence=known({0, 3}, {0, 1}))
     assert scores["predictions"].tolist()[:2] == [3, 2]
     assert scores["misses_at_1"].tolist()[:2] == [2, 2] and scores["misses_at_2"].tolist()[:2] == [2, 1]
@@ -231,13 +232,13 @@ def test_detect_writes_one_line_per_session(trained, tmp_path):
 
 def test_detect_streams_in_chunks_with_the_same_verdicts(trained, tmp_path):
     _, out, data, _, _ = trained
-    model, checkpoint = E.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
+    model, checkpoint = S.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
     outputs = []
     for chunk_size in (7, 10000):
         path = tmp_path / f"d{chunk_size}.jsonl"
         with open(path, "w") as handle:
             D.score_files(model, checkpoint["calibration"], data, {}, "combined", handle,
-                          co_occurrence=E.known_co_occurrence(checkpoint), chunk_size=chunk_size)
+                          co_occurrence=S.known_co_occurrence(checkpoint), chunk_size=chunk_size)
         outputs.append(path.read_text())
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 240
 
@@ -429,13 +430,13 @@ def _oracle_weighted_percentile(values: np.ndarray, weights: np.ndarray, q: floa
 def _oracle_fit_calibration(model, normal: Counter, top_k: int, top_g: int, target_fpr: float, source: str,
                             default_rule: str, batch_size: int = 256, co_occurrence=None) -> dict:
     sessions, counts = list(normal), np.array(list(normal.values()), dtype=np.float64)
-    scores = E.score_sessions(model, sessions, [top_k, top_g], batch_size, co_occurrence)
+    scores = S.score_sessions(model, sessions, [top_k, top_g], batch_size, co_occurrence)
     anomaly = scores[f"misses_at_{top_k}"] / scores["predictions"]
     finite = np.isfinite(scores["min_log_prob"])
     least_likely = float(scores["min_log_prob"][finite].min()) if finite.any() else 0.0
     # the whole table at once (target_fpr_threshold and ImpliedTail themselves are tested on hand-made scores)
     implied = C.ImpliedTail()
-    implied.add(model, sessions, counts, batch_size * E.POSITIONS_PER_SESSION)
+    implied.add(model, sessions, counts, batch_size * S.POSITIONS_PER_SESSION)
     half = target_fpr / 2
     plan = C.plan_rules(co_occurrence, target_fpr, model.vocab_size)   # tested apart, in test_calibration.py
     event_column = "min_event_log_prob" if plan["unseen_events_flag"] else "min_seen_event_log_prob"
@@ -498,7 +499,7 @@ def _oracle_evaluate(model, calibration: dict, normal: Counter, abnormal: Counte
                      default_rule: str, batch_size: int = 256, co_occurrence=None) -> tuple[dict, tuple]:
     ks = [*E.ACCURACY_KS, top_k, calibration["top_g"]]
     results: dict = {"top_k": top_k}
-    normal_scores = E.score_sessions(model, list(normal), ks, batch_size, co_occurrence) if normal else None
+    normal_scores = S.score_sessions(model, list(normal), ks, batch_size, co_occurrence) if normal else None
     normal_w = np.array(list(normal.values()), dtype=np.float64)
     if normal_scores is not None:
         predictions = float((normal_scores["predictions"] * normal_w).sum())
@@ -522,7 +523,7 @@ def _oracle_evaluate(model, calibration: dict, normal: Counter, abnormal: Counte
     plot_data = (normal_scores, normal_w, None, None)
     if abnormal:
         abnormal_w = np.array(list(abnormal.values()), dtype=np.float64)
-        abnormal_scores = E.score_sessions(model, list(abnormal), ks, batch_size, co_occurrence)
+        abnormal_scores = S.score_sessions(model, list(abnormal), ks, batch_size, co_occurrence)
         results["unknown_events"]["abnormal"] = int((abnormal_scores["unknown"] * abnormal_w).sum())
         empty = np.zeros(0, dtype=bool)
         results["rules"] = {}
@@ -575,7 +576,7 @@ def _shuffled_chunks(sessions: Counter, chunk_size: int, seed: int = 0) -> list[
     """Every occurrence as its own entry, shuffled so that duplicates fall into different chunks."""
     occurrences = list(sessions.elements())
     random.Random(seed).shuffle(occurrences)
-    return list(E.chunked(occurrences, chunk_size))
+    return list(S.chunked(occurrences, chunk_size))
 
 
 def _whole_array_histograms(scores: dict, weights: np.ndarray, top_k: int) -> dict:
@@ -590,8 +591,8 @@ def _whole_array_histograms(scores: dict, weights: np.ndarray, top_k: int) -> di
 def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, target_fpr):
     """Chunks of 7 sessions and a cache of 5, so that sessions are evicted and scored again."""
     _, out, data, abnormal_dir, _ = trained
-    model, checkpoint = E.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
-    co_occurrence = E.known_co_occurrence(checkpoint)
+    model, checkpoint = S.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
+    co_occurrence = S.known_co_occurrence(checkpoint)
     normal, _ = _oracle_collect(data, {})
     _, abnormal = _oracle_collect(abnormal_dir, {}, all_abnormal=True)
     # ID 28 never occurs in training: probability 0, so these are below any probability bound
@@ -633,14 +634,14 @@ def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, target_fp
 
 def test_calibration_thresholds_from_the_sketch_stay_within_its_error(trained):
     _, out, data, _, _ = trained
-    model, _ = E.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
+    model, _ = S.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
     normal, _ = _oracle_collect(data, {})
     # at top-2 the sample's normal sessions have dozens of distinct scores: more than the 10 kept exactly
     expected = _oracle_fit_calibration(model, normal, 2, 9, 0.001, "sample", "combined")
     calibration = E.fit_calibration(model, _shuffled_chunks(normal, 7), 2, 9, 0.001, "sample", "combined",
                                     max_exact_scores=10)
     assert calibration["percentile_method"] == "histogram of 65536 bins, error <= 1.53e-05"
-    scores = E.score_sessions(model, list(normal), [2])
+    scores = S.score_sessions(model, list(normal), [2])
     anomaly, counts = (scores["misses_at_2"] / scores["predictions"],
                        np.array(list(normal.values()), dtype=float))
     for name, threshold in calibration["score_thresholds"].items():
@@ -675,12 +676,12 @@ def test_validation_sources_hold_the_in_memory_halves(trained, tmp_path):
 @needs_hdfs
 def test_streaming_gives_the_in_memory_numbers_on_hdfs(hdfs_trained):
     """Chunks of 500 and a cache of 64 sessions on the HDFS data (1,816 distinct dev sessions)."""
-    model, checkpoint = E.load_model(hdfs_trained / "checkpoints" / "best_model.pt", torch.device("cpu"))
-    co_occurrence = E.known_co_occurrence(checkpoint)
+    model, checkpoint = S.load_model(hdfs_trained / "checkpoints" / "best_model.pt", torch.device("cpu"))
+    co_occurrence = S.known_co_occurrence(checkpoint)
     args = (10, 9, 0.001, "hdfs_train", "combined", 256, co_occurrence)
     train, _ = _oracle_collect(HDFS_DIR / "hdfs_train", {})
     expected = _oracle_fit_calibration(model, train, *args)
-    calibration = E.fit_calibration(model, E.file_chunks(HDFS_DIR / "hdfs_train", {}, abnormal=False,
+    calibration = E.fit_calibration(model, S.file_chunks(HDFS_DIR / "hdfs_train", {}, abnormal=False,
                                                          chunk_size=500),
                                     *args, max_cached=64)
     _assert_same(calibration, expected, ignored={"distinct_sessions"})
@@ -688,8 +689,8 @@ def test_streaming_gives_the_in_memory_numbers_on_hdfs(hdfs_trained):
     _, abnormal = _oracle_collect(HDFS_DIR / "hdfs_dev_abnormal", {}, all_abnormal=True)
     expected, _ = _oracle_evaluate(model, calibration, normal, abnormal, 10, "combined", 256, co_occurrence)
     results, _ = E.evaluate(model, calibration,
-                            E.file_chunks(HDFS_DIR / "hdfs_dev_normal", {}, chunk_size=500),
-                            E.file_chunks(HDFS_DIR / "hdfs_dev_abnormal", {}, chunk_size=500), 10, "combined",
+                            S.file_chunks(HDFS_DIR / "hdfs_dev_normal", {}, chunk_size=500),
+                            S.file_chunks(HDFS_DIR / "hdfs_dev_abnormal", {}, chunk_size=500), 10, "combined",
                             256, co_occurrence, max_cached=64)
     _assert_same(results, expected, ignored={"distinct"})
     assert results["abnormal_sessions"]["count"] == 5051 and results["rules"]["combined"]["tp"] > 0
@@ -699,21 +700,21 @@ def test_streaming_gives_the_in_memory_numbers_on_hdfs(hdfs_trained):
 def test_chunk_scorer_scores_a_session_once_while_it_is_cached():
     model = fixed_model()
     chunks = [[[0, 1], (0, 1), np.array([2])], [(0, 1), [3]], [(2,)]]
-    lru = E.ChunkScorer(model, [2], max_cached=2)
+    lru = S.ChunkScorer(model, [2], max_cached=2)
     sessions, scores, counts = lru(chunks[0])
     assert (sessions == [(0, 1), (2,)] and counts.tolist() == [2, 1]
             and scores["misses_at_2"].tolist() == [1, 2])
     sessions, scores, counts = lru(chunks[1])   # (0, 1) from the cache, now the most recent; (3,) evicts (2,)
-    fresh = E.score_sessions(model, sessions, [2])
+    fresh = S.score_sessions(model, sessions, [2])
     assert all(scores[name].tolist() == fresh[name].tolist() for name in fresh)
     lru(chunks[2])                              # (2,) scored again
     assert lru.scored == 4 and lru.distinct is None
-    roomy = E.ChunkScorer(model, [2], max_cached=3)
+    roomy = S.ChunkScorer(model, [2], max_cached=3)
     for chunk in chunks:
         roomy(chunk)
     assert roomy.scored == roomy.distinct == 3
-    long_session = E.ChunkScorer(model, [2])
-    long_session([[1] * (E.MAX_CACHED_LENGTH + 1)] * 2)
+    long_session = S.ChunkScorer(model, [2])
+    long_session([[1] * (S.MAX_CACHED_LENGTH + 1)] * 2)
     # not cached: may be scored again later
     assert long_session.scored == 1 and long_session.distinct is None
 
@@ -920,7 +921,7 @@ def test_calibrations_written_before_the_rename_still_work(trained, tmp_path):
         detected.append([json.loads(line)["verdict"] for line in result.stdout.splitlines()])
     # an old calibration keeps its single bound on every prediction, the end included
     events = [json.loads(line)["event_ids"] for line in sessions.read_text().splitlines()]
-    scores = E.score_sessions(DeepLog.from_checkpoint(tmp_path / "old.pt"), [tuple(e) for e in events],
+    scores = S.score_sessions(DeepLog.from_checkpoint(tmp_path / "old.pt"), [tuple(e) for e in events],
                               [10])
     single_bound = ["abnormal" if lp < old["probability_bound"] else "normal"
                     for lp in scores["min_log_prob"]]

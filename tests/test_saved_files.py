@@ -468,7 +468,7 @@ def test_old_form_with_target_fpr_gets_its_expected_rates(run):
     assert upgraded["expected_fpr"] == pytest.approx(current["expected_fpr"])
 
 
-# five sessions, by hand: scores as evaluate.score_sessions gives them (top_k 2)
+# five sessions, by hand: scores as scoring.score_sessions gives them (top_k 2)
 SCORES = {"predictions": np.array([4, 4, 4, 4, 4]), "misses_at_2": np.array([0, 1, 2, 4, 0]),
           "max_rank": np.array([1, 3, 6, 9, 2]), "min_log_prob": np.array([-1.0, -4.0, -6.0, -2.0, -1.5]),
           "min_event_log_prob": np.array([-1.0, -4.0, -6.0, -2.0, -1.5]),
