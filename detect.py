@@ -54,6 +54,7 @@ import gc
 import json
 import logging
 import math
+import multiprocessing
 import os
 import select
 import signal
@@ -70,9 +71,20 @@ import numpy as np
 import torch
 
 import calibration as cal
+import preprocess
 import utils
+from cache import _worker_start
 from calibration import RULES, anomaly_scores, verdicts
-from dataset import MAX_EVENT_ID, DataError, Record, iter_sessions, skip_hint
+from dataset import (
+    MAX_EVENT_ID,
+    DataError,
+    Record,
+    _text_event_ids,
+    _validate,
+    iter_sessions,
+    one_line,
+    skip_hint,
+)
 from model import LOGIT_BUDGET, CoOccurrence, DeepLog
 from scoring import MAX_CACHED, ChunkScorer, chunked, known_co_occurrence, load_model, session_key
 
@@ -89,8 +101,6 @@ STATE_VERSION = 2   # 2: the open sessions as flat tensors
 def raw_log_records(parser_state: str, path: str) -> tuple[Iterator[Record], object]:
     """Sessions of raw log files (a file or a directory) parsed and grouped through preprocess.py's saved
     parser state, as Records with their line provenance, and the RawLines that resolves it."""
-    import preprocess  # only this path needs Drain3
-
     try:
         files = preprocess.input_files([path])
         preprocess.load_state(parser_state)
@@ -132,7 +142,6 @@ def score_files(model, calibration: dict, path, options: dict, rule: str, out, b
     counters: dict = {}
     if records is None:
         records = iter_sessions(path, None, **{**options, "counters": counters})
-        import preprocess  # knows the provenance format of the sessions it writes
         raw_lines = raw_lines or preprocess.RawLines.for_sessions(path)
     try:
         for chunk in chunked(_until_data_error(records, stopped), chunk_size):
@@ -1177,8 +1186,6 @@ class LiveWindows:
     closes when a line past its end arrives (or at the end of the input)."""
 
     def __init__(self, spec: str):
-        import preprocess  # its checks of SIZE and STEP
-
         checked = preprocess.Windows(spec)
         self.kind, self.size, self.step = checked.kind, checked.size, checked.step
         self.max_time = checked.max_time
@@ -1199,8 +1206,6 @@ class LiveWindows:
 
     def place(self, when: float | None) -> tuple[list[str], list[str]]:
         """(windows this line joins, windows it closes)."""
-        import preprocess
-
         if self.kind == "count":
             position = float(self.count)
         elif -self.max_time <= when <= self.max_time:
@@ -1237,8 +1242,6 @@ class RawParser:
     (PARSED, event, keys or time) or (UNMATCHED | NO_KEY | BAD_TIME,) or (TIMEOUT, message)."""
 
     def __init__(self, parser_state: str):
-        import preprocess
-
         try:
             state = preprocess.load_state(parser_state)
             self.cfg = preprocess.settings_config(None, [("parser state grouping",
@@ -1263,8 +1266,6 @@ class RawParser:
     def _find_keys(self, text: str) -> list[str]:
         """The session keys of a line: UserRegex.finditer's result by findall (a key regex without groups),
         on the watchdog's budget as UserRegex's calls are."""
-        import preprocess
-
         watch = preprocess._WATCHDOG
         watch.serial += 1
         watch.running = self.key
@@ -1274,8 +1275,6 @@ class RawParser:
             watch.running = None
 
     def parse(self, texts: list[str]) -> list[tuple]:
-        import preprocess
-
         parsed = []
         with preprocess._WATCHDOG:
             for text in texts:
@@ -1296,8 +1295,6 @@ class RawParser:
             return (PARSED, event, keys) if keys else (NO_KEY,)
         if not self.cfg.time_field:
             return PARSED, event, None
-        import preprocess
-
         try:
             return PARSED, event, preprocess._line_time(self.cfg, match)
         except ValueError:
@@ -1324,8 +1321,6 @@ def fast_masker(masker):
     words' results joined are the whole text's (tests/test_detect.py checks it on the loghub samples); the
     words repeat (a template's own words, small numbers) where whole lines never do. Other masks (the
     user's, the run of <*>) are applied as drain3 applies them."""
-    import preprocess
-
     prefix, suffix = masker.mask_prefix, masker.mask_suffix
     words: dict[str, str] = {}
     steps = []
@@ -1364,9 +1359,7 @@ _WORKER_PARSER: RawParser | None = None
 
 
 def _start_parse_worker(parent: int, parser_state: str) -> None:
-    from cache import _worker_start  # dies with its parent, leaves Ctrl-C to it
-
-    _worker_start(parent)
+    _worker_start(parent)   # dies with its parent, leaves Ctrl-C to it
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a service stop (the whole group) is the parent's
     global _WORKER_PARSER
     _WORKER_PARSER = RawParser(parser_state)
@@ -1435,15 +1428,11 @@ class LineParser:
             return []
         if stripped.startswith("{"):
             return [self._json_line(path, number, stripped, at, text)]
-        from dataset import _text_event_ids, _validate  # the readers' own checks, message for message
-
         record = _validate(Path(path), number, _text_event_ids(Path(path), number, stripped.split()),
                            self.fields, None, "text")
         return [Item("session", (record.session_id,), record.event_ids, at, None)]
 
     def _json_line(self, path: str, number: int, text: str, at: str, raw: str) -> Item:
-        from dataset import _validate
-
         where = f"{path}: line {number}"
         try:
             item = json.loads(text)
@@ -1463,8 +1452,6 @@ class LineParser:
         return Item("session", (record.session_id,), record.event_ids, at, None)
 
     def _raw_line(self, path: str, number: int, text: str, parsed: tuple) -> list[Item]:
-        import preprocess
-
         status = parsed[0]
         if status == TIMEOUT:
             raise utils.ConfigError(f"{parsed[1]} (at {path}:{number})")
@@ -1526,8 +1513,6 @@ class LiveState:
 
 
 def dataset_line(error: BaseException) -> str:
-    from dataset import one_line
-
     return one_line(error, 160)
 
 
@@ -1775,8 +1760,6 @@ def run_live(args, model, calibration: dict, co_occurrence, config: utils.Config
     out = open_live_output(args.output, saved, state_path)
     pool = None
     if parser.raw is not None and dc.parse_workers:
-        import multiprocessing
-
         pool = concurrent.futures.ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("fork"), initializer=_start_parse_worker,
             initargs=(os.getpid(), args.parser_state))
