@@ -18,6 +18,9 @@ import torch
 from conftest import REPO, hand_calibration, run_script, write_config
 
 import detect as D
+from live_sessions import Item, LiveDetector
+from live_sources import FollowedFile, LiveWindows, fast_masker
+from live_state import state_problem
 from model import CoOccurrence, CountVectors, DeepLog, pairs_of_sets
 
 
@@ -68,7 +71,7 @@ def interleaved_items(sessions, rng):
         pick = rng.randrange(len(cursors))
         name, events, at = cursors[pick]
         line = len(items) + 1
-        items.append(D.Item("event", (name,), [events[at]], f"log:{line}", f"line {line}"))
+        items.append(Item("event", (name,), [events[at]], f"log:{line}", f"line {line}"))
         cursors[pick][2] += 1
         if cursors[pick][2] == len(events):
             cursors.pop(pick)
@@ -76,7 +79,7 @@ def interleaved_items(sessions, rng):
 
 
 def live_lines(model, calibration, co_occurrence, items, steps, prefix_nodes=1000, rule="combined"):
-    detector = D.LiveDetector(model, calibration, rule, co_occurrence, None, None, None, 3, prefix_nodes)
+    detector = LiveDetector(model, calibration, rule, co_occurrence, None, None, None, 3, prefix_nodes)
     lines, at = [], 0
     for size in steps:
         lines += detector.feed(items[at:at + size], now=0.0)
@@ -201,11 +204,11 @@ def test_the_state_of_open_sessions_round_trips_exactly():
     co_occurrence, calibration = co_occurrence_of(sessions[:30]), calibration_for(model, sessions)
     items = interleaved_items(sessions, random.Random(12))
     whole = live_lines(model, calibration, co_occurrence, items, [len(items)])
-    detector = D.LiveDetector(model, calibration, "combined", co_occurrence, None, None, None, 3, 1000)
+    detector = LiveDetector(model, calibration, "combined", co_occurrence, None, None, None, 3, 1000)
     half = len(items) // 2
     before = detector.feed(items[:half], now=0.0)
     saved = detector.state_dict()
-    again = D.LiveDetector(model, calibration, "combined", co_occurrence, None, None, None, 3, 1000)
+    again = LiveDetector(model, calibration, "combined", co_occurrence, None, None, None, 3, 1000)
     again.load_state_dict(saved)
     assert before + again.feed(items[half:], now=0.0) + again.close_all() == whole
 
@@ -213,8 +216,8 @@ def test_the_state_of_open_sessions_round_trips_exactly():
 def test_sessions_close_when_idle_or_full():
     model, sessions = random_model(), random_sessions(count=4, seed=13, longest=6)
     co_occurrence, calibration = co_occurrence_of(sessions), calibration_for(model, sessions)
-    detector = D.LiveDetector(model, calibration, "combined", co_occurrence, 3, None, 4, 3)
-    item = lambda key, line: D.Item("event", (key,), [1], f"f:{line}", "x")  # noqa: E731
+    detector = LiveDetector(model, calibration, "combined", co_occurrence, 3, None, 4, 3)
+    item = lambda key, line: Item("event", (key,), [1], f"f:{line}", "x")  # noqa: E731
     # a and b named; then three lines without a: it closes at the third (idle 3)
     out = detector.feed([item("a", 1), item("b", 2), item("b", 3), item("b", 4)], now=0.0)
     assert [json.loads(line)["session_id"] for line in out if '"verdict"' in line] == ["a"]
@@ -222,18 +225,18 @@ def test_sessions_close_when_idle_or_full():
     out = detector.feed([item("b", 5), item("b", 6)], now=0.0)
     assert [json.loads(line)["session_id"] for line in out if '"verdict"' in line] == ["b"]
     assert list(detector.open) == ["b"] and detector.open["b"].events == [1]
-    idle = D.LiveDetector(model, calibration, "combined", co_occurrence, None, 10.0, None, 3)
+    idle = LiveDetector(model, calibration, "combined", co_occurrence, None, 10.0, None, 3)
     idle.feed([item("c", 1)], now=100.0)
     assert idle.close_idle(105.0) == [] and len(idle.close_idle(111.0)) == 1
 
 
 def test_live_windows_join_and_close_as_preprocess_counts_them():
-    windows = D.LiveWindows("count:4:2")
+    windows = LiveWindows("count:4:2")
     places = [windows.place(None) for _ in range(7)]
     assert places[0] == (["count-window-1"], [])
     assert places[2] == (["count-window-1", "count-window-2"], [])
     assert places[4] == (["count-window-2", "count-window-3"], ["count-window-1"])
-    timed = D.LiveWindows("time:10")
+    timed = LiveWindows("time:10")
     assert timed.place(100.0) == (["time-window-1"], [])
     assert timed.place(125.0) == (["time-window-3"], ["time-window-1"])   # a gap: window 2 never opened
 
@@ -255,7 +258,7 @@ def take(source, limit=100):
 def test_a_followed_file_is_read_as_it_grows_rotates_and_is_truncated(tmp_path):
     path = tmp_path / "app.log"
     path.write_bytes(b"one\ntwo\r\nthr")
-    source = D.FollowedFile(str(path), Quiet())
+    source = FollowedFile(str(path), Quiet())
     source.open()
     assert take(source) == ["one", "two"]   # the third line waits for its end
     with open(path, "ab") as handle:
@@ -281,7 +284,7 @@ def test_a_followed_file_is_read_as_it_grows_rotates_and_is_truncated(tmp_path):
 
 def test_a_followed_file_that_does_not_exist_yet_is_waited_for(tmp_path):
     path = tmp_path / "later.log"
-    source = D.FollowedFile(str(path), Quiet())
+    source = FollowedFile(str(path), Quiet())
     source.open()
     assert take(source) == []
     path.write_text("first\n")
@@ -437,7 +440,7 @@ def test_a_damaged_state_is_one_line_naming_it_and_nothing_is_written(checkpoint
     for name, (damage, problem) in DAMAGES.items():
         state = copy.deepcopy(good)
         state = damage(state) or state
-        assert D.state_problem(state, identity, good["detector"]["model"]["columns"]) == problem, name
+        assert state_problem(state, identity, good["detector"]["model"]["columns"]) == problem, name
     state = copy.deepcopy(good)
     DAMAGES["events cut"][0](state)
     torch.save(state, state_path)
@@ -524,7 +527,7 @@ def test_the_word_by_word_masker_gives_drain3s_masks():
     import preprocess
     miner = preprocess.make_miner({"sim_th": 0.45, "depth": 4, "max_children": 100, "max_clusters": None},
                                   [r"user\d+x", *preprocess._BUILT_IN_MASKS])
-    fast = D.fast_masker(miner.masker)
+    fast = fast_masker(miner.masker)
     # the loghub samples where ../shared has them, random text always
     samples = glob.glob(str(REPO.parent / "shared" / "data" / "loghub" / "*_2k.log"))
     texts = [line.rstrip("\n") for path in samples for line in open(path, errors="replace")]

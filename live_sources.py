@@ -1,0 +1,503 @@
+"""Live detection's input: the lines of files as they grow (FollowedFile: `tail -F`, rotation and truncation
+followed) or of standard input (StandardInput), turned into the Items of live_sessions by LineParser. Raw log
+lines go through preprocess.py's saved parser state (RawParser: templates matched only; in a worker process
+with detect.parse_workers, _start_parse_worker and _parse_in_worker) and are grouped by session key or into
+windows (LiveWindows); JSON and DeepLog text lines are checked as dataset.py's readers check them.
+
+Example (a data file of whole sessions or of event lines, read to its end):
+
+    import logging
+
+    import utils
+    from live_sources import FollowedFile, LineParser
+
+    logger = logging.getLogger("deeplog")
+    source = FollowedFile("data/sample/new/sessions.jsonl", logger, follow=False)
+    source.open()
+    parser = LineParser(utils.load_config(None), None, logger)   # (a parser state: raw log lines)
+    lines = source.peek(1000)                                    # (line number, text), at most 1000
+    items, taken, error = parser.items([(source.path, number, text) for number, text in lines])
+    source.advance(taken)                                        # its place: the first line not taken
+    print(items[0], taken, error)
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import select
+import signal
+import stat
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import preprocess
+import utils
+from cache import _worker_start
+from dataset import MAX_EVENT_ID, DataError, _text_event_ids, _validate  # the readers' own checks
+from live_sessions import Item
+
+READ_BYTES = 1 << 20    # read from a followed file at a time
+
+
+# ----------------------------------------------------------------------------- live: lines in
+class FollowedFile:
+    """A file read as it grows, with `tail -F` semantics: when the path names another file (rotation), the
+    old one is read to its end and the new one from its start; when the file shrinks below the place read
+    (truncation, copytruncate), it is read again from its start. Lines end at "\\n", "\\r\\n" or a lone "\\r",
+    as preprocess.py splits them; a last line without its end waits for it. `peek` gives lines without
+    moving; `advance(n)` takes the first n: the saved place is always the start of a line not yet taken."""
+
+    def __init__(self, path: str, logger, follow: bool = True):
+        self.path, self.logger, self.follow = path, logger, follow
+        self.handle = None
+        self.identity: tuple[int, int] | None = None
+        self.offset, self.line = 0, 0      # where the next line not taken starts, and its number - 1
+        self.ready: list[tuple[bytes, int]] = []   # whole lines read past offset: (text, bytes with its end)
+        self.buffer = b""                  # and the bytes after them: a line without its end yet
+        self.ended = False                 # (not following) the end was reached
+        self.rotated = False               # the path names a new file: the old one's last lines first
+        self.peeked = 0                    # lines given by peek and not yet taken (one block in flight)
+
+    def place(self) -> dict:
+        device, inode = self.identity or (0, 0)
+        return {"path": self.path, "device": device, "inode": inode, "offset": self.offset, "line": self.line}
+
+    def open(self, saved: dict | None = None) -> None:
+        try:
+            self.handle = open(self.path, "rb")  # noqa: SIM115 (kept open while followed)
+        except FileNotFoundError:
+            if not self.follow:
+                raise DataError(f"{self.path}: no such file") from None
+            return   # not there yet: looked for again at each poll
+        except OSError as error:
+            raise DataError(f"{self.path}: unreadable: {error.strerror or error}") from None
+        info = os.fstat(self.handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{self.path}: not a regular file; pass - to read standard input")
+        self.identity = (info.st_dev, info.st_ino)
+        if saved is not None and (saved["device"], saved["inode"]) == self.identity:
+            if info.st_size >= saved["offset"]:
+                self.offset, self.line = saved["offset"], saved["line"]
+                self.handle.seek(self.offset)
+            else:
+                self.logger.warning(f"{self.path} is shorter than the place saved (truncated while stopped): "
+                                    "read from its start")
+        elif saved is not None and saved["inode"]:
+            self.logger.warning(f"{self.path} is another file than the one saved (rotated while stopped): "
+                                f"read from its start; the old file's lines after line {saved['line']} are "
+                                "not read")
+
+    def peek(self, limit: int) -> list[tuple[int, str]]:
+        """Up to `limit` whole lines after those already peeked and not yet taken: (line number, text)."""
+        if self.handle is None:
+            self.open()
+            if self.handle is None:
+                return []
+        if len(self.ready) - self.peeked < limit and not self.rotated:
+            data = self.handle.read(READ_BYTES)
+            if data:
+                self.buffer += data
+                self._split(final=False)
+            elif self.follow:
+                if not self.peeked:   # (a moved or cut file is looked at only with nothing in flight)
+                    self._check_moved()
+            else:
+                self.ended = True
+                self._split(final=True)
+        first = self.peeked
+        lines = [(self.line + first + i + 1, text.decode(errors="replace"))
+                 for i, (text, _) in enumerate(self.ready[first:first + limit])]
+        self.peeked += len(lines)
+        return lines
+
+    def _split(self, final: bool) -> None:
+        """Move the whole lines of the buffer to `ready` (and, when `final`, a last one without its end)."""
+        data = self.buffer
+        if final:
+            end = len(data)
+        else:   # a "\r" at the very end may be the first half of "\r\n": its line waits
+            held = data[:-1] if data.endswith(b"\r") else data
+            end = max(held.rfind(b"\n"), held.rfind(b"\r")) + 1
+        if end:
+            # bytes.splitlines ends lines at \n, \r\n and \r only: preprocess.py's splitter
+            self.ready.extend((piece.rstrip(b"\r\n"), len(piece))
+                              for piece in data[:end].splitlines(keepends=True))
+            self.buffer = data[end:]
+
+    def advance(self, count: int) -> None:
+        """Take the first `count` lines peeked; the others peeked are given again by the next peek."""
+        self.offset += sum(size for _, size in self.ready[:count])
+        del self.ready[:count]
+        self.line += count
+        self.peeked -= count
+        if self.rotated and not self.ready:
+            self._reopen()
+
+    def pending(self) -> bool:
+        return bool(self.ready or self.buffer)
+
+    def unpeek(self) -> None:
+        self.peeked = 0
+
+    def _check_moved(self) -> None:
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return    # moved away and not yet recreated: keep reading the old one
+        size = os.fstat(self.handle.fileno()).st_size
+        if (info.st_dev, info.st_ino) != self.identity:
+            self.buffer += self.handle.read()   # what was written to the old file before it moved
+            self._split(final=True)             # its last line will never be finished: taken as it is
+            self.logger.info(f"{self.path}: rotated; the new file is read from its start")
+            self.rotated = True
+            if not self.ready:
+                self._reopen()
+        elif size < self.offset:
+            self.logger.warning(f"{self.path}: truncated to {size} bytes; read again from its start")
+            self.handle.seek(0)
+            self.offset, self.line, self.buffer, self.ready = 0, 0, b"", []
+
+    def _reopen(self) -> None:
+        self.handle.close()
+        self.handle, self.identity, self.rotated = None, None, False
+        self.offset, self.line, self.buffer, self.ready = 0, 0, b"", []
+        self.open()
+
+
+class StandardInput(FollowedFile):
+    """Standard input: read as it comes (never waiting past the poll interval, so idle sessions still
+    close and the place is still saved), to its end. It cannot be read again: no place to save."""
+
+    def __init__(self, logger, poll_interval: float):
+        super().__init__("-", logger, follow=False)
+        self.poll_interval = poll_interval
+        self.handle = sys.stdin.buffer
+
+    def place(self) -> dict:
+        return {"path": "-", "device": 0, "inode": 0, "offset": self.offset, "line": self.line}
+
+    def open(self, saved: dict | None = None) -> None:
+        return None
+
+    def peek(self, limit: int) -> list[tuple[int, str]]:
+        wait = self.poll_interval
+        # a pipe gives at most its buffer (64 KiB) a read: read on while more is there, up to a block
+        while len(self.ready) - self.peeked < limit and not self.ended:
+            ready, _, _ = select.select([self.handle], [], [], wait)
+            if not ready:
+                break
+            data = os.read(self.handle.fileno(), READ_BYTES)
+            if data:
+                self.buffer += data
+            else:
+                self.ended = True
+            self._split(final=self.ended)
+            wait = 0
+        first = self.peeked
+        lines = [(self.line + first + i + 1, text.decode(errors="replace"))
+                 for i, (text, _) in enumerate(self.ready[first:first + limit])]
+        self.peeked += len(lines)
+        return lines
+
+
+class LiveWindows:
+    """preprocess.py's --window grouping as lines come: window k covers [k * step, k * step + size) of the
+    line count or of the time from the first line; a line joins every window that covers it, and a window
+    closes when a line past its end arrives (or at the end of the input)."""
+
+    def __init__(self, spec: str):
+        checked = preprocess.Windows(spec)
+        self.kind, self.size, self.step = checked.kind, checked.size, checked.step
+        self.max_time = checked.max_time
+        self.origin: float | None = None
+        self.last: float | None = None
+        self.count = 0
+        self.opened: collections.deque[int] = collections.deque()   # windows opened and not yet closed
+
+    def state(self) -> dict:
+        return {"origin": self.origin, "last": self.last, "count": self.count, "opened": list(self.opened)}
+
+    def restore(self, state: dict) -> None:
+        self.origin, self.last, self.count = state["origin"], state["last"], state["count"]
+        self.opened = collections.deque(state["opened"])
+
+    def key(self, k: int) -> str:
+        return f"{self.kind}-window-{k + 1}"
+
+    def place(self, when: float | None) -> tuple[list[str], list[str]]:
+        """(windows this line joins, windows it closes)."""
+        if self.kind == "count":
+            position = float(self.count)
+        elif -self.max_time <= when <= self.max_time:
+            position = when
+        else:
+            raise preprocess.LineError(f"--window: a time of {when:g} s is too coarse as a float for windows "
+                                       f"of {min(self.size, self.step):g} s")
+        self.count += 1
+        if self.origin is None:
+            self.origin = position
+        position = max(position - self.origin, self.last if self.last is not None else 0.0)  # no step back
+        self.last = position
+        low = max(0, math.floor((position - self.size) / self.step) + 1)
+        while low > 0 and (low - 1) * self.step + self.size > position:
+            low -= 1
+        high = math.floor(position / self.step)
+        closed = []
+        while self.opened and self.opened[0] * self.step + self.size <= position:
+            closed.append(self.key(self.opened.popleft()))
+        joined = [k for k in range(low, high + 1) if k * self.step + self.size > position]
+        for k in joined:
+            if not self.opened or k > self.opened[-1]:
+                self.opened.append(k)
+        return [self.key(k) for k in joined], closed
+
+
+PARSED, UNMATCHED, NO_KEY, BAD_TIME, TIMEOUT = range(5)   # what RawParser.parse says of a line
+
+
+class RawParser:
+    """The part of parsing raw log lines that needs no order, so that it can run in a worker process while
+    the scoring runs here (detect.parse_workers): the log format, the template (Drain's tree of the saved
+    parser state, matching only, the masked form's ID remembered), the session keys or the time. Per line:
+    (PARSED, event, keys or time) or (UNMATCHED | NO_KEY | BAD_TIME,) or (TIMEOUT, message)."""
+
+    def __init__(self, parser_state: str):
+        try:
+            state = preprocess.load_state(parser_state)
+            self.cfg = preprocess.settings_config(None, [("parser state grouping",
+                                                          state.get("grouping", {}))]).preprocess
+            self.parser = preprocess.Parser(self.cfg, state)
+            self.key = None
+            if self.cfg.window is None and self.cfg.session_key is not None:
+                regex = preprocess.compile_regex(self.cfg.session_key, "--session-key")
+                self.key = preprocess.UserRegex(regex, "the session key of --parser-state")
+            elif self.cfg.window is None:
+                raise preprocess.PreprocessError(f"{parser_state}: a parse-only state (no session key, no "
+                                                 "window): it cannot group lines into sessions")
+        except (preprocess.PreprocessError, utils.ConfigError) as error:
+            raise utils.ConfigError(str(error)) from None
+        self._event_of: dict[str, int] = {}   # masked content -> event ID: Drain's tree walked once per form
+        self._mask = fast_masker(self.parser.miner.masker)
+        if self.key is not None and not self.key.regex.groups:   # findall gives the matches themselves
+            self._keys = self._find_keys
+        elif self.key is not None:
+            self._keys = lambda text: [m.group(0) for m in self.key.finditer(text)]
+
+    def _find_keys(self, text: str) -> list[str]:
+        """The session keys of a line: UserRegex.finditer's result by findall (a key regex without groups),
+        on the watchdog's budget as UserRegex's calls are."""
+        watch = preprocess._WATCHDOG
+        watch.serial += 1
+        watch.running = self.key
+        try:
+            return self.key.regex.findall(text)
+        finally:
+            watch.running = None
+
+    def parse(self, texts: list[str]) -> list[tuple]:
+        parsed = []
+        with preprocess._WATCHDOG:
+            for text in texts:
+                try:
+                    parsed.append(self._line(text))
+                except preprocess.PatternTimeout as error:
+                    parsed.append((TIMEOUT, str(error)))
+        return parsed
+
+    def _line(self, text: str) -> tuple:
+        match = self.parser.match(text)
+        if match is None:
+            return (UNMATCHED,)
+        event = self._event(match.group("Content") or "")
+        if self.key is not None:
+            found = self._keys(text)
+            keys = tuple(found) if len(found) < 2 else tuple(dict.fromkeys(found))   # each key once
+            return (PARSED, event, keys) if keys else (NO_KEY,)
+        if not self.cfg.time_field:
+            return PARSED, event, None
+        try:
+            return PARSED, event, preprocess._line_time(self.cfg, match)
+        except ValueError:
+            return (BAD_TIME,)
+
+    def _event(self, content: str) -> int:
+        """Parser.parse of a saved state (match only), with the masked form's ID remembered."""
+        miner = self.parser.miner
+        masked = self._mask(content)
+        event = self._event_of.get(masked)
+        if event is None:
+            cluster = miner.drain.match(masked, full_search_strategy="fallback")
+            event = self.parser.vocab_size if cluster is None else cluster.cluster_id - 1
+            if len(self._event_of) >= 1_000_000:   # forms that never repeat: bounded memory
+                self._event_of.clear()
+            self._event_of[masked] = event
+        return event
+
+
+def fast_masker(masker):
+    """drain3's masker.mask, the same result, faster: preprocess.py's built-in alternation of masks is
+    applied word by word (words split at " "), each word's result remembered. None of its parts can match
+    a space, and to each of its look-arounds a space reads as the start or the end of the text does, so the
+    words' results joined are the whole text's (tests/test_detect.py checks it on the loghub samples); the
+    words repeat (a template's own words, small numbers) where whole lines never do. Other masks (the
+    user's, the run of <*>) are applied as drain3 applies them."""
+    prefix, suffix = masker.mask_prefix, masker.mask_suffix
+    words: dict[str, str] = {}
+    steps = []
+    for instruction in masker.masking_instructions:
+        if instruction.regex.pattern == preprocess._BUILT_IN_MASKS[0]:
+            steps.append((instruction.regex.sub, prefix + instruction.mask_with + suffix))
+        else:
+            steps.append((instruction, None))
+
+    def by_word(sub, replacement: str, text: str) -> str:
+        if len(words) >= 1_000_000:   # words that never repeat: bounded memory
+            words.clear()
+        out = []
+        for word in text.split(" "):
+            masked = words.get(word)
+            if masked is None:
+                # ASCII digits alone are one number (or long hex) whole: the alternation's result without
+                # running it, and not remembered (sizes, counters: they rarely repeat)
+                if word.isdecimal() and word.isascii():
+                    masked = replacement
+                else:
+                    masked = words[word] = sub(replacement, word)
+            out.append(masked)
+        return " ".join(out)
+
+    def mask(text: str) -> str:
+        for step, replacement in steps:
+            text = by_word(step, replacement, text) if replacement is not None else \
+                step.mask(text, prefix, suffix)
+        return text
+
+    return mask
+
+
+_WORKER_PARSER: RawParser | None = None
+
+
+def _start_parse_worker(parent: int, parser_state: str) -> None:
+    _worker_start(parent)   # dies with its parent, leaves Ctrl-C to it
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a service stop (the whole group) is the parent's
+    global _WORKER_PARSER
+    _WORKER_PARSER = RawParser(parser_state)
+
+
+def _parse_in_worker(texts: list[str]) -> tuple[float, list[tuple]]:
+    """The parse of a share of a block, and the seconds it took (the share is set from them)."""
+    started = time.perf_counter()
+    parsed = _WORKER_PARSER.parse(texts)
+    return time.perf_counter() - started, parsed
+
+
+class LineParser:
+    """Input lines -> Items. Raw log lines go through the saved parser state (preprocess.py's: the same
+    templates, masks and grouping as training; RawParser, here or in a worker process); other lines are
+    JSON (one event {"session_id": ..., "event_id": N} or a whole session, as data files hold them) or
+    DeepLog text (a whole session)."""
+
+    def __init__(self, config: utils.Config, parser_state: str | None, logger):
+        self.options = utils.reader_options(config)
+        self.fields = (self.options["event_ids_field"], self.options["label_field"],
+                       self.options["session_id_field"])
+        self.skip_bad_records = config.data.skip_bad_records
+        self.counts = Counter()
+        self.first_bad: str | None = None
+        self.raw = RawParser(parser_state) if parser_state else None
+        self.cfg = self.raw.cfg if self.raw else None
+        self.windows = LiveWindows(self.cfg.window) if self.cfg and self.cfg.window else None
+        self.logger = logger
+
+    def items(self, lines: list[tuple[str, int, str]], parsed: list[tuple] | None = None
+              ) -> tuple[list[Item], int, DataError | None]:
+        """The Items of (path, line number, text) lines (raw ones parsed already, or here), how many lines
+        they took, and the bad line that stopped them (None: all taken). A bad line is skipped and counted
+        with data.skip_bad_records."""
+        if self.raw is not None and parsed is None:
+            parsed = self.raw.parse([text for _, _, text in lines])
+        if parsed is not None and self.windows is None and all(p[0] != TIMEOUT for p in parsed):
+            return self._keyed_items(lines, parsed), len(lines), None
+        items: list[Item] = []
+        for taken, (path, number, text) in enumerate(lines):
+            self.counts["lines"] += 1
+            try:
+                items.extend(self._raw_line(path, number, text, parsed[taken]) if parsed is not None
+                             else self._line(path, number, text))
+            except DataError as error:
+                if not self.skip_bad_records:
+                    return items, taken, error
+                self.counts["bad_records"] += 1
+                self.first_bad = self.first_bad or str(error)
+        return items, len(lines), None
+
+    def _keyed_items(self, lines: list[tuple[str, int, str]], parsed: list[tuple]) -> list[Item]:
+        """_raw_line for a whole block grouped by session keys, in one pass (the hot path of raw logs)."""
+        statuses = Counter(p[0] for p in parsed)
+        self.counts["lines"] += len(lines)
+        for status, name in ((UNMATCHED, "unmatched"), (NO_KEY, "lines_without_key"), (BAD_TIME, "bad_time")):
+            self.counts[name] += statuses[status]
+        return [("event", p[2], [p[1]], f"{path}:{number}", text)
+                for (path, number, text), p in zip(lines, parsed) if p[0] == PARSED]
+
+    def _line(self, path: str, number: int, text: str) -> list[Item]:
+        at = f"{path}:{number}"
+        stripped = text.strip()
+        if not stripped:
+            return []
+        if stripped.startswith("{"):
+            return [self._json_line(path, number, stripped, at, text)]
+        record = _validate(Path(path), number, _text_event_ids(Path(path), number, stripped.split()),
+                           self.fields, None, "text")
+        return [Item("session", (record.session_id,), record.event_ids, at, None)]
+
+    def _json_line(self, path: str, number: int, text: str, at: str, raw: str) -> Item:
+        where = f"{path}: line {number}"
+        try:
+            item = json.loads(text)
+        except ValueError as error:
+            raise DataError(f"{where}: not JSON ({error})") from None
+        options = self.options
+        if isinstance(item, dict) and options["event_ids_field"] not in item and "event_id" in item:
+            event, session_id = item["event_id"], item.get(options["session_id_field"])
+            if not isinstance(event, int) or isinstance(event, bool) or not 0 <= event <= MAX_EVENT_ID:
+                raise DataError(f"{where}: event_id must be an integer in [0, 2**63), got "
+                                f"{utils.short(event)}")
+            if session_id is None:
+                raise DataError(f"{where}: an event needs its {options['session_id_field']!r} "
+                                f"(data.session_id_field)")
+            return Item("event", (str(session_id),), [event], at, raw)
+        record = _validate(Path(path), number, item, self.fields, None, "jsonl")
+        return Item("session", (record.session_id,), record.event_ids, at, None)
+
+    def _raw_line(self, path: str, number: int, text: str, parsed: tuple) -> list[Item]:
+        status = parsed[0]
+        if status == TIMEOUT:
+            raise utils.ConfigError(f"{parsed[1]} (at {path}:{number})")
+        if status != PARSED:
+            self.counts[("unmatched", "lines_without_key", "bad_time")[status - 1]] += 1
+            return []
+        _, event, keys_or_time = parsed
+        at = f"{path}:{number}"
+        if self.windows is None:
+            return [("event", keys_or_time, [event], at, text)]   # (an Item: a plain tuple is cheaper)
+        try:
+            joined, closed = self.windows.place(keys_or_time)
+        except preprocess.LineError as error:
+            raise DataError(f"{path}: line {number}: {error}") from None
+        return ([Item("close", tuple(closed), [], at, None)] if closed else []) + \
+            ([Item("event", tuple(joined), [event], at, text)] if joined else [])
+
+    def state(self) -> dict:
+        return {"counts": dict(self.counts), "first_bad": self.first_bad,
+                "windows": self.windows.state() if self.windows else None}
+
+    def restore(self, state: dict) -> None:
+        self.counts, self.first_bad = Counter(state["counts"]), state["first_bad"]
+        if self.windows is not None and state["windows"] is not None:
+            self.windows.restore(state["windows"])
