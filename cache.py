@@ -6,9 +6,9 @@ Examples:
     python cache.py /data/sessions --vocab-size 10000 --cache-dir /fast/deeplog-cache --workers 16
     python cache.py /data/sessions --vocab-size 10000 --seed 42 --validation-split 0.1   # as train.py will
 
-    import utils
     from cache import build_caches, cache_settings, CachedSessions
-    settings = cache_settings(utils.Config(), 29)      # the data and split settings of a config
+    from config import Config
+    settings = cache_settings(Config(), 29)      # the data and split settings of a config
     entries = build_caches(["data/sample/train/part-003.txt"], settings, "/tmp/cache")
     data = CachedSessions(entries, 29, split="train")
     for batch, position in data.batches(256):
@@ -42,6 +42,7 @@ once and kept beside it, with the size and CRC-32 of its files. This module know
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import fcntl
@@ -69,20 +70,20 @@ import numpy as np
 import torch
 
 import utils
+from config import Config
 from dataset import (
     CoOccurrenceRecorder,
     DataError,
     SessionArrays,
     _format_of,
     calibration_half,
-    excerpt,
     iter_session_arrays,
     list_data_files,
     merge_co_occurrence,
-    one_line,
     split_draws,
 )
-from model import lay_out, special_tokens, window_table
+from tokens import lay_out, special_tokens, window_table
+from utils import excerpt, one_line
 
 CACHE_FORMAT = 3            # 2: event_pairs.npy (the pairs of event types of training sessions);
                             # 3: meta.json's "files", the size and CRC-32 of every file of the entry
@@ -96,7 +97,7 @@ PASS_SESSIONS = 2 ** 18      # sessions per step of a pass over the per-session 
 ARRAYS = {"offsets": np.int64, "flags": np.uint8, "indexes": np.int64}  # besides tokens
 
 log = logging.getLogger("deeplog")
-_DEFAULTS = utils.Config()   # the one place defaults live
+_DEFAULTS = Config()   # the one place defaults live
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,8 @@ class CacheSettings:
         return np.dtype(np.uint16 if small else np.int32)
 
 
-def cache_settings(config: utils.Config, vocab_size: int | None) -> CacheSettings:
-    """The cache settings of a resolved config (utils.Config); vocab_size None for evaluation data."""
+def cache_settings(config: Config, vocab_size: int | None) -> CacheSettings:
+    """The cache settings of a resolved config (Config); vocab_size None for evaluation data."""
     data = config.data
     return CacheSettings(vocab_size, data.event_ids_field, data.label_field, data.json_array_key,
                          data.skip_bad_records, data.validation_split, config.training.seed)
@@ -1075,7 +1076,7 @@ def _allow_open_files(needed: int) -> None:
 
 
 def _windows_of(starts: np.ndarray, lengths: np.ndarray, max_seq_length: int, window_context: int):
-    """Windows of sessions (start of the start token, events), cut by model.window_table: (window starts,
+    """Windows of sessions (start of the start token, events), cut by tokens.window_table: (window starts,
     window lengths), a length negative for a window whose first window_context targets are context."""
     session, begin, end, scored = window_table(lengths + 1, max_seq_length, window_context)
     window_lengths = (end - begin).astype(np.int32)
@@ -1155,8 +1156,7 @@ def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096,
 
 
 def main(argv=None) -> int:
-    import argparse
-    defaults = utils.Config()
+    defaults = Config()
     data = defaults.data
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1182,7 +1182,7 @@ def main(argv=None) -> int:
     settings = CacheSettings(args.vocab_size, args.event_ids_field, args.label_field, args.json_array_key,
                              args.skip_bad_records, args.validation_split, args.seed)
     build = lambda: _build_and_list(args.path, settings, args.cache_dir, args.workers)  # noqa: E731
-    return utils.exit_on_user_error(build, (DataError, utils.ConfigError), None)
+    return utils.exit_on_user_error(build)
 
 
 def _build_and_list(paths, settings: CacheSettings, cache_dir, workers: int | None) -> int:

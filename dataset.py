@@ -20,6 +20,7 @@ This module knows nothing of training: it reads, validates, splits, windows, shu
 """
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import itertools
@@ -28,7 +29,6 @@ import json.scanner
 import os
 import random
 import re
-import reprlib
 import signal
 import struct
 import sys
@@ -43,18 +43,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import utils
-from model import (
-    IGNORE_INDEX,
-    MAX_EVENT_PAIRS,
-    event_pairs,
-    lay_out,
-    pairs_of_sets,
-    sorted_unique,
-    special_tokens,
-    window_table,
-)
+from config import Config
+from rules import MAX_EVENT_PAIRS, event_pairs, pairs_of_sets, sorted_unique
+from tokens import IGNORE_INDEX, lay_out, special_tokens, window_table
+from utils import UserError, excerpt, file_kind, one_line
 
-_DEFAULTS = utils.Config()  # the one place defaults live (utils imports nothing of this module)
+_DEFAULTS = Config()  # the one place defaults live
 _DATA = _DEFAULTS.data
 JSON_SUFFIXES = (".json", ".jsonl")
 MAX_EVENT_SETS = 10000  # beyond this many distinct sets of co-occurring event types, the record is dropped
@@ -66,7 +60,7 @@ IJSON_BACKEND = ijson.backend  # "yajl2_c" when the C extension is available, el
 sys.set_int_max_str_digits(0)
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad input data. The message names the file and the record (or line). `skippable`: True on a bad
     record that skip_bad_records would have skipped (set where it is raised unskipped), False on a fault
     of the file itself (unreadable, malformed JSON array, nested too deep), which nothing skips."""
@@ -176,8 +170,6 @@ class Record:
     label: int
     lines: list | None = None  # preprocess.py's provenance: [[file index, first line, count], ...], else None
 
-
-file_kind = utils.file_kind
 
 
 def list_data_files(path: str | os.PathLike) -> list[Path]:
@@ -332,21 +324,6 @@ def _text_event_ids(file: Path, line_no: int, tokens: list[str]) -> list[int]:
             raise DataError(f"{file}: line {line_no}: '{token[:40]}' is not an integer event ID "
                             f"(DeepLog text holds space-separated integers)") from None
     return event_ids
-
-
-_EXCERPT = reprlib.Repr()
-_EXCERPT.maxlevel, _EXCERPT.maxlist, _EXCERPT.maxdict, _EXCERPT.maxstring, _EXCERPT.maxlong = 2, 6, 4, 40, 40
-
-
-def one_line(error, limit: int = 160) -> str:
-    """Another library's error text as one bounded line (yajl's messages span lines and quote the input)."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def excerpt(value) -> str:
-    """A bounded repr for messages: a value nested 5,000 deep or 5,000 digits long stays one short line."""
-    return _EXCERPT.repr(value)
 
 
 MAX_EVENT_ID = 2 ** 63 - 1   # IDs are held as int64 (an ID a model never saw is scored as unknown)
@@ -621,6 +598,11 @@ def _checked_record_by_record(file: Path, chunk, fmt: str, fields, vocab_size, s
                          np.array([len(r.event_ids) for r in records], dtype=np.int64),
                          np.array([r.label for r in records], dtype=np.uint8),
                          np.array([r.index for r in records], dtype=np.int64))
+
+
+# How split_draws assigns sessions to the validation split and its halves. Checkpoints record it: a
+# checkpoint of another scheme cannot tell which sessions it trained on.
+SPLIT_SCHEME = "splitmix64-v2"
 
 
 def split_draws(file: str, indexes, seed: int) -> np.ndarray:
@@ -926,7 +908,6 @@ def describe(path, vocab_size: int | None = None, **reader_options) -> Iterator[
 
 
 def main(argv=None) -> int:
-    import argparse
     parser = argparse.ArgumentParser(description="Validate data files and count their sessions.")
     parser.add_argument("path", help="a data file or a directory of them")
     parser.add_argument("--vocab-size", type=int, default=None, help="reject IDs >= this")
@@ -943,7 +924,7 @@ def main(argv=None) -> int:
                              label_field=cli.label_field, json_array_key=cli.json_array_key):
             print(line, flush=True)
         return 0
-    return utils.exit_on_user_error(run, (DataError, utils.ConfigError), None)
+    return utils.exit_on_user_error(run)
 
 
 if __name__ == "__main__":

@@ -96,8 +96,8 @@ from drain3.drain import LogCluster, Node
 from drain3.masking import MaskingInstruction
 from drain3.template_miner_config import TemplateMinerConfig
 
-import dataset
 import utils
+from config import Config, PreprocessConfig, check_values, load_config, save_config, set_value
 
 STATE_FORMAT = "deeplog parser state"
 # Default masks, applied in this order after the user's own (--mask). Each stands for a value, never for
@@ -117,13 +117,13 @@ DEFAULT_MASKS = [
 ]
 
 
-PreprocessConfig = utils.PreprocessConfig  # the `preprocess:` section of the one config (utils.py)
+PreprocessConfig = PreprocessConfig  # the `preprocess:` section of the one config (utils.py)
 # The settings that group lines, saved in the parser state (so detection groups new logs the same way)
 GROUPING = ("session_key", "session_idle", "window", "time_field", "time_format", "label_field",
             "normal_value")
 
 
-class PreprocessError(Exception):
+class PreprocessError(utils.UserError):
     """Bad input or settings; the message says which."""
 
 
@@ -685,7 +685,7 @@ def input_files(paths: list[str]) -> list[Path]:
 
 
 def _not_regular(path: Path) -> PreprocessError:
-    return PreprocessError(f"{path} is {dataset.file_kind(path)}, not a regular file: preprocess.py names "
+    return PreprocessError(f"{path} is {utils.file_kind(path)}, not a regular file: preprocess.py names "
                            f"its input files in sources.json, and detection reads them again to show the "
                            f"raw line behind each miss; write the log to a file first (e.g. ... > log.txt)")
 
@@ -744,7 +744,7 @@ def read_lines(files: list[Path]):
                 for number, line in enumerate(split_lines(handle), start=1):
                     yield index, number, line
         except (OSError, EOFError, zlib.error) as error:  # permissions, a corrupt or truncated .gz
-            raise PreprocessError(f"{path}: unreadable: {dataset.one_line(error)}") from None
+            raise PreprocessError(f"{path}: unreadable: {utils.one_line(error)}") from None
 
 
 LABEL_VALUES = {"normal": 0, "0": 0, "false": 0, "anomaly": 1, "abnormal": 1, "1": 1, "true": 1}
@@ -764,7 +764,7 @@ def _label_rows(path: str, handle):
                 start = max(block.rfind(b"\n", 0, at), block.rfind(b"\r", 0, at)) + 1  # of its line
                 line = number + len(_LINE_END.findall(block, 0, start)) + 1
                 raise PreprocessError(f"--labels {path}: line {line} is not UTF-8 (byte {at - start + 1}: "
-                                      f"{dataset.excerpt(bad)}); save the CSV as UTF-8") from None
+                                      f"{utils.excerpt(bad)}); save the CSV as UTF-8") from None
             if number == 0 and texts:
                 texts[0] = texts[0].removeprefix("\ufeff")
             number += len(texts)
@@ -775,7 +775,7 @@ def _label_rows(path: str, handle):
             yield reader.line_num, row
     except csv.Error as error:
         raise PreprocessError(f"--labels {path}: line {reader.line_num}: not CSV: "
-                              f"{dataset.one_line(error, 100)}") from None
+                              f"{utils.one_line(error, 100)}") from None
 
 
 def _first_label(path: str, handle, session: str) -> str:
@@ -1205,7 +1205,7 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
                     except ValueError as error:
                         stats["bad_time"] += 1
                         first_bad_time = first_bad_time or (f"{utils.short(match.group(cfg.time_field))}, "
-                                                            f"{dataset.one_line(error, 80)}, on "
+                                                            f"{utils.one_line(error, 80)}, on "
                                                             f"{_sample(files, file_index, number, line)}")
                         continue
                 abnormal = cfg.label_field is not None and \
@@ -1250,7 +1250,7 @@ def peak_rss_mb() -> float:
 
 
 def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: dict | None = None,
-               structured: str | None = None, config: utils.Config | None = None) -> dict:
+               structured: str | None = None, config: Config | None = None) -> dict:
     """Parse and group `inputs` into `output`, holding its lock: every file goes into a new generation
     folder, switched in at the end (the module docstring says how), so `output` shows this parse whole or
     the previous one. Without --session-key or --window it only parses: templates, parser state, sources
@@ -1268,7 +1268,7 @@ def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: di
         place = new_generation(output)
         try:
             stats = write_parse(place, output, cfg, parser, files, labels, parse_only,
-                                (structured, inside), config or utils.Config())
+                                (structured, inside), config or Config())
             switch_to(output, place)
         except BaseException as error:
             switched = _current(output) == place.name
@@ -1289,7 +1289,7 @@ def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: di
 
 
 def write_parse(place: Path, output: Path, cfg: PreprocessConfig, parser: Parser, files: list[Path],
-                labels: dict | None, parse_only: bool, structured: tuple, config: utils.Config) -> dict:
+                labels: dict | None, parse_only: bool, structured: tuple, config: Config) -> dict:
     """Every output of one parse, written into the generation folder `place` (and a --structured CSV outside
     `output` to its own path); the stats."""
     stats, started = new_stats(), time.perf_counter()
@@ -1374,7 +1374,7 @@ def write_structured(rows_path: Path, target: Path, parser: Parser) -> None:
     utils.atomic_write(target, _as_text(write))
 
 
-def write_train_config(config: utils.Config, place: Path, output: Path, vocab_size: int) -> None:
+def write_train_config(config: Config, place: Path, output: Path, vocab_size: int) -> None:
     """The one config (the --config values, the resolved `preprocess:` section among them) with this data:
     model.vocab_size, and data.preprocessed_dir and training.output_dir as absolute paths through `output`'s
     fixed names (symlinks not resolved: they name the current parse, whichever it is)."""
@@ -1382,9 +1382,9 @@ def write_train_config(config: utils.Config, place: Path, output: Path, vocab_si
     for dotted, value in (("model.vocab_size", vocab_size),
                           ("data.preprocessed_dir", os.path.join(base, "sessions.jsonl")),
                           ("training.output_dir", os.path.join(base, "train"))):
-        utils.set_value(config, dotted, value, "preprocess.py")
-    utils.check_values(config)
-    utils.save_config(config, place / "config.yaml")
+        set_value(config, dotted, value, "preprocess.py")
+    check_values(config)
+    save_config(config, place / "config.yaml")
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -1489,20 +1489,20 @@ def adopt_plain_files(output: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- settings and the CLI
-def settings_config(base_config: str | None, layers: list[tuple[str, dict]]) -> utils.Config:
+def settings_config(base_config: str | None, layers: list[tuple[str, dict]]) -> Config:
     """The one config (utils): its defaults < the YAML file `base_config` (every section checked, the
     `preprocess:` one among them) < each (source, {preprocess key: value}) layer in turn; then every value
-    checked (utils.check_values). A None of the command line means "not given"; elsewhere it is a value."""
-    config = utils.load_config(base_config) if base_config else utils.Config()
+    checked (check_values). A None of the command line means "not given"; elsewhere it is a value."""
+    config = load_config(base_config) if base_config else Config()
     for source, values in layers:
         for key, value in values.items():
             if value is not None or source != "command line":
-                utils.set_value(config, f"preprocess.{key}", value, source)
-    utils.check_values(config)
+                set_value(config, f"preprocess.{key}", value, source)
+    check_values(config)
     return config
 
 
-def resolve_config(base_config: str | None, flags: dict, state_grouping: dict | None = None) -> utils.Config:
+def resolve_config(base_config: str | None, flags: dict, state_grouping: dict | None = None) -> Config:
     """Defaults < the YAML's `preprocess:` section < the grouping saved in a parser state < flags given."""
     return settings_config(base_config, [("parser state grouping", state_grouping or {}),
                                          ("command line", flags)])
@@ -1583,7 +1583,7 @@ def main(argv=None):
             if stats.get(key):
                 print(f"warning: {stats[key]} {what}", file=sys.stderr)
 
-    utils.exit_on_user_error(run, (PreprocessError, utils.ConfigError), None)
+    utils.exit_on_user_error(run)
 
 
 if __name__ == "__main__":
