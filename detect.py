@@ -71,10 +71,12 @@ import torch
 
 import calibration as cal
 import utils
-from calibration import RULES, anomaly_scores, verdicts
+from checkpoint import CheckpointError
+from config import Config, check_values, config_from_dict, load_config, reader_options, set_value
 from dataset import MAX_EVENT_ID, DataError, Record, iter_sessions, skip_hint
 from evaluate import MAX_CACHED, ChunkScorer, chunked, known_co_occurrence, load_model, session_key
-from model import LOGIT_BUDGET, CoOccurrence, DeepLog
+from model import LOGIT_BUDGET, DeepLog
+from rules import RULES, CoOccurrence, anomaly_scores, miss_bounds, verdicts
 
 MIN_ROWS = 8            # LSTM and head batches are padded to this many rows: below it the CPU kernels round
                         # differently (one row takes another path), so a session's numbers would depend on
@@ -160,7 +162,7 @@ def verdict_lines(chunk: list, model, scorer, calibration: dict, rule: str, co_o
                   raw_lines) -> tuple[str, Counter]:
     """The JSON lines of a chunk of Records, one per session, and how many of each verdict."""
     top_k = calibration["top_k"]
-    bound, end_bound = cal.miss_bounds(calibration, rule)
+    bound, end_bound = miss_bounds(calibration, rule)
     distinct, scores, _ = scorer([record.event_ids for record in chunk])
     abnormal = verdicts(scores, calibration, rule)
     anomaly = anomaly_scores(scores, top_k)
@@ -252,7 +254,7 @@ def _until_data_error(records, stopped: list):
 
 
 
-def run_batch(args, model, calibration: dict, co_occurrence, config: utils.Config, logger) -> int:
+def run_batch(args, model, calibration: dict, co_occurrence, config: Config, logger) -> int:
     """Finished files (and evaluate.py --detect): one JSON line per session to --output (or stdout), then
     what was found and skipped."""
     ev = config.evaluation
@@ -263,7 +265,7 @@ def run_batch(args, model, calibration: dict, co_occurrence, config: utils.Confi
     records, raw_lines = (raw_log_records(args.parser_state, args.detect) if args.parser_state
                           else (None, None))
     try:
-        totals = score_files(model, calibration, args.detect, utils.reader_options(config), ev.decision_rule,
+        totals = score_files(model, calibration, args.detect, reader_options(config), ev.decision_rule,
                              out, ev.batch_size, co_occurrence, max_misses=config.detect.max_misses,
                              records=records, raw_lines=raw_lines,
                              out_name=f"--output {args.output}" if args.output else "stdout")
@@ -799,7 +801,7 @@ class LiveDetector:
         self.count_rule = "count_vector" in (calibration["combined_rules"] if rule == "combined" else [rule])
         # a miss of the verdict's record, as DeepLog.diagnose counts one: outside the top-k or, under the
         # probability rule, below its bound (the end of session: below its own bound, where there is one)
-        self.bound, end_bound = cal.miss_bounds(calibration, rule)
+        self.bound, end_bound = miss_bounds(calibration, rule)
         self.end_bound = None if self.bound is None else end_bound if end_bound is not None else self.bound
         self.watch_rank = min(self.top_k, self.early.top_g or self.top_k)
         bounds = [b for b in (self.bound, self.early.event_bound) if b is not None]
@@ -947,7 +949,7 @@ class LiveDetector:
         return seq, 1, session.session_id, json.dumps(alert) + "\n"
 
     def _close(self, closing: list[tuple[int, int, LiveSession]], output: list) -> None:
-        """Verdicts: the end of each session scored, then the rules on its whole record (calibration.verdicts,
+        """Verdicts: the end of each session scored, then the rules on its whole record (verdicts,
         the batch verdict's own function)."""
         if not closing:
             return
@@ -1385,8 +1387,8 @@ class LineParser:
     JSON (one event {"session_id": ..., "event_id": N} or a whole session, as data files hold them) or
     DeepLog text (a whole session)."""
 
-    def __init__(self, config: utils.Config, parser_state: str | None, logger):
-        self.options = utils.reader_options(config)
+    def __init__(self, config: Config, parser_state: str | None, logger):
+        self.options = reader_options(config)
         self.fields = (self.options["event_ids_field"], self.options["label_field"],
                        self.options["session_id_field"])
         self.skip_bad_records = config.data.skip_bad_records
@@ -1744,7 +1746,7 @@ def live_identity(args, rule: str, detect_config) -> dict:
             "idle_lines": detect_config.idle_lines, "max_session_events": detect_config.max_session_events}
 
 
-def run_live(args, model, calibration: dict, co_occurrence, config: utils.Config, stop: utils.StopSignal,
+def run_live(args, model, calibration: dict, co_occurrence, config: Config, stop: utils.StopSignal,
              logger) -> int:
     """--follow: score lines as they come, until a stop signal (files) or the end of standard input."""
     dc, rule = config.detect, config.evaluation.decision_rule
@@ -1873,7 +1875,7 @@ def main(argv=None):
     args = parse_args(argv)
     logger = logging.getLogger("deeplog")
     stop = utils.StopSignal(raise_now=True)   # until the live loop: a stop signal ends the work at once
-    return utils.exit_on_user_error(lambda: run(args, stop, logger), (*utils.USER_ERRORS, DataError), logger)
+    return utils.exit_on_user_error(lambda: run(args, stop, logger), logger)
 
 
 def run(args, stop: utils.StopSignal, logger) -> int:
@@ -1882,21 +1884,21 @@ def run(args, stop: utils.StopSignal, logger) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.follow else "cpu")
     model, checkpoint = load_model(args.checkpoint, device)
     co_occurrence = known_co_occurrence(checkpoint)
-    config = utils.config_from_dict(checkpoint["config"])
+    config = config_from_dict(checkpoint["config"])
     if args.config:
-        config.detect = utils.load_config(args.config).detect
+        config.detect = load_config(args.config).detect
     for flag, dotted in (("rule", "evaluation.decision_rule"), ("idle_lines", "detect.idle_lines"),
                          ("idle_seconds", "detect.idle_seconds"), ("max_misses", "detect.max_misses"),
                          ("max_session_events", "detect.max_session_events"),
                          ("state_interval", "detect.state_interval_s")):
         if getattr(args, flag) is not None:
-            utils.set_value(config, dotted, getattr(args, flag), f"--{flag.replace('_', '-')}")
+            set_value(config, dotted, getattr(args, flag), f"--{flag.replace('_', '-')}")
     config.data.skip_bad_records = config.data.skip_bad_records or args.skip_bad_records
-    utils.check_values(config)
+    check_values(config)
     calibration = cal.load_calibration(args.calibration) if args.calibration else \
         checkpoint.get("calibration")
     if calibration is None:
-        raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
+        raise CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
                                     "before the end, or ran with evaluate_after_training false): calibrate "
                                     "with evaluate.py --calibrate-on DIR, then --calibration")
     calibration = cal.checked(calibration, args.calibration or f"{args.checkpoint} (its calibration)")

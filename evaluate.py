@@ -49,8 +49,18 @@ import torch
 import calibration as cal
 import utils
 from cache import build_caches, cache_settings, default_cache_dir, session_chunks
-from calibration import PERCENTILES, RULES, ScoreQuantiles, anomaly_scores, verdicts
+from calibration import ScoreQuantiles
+from checkpoint import (
+    CheckpointError,
+    co_occurrence_of,
+    count_vectors_state,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from config import Config, config_from_dict, reader_options
 from dataset import (
+    SPLIT_SCHEME,
     DataError,
     Record,
     calibration_half,
@@ -58,7 +68,17 @@ from dataset import (
     iter_sessions,
     list_data_files,
 )
-from model import MAX_COUNT_VECTORS, MAX_RECORD_SESSIONS, CoOccurrence, CountVectors, DeepLog
+from model import DeepLog
+from rules import (
+    MAX_COUNT_VECTORS,
+    MAX_RECORD_SESSIONS,
+    PERCENTILES,
+    RULES,
+    CoOccurrence,
+    CountVectors,
+    anomaly_scores,
+    verdicts,
+)
 
 ACCURACY_KS = (1, 5, 10, 20)
 CHUNK_SIZE = 8192             # sessions read, de-duplicated and scored together
@@ -75,14 +95,14 @@ LOG10_PROBABILITY_EDGES = np.linspace(-30 / math.log(10), 0, 61)     # and of th
 def load_model(checkpoint_path, device: torch.device) -> tuple[DeepLog, dict]:
     """The checkpoint (validated by its one loader) and its model on `device`, in eval mode."""
     # map to the CPU first: a checkpoint loads without the GPU it was saved on
-    checkpoint = utils.load_checkpoint(checkpoint_path, map_location="cpu")
-    return utils.model_from_checkpoint(checkpoint, checkpoint_path).to(device), checkpoint
+    checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
+    return model_from_checkpoint(checkpoint).to(device), checkpoint
 
 
 def known_co_occurrence(checkpoint: dict) -> CoOccurrence:
     """Which event types occurred together in the normal training sessions (sets and pairs; either may be
     absent: not recorded)."""
-    return CoOccurrence.from_checkpoint(checkpoint)
+    return co_occurrence_of(checkpoint)
 
 
 # ----------------------------------------------------------------------------- sources of sessions
@@ -112,17 +132,17 @@ def file_chunks(path, options: dict, abnormal: bool | None = None,
     return chunked(wanted, chunk_size)
 
 
-def data_chunks(path, config: utils.Config, wanted: str, logger=None) -> Iterator[list]:
+def data_chunks(path, config: Config, wanted: str, logger=None) -> Iterator[list]:
     """The sessions under `path` in chunks: "normal" (label 0 or none), "abnormal" (label 1) or "all".
     With lazy_loading.cache they come from the token cache of each file (built on first use, with IDs left
     unchecked: unknown IDs are scored as misses), else from one streaming pass over the files."""
     if not config.lazy_loading.cache:
         abnormal = {"normal": False, "abnormal": True}.get(wanted)
-        return file_chunks(path, utils.reader_options(config), abnormal=abnormal)
+        return file_chunks(path, reader_options(config), abnormal=abnormal)
     return session_chunks(cache_entries(path, config, None, logger), wanted)
 
 
-def cache_entries(path, config: utils.Config, vocab_size: int | None, logger=None) -> list[Path]:
+def cache_entries(path, config: Config, vocab_size: int | None, logger=None) -> list[Path]:
     """The token-cache entries of the files under `path`, built on first use (vocab_size None: IDs left
     unchecked, for data to score)."""
     loading = config.lazy_loading
@@ -583,11 +603,11 @@ def log_rule(calibration: dict, rule: str, logger) -> None:
 def store_calibration(checkpoint_path, checkpoint: dict, calibration: dict, output_dir: Path) -> None:
     """Into the checkpoint (atomic rewrite) and calibration.json beside the outputs."""
     checkpoint["calibration"] = calibration
-    utils.save_checkpoint(checkpoint, checkpoint_path)
+    save_checkpoint(checkpoint, checkpoint_path)
     cal.save_calibration(output_dir / "calibration.json", calibration)
 
 
-def validation_sessions(config: utils.Config, options: dict, chunk_size: int = CHUNK_SIZE,
+def validation_sessions(config: Config, options: dict, chunk_size: int = CHUNK_SIZE,
                         logger=None) -> tuple[Iterator[list], Iterator[list], Iterator[list]]:
     """Chunks of the training data, each source one pass when iterated: the calibration and evaluation
     halves of its normal validation split (halved by another hash, so neither ever scores what the other
@@ -610,7 +630,7 @@ def validation_sessions(config: utils.Config, options: dict, chunk_size: int = C
             file_chunks(data.preprocessed_dir, options, abnormal=True, chunk_size=chunk_size))
 
 
-def training_sessions(config: utils.Config, options: dict, logger=None) -> Iterator[list]:
+def training_sessions(config: Config, options: dict, logger=None) -> Iterator[list]:
     """Chunks of the normal sessions the model trained on (outside the validation split), one pass."""
     data, seed = config.data, config.training.seed
     if config.lazy_loading.cache:
@@ -620,13 +640,13 @@ def training_sessions(config: utils.Config, options: dict, logger=None) -> Itera
                    if not r.label and not is_validation(r.file, r.index, seed, data.validation_split))
 
 
-def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: utils.Config, options: dict,
+def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: Config, options: dict,
                          logger) -> None:
     """The event-count vectors of the training sessions, into the checkpoint ("count_vectors") and the record
     the rules use; None (not kept) beyond MAX_COUNT_VECTORS distinct ones."""
     counts = CountVectors.from_chunks(training_sessions(config, options, logger), MAX_RECORD_SESSIONS)
     co_occurrence.counts = counts
-    checkpoint["count_vectors"] = None if counts is None else counts.state()
+    checkpoint["count_vectors"] = count_vectors_state(counts)
     if counts is None:
         logger.info(f"Count-vector record: not kept (more than {MAX_COUNT_VECTORS} distinct event-count "
                     "vectors in the training sessions): the count-vector rule is off")
@@ -637,7 +657,7 @@ def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: 
                     f"{counts.sessions} normal training sessions{first}")
 
 
-def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
+def after_training(checkpoint_path, config: Config, logger) -> dict:
     """Called by train.py: calibrate on half of the normal validation split, evaluate on the other half
     (plus abnormal sessions: labelled 1 in the training data, and data.abnormal_dir)."""
     output_dir, data, ev = Path(config.training.output_dir), config.data, config.evaluation
@@ -645,7 +665,7 @@ def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(checkpoint_path, device)
     co_occurrence = known_co_occurrence(checkpoint)
-    options = utils.reader_options(config)
+    options = reader_options(config)
     if data.validation_split == 0:
         logger.warning("data.validation_split is 0: thresholds are fitted on sessions the model trained on")
     record_count_vectors(checkpoint, co_occurrence, config, options, logger)
@@ -716,7 +736,7 @@ def parse_args(argv=None):
     return args
 
 
-def check_calibration_is_apart(args, config: utils.Config) -> None:
+def check_calibration_is_apart(args, config: Config) -> None:
     """Thresholds are never fitted on sessions that are then scored: the files of --calibrate-on may share
     none with the scored ones (the files under --data-dir, --abnormal-dir and --detect or, by default,
     the checkpoint's training data, whose evaluation half would be scored), compared as resolved paths."""
@@ -732,7 +752,7 @@ def check_calibration_is_apart(args, config: utils.Config) -> None:
                                     "be fitted on other normal sessions")
 
 
-def check_stored_thresholds_are_apart(args, config: utils.Config, calibration: dict) -> None:
+def check_stored_thresholds_are_apart(args, config: Config, calibration: dict) -> None:
     """Thresholds fitted on the calibration half of the checkpoint's training data (the default) must not be
     evaluated on that data: --data-dir or --abnormal-dir sharing a file with it would score the sessions the
     thresholds were fitted on. (Without --data-dir, evaluate.py scores the other half: that is apart.)"""
@@ -757,7 +777,7 @@ def main(argv=None):
     args = parse_args(argv)
     logger = logging.getLogger("deeplog")
     utils.StopSignal(raise_now=True)   # a stop signal ends the work at once, with one line saying so
-    return utils.exit_on_user_error(lambda: run(args, logger), (*utils.USER_ERRORS, DataError), logger)
+    return utils.exit_on_user_error(lambda: run(args, logger), logger)
 
 
 def run(args, logger):
@@ -766,7 +786,7 @@ def run(args, logger):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(args.checkpoint, device)
     co_occurrence = known_co_occurrence(checkpoint)
-    config = utils.config_from_dict(checkpoint["config"])
+    config = config_from_dict(checkpoint["config"])
     ev = config.evaluation
     if args.rule:
         ev.decision_rule = args.rule
@@ -789,7 +809,7 @@ def run(args, logger):
     return 0
 
 
-def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: utils.Config, top_k: int,
+def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: Config, top_k: int,
                         output_dir: Path, logger) -> dict:
     """The thresholds this run applies: fitted now on --calibrate-on (and saved), read from --calibration,
     or stored in the checkpoint; never fitted on the data being scored."""
@@ -802,7 +822,7 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: ut
         if "count_vectors" not in checkpoint and Path(config.data.preprocessed_dir).exists():
             # a checkpoint the evaluation after training never completed (epoch_N.pt, a stopped run):
             # the record of its training sessions, from the training data, for the rule plan
-            record_count_vectors(checkpoint, co_occurrence, config, utils.reader_options(config), logger)
+            record_count_vectors(checkpoint, co_occurrence, config, reader_options(config), logger)
         normal = data_chunks(args.calibrate_on, config, "normal", logger)
         calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.target_fpr, args.calibrate_on,
                                       ev.decision_rule, ev.batch_size, co_occurrence)
@@ -811,7 +831,7 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: ut
         cal.save_calibration(path, calibration)
         logger.info(f"Calibrated on {args.calibrate_on}: {path} (pass it to --calibration to reuse it)")
     if calibration is None:
-        raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
+        raise CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
                                     "before the end, or ran with evaluate_after_training false); pass "
                                     "--calibrate-on DIR with normal sessions")
     cal.check_top_k(calibration, top_k)
@@ -825,7 +845,7 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: ut
     return calibration
 
 
-def evaluation_sources(args, checkpoint: dict, config: utils.Config,
+def evaluation_sources(args, checkpoint: dict, config: Config,
                        logger) -> tuple[Iterator, Iterator, dict]:
     """The normal and abnormal chunks to evaluate, and where each came from: --data-dir (its labels) or the
     evaluation half of the checkpoint's validation split, plus --abnormal-dir (or the config's)."""
@@ -834,11 +854,11 @@ def evaluation_sources(args, checkpoint: dict, config: utils.Config,
         abnormal = data_chunks(args.data_dir, config, "abnormal", logger)
         normal_path = args.data_dir
     else:  # the evaluation half of the validation split, as after training
-        if checkpoint.get("split_scheme") != utils.SPLIT_SCHEME:
-            raise utils.CheckpointError(f"{args.checkpoint} was trained with an earlier assignment of "
+        if checkpoint.get("split_scheme") != SPLIT_SCHEME:
+            raise CheckpointError(f"{args.checkpoint} was trained with an earlier assignment of "
                                         "sessions to the validation split, which this version cannot "
                                         "reproduce: pass --data-dir with sessions it never trained on")
-        _, normal, abnormal = validation_sessions(config, utils.reader_options(config), logger=logger)
+        _, normal, abnormal = validation_sessions(config, reader_options(config), logger=logger)
         normal_path = f"{config.data.preprocessed_dir} (validation split, evaluation half)"
     abnormal_dir = args.abnormal_dir or (None if args.data_dir else config.data.abnormal_dir)
     if abnormal_dir:

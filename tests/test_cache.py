@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 import cache
-import utils
 from cache import CachedSessions, build_caches, cache_settings, keyed_permutation, session_chunks
+from config import Config
 from dataset import DataError, SessionDataset, batch_to_device, iter_sessions
-from model import IGNORE_INDEX
+from tokens import IGNORE_INDEX
 
 
 def settings_of(vocab_size, **changes):
     """The cache settings of the default config, with `changes` (CacheSettings fields)."""
-    return dataclasses.replace(cache_settings(utils.Config(), vocab_size), **changes)
+    return dataclasses.replace(cache_settings(Config(), vocab_size), **changes)
 
 
 def write_sessions(path, sessions, labels=None):

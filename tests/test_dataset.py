@@ -18,7 +18,7 @@ from dataset import (
     make_windows,
     skip_hint,
 )
-from model import IGNORE_INDEX, special_tokens
+from tokens import IGNORE_INDEX, special_tokens
 
 SESSIONS = [[1, 2, 3], [4, 5], [6]]
 
@@ -463,12 +463,12 @@ def test_co_occurrence_record_keeps_exact_pairs_past_the_set_cap(monkeypatch, vo
     import itertools
 
     import dataset
-    import model
+    import rules
     rng = np.random.default_rng(vocab_size)
     sessions = [rng.integers(0, vocab_size // 4, rng.integers(0, 12)).tolist() for _ in range(3000)]
     expected = {a * vocab_size + b for s in sessions for a, b in itertools.combinations(sorted(set(s)), 2)}
     monkeypatch.setattr(dataset, "MAX_EVENT_SETS", 50)
-    monkeypatch.setattr(model, "PAIR_SLICE", 97)          # many small slices
+    monkeypatch.setattr(rules, "PAIR_SLICE", 97)          # many small slices
     whole, one_by_one = dataset.CoOccurrenceRecorder(vocab_size), dataset.CoOccurrenceRecorder(vocab_size)
     lengths = np.array([len(s) for s in sessions])
     for begin in range(0, len(sessions), 700):
