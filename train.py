@@ -47,6 +47,7 @@ import evaluate
 import feedback
 import utils
 from cache import CachedSessions, build_caches, cache_settings, default_cache_dir
+from calibration import CalibrationError
 from checkpoint import CheckpointError, TrainState, load_checkpoint, pair_table
 from config import Config, load_config, reader_options, save_config
 from dataset import (
@@ -624,7 +625,7 @@ def evaluate_after_training(best: Path, config: Config, stop_signal: utils.StopS
         logger.info(f"Stopped by {signal_name} before the evaluation after training ended; the checkpoints "
                     f"are complete; evaluate with: {later}")
         return stop_signal.exit_code
-    except DataError as error:
+    except (DataError, CalibrationError) as error:   # too few normal sessions to fit thresholds on
         logger.warning(f"Evaluation after training skipped: {error}. With more normal sessions in the "
                        f"validation split (data.validation_split), or others via --calibrate-on: {later}")
     return 0
