@@ -420,3 +420,14 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
+def settings_config(base_config: str | None, layers: list[tuple[str, dict]]) -> Config:
+    """The one config: its defaults < the YAML file `base_config` (every section checked, the
+    `preprocess:` one among them) < each (source, {preprocess key: value}) layer in turn; then every value
+    checked (check_values). A None of the command line means "not given"; elsewhere it is a value."""
+    config = load_config(base_config) if base_config else Config()
+    for source, values in layers:
+        for key, value in values.items():
+            if value is not None or source != "command line":
+                set_value(config, f"preprocess.{key}", value, source)
+    check_values(config)
+    return config

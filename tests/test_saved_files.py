@@ -519,12 +519,13 @@ def test_a_fifo_named_as_any_file_a_user_gives_is_refused_at_once(tmp_path):
     regular file, without waiting for a writer that never comes."""
     import os
 
+    import logparse
     import preprocess
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     readers = [(load_config, utils.ConfigError), (C.load_calibration, C.CalibrationError),
-               (preprocess.load_state, preprocess.PreprocessError),
-               (preprocess.read_labels, preprocess.PreprocessError),
+               (logparse.load_state, logparse.PreprocessError),
+               (preprocess.read_labels, logparse.PreprocessError),
                (load_checkpoint, CheckpointError)]
     previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("a FIFO was waited on"))
     try:
