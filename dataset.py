@@ -44,14 +44,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import utils
 from config import Config
-from rules import MAX_EVENT_PAIRS, event_pairs, pairs_of_sets, sorted_unique
+from rules import CoOccurrenceRecorder, merge_co_occurrence
 from tokens import IGNORE_INDEX, lay_out, special_tokens, window_table
 from utils import UserError, excerpt, file_kind, one_line
 
 _DEFAULTS = Config()  # the one place defaults live
 _DATA = _DEFAULTS.data
 JSON_SUFFIXES = (".json", ".jsonl")
-MAX_EVENT_SETS = 10000  # beyond this many distinct sets of co-occurring event types, the record is dropped
 TEXT_SUFFIXES = (".txt", ".log", "")
 IJSON_BACKEND = ijson.backend  # "yajl2_c" when the C extension is available, else a slower pure-Python one
 # ijson's C backend crashes the interpreter (a segfault, seen with ijson 3.6) on a JSON number longer than
@@ -75,90 +74,6 @@ def skip_hint(error: BaseException, skip_bad_records: bool) -> str:
     if skip_bad_records or not getattr(error, "skippable", False):
         return ""
     return " (--skip-bad-records skips such records)"
-
-
-class CoOccurrenceRecorder:
-    """Which event types occur together in the sessions it is given (training's normal ones): their distinct
-    sets while there are at most MAX_EVENT_SETS, and the pairs of types sharing a session while there are at
-    most MAX_EVENT_PAIRS (each None beyond). While the sets are kept the pairs follow from them at the end;
-    only past MAX_EVENT_SETS are the pairs taken from every session, vectorised."""
-
-    BUFFERED = 4096  # sessions given one by one (add_session) are recorded this many at a time
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-        self.sets: set[frozenset] | None = set()
-        self.pairs: np.ndarray | None = np.empty(0, dtype=np.int64)  # of sessions recorded without their set
-        self._buffer: list = []
-
-    def add(self, tokens: np.ndarray, lengths: np.ndarray, selected: np.ndarray | None = None) -> None:
-        """Record sessions laid out back to back (`lengths` each); only the `selected` ones when given."""
-        if selected is not None and not selected.all():
-            tokens, lengths = tokens[np.repeat(selected, lengths)], lengths[selected]
-        if self.sets is not None and len(lengths):
-            self._add_sets(tokens, lengths)
-        if self.sets is None and self.pairs is not None:
-            for codes, _ in event_pairs(tokens, lengths, self.vocab_size):
-                self.pairs = sorted_unique(self.pairs, codes)
-                if len(self.pairs) > MAX_EVENT_PAIRS:
-                    self.pairs = None
-                    break
-
-    def _add_sets(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        starts = np.cumsum(lengths) - lengths
-        if self.vocab_size <= 63:  # one bit per event type: every session's set in two vectorised passes
-            nonempty = lengths > 0
-            masks = np.bitwise_or.reduceat(np.left_shift(np.uint64(1), tokens.astype(np.uint64)),
-                                           starts[nonempty]) if nonempty.any() else np.empty(0, np.uint64)
-            found = {frozenset(i for i in range(self.vocab_size) if mask >> i & 1)
-                     for mask in np.unique(masks).tolist()}
-            if not nonempty.all():
-                found.add(frozenset())
-            self.sets |= found
-        else:
-            listed = tokens.tolist()
-            for begin, length in zip(starts.tolist(), lengths.tolist()):
-                self.sets.add(frozenset(listed[begin:begin + length]))
-                if len(self.sets) > MAX_EVENT_SETS:
-                    break
-        if len(self.sets) > MAX_EVENT_SETS:  # too varied to be a rule: keep what they say about pairs
-            self.pairs = sorted_unique(self.pairs, pairs_of_sets(self.sets, self.vocab_size))
-            self.sets = None
-            if len(self.pairs) > MAX_EVENT_PAIRS:
-                self.pairs = None
-
-    def add_session(self, event_ids: list[int]) -> None:
-        self._buffer.append(event_ids)
-        if len(self._buffer) >= self.BUFFERED:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._buffer:
-            lengths = np.fromiter(map(len, self._buffer), dtype=np.int64, count=len(self._buffer))
-            self.add(np.fromiter(itertools.chain.from_iterable(self._buffer), dtype=np.int64,
-                                 count=int(lengths.sum())), lengths)
-            self._buffer = []
-
-    def summary(self) -> dict:
-        """{"event_sets": sorted lists of IDs or None, "event_pairs": sorted pair codes or None}."""
-        self._flush()
-        pairs = self.pairs
-        if self.sets is not None and pairs is not None:
-            pairs = sorted_unique(pairs, pairs_of_sets(self.sets, self.vocab_size))
-        return {"event_sets": None if self.sets is None else sorted(sorted(s) for s in self.sets),
-                "event_pairs": None if pairs is None or len(pairs) > MAX_EVENT_PAIRS else pairs}
-
-
-def merge_co_occurrence(summaries: list[dict]) -> dict:
-    """The union of several CoOccurrenceRecorder summaries (of disjoint data): each record None when any
-    part lacks it or the union exceeds its cap."""
-    sets = [s["event_sets"] for s in summaries]
-    union = None if None in sets else {tuple(x) for shard in sets for x in shard}
-    pairs = [s["event_pairs"] for s in summaries]
-    pair_union = None if any(p is None for p in pairs) else sorted_unique(*pairs)
-    too_many_sets = union is None or len(union) > MAX_EVENT_SETS
-    return {"event_sets": None if too_many_sets else sorted(list(x) for x in union),
-            "event_pairs": None if pair_union is None or len(pair_union) > MAX_EVENT_PAIRS else pair_union}
 
 
 @dataclass

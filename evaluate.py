@@ -48,7 +48,8 @@ import torch
 
 import calibration as cal
 import utils
-from cache import build_caches, cache_settings, default_cache_dir, session_chunks
+from batches import session_chunks
+from cache import build_caches, cache_settings, default_cache_dir
 from calibration import ScoreQuantiles
 from checkpoint import (
     CheckpointError,

@@ -52,11 +52,12 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import Config, check_values, config_from_dict, load_config, reader_options, set_value
-from dataset import MAX_EVENT_SETS, DataError, _numbered_items, _open, _record, collate, make_windows
+from dataset import DataError, _numbered_items, _open, _record, collate, make_windows
 from rules import (
     MAX_COUNT_ENTRIES,
     MAX_COUNT_VECTORS,
     MAX_EVENT_PAIRS,
+    MAX_EVENT_SETS,
     CoOccurrence,
     CountVectors,
     pairs_of_sets,

@@ -46,21 +46,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import evaluate
 import feedback
 import utils
-from cache import CachedSessions, build_caches, cache_settings, default_cache_dir
+from batches import CachedSessions
+from cache import build_caches, cache_settings, default_cache_dir
 from calibration import CalibrationError
 from checkpoint import CheckpointError, TrainState, load_checkpoint, pair_table
 from config import Config, load_config, reader_options, save_config
-from dataset import (
-    IJSON_BACKEND,
-    MAX_EVENT_SETS,
-    SPLIT_SCHEME,
-    DataError,
-    SessionDataset,
-    batch_to_device,
-    merge_counts,
-)
+from dataset import IJSON_BACKEND, SPLIT_SCHEME, DataError, SessionDataset, batch_to_device, merge_counts
 from model import DeepLog
-from rules import MAX_EVENT_PAIRS, CoOccurrence
+from rules import MAX_EVENT_PAIRS, MAX_EVENT_SETS, CoOccurrence
 from runtime import (
     GPUMonitor,
     LossWindow,

@@ -40,6 +40,8 @@ import threading
 import time
 from pathlib import Path
 
+from config import load_config, reader_options
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -88,9 +90,8 @@ def child(stage: str, path: str, cache_dir: str) -> None:
     import torch
 
     import evaluate
-    import utils
     from cache import CachedSessions, build_caches, cache_settings
-    config = utils.load_config(None, {"data.preprocessed_dir": path, "lazy_loading.cache_dir": cache_dir,
+    config = load_config(None, {"data.preprocessed_dir": path, "lazy_loading.cache_dir": cache_dir,
                                       "model.embedding_dim": 8, "model.hidden_size": 8,
                                       "model.num_layers": 1})
     anonymous = AnonymousPeak()
@@ -137,7 +138,6 @@ def long_sessions(config, path: str) -> dict:
 
     import detect
     import evaluate
-    import utils
     torch.set_num_threads(2)
     model = evaluate.DeepLog(29, 8, 8, 1, 0.0).eval().set_windows(256, 32)
     logger = logging.getLogger("deeplog")
@@ -146,7 +146,7 @@ def long_sessions(config, path: str) -> dict:
     results, _ = evaluate.evaluate(model, calibration, evaluate.data_chunks(path, config, "all", logger), [],
                                    10, "combined")
     out = io.StringIO()
-    totals = detect.score_files(model, calibration, path, utils.reader_options(config), "probability", out)
+    totals = detect.score_files(model, calibration, path, reader_options(config), "probability", out)
     longest = max((json.loads(line)["event_ids"] for line in open(path)), key=len)
     model.calibration = calibration
     verdict = model.verdict([longest])

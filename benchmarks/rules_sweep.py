@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evaluate  # noqa: E402
-import utils  # noqa: E402
+from config import config_from_dict, reader_options
 
 HDFS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hdfs"
 
@@ -49,11 +49,11 @@ def main() -> None:
     parser.add_argument("--no-event-sets", action="store_true", help="ignore the record of event-type sets")
     args = parser.parse_args()
     model, checkpoint = evaluate.load_model(args.checkpoint, torch.device("cpu"))
-    config = utils.config_from_dict(checkpoint["config"])
+    config = config_from_dict(checkpoint["config"])
     co_occurrence = evaluate.known_co_occurrence(checkpoint)
     if args.no_event_sets:
         co_occurrence.sets = None
-    calibration_chunks, _, _ = evaluate.validation_sessions(config, utils.reader_options(config))
+    calibration_chunks, _, _ = evaluate.validation_sessions(config, reader_options(config))
     calibration_set = Counter(tuple(s) for chunk in calibration_chunks for s in chunk)
     normal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_normal, {}, abnormal=False) for s in c)
     abnormal = Counter(tuple(s) for c in evaluate.file_chunks(args.eval_abnormal, {}) for s in c)
