@@ -309,7 +309,7 @@ def test_an_entry_is_verified_once_per_process_and_again_when_a_file_changes(tmp
     reads = []
     real = cache.file_record
     counting = lambda path: reads.append(path.name) or real(path)  # noqa: E731
-    monkeypatch.setattr(cache, "file_record", counting)     # entries (cache.py) and window indexes (batches.py)
+    monkeypatch.setattr(cache, "file_record", counting)    # entries (cache.py), window indexes (batches.py)
     monkeypatch.setattr(batches, "file_record", counting)
     build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
     CachedSessions(entries, 29, "train").count()
