@@ -6,13 +6,10 @@ Examples:
     python cache.py /data/sessions --vocab-size 10000 --cache-dir /fast/deeplog-cache --workers 16
     python cache.py /data/sessions --vocab-size 10000 --seed 42 --validation-split 0.1   # as train.py will
 
-    import utils
-    from cache import build_caches, cache_settings, CachedSessions
-    settings = cache_settings(utils.Config(), 29)      # the data and split settings of a config
-    entries = build_caches(["data/sample/train/part-003.txt"], settings, "/tmp/cache")
-    data = CachedSessions(entries, 29, split="train")
-    for batch, position in data.batches(256):
-        ...
+    from cache import build_caches, cache_settings
+    from config import Config
+    settings = cache_settings(Config(), 29)      # the data and split settings of a config
+    entries = build_caches(["data/sample/train/part-003.txt"], settings, "/tmp/cache")   # batches.py reads
 
 One cache entry per data file, in `cache_dir/<file name>-<hash>/`, keyed by the file (path, size,
 mtime) and by every setting that changes its content (field names, array key, vocab_size, the split's
@@ -42,6 +39,7 @@ once and kept beside it, with the size and CRC-32 of its files. This module know
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import fcntl
@@ -53,7 +51,6 @@ import logging
 import mmap
 import multiprocessing
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -69,20 +66,19 @@ import numpy as np
 import torch
 
 import utils
+from config import Config
 from dataset import (
-    CoOccurrenceRecorder,
     DataError,
     SessionArrays,
     _format_of,
     calibration_half,
-    excerpt,
     iter_session_arrays,
     list_data_files,
-    merge_co_occurrence,
-    one_line,
     split_draws,
 )
-from model import lay_out, special_tokens, window_table
+from rules import CoOccurrenceRecorder, merge_co_occurrence
+from tokens import lay_out, special_tokens
+from utils import excerpt, one_line
 
 CACHE_FORMAT = 3            # 2: event_pairs.npy (the pairs of event types of training sessions);
                             # 3: meta.json's "files", the size and CRC-32 of every file of the entry
@@ -96,7 +92,7 @@ PASS_SESSIONS = 2 ** 18      # sessions per step of a pass over the per-session 
 ARRAYS = {"offsets": np.int64, "flags": np.uint8, "indexes": np.int64}  # besides tokens
 
 log = logging.getLogger("deeplog")
-_DEFAULTS = utils.Config()   # the one place defaults live
+_DEFAULTS = Config()   # the one place defaults live
 
 
 @dataclass(frozen=True)
@@ -126,8 +122,8 @@ class CacheSettings:
         return np.dtype(np.uint16 if small else np.int32)
 
 
-def cache_settings(config: utils.Config, vocab_size: int | None) -> CacheSettings:
-    """The cache settings of a resolved config (utils.Config); vocab_size None for evaluation data."""
+def cache_settings(config: Config, vocab_size: int | None) -> CacheSettings:
+    """The cache settings of a resolved config (Config); vocab_size None for evaluation data."""
     data = config.data
     return CacheSettings(vocab_size, data.event_ids_field, data.label_field, data.json_array_key,
                          data.skip_bad_records, data.validation_split, config.training.seed)
@@ -172,7 +168,7 @@ def build_caches(paths, settings: CacheSettings, cache_dir, workers: int | None 
     cache_dir = Path(cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        if not _writable(cache_dir):
+        if not writable(cache_dir):
             return _read_only_entries(files, settings, cache_dir, logger)
         # One builder at a time per cache folder (two runs, a sweep, cache.py beside train.py): the second
         # waits, then finds the entries built.
@@ -188,7 +184,7 @@ def build_caches(paths, settings: CacheSettings, cache_dir, workers: int | None 
                         f"{f': {error.filename}' if error.filename else ''}") from None
 
 
-def _writable(folder: Path) -> bool:
+def writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK) and not os.statvfs(folder).f_flag & os.ST_RDONLY
 
 
@@ -244,11 +240,11 @@ def _build_under_lock(files: list[Path], settings: CacheSettings, cache_dir: Pat
         for temp in temp_dirs.values():
             shutil.rmtree(temp, ignore_errors=True)
     logger.info(f"Token cache: built {len(todo)} of {len(files)} entries in {cache_dir} "
-                f"({sum(_size(e) for _, e, _ in todo) / 2 ** 20:.1f} MB)")
+                f"({sum(entry_size(e) for _, e, _ in todo) / 2 ** 20:.1f} MB)")
     return entries
 
 
-def _size(entry: Path) -> int:
+def entry_size(entry: Path) -> int:
     return sum(p.stat().st_size for p in entry.iterdir()) if entry.is_dir() else 0
 
 
@@ -290,13 +286,13 @@ def _plan(todo, temp_dirs, settings: CacheSettings, workers: int, files: int) ->
 def _pool(workers: int):
     # fork: workers start in milliseconds and only parse (no torch, no threads in them).
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    return context.Pool(workers, initializer=_worker_start, initargs=(os.getpid(),))
+    return context.Pool(workers, initializer=worker_start, initargs=(os.getpid(),))
 
 
 PR_SET_PDEATHSIG = 1   # linux/prctl.h
 
 
-def _worker_start(parent: int) -> None:
+def worker_start(parent: int) -> None:
     """Signals are the parent's to handle: Ctrl-C and SIGTERM end the pool from there (and its temp folders
     go), instead of every worker printing a traceback. On Linux a worker also dies with its parent, even one
     killed with SIGKILL, so that none goes on parsing (and holding the cache lock) for a dead build."""
@@ -352,7 +348,7 @@ def _build_part(task: _Task) -> dict:
     seen = np.zeros(vocab + 1 if vocab is not None else 0, dtype=np.int64)
     co_occurrence = CoOccurrenceRecorder(vocab) if vocab is not None else None
     prefix = Path(task.part_dir) / f"part-{task.part}"
-    handles = {name: _Writer(Path(f"{prefix}.{name}")) for name in ("tokens", *ARRAYS)}
+    handles = {name: Writer(Path(f"{prefix}.{name}")) for name in ("tokens", *ARRAYS)}
     # The cyclic garbage collector would rescan the parsed records many times over; parsing makes no cycles.
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -394,7 +390,7 @@ def _build_part(task: _Task) -> dict:
             **(co_occurrence.summary() if co_occurrence else {"event_sets": None, "event_pairs": None})}
 
 
-class _Writer:
+class Writer:
     """An array file being written, its size and CRC-32 taken on the way (the bytes are never read back)."""
 
     def __init__(self, path: Path):
@@ -414,7 +410,7 @@ class _Writer:
         return {"size": self.size, "crc32": self.crc32}
 
 
-def _file_record(path: Path) -> dict:
+def file_record(path: Path) -> dict:
     """meta.json's record of a file: its size and CRC-32, read in CHECK_BYTES blocks."""
     crc32, size, buffer = 0, 0, bytearray(CHECK_BYTES)
     view = memoryview(buffer)
@@ -462,7 +458,7 @@ def _finish_entry(entry: Path, temp: Path, key: dict, parts: list[dict]) -> None
     pairs = co_occurrence["event_pairs"]
     if pairs is not None:
         np.save(temp / "event_pairs.npy", pairs)
-        files["event_pairs.npy"] = _file_record(temp / "event_pairs.npy")
+        files["event_pairs.npy"] = file_record(temp / "event_pairs.npy")
     meta = {"key": key, "parts": parts, "event_sets": co_occurrence["event_sets"],
             "event_pairs": None if pairs is None else len(pairs),  # how many pairs event_pairs.npy holds
             "files": files}
@@ -478,12 +474,12 @@ def _finish_entry(entry: Path, temp: Path, key: dict, parts: list[dict]) -> None
     temp.rename(entry)
     utils.fsync_directory(entry.parent)
     # verified: its checksums were taken as it was written
-    _verified[_entry_id(entry)] = _signature(_entry_files(entry, meta))
+    VERIFIED[_entry_id(entry)] = files_signature(_entry_files(entry, meta))
 
 
 
 # ----------------------------------------------------------------------------- verifying
-_verified: dict[str, tuple] = {}  # entry or window index -> (inode, size, mtime) of its files when verified
+VERIFIED: dict[str, tuple] = {}  # entry or window index -> (inode, size, mtime) of its files when verified
 
 
 def check_entry(entry: Path, key: dict | None) -> str | None:
@@ -536,9 +532,9 @@ def _open_entry(entry: Path, key: dict | None) -> tuple[str | None, dict | None]
         changed = sorted(k for k in {**key, **meta["key"]} if meta["key"].get(k) != key.get(k))
         return f"stale ({', '.join(changed)} changed)", None
     try:
-        signature = _signature(_entry_files(entry, meta))
+        signature = files_signature(_entry_files(entry, meta))
         problem = _size_problem(entry, meta)
-        if problem is None and _verified.get(_entry_id(entry)) != signature:
+        if problem is None and VERIFIED.get(_entry_id(entry)) != signature:
             problem = _arrays_problem(entry, meta) or _checksum_problem(entry, meta) or \
                 _pairs_problem(entry, meta)
     except FileNotFoundError as error:
@@ -546,9 +542,9 @@ def _open_entry(entry: Path, key: dict | None) -> tuple[str | None, dict | None]
     except (OSError, ValueError, IndexError) as error:
         problem = f"{type(error).__name__}: {one_line(error)}"
     if problem is not None:
-        _verified.pop(_entry_id(entry), None)
+        VERIFIED.pop(_entry_id(entry), None)
         return f"damaged ({problem})", None
-    _verified[_entry_id(entry)] = signature
+    VERIFIED[_entry_id(entry)] = signature
     return None, meta
 
 
@@ -562,7 +558,7 @@ def _key_of(entry: Path) -> dict | None:
     return key if _key_problem(key) is None else None
 
 
-def _signature(paths) -> tuple:
+def files_signature(paths) -> tuple:
     """What changes when any of these files is replaced or written to: its inode, size and mtime."""
     return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, paths))
 
@@ -588,7 +584,7 @@ _PART_TYPES = {"part": (int,), "sessions": (int,), "tokens": (int,), "dtype": (s
                "first_bad_record": (str, None), "seen_targets": (list, None)}
 
 
-def _fields_problem(value, types: dict, what: str) -> str | None:
+def fields_problem(value, types: dict, what: str) -> str | None:
     """Whether `value` is an object with exactly these fields, each of its types."""
     if not isinstance(value, dict):
         return f"{what} is {_json_kind(type(value))}, not an object"
@@ -609,7 +605,7 @@ def _json_kind(kind) -> str:
 
 
 def _key_problem(key) -> str | None:
-    problem = _fields_problem(key, _KEY_TYPES, "meta.json's key")
+    problem = fields_problem(key, _KEY_TYPES, "meta.json's key")
     if problem is None and key["vocab_size"] is not None and key["vocab_size"] < 1:
         problem = f"meta.json's key: vocab_size {key['vocab_size']}"
     return problem
@@ -619,7 +615,7 @@ def _meta_problem(meta) -> str | None:
     """What is wrong with the fields and types of a parsed meta.json, or None."""
     types = {"key": (dict,), "parts": (list,), "event_sets": (list, None), "event_pairs": (int, None),
              "files": (dict,)}
-    problem = _fields_problem(meta, types, "meta.json") or _key_problem(meta["key"])
+    problem = fields_problem(meta, types, "meta.json") or _key_problem(meta["key"])
     if problem is not None:
         return problem
     vocab, parts = meta["key"]["vocab_size"], meta["parts"]
@@ -628,7 +624,7 @@ def _meta_problem(meta) -> str | None:
         return "meta.json lists no parts"
     for number, part in enumerate(parts):
         what = f"meta.json's parts[{number}]"
-        problem = _fields_problem(part, _PART_TYPES, what)
+        problem = fields_problem(part, _PART_TYPES, what)
         if problem is not None:
             return problem
         if part["part"] != number or min(part["sessions"], part["tokens"], part["bad_records"]) < 0:
@@ -650,7 +646,7 @@ def _meta_problem(meta) -> str | None:
     if set(meta["files"]) != expected:
         return f"meta.json's files are {excerpt(sorted(meta['files']))}, not {excerpt(sorted(expected))}"
     for name, record in meta["files"].items():
-        problem = _fields_problem(record, {"size": (int,), "crc32": (int,)}, f"meta.json's files[{name}]")
+        problem = fields_problem(record, {"size": (int,), "crc32": (int,)}, f"meta.json's files[{name}]")
         if problem is not None:
             return problem
     return None
@@ -682,7 +678,7 @@ def _size_problem(entry: Path, meta: dict) -> str | None:
 def _arrays_problem(entry: Path, meta: dict) -> str | None:
     """The invariants of every part's arrays, over memory maps, PASS_SESSIONS sessions at a time."""
     for summary in meta["parts"]:
-        part = _Part(entry / f"part-{summary['part']}", summary, "")
+        part = Part(entry / f"part-{summary['part']}", summary, "")
         try:
             problem = _part_problem(part, summary, meta["key"]["vocab_size"])
         finally:
@@ -702,7 +698,7 @@ def _pairs_problem(entry: Path, meta: dict) -> str | None:
     return None
 
 
-def _part_problem(part: _Part, summary: dict, vocab: int | None) -> str | None:
+def _part_problem(part: Part, summary: dict, vocab: int | None) -> str | None:
     """Offsets from 0 to the last token, never decreasing, at least 2 tokens a session; the TAIL zeros;
     with a vocabulary, every session framed by the start and end tokens; known flag bits only; record
     numbers increasing from 1."""
@@ -736,7 +732,7 @@ def _checksum_problem(entry: Path, meta: dict) -> str | None:
     """Every file's CRC-32 against meta.json's (files read in parallel: zlib and reads release the GIL)."""
     names = list(meta["files"])
     with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1, 8)) as pool:
-        records = list(pool.map(lambda name: _file_record(entry / name), names))
+        records = list(pool.map(lambda name: file_record(entry / name), names))
     for name, record in zip(names, records):
         if record["crc32"] != meta["files"][name]["crc32"]:
             return f"{name} fails its checksum (CRC-32 {record['crc32']:08x}, recorded " \
@@ -750,7 +746,7 @@ def event_pairs_of(entry: Path) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- reading
-class _Mapped:
+class Mapped:
     """One array file, memory-mapped (the page cache holds what fits, the process's own memory stays flat)
     or, with lazy=False, read whole into the process's memory."""
 
@@ -772,13 +768,13 @@ class _Mapped:
             self.map.madvise(mmap.MADV_DONTNEED)
 
 
-class _Part:
+class Part:
     def __init__(self, prefix: Path, summary: dict, file: str, vocab_size: int | None = None,
                  lazy: bool = True):
         self.file, self.sessions = file, summary["sessions"]
         self.prefix = prefix
-        self.tokens = _Mapped(Path(f"{prefix}.tokens"), np.dtype(summary["dtype"]), lazy)
-        self.arrays: dict[str, _Mapped] = {}  # offsets, flags, indexes: mapped while a pass reads them
+        self.tokens = Mapped(Path(f"{prefix}.tokens"), np.dtype(summary["dtype"]), lazy)
+        self.arrays: dict[str, Mapped] = {}  # offsets, flags, indexes: mapped while a pass reads them
         # what batches are cut from: int16 holds every token of a small vocabulary (torch's uint16 kernels
         # are slow), else int32; IDs of the shared tokens are the same either way
         small = self.tokens.tensor.dtype == torch.uint16 and vocab_size is not None and \
@@ -787,7 +783,7 @@ class _Part:
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.arrays:
-            self.arrays[name] = _Mapped(Path(f"{self.prefix}.{name}"), ARRAYS[name])
+            self.arrays[name] = Mapped(Path(f"{self.prefix}.{name}"), ARRAYS[name])
         return self.arrays[name].array
 
     def release(self) -> None:
@@ -802,361 +798,8 @@ class _Part:
 SPLITS = ("train", "val", "all")
 
 
-def session_selection(flags: np.ndarray, split: str) -> np.ndarray:
-    """Which sessions of a part a split holds: normal ones, on that side of the validation split."""
-    normal = (flags & FLAG_ABNORMAL) == 0
-    if split == "all":
-        return normal
-    validation = (flags & FLAG_VALIDATION) != 0
-    return normal & (validation if split == "val" else ~validation)
-
-
-class CachedSessions:
-    """Windows of normal sessions from one side of the split, read from token caches.
-
-    The same interface as dataset.SessionDataset (set_epoch, batches, count). An epoch's order is a keyed
-    permutation of all windows of the split, a function of (seed, epoch): a true global shuffle held in no
-    memory; with `world_size > 1` rank r takes every world_size-th window of it, `samples_per_rank` each.
-    `batches(start_batch=N)` computes the position of batch N directly, so a resume costs nothing.
-    Batches are assembled a block (`buffer_size` windows) at a time; with `length_bucketing` the windows
-    of a block are sorted by length, cut into batches and the batches shuffled (little padding, still a
-    global shuffle, but on HDFS it trained worse: benchmarks/README.md).
-    """
-
-    def __init__(self, entries: list[Path], vocab_size: int, split: str = "train",
-                 seed: int = _DEFAULTS.training.seed, max_seq_length: int = _DEFAULTS.data.max_seq_length,
-                 window_context: int = _DEFAULTS.data.window_context,
-                 shuffle: bool = _DEFAULTS.lazy_loading.shuffle_buffer, rank: int = 0, world_size: int = 1,
-                 samples_per_rank: int | None = None, buffer_size: int = _DEFAULTS.lazy_loading.buffer_size,
-                 lazy: bool = _DEFAULTS.lazy_loading.enabled,
-                 length_bucketing: bool = _DEFAULTS.lazy_loading.length_bucketing):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split}")
-        if not 0 <= window_context < max_seq_length:
-            raise ValueError("window_context must be in [0, max_seq_length)")
-        self.vocab_size, self.split, self.seed = vocab_size, split, seed
-        self.max_seq_length, self.window_context, self.shuffle = max_seq_length, window_context, shuffle
-        self.rank, self.world_size, self.samples_per_rank = rank, world_size, samples_per_rank
-        self.buffer_size, self.lazy, self.length_bucketing = buffer_size, lazy, length_bucketing
-        self.shard_by_file = False  # every rank reads every cache: the permutation spreads windows over ranks
-        self.epoch = 0
-        self.entries = list(entries)
-        self.metas = open_entries(self.entries)
-        # a map each of the tokens, the window starts and the window lengths
-        _allow_open_files(3 * sum(len(meta["parts"]) for meta in self.metas))
-        self.parts, self.windows = [], []
-        for entry, meta in zip(entries, self.metas):
-            for summary in meta["parts"]:
-                prefix = entry / f"part-{summary['part']}"
-                self.parts.append(_Part(prefix, summary, meta["key"]["path"], vocab_size, lazy))
-                self.windows.append(self._window_index(prefix, self.parts[-1]))
-        counts = np.array([len(w["starts"].array) for w in self.windows], dtype=np.int64)
-        self.window_bounds = np.concatenate([[0], np.cumsum(counts)])
-        self.total_windows = int(self.window_bounds[-1])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    # ------------------------------------------------------------------ the window index
-    def _window_index(self, prefix: Path, part: _Part) -> dict:
-        """Start (in tokens) and length of every window of this split, negative for a window that re-reads
-        window_context positions of the previous one; derived from the cache once, kept beside it with the
-        size and CRC-32 of its two files (verified once per process; rebuilt when damaged)."""
-        name = f"{prefix}.windows-{self.split}-{self.max_seq_length}-{self.window_context}"
-        problem = _window_index_problem(name)
-        if problem is not None:
-            if problem != "absent":
-                log.info(f"Token cache of {part.file}: window index {Path(name).name}: {problem}; "
-                         f"rebuilding it")
-            if not _writable(prefix.parent):   # a read-only cache: the index goes to a private folder
-                name = str(_private_folder() / hashlib.sha1(name.encode()).hexdigest())
-                problem = _window_index_problem(name)
-            if problem is not None:
-                _write_window_index(name, part, self.split, self.max_seq_length, self.window_context)
-        return {"starts": _Mapped(Path(f"{name}.starts"), np.int64, self.lazy),
-                "lengths": _Mapped(Path(f"{name}.lengths"), np.int32, self.lazy)}
-
-    # ------------------------------------------------------------------ counts
-    def count(self) -> dict:
-        """Sessions, windows and predicted tokens of this split, from the caches' records and window index
-        (no parsing); with the training split, also the targets it holds and which event types occur
-        together, as sets and pairs (recorded by the first pass; None for other splits)."""
-        sessions = abnormal = tokens = 0
-        step = PASS_SESSIONS
-        for part in self.parts:
-            for begin in range(0, part.sessions, step):
-                flags = part["flags"][begin:begin + step]
-                sessions += int(session_selection(flags, self.split).sum())
-                abnormal += int(((flags & FLAG_ABNORMAL) != 0).sum())
-        for windows in self.windows:
-            for begin in range(0, len(windows["lengths"].array), step):
-                lengths = windows["lengths"].array[begin:begin + step]
-                tokens += int(np.abs(lengths).sum()) - self.window_context * int((lengths < 0).sum())
-        self._release()
-        bad = [p for meta in self.metas for p in meta["parts"] if p["bad_records"]]
-        seen = sorted({t for meta in self.metas for p in meta["parts"] for t in (p["seen_targets"] or [])})
-        co_occurrence = {"event_sets": None, "event_pairs": None}
-        if self.split == "train":
-            co_occurrence = merge_co_occurrence([
-                {"event_sets": meta["event_sets"],
-                 "event_pairs": None if meta["event_pairs"] is None else event_pairs_of(entry)}
-                for entry, meta in zip(self.entries, self.metas)])
-        return {"sessions": sessions, "abnormal_skipped": abnormal,
-                "bad_records": sum(p["bad_records"] for p in bad),
-                "first_bad_record": bad[0]["first_bad_record"] if bad else None,
-                "windows": self.total_windows, "tokens": tokens,
-                "seen_targets": seen if self.split == "train" else None, **co_occurrence}
-
-    # ------------------------------------------------------------------ epochs
-    def windows_per_rank(self) -> int:
-        if self.samples_per_rank is not None:
-            return min(self.samples_per_rank, self.total_windows // self.world_size)
-        return self.total_windows // self.world_size if self.world_size > 1 else self.total_windows
-
-    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[tuple[dict, int]]:
-        """Padded batches with their position: the number of batches of this epoch done after this one."""
-        count = self.windows_per_rank()
-        block = max(1, self.buffer_size // batch_size) * batch_size if self.shuffle else batch_size * 64
-        first_block = start_batch * batch_size // block
-        for block_start in range(first_block * block, count, block):
-            positions = np.arange(block_start, min(block_start + block, count), dtype=np.int64)
-            batches = self._block(positions, batch_size, block_start // block)
-            done = block_start // batch_size
-            for batch in batches:
-                done += 1
-                if done > start_batch:
-                    yield batch, done
-
-    def _block(self, positions: np.ndarray, batch_size: int, block_number: int) -> list[dict]:
-        """The batches of one block. Its windows are read in the caches' order (for locality), then put back
-        in the permutation's order, or, with length_bucketing, sorted by length, cut into batches and the
-        batches put in a seeded random order."""
-        ids = positions * self.world_size + self.rank
-        cuts = np.arange(0, len(ids), batch_size)
-        batch_order = np.arange(len(cuts))
-        if not self.shuffle:
-            rows, lengths, context = self._gather(ids)
-        else:  # which windows form this block, and in which order: a keyed permutation of all of them
-            ids = keyed_permutation(ids, self.total_windows, f"{self.seed}:{self.epoch}")
-            read_order = np.argsort(ids)
-            rows, lengths, context = self._gather(ids[read_order])
-            if self.length_bucketing:  # batches of windows alike in length carry little padding
-                order = np.argsort(lengths.astype(np.int16 if self.max_seq_length < 2 ** 15 else np.int32),
-                                   kind="stable")  # a radix sort for int16
-                rng = np.random.default_rng([self.seed % 2 ** 32, self.epoch, block_number])
-                batch_order = rng.permutation(len(cuts))
-            else:  # back to the permutation's order: the inverse of read_order
-                order = np.empty_like(read_order)
-                order[read_order] = np.arange(len(read_order))
-            rows = rows.index_select(0, torch.from_numpy(order))
-            lengths, context = lengths[order], context[order]
-        widths = np.maximum.reduceat(lengths, cuts).tolist()
-        rows = rows.split(batch_size)
-        lengths = torch.from_numpy(lengths.astype(np.int64)).split(batch_size)
-        context = torch.from_numpy(np.where(context, self.window_context, 0).astype(np.int64))
-        context = context.split(batch_size)
-        # inputs row[:-1], targets row[1:], both views; positions from `lengths` on and the first `context`
-        # targets are masked where the batch lands (dataset.batch_to_device), not here
-        return [{"input_ids": rows[k][:, :widths[k]], "targets": rows[k][:, 1:widths[k] + 1],
-                 "lengths": lengths[k], "context": context[k]} for k in batch_order.tolist()]
-
-    def _gather(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """For sorted global window ids: rows of (longest + 1) tokens from each window's start, as one
-        [windows, longest + 1] int tensor (inputs are row[:-1], targets row[1:]); the windows' lengths;
-        whether each re-reads window_context positions of the previous window."""
-        bounds = np.searchsorted(ids, self.window_bounds)
-        pieces = []
-        for part in np.flatnonzero(np.diff(bounds)).tolist():
-            local = torch.from_numpy(ids[bounds[part]:bounds[part + 1]] - self.window_bounds[part])
-            windows = self.windows[part]
-            pieces.append((part, windows["starts"].tensor.index_select(0, local),
-                           windows["lengths"].tensor.index_select(0, local)))
-        signed = torch.cat([lengths for _, _, lengths in pieces]) if len(pieces) > 1 else pieces[0][2]
-        signed = signed.numpy()
-        lengths = np.abs(signed)
-        width = int(lengths.max()) + 1
-        rows = []
-        for part, local, _ in pieces:
-            tokens = self.parts[part].rows
-            if width <= TAIL:  # every window is a contiguous slice: one index_select of overlapping rows
-                rows.append(tokens.unfold(0, width, 1).index_select(0, local))
-            else:
-                rows.append(tokens[(local[:, None] + torch.arange(width)).clamp(max=len(tokens) - 1)])
-        rows = torch.cat(rows) if len(rows) > 1 else rows[0]
-        return (rows.to(torch.int32) if rows.dtype == torch.uint16 else rows), lengths, signed < 0
-
-    def _release(self) -> None:
-        for part in self.parts:
-            part.release()
-        for windows in self.windows:
-            windows["starts"].release()
-            windows["lengths"].release()
-
-
-def _window_index_problem(name: str) -> str | None:
-    """None when a window index is complete and intact (its record, NAME.json, holds both files' size and
-    CRC-32), else why not; "absent" when it was never written."""
-    files = {k: Path(f"{name}.{k}") for k in ("json", "starts", "lengths")}
-    if not files["json"].exists():
-        return "absent"
-    try:
-        record = json.loads(files["json"].read_text())
-        types = {"size": (int,), "crc32": (int,)}
-        problem = _fields_problem(record, {"starts": (dict,), "lengths": (dict,)}, files["json"].name) or \
-            _fields_problem(record["starts"], types, "starts") or \
-            _fields_problem(record["lengths"], types, "lengths")
-        if problem is not None:
-            return problem
-        signature = _signature(files.values())
-        if _verified.get(name) == signature:
-            return None
-        for k in ("starts", "lengths"):
-            actual = _file_record(files[k])
-            if actual != record[k]:
-                return f"{files[k].name} has {actual['size']} bytes, CRC-32 {actual['crc32']:08x}: " \
-                       f"not the recorded {record[k]['size']}, {record[k]['crc32']:08x}"
-    except (OSError, ValueError) as error:
-        return f"{type(error).__name__}: {one_line(error)}"
-    _verified[name] = signature
-    return None
-
-
-def _write_window_index(name: str, part: _Part, split: str, max_seq_length: int,
-                        window_context: int) -> None:
-    """The window index of a split (see CachedSessions._window_index); its record is written last, so that
-    its presence means both files are complete."""
-    temp = {k: Path(f"{name}.{k}.{os.getpid()}.tmp") for k in ("starts", "lengths")}
-    writers = {k: _Writer(path) for k, path in temp.items()}
-    try:
-        for begin in range(0, part.sessions, PASS_SESSIONS):
-            end = min(begin + PASS_SESSIONS, part.sessions)
-            offsets = np.array(part["offsets"][begin:end + 1])
-            chosen = session_selection(part["flags"][begin:end], split)
-            starts, lengths = _windows_of(offsets[:-1][chosen], (np.diff(offsets) - 2)[chosen],
-                                          max_seq_length, window_context)
-            writers["starts"].write(starts)
-            writers["lengths"].write(lengths)
-        for writer in writers.values():
-            writer.handle.flush()
-            os.fsync(writer.handle.fileno())
-    except BaseException:
-        for path in temp.values():
-            path.unlink(missing_ok=True)
-        raise
-    finally:
-        for writer in writers.values():
-            writer.close()
-    for k, path in temp.items():
-        os.replace(path, f"{name}.{k}")
-    record = {k: writer.record() for k, writer in writers.items()}
-    utils.atomic_write(f"{name}.json", lambda handle: handle.write(json.dumps(record).encode()))
-    _verified[name] = _signature(Path(f"{name}.{k}") for k in ("json", "starts", "lengths"))
-    part.release()
-
-
-def _private_folder() -> Path:
-    """Where this user keeps what a read-only cache cannot hold (window indexes)."""
-    folder = Path(tempfile.gettempdir()) / f"deeplog-windows-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    return folder
-
-
-def _allow_open_files(needed: int) -> None:
-    """Every map holds a file descriptor: raise this process's soft limit towards the hard one if needed."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
-    wanted = in_use + needed + 64
-    if wanted <= soft:
-        return
-    if hard != resource.RLIM_INFINITY and wanted > hard:
-        raise DataError(f"the token caches need {needed} open files, more than this system allows ({hard}, "
-                        f"ulimit -n): use fewer, bigger data files")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
-def _windows_of(starts: np.ndarray, lengths: np.ndarray, max_seq_length: int, window_context: int):
-    """Windows of sessions (start of the start token, events), cut by model.window_table: (window starts,
-    window lengths), a length negative for a window whose first window_context targets are context."""
-    session, begin, end, scored = window_table(lengths + 1, max_seq_length, window_context)
-    window_lengths = (end - begin).astype(np.int32)
-    return (starts[session] + begin).astype(np.int64), np.where(scored > 0, -window_lengths, window_lengths)
-
-
-def keyed_permutation(values: np.ndarray, n: int, key: str) -> np.ndarray:
-    """A pseudo-random bijection of [0, n) applied to `values`: a 4-round Feistel network over the
-    smallest even number of bits that covers n, cycle-walking the values that land outside [0, n).
-    Each half is at most 32 bits, so the rounds run on uint32 (products wrap by design) when n < 2^32."""
-    half = max(1, ((n - 1).bit_length() + 1) // 2)
-    dtype = np.uint32 if half <= 16 else np.uint64
-    mask, shift = dtype((1 << half) - 1), dtype(half)
-    round_keys = np.frombuffer(hashlib.blake2b(key.encode(), digest_size=32).digest(), dtype=np.uint64)
-    round_keys = [dtype(int(k) & ((1 << half) - 1)) for k in round_keys]
-    multiplier, fold = (dtype(0x9E3779B1), dtype(16)) if dtype is np.uint32 else \
-        (dtype(0xBF58476D1CE4E5B9), dtype(31))
-
-    def encrypt(x: np.ndarray) -> np.ndarray:
-        left, right = x >> shift, x & mask
-        for round_key in round_keys:
-            mixed = (right ^ round_key) * multiplier
-            mixed ^= mixed >> fold
-            left, right = right, left ^ (mixed & mask)
-        return (left << shift) | right
-
-    with np.errstate(over="ignore"):
-        out = encrypt(values.astype(dtype))
-        outside = out >= n
-        while outside.any():
-            out[outside] = encrypt(out[outside])
-            outside = out >= n
-    return out.astype(np.int64)
-
-
-# ----------------------------------------------------------------------------- sessions for evaluation
-def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096,
-                   max_events: int = 2 ** 22) -> Iterator[list[tuple]]:
-    """Sessions of the caches as chunks of event-ID tuples, in file order: `wanted` is "calibration" or
-    "evaluation" (the two halves of the normal validation split, or of all normal sessions when the
-    split is 0), "normal" (every normal session), "train" (the normal sessions outside the validation split),
-    "abnormal" (label 1) or "all". A chunk holds at most `chunk_size`
-    sessions and, past its first session, `max_events` events: long sessions make short chunks."""
-    for entry, meta in zip(entries, open_entries(entries)):
-        split_is_zero = meta["key"]["validation_split"] == 0
-        for summary in meta["parts"]:
-            part = _Part(entry / f"part-{summary['part']}", summary, meta["key"]["path"])
-            all_offsets, begin = part["offsets"], 0
-            while begin < part.sessions:
-                # the largest end within both bounds, at least one session past begin
-                end = int(np.searchsorted(all_offsets, all_offsets[begin] + max_events, side="right")) - 1
-                end = min(max(end, begin + 1), begin + chunk_size, part.sessions)
-                flags = part["flags"][begin:end]
-                abnormal = (flags & FLAG_ABNORMAL) != 0
-                if wanted == "all":
-                    chosen = np.ones(len(flags), dtype=bool)
-                elif wanted == "abnormal":
-                    chosen = abnormal
-                elif wanted == "normal":
-                    chosen = ~abnormal
-                elif wanted == "train":   # the normal sessions training learned from
-                    chosen = ~abnormal & (split_is_zero | ((flags & FLAG_VALIDATION) == 0))
-                else:
-                    held_out = ~abnormal & (split_is_zero | ((flags & FLAG_VALIDATION) != 0))
-                    calibration = (flags & FLAG_CALIBRATION) != 0
-                    chosen = held_out & (calibration if wanted == "calibration" else ~calibration)
-                indices = np.flatnonzero(chosen)
-                if not len(indices):
-                    begin = end
-                    continue
-                offsets = part["offsets"][begin:end + 1]
-                tokens = part.tokens.array[offsets[0]:offsets[-1]].tolist()
-                local = (offsets - offsets[0]).tolist()
-                yield [tuple(tokens[local[i] + 1:local[i + 1] - 1]) for i in indices.tolist()]
-                begin = end
-            part.release()
-
-
 def main(argv=None) -> int:
-    import argparse
-    defaults = utils.Config()
+    defaults = Config()
     data = defaults.data
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1182,7 +825,7 @@ def main(argv=None) -> int:
     settings = CacheSettings(args.vocab_size, args.event_ids_field, args.label_field, args.json_array_key,
                              args.skip_bad_records, args.validation_split, args.seed)
     build = lambda: _build_and_list(args.path, settings, args.cache_dir, args.workers)  # noqa: E731
-    return utils.exit_on_user_error(build, (DataError, utils.ConfigError), None)
+    return utils.exit_on_user_error(build)
 
 
 def _build_and_list(paths, settings: CacheSettings, cache_dir, workers: int | None) -> int:
@@ -1190,7 +833,7 @@ def _build_and_list(paths, settings: CacheSettings, cache_dir, workers: int | No
     for entry, meta in zip(entries, open_entries(entries)):
         sessions = sum(p["sessions"] for p in meta["parts"])
         print(f"{meta['key']['path']}: {sessions} sessions in {len(meta['parts'])} part(s) -> {entry} "
-              f"({_size(entry) / 2 ** 20:.1f} MB)")
+              f"({entry_size(entry) / 2 ** 20:.1f} MB)")
     return 0
 
 

@@ -1,11 +1,6 @@
-"""Calibration: the decision rules, the thresholds fitted for them on normal sessions, and the file that holds
-them.
+"""Calibration: the thresholds fitted for the decision rules on normal sessions, and the file that holds them.
 
 Examples:
-
-    from model import DeepLog
-    model = DeepLog.from_checkpoint("outputs/checkpoints/best_model.pt")   # its calibration is loaded with it
-    model.verdict([[5, 22, 11, 9, 26]])                                   # ["normal"] or ["abnormal"]
 
     import calibration
     fitted = calibration.load_calibration("outputs/calibration.json")     # validated, older forms upgraded
@@ -14,17 +9,9 @@ Examples:
     python evaluate.py --checkpoint outputs/checkpoints/best_model.pt --calibrate-on /data/quiet_day \\
         --data-dir /data/today                                            # refit, then evaluate
 
-The rules. Every session is scored by the model (evaluate.score_sessions); a rule turns its score columns
-into a verdict (`verdicts`):
-- probability: an actual event less likely than one bound, or an end of session less likely than another;
-- event_set / event_pair: a set of event types, or two types, never seen together in a normal training
-  session;
-- count_vector: event counts farther from every normal training session than any is from its nearest other;
-- top_g: DeepLog's own rule, an actual event outside the top-g; score_pNN: the share of events outside the
-  top-k above that percentile of the calibration sessions';
-- combined (the default): any of the rules `plan_rules` chose from the training sessions.
-Each is fitted (`fit`) on normal sessions only: its threshold, the share of calibration sessions it flagged,
-and the false-positive rate to expect from it (`expected_rates`), side by side with the rule that applies it.
+The rules themselves (what each tests) are rules.py's. Each is fitted here (`fit`) on normal sessions only:
+its threshold, the share of calibration sessions it flagged, and the false-positive rate to expect from it
+(`expected_rates`), side by side with the rule that applies it.
 
 The file. A calibration is a dict of plain types, saved in the checkpoint ("calibration") and as
 calibration.json; `save_calibration` writes it (validated, atomically), `validate` checks a loaded one: every
@@ -43,13 +30,10 @@ import numpy as np
 import torch
 
 import utils
-from dataset import DataError
-from model import IGNORE_INDEX, CoOccurrence, DeepLog
+from model import DeepLog
+from rules import COMBINABLE, PERCENTILES, RULES, CoOccurrence, anomaly_scores, verdicts
+from tokens import IGNORE_INDEX
 
-RULES = ("combined", "probability", "event_set", "event_pair", "count_vector", "top_g", "score_p90",
-         "score_p95", "score_p99")
-COMBINABLE = ("probability", "event_set", "event_pair", "count_vector")  # the rules `combined` may take
-PERCENTILES = (90, 95, 99)
 VERSION = 3                    # 3: "version" itself and the checks of validate(); 2 and earlier: no field
 MAX_EXACT_SCORES = 200_000     # distinct anomaly-score values kept exactly for the percentiles
 SKETCH_BINS = 2 ** 16          # beyond them: histogram bins over [0, 1]
@@ -57,53 +41,6 @@ SKETCH_BINS = 2 ** 16          # beyond them: histogram bins over [0, 1]
 
 class CalibrationError(utils.UserError):
     """A calibration that is damaged, of an unknown form, or does not fit the model; the message names it."""
-
-
-# ----------------------------------------------------------------------------- the rules
-def anomaly_scores(scores: dict, top_k: int) -> np.ndarray:
-    """Per session: the fraction of its predictions whose actual event is outside the top-k."""
-    return scores[f"misses_at_{top_k}"] / scores["predictions"]
-
-
-def verdicts(scores: dict, calibration: dict, rule: str) -> np.ndarray:
-    """True where a session is abnormal under `rule`, from its score columns (evaluate.score_sessions) and a
-    calibration in the current form (load_calibration, fit). The one place the decision rules are written;
-    `fit` counts each rule's rate on the calibration sessions with it."""
-    flags = np.zeros(len(scores["predictions"]), dtype=bool)
-    if rule == "combined":
-        for part in calibration["combined_rules"]:
-            flags |= verdicts(scores, calibration, part)
-        return flags
-    if rule == "event_set":
-        return scores["novel_set"] > 0
-    if rule == "event_pair":
-        return scores["novel_pair"] > 0
-    if rule == "count_vector":  # farther from every normal training session than any of them from the others
-        distance = calibration["count_vector_distance"]
-        return flags if distance is None else scores["count_distance"] > distance
-    if rule == "top_g":
-        return scores["max_rank"] >= calibration["top_g"]
-    if rule == "probability":
-        event_bound = calibration["log_probability_bound"]
-        end_bound = calibration["log_end_probability_bound"]
-        if end_bound is None:  # calibrations from before the end of session had a bound of its own
-            return scores["min_log_prob"] < event_bound
-        # where training shows that new normal sessions often bring an event type it never had, such an
-        # event is not flagged by itself (the count-vector rule still counts it)
-        events = scores["min_event_log_prob" if calibration["unseen_events_flag"]
-                        else "min_seen_event_log_prob"]
-        return (events < event_bound) | (scores["end_log_prob"] < end_bound)
-    if rule.startswith("score_"):
-        return anomaly_scores(scores, calibration["top_k"]) > calibration["score_thresholds"][rule[6:]]
-    raise CalibrationError(f"unknown decision rule '{rule}' (known: {', '.join(RULES)})")
-
-
-def miss_bounds(calibration: dict, rule: str) -> tuple[float | None, float | None]:
-    """The probability bounds that make an event a miss when a verdict is explained (DeepLog.diagnose): the
-    probability rule's, where `rule` applies it, else none (misses are then the events outside the top-k)."""
-    if rule not in ("probability", "combined"):
-        return None, None
-    return calibration["log_probability_bound"], calibration["log_end_probability_bound"]
 
 
 def check_top_k(calibration: dict, top_k: int) -> None:
@@ -600,7 +537,7 @@ Scorer = Callable[[list], tuple[list, dict, np.ndarray]]  # chunk -> distinct se
 def fit(model: DeepLog, scorer: Scorer, normal: Iterable[list], top_k: int, top_g: int, target_fpr: float,
         source: str, default_rule: str, co_occurrence: CoOccurrence | None = None,
         max_tokens: int | None = None, max_exact_scores: int = MAX_EXACT_SCORES) -> dict:
-    """Thresholds from normal sessions only (chunks, read once, scored by `scorer`: evaluate.ChunkScorer):
+    """Thresholds from normal sessions only (chunks, read once, scored by `scorer`: scoring.ChunkScorer):
     score percentiles, and the two bounds of the LSTM's probability rule, one on the least likely event of a
     session and one on its end, each set so that at most half of `target_fpr` of normal sessions fall below it
     (see target_fpr_threshold): together at most the target. Records how often each rule fires on these
@@ -635,7 +572,7 @@ def fit(model: DeepLog, scorer: Scorer, normal: Iterable[list], top_k: int, top_
         for rule in ("event_set", "event_pair", "count_vector", "top_g"):
             flagged[rule] += float(weights[verdicts(scores, {**plan, "top_g": top_g}, rule)].sum())
     if not sessions:
-        raise DataError(f"{source}: no normal sessions to calibrate on")
+        raise CalibrationError(f"{source}: no normal sessions to calibrate on")
     half = target_fpr / 2
     event_threshold, event_method = target_fpr_threshold(tail.event, tail.weights, sessions, half,
                                                          implied.threshold("event", half, sessions))

@@ -20,6 +20,7 @@ This module knows nothing of training: it reads, validates, splits, windows, shu
 """
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import itertools
@@ -28,7 +29,6 @@ import json.scanner
 import os
 import random
 import re
-import reprlib
 import signal
 import struct
 import sys
@@ -43,21 +43,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import utils
-from model import (
-    IGNORE_INDEX,
-    MAX_EVENT_PAIRS,
-    event_pairs,
-    lay_out,
-    pairs_of_sets,
-    sorted_unique,
-    special_tokens,
-    window_table,
-)
+from config import Config
+from rules import CoOccurrenceRecorder, merge_co_occurrence
+from tokens import IGNORE_INDEX, lay_out, special_tokens, window_table
+from utils import UserError, excerpt, file_kind, one_line
 
-_DEFAULTS = utils.Config()  # the one place defaults live (utils imports nothing of this module)
+_DEFAULTS = Config()  # the one place defaults live
 _DATA = _DEFAULTS.data
 JSON_SUFFIXES = (".json", ".jsonl")
-MAX_EVENT_SETS = 10000  # beyond this many distinct sets of co-occurring event types, the record is dropped
 TEXT_SUFFIXES = (".txt", ".log", "")
 IJSON_BACKEND = ijson.backend  # "yajl2_c" when the C extension is available, else a slower pure-Python one
 # ijson's C backend crashes the interpreter (a segfault, seen with ijson 3.6) on a JSON number longer than
@@ -66,7 +59,7 @@ IJSON_BACKEND = ijson.backend  # "yajl2_c" when the C extension is available, el
 sys.set_int_max_str_digits(0)
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad input data. The message names the file and the record (or line). `skippable`: True on a bad
     record that skip_bad_records would have skipped (set where it is raised unskipped), False on a fault
     of the file itself (unreadable, malformed JSON array, nested too deep), which nothing skips."""
@@ -83,90 +76,6 @@ def skip_hint(error: BaseException, skip_bad_records: bool) -> str:
     return " (--skip-bad-records skips such records)"
 
 
-class CoOccurrenceRecorder:
-    """Which event types occur together in the sessions it is given (training's normal ones): their distinct
-    sets while there are at most MAX_EVENT_SETS, and the pairs of types sharing a session while there are at
-    most MAX_EVENT_PAIRS (each None beyond). While the sets are kept the pairs follow from them at the end;
-    only past MAX_EVENT_SETS are the pairs taken from every session, vectorised."""
-
-    BUFFERED = 4096  # sessions given one by one (add_session) are recorded this many at a time
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-        self.sets: set[frozenset] | None = set()
-        self.pairs: np.ndarray | None = np.empty(0, dtype=np.int64)  # of sessions recorded without their set
-        self._buffer: list = []
-
-    def add(self, tokens: np.ndarray, lengths: np.ndarray, selected: np.ndarray | None = None) -> None:
-        """Record sessions laid out back to back (`lengths` each); only the `selected` ones when given."""
-        if selected is not None and not selected.all():
-            tokens, lengths = tokens[np.repeat(selected, lengths)], lengths[selected]
-        if self.sets is not None and len(lengths):
-            self._add_sets(tokens, lengths)
-        if self.sets is None and self.pairs is not None:
-            for codes, _ in event_pairs(tokens, lengths, self.vocab_size):
-                self.pairs = sorted_unique(self.pairs, codes)
-                if len(self.pairs) > MAX_EVENT_PAIRS:
-                    self.pairs = None
-                    break
-
-    def _add_sets(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        starts = np.cumsum(lengths) - lengths
-        if self.vocab_size <= 63:  # one bit per event type: every session's set in two vectorised passes
-            nonempty = lengths > 0
-            masks = np.bitwise_or.reduceat(np.left_shift(np.uint64(1), tokens.astype(np.uint64)),
-                                           starts[nonempty]) if nonempty.any() else np.empty(0, np.uint64)
-            found = {frozenset(i for i in range(self.vocab_size) if mask >> i & 1)
-                     for mask in np.unique(masks).tolist()}
-            if not nonempty.all():
-                found.add(frozenset())
-            self.sets |= found
-        else:
-            listed = tokens.tolist()
-            for begin, length in zip(starts.tolist(), lengths.tolist()):
-                self.sets.add(frozenset(listed[begin:begin + length]))
-                if len(self.sets) > MAX_EVENT_SETS:
-                    break
-        if len(self.sets) > MAX_EVENT_SETS:  # too varied to be a rule: keep what they say about pairs
-            self.pairs = sorted_unique(self.pairs, pairs_of_sets(self.sets, self.vocab_size))
-            self.sets = None
-            if len(self.pairs) > MAX_EVENT_PAIRS:
-                self.pairs = None
-
-    def add_session(self, event_ids: list[int]) -> None:
-        self._buffer.append(event_ids)
-        if len(self._buffer) >= self.BUFFERED:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._buffer:
-            lengths = np.fromiter(map(len, self._buffer), dtype=np.int64, count=len(self._buffer))
-            self.add(np.fromiter(itertools.chain.from_iterable(self._buffer), dtype=np.int64,
-                                 count=int(lengths.sum())), lengths)
-            self._buffer = []
-
-    def summary(self) -> dict:
-        """{"event_sets": sorted lists of IDs or None, "event_pairs": sorted pair codes or None}."""
-        self._flush()
-        pairs = self.pairs
-        if self.sets is not None and pairs is not None:
-            pairs = sorted_unique(pairs, pairs_of_sets(self.sets, self.vocab_size))
-        return {"event_sets": None if self.sets is None else sorted(sorted(s) for s in self.sets),
-                "event_pairs": None if pairs is None or len(pairs) > MAX_EVENT_PAIRS else pairs}
-
-
-def merge_co_occurrence(summaries: list[dict]) -> dict:
-    """The union of several CoOccurrenceRecorder summaries (of disjoint data): each record None when any
-    part lacks it or the union exceeds its cap."""
-    sets = [s["event_sets"] for s in summaries]
-    union = None if None in sets else {tuple(x) for shard in sets for x in shard}
-    pairs = [s["event_pairs"] for s in summaries]
-    pair_union = None if any(p is None for p in pairs) else sorted_unique(*pairs)
-    too_many_sets = union is None or len(union) > MAX_EVENT_SETS
-    return {"event_sets": None if too_many_sets else sorted(list(x) for x in union),
-            "event_pairs": None if pair_union is None or len(pair_union) > MAX_EVENT_PAIRS else pair_union}
-
-
 @dataclass
 class Record:
     file: str
@@ -176,8 +85,6 @@ class Record:
     label: int
     lines: list | None = None  # preprocess.py's provenance: [[file index, first line, count], ...], else None
 
-
-file_kind = utils.file_kind
 
 
 def list_data_files(path: str | os.PathLike) -> list[Path]:
@@ -321,7 +228,7 @@ _PLAIN_INTEGER = re.compile(r"-?[0-9]+")
 _TEXT_BYTES = b"0123456789- \t\r\n\x0b\x0c"  # what a DeepLog text block may hold (int() takes more)
 
 
-def _text_event_ids(file: Path, line_no: int, tokens: list[str]) -> list[int]:
+def text_event_ids(file: Path, line_no: int, tokens: list[str]) -> list[int]:
     event_ids = []
     for token in tokens:
         try:
@@ -334,25 +241,10 @@ def _text_event_ids(file: Path, line_no: int, tokens: list[str]) -> list[int]:
     return event_ids
 
 
-_EXCERPT = reprlib.Repr()
-_EXCERPT.maxlevel, _EXCERPT.maxlist, _EXCERPT.maxdict, _EXCERPT.maxstring, _EXCERPT.maxlong = 2, 6, 4, 40, 40
-
-
-def one_line(error, limit: int = 160) -> str:
-    """Another library's error text as one bounded line (yajl's messages span lines and quote the input)."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def excerpt(value) -> str:
-    """A bounded repr for messages: a value nested 5,000 deep or 5,000 digits long stays one short line."""
-    return _EXCERPT.repr(value)
-
-
 MAX_EVENT_ID = 2 ** 63 - 1   # IDs are held as int64 (an ID a model never saw is scored as unknown)
 
 
-def _validate(file: Path, index: int, item, fields, vocab_size: int | None, fmt: str) -> Record:
+def validate_record(file: Path, index: int, item, fields, vocab_size: int | None, fmt: str) -> Record:
     event_ids_field, label_field, session_id_field = fields
     where = f"{file}: {'record' if fmt == 'json' else 'line'} {index}"
     label, session_id, lines = 0, f"{file.name}:{index}", None
@@ -601,8 +493,8 @@ def _record(file: Path, index: int, item, fields, vocab_size: int | None, fmt: s
     if isinstance(item, _Unparsable):
         raise DataError(item.message)
     if fmt == "text":
-        item = _text_event_ids(file, index, item)
-    return _validate(file, index, item, fields, vocab_size, fmt)
+        item = text_event_ids(file, index, item)
+    return validate_record(file, index, item, fields, vocab_size, fmt)
 
 
 def _checked_record_by_record(file: Path, chunk, fmt: str, fields, vocab_size, skip_bad_records: bool,
@@ -621,6 +513,11 @@ def _checked_record_by_record(file: Path, chunk, fmt: str, fields, vocab_size, s
                          np.array([len(r.event_ids) for r in records], dtype=np.int64),
                          np.array([r.label for r in records], dtype=np.uint8),
                          np.array([r.index for r in records], dtype=np.int64))
+
+
+# How split_draws assigns sessions to the validation split and its halves. Checkpoints record it: a
+# checkpoint of another scheme cannot tell which sessions it trained on.
+SPLIT_SCHEME = "splitmix64-v2"
 
 
 def split_draws(file: str, indexes, seed: int) -> np.ndarray:
@@ -652,7 +549,7 @@ def calibration_half(file: str, indexes, seed: int) -> np.ndarray:
 
 def make_windows(event_ids: list[int], vocab_size: int, max_seq_length: int, window_context: int):
     """Session -> training samples (inputs, targets), each at most max_seq_length positions: the session's
-    layout (model.lay_out: inputs [start, e1..en], targets [e1..en, end]) cut by model.window_table, the
+    layout (tokens.lay_out: inputs [start, e1..en], targets [e1..en, end]) cut by tokens.window_table, the
     targets of a later window's context masked, so every prediction is trained exactly once and nothing is
     dropped or truncated."""
     laid_out, _ = lay_out(np.asarray(event_ids, dtype=np.int64), np.array([len(event_ids)]), vocab_size)
@@ -926,7 +823,6 @@ def describe(path, vocab_size: int | None = None, **reader_options) -> Iterator[
 
 
 def main(argv=None) -> int:
-    import argparse
     parser = argparse.ArgumentParser(description="Validate data files and count their sessions.")
     parser.add_argument("path", help="a data file or a directory of them")
     parser.add_argument("--vocab-size", type=int, default=None, help="reject IDs >= this")
@@ -943,7 +839,7 @@ def main(argv=None) -> int:
                              label_field=cli.label_field, json_array_key=cli.json_array_key):
             print(line, flush=True)
         return 0
-    return utils.exit_on_user_error(run, (DataError, utils.ConfigError), None)
+    return utils.exit_on_user_error(run)
 
 
 if __name__ == "__main__":

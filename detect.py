@@ -66,15 +66,17 @@ from pathlib import Path
 import torch
 
 import calibration as cal
+import logparse
 import preprocess
 import utils
-from calibration import RULES, anomaly_scores, verdicts
+from checkpoint import CheckpointError, co_occurrence_of, load_trained
+from config import Config, check_values, config_from_dict, load_config, reader_options, set_value
 from dataset import DataError, Record, iter_sessions, skip_hint
 from live_sessions import LiveDetector, verdict_line
-from live_sources import FollowedFile, LineParser, StandardInput, _parse_in_worker, _start_parse_worker
+from live_sources import FollowedFile, LineParser, StandardInput, parse_in_worker, start_parse_worker
 from live_state import LiveState
-from model import CoOccurrence
-from scoring import MAX_CACHED, ChunkScorer, chunked, known_co_occurrence, load_model, session_key
+from rules import RULES, CoOccurrence, anomaly_scores, miss_bounds, verdicts
+from scoring import MAX_CACHED, ChunkScorer, chunked, session_key
 
 DEFAULT_IDLE_LINES = 100_000   # a live session no line names for this long is closed (else detect.idle_lines)
 
@@ -84,9 +86,9 @@ def raw_log_records(parser_state: str, path: str) -> tuple[Iterator[Record], obj
     """Sessions of raw log files (a file or a directory) parsed and grouped through preprocess.py's saved
     parser state, as Records with their line provenance, and the RawLines that resolves it."""
     try:
-        files = preprocess.input_files([path])
-        preprocess.load_state(parser_state)
-    except preprocess.PreprocessError as error:
+        files = logparse.input_files([path])
+        logparse.load_state(parser_state)
+    except logparse.PreprocessError as error:
         raise utils.ConfigError(str(error)) from None
 
     def records():
@@ -94,7 +96,7 @@ def raw_log_records(parser_state: str, path: str) -> tuple[Iterator[Record], obj
             for number, session in enumerate(preprocess.sessions_from_logs(parser_state, [path]), start=1):
                 yield Record(path, number, str(session["session_id"]), session["event_ids"],
                              int(session.get("label", 0)), session.get("lines"))
-        except preprocess.PreprocessError as error:
+        except logparse.PreprocessError as error:
             raise DataError(str(error)) from None
 
     return records(), preprocess.RawLines([str(f.resolve()) for f in files])
@@ -151,7 +153,7 @@ def verdict_lines(chunk: list, model, scorer, calibration: dict, rule: str, co_o
                   raw_lines) -> tuple[str, Counter]:
     """The JSON lines of a chunk of Records, one per session, and how many of each verdict."""
     top_k = calibration["top_k"]
-    bound, end_bound = cal.miss_bounds(calibration, rule)
+    bound, end_bound = miss_bounds(calibration, rule)
     distinct, scores, _ = scorer([record.event_ids for record in chunk])
     abnormal = verdicts(scores, calibration, rule)
     anomaly = anomaly_scores(scores, top_k)
@@ -230,7 +232,7 @@ def _until_data_error(records, stopped: list):
 
 
 
-def run_batch(args, model, calibration: dict, co_occurrence, config: utils.Config, logger) -> int:
+def run_batch(args, model, calibration: dict, co_occurrence, config: Config, logger) -> int:
     """Finished files (and evaluate.py --detect): one JSON line per session to --output (or stdout), then
     what was found and skipped."""
     ev = config.evaluation
@@ -241,7 +243,7 @@ def run_batch(args, model, calibration: dict, co_occurrence, config: utils.Confi
     records, raw_lines = (raw_log_records(args.parser_state, args.detect) if args.parser_state
                           else (None, None))
     try:
-        totals = score_files(model, calibration, args.detect, utils.reader_options(config), ev.decision_rule,
+        totals = score_files(model, calibration, args.detect, reader_options(config), ev.decision_rule,
                              out, ev.batch_size, co_occurrence, max_misses=config.detect.max_misses,
                              records=records, raw_lines=raw_lines,
                              out_name=f"--output {args.output}" if args.output else "stdout")
@@ -312,7 +314,7 @@ class LiveRun:
             return lines, None, None, (0.0, 0)
         texts = [text for _, _, text in lines]
         cut = int(len(texts) * self.share)
-        parsing = self.pool.submit(_parse_in_worker, texts[:cut])
+        parsing = self.pool.submit(parse_in_worker, texts[:cut])
         started = time.perf_counter()
         own = self.parser.raw.parse(texts[cut:])
         return lines, parsing, own, (time.perf_counter() - started, len(texts) - cut)
@@ -413,7 +415,7 @@ def live_identity(args, rule: str, detect_config) -> dict:
             "idle_lines": detect_config.idle_lines, "max_session_events": detect_config.max_session_events}
 
 
-def run_live(args, model, calibration: dict, co_occurrence, config: utils.Config, stop: utils.StopSignal,
+def run_live(args, model, calibration: dict, co_occurrence, config: Config, stop: utils.StopSignal,
              logger) -> int:
     """--follow: score lines as they come, until a stop signal (files) or the end of standard input."""
     dc, rule = config.detect, config.evaluation.decision_rule
@@ -445,7 +447,7 @@ def run_live(args, model, calibration: dict, co_occurrence, config: utils.Config
     pool = None
     if parser.raw is not None and dc.parse_workers:
         pool = concurrent.futures.ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("fork"), initializer=_start_parse_worker,
+            1, mp_context=multiprocessing.get_context("fork"), initializer=start_parse_worker,
             initargs=(os.getpid(), args.parser_state))
     run = LiveRun(detector, sources, parser, out, state, dc.block_lines, pool)
     logger.info(f"Live detection ({rule} rule) on {', '.join(args.paths)}: sessions close after "
@@ -540,30 +542,30 @@ def main(argv=None):
     args = parse_args(argv)
     logger = logging.getLogger("deeplog")
     stop = utils.StopSignal(raise_now=True)   # until the live loop: a stop signal ends the work at once
-    return utils.exit_on_user_error(lambda: run(args, stop, logger), (*utils.USER_ERRORS, DataError), logger)
+    return utils.exit_on_user_error(lambda: run(args, stop, logger), logger)
 
 
 def run(args, stop: utils.StopSignal, logger) -> int:
     utils.setup_logger(None, logger=logger)
     logger.handlers[0].setStream(sys.stderr)   # stdout may carry the JSON lines
     device = torch.device("cuda" if torch.cuda.is_available() and not args.follow else "cpu")
-    model, checkpoint = load_model(args.checkpoint, device)
-    co_occurrence = known_co_occurrence(checkpoint)
-    config = utils.config_from_dict(checkpoint["config"])
+    model, checkpoint = load_trained(args.checkpoint, device)
+    co_occurrence = co_occurrence_of(checkpoint)
+    config = config_from_dict(checkpoint["config"])
     if args.config:
-        config.detect = utils.load_config(args.config).detect
+        config.detect = load_config(args.config).detect
     for flag, dotted in (("rule", "evaluation.decision_rule"), ("idle_lines", "detect.idle_lines"),
                          ("idle_seconds", "detect.idle_seconds"), ("max_misses", "detect.max_misses"),
                          ("max_session_events", "detect.max_session_events"),
                          ("state_interval", "detect.state_interval_s")):
         if getattr(args, flag) is not None:
-            utils.set_value(config, dotted, getattr(args, flag), f"--{flag.replace('_', '-')}")
+            set_value(config, dotted, getattr(args, flag), f"--{flag.replace('_', '-')}")
     config.data.skip_bad_records = config.data.skip_bad_records or args.skip_bad_records
-    utils.check_values(config)
+    check_values(config)
     calibration = cal.load_calibration(args.calibration) if args.calibration else \
         checkpoint.get("calibration")
     if calibration is None:
-        raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
+        raise CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
                                     "before the end, or ran with evaluate_after_training false): calibrate "
                                     "with evaluate.py --calibrate-on DIR, then --calibration")
     calibration = cal.checked(calibration, args.calibration or f"{args.checkpoint} (its calibration)")

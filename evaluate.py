@@ -48,16 +48,27 @@ import torch
 import calibration as cal
 import detect
 import utils
-from cache import session_chunks
-from calibration import PERCENTILES, RULES, ScoreQuantiles, anomaly_scores, verdicts
-from dataset import (
-    DataError,
-    calibration_half,
-    is_validation,
-    iter_sessions,
-    list_data_files,
+from batches import session_chunks
+from calibration import ScoreQuantiles
+from checkpoint import (
+    CheckpointError,
+    co_occurrence_of,
+    count_vectors_state,
+    load_trained,
+    save_checkpoint,
 )
-from model import MAX_COUNT_VECTORS, MAX_RECORD_SESSIONS, CoOccurrence, CountVectors
+from config import Config, config_from_dict, reader_options
+from dataset import SPLIT_SCHEME, DataError, calibration_half, is_validation, iter_sessions, list_data_files
+from rules import (
+    MAX_COUNT_VECTORS,
+    MAX_RECORD_SESSIONS,
+    PERCENTILES,
+    RULES,
+    CoOccurrence,
+    CountVectors,
+    anomaly_scores,
+    verdicts,
+)
 from scoring import (
     CHUNK_SIZE,
     MAX_CACHED,
@@ -67,8 +78,6 @@ from scoring import (
     chunked,
     data_chunks,
     file_chunks,
-    known_co_occurrence,
-    load_model,
     nonempty,
 )
 
@@ -438,11 +447,11 @@ def log_rule(calibration: dict, rule: str, logger) -> None:
 def store_calibration(checkpoint_path, checkpoint: dict, calibration: dict, output_dir: Path) -> None:
     """Into the checkpoint (atomic rewrite) and calibration.json beside the outputs."""
     checkpoint["calibration"] = calibration
-    utils.save_checkpoint(checkpoint, checkpoint_path)
+    save_checkpoint(checkpoint, checkpoint_path)
     cal.save_calibration(output_dir / "calibration.json", calibration)
 
 
-def validation_sessions(config: utils.Config, options: dict, chunk_size: int = CHUNK_SIZE,
+def validation_sessions(config: Config, options: dict, chunk_size: int = CHUNK_SIZE,
                         logger=None) -> tuple[Iterator[list], Iterator[list], Iterator[list]]:
     """Chunks of the training data, each source one pass when iterated: the calibration and evaluation
     halves of its normal validation split (halved by another hash, so neither ever scores what the other
@@ -465,7 +474,7 @@ def validation_sessions(config: utils.Config, options: dict, chunk_size: int = C
             file_chunks(data.preprocessed_dir, options, abnormal=True, chunk_size=chunk_size))
 
 
-def training_sessions(config: utils.Config, options: dict, logger=None) -> Iterator[list]:
+def training_sessions(config: Config, options: dict, logger=None) -> Iterator[list]:
     """Chunks of the normal sessions the model trained on (outside the validation split), one pass."""
     data, seed = config.data, config.training.seed
     if config.lazy_loading.cache:
@@ -475,13 +484,13 @@ def training_sessions(config: utils.Config, options: dict, logger=None) -> Itera
                    if not r.label and not is_validation(r.file, r.index, seed, data.validation_split))
 
 
-def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: utils.Config, options: dict,
+def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: Config, options: dict,
                          logger) -> None:
     """The event-count vectors of the training sessions, into the checkpoint ("count_vectors") and the record
     the rules use; None (not kept) beyond MAX_COUNT_VECTORS distinct ones."""
     counts = CountVectors.from_chunks(training_sessions(config, options, logger), MAX_RECORD_SESSIONS)
     co_occurrence.counts = counts
-    checkpoint["count_vectors"] = None if counts is None else counts.state()
+    checkpoint["count_vectors"] = count_vectors_state(counts)
     if counts is None:
         logger.info(f"Count-vector record: not kept (more than {MAX_COUNT_VECTORS} distinct event-count "
                     "vectors in the training sessions): the count-vector rule is off")
@@ -492,15 +501,15 @@ def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: 
                     f"{counts.sessions} normal training sessions{first}")
 
 
-def after_training(checkpoint_path, config: utils.Config, logger) -> dict:
+def after_training(checkpoint_path, config: Config, logger) -> dict:
     """Called by train.py: calibrate on half of the normal validation split, evaluate on the other half
     (plus abnormal sessions: labelled 1 in the training data, and data.abnormal_dir)."""
     output_dir, data, ev = Path(config.training.output_dir), config.data, config.evaluation
     plot_training_curve(output_dir, logger)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, checkpoint = load_model(checkpoint_path, device)
-    co_occurrence = known_co_occurrence(checkpoint)
-    options = utils.reader_options(config)
+    model, checkpoint = load_trained(checkpoint_path, device)
+    co_occurrence = co_occurrence_of(checkpoint)
+    options = reader_options(config)
     if data.validation_split == 0:
         logger.warning("data.validation_split is 0: thresholds are fitted on sessions the model trained on")
     record_count_vectors(checkpoint, co_occurrence, config, options, logger)
@@ -571,7 +580,7 @@ def parse_args(argv=None):
     return args
 
 
-def check_calibration_is_apart(args, config: utils.Config) -> None:
+def check_calibration_is_apart(args, config: Config) -> None:
     """Thresholds are never fitted on sessions that are then scored: the files of --calibrate-on may share
     none with the scored ones (the files under --data-dir, --abnormal-dir and --detect or, by default,
     the checkpoint's training data, whose evaluation half would be scored), compared as resolved paths."""
@@ -587,7 +596,7 @@ def check_calibration_is_apart(args, config: utils.Config) -> None:
                                     "be fitted on other normal sessions")
 
 
-def check_stored_thresholds_are_apart(args, config: utils.Config, calibration: dict) -> None:
+def check_stored_thresholds_are_apart(args, config: Config, calibration: dict) -> None:
     """Thresholds fitted on the calibration half of the checkpoint's training data (the default) must not be
     evaluated on that data: --data-dir or --abnormal-dir sharing a file with it would score the sessions the
     thresholds were fitted on. (Without --data-dir, evaluate.py scores the other half: that is apart.)"""
@@ -612,16 +621,16 @@ def main(argv=None):
     args = parse_args(argv)
     logger = logging.getLogger("deeplog")
     utils.StopSignal(raise_now=True)   # a stop signal ends the work at once, with one line saying so
-    return utils.exit_on_user_error(lambda: run(args, logger), (*utils.USER_ERRORS, DataError), logger)
+    return utils.exit_on_user_error(lambda: run(args, logger), logger)
 
 
 def run(args, logger):
     """evaluate.py: the thresholds to apply (stored, given or fitted now), then detection or the
     evaluation."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, checkpoint = load_model(args.checkpoint, device)
-    co_occurrence = known_co_occurrence(checkpoint)
-    config = utils.config_from_dict(checkpoint["config"])
+    model, checkpoint = load_trained(args.checkpoint, device)
+    co_occurrence = co_occurrence_of(checkpoint)
+    config = config_from_dict(checkpoint["config"])
     ev = config.evaluation
     if args.rule:
         ev.decision_rule = args.rule
@@ -642,7 +651,7 @@ def run(args, logger):
     return 0
 
 
-def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: utils.Config, top_k: int,
+def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: Config, top_k: int,
                         output_dir: Path, logger) -> dict:
     """The thresholds this run applies: fitted now on --calibrate-on (and saved), read from --calibration,
     or stored in the checkpoint; never fitted on the data being scored."""
@@ -655,7 +664,7 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: ut
         if "count_vectors" not in checkpoint and Path(config.data.preprocessed_dir).exists():
             # a checkpoint the evaluation after training never completed (epoch_N.pt, a stopped run):
             # the record of its training sessions, from the training data, for the rule plan
-            record_count_vectors(checkpoint, co_occurrence, config, utils.reader_options(config), logger)
+            record_count_vectors(checkpoint, co_occurrence, config, reader_options(config), logger)
         normal = data_chunks(args.calibrate_on, config, "normal", logger)
         calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.target_fpr, args.calibrate_on,
                                       ev.decision_rule, ev.batch_size, co_occurrence)
@@ -664,7 +673,7 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: ut
         cal.save_calibration(path, calibration)
         logger.info(f"Calibrated on {args.calibrate_on}: {path} (pass it to --calibration to reuse it)")
     if calibration is None:
-        raise utils.CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
+        raise CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
                                     "before the end, or ran with evaluate_after_training false); pass "
                                     "--calibrate-on DIR with normal sessions")
     cal.check_top_k(calibration, top_k)
@@ -678,7 +687,7 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: ut
     return calibration
 
 
-def evaluation_sources(args, checkpoint: dict, config: utils.Config,
+def evaluation_sources(args, checkpoint: dict, config: Config,
                        logger) -> tuple[Iterator, Iterator, dict]:
     """The normal and abnormal chunks to evaluate, and where each came from: --data-dir (its labels) or the
     evaluation half of the checkpoint's validation split, plus --abnormal-dir (or the config's)."""
@@ -687,11 +696,11 @@ def evaluation_sources(args, checkpoint: dict, config: utils.Config,
         abnormal = data_chunks(args.data_dir, config, "abnormal", logger)
         normal_path = args.data_dir
     else:  # the evaluation half of the validation split, as after training
-        if checkpoint.get("split_scheme") != utils.SPLIT_SCHEME:
-            raise utils.CheckpointError(f"{args.checkpoint} was trained with an earlier assignment of "
+        if checkpoint.get("split_scheme") != SPLIT_SCHEME:
+            raise CheckpointError(f"{args.checkpoint} was trained with an earlier assignment of "
                                         "sessions to the validation split, which this version cannot "
                                         "reproduce: pass --data-dir with sessions it never trained on")
-        _, normal, abnormal = validation_sessions(config, utils.reader_options(config), logger=logger)
+        _, normal, abnormal = validation_sessions(config, reader_options(config), logger=logger)
         normal_path = f"{config.data.preprocessed_dir} (validation split, evaluation half)"
     abnormal_dir = args.abnormal_dir or (None if args.data_dir else config.data.abnormal_dir)
     if abnormal_dir:

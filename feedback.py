@@ -39,18 +39,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import calibration as cal
+import evaluate
 import utils
-from dataset import MAX_EVENT_SETS, DataError, _numbered_items, _open, _record, collate, make_windows
-from model import (
+from checkpoint import (
+    TrainState,
+    co_occurrence_of,
+    count_vectors_state,
+    load_checkpoint,
+    model_from_checkpoint,
+    pair_table,
+    save_checkpoint,
+)
+from config import Config, check_values, config_from_dict, load_config, reader_options, set_value
+from dataset import DataError, _numbered_items, _open, _record, collate, make_windows
+from rules import (
     MAX_COUNT_ENTRIES,
     MAX_COUNT_VECTORS,
     MAX_EVENT_PAIRS,
+    MAX_EVENT_SETS,
     CoOccurrence,
     CountVectors,
     pairs_of_sets,
     sorted_unique,
-    special_tokens,
+    verdicts,
 )
+from runtime import Runtime, amp_settings, rng_state
+from scoring import ChunkScorer, data_chunks, nonempty
+from tokens import special_tokens
 
 UPDATE_FOLDER = "update-{time}"   # beside the parent's run: OUTPUT_DIR/update-YYYYmmdd-HHMMSS
 SKIPPED_WORDS = {"early_alerts": "early-alert lines (no event_ids: not a whole session)",
@@ -69,7 +85,7 @@ class Parent:
     def load(cls, path) -> "Parent":
         """The checkpoint to update, validated by the one loader, with the digest of its bytes (read once
         more: the digest names exactly the file the weights came from)."""
-        checkpoint = utils.load_checkpoint(path, map_location="cpu")
+        checkpoint = load_checkpoint(path, map_location="cpu")
         return cls(Path(path).resolve(), checkpoint, file_sha256(path))
 
     @property
@@ -109,20 +125,20 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def update_config(parent: Parent, args) -> utils.Config:
+def update_config(parent: Parent, args) -> Config:
     """The parent's resolved config (its model, data, windows, rules), with the update: section of --config
     (config.yaml where present) and the flags: --epochs and --lr set update.epochs and
     update.learning_rate, --data-dir, --batch-size, --device and --seed as in training."""
-    config = utils.config_from_dict(parent.checkpoint["config"])
+    config = config_from_dict(parent.checkpoint["config"])
     config_path = args.config if (args.config != "config.yaml" or Path(args.config).exists()) else None
-    config.update = utils.load_config(config_path).update
+    config.update = load_config(config_path).update
     overrides = {"update.epochs": args.epochs, "update.learning_rate": args.lr,
                  "data.preprocessed_dir": args.data_dir, "training.batch_size": args.batch_size,
                  "training.device": args.device, "training.seed": args.seed}
     for dotted, value in overrides.items():
         if value is not None:
-            utils.set_value(config, dotted, value, source="command line")
-    utils.check_values(config)
+            set_value(config, dotted, value, source="command line")
+    check_values(config)
     output_dir = Path(args.output_dir) if args.output_dir else \
         parent.run_dir / UPDATE_FOLDER.format(time=time.strftime("%Y%m%d-%H%M%S"))
     if output_dir.resolve() in (parent.path.parent, parent.run_dir):
@@ -172,7 +188,7 @@ def feedback_format(file: Path) -> str:
 def read_feedback(path, vocab_size: int, options: dict | None = None) -> Feedback:
     """Every session of a feedback file, validated in full before any work starts: DataError naming the
     file and the line of the first bad record (no skipping: feedback is few sessions, each deliberate)."""
-    file, options = Path(path), options or utils.reader_options(utils.Config())
+    file, options = Path(path), options or reader_options(Config())
     if not file.exists():
         raise DataError(f"{file}: feedback file not found")
     if not file.is_file():
@@ -217,15 +233,14 @@ def _skipped_kind(item) -> str | None:
 
 
 # ----------------------------------------------------------------------------- records joined
-def join_records(checkpoint: dict, sessions: list[list[int]], config: utils.Config, logger) -> CoOccurrence:
+def join_records(checkpoint: dict, sessions: list[list[int]], config: Config, logger) -> CoOccurrence:
     """The parent's records of which event types occur in normal training sessions, joined with the
     feedback sessions, written into `checkpoint` (a copy of the parent's) and returned as the rules' record.
     A record the parent did not keep (None: too many, or its rule switched off) stays unkept."""
     vocab_size = checkpoint["model_args"]["vocab_size"]
-    known = CoOccurrence.from_checkpoint(checkpoint)
+    known = co_occurrence_of(checkpoint)
     if "count_vectors" not in checkpoint:   # a parent whose evaluation after training never ran
-        import evaluate
-        evaluate.record_count_vectors(checkpoint, known, config, utils.reader_options(config), logger)
+        evaluate.record_count_vectors(checkpoint, known, config, reader_options(config), logger)
     new_sets = {frozenset(s) for s in sessions} - (known.sets or set())
     sets = None if known.sets is None else known.sets | new_sets
     if sets is not None and len(sets) > MAX_EVENT_SETS:
@@ -243,8 +258,8 @@ def join_records(checkpoint: dict, sessions: list[list[int]], config: utils.Conf
     counts = None if known.counts is None else join_count_vectors(known.counts, sessions)
     checkpoint["event_sets"] = None if sets is None else sorted(sorted(s) for s in sets)
     joined = CoOccurrence(vocab_size, checkpoint["event_sets"], pairs, counts)
-    checkpoint["event_pairs"] = joined.pair_table()
-    checkpoint["count_vectors"] = None if counts is None else counts.state()
+    checkpoint["event_pairs"] = pair_table(joined)
+    checkpoint["count_vectors"] = count_vectors_state(counts)
     logger.info(f"Records joined with the feedback: {'not kept' if sets is None else len(new_sets)} new "
                 f"sets of event types, {'not kept' if pairs is None else new_pairs} new pairs, count "
                 f"vectors {'not kept' if counts is None else f'of {counts.sessions} sessions'}")
@@ -285,11 +300,10 @@ def mark_seen(model, sessions: list[list[int]]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- what is trained on
-def replay_sample(config: utils.Config, logger) -> list[list[int]]:
+def replay_sample(config: Config, logger) -> list[list[int]]:
     """update.replay_sessions sessions drawn uniformly from the parent's training sessions (outside its
     validation split), read from the token cache training built (rebuilt if it was removed)."""
-    import evaluate
-    chunks = evaluate.training_sessions(config, utils.reader_options(config), logger)
+    chunks = evaluate.training_sessions(config, reader_options(config), logger)
     return reservoir(chunks, config.update.replay_sessions, config.training.seed)
 
 
@@ -313,7 +327,7 @@ def reservoir(chunks, wanted: int, seed: int) -> list[list[int]]:
     return sample
 
 
-def update_windows(feedback: list[list[int]], replay: list[list[int]], config: utils.Config) -> list:
+def update_windows(feedback: list[list[int]], replay: list[list[int]], config: Config) -> list:
     """The training windows of an update epoch: every feedback session update.feedback_repeats times, and
     the replay sample once, cut as training cut sessions (data.max_seq_length, data.window_context)."""
     vocab, data = config.model.vocab_size, config.data
@@ -331,7 +345,7 @@ def epoch_batches(windows: list, batch_size: int, seed: int, epoch: int, pad_id:
         yield collate([windows[i] for i in order[begin:begin + batch_size].tolist()], pad_id)
 
 
-def optimizer_for(model, config: utils.Config, total_steps: int):
+def optimizer_for(model, config: Config, total_steps: int):
     """A fresh optimizer at update.learning_rate, warmed up and decayed like training's (its schedule and
     floor): an update is a short run of its own."""
     tc = config.training
@@ -344,21 +358,21 @@ def optimizer_for(model, config: utils.Config, total_steps: int):
     return optimizer, scheduler
 
 
-def update_state(model, config: utils.Config, window_count: int, runtime: utils.Runtime):
+def update_state(model, config: Config, window_count: int, runtime: Runtime):
     """The update's TrainState (fresh optimizer and schedule over its steps, training's precision) and the
     autocast dtype."""
     tc, uc = config.training, config.update
     steps = math.ceil(window_count / tc.batch_size) * uc.epochs
     optimizer, scheduler = optimizer_for(model, config, steps)
-    amp_dtype, use_loss_scaling = utils.amp_settings(config, runtime.device)
+    amp_dtype, use_loss_scaling = amp_settings(config, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=use_loss_scaling)
     early_stopping = utils.EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
-    state = utils.TrainState(model, optimizer, scheduler, scaler, early_stopping, config)
+    state = TrainState(model, optimizer, scheduler, scaler, early_stopping, config)
     state.total_steps = steps
     return state, amp_dtype
 
 
-def plan_line(found: Feedback, replay: list, windows: list, state: utils.TrainState, parent: Parent,
+def plan_line(found: Feedback, replay: list, windows: list, state: TrainState, parent: Parent,
               new_events: list[int]) -> str:
     uc = state.config.update
     parent_steps = parent.checkpoint.get("step")
@@ -381,15 +395,14 @@ def claim_output(output_dir: Path, logger):
     return utils.RunRecord.claim(output_dir, None, None, overwrite=False)
 
 
-def recalibrate(model, co_occurrence: CoOccurrence, config: utils.Config, logger):
+def recalibrate(model, co_occurrence: CoOccurrence, config: Config, logger):
     """Thresholds fitted on the calibration half of the parent's validation split, as after training
     (evaluate.after_training's pieces; its count-vector record is the joined one here, not recounted from
     the training data alone). Returns the calibration and the evaluation half and abnormal sessions."""
-    import evaluate
     ev, data = config.evaluation, config.data
-    options = utils.reader_options(config)
+    options = reader_options(config)
     calibration_set, normal, abnormal = evaluate.validation_sessions(config, options, logger=logger)
-    calibration_set = evaluate.nonempty(calibration_set) or \
+    calibration_set = nonempty(calibration_set) or \
         evaluate.validation_sessions(config, options, logger=logger)[1]
     source = f"validation split of {data.preprocessed_dir} (calibration half), after the update"
     calibration = evaluate.fit_calibration(model, calibration_set, ev.top_k, ev.top_g, ev.target_fpr, source,
@@ -399,15 +412,14 @@ def recalibrate(model, co_occurrence: CoOccurrence, config: utils.Config, logger
 
 
 def evaluate_update(model, checkpoint_path: Path, calibration: dict, normal, abnormal, co_occurrence,
-                    config: utils.Config, logger) -> dict:
+                    config: Config, logger) -> dict:
     """The evaluation after training, for the updated model: the evaluation half of the validation split and
     the abnormal sessions (labelled 1, and data.abnormal_dir), reports in the update's folder."""
     import itertools
 
-    import evaluate
     data = config.data
     if data.abnormal_dir:
-        abnormal = itertools.chain(abnormal, evaluate.data_chunks(data.abnormal_dir, config, "all", logger))
+        abnormal = itertools.chain(abnormal, data_chunks(data.abnormal_dir, config, "all", logger))
     paths = {"normal": f"{data.preprocessed_dir} (validation split, evaluation half)",
              "abnormal": ", ".join(filter(None, [data.abnormal_dir, f"label 1 in {data.preprocessed_dir}"]))}
     return evaluate.run_evaluation(model, checkpoint_path, calibration, normal, abnormal, paths, config,
@@ -415,12 +427,12 @@ def evaluate_update(model, checkpoint_path: Path, calibration: dict, normal, abn
                                    co_occurrence)
 
 
-def save_updated(state: utils.TrainState, records: dict, parent: Parent, found: Feedback, replayed: int,
+def save_updated(state: TrainState, records: dict, parent: Parent, found: Feedback, replayed: int,
                  calibration: dict, path: Path) -> dict:
     """The new checkpoint, complete (weights, records, calibration, lineage), written once, atomically:
     there is never a half-updated or uncalibrated one, and the parent is never touched; then, as after
     training, calibration.json beside it."""
-    checkpoint = state.state_dict([utils.rng_state()])
+    checkpoint = state.state_dict([rng_state()])
     checkpoint.update({key: records[key] for key in ("event_sets", "event_pairs", "count_vectors")})
     checkpoint["calibration"] = calibration
     checkpoint["parent"] = parent.record()
@@ -428,27 +440,23 @@ def save_updated(state: utils.TrainState, records: dict, parent: Parent, found: 
                               "epochs": state.config.update.epochs,
                               "learning_rate": state.config.update.learning_rate,
                               "feedback_repeats": state.config.update.feedback_repeats}
-    utils.save_checkpoint(checkpoint, path)
+    save_checkpoint(checkpoint, path)
     if state.run is not None:
         state.run.wrote(path.name)
-    import calibration as cal
     cal.save_calibration(Path(state.config.training.output_dir) / "calibration.json", calibration)
     return checkpoint
-
 
 
 # ----------------------------------------------------------------------------- checking an update
 def flagged_sessions(checkpoint_path, sessions: list) -> tuple[np.ndarray, dict]:
     """Which of `sessions` a checkpoint flags, under its stored calibration and decision rule (as detection
     would), and that calibration: what to look at before and after an update."""
-    import calibration as cal
-    import evaluate
-    checkpoint = utils.load_checkpoint(checkpoint_path)
-    model = utils.model_from_checkpoint(checkpoint, checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint)
     calibration, rule = checkpoint["calibration"], checkpoint["config"]["evaluation"]["decision_rule"]
-    scorer = evaluate.ChunkScorer(model, [calibration["top_k"], calibration["top_g"]],
-                                  co_occurrence=evaluate.known_co_occurrence(checkpoint))
+    scorer = ChunkScorer(model, [calibration["top_k"], calibration["top_g"]],
+                                  co_occurrence=co_occurrence_of(checkpoint))
     distinct, scores, _ = scorer([tuple(s) for s in sessions])
-    verdicts = cal.verdicts(scores, calibration, rule)
+    flags = verdicts(scores, calibration, rule)
     row = {session: i for i, session in enumerate(distinct)}
-    return np.array([bool(verdicts[row[tuple(s)]]) for s in sessions], dtype=bool), calibration
+    return np.array([bool(flags[row[tuple(s)]]) for s in sessions], dtype=bool), calibration

@@ -9,10 +9,10 @@ Example (a checkpoint whose training ended, so with its calibration):
 
     import torch
     from live_sessions import Item, LiveDetector
-    from scoring import known_co_occurrence, load_model
+    from checkpoint import co_occurrence_of, load_trained
 
-    model, checkpoint = load_model("outputs/checkpoints/best_model.pt", torch.device("cpu"))
-    detector = LiveDetector(model, checkpoint["calibration"], "combined", known_co_occurrence(checkpoint),
+    model, checkpoint = load_trained("outputs/checkpoints/best_model.pt", torch.device("cpu"))
+    detector = LiveDetector(model, checkpoint["calibration"], "combined", co_occurrence_of(checkpoint),
                             idle_lines=1000, idle_seconds=None, max_session_events=None, max_misses=3)
     lines = detector.feed([Item("event", ("blk_1",), [1], "app.log:1", "its raw line"),
                            Item("event", ("blk_1",), [2], "app.log:2", "the next one")])
@@ -31,10 +31,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-import calibration as cal
-from calibration import anomaly_scores, verdicts
 from live_scorer import LiveScorer, Scored
-from model import CoOccurrence, DeepLog
+from model import DeepLog
+from rules import CoOccurrence, anomaly_scores, miss_bounds, verdicts
 
 
 # ----------------------------------------------------------------------------- live: sessions and verdicts
@@ -165,7 +164,7 @@ class LiveDetector:
         self.count_rule = "count_vector" in (calibration["combined_rules"] if rule == "combined" else [rule])
         # a miss of the verdict's record, as DeepLog.diagnose counts one: outside the top-k or, under the
         # probability rule, below its bound (the end of session: below its own bound, where there is one)
-        self.bound, end_bound = cal.miss_bounds(calibration, rule)
+        self.bound, end_bound = miss_bounds(calibration, rule)
         self.end_bound = None if self.bound is None else end_bound if end_bound is not None else self.bound
         self.watch_rank = min(self.top_k, self.early.top_g or self.top_k)
         bounds = [b for b in (self.bound, self.early.event_bound) if b is not None]
@@ -313,7 +312,7 @@ class LiveDetector:
         return seq, 1, session.session_id, json.dumps(alert) + "\n"
 
     def _close(self, closing: list[tuple[int, int, LiveSession]], output: list) -> None:
-        """Verdicts: the end of each session scored, then the rules on its whole record (calibration.verdicts,
+        """Verdicts: the end of each session scored, then the rules on its whole record (verdicts,
         the batch verdict's own function)."""
         if not closing:
             return

@@ -1,7 +1,7 @@
 """Live detection's input: the lines of files as they grow (FollowedFile: `tail -F`, rotation and truncation
 followed) or of standard input (StandardInput), turned into the Items of live_sessions by LineParser. Raw log
 lines go through preprocess.py's saved parser state (RawParser: templates matched only; in a worker process
-with detect.parse_workers, _start_parse_worker and _parse_in_worker) and are grouped by session key or into
+with detect.parse_workers, start_parse_worker and parse_in_worker) and are grouped by session key or into
 windows (LiveWindows); JSON and DeepLog text lines are checked as dataset.py's readers check them.
 
 Example (a data file of whole sessions or of event lines, read to its end):
@@ -14,7 +14,7 @@ Example (a data file of whole sessions or of event lines, read to its end):
     logger = logging.getLogger("deeplog")
     source = FollowedFile("data/sample/new/sessions.jsonl", logger, follow=False)
     source.open()
-    parser = LineParser(utils.load_config(None), None, logger)   # (a parser state: raw log lines)
+    parser = LineParser(load_config(None), None, logger)   # (a parser state: raw log lines)
     lines = source.peek(1000)                                    # (line number, text), at most 1000
     items, taken, error = parser.items([(source.path, number, text) for number, text in lines])
     source.advance(taken)                                        # its place: the first line not taken
@@ -34,10 +34,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import preprocess
+import logparse
 import utils
-from cache import _worker_start
-from dataset import MAX_EVENT_ID, DataError, _text_event_ids, _validate  # the readers' own checks
+from cache import worker_start
+from config import Config, reader_options, settings_config
+from dataset import MAX_EVENT_ID, DataError, text_event_ids, validate_record  # the readers' own checks
 from live_sessions import Item
 
 READ_BYTES = 1 << 20    # read from a followed file at a time
@@ -210,7 +211,7 @@ class LiveWindows:
     closes when a line past its end arrives (or at the end of the input)."""
 
     def __init__(self, spec: str):
-        checked = preprocess.Windows(spec)
+        checked = logparse.Windows(spec)
         self.kind, self.size, self.step = checked.kind, checked.size, checked.step
         self.max_time = checked.max_time
         self.origin: float | None = None
@@ -235,7 +236,7 @@ class LiveWindows:
         elif -self.max_time <= when <= self.max_time:
             position = when
         else:
-            raise preprocess.LineError(f"--window: a time of {when:g} s is too coarse as a float for windows "
+            raise logparse.LineError(f"--window: a time of {when:g} s is too coarse as a float for windows "
                                        f"of {min(self.size, self.step):g} s")
         self.count += 1
         if self.origin is None:
@@ -267,18 +268,18 @@ class RawParser:
 
     def __init__(self, parser_state: str):
         try:
-            state = preprocess.load_state(parser_state)
-            self.cfg = preprocess.settings_config(None, [("parser state grouping",
+            state = logparse.load_state(parser_state)
+            self.cfg = settings_config(None, [("parser state grouping",
                                                           state.get("grouping", {}))]).preprocess
-            self.parser = preprocess.Parser(self.cfg, state)
+            self.parser = logparse.Parser(self.cfg, state)
             self.key = None
             if self.cfg.window is None and self.cfg.session_key is not None:
-                regex = preprocess.compile_regex(self.cfg.session_key, "--session-key")
-                self.key = preprocess.UserRegex(regex, "the session key of --parser-state")
+                regex = logparse.compile_regex(self.cfg.session_key, "--session-key")
+                self.key = logparse.UserRegex(regex, "the session key of --parser-state")
             elif self.cfg.window is None:
-                raise preprocess.PreprocessError(f"{parser_state}: a parse-only state (no session key, no "
+                raise logparse.PreprocessError(f"{parser_state}: a parse-only state (no session key, no "
                                                  "window): it cannot group lines into sessions")
-        except (preprocess.PreprocessError, utils.ConfigError) as error:
+        except (logparse.PreprocessError, utils.ConfigError) as error:
             raise utils.ConfigError(str(error)) from None
         self._event_of: dict[str, int] = {}   # masked content -> event ID: Drain's tree walked once per form
         self._mask = fast_masker(self.parser.miner.masker)
@@ -290,7 +291,7 @@ class RawParser:
     def _find_keys(self, text: str) -> list[str]:
         """The session keys of a line: UserRegex.finditer's result by findall (a key regex without groups),
         on the watchdog's budget as UserRegex's calls are."""
-        watch = preprocess._WATCHDOG
+        watch = logparse.WATCHDOG
         watch.serial += 1
         watch.running = self.key
         try:
@@ -300,11 +301,11 @@ class RawParser:
 
     def parse(self, texts: list[str]) -> list[tuple]:
         parsed = []
-        with preprocess._WATCHDOG:
+        with logparse.WATCHDOG:
             for text in texts:
                 try:
                     parsed.append(self._line(text))
-                except preprocess.PatternTimeout as error:
+                except logparse.PatternTimeout as error:
                     parsed.append((TIMEOUT, str(error)))
         return parsed
 
@@ -320,7 +321,7 @@ class RawParser:
         if not self.cfg.time_field:
             return PARSED, event, None
         try:
-            return PARSED, event, preprocess._line_time(self.cfg, match)
+            return PARSED, event, logparse.line_time(self.cfg, match)
         except ValueError:
             return (BAD_TIME,)
 
@@ -349,7 +350,7 @@ def fast_masker(masker):
     words: dict[str, str] = {}
     steps = []
     for instruction in masker.masking_instructions:
-        if instruction.regex.pattern == preprocess._BUILT_IN_MASKS[0]:
+        if instruction.regex.pattern == logparse.BUILT_IN_MASKS[0]:
             steps.append((instruction.regex.sub, prefix + instruction.mask_with + suffix))
         else:
             steps.append((instruction, None))
@@ -382,14 +383,14 @@ def fast_masker(masker):
 _WORKER_PARSER: RawParser | None = None
 
 
-def _start_parse_worker(parent: int, parser_state: str) -> None:
-    _worker_start(parent)   # dies with its parent, leaves Ctrl-C to it
+def start_parse_worker(parent: int, parser_state: str) -> None:
+    worker_start(parent)   # dies with its parent, leaves Ctrl-C to it
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a service stop (the whole group) is the parent's
     global _WORKER_PARSER
     _WORKER_PARSER = RawParser(parser_state)
 
 
-def _parse_in_worker(texts: list[str]) -> tuple[float, list[tuple]]:
+def parse_in_worker(texts: list[str]) -> tuple[float, list[tuple]]:
     """The parse of a share of a block, and the seconds it took (the share is set from them)."""
     started = time.perf_counter()
     parsed = _WORKER_PARSER.parse(texts)
@@ -402,8 +403,8 @@ class LineParser:
     JSON (one event {"session_id": ..., "event_id": N} or a whole session, as data files hold them) or
     DeepLog text (a whole session)."""
 
-    def __init__(self, config: utils.Config, parser_state: str | None, logger):
-        self.options = utils.reader_options(config)
+    def __init__(self, config: Config, parser_state: str | None, logger):
+        self.options = reader_options(config)
         self.fields = (self.options["event_ids_field"], self.options["label_field"],
                        self.options["session_id_field"])
         self.skip_bad_records = config.data.skip_bad_records
@@ -452,7 +453,7 @@ class LineParser:
             return []
         if stripped.startswith("{"):
             return [self._json_line(path, number, stripped, at, text)]
-        record = _validate(Path(path), number, _text_event_ids(Path(path), number, stripped.split()),
+        record = validate_record(Path(path), number, text_event_ids(Path(path), number, stripped.split()),
                            self.fields, None, "text")
         return [Item("session", (record.session_id,), record.event_ids, at, None)]
 
@@ -472,7 +473,7 @@ class LineParser:
                 raise DataError(f"{where}: an event needs its {options['session_id_field']!r} "
                                 f"(data.session_id_field)")
             return Item("event", (str(session_id),), [event], at, raw)
-        record = _validate(Path(path), number, item, self.fields, None, "jsonl")
+        record = validate_record(Path(path), number, item, self.fields, None, "jsonl")
         return Item("session", (record.session_id,), record.event_ids, at, None)
 
     def _raw_line(self, path: str, number: int, text: str, parsed: tuple) -> list[Item]:
@@ -488,7 +489,7 @@ class LineParser:
             return [("event", keys_or_time, [event], at, text)]   # (an Item: a plain tuple is cheaper)
         try:
             joined, closed = self.windows.place(keys_or_time)
-        except preprocess.LineError as error:
+        except logparse.LineError as error:
             raise DataError(f"{path}: line {number}: {error}") from None
         return ([Item("close", tuple(closed), [], at, None)] if closed else []) + \
             ([Item("event", tuple(joined), [event], at, text)] if joined else [])

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 import utils
-from dataset import one_line
 from live_sessions import LiveDetector
 from live_sources import FollowedFile, LineParser
+from utils import one_line
 
 STATE_FORMAT = "deeplog-detect-state"
 STATE_VERSION = 2   # 2: the open sessions as flat tensors

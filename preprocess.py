@@ -44,7 +44,7 @@ behind detections, so not a FIFO or a pipe), streamed line by line, a line endin
 sessions (those named within --session-idle lines, at most --max-open-sessions) or the current windows,
 never the lines. Each user regex (--mask, --session-key, the text of --log-format) has REGEX_BUDGET_S
 (1 s) per line: one that backtracks past it stops the run, naming it and the line. Settings: the one
-config of utils.py (its PreprocessConfig defaults < the optional `preprocess:` section of --config < with
+config of config.py (its PreprocessConfig defaults < the optional `preprocess:` section of --config < with
 --parser-state, the grouping saved in it < flags), every value checked there; a parser state is checked key
 by key where it is read (load_state).
 
@@ -78,674 +78,40 @@ import csv
 import gzip
 import json
 import logging
-import math
 import os
-import re
 import resource
 import shutil
-import signal
 import sys
 import tempfile
 import time
 import zlib
-from datetime import datetime, timezone
 from pathlib import Path
 
-from drain3 import TemplateMiner
-from drain3.drain import LogCluster, Node
-from drain3.masking import MaskingInstruction
-from drain3.template_miner_config import TemplateMinerConfig
-
-import dataset
 import utils
-
-STATE_FORMAT = "deeplog parser state"
-# Default masks, applied in this order after the user's own (--mask). Each stands for a value, never for
-# wording, so they hold on any system: drawn from the variable parts of the loghub systems. A mask matches
-# whole tokens or parts set off by punctuation other than "_" (so "core.12" -> "core.<*>", but "blk_-42" and
-# "job_2008_01" are one id), and ids and paths go before numbers so that they are masked whole.
-_B, _E = r"(?<![A-Za-z0-9_])", r"(?![A-Za-z0-9_])"
-DEFAULT_MASKS = [
-    rf"{_B}(\d{{1,3}}\.){{3}}\d{{1,3}}(:\d{{1,5}})?{_E}",                  # IPv4 address, optional port
-    rf"{_B}[0-9a-fA-F]{{8}}(-[0-9a-fA-F]{{4}}){{3}}-[0-9a-fA-F]{{12}}{_E}",  # UUID
-    r"(?<![\w.<>*/])(/[\w.$~+-]+){2,}/?",                                # absolute paths of 2+ parts
-    rf"{_B}[A-Za-z]+_-?\d+(_\w+)?{_E}",                                  # block-like ids: blk_-42, job_20_1
-    rf"{_B}0[xX][0-9a-fA-F]+{_E}",                                       # 0x hex numbers
-    rf"{_B}(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{{8,}}{_E}",                     # long hex ids, hashes
-    rf"{_B}[-+]?\d+(\.\d+)?{_E}",                                        # numbers
-    r"<\*>(\s+<\*>)+",  # a run of values (a list of ids, "1 of 3"...) is one: any length, one template
-]
-
-
-PreprocessConfig = utils.PreprocessConfig  # the `preprocess:` section of the one config (utils.py)
-# The settings that group lines, saved in the parser state (so detection groups new logs the same way)
-GROUPING = ("session_key", "session_idle", "window", "time_field", "time_format", "label_field",
-            "normal_value")
-
-
-class PreprocessError(Exception):
-    """Bad input or settings; the message says which."""
-
-
-class LineError(PreprocessError):
-    """A PreprocessError about the log line being grouped; the parse adds which line it is."""
-
-
-# ----------------------------------------------------------------------------- user regexes, on a budget
-# A user's regex (--mask, --session-key, the text between the fields of --log-format) can backtrack without
-# end on a line it does not fit: (a+)+$ on 30 a's and a b takes minutes, on 40 days. Each call of one on one
-# line has a time budget, REGEX_BUDGET_S: the watchdog below stops the call past it, and the run stops on one
-# line naming the setting, the pattern and the log line. The engine stays the stdlib's (the `regex` package's
-# own timeout= costs about 3.5 us a call, a sixth of the parse; RE2 refuses lookarounds, which masks use):
-# its matcher checks for signals while it backtracks, so a SIGALRM handler can end even a match that never
-# would. The built-in masks are linear by construction and run without the watchdog.
-# A budget per call alone would let a pattern that takes just under it on every line run for days: calls
-# that each run past one tick are slow for a log line whatever the pattern, and past SLOW_BUDGET_S of them
-# (CPU time of the main thread, so a loaded machine does not count) within SLOW_WINDOW_S the run stops too.
-REGEX_BUDGET_S = 1.0
-SLOW_BUDGET_S, SLOW_WINDOW_S = 5.0, 60.0
-_TICK_S = 0.2
-
-
-class PatternTimeout(PreprocessError):
-    """A user regex ran past REGEX_BUDGET_S on one line, or its slow calls past SLOW_BUDGET_S (`slow_s`)
-    within SLOW_WINDOW_S (raised inside the match by the watchdog)."""
-
-    def __init__(self, regex: UserRegex, slow_s: float | None = None):
-        self.flag, self.pattern, self.slow_s = regex.flag, regex.shown, slow_s
-        super().__init__(f"{regex.flag} {utils.short(regex.shown)}: no result after {REGEX_BUDGET_S:g} s "
-                         f"on one line" if slow_s is None else
-                         f"{regex.flag} {utils.short(regex.shown)}: {slow_s:.1f} s in calls of over "
-                         f"{_TICK_S:g} s each on one line within {SLOW_WINDOW_S:g} s")
-
-
-class _Watchdog:
-    """While armed (a `with` block in the main thread, the others nest), a SIGALRM ticks every _TICK_S. A
-    UserRegex call marks itself running (one serial number per call); a tick that finds the same call still
-    running REGEX_BUDGET_S after it first saw it raises PatternTimeout inside that call. Ticks while no user
-    regex runs do nothing. Where it cannot arm (a thread other than the main one, or SIGALRM or the real-time
-    timer already in use) the patterns run without a budget."""
-
-    def __init__(self):
-        self.running: UserRegex | None = None
-        self.serial, self.depth, self.seen, self.armed = 0, 0, (0, 0.0), False
-        self.last = (0, 0.0)               # the call running at the last tick, and the thread's CPU time then
-        self.slow_s, self.slow_since = 0.0, 0.0   # CPU time in calls seen by two ticks, since when
-
-    def __enter__(self):
-        if self.depth == 0:
-            self.armed = self._arm()
-        self.depth += 1
-        return self
-
-    def __exit__(self, *_):
-        self.depth -= 1
-        if self.depth == 0 and self.armed:
-            self.armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            with contextlib.suppress(ValueError):  # (left in another thread: the timer is off, enough)
-                signal.signal(signal.SIGALRM, signal.SIG_DFL)
-
-    def _arm(self) -> bool:
-        try:
-            if signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None) or \
-                    signal.getitimer(signal.ITIMER_REAL) != (0.0, 0.0):
-                return False  # someone else's alarm: left alone
-            signal.signal(signal.SIGALRM, self._tick)
-        except ValueError:  # not the main thread
-            return False
-        signal.setitimer(signal.ITIMER_REAL, _TICK_S, _TICK_S)
-        return True
-
-    def _tick(self, _signum, _frame):
-        running = self.running
-        if running is None:
-            return
-        now, cpu = time.monotonic(), time.thread_time()
-        if self.seen[0] != self.serial:
-            self.seen = (self.serial, now)
-        elif now - self.seen[1] >= REGEX_BUDGET_S:
-            self.running = None
-            raise PatternTimeout(running)
-        if self.last[0] == self.serial:   # one call seen by two ticks: its CPU time between them is slow
-            if now - self.slow_since > SLOW_WINDOW_S:
-                self.slow_s, self.slow_since = 0.0, now
-            self.slow_s += cpu - self.last[1]
-            if self.slow_s >= SLOW_BUDGET_S:
-                slow_s, self.slow_s, self.running = self.slow_s, 0.0, None
-                raise PatternTimeout(running, slow_s)
-        self.last = (self.serial, cpu)
-
-
-_WATCHDOG = _Watchdog()
-
-
-class UserRegex:
-    """A compiled user regex whose calls run on the watchdog's budget; messages name it as `flag` `shown`
-    (default: its pattern). match and sub as re.Pattern's; finditer returns a list of the matches."""
-
-    __slots__ = ("regex", "flag", "shown")
-
-    def __init__(self, regex: re.Pattern, flag: str, shown: str | None = None):
-        self.regex, self.flag, self.shown = regex, flag, regex.pattern if shown is None else shown
-
-    @property
-    def pattern(self) -> str:
-        return self.regex.pattern
-
-    @property
-    def groupindex(self):
-        return self.regex.groupindex
-
-    def match(self, text: str):
-        watch = _WATCHDOG
-        watch.serial += 1
-        watch.running = self
-        try:
-            return self.regex.match(text)
-        finally:
-            watch.running = None
-
-    def sub(self, replacement: str, text: str) -> str:
-        watch = _WATCHDOG
-        watch.serial += 1
-        watch.running = self
-        try:
-            return self.regex.sub(replacement, text)
-        finally:
-            watch.running = None
-
-    def finditer(self, text: str) -> list[re.Match]:
-        watch = _WATCHDOG
-        watch.serial += 1
-        watch.running = self
-        try:
-            return list(self.regex.finditer(text))
-        finally:
-            watch.running = None
-
-
-def timeout_error(error: PatternTimeout, where: str) -> PreprocessError:
-    """The one line for a user regex stopped by the watchdog on the log line `where` (file:line)."""
-    took = f"no result after {REGEX_BUDGET_S:g} s on {where}" if error.slow_s is None else \
-        f"{error.slow_s:.1f} s in calls of over {_TICK_S:g} s each on one line within {SLOW_WINDOW_S:g} s " \
-        f"(the last on {where})"
-    return PreprocessError(f"{error.flag} {utils.short(error.pattern)}: {took}, so the run stops: a pattern "
-                           f"whose repeats nest or overlap, such as "
-                           f"(a+)+ or (a|aa)*, backtracks exponentially on a line it almost fits; write each "
-                           f"repeat once (a+ for (a+)+)")
-
-
-# ----------------------------------------------------------------------------- parsing
-# Log formats are loghub's (logpai/logparser's generate_logformat_regex): <Field> placeholders, the text
-# between them a regular expression in which a run of spaces matches any run of whitespace, the whole line
-# (stripped) matched. loghub makes every field a lazy `.*?`, which backtracks without bound on a line that
-# does not fit (one line can take minutes): here a field other than Content ends where the fixed text after
-# it first matches, and is never re-tried (an atomic group), so a line costs about one pass. Content stays
-# lazy (free text may hold any separator); so does a field with no fixed text after it (see _field_regex).
-_MARK = "\0"  # a field's place in the text that follows it, while that text is scanned
-
-
-def _structure(text: str, start: int = 0):
-    """(index, char) of each `(`, `)`, `|` or field mark of a regex text, outside escapes and classes."""
-    i = start
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 1
-        elif char == "[":  # a class: `]` right after `[` or `[^` is a member, not its end
-            i += 2 if text[i + 1:i + 2] == "^" else 1
-            i += text[i:i + 1] == "]"
-            while i < len(text) and text[i] != "]":
-                i += 2 if text[i] == "\\" else 1
-        elif char in "()|" + _MARK:
-            yield i, char
-        i += 1
-
-
-def _fixed(text: str) -> bool:
-    """Whether `text` is a regex of its own that cannot match an empty string (so a field can end at it)."""
-    if not text or re.match(r"[*+?]|\{\d*,?\d*\}", text):  # a quantifier would bind to the field's group
-        return False
-    try:
-        return re._parser.parse(text).getwidth()[0] > 0  # stdlib's own parser; on any error: lazy
-    except Exception:
-        return False
-
-
-def _follow(rest: str) -> str | None:
-    """What may come right after a field that the group opening `rest` follows (`rest`: the format's
-    remaining text, later fields marked), as a regex: the group's leading text, and if the group is optional
-    (`?`, `*`) the text after it. None where that is no fixed text (a field first, an alternation)."""
-    inner = 3 if rest.startswith("(?:") else 1
-    if rest[1:2] == "?" and inner == 1:
-        return None  # a lookaround, a named group or flags
-    depth, end, first = 0, None, None
-    for i, char in _structure(rest):
-        depth += (char == "(") - (char == ")")
-        if char == "|" and depth == 1 or char == _MARK and depth == 0:
-            return None
-        first = i if first is None and i >= inner else first
-        if depth == 0:
-            end = i
-            break
-    if end is None or not _fixed(rest[inner:first]):
-        return None
-    quantifier = rest[end + 1:end + 2]
-    if quantifier not in ("?", "*"):
-        return None if quantifier == "{" else rest[inner:first]
-    start = end + 2 + (rest[end + 2:end + 3] in ("?", "+"))  # a lazy or possessive quantifier
-    stop = next((i for i, _ in _structure(rest, start)), len(rest))
-    after = rest[start:stop] or ("$" if stop == len(rest) else "")
-    return f"{rest[inner:first]}|{after}" if after == "$" or _fixed(after) else None
-
-
-def _field_regex(name: str, rest: str, last: bool) -> str:
-    """The regex of one field followed by `rest` (the remaining text, later fields marked), rest included.
-    Content (free text) stays lazy; other fields end at the first match of the fixed text after them."""
-    text = rest.split(_MARK, 1)[0]
-    lazy = f"(?P<{name}>.*?)"
-    if last:  # what follows ends the line: lazy with it inside an atomic group is exact and linear
-        if not text:   # nothing follows: the rest of the line, greedy (the same span: a stripped line has
-            return f"(?>(?P<{name}>.*)$)"   # no newline before its end; a C loop, not a step per char)
-        return f"(?>{lazy}{text}$)" if next(_structure(text), None) is None else f"{lazy}{text}$"
-    if name == "Content":
-        return lazy + text
-    if not text:  # another field right after: loghub's lazy field is then always empty
-        return f"(?P<{name}>)"
-    cut = next((i for i, _ in _structure(text)), len(text))
-    if _fixed(text[:cut]):
-        return f"(?>{lazy}{text[:cut]}){text[cut:]}"
-    follow = _follow(rest) if text.startswith("(") else None
-    return f"(?>{lazy}(?={follow})){text}" if follow else lazy + text
-
-
-def format_regex(log_format: str) -> re.Pattern:
-    """loghub's format string -> a regex with one named group per <Field>, matched against a stripped line."""
-    parts = re.split(r"(<[^<>]+>)", log_format)
-    fields = parts[1::2]
-    bad = [f for f in fields if not f[1:-1].isidentifier()]
-    if "<Content>" not in fields or bad or len(set(fields)) != len(fields):
-        why = f"bad field name {utils.short_text(bad[0], 80)}" if bad else \
-            "a field repeats" if "<Content>" in fields else "no <Content>"
-        raise PreprocessError(f"--log-format {utils.short(log_format)}: {why} (expected e.g. "
-                              f"'<Date> <Time> <Level>: <Content>')")
-    texts = [re.sub(" +", r"\\s+", part) for part in parts[0::2]]
-    loghub = "".join(f"(?P<{part[1:-1]}>.*?)" if i % 2 else texts[i // 2] for i, part in enumerate(parts))
-    names = [f[1:-1] for f in fields]
-    try:
-        lost = [name for name in names if name not in re.compile(f"^{loghub}$").groupindex]
-        if lost:  # "[<Level>]" is a character class holding the field's group: it compiles, means nothing
-            raise re.error(f"<{lost[0]}> is inside a character class [...]")
-    except (re.error, RecursionError, OverflowError) as error:
-        why = "nested too deep" if isinstance(error, RecursionError) else utils.short_text(str(error), 100)
-        raise PreprocessError(f"--log-format {utils.short(log_format)}: the text between fields is a regular "
-                              f"expression (as in loghub) and this one is not: {why} (write \\[ \\( \\. "
-                              f"\\| \\? for the characters themselves)") from None
-    pieces = [texts[0]] + [_field_regex(name, _MARK.join(texts[i + 1:]), i == len(names) - 1)
-                           for i, name in enumerate(names)]
-    try:
-        return re.compile("^" + "".join(pieces))
-    except re.error:  # not expected; loghub's own regex is then the safe choice
-        return re.compile(f"^{loghub}$")
-
-
-def compile_regex(pattern: str, flag: str) -> re.Pattern:
-    """`pattern` compiled (stdlib syntax); where it is none, PreprocessError naming `flag` and the pattern."""
-    try:
-        return re.compile(pattern)
-    except (re.error, RecursionError, OverflowError, ValueError) as error:
-        why = "nested too deep" if isinstance(error, RecursionError) else utils.short_text(str(error), 100)
-        raise PreprocessError(f"{flag} {utils.short(pattern)}: not a regular expression: {why}") from None
-
-
-# the built-in masks as Parser joins them: linear by construction, run without the watchdog
-_BUILT_IN_MASKS = ("|".join(f"(?:{m})" for m in DEFAULT_MASKS[:-1]), DEFAULT_MASKS[-1])
-
-
-def make_miner(drain: dict, masks: list[str], flag: str = "--mask") -> TemplateMiner:
-    """drain3's TemplateMiner with these settings and masks (each replaced by <*>); every mask but the
-    built-in ones runs on the watchdog's budget, named `flag` in messages."""
-    config = TemplateMinerConfig()  # in code: no drain3.ini is read
-    config.drain_sim_th, config.drain_depth = drain["sim_th"], drain["depth"]
-    config.drain_max_children, config.drain_max_clusters = drain["max_children"], drain["max_clusters"]
-    config.masking_instructions = []
-    for mask in masks:
-        instruction = MaskingInstruction(compile_regex(mask, flag).pattern, "*")
-        if mask not in _BUILT_IN_MASKS:
-            instruction.regex = UserRegex(instruction.regex, flag)  # what its mask() calls .sub on
-        config.masking_instructions.append(instruction)
-    return TemplateMiner(config=config)
-
-
-def _tree_to_json(node: Node) -> dict:
-    return {"clusters": list(node.cluster_ids), "children": {k: _tree_to_json(c) for k, c in
-                                                             node.key_to_child_node.items()}}
-
-
-def _tree_from_json(data: dict) -> Node:
-    node = Node()
-    node.cluster_ids = list(data["clusters"])
-    node.key_to_child_node = {k: _tree_from_json(c) for k, c in data["children"].items()}
-    return node
-
-
-class Parser:
-    """Drain3 with dense event IDs (drain3's cluster IDs count from 1 in order of creation: ID = cluster - 1).
-    Learning (state None) creates templates; from a saved state it only matches, and a line that matches no
-    template gets the unknown ID vocab_size."""
-
-    def __init__(self, cfg: PreprocessConfig, state: dict | None = None):
-        self.learning = state is None
-        if state is None:
-            # the default masks as one alternation: one scan of the line instead of one per mask (faster,
-            # same result: each alternative starts where no earlier one could)
-            masks = list(cfg.masks) + (list(_BUILT_IN_MASKS) if cfg.default_masks else [])
-            state = {"log_format": cfg.log_format, "masks": masks, "templates": [], "tree": None,
-                     "drain": {"sim_th": cfg.similarity, "depth": cfg.depth, "max_children": 100,
-                               "max_clusters": cfg.max_templates}}
-        self.log_format, self.masks, self.drain_settings = state["log_format"], state["masks"], state["drain"]
-        self.regex = format_regex(self.log_format)
-        self._format = UserRegex(self.regex, "--log-format" if self.learning else "the log format of "
-                                 "--parser-state", self.log_format)
-        self.miner = make_miner(self.drain_settings, self.masks, "--mask" if self.learning else "a mask of "
-                                "--parser-state")
-        drain = self.miner.drain
-        self.templates = {t["id"]: t["template"] for t in state["templates"]}  # last known, evicted ones too
-        self.counts = [0] * state.get("vocab_size", 0)
-        for event_id, template in self.templates.items():
-            drain.id_to_cluster[event_id + 1] = LogCluster(template.split(), event_id + 1)
-        drain.clusters_counter = state.get("vocab_size", 0)
-        if state["tree"] is not None:  # the very tree Drain grew, so matching behaves exactly as it did
-            drain.root_node = _tree_from_json(state["tree"])
-
-    def match(self, line: str) -> re.Match | None:
-        """The log format's fields of a line, matched as loghub does: on the line stripped of whitespace."""
-        return self._format.match(line.strip())
-
-    @property
-    def vocab_size(self) -> int:
-        return self.miner.drain.clusters_counter  # IDs issued, evicted templates' included
-
-    def parse(self, content: str) -> int:
-        if not self.learning:
-            cluster = self.miner.match(content, full_search_strategy="fallback")
-            event_id = self.vocab_size if cluster is None else cluster.cluster_id - 1
-        else:
-            result = self.miner.add_log_message(content)
-            event_id = result["cluster_id"] - 1
-            if result["change_type"] != "none":
-                self.templates[event_id] = result["template_mined"]
-                if event_id == len(self.counts):
-                    self.counts.append(0)
-        if event_id < len(self.counts):
-            self.counts[event_id] += 1
-        return event_id
-
-    def template(self, event_id: int) -> str:
-        cluster = self.miner.drain.id_to_cluster.get(event_id + 1)
-        return cluster.get_template() if cluster is not None else self.templates.get(event_id, "<unknown>")
-
-    def state(self) -> dict:
-        live = sorted(c.cluster_id - 1 for c in self.miner.drain.clusters)
-        return {"format": STATE_FORMAT, "version": 1, "log_format": self.log_format, "masks": self.masks,
-                "drain": self.drain_settings, "vocab_size": self.miner.drain.clusters_counter,
-                "templates": [{"id": i, "template": self.template(i)} for i in live],
-                "tree": _tree_to_json(self.miner.drain.root_node)}
-
-    def table(self) -> list[dict]:
-        live = {c.cluster_id - 1 for c in self.miner.drain.clusters}
-        return [{"id": i, "template": self.template(i),
-                 "count": self.counts[i] if i < len(self.counts) else 0,
-                 **({} if i in live else {"evicted": True})} for i in range(self.vocab_size)]
-
-
-# ----------------------------------------------------------------------------- the parser state, validated
-# What Parser.state() writes (plus the grouping): every key is checked where the file is read, so that a
-# damaged or hand-edited state is one PreprocessError naming the file and the key, never a traceback, a
-# MemoryError or IDs silently shifted.
-STATE_KEYS = ("format", "version", "log_format", "masks", "drain", "vocab_size", "templates", "tree")
-DRAIN_KEYS = ("sim_th", "depth", "max_children", "max_clusters")
-MAX_VOCAB = 10_000_000  # event IDs a state may issue (the model holds an embedding row per ID)
-
-
-def load_state(path: str) -> dict:
-    """A parser_state.json written by preprocess.py, as it was written, once every key has been checked: its
-    type and range, the templates against vocab_size (IDs unique, ascending and below it; as many as
-    vocab_size unless drain.max_clusters evicted some), the prefix tree (its shape, depth and cluster IDs,
-    each template under its token count) and the grouping (the keys and types of the `preprocess:` config
-    section). Any fault: PreprocessError naming the file and what is wrong. Plain JSON: nothing is
-    unpickled."""
-    try:
-        with utils.open_regular(path) as handle:
-            state = json.loads(handle.read())
-    except (OSError, ValueError, RecursionError) as error:
-        why = "nested too deep" if isinstance(error, RecursionError) else \
-            getattr(error, "strerror", None) or error
-        raise PreprocessError(f"--parser-state {path}: unreadable: {why}") from None
-    try:
-        _check_state(state)
-    except PreprocessError as error:
-        raise PreprocessError(f"--parser-state {path}: {error}") from None
-    return state
-
-
-def _show(value) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _need(ok: bool, key: str, rule: str, value) -> None:
-    if not ok:
-        raise PreprocessError(f"'{key}' must be {rule}, got {_show(value)}")
-
-
-def _check_state(state) -> None:
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise PreprocessError(f"not a parser_state.json written by preprocess.py (a JSON object with "
-                              f"format {STATE_FORMAT!r}), got {_show(state)}")
-    missing = [key for key in STATE_KEYS if key not in state]
-    unknown = [key for key in state if key not in (*STATE_KEYS, "grouping")]
-    if missing or unknown:
-        raise PreprocessError(f"incomplete, no {', '.join(missing)}" if missing else
-                              f"unknown key {utils.short(unknown[0])}")
-    _need(_is_int(state["version"]) and state["version"] == 1, "version", "1", state["version"])
-    _need(isinstance(state["log_format"], str), "log_format", "a string", state["log_format"])
-    masks = state["masks"]
-    _need(isinstance(masks, list) and all(isinstance(m, str) for m in masks), "masks", "a list of strings",
-          masks)
-    try:
-        format_regex(state["log_format"])
-        for mask in masks:
-            compile_regex(mask, "masks:")
-    except PreprocessError as error:
-        raise PreprocessError(f"log_format or masks: {error}") from None
-    drain = state["drain"]
-    _need(isinstance(drain, dict) and sorted(drain) == sorted(DRAIN_KEYS), "drain",
-          f"an object of {', '.join(DRAIN_KEYS)}", drain)
-    sim_th, depth = drain["sim_th"], drain["depth"]
-    _need(isinstance(sim_th, (int, float)) and not isinstance(sim_th, bool) and 0 <= sim_th <= 1,
-          "drain.sim_th", "a number in [0, 1]", sim_th)  # (NaN fails the comparison too)
-    _need(_is_int(depth) and depth >= 3, "drain.depth", "an int >= 3", depth)
-    _need(_is_int(drain["max_children"]) and drain["max_children"] >= 1, "drain.max_children", "an int >= 1",
-          drain["max_children"])
-    _need(drain["max_clusters"] is None or _is_int(drain["max_clusters"]) and drain["max_clusters"] >= 1,
-          "drain.max_clusters", "null or an int >= 1", drain["max_clusters"])
-    vocab_size = state["vocab_size"]
-    _need(_is_int(vocab_size) and 1 <= vocab_size <= MAX_VOCAB, "vocab_size", f"an int in [1, {MAX_VOCAB:,}]",
-          vocab_size)
-    templates = _check_templates(state["templates"], vocab_size, drain["max_clusters"])
-    _check_tree(state["tree"], templates, vocab_size, depth)
-    _check_grouping(state.get("grouping", {}), state["log_format"])
-
-
-def _check_templates(templates, vocab_size: int, max_clusters: int | None) -> dict[int, str]:
-    """ID -> template of a state's templates list, checked against vocab_size."""
-    _need(isinstance(templates, list), "templates", "a list", templates)
-    found: dict[int, str] = {}
-    last = -1
-    for index, entry in enumerate(templates):
-        key = f"templates[{index}]"
-        _need(isinstance(entry, dict) and sorted(entry) == ["id", "template"], key,
-              "an object of id, template", entry)
-        event_id, template = entry["id"], entry["template"]
-        _need(_is_int(event_id) and 0 <= event_id < vocab_size, f"{key}.id", f"an int in [0, vocab_size "
-              f"{vocab_size})", event_id)
-        _need(event_id > last, f"{key}.id", f"above the ID before it ({last})", event_id)
-        _need(isinstance(template, str), f"{key}.template", "a string", template)
-        found[event_id], last = template, event_id
-    if max_clusters is None and len(found) != vocab_size:
-        raise PreprocessError(f"vocab_size {vocab_size} but {len(found)} templates (without "
-                              f"drain.max_clusters no template is evicted: every ID issued has one)")
-    if max_clusters is not None and len(found) > max_clusters:
-        raise PreprocessError(f"{len(found)} templates, above drain.max_clusters {max_clusters}")
-    return found
-
-
-def _check_tree(tree, templates: dict[int, str], vocab_size: int, depth: int) -> None:
-    """Drain's prefix tree as _tree_to_json writes it: the root's children keyed by token count, at most
-    `depth` levels, cluster IDs in [1, vocab_size], each live template under its own token count."""
-    stack = [(tree, "tree", 0, None)]
-    while stack:
-        node, where, level, length = stack.pop()
-        _need(isinstance(node, dict) and sorted(node) == ["children", "clusters"], where,
-              "an object of clusters, children", node)
-        clusters, children = node["clusters"], node["children"]
-        _need(isinstance(clusters, list) and all(_is_int(c) and 1 <= c <= vocab_size for c in clusters),
-              f"{where}.clusters", f"a list of cluster IDs in [1, vocab_size {vocab_size}]", clusters)
-        _need(isinstance(children, dict), f"{where}.children", "an object", children)
-        if children and level >= max(1, depth - 2):  # Drain's leaves: max_node_depth = depth - 2
-            raise PreprocessError(f"'{where}' is deeper than drain.depth {depth} allows")
-        if level == 0:
-            _need(not clusters, "tree.clusters", "empty at the root", clusters)
-            bad = [key for key in children if not (key.isdigit() and str(int(key)) == key)]
-            _need(not bad, "tree.children", "keyed by token counts", bad[:1])
-        if length == 0 and level == 1:
-            _need(bool(clusters), f"{where}.clusters", "non-empty (the empty line's template)", clusters)
-        for cluster in clusters:
-            template = templates.get(cluster - 1)
-            _need(template is None or len(template.split()) == length, f"{where}.clusters",
-                  f"templates of {length} tokens", template)
-        for key, child in children.items():
-            stack.append((child, f"{where}.children[{utils.short(key)}]", level + 1,
-                          int(key) if level == 0 else length))
-
-
-def _check_grouping(grouping, log_format: str) -> None:
-    """The grouping settings saved with a state: known keys of the `preprocess:` config section, with its
-    types and ranges (utils), fields of the state's log format, a valid --window and --session-key."""
-    _need(isinstance(grouping, dict), "grouping", "an object", grouping)
-    unknown = [key for key in grouping if key not in GROUPING]
-    if unknown:
-        raise PreprocessError(f"grouping: unknown key {utils.short(unknown[0])} (known: "
-                              f"{', '.join(GROUPING)})")
-    try:
-        config = settings_config(None, [("grouping", grouping)])
-    except utils.ConfigError as error:
-        raise PreprocessError(str(error)) from None
-    cfg, fields = config.preprocess, format_regex(log_format).groupindex
-    for key in ("time_field", "label_field"):
-        _need(getattr(cfg, key) is None or getattr(cfg, key) in fields, f"grouping.{key}",
-              f"null or a field of log_format ({', '.join(fields)})", getattr(cfg, key))
-    if cfg.window is not None:
-        Windows(cfg.window)
-    if cfg.session_key is not None:
-        compile_regex(cfg.session_key, "grouping.session_key")
-
-
-# ----------------------------------------------------------------------------- input
-def input_files(paths: list[str]) -> list[Path]:
-    """The log files named: each file, and the files of each directory (sorted, hidden ones left out).
-    PreprocessError where a name is missing, an empty directory, or no regular file (a FIFO, /dev/stdin
-    on a pipe or a terminal, a device): its lines are read again later (the raw lines behind detections,
-    through sources.json), which such a stream cannot give."""
-    files = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            named = sorted(p for p in path.iterdir() if not p.name.startswith(".") and not p.is_dir())
-            special = next((p for p in named if p.exists() and not p.is_file()), None)
-            if special is not None:   # a pipe among the logs: never skipped without a word
-                raise _not_regular(special)
-            found = [p for p in named if p.is_file()]
-            if not found:
-                raise PreprocessError(f"{path}: directory holds no file")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        elif path.exists():
-            raise _not_regular(path)
-        else:
-            raise PreprocessError(f"{path}: no such file or directory")
-    return files
-
-
-def _not_regular(path: Path) -> PreprocessError:
-    return PreprocessError(f"{path} is {dataset.file_kind(path)}, not a regular file: preprocess.py names "
-                           f"its input files in sources.json, and detection reads them again to show the "
-                           f"raw line behind each miss; write the log to a file first (e.g. ... > log.txt)")
-
-
-# One line splitter for every text this module reads (logs, --labels) and for the raw lines shown later
-# (RawLines): a line ends at "\n", "\r\n" or a lone "\r" (_LINE_END: Python's universal newlines), the last
-# one where the data ends. So line N of a parse is line N of its provenance, whatever the line endings.
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-_LINE_END_TEXT = re.compile(_LINE_END.pattern.decode())
-LINE_BLOCK = 2 ** 20
-
-
-def line_blocks(handle, block_bytes: int = LINE_BLOCK):
-    r"""The bytes of a binary handle from where it stands, in blocks of whole lines of about `block_bytes`:
-    each block ends right after a line end (a "\r" that ends a read waits for the next, which may begin with
-    the "\n" of the same "\r\n"), the last one where the data ends; a longer line is a block of its own."""
-    pending: list[bytes] = []  # the pieces of a line not ended yet
-    while block := handle.read(block_bytes):
-        cut = max(block.rfind(b"\n"), block.rfind(b"\r")) + 1
-        if cut == len(block) and block.endswith(b"\r"):
-            cut = max(block.rfind(b"\n", 0, cut - 1), block.rfind(b"\r", 0, cut - 1)) + 1
-        if cut == 0:
-            pending.append(block)
-            continue
-        pending.append(block[:cut] if cut < len(block) else block)
-        yield b"".join(pending) if len(pending) > 1 else pending[0]
-        pending = [block[cut:]] if cut < len(block) else []
-    if pending:
-        yield b"".join(pending)
-
-
-def block_lines(block: bytes, errors: str = "replace") -> list[str]:
-    """The lines of a block of whole lines (line_blocks), decoded as UTF-8 (undecodable bytes replaced, or
-    with errors="strict" a UnicodeDecodeError), without their line ends."""
-    text = block.decode("utf-8", errors)
-    lines = _LINE_END_TEXT.split(text) if "\r" in text else text.split("\n")
-    if not lines[-1]:
-        lines.pop()  # what follows the last line end
-    return lines
-
-
-def split_lines(handle, block_bytes: int = LINE_BLOCK):
-    """Every line of a binary handle from where it stands, decoded, without its line end (line_blocks,
-    block_lines)."""
-    for block in line_blocks(handle, block_bytes):
-        yield from block_lines(block)
-
-
-def read_lines(files: list[Path]):
-    """(file index, 1-based line number, line) of every file in turn, streamed (split_lines): each line
-    without its line end, decoded as UTF-8 with undecodable bytes replaced."""
-    for index, path in enumerate(files):
-        opener = gzip.open if path.name.endswith(".gz") else open
-        try:
-            with opener(path, "rb") as handle:
-                for number, line in enumerate(split_lines(handle), start=1):
-                    yield index, number, line
-        except (OSError, EOFError, zlib.error) as error:  # permissions, a corrupt or truncated .gz
-            raise PreprocessError(f"{path}: unreadable: {dataset.one_line(error)}") from None
-
+from config import Config, PreprocessConfig, check_values, save_config, set_value, settings_config
+from logparse import (
+    GROUPING,
+    LINE_BLOCK,
+    LINE_END,
+    WATCHDOG,
+    LineError,
+    Parser,
+    PatternTimeout,
+    PreprocessError,
+    Sessions,
+    UserRegex,
+    Windows,
+    block_lines,
+    compile_regex,
+    input_files,
+    line_blocks,
+    line_runs,
+    line_time,
+    load_state,
+    read_lines,
+    split_lines,
+    timeout_error,
+)
 
 LABEL_VALUES = {"normal": 0, "0": 0, "false": 0, "anomaly": 1, "abnormal": 1, "1": 1, "true": 1}
 
@@ -762,9 +128,9 @@ def _label_rows(path: str, handle):
             except UnicodeDecodeError as error:
                 at, bad = error.start, block[error.start:error.start + 4]
                 start = max(block.rfind(b"\n", 0, at), block.rfind(b"\r", 0, at)) + 1  # of its line
-                line = number + len(_LINE_END.findall(block, 0, start)) + 1
+                line = number + len(LINE_END.findall(block, 0, start)) + 1
                 raise PreprocessError(f"--labels {path}: line {line} is not UTF-8 (byte {at - start + 1}: "
-                                      f"{dataset.excerpt(bad)}); save the CSV as UTF-8") from None
+                                      f"{utils.excerpt(bad)}); save the CSV as UTF-8") from None
             if number == 0 and texts:
                 texts[0] = texts[0].removeprefix("\ufeff")
             number += len(texts)
@@ -775,7 +141,7 @@ def _label_rows(path: str, handle):
             yield reader.line_num, row
     except csv.Error as error:
         raise PreprocessError(f"--labels {path}: line {reader.line_num}: not CSV: "
-                              f"{dataset.one_line(error, 100)}") from None
+                              f"{utils.one_line(error, 100)}") from None
 
 
 def _first_label(path: str, handle, session: str) -> str:
@@ -821,150 +187,6 @@ def read_labels(path: str) -> dict[str, int]:
         raise PreprocessError(f"--labels {path}: holds no labels (expected lines of id,label)")
     return labels
 
-
-# ----------------------------------------------------------------------------- grouping
-# Every grouper takes lines as add(event ID, line reference, abnormal, time) and yields finished groups as
-# (session id, event IDs, line references, abnormal). A reference is file index << 40 | line number.
-class Sessions:
-    """Lines grouped by the identifiers they name. A session stays open until the end of the input, until
-    `idle` lines have passed without it (if set), or until max_open sessions are open and it is the least
-    recently active one (then counted in `closed_early`). Sessions are kept least recently active first,
-    so closing the idle ones costs nothing per line."""
-
-    def __init__(self, key: re.Pattern, max_open: int, idle: int | None):
-        self.key, self.max_open, self.idle, self.open = key, max_open, idle, collections.OrderedDict()
-        self.seen = self.closed_early = self.closed_idle = self.no_key = self.lines = 0
-
-    def add(self, line: str, event: int, ref: int, abnormal: bool, _time):
-        self.lines += 1
-        while self.idle and self.open and next(iter(self.open.values()))[4] <= self.lines - self.idle:
-            self.closed_idle += 1
-            yield self._finish(*self.open.popitem(last=False))
-        ids = dict.fromkeys(m.group(0) for m in self.key.finditer(line))  # each once, in order
-        if not ids:
-            self.no_key += 1
-        for session_id in ids:
-            state = self.open.get(session_id)
-            if state is None:
-                if len(self.open) >= self.max_open:
-                    self.closed_early += 1
-                    yield self._finish(*self.open.popitem(last=False))
-                self.seen += 1
-                state = self.open[session_id] = [self.seen, array.array("l"), array.array("q"), False, 0]
-            else:
-                self.open.move_to_end(session_id)  # most recently active last: the LRU end is first
-            state[1].append(event)
-            state[2].append(ref)
-            state[3] = state[3] or abnormal
-            state[4] = self.lines
-
-    @staticmethod
-    def _finish(session_id, state):
-        return session_id, state[1], state[2], state[3]
-
-    def close(self):
-        for session_id, state in sorted(self.open.items(), key=lambda item: item[1][0]):  # first seen first
-            yield self._finish(session_id, state)
-        self.open.clear()
-
-
-class Windows:
-    """Sliding or tumbling windows over line counts or times: window k covers [k*step, k*step + size) from
-    the first line's position, computed from k (never summed step by step), so the arithmetic cannot stall.
-    Only the lines of the current window(s) are held. At the end, one last partial window takes the lines
-    no full window covered. Refused (PreprocessError): a SIZE or STEP not positive and finite (count: whole
-    numbers); SIZE/STEP above MAX_OVERLAP (each line would be written in that many windows); and, as the
-    lines come, a time so large that a float cannot keep SIZE or STEP apart at it (RESOLUTION)."""
-
-    MAX_OVERLAP = 10_000  # windows one line may fall in: the output is up to that many times the input
-    RESOLUTION = 2 ** -42  # a time must be exact to step * this (a float time t is exact to |t| * 2**-52)
-
-    def __init__(self, spec: str):
-        kind, _, sizes = spec.partition(":")
-        try:
-            numbers = [float(x) for x in sizes.split(":")] if sizes else []
-            size, step = numbers[0], numbers[1] if len(numbers) == 2 else numbers[0]
-            ok = kind in ("count", "time") and len(numbers) <= 2 and all(
-                math.isfinite(x) and x > 0 for x in (size, step))
-        except (ValueError, IndexError):
-            ok = False
-        if not ok or (kind == "count" and not (size.is_integer() and step.is_integer())):
-            raise PreprocessError(f"--window {utils.short(spec)}: expected count:SIZE[:STEP] (lines, whole "
-                                  f"numbers) or time:SIZE[:STEP] (seconds), positive and finite")
-        if size / step > self.MAX_OVERLAP:
-            raise PreprocessError(f"--window {utils.short(spec)}: SIZE {size:g} / STEP {step:g} is above "
-                                  f"{self.MAX_OVERLAP:,}: each line would be written in that many windows; "
-                                  f"take a larger STEP")
-        if kind == "count":
-            size, step = int(size), int(step)
-        self.kind, self.size, self.step, self.spec = kind, size, step, spec
-        # the largest |time| that keeps step apart; in relative times the windows are exact well beyond it
-        self.max_time = min(size, step) / self.RESOLUTION
-        self.lines = collections.deque()   # (position, event, ref, abnormal), position from the first line's
-        self.origin = None                  # the first line's position (count or time)
-        self.index = 0                      # k of the current window: the first not yet written
-        self.last = None                    # the position of the line before
-        self.covered = None                 # end of the last window written
-        self.count = self.out_of_order = self.written = 0
-
-    def add(self, _line: str, event: int, ref: int, abnormal: bool, when):
-        if self.kind == "count":
-            position = self.count
-        elif -self.max_time <= when <= self.max_time:
-            position = when
-        else:
-            raise LineError(f"--window {utils.short(self.spec)}: a time of {when:g} s is exact only to "
-                                  f"{math.ulp(when):.2g} s as a float, too coarse for windows of "
-                                  f"{min(self.size, self.step):g} s; take a SIZE and STEP of at least "
-                                  f"{abs(when) * self.RESOLUTION:.2g} s")
-        self.count += 1
-        if self.origin is None:
-            self.origin = position
-        position -= self.origin
-        if self.last is not None and position < self.last:
-            self.out_of_order += 1  # kept in the current window: a clock step back must not lose lines
-            position = self.last
-        self.last = position
-        size, step = self.size, self.step
-        while position >= self.index * step + size:  # the current window is complete
-            end = self.index * step + size
-            if self.lines and self.lines[0][0] < end:
-                yield self._window(end)
-            self.index += 1
-            begin = self.index * step
-            while self.lines and self.lines[0][0] < begin:
-                self.lines.popleft()
-            if not self.lines:  # a gap: jump to the first window that ends after this line
-                jump = int((position - size) // step) + 1
-                if jump > self.index and (jump - 1) * step + size > position:  # (// rounded up)
-                    jump -= 1
-                self.index = max(self.index, jump)
-        if position >= self.index * step:  # (else it falls between two windows: step > size)
-            self.lines.append((position, event, ref, abnormal))
-
-    def _window(self, end):
-        inside = [line for line in self.lines if line[0] < end]
-        self.covered, self.written = end, self.written + 1
-        return (f"{self.kind}-window-{self.written}",
-                [x[1] for x in inside], [x[2] for x in inside], any(x[3] for x in inside))
-
-    def close(self):
-        if self.lines and (self.covered is None or self.lines[-1][0] >= self.covered):
-            yield self._window(float("inf"))
-        self.lines.clear()
-
-
-def line_runs(refs) -> list[list[int]]:
-    """Line references -> [[file index, first line, count], ...] over runs of consecutive lines."""
-    runs = []
-    for ref in refs:
-        file_index, line = ref >> 40, ref & (1 << 40) - 1
-        last = runs[-1] if runs else None
-        if last and last[0] == file_index and last[1] + last[2] == line:
-            last[2] += 1
-        else:
-            runs.append([file_index, line, 1])
-    return runs
 
 
 # ----------------------------------------------------------------------------- alerts back to raw lines
@@ -1055,11 +277,11 @@ class RawLines:
 
     def _index(self, file: Path) -> array.array:
         """The byte offset of line k * INDEX_EVERY + 1, for each k the file reaches (lines as line_blocks
-        and _LINE_END split them)."""
+        and LINE_END split them)."""
         offsets, lines, position = array.array("q", [0]), 0, 0
         with open(file, "rb") as handle:
             for block in line_blocks(handle):
-                ends = [match.end() for match in _LINE_END.finditer(block)]
+                ends = [match.end() for match in LINE_END.finditer(block)]
                 first = (-lines - 1) % self.INDEX_EVERY  # the end of line k * INDEX_EVERY among them
                 offsets.extend(position + end for end in ends[first::self.INDEX_EVERY])
                 lines, position = lines + len(ends), position + len(block)
@@ -1139,17 +361,6 @@ def _sample(files: list[Path], file_index: int, number: int, line: str) -> str:
     return f"{files[file_index]}:{number}: {utils.short_text(line, 120)}"
 
 
-def _line_time(cfg: PreprocessConfig, match: re.Match) -> float:
-    """The line's --time-field in seconds (--time-format read as UTC, else epoch seconds); ValueError where
-    it is unreadable or not finite."""
-    value = match.group(cfg.time_field) or ""
-    when = datetime.strptime(value, cfg.time_format).replace(tzinfo=timezone.utc).timestamp() \
-        if cfg.time_format else float(value)
-    if not math.isfinite(when):
-        raise ValueError("not a finite number")
-    return when
-
-
 def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], stats: dict,
                       labels: dict | None = None, rows=None, parse_only: bool = False,
                       require_match: bool = False):
@@ -1174,7 +385,7 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
             yield {"session_id": session_id, "event_ids": list(events), "label": label,
                    "lines": line_runs(refs)}
 
-    with _WATCHDOG:
+    with WATCHDOG:
         for file_index, number, line in read_lines(files):
             try:
                 stats["lines"] += 1
@@ -1201,11 +412,11 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
                 when = None
                 if cfg.time_field:
                     try:
-                        when = _line_time(cfg, match)
+                        when = line_time(cfg, match)
                     except ValueError as error:
                         stats["bad_time"] += 1
                         first_bad_time = first_bad_time or (f"{utils.short(match.group(cfg.time_field))}, "
-                                                            f"{dataset.one_line(error, 80)}, on "
+                                                            f"{utils.one_line(error, 80)}, on "
                                                             f"{_sample(files, file_index, number, line)}")
                         continue
                 abnormal = cfg.label_field is not None and \
@@ -1250,7 +461,7 @@ def peak_rss_mb() -> float:
 
 
 def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: dict | None = None,
-               structured: str | None = None, config: utils.Config | None = None) -> dict:
+               structured: str | None = None, config: Config | None = None) -> dict:
     """Parse and group `inputs` into `output`, holding its lock: every file goes into a new generation
     folder, switched in at the end (the module docstring says how), so `output` shows this parse whole or
     the previous one. Without --session-key or --window it only parses: templates, parser state, sources
@@ -1268,7 +479,7 @@ def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: di
         place = new_generation(output)
         try:
             stats = write_parse(place, output, cfg, parser, files, labels, parse_only,
-                                (structured, inside), config or utils.Config())
+                                (structured, inside), config or Config())
             switch_to(output, place)
         except BaseException as error:
             switched = _current(output) == place.name
@@ -1289,7 +500,7 @@ def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: di
 
 
 def write_parse(place: Path, output: Path, cfg: PreprocessConfig, parser: Parser, files: list[Path],
-                labels: dict | None, parse_only: bool, structured: tuple, config: utils.Config) -> dict:
+                labels: dict | None, parse_only: bool, structured: tuple, config: Config) -> dict:
     """Every output of one parse, written into the generation folder `place` (and a --structured CSV outside
     `output` to its own path); the stats."""
     stats, started = new_stats(), time.perf_counter()
@@ -1374,7 +585,7 @@ def write_structured(rows_path: Path, target: Path, parser: Parser) -> None:
     utils.atomic_write(target, _as_text(write))
 
 
-def write_train_config(config: utils.Config, place: Path, output: Path, vocab_size: int) -> None:
+def write_train_config(config: Config, place: Path, output: Path, vocab_size: int) -> None:
     """The one config (the --config values, the resolved `preprocess:` section among them) with this data:
     model.vocab_size, and data.preprocessed_dir and training.output_dir as absolute paths through `output`'s
     fixed names (symlinks not resolved: they name the current parse, whichever it is)."""
@@ -1382,9 +593,9 @@ def write_train_config(config: utils.Config, place: Path, output: Path, vocab_si
     for dotted, value in (("model.vocab_size", vocab_size),
                           ("data.preprocessed_dir", os.path.join(base, "sessions.jsonl")),
                           ("training.output_dir", os.path.join(base, "train"))):
-        utils.set_value(config, dotted, value, "preprocess.py")
-    utils.check_values(config)
-    utils.save_config(config, place / "config.yaml")
+        set_value(config, dotted, value, "preprocess.py")
+    check_values(config)
+    save_config(config, place / "config.yaml")
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -1489,20 +700,7 @@ def adopt_plain_files(output: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- settings and the CLI
-def settings_config(base_config: str | None, layers: list[tuple[str, dict]]) -> utils.Config:
-    """The one config (utils): its defaults < the YAML file `base_config` (every section checked, the
-    `preprocess:` one among them) < each (source, {preprocess key: value}) layer in turn; then every value
-    checked (utils.check_values). A None of the command line means "not given"; elsewhere it is a value."""
-    config = utils.load_config(base_config) if base_config else utils.Config()
-    for source, values in layers:
-        for key, value in values.items():
-            if value is not None or source != "command line":
-                utils.set_value(config, f"preprocess.{key}", value, source)
-    utils.check_values(config)
-    return config
-
-
-def resolve_config(base_config: str | None, flags: dict, state_grouping: dict | None = None) -> utils.Config:
+def resolve_config(base_config: str | None, flags: dict, state_grouping: dict | None = None) -> Config:
     """Defaults < the YAML's `preprocess:` section < the grouping saved in a parser state < flags given."""
     return settings_config(base_config, [("parser state grouping", state_grouping or {}),
                                          ("command line", flags)])
@@ -1583,7 +781,7 @@ def main(argv=None):
             if stats.get(key):
                 print(f"warning: {stats[key]} {what}", file=sys.stderr)
 
-    utils.exit_on_user_error(run, (PreprocessError, utils.ConfigError), None)
+    utils.exit_on_user_error(run)
 
 
 if __name__ == "__main__":

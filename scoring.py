@@ -6,10 +6,11 @@ this way; calibration.py turns the score columns into verdicts.
 Example (a checkpoint of train.py, the sample data of data/generate_sample.py):
 
     import torch
-    from scoring import ChunkScorer, file_chunks, known_co_occurrence, load_model
+    from scoring import ChunkScorer, file_chunks
+    from checkpoint import co_occurrence_of, load_trained
 
-    model, checkpoint = load_model("outputs/checkpoints/best_model.pt", torch.device("cpu"))
-    scorer = ChunkScorer(model, [10], co_occurrence=known_co_occurrence(checkpoint))
+    model, checkpoint = load_trained("outputs/checkpoints/best_model.pt", torch.device("cpu"))
+    scorer = ChunkScorer(model, [10], co_occurrence=co_occurrence_of(checkpoint))
     for chunk in file_chunks("data/sample/new", {}):
         sessions, scores, counts = scorer(chunk)   # distinct sessions, their score columns, how often each
         print(len(sessions), scores["misses_at_10"][:5], counts[:5])
@@ -26,12 +27,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import utils
-from cache import build_caches, cache_settings, default_cache_dir, session_chunks
+from batches import session_chunks
+from cache import build_caches, cache_settings, default_cache_dir
+from config import Config, reader_options
 from dataset import Record, iter_sessions
-from model import CoOccurrence, DeepLog
+from model import DeepLog, as_sessions
+from rules import RULES, CoOccurrence, verdicts
 
 CHUNK_SIZE = 8192             # sessions read, de-duplicated and scored together
 CHUNK_EVENTS = 2 ** 22        # and at most this many events in a chunk (more only for one longer session)
@@ -39,20 +41,6 @@ POSITIONS_PER_SESSION = 32    # a scoring batch holds evaluation.batch_size x th
                               # batches of short sessions ran slower on CPU (benchmarks/README.md)
 MAX_CACHED = 100_000          # distinct sessions whose scores are kept across chunks
 MAX_CACHED_LENGTH = 512       # longer sessions rarely repeat: not worth a place in the cache
-
-
-# ----------------------------------------------------------------------------- loading
-def load_model(checkpoint_path, device: torch.device) -> tuple[DeepLog, dict]:
-    """The checkpoint (validated by its one loader) and its model on `device`, in eval mode."""
-    # map to the CPU first: a checkpoint loads without the GPU it was saved on
-    checkpoint = utils.load_checkpoint(checkpoint_path, map_location="cpu")
-    return utils.model_from_checkpoint(checkpoint, checkpoint_path).to(device), checkpoint
-
-
-def known_co_occurrence(checkpoint: dict) -> CoOccurrence:
-    """Which event types occurred together in the normal training sessions (sets and pairs; either may be
-    absent: not recorded)."""
-    return CoOccurrence.from_checkpoint(checkpoint)
 
 
 # ----------------------------------------------------------------------------- sources of sessions
@@ -82,17 +70,17 @@ def file_chunks(path, options: dict, abnormal: bool | None = None,
     return chunked(wanted, chunk_size)
 
 
-def data_chunks(path, config: utils.Config, wanted: str, logger=None) -> Iterator[list]:
+def data_chunks(path, config: Config, wanted: str, logger=None) -> Iterator[list]:
     """The sessions under `path` in chunks: "normal" (label 0 or none), "abnormal" (label 1) or "all".
     With lazy_loading.cache they come from the token cache of each file (built on first use, with IDs left
     unchecked: unknown IDs are scored as misses), else from one streaming pass over the files."""
     if not config.lazy_loading.cache:
         abnormal = {"normal": False, "abnormal": True}.get(wanted)
-        return file_chunks(path, utils.reader_options(config), abnormal=abnormal)
+        return file_chunks(path, reader_options(config), abnormal=abnormal)
     return session_chunks(cache_entries(path, config, None, logger), wanted)
 
 
-def cache_entries(path, config: utils.Config, vocab_size: int | None, logger=None) -> list[Path]:
+def cache_entries(path, config: Config, vocab_size: int | None, logger=None) -> list[Path]:
     """The token-cache entries of the files under `path`, built on first use (vocab_size None: IDs left
     unchecked, for data to score)."""
     loading = config.lazy_loading
@@ -127,6 +115,23 @@ def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: in
     out["novel_set"], out["novel_pair"] = co_occurrence.novel(sessions)
     out["count_distance"] = co_occurrence.distance(sessions)
     return out
+
+
+def verdict(model: DeepLog, input_ids, rule: str | None = None) -> list[str]:
+    """"abnormal" or "normal" per session (a 1-D sequence, a list of them or a right-padded 2-D tensor): the
+    calibrated rule stored with a model that checkpoint.load_model built (the checkpoint's decision rule
+    unless `rule` names another), with its thresholds and its record of event types seen together in
+    training: the same verdict as detect.py."""
+    if model.calibration is None:
+        raise ValueError("this model holds no calibration: load it with checkpoint.load_model from a "
+                         "checkpoint whose training ended (or calibrate with evaluate.py --calibrate-on)")
+    rule = rule or model.calibration["default_rule"]
+    if rule not in RULES:
+        raise ValueError(f"unknown decision rule '{rule}' (known: {', '.join(RULES)})")
+    sessions = as_sessions(input_ids)
+    scores = score_sessions(model, sessions, [model.calibration["top_k"]], co_occurrence=model.co_occurrence)
+    flagged = verdicts(scores, model.calibration, rule)
+    return ["abnormal" if abnormal else "normal" for abnormal in flagged.tolist()]
 
 
 def session_key(events) -> tuple:

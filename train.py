@@ -43,11 +43,32 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import evaluate
 import feedback
 import utils
-from cache import CachedSessions, build_caches, cache_settings, default_cache_dir
-from dataset import IJSON_BACKEND, MAX_EVENT_SETS, DataError, SessionDataset, batch_to_device, merge_counts
-from model import IGNORE_INDEX, MAX_EVENT_PAIRS, CoOccurrence, DeepLog
+from batches import CachedSessions
+from cache import build_caches, cache_settings, default_cache_dir
+from calibration import CalibrationError
+from checkpoint import CheckpointError, TrainState, load_checkpoint, pair_table
+from config import Config, load_config, reader_options, save_config
+from dataset import IJSON_BACKEND, SPLIT_SCHEME, DataError, SessionDataset, batch_to_device, merge_counts
+from model import DeepLog
+from rules import MAX_EVENT_PAIRS, MAX_EVENT_SETS, CoOccurrence
+from runtime import (
+    GPUMonitor,
+    LossWindow,
+    Runtime,
+    all_gather,
+    all_reduce_sum,
+    amp_settings,
+    barrier,
+    lockstep,
+    seed_everything,
+    set_rng_state,
+    setup_runtime,
+    stop_requested,
+)
+from tokens import IGNORE_INDEX
 
 
 def parse_args(argv=None):
@@ -83,9 +104,9 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_config(args) -> utils.Config:
+def resolve_config(args) -> Config:
     config_path = args.config if (args.config != "config.yaml" or Path(args.config).exists()) else None
-    return utils.load_config(config_path, {
+    return load_config(config_path, {
         "data.preprocessed_dir": args.data_dir, "training.epochs": args.epochs,
         "training.batch_size": args.batch_size, "training.learning_rate": args.lr,
         "training.output_dir": args.output_dir, "training.device": args.device, "training.seed": args.seed})
@@ -102,7 +123,7 @@ class Data:
     event_pairs: object         # pairs of event types that share one (sorted codes, numpy), or None
 
 
-def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: int, logger) -> Data:
+def prepare_data(config: Config, runtime: Runtime, rank_batch_size: int, logger) -> Data:
     """The first pass (token caches, or a streaming count), then the training and validation datasets.
     Every record is validated before the first step, so bad data fails before any checkpoint exists."""
     data, loading, seed = config.data, config.lazy_loading, config.training.seed
@@ -123,7 +144,7 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
                 entries = build()
             except DataError as found:
                 error = str(found)
-        errors = [e for e in utils.all_gather(error, runtime) if e]
+        errors = [e for e in all_gather(error, runtime) if e]
         if errors:
             raise DataError(errors[0])
         entries = entries or build()
@@ -140,12 +161,12 @@ def prepare_data(config: utils.Config, runtime: utils.Runtime, rank_batch_size: 
     elif data.samples_per_epoch:
         counted = {"windows": data.samples_per_epoch, "seen_targets": None, "event_sets": None,
                    "event_pairs": None}
-        windows_per_rank = data.samples_per_epoch // runtime.world_size  # utils.lockstep keeps ranks together
+        windows_per_rank = data.samples_per_epoch // runtime.world_size  # lockstep keeps ranks together
         logger.info(f"Training samples per epoch (from data.samples_per_epoch): {data.samples_per_epoch}; no "
                     f"counting pass, so no record of which events occur in training, nor together")
     else:
         counting = _streaming_dataset(config, "train", runtime, common)
-        counted = merge_counts(utils.all_gather(counting.count(), runtime), disjoint=counting.shard_by_file)
+        counted = merge_counts(all_gather(counting.count(), runtime), disjoint=counting.shard_by_file)
         windows_per_rank = counted["windows_per_rank"]
     if "sessions" in counted:
         logger.info(f"Training data {data.preprocessed_dir}: {counted['sessions']} normal sessions -> "
@@ -182,7 +203,7 @@ def _streaming_dataset(config, split, runtime, common, samples_per_rank=None,
                           validation_split=data.validation_split, shuffle=shuffle,
                           buffer_size=config.lazy_loading.buffer_size, samples_per_rank=samples_per_rank,
                           num_workers=config.lazy_loading.num_workers, **common,
-                          **utils.reader_options(config))
+                          **reader_options(config))
 
 
 # ----------------------------------------------------------------------------- steps
@@ -197,7 +218,7 @@ def token_loss_sum(model, batch, device, amp_dtype):
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
-def train_step(state: utils.TrainState, model, batch, runtime, amp_dtype, max_grad_norm: float):
+def train_step(state: TrainState, model, batch, runtime, amp_dtype, max_grad_norm: float):
     """One optimizer step; returns the batch's summed loss and token count (still on the device)."""
     loss_sum, tokens = token_loss_sum(model, batch, runtime.device, amp_dtype)
     # Mean over this batch's real tokens. Under DDP, gradients are averaged over ranks, so ranks with
@@ -227,11 +248,11 @@ def evaluate_loss(model, dataset, batch_size, runtime, amp_dtype) -> tuple[float
         loss_total += loss_sum
         tokens += count
     model.train()
-    loss_total, token_count = utils.all_reduce_sum([loss_total.item(), tokens.item()], runtime)
+    loss_total, token_count = all_reduce_sum([loss_total.item(), tokens.item()], runtime)
     return (loss_total / token_count if token_count else math.nan), int(token_count)
 
 
-def step_line(state: utils.TrainState, last_loss, elapsed: float, steps_this_run: int, total_steps: int,
+def step_line(state: TrainState, last_loss, elapsed: float, steps_this_run: int, total_steps: int,
               gpu_monitor, throughput: utils.Throughput) -> str:
     eta = elapsed / max(steps_this_run, 1) * (total_steps - state.step)
     average = state.epoch_loss_sum / max(state.epoch_tokens, 1)
@@ -249,10 +270,10 @@ def main(argv=None):
     args = parse_args(argv)
     logger = logging.getLogger("deeplog")
     work = update if args.update else train
-    return utils.exit_on_user_error(lambda: work(args, logger), (*utils.USER_ERRORS, DataError), logger)
+    return utils.exit_on_user_error(lambda: work(args, logger), logger)
 
 
-def resume_defaults(config: utils.Config, stored: dict, args) -> list[str]:
+def resume_defaults(config: Config, stored: dict, args) -> list[str]:
     """On --resume the checkpoint's output_dir and data settings are the defaults (flags still win), so that
     following a stop message continues that run, where it was, on its data. Returns what this changed."""
     changed = []
@@ -272,10 +293,10 @@ def train(args, logger):
     stop_signal = utils.StopSignal(raise_now=True)
     config = resolve_config(args)
     # read and validated before anything is built
-    checkpoint = utils.load_checkpoint(args.resume, for_resume=True) if args.resume else None
+    checkpoint = load_checkpoint(args.resume, for_resume=True) if args.resume else None
     from_checkpoint = resume_defaults(config, checkpoint["config"], args) if checkpoint is not None else []
     tc = config.training
-    runtime = utils.setup_runtime(tc.device, tc.use_multi_gpu)
+    runtime = setup_runtime(tc.device, tc.use_multi_gpu)
     output_dir = Path(tc.output_dir)
     utils.setup_logger(None, runtime.is_master, logger=logger)   # the console only, until the folder is ours
     run = claim_output(output_dir, checkpoint, args, runtime, logger)
@@ -290,7 +311,7 @@ def train(args, logger):
                     f"{', '.join(from_checkpoint)}")
     if checkpoint is not None:
         check_resumable(checkpoint, config, args.resume, logger)
-    utils.seed_everything(tc.seed)
+    seed_everything(tc.seed)
     logger.info(f"Device: {runtime.device} | processes: {runtime.world_size} | DataParallel GPUs: "
                 f"{runtime.data_parallel_gpus} | ijson backend: {IJSON_BACKEND} | torch {torch.__version__}")
 
@@ -306,7 +327,7 @@ def train(args, logger):
                                 f"cache): no checkpoint was written and no partial cache entry is left; run "
                                 f"the same command again", stop_signal.exit_code) from None
     if runtime.is_master:  # only now: a run that fails on its data leaves the previous run's config alone
-        utils.save_config(config, output_dir / "config.yaml")
+        save_config(config, output_dir / "config.yaml")
 
     # ---------------------------------------------------------------- model, optimizer, schedule, precision
     state, model, amp_dtype = build_training(config, data, runtime, logger)
@@ -324,7 +345,7 @@ def train(args, logger):
     logger.info(f"Training finished in {utils.format_duration(time.time() - run_start)} | best loss "
                 f"{state.early_stopping.best_loss:.4f}{' (early stop)' if state.stopped_early else ''} | "
                 f"best model: {best}")
-    utils.barrier(runtime)
+    barrier(runtime)
     if runtime.distributed:
         # Every rank leaves the group together, before the master's single-process evaluation: a rank that
         # tore its gloo group down while the master still held it open could abort at exit (SIGABRT).
@@ -346,15 +367,15 @@ def update(args, logger) -> int:
     # everything read and checked before the new folder exists: bad feedback leaves nothing behind
     parent = feedback.Parent.load(args.update)
     config = feedback.update_config(parent, args)
-    found = feedback.read_feedback(args.feedback, config.model.vocab_size, utils.reader_options(config))
+    found = feedback.read_feedback(args.feedback, config.model.vocab_size, reader_options(config))
     tc, uc, output_dir = config.training, config.update, Path(config.training.output_dir)
     utils.setup_logger(None, logger=logger)
     run = feedback.claim_output(output_dir, logger)
     utils.setup_logger(str(output_dir), logger=logger)
     logger.info(f"Update {run.run_id} in {output_dir} of {parent.describe()} | feedback {found.path}: "
                 f"{len(found.sessions)} sessions to learn as normal{found.skipped_text()}")
-    utils.seed_everything(tc.seed)
-    runtime = utils.setup_runtime(tc.device, use_multi_gpu=False)
+    seed_everything(tc.seed)
+    runtime = setup_runtime(tc.device, use_multi_gpu=False)
     try:
         data = prepare_data(config, runtime, tc.batch_size, logger)   # the token cache: replay and validation
         replay = feedback.replay_sample(config, logger)
@@ -381,7 +402,7 @@ def update(args, logger) -> int:
     co_occurrence = feedback.join_records(records, found.sessions, config, logger)
     calibration, normal, abnormal = feedback.recalibrate(model, co_occurrence, config, logger)
     best = output_dir / "checkpoints" / "best_model.pt"
-    utils.save_config(config, output_dir / "config.yaml")
+    save_config(config, output_dir / "config.yaml")
     utils.save_json(output_dir / "training_history.json", state.history)
     feedback.save_updated(state, records, parent, found, len(replay), calibration, best)
     logger.info(f"Updated model: {best} | parent {parent.path} {parent.still_unchanged()}: rollback is "
@@ -394,7 +415,7 @@ def update(args, logger) -> int:
     return 0
 
 
-def update_epoch(state: utils.TrainState, model, data: Data, windows: list, runtime, amp_dtype, epoch: int,
+def update_epoch(state: TrainState, model, data: Data, windows: list, runtime, amp_dtype, epoch: int,
                  logger) -> None:
     """One epoch of an update over its windows (feedback and replay), then the validation loss on the
     parent's validation split: how much of what it knew the model kept."""
@@ -402,7 +423,7 @@ def update_epoch(state: utils.TrainState, model, data: Data, windows: list, runt
     tc = config.training
     state.start_epoch(epoch)
     started = time.time()
-    window = utils.LossWindow(runtime.device)
+    window = LossWindow(runtime.device)
     model.train()
     for batch in feedback.epoch_batches(windows, tc.batch_size, tc.seed, epoch, model.pad_id):
         window.add(*train_step(state, model, batch, runtime, amp_dtype, tc.max_grad_norm))
@@ -421,7 +442,7 @@ def update_epoch(state: utils.TrainState, model, data: Data, windows: list, runt
     state.start_epoch(epoch + 1)
 
 
-def claim_output(output_dir: Path, checkpoint: dict | None, args, runtime: utils.Runtime, logger):
+def claim_output(output_dir: Path, checkpoint: dict | None, args, runtime: Runtime, logger):
     """One run per output directory, and one run's files in it: the lock (no two runs at once) and the run
     record (no new run over another's checkpoints, unless --overwrite moves them aside). Master only; a
     refusal stops every rank with the same message."""
@@ -433,24 +454,24 @@ def claim_output(output_dir: Path, checkpoint: dict | None, args, runtime: utils
             run = utils.RunRecord.claim(output_dir, checkpoint, args.resume, args.overwrite)
         except utils.ConfigError as refused:
             error = str(refused)
-    errors = [e for e in utils.all_gather(error, runtime) if e]
+    errors = [e for e in all_gather(error, runtime) if e]
     if errors:
         raise utils.ConfigError(errors[0])
     return run
 
 
-def check_resumable(checkpoint: dict, config: utils.Config, resume_path: str, logger) -> None:
-    if checkpoint.get("split_scheme") != utils.SPLIT_SCHEME:
+def check_resumable(checkpoint: dict, config: Config, resume_path: str, logger) -> None:
+    if checkpoint.get("split_scheme") != SPLIT_SCHEME:
         logger.warning(f"{resume_path} was written with an earlier validation split: the sessions held out "
                        "now differ from those held out before the stop")
     if checkpoint["model_args"] != vars(config.model):
         differing = {k: (v, vars(config.model).get(k)) for k, v in checkpoint["model_args"].items()
                      if vars(config.model).get(k) != v}
-        raise utils.CheckpointError(f"{resume_path}: the model differs from the config's "
+        raise CheckpointError(f"{resume_path}: the model differs from the config's "
                                     + ", ".join(f"{k} {old} vs {new}" for k, (old, new) in differing.items()))
 
 
-def build_training(config: utils.Config, data: Data, runtime: utils.Runtime, logger):
+def build_training(config: Config, data: Data, runtime: Runtime, logger):
     """The model (wrapped for DDP or DataParallel), optimizer, LR schedule, precision and early stopping,
     in one TrainState; returns it, the model to call and the autocast dtype."""
     tc = config.training
@@ -474,14 +495,14 @@ def build_training(config: utils.Config, data: Data, runtime: utils.Runtime, log
                        "to the run)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, utils.lr_multiplier(warmup, total_steps, tc.lr_schedule, tc.min_lr_ratio))
-    amp_dtype, use_loss_scaling = utils.amp_settings(config, runtime.device)
+    amp_dtype, use_loss_scaling = amp_settings(config, runtime.device)
     # Enabled only for fp16: bf16 and fp32 share the same code path with a pass-through scaler.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=use_loss_scaling)
     early_stopping = utils.EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
-    state = utils.TrainState(raw_model, optimizer, scheduler, scaler, early_stopping, config)
+    state = TrainState(raw_model, optimizer, scheduler, scaler, early_stopping, config)
     state.event_sets = data.event_sets if config.evaluation.event_set_rule else None
     pairs = data.event_pairs if config.evaluation.event_pair_rule else None
-    state.event_pairs = CoOccurrence(config.model.vocab_size, pairs=pairs).pair_table()  # an [n, 2] tensor
+    state.event_pairs = pair_table(CoOccurrence(config.model.vocab_size, pairs=pairs))  # an [n, 2] tensor
     state.data_order = {"batch_size": tc.batch_size, "world_size": runtime.world_size, "seed": tc.seed,
                         **{f"data.{k}": getattr(config.data, k)
                            for k in ("validation_split", "max_seq_length", "window_context")},
@@ -496,21 +517,21 @@ def build_training(config: utils.Config, data: Data, runtime: utils.Runtime, log
     return state, model, amp_dtype
 
 
-def resume(state: utils.TrainState, checkpoint: dict, resume_path: str, runtime: utils.Runtime,
+def resume(state: TrainState, checkpoint: dict, resume_path: str, runtime: Runtime,
            logger) -> None:
     """Everything the checkpoint saved, this rank's RNG states included: the run continues bit-exactly
     under the same settings."""
     try:
         order, rng_states = dict(state.data_order), state.load_state_dict(checkpoint)
-    except utils.CheckpointError as error:
-        raise utils.CheckpointError(f"{resume_path}: {error}") from None
+    except CheckpointError as error:
+        raise CheckpointError(f"{resume_path}: {error}") from None
     saved_order = checkpoint["data_position"].get("order", {})
     changed = [f"{k} {saved_order[k]} -> {v}" for k, v in order.items()
                if k in saved_order and saved_order[k] != v]
     if changed:
         logger.warning(f"Resuming with other settings than the checkpoint's ({', '.join(changed)}): the "
                        "batch order differs, so training continues, but not bit-exactly")
-    utils.set_rng_state(rng_states[runtime.rank % len(rng_states)])
+    set_rng_state(rng_states[runtime.rank % len(rng_states)])
     logger.info(f"Resumed from {resume_path}: epoch {state.epoch}, batch {state.batches_done}, step "
                 f"{state.step}")
 
@@ -525,15 +546,15 @@ def log_expected_time(elapsed: float, steps: int, steps_per_epoch: int, steps_le
                 f"(from the first {steps} steps on this hardware, {per_step * 1000:.0f} ms a step)")
 
 
-def run_epochs(state: utils.TrainState, model, data: Data, runtime, amp_dtype, rank_batch_size: int,
+def run_epochs(state: TrainState, model, data: Data, runtime, amp_dtype, rank_batch_size: int,
                stop_signal: utils.StopSignal, logger) -> int | None:
     """The training loop, from where the state is to the last epoch or an early stop; a stop signal saves a
     step checkpoint and returns the exit code (None: training ran to its end)."""
     tc = state.config.training
     checkpoint_dir = Path(tc.output_dir) / "checkpoints"
-    gpu_monitor = utils.GPUMonitor(logger) if runtime.is_master else None
+    gpu_monitor = GPUMonitor(logger) if runtime.is_master else None
     run_start, steps_this_run = time.time(), 0
-    window = utils.LossWindow(runtime.device)
+    window = LossWindow(runtime.device)
     model.train()
     for epoch in range(state.epoch, tc.epochs + 1):
         state.start_epoch(epoch)
@@ -542,7 +563,7 @@ def run_epochs(state: utils.TrainState, model, data: Data, runtime, amp_dtype, r
         # A bar only on a terminal: under nohup or screen logs, plain lines stay readable.
         progress = tqdm(total=data.steps_per_epoch, initial=state.batches_done, desc=f"epoch {epoch}",
                         leave=False, disable=not (runtime.is_master and sys.stderr.isatty()))
-        batches = utils.Throughput(utils.lockstep(data.train.batches(rank_batch_size, state.batches_done),
+        batches = utils.Throughput(lockstep(data.train.batches(rank_batch_size, state.batches_done),
                                                   runtime))
         with logging_redirect_tqdm([logger]) if not progress.disable else contextlib.nullcontext():
             for batch, state.batches_done in batches:  # the loader's position goes into the checkpoint
@@ -567,7 +588,7 @@ def run_epochs(state: utils.TrainState, model, data: Data, runtime, amp_dtype, r
                     state.epoch_time = time.time() - epoch_start
                     state.save(checkpoint_dir / f"step_{state.step}.pt", runtime)
                     state.prune("step", tc.keep_last_checkpoints)
-                if stop_signal.check(runtime, state.step, tc.log_every_steps):
+                if stop_requested(stop_signal, runtime, state.step, tc.log_every_steps):
                     window.flush_into(state)
                     state.epoch_time = time.time() - epoch_start
                     path = checkpoint_dir / f"step_{state.step}.pt"
@@ -585,31 +606,30 @@ def run_epochs(state: utils.TrainState, model, data: Data, runtime, amp_dtype, r
     return None
 
 
-def evaluate_after_training(best: Path, config: utils.Config, stop_signal: utils.StopSignal, logger) -> int:
+def evaluate_after_training(best: Path, config: Config, stop_signal: utils.StopSignal, logger) -> int:
     """Calibrate and evaluate the best model; a stop signal or data too small to calibrate on skip it with
     a line saying how to run it later, and only the signal makes the run's exit code non-zero."""
     later = f"python evaluate.py --checkpoint {best}"
     try:
         if stop_signal.received:
             raise utils.Stopped(stop_signal.received)
-        import evaluate  # imported here: evaluation is a separate, optional stage
         evaluate.after_training(best, config, logger)
     except utils.Stopped as signal_name:
         logger.info(f"Stopped by {signal_name} before the evaluation after training ended; the checkpoints "
                     f"are complete; evaluate with: {later}")
         return stop_signal.exit_code
-    except DataError as error:
+    except (DataError, CalibrationError) as error:   # too few normal sessions to fit thresholds on
         logger.warning(f"Evaluation after training skipped: {error}. With more normal sessions in the "
                        f"validation split (data.validation_split), or others via --calibrate-on: {later}")
     return 0
 
 
-def end_of_epoch(state: utils.TrainState, model, data: Data, runtime, amp_dtype, rank_batch_size: int,
+def end_of_epoch(state: TrainState, model, data: Data, runtime, amp_dtype, rank_batch_size: int,
                  epoch_time: float, output_dir: Path, logger) -> bool:
     """Validate, record the epoch, write the epoch and best checkpoints; True when early stopping says
     stop."""
     config, epoch = state.config, state.epoch
-    train_loss_sum, train_tokens = utils.all_reduce_sum([state.epoch_loss_sum, state.epoch_tokens], runtime)
+    train_loss_sum, train_tokens = all_reduce_sum([state.epoch_loss_sum, state.epoch_tokens], runtime)
     train_loss = train_loss_sum / max(train_tokens, 1)
     val_loss, val_tokens = evaluate_loss(state.model, data.val, rank_batch_size, runtime, amp_dtype)
     # Without a validation split (tiny data), model selection falls back to the training loss.

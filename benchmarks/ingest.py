@@ -46,8 +46,9 @@ import ijson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cache  # noqa: E402
-import utils  # noqa: E402
-from cache import CachedSessions, build_caches, cache_settings  # noqa: E402
+from batches import CachedSessions
+from cache import build_caches, cache_settings  # noqa: E402
+from config import Config
 from dataset import _format_of, _json_array_prefix  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def verify_costs(entries: list[Path]) -> tuple[float, float, float]:
     zlib.crc32 over the cache's bytes held in memory: what the first pass adds by taking it while writing)."""
     files = [f for e in entries for f in e.iterdir()]
     gigabytes = sum(f.stat().st_size for f in files) / 1e9
-    cache._verified.clear()  # as in a new process
+    cache.VERIFIED.clear()  # as in a new process
     seconds, problems = timed(lambda: [cache.check_entry(e, None) for e in entries])
     assert problems == [None] * len(entries), problems
     checksum, _ = timed(lambda: [cache._checksum_problem(e, cache.open_entries([e])[0]) for e in entries])
@@ -122,7 +123,7 @@ def main() -> None:
         while handle.read(2 ** 24):
             pass
     figures = {"bare_ijson_mb_s": 0.0, "first_pass_mb_s": 0.0}
-    settings = cache_settings(utils.Config(), args.vocab_size)
+    settings = cache_settings(Config(), args.vocab_size)
     with tempfile.TemporaryDirectory() as cache_dir:
         for run in range(args.repeat):
             seconds, records = timed(lambda: bare_ijson(path))

@@ -89,10 +89,11 @@ def child(stage: str, path: str, cache_dir: str) -> None:
 
     import evaluate
     import scoring
-    import utils
-    from cache import CachedSessions, build_caches, cache_settings
+    from batches import CachedSessions
+    from cache import build_caches, cache_settings
+    from config import load_config
     from model import DeepLog
-    config = utils.load_config(None, {"data.preprocessed_dir": path, "lazy_loading.cache_dir": cache_dir,
+    config = load_config(None, {"data.preprocessed_dir": path, "lazy_loading.cache_dir": cache_dir,
                                       "model.embedding_dim": 8, "model.hidden_size": 8,
                                       "model.num_layers": 1})
     anonymous = AnonymousPeak()
@@ -140,7 +141,7 @@ def long_sessions(config, path: str) -> dict:
     import detect
     import evaluate
     import scoring
-    import utils
+    from config import reader_options
     from model import DeepLog
     torch.set_num_threads(2)
     model = DeepLog(29, 8, 8, 1, 0.0).eval().set_windows(256, 32)
@@ -150,10 +151,10 @@ def long_sessions(config, path: str) -> dict:
     results, _ = evaluate.evaluate(model, calibration, scoring.data_chunks(path, config, "all", logger), [],
                                    10, "combined")
     out = io.StringIO()
-    totals = detect.score_files(model, calibration, path, utils.reader_options(config), "probability", out)
+    totals = detect.score_files(model, calibration, path, reader_options(config), "probability", out)
     longest = max((json.loads(line)["event_ids"] for line in open(path)), key=len)
     model.calibration = calibration
-    verdict = model.verdict([longest])
+    verdict = scoring.verdict(model, [longest])
     return {"sessions": results["normal_scores"]["count"],
             "predictions": results["next_event"]["total_predictions"],
             "detected": sum(totals.get(v, 0) for v in ("normal", "abnormal")), "verdict": verdict[0]}

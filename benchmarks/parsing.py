@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 LOGHUB = REPO.parent / "shared" / "data" / "loghub"
 sys.path.insert(0, str(REPO))
 
+import logparse  # noqa: E402
 import preprocess  # noqa: E402
 
 # The log-parsing benchmark's settings, verbatim from ../shared/data/loghub/README.md (logpai/logparser's
@@ -86,7 +87,7 @@ def load(system: str) -> tuple[list[str], list[str]]:
 
 def parse_lines(lines: list[str], cfg: preprocess.PreprocessConfig) -> list:
     """The event ID of every line through preprocess.py's parser (None where the format does not match)."""
-    parser = preprocess.Parser(cfg)
+    parser = logparse.Parser(cfg)
     ids = []
     for line in lines:
         match = parser.match(line)

@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evaluate  # noqa: E402
 import scoring  # noqa: E402
-import utils  # noqa: E402
+from checkpoint import co_occurrence_of, load_trained  # noqa: E402
+from config import config_from_dict, reader_options  # noqa: E402
 
 HDFS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hdfs"
 
@@ -49,12 +50,12 @@ def main() -> None:
                         help="target false-positive rates to try")
     parser.add_argument("--no-event-sets", action="store_true", help="ignore the record of event-type sets")
     args = parser.parse_args()
-    model, checkpoint = scoring.load_model(args.checkpoint, torch.device("cpu"))
-    config = utils.config_from_dict(checkpoint["config"])
-    co_occurrence = scoring.known_co_occurrence(checkpoint)
+    model, checkpoint = load_trained(args.checkpoint, torch.device("cpu"))
+    config = config_from_dict(checkpoint["config"])
+    co_occurrence = co_occurrence_of(checkpoint)
     if args.no_event_sets:
         co_occurrence.sets = None
-    calibration_chunks, _, _ = evaluate.validation_sessions(config, utils.reader_options(config))
+    calibration_chunks, _, _ = evaluate.validation_sessions(config, reader_options(config))
     calibration_set = Counter(tuple(s) for chunk in calibration_chunks for s in chunk)
     normal = Counter(tuple(s) for c in scoring.file_chunks(args.eval_normal, {}, abnormal=False) for s in c)
     abnormal = Counter(tuple(s) for c in scoring.file_chunks(args.eval_abnormal, {}) for s in c)

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import scoring  # noqa: E402  (the repository's scoring.py, first on the path: not this file)
+from checkpoint import load_trained  # noqa: E402
 from dataset import iter_sessions  # noqa: E402
 
 HDFS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hdfs"
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="sessions per LSTM batch")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    model, checkpoint = scoring.load_model(args.checkpoint, torch.device("cpu"))
+    model, checkpoint = load_trained(args.checkpoint, torch.device("cpu"))
     sessions = [tuple(r.event_ids) for path in args.data for r in iter_sessions(path)]
     distinct = Counter(sessions)
     print(f"{len(sessions)} sessions ({len(distinct)} distinct), {torch.get_num_threads()} CPU threads, "

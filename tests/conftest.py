@@ -129,7 +129,7 @@ def fixed_model(vocab_size=5):
 
 def known(*sets, vocab_size=5):
     """The record training would keep of these sets of event types: the sets and their pairs."""
-    from model import CoOccurrence, pairs_of_sets
+    from rules import CoOccurrence, pairs_of_sets
 
     return CoOccurrence(vocab_size, sets, pairs_of_sets(sets, vocab_size))
 

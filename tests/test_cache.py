@@ -9,16 +9,18 @@ from collections import Counter
 import numpy as np
 import pytest
 
+import batches
 import cache
-import utils
-from cache import CachedSessions, build_caches, cache_settings, keyed_permutation, session_chunks
+from batches import CachedSessions, keyed_permutation, session_chunks
+from cache import build_caches, cache_settings
+from config import Config
 from dataset import DataError, SessionDataset, batch_to_device, iter_sessions
-from model import IGNORE_INDEX
+from tokens import IGNORE_INDEX
 
 
 def settings_of(vocab_size, **changes):
     """The cache settings of the default config, with `changes` (CacheSettings fields)."""
-    return dataclasses.replace(cache_settings(utils.Config(), vocab_size), **changes)
+    return dataclasses.replace(cache_settings(Config(), vocab_size), **changes)
 
 
 def write_sessions(path, sessions, labels=None):
@@ -275,7 +277,7 @@ def test_every_damage_is_rebuilt_with_one_line_naming_entry_and_damage(tmp_path,
     fresh = what_it_reads(entries)
     harm, said = DAMAGES[damage]
     harm(entries[0])
-    cache._verified.clear()  # as a later process finds it
+    cache.VERIFIED.clear()  # as a later process finds it
     caplog.set_level(logging.INFO, logger="deeplog")
     assert build_caches(data / "b.jsonl", settings_of(29), tmp_path / "cache", workers=1) == entries
     lines = [r.message for r in caplog.records if "rebuilding" in r.message]
@@ -290,13 +292,13 @@ def test_an_entry_opened_directly_is_verified_and_rebuilt_there(tmp_path, caplog
     entries = build_caches(data / "b.jsonl", settings_of(29), tmp_path / "cache", workers=1)
     fresh = what_it_reads(entries)
     set_offsets(entries[0], at7=10 ** 6)
-    cache._verified.clear()
+    cache.VERIFIED.clear()
     caplog.set_level(logging.INFO, logger="deeplog")
     assert what_it_reads(entries) == fresh   # CachedSessions, then session_chunks, find it rebuilt
     lines = [r.message for r in caplog.records if "rebuilding" in r.message]
     assert len(lines) == 1 and "point past the last token at session 7" in lines[0]
     (entries[0] / "meta.json").write_text("[]")  # names neither its file nor its settings: cannot be rebuilt
-    cache._verified.clear()
+    cache.VERIFIED.clear()
     with pytest.raises(DataError, match=rf"token cache {entries[0]}: damaged \(meta.json is an array"):
         CachedSessions(entries, 29, "train")
 
@@ -305,12 +307,14 @@ def test_an_entry_is_verified_once_per_process_and_again_when_a_file_changes(tmp
     data = make_data(tmp_path)
     entries = build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
     reads = []
-    real = cache._file_record
-    monkeypatch.setattr(cache, "_file_record", lambda path: reads.append(path.name) or real(path))
+    real = cache.file_record
+    counting = lambda path: reads.append(path.name) or real(path)  # noqa: E731
+    monkeypatch.setattr(cache, "file_record", counting)    # entries (cache.py), window indexes (batches.py)
+    monkeypatch.setattr(batches, "file_record", counting)
     build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
     CachedSessions(entries, 29, "train").count()
     assert not reads                        # built here: their checksums were taken while they were written
-    cache._verified.clear()                 # a later process
+    cache.VERIFIED.clear()                 # a later process
     build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
     CachedSessions(entries, 29, "train").count()
     window_index = [f"part-0.windows-train-256-32.{k}" for k in ("starts", "lengths")] * 3
@@ -331,7 +335,7 @@ def test_a_damaged_window_index_is_rebuilt_with_one_line(built, caplog):
     fresh = rows_of(CachedSessions(entries, 29, "train", **options).batches(32))
     index = next(entries[0].glob("part-0.windows-train-40-8.starts"))
     flip_byte(index, 3)
-    cache._verified.clear()
+    cache.VERIFIED.clear()
     caplog.set_level(logging.INFO, logger="deeplog")
     assert rows_of(CachedSessions(entries, 29, "train", **options).batches(32)) == fresh
     lines = [r.message for r in caplog.records if "rebuilding" in r.message]
@@ -479,8 +483,9 @@ def test_a_read_only_cache_of_complete_entries_is_used_and_one_with_gaps_is_one_
     writable = CachedSessions(entries, 29, "train", shuffle=False, max_seq_length=40, window_context=8)
     expected = rows_of(writable.batches(16))
     before = sorted(p.name for p in cache_dir.rglob("*"))
-    monkeypatch.setattr(cache, "_writable", lambda folder: False)
-    monkeypatch.setattr(cache, "_private_folder", lambda: (tmp_path / "private").mkdir(exist_ok=True) or
+    monkeypatch.setattr(cache, "writable", lambda folder: False)
+    monkeypatch.setattr(batches, "writable", lambda folder: False)
+    monkeypatch.setattr(batches, "_private_folder", lambda: (tmp_path / "private").mkdir(exist_ok=True) or
                         tmp_path / "private")
     caplog.set_level(logging.INFO)
     assert build_caches(data, settings_of(29), cache_dir, workers=1) == entries

@@ -13,8 +13,9 @@ from conftest import REPO, fixed_model, hand_calibration, run_script, write_conf
 
 import calibration as C
 import evaluate as E
-from calibration import verdicts
-from model import CoOccurrence, CountVectors, DeepLog, pairs_of_sets
+from checkpoint import CheckpointError, count_vectors_from_state, count_vectors_state, load_checkpoint
+from model import DeepLog
+from rules import CoOccurrence, CountVectors, pairs_of_sets, verdicts
 
 SEQUENCES = REPO.parent / "shared" / "data" / "sequences"
 
@@ -65,13 +66,13 @@ def test_count_vectors_nearest_and_leave_one_out_equal_brute_force():
     assert sorted(record.weights.tolist()) == sorted(Counter(map(lambda s: tuple(sorted(s)), train)).values())
     assert CountVectors.from_chunks([train[:30], train[30:]], max_sessions=35).sessions == 35   # the first 35
     # kept in a checkpoint as tensors, and back
-    again = CountVectors.from_state(record.state())
+    again = count_vectors_from_state(count_vectors_state(record))
     assert again.nearest(scored).tolist() == brute.tolist()
 
 
 def test_count_vectors_record_stops_past_its_cap(monkeypatch):
-    import model
-    monkeypatch.setattr(model, "MAX_COUNT_VECTORS", 5)
+    import rules
+    monkeypatch.setattr(rules, "MAX_COUNT_VECTORS", 5)
     assert CountVectors.from_chunks([[[i] * i for i in range(1, 7)]]) is None
     assert CountVectors.from_chunks([[[i] * i for i in range(1, 6)]]) is not None
 
@@ -184,13 +185,12 @@ def test_small_training_set_states_an_honest_false_positive_rate(tmp_path):
                                     {"entries": torch.tensor([[5, 1, 1]]), "weights": torch.tensor([1])},
                                     "not a record"])
 def test_a_damaged_count_vector_record_is_one_line_naming_the_checkpoint(tmp_path, damage):
-    import utils
     model = _model(8)
     path = tmp_path / "damaged.pt"
     torch.save({"model_state_dict": model.state_dict(), "model_args": model.model_args, "config": {},
                 "count_vectors": damage}, path)
-    with pytest.raises(utils.CheckpointError, match=r"damaged\.pt: damaged checkpoint \(count_vectors"):
-        utils.load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"damaged\.pt: damaged checkpoint \(count_vectors"):
+        load_checkpoint(path)
     done = run_script("evaluate.py", "--checkpoint", path, "--data-dir", path)
     assert done.returncode != 0 and "Traceback" not in done.stderr and "count_vectors" in done.stderr
 

@@ -1,23 +1,26 @@
 """One config object: dataclass defaults < YAML < CLI flags, strict keys and types."""
 import pytest
+import torch
 import yaml
 
 import train
 import utils
-from utils import ConfigError, load_config
+from config import Config, TrainingConfig, config_from_dict, config_to_dict, load_config, save_config
+from runtime import GPUMonitor, amp_settings, visible_gpu_indices
+from utils import ConfigError
 
 
 def test_defaults_then_yaml_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"training": {"epochs": 7, "learning_rate": 0.01},
                                     "data": {"preprocessed_dir": "from_yaml"}}))
-    assert load_config().training.epochs == utils.TrainingConfig().epochs
+    assert load_config().training.epochs == TrainingConfig().epochs
     config = train.resolve_config(train.parse_args(["--config", str(path), "--lr", "0.5", "--seed", "9"]))
     assert config.training.epochs == 7                  # YAML over the default
     assert config.training.learning_rate == 0.5         # flag over YAML
     assert config.data.preprocessed_dir == "from_yaml"  # YAML kept where no flag is given
     assert config.training.seed == 9
-    assert config.training.batch_size == utils.TrainingConfig().batch_size   # default kept
+    assert config.training.batch_size == TrainingConfig().batch_size   # default kept
     assert train.resolve_config(train.parse_args(["--config", str(path), "--data-dir", "d", "--epochs", "2",
                                                   "--batch-size", "8", "--output-dir", "o",
                                                   "--device", "cpu"])
@@ -30,12 +33,12 @@ def test_shipped_config_yaml_matches_the_dataclass_keys():
 
     import preprocess
     shipped = yaml.safe_load(open(train.Path(__file__).parent.parent / "config.yaml"))
-    expected = {s: set(v) for s, v in utils.config_to_dict(utils.Config()).items()}
+    expected = {s: set(v) for s, v in config_to_dict(Config()).items()}
     expected["preprocess"] = {f.name for f in dataclasses.fields(preprocess.PreprocessConfig)}
     assert {s: set(v) for s, v in shipped.items()} == expected
     # same defaults: the file shows the defaults of the one config, it does not restate others
     assert preprocess.PreprocessConfig(**shipped["preprocess"]) == preprocess.PreprocessConfig()
-    assert load_config(str(train.Path(__file__).parent.parent / "config.yaml")) == utils.Config()
+    assert load_config(str(train.Path(__file__).parent.parent / "config.yaml")) == Config()
 
 
 def test_the_warm_up_is_scaled_to_short_runs_unless_set():
@@ -86,9 +89,9 @@ def test_unreadable_and_invalid_yaml(tmp_path):
 
 def test_saved_config_round_trips(tmp_path):
     config = load_config(None, {"training.epochs": 3, "model.hidden_size": 12})
-    utils.save_config(config, tmp_path / "config.yaml")
+    save_config(config, tmp_path / "config.yaml")
     assert load_config(str(tmp_path / "config.yaml")) == config
-    assert utils.config_from_dict(utils.config_to_dict(config)) == config
+    assert config_from_dict(config_to_dict(config)) == config
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -119,8 +122,8 @@ def test_gpu_monitor_without_gpu_says_so_once_and_gives_no_field(caplog):
     import logging
     logger = logging.getLogger("test-gpu")
     with caplog.at_level(logging.INFO, logger="test-gpu"):
-        monitor = utils.GPUMonitor(logger)
-    if utils.torch.cuda.is_available():
+        monitor = GPUMonitor(logger)
+    if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert monitor.summary() is None and monitor.details() == []
     assert len([r for r in caplog.records if "GPU stats" in r.message]) == 1
@@ -136,10 +139,10 @@ def test_gpu_monitor_when_pynvml_fails(monkeypatch, caplog):
         raise RuntimeError("NVML Shared Library Not Found")
     broken.nvmlInit = fail
     monkeypatch.setitem(sys.modules, "pynvml", broken)
-    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     logger = logging.getLogger("test-gpu2")
     with caplog.at_level(logging.INFO, logger="test-gpu2"):
-        monitor = utils.GPUMonitor(logger)
+        monitor = GPUMonitor(logger)
     assert monitor.summary() is None
     assert any("pynvml unavailable" in r.message and "NVML Shared Library" in r.message
                for r in caplog.records)
@@ -160,41 +163,40 @@ def test_gpu_monitor_formats_pynvml_readings(monkeypatch):
     fake.nvmlDeviceGetTemperature = lambda h, kind: 60
     fake.nvmlDeviceGetPowerUsage = lambda h: 250000
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: True)
-    monitor = utils.GPUMonitor(logging.getLogger("x"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monitor = GPUMonitor(logging.getLogger("x"))
     assert monitor.summary() == "GPU: [0:1000MB|90%] [1:2000MB|91%]"
     assert monitor.details()[1] == "GPU 1: memory 2000/80000MB | util 91% | temp 60C | power 250W"
 
 
 def test_precision_choice_per_device(monkeypatch):
-    torch = utils.torch
     config = load_config()
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert utils.amp_settings(config, cuda) == (torch.bfloat16, False)
+    assert amp_settings(config, cuda) == (torch.bfloat16, False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert utils.amp_settings(config, cuda) == (torch.float16, True)        # fp16 needs the GradScaler
+    assert amp_settings(config, cuda) == (torch.float16, True)        # fp16 needs the GradScaler
     config.training.amp_dtype = "float16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert utils.amp_settings(config, cuda) == (torch.float16, True)
+    assert amp_settings(config, cuda) == (torch.float16, True)
     config.training.amp_dtype = "auto"
     for native in (False, True):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native,
                             raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-        assert utils.amp_settings(config, cpu) == ((torch.bfloat16 if native else None), False)
+        assert amp_settings(config, cpu) == ((torch.bfloat16 if native else None), False)
     config.training.mixed_precision = False
-    assert (utils.amp_settings(config, cuda) == (None, False)
-            and utils.amp_settings(config, cpu) == (None, False))
+    assert (amp_settings(config, cuda) == (None, False)
+            and amp_settings(config, cpu) == (None, False))
 
 
 def test_gpu_stats_follow_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert utils.visible_gpu_indices(4) == [2, 3]
+    assert visible_gpu_indices(4) == [2, 3]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f3c,GPU-11aa")   # UUIDs: cannot map, show all
-    assert utils.visible_gpu_indices(2) == [0, 1]
+    assert visible_gpu_indices(2) == [0, 1]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert utils.visible_gpu_indices(3) == [0, 1, 2]
+    assert visible_gpu_indices(3) == [0, 1, 2]
 
 
 def test_yaml_exponents_without_a_dot_are_floats(tmp_path):
@@ -217,7 +219,7 @@ def test_the_original_design_layout_loads_as_the_canonical_one(tmp_path):
             config.training.learning_rate) == (2, 32, 0.001)
     assert (config.early_stopping.patience, config.early_stopping.min_delta) == (5, 0.001)
     assert (config.lazy_loading.buffer_size, config.lazy_loading.shuffle_buffer) == (500, False)
-    utils.save_config(config, tmp_path / "saved.yaml")   # the saved resolved config is the canonical layout
+    save_config(config, tmp_path / "saved.yaml")   # the saved resolved config is the canonical layout
     saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
     assert "num_epochs" not in saved["training"] and saved["training"]["epochs"] == 2
     assert "lazy_loading" not in saved["data"] and saved["lazy_loading"]["buffer_size"] == 500

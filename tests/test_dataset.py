@@ -18,7 +18,7 @@ from dataset import (
     make_windows,
     skip_hint,
 )
-from model import IGNORE_INDEX, special_tokens
+from tokens import IGNORE_INDEX, special_tokens
 
 SESSIONS = [[1, 2, 3], [4, 5], [6]]
 
@@ -462,14 +462,13 @@ def test_co_occurrence_record_keeps_exact_pairs_past_the_set_cap(monkeypatch, vo
     past MAX_EVENT_PAIRS the pairs are dropped too. Given at once or session by session, the same record."""
     import itertools
 
-    import dataset
-    import model
+    import rules
     rng = np.random.default_rng(vocab_size)
     sessions = [rng.integers(0, vocab_size // 4, rng.integers(0, 12)).tolist() for _ in range(3000)]
     expected = {a * vocab_size + b for s in sessions for a, b in itertools.combinations(sorted(set(s)), 2)}
-    monkeypatch.setattr(dataset, "MAX_EVENT_SETS", 50)
-    monkeypatch.setattr(model, "PAIR_SLICE", 97)          # many small slices
-    whole, one_by_one = dataset.CoOccurrenceRecorder(vocab_size), dataset.CoOccurrenceRecorder(vocab_size)
+    monkeypatch.setattr(rules, "MAX_EVENT_SETS", 50)
+    monkeypatch.setattr(rules, "PAIR_SLICE", 97)          # many small slices
+    whole, one_by_one = rules.CoOccurrenceRecorder(vocab_size), rules.CoOccurrenceRecorder(vocab_size)
     lengths = np.array([len(s) for s in sessions])
     for begin in range(0, len(sessions), 700):
         block = sessions[begin:begin + 700]
@@ -478,12 +477,12 @@ def test_co_occurrence_record_keeps_exact_pairs_past_the_set_cap(monkeypatch, vo
         one_by_one.add_session(session)
     for record in (whole.summary(), one_by_one.summary()):
         assert record["event_sets"] is None and record["event_pairs"].tolist() == sorted(expected)
-    monkeypatch.setattr(dataset, "MAX_EVENT_PAIRS", len(expected) - 1)
-    capped = dataset.CoOccurrenceRecorder(vocab_size)
+    monkeypatch.setattr(rules, "MAX_EVENT_PAIRS", len(expected) - 1)
+    capped = rules.CoOccurrenceRecorder(vocab_size)
     capped.add(np.array([t for s in sessions for t in s], dtype=np.int64), lengths)
     assert capped.summary()["event_pairs"] is None
     # selected sessions only; below the cap the sets are kept and the pairs follow from them
-    few = dataset.CoOccurrenceRecorder(vocab_size)
+    few = rules.CoOccurrenceRecorder(vocab_size)
     few.add(np.array([1, 2, 3, 3, 4, 5], dtype=np.int64), np.array([3, 1, 2]), np.array([True, False, True]))
     assert few.summary()["event_sets"] == [[1, 2, 3], [4, 5]]
     assert few.summary()["event_pairs"].tolist() == [1 * vocab_size + 2, 1 * vocab_size + 3,

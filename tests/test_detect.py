@@ -21,7 +21,8 @@ import detect as D
 from live_sessions import Item, LiveDetector
 from live_sources import FollowedFile, LiveWindows, fast_masker
 from live_state import state_problem
-from model import CoOccurrence, CountVectors, DeepLog, pairs_of_sets
+from model import DeepLog
+from rules import CoOccurrence, CountVectors, pairs_of_sets
 
 
 # ----------------------------------------------------------------------------- in process: the scorer
@@ -524,9 +525,9 @@ def test_the_word_by_word_masker_gives_drain3s_masks():
     every line of the loghub samples and on random text with spaces, tabs, <*> and non-ASCII digits."""
     import glob
 
-    import preprocess
-    miner = preprocess.make_miner({"sim_th": 0.45, "depth": 4, "max_children": 100, "max_clusters": None},
-                                  [r"user\d+x", *preprocess._BUILT_IN_MASKS])
+    import logparse
+    miner = logparse.make_miner({"sim_th": 0.45, "depth": 4, "max_children": 100, "max_clusters": None},
+                                  [r"user\d+x", *logparse.BUILT_IN_MASKS])
     fast = fast_masker(miner.masker)
     # the loghub samples where ../shared has them, random text always
     samples = glob.glob(str(REPO.parent / "shared" / "data" / "loghub" / "*_2k.log"))

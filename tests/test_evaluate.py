@@ -25,6 +25,8 @@ import calibration as C
 import detect as D
 import evaluate as E
 import scoring as S
+from checkpoint import co_occurrence_of, load_model, load_trained
+from config import config_from_dict
 from dataset import is_validation, iter_sessions
 from model import DeepLog
 
@@ -232,13 +234,13 @@ def test_detect_writes_one_line_per_session(trained, tmp_path):
 
 def test_detect_streams_in_chunks_with_the_same_verdicts(trained, tmp_path):
     _, out, data, _, _ = trained
-    model, checkpoint = S.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
+    model, checkpoint = load_trained(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
     outputs = []
     for chunk_size in (7, 10000):
         path = tmp_path / f"d{chunk_size}.jsonl"
         with open(path, "w") as handle:
             D.score_files(model, checkpoint["calibration"], data, {}, "combined", handle,
-                          co_occurrence=S.known_co_occurrence(checkpoint), chunk_size=chunk_size)
+                          co_occurrence=co_occurrence_of(checkpoint), chunk_size=chunk_size)
         outputs.append(path.read_text())
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 240
 
@@ -246,7 +248,7 @@ def test_detect_streams_in_chunks_with_the_same_verdicts(trained, tmp_path):
 def test_from_checkpoint_and_the_manual_route_agree(trained):
     _, out, *_ = trained
     path = out / "checkpoints" / "best_model.pt"
-    model = DeepLog.from_checkpoint(path, map_location="cpu")
+    model = load_model(path, map_location="cpu")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     manual = DeepLog(**checkpoint["model_args"])
     manual.load_state_dict(checkpoint["model_state_dict"])
@@ -591,8 +593,8 @@ def _whole_array_histograms(scores: dict, weights: np.ndarray, top_k: int) -> di
 def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, target_fpr):
     """Chunks of 7 sessions and a cache of 5, so that sessions are evicted and scored again."""
     _, out, data, abnormal_dir, _ = trained
-    model, checkpoint = S.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
-    co_occurrence = S.known_co_occurrence(checkpoint)
+    model, checkpoint = load_trained(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
+    co_occurrence = co_occurrence_of(checkpoint)
     normal, _ = _oracle_collect(data, {})
     _, abnormal = _oracle_collect(abnormal_dir, {}, all_abnormal=True)
     # ID 28 never occurs in training: probability 0, so these are below any probability bound
@@ -634,7 +636,7 @@ def test_streaming_gives_the_in_memory_numbers_on_sample_data(trained, target_fp
 
 def test_calibration_thresholds_from_the_sketch_stay_within_its_error(trained):
     _, out, data, _, _ = trained
-    model, _ = S.load_model(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
+    model, _ = load_trained(out / "checkpoints" / "best_model.pt", torch.device("cpu"))
     normal, _ = _oracle_collect(data, {})
     # at top-2 the sample's normal sessions have dozens of distinct scores: more than the 10 kept exactly
     expected = _oracle_fit_calibration(model, normal, 2, 9, 0.001, "sample", "combined")
@@ -655,7 +657,7 @@ def test_calibration_thresholds_from_the_sketch_stay_within_its_error(trained):
 
 def test_validation_sources_hold_the_in_memory_halves(trained, tmp_path):
     _, out, data, abnormal_dir, _ = trained
-    config = E.utils.config_from_dict(torch.load(out / "checkpoints" / "best_model.pt",
+    config = config_from_dict(torch.load(out / "checkpoints" / "best_model.pt",
                                                  weights_only=True)["config"])
     mixed = tmp_path / "mixed"   # normal sessions, and labelled abnormal ones
     mixed.mkdir()
@@ -676,8 +678,8 @@ def test_validation_sources_hold_the_in_memory_halves(trained, tmp_path):
 @needs_hdfs
 def test_streaming_gives_the_in_memory_numbers_on_hdfs(hdfs_trained):
     """Chunks of 500 and a cache of 64 sessions on the HDFS data (1,816 distinct dev sessions)."""
-    model, checkpoint = S.load_model(hdfs_trained / "checkpoints" / "best_model.pt", torch.device("cpu"))
-    co_occurrence = S.known_co_occurrence(checkpoint)
+    model, checkpoint = load_trained(hdfs_trained / "checkpoints" / "best_model.pt", torch.device("cpu"))
+    co_occurrence = co_occurrence_of(checkpoint)
     args = (10, 9, 0.001, "hdfs_train", "combined", 256, co_occurrence)
     train, _ = _oracle_collect(HDFS_DIR / "hdfs_train", {})
     expected = _oracle_fit_calibration(model, train, *args)
@@ -770,13 +772,13 @@ def test_empty_sides_and_empty_chunks():
     assert "rules" not in only_normal and only_normal["false_positive_rate"]["top_g"] == 1.0
     with pytest.raises(E.DataError, match="no sessions to evaluate"):
         E.evaluate(model, calibration, [], [[]], 2, "combined")
-    with pytest.raises(E.DataError, match="hand: no normal sessions to calibrate on"):
+    with pytest.raises(C.CalibrationError, match="hand: no normal sessions to calibrate on"):
         E.fit_calibration(model, [[]], 2, 5, 0.25, "hand", "combined")
 
 
 @pytest.mark.parametrize("rule", [None, "top_g", "score_p95", "probability"])
 def test_the_model_gives_the_same_verdicts_as_detect(trained, tmp_path, rule):
-    """from model import DeepLog; DeepLog.from_checkpoint(...).verdict(sessions): the --detect verdicts."""
+    """checkpoint.load_model(...), scoring.verdict(model, sessions): the --detect verdicts."""
     _, out, data, abnormal_dir, _ = trained
     sessions = [json.loads(line)["event_ids"] for line in (data / "s.jsonl").read_text().splitlines()[:60]]
     sessions += [list(map(int, line.split()))
@@ -788,8 +790,8 @@ def test_the_model_gives_the_same_verdicts_as_detect(trained, tmp_path, rule):
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", path, *rule_flag)
     assert result.returncode == 0, result.stderr
     detected = [json.loads(line)["verdict"] for line in result.stdout.splitlines()]
-    model = DeepLog.from_checkpoint(checkpoint)
-    assert model.verdict(sessions, rule) == detected
+    model = load_model(checkpoint)
+    assert S.verdict(model, sessions, rule) == detected
     if rule is None:  # the default rule flags some and passes others: the equality above means something
         assert 0 < detected.count("abnormal") < len(detected)
 
@@ -921,13 +923,13 @@ def test_calibrations_written_before_the_rename_still_work(trained, tmp_path):
         detected.append([json.loads(line)["verdict"] for line in result.stdout.splitlines()])
     # an old calibration keeps its single bound on every prediction, the end included
     events = [json.loads(line)["event_ids"] for line in sessions.read_text().splitlines()]
-    scores = S.score_sessions(DeepLog.from_checkpoint(tmp_path / "old.pt"), [tuple(e) for e in events],
+    scores = S.score_sessions(load_model(tmp_path / "old.pt"), [tuple(e) for e in events],
                               [10])
     single_bound = ["abnormal" if lp < old["probability_bound"] else "normal"
                     for lp in scores["min_log_prob"]]
     assert (detected[1] == detected[2] == single_bound and "abnormal" in single_bound
             and "normal" in single_bound)
-    assert DeepLog.from_checkpoint(tmp_path / "old.pt").verdict(events, "probability") == single_bound
+    assert S.verdict(load_model(tmp_path / "old.pt"), events, "probability") == single_bound
     result = run_script("evaluate.py", "--checkpoint", tmp_path / "old.pt",
                         "--data-dir", elsewhere(data, tmp_path), "--abnormal-dir", abnormal_dir,
                         "--output-dir", tmp_path / "reports")

@@ -10,6 +10,7 @@ import torch
 from conftest import run_script, write_config
 
 import feedback
+from checkpoint import CheckpointError, count_vectors_from_state, count_vectors_state, load_checkpoint
 
 KIND = 8   # re-replication (events 8, 9, 10): the kind of normal session held out of training
 
@@ -106,19 +107,17 @@ def test_the_new_checkpoint_records_parent_and_feedback(updated, parent):
     assert stored["model_state_dict"]["seen_events"][[8, 9, 10]].all()
     assert any(KIND in s for s in stored["event_sets"])
     # the validated loader takes it, as detection and a resume would
-    import utils
-    assert utils.load_checkpoint(updated["checkpoint"], for_resume=True)["feedback"]["sessions"] == 20
+    assert load_checkpoint(updated["checkpoint"], for_resume=True)["feedback"]["sessions"] == 20
     assert (updated["folder"] / "calibration.json").exists()
     assert list(updated["folder"].glob("evaluation_report_*.txt"))
 
 
 def test_a_damaged_lineage_record_is_refused(updated, tmp_path):
-    import utils
     stored = torch.load(updated["checkpoint"], map_location="cpu", weights_only=True)
     stored["parent"]["sha256"] = "not a digest"
     torch.save(stored, tmp_path / "bad.pt")
-    with pytest.raises(utils.CheckpointError, match="parent must hold path, sha256"):
-        utils.load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="parent must hold path, sha256"):
+        load_checkpoint(tmp_path / "bad.pt")
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -183,16 +182,16 @@ def test_records_are_joined_with_the_feedback():
 
     import numpy as np
 
-    from model import CountVectors, pairs_of_sets
+    from rules import CountVectors, pairs_of_sets
     counts = CountVectors.from_chunks([[[1, 2, 2], [1, 2, 2], [3]]])
     checkpoint = {"model_args": {"vocab_size": 5}, "event_sets": [[1, 2], [3]],
-                  "event_pairs": torch.tensor([[1, 2]]), "count_vectors": counts.state()}
+                  "event_pairs": torch.tensor([[1, 2]]), "count_vectors": count_vectors_state(counts)}
     joined = feedback.join_records(checkpoint, [[1, 2, 2], [1, 4]], None, logging.getLogger("test"))
     assert checkpoint["event_sets"] == [[1, 2], [1, 4], [3]]
     assert checkpoint["event_pairs"].tolist() == [[1, 2], [1, 4]]
     assert joined.sets == {frozenset({1, 2}), frozenset({3}), frozenset({1, 4})}
     assert np.array_equal(joined.pairs, pairs_of_sets([[1, 2], [1, 4]], 5))
-    merged = CountVectors.from_state(checkpoint["count_vectors"])
+    merged = count_vectors_from_state(checkpoint["count_vectors"])
     assert merged.sessions == 5 and len(merged.weights) == 3   # [1, 2, 2] three times, [3], [1, 4]
     assert sorted(merged.weights.tolist()) == [1, 1, 3]
     # a record the parent did not keep stays unkept

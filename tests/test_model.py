@@ -1,7 +1,8 @@
 """Model shapes, the token layout, and why padding needs no packing."""
 import torch
 
-from model import IGNORE_INDEX, DeepLog
+from model import DeepLog
+from tokens import IGNORE_INDEX
 
 
 def test_forward_shapes_and_token_layout():
@@ -38,7 +39,7 @@ import pytest  # noqa: E402
 from conftest import fixed_model  # noqa: E402
 
 from dataset import make_windows  # noqa: E402
-from model import window_spans  # noqa: E402
+from tokens import window_spans  # noqa: E402
 
 
 def _whole_session_columns(model, sessions, ks):

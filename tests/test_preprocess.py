@@ -19,6 +19,7 @@ import pytest
 import yaml
 from conftest import REPO, run_script, write_config
 
+import logparse
 import preprocess
 
 LOGHUB = REPO.parent / "shared" / "data" / "loghub"
@@ -583,7 +584,7 @@ def test_a_damaged_parser_state_is_one_line_naming_the_file(tmp_path, capsys, na
     assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: --parser-state {bad}: ") and \
         message in err, err
     assert folder_bytes(tmp_path / "out") == before
-    with pytest.raises(preprocess.PreprocessError, match=re.escape(str(bad))):  # evaluate.py's route
+    with pytest.raises(logparse.PreprocessError, match=re.escape(str(bad))):  # evaluate.py's route
         preprocess.sessions_from_logs(str(bad), [str(tmp_path / "log.txt")])
 
 
@@ -605,7 +606,7 @@ def test_states_that_drain_writes_load_at_every_depth_and_with_evictions(tmp_pat
                                        for w in ("alpha", "beta", "gamma", "delta")]
     for flags in (["--depth", "3"], ["--depth", "6"], ["--max-templates", "2"]):
         run(tmp_path, lines, "--session-key", r"blk_-?\d+", "--no-default-masks", *flags, output="o")
-        state = preprocess.load_state(str(tmp_path / "o" / "parser_state.json"))
+        state = logparse.load_state(str(tmp_path / "o" / "parser_state.json"))
         assert state == json.loads((tmp_path / "o" / "parser_state.json").read_text())  # as written
     assert len(state["templates"]) == 2 < state["vocab_size"]  # evicted IDs have no template
 
@@ -832,12 +833,12 @@ def test_a_user_regex_that_backtracks_without_end_stops_on_its_line(tmp_path, fl
 
 
 def test_the_watchdog_stops_only_a_call_past_its_budget_and_leaves_alarms_as_they_were(tmp_path, monkeypatch):
-    monkeypatch.setattr(preprocess, "REGEX_BUDGET_S", 0.3)
-    regex = preprocess.UserRegex(re.compile(r"(a+)+$"), "--session-key")
+    monkeypatch.setattr(logparse, "REGEX_BUDGET_S", 0.3)
+    regex = logparse.UserRegex(re.compile(r"(a+)+$"), "--session-key")
     before = signal.getsignal(signal.SIGALRM)
     started = time.monotonic()
-    with pytest.raises(preprocess.PatternTimeout, match=re.escape("--session-key '(a+)+$'")), \
-            preprocess._WATCHDOG:
+    with pytest.raises(logparse.PatternTimeout, match=re.escape("--session-key '(a+)+$'")), \
+            logparse.WATCHDOG:
         regex.finditer("a" * 27 + "b")  # about 15 s unstopped
     assert time.monotonic() - started < 3
     assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
@@ -854,8 +855,8 @@ def test_the_watchdog_stops_only_a_call_past_its_budget_and_leaves_alarms_as_the
 
 def test_a_pattern_slow_on_every_line_but_under_the_budget_of_one_stops_the_run(monkeypatch):
     """Each call under the one-line budget, many of them: the slow calls' sum within a minute stops it."""
-    monkeypatch.setattr(preprocess, "REGEX_BUDGET_S", 30.0)   # never reached by one call here
-    monkeypatch.setattr(preprocess, "SLOW_BUDGET_S", 1.5)
+    monkeypatch.setattr(logparse, "REGEX_BUDGET_S", 30.0)   # never reached by one call here
+    monkeypatch.setattr(logparse, "SLOW_BUDGET_S", 1.5)
     pattern = re.compile(r"(a+)+$")
     n = 16
     while True:   # a line this machine takes about half a second on (doubling with each "a")
@@ -864,14 +865,14 @@ def test_a_pattern_slow_on_every_line_but_under_the_budget_of_one_stops_the_run(
         if time.thread_time() - started > 0.45 or n > 40:
             break
         n += 1
-    regex = preprocess.UserRegex(pattern, "--mask")
+    regex = logparse.UserRegex(pattern, "--mask")
     lines = 0
-    with pytest.raises(preprocess.PatternTimeout) as stopped, preprocess._WATCHDOG:
+    with pytest.raises(logparse.PatternTimeout) as stopped, logparse.WATCHDOG:
         for _ in range(40):
             regex.match("a" * n + "!")
             lines += 1
     assert 2 <= lines < 12 and stopped.value.slow_s >= 1.5
-    error = str(preprocess.timeout_error(stopped.value, "app.log:7"))
+    error = str(logparse.timeout_error(stopped.value, "app.log:7"))
     assert error.startswith("--mask '(a+)+$': ") and "in calls of over 0.2 s each on one line" in error
     assert "(the last on app.log:7), so the run stops" in error and "backtracks exponentially" in error
 
@@ -880,8 +881,8 @@ def test_a_pattern_slow_on_every_line_but_under_the_budget_of_one_stops_the_run(
                                   "count:", "count:1:2:3", "time:0", "time:-1", "time:nan", "time:inf",
                                   "time:1:inf", "time:1:nan", "count:20001:2", "time:1:1e-5", "bogus:3"])
 def test_degenerate_windows_are_refused_naming_them(spec):
-    with pytest.raises(preprocess.PreprocessError, match=f"--window {re.escape(repr(spec))}"):
-        preprocess.Windows(spec)
+    with pytest.raises(logparse.PreprocessError, match=f"--window {re.escape(repr(spec))}"):
+        logparse.Windows(spec)
 
 
 def test_a_window_step_too_fine_for_the_times_is_refused_instead_of_looping(tmp_path):
@@ -912,7 +913,7 @@ def expected_windows(positions: list, size, step) -> list[list[int]]:
 
 
 def windows_of(spec: str, positions: list) -> list[list[int]]:
-    grouper = preprocess.Windows(spec)
+    grouper = logparse.Windows(spec)
     groups = [group for i, p in enumerate(positions) for group in grouper.add("", 0, i, False, p)]
     return [refs for _, _, refs, _ in groups + list(grouper.close())]
 
@@ -990,7 +991,7 @@ def test_a_grouping_that_matches_no_line_is_one_line_with_a_sample(tmp_path, cap
 
 def test_detection_with_a_grouping_that_matches_no_new_line_says_so(tmp_path):
     run(tmp_path, block_log(range(1, 3)), "--session-key", r"blk_-?\d+")
-    with pytest.raises(preprocess.PreprocessError, match=r"--session-key 'req-\\\\d\+' matches no line"):
+    with pytest.raises(logparse.PreprocessError, match=r"--session-key 'req-\\\\d\+' matches no line"):
         list(preprocess.sessions_from_logs(str(tmp_path / "out" / "parser_state.json"),
                                            [str(tmp_path / "log.txt")], session_key=r"req-\d+"))
 
@@ -1004,7 +1005,7 @@ def test_one_line_splitter_splits_as_universal_newlines_across_any_block_boundar
         # "\n", "\r\n" and a lone "\r" end a line, as in Python's universal newlines
         expected = [line.rstrip("\r\n") for line in io.StringIO(text, newline="")]
         for block in (1, 2, 3, 7, 64):
-            assert list(preprocess.split_lines(io.BytesIO(text.encode()), block)) == expected
+            assert list(logparse.split_lines(io.BytesIO(text.encode()), block)) == expected
 
 
 @pytest.mark.parametrize("compressed", [False, True])
@@ -1038,14 +1039,14 @@ def test_a_fifo_is_refused_as_input_and_never_opened_as_a_source(tmp_path):
     import threading
     fifo = tmp_path / "pipe.log"
     os.mkfifo(fifo)
-    with pytest.raises(preprocess.PreprocessError, match=r"pipe.log is a FIFO \(named pipe\), not a regular "
+    with pytest.raises(logparse.PreprocessError, match=r"pipe.log is a FIFO \(named pipe\), not a regular "
                                                          r"file: .*write the log to a file first"):
-        preprocess.input_files([str(fifo)])
-    with pytest.raises(preprocess.PreprocessError, match="is a character device, not a regular file"):
-        preprocess.input_files(["/dev/null"])
+        logparse.input_files([str(fifo)])
+    with pytest.raises(logparse.PreprocessError, match="is a character device, not a regular file"):
+        logparse.input_files(["/dev/null"])
     (tmp_path / "a.log").write_text("a line\n")   # a folder of logs with the pipe among them
-    with pytest.raises(preprocess.PreprocessError, match=re.escape(f"{fifo} is a FIFO (named pipe)")):
-        preprocess.input_files([str(tmp_path)])
+    with pytest.raises(logparse.PreprocessError, match=re.escape(f"{fifo} is a FIFO (named pipe)")):
+        logparse.input_files([str(tmp_path)])
 
     def writer():  # opening a FIFO to read waits for a writer: one comes after 3 s, if anyone waits
         time.sleep(3)

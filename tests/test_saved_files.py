@@ -27,9 +27,12 @@ from conftest import run_script, write_config
 
 import calibration as C
 import evaluate
+import rules
 import train
 import utils
-from model import DeepLog
+from checkpoint import CheckpointError, load_checkpoint, load_model
+from config import load_config
+from rules import verdicts
 
 REPORTS = ("evaluation_results*", "evaluation_report*", "score_distribution*", "calibration*.json", "*.pt")
 
@@ -250,8 +253,8 @@ def test_damaged_calibration_in_checkpoint_is_one_error_line(run, tmp_path, caps
     _assert_one_error_line(code, stderr, str(path), "calibration", words)
     assert _reports(out) == []
     assert _digest(path) == before
-    with pytest.raises(utils.CheckpointError) as error:
-        DeepLog.from_checkpoint(path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
     assert isinstance(error.value, utils.UserError)
     assert str(path) in str(error.value) and words.lower() in str(error.value).lower()
     assert stderr.strip() == f"error: {error.value}"
@@ -352,8 +355,8 @@ def test_damaged_checkpoint_is_one_error_line(run, tmp_path, capsys, name):
     code, stderr = _main(evaluate, _evaluate_args(run, path, out), capsys)
     _assert_one_error_line(code, stderr, str(path), words)
     assert _reports(out) == [] and _digest(path) == before
-    with pytest.raises(utils.CheckpointError) as error:
-        DeepLog.from_checkpoint(path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
     assert str(path) in str(error.value)
 
 
@@ -416,7 +419,7 @@ def test_damaged_training_state_refuses_resume(run, tmp_path, capsys, monkeypatc
 
 
 def test_undamaged_training_state_passes_the_resume_checks(run):
-    checkpoint = utils.load_checkpoint(run["epoch"], for_resume=True)
+    checkpoint = load_checkpoint(run["epoch"], for_resume=True)
     assert checkpoint["step"] >= 1 and checkpoint["data_position"]["epoch"] >= 1
 
 
@@ -436,8 +439,8 @@ def test_fitted_calibration_loads_back_as_stored(run, tmp_path):
     stored = torch.load(run["best"], weights_only=True)["calibration"]
     loaded = C.load_calibration(run["out"] / "calibration.json")
     assert loaded == stored == _stored_calibration(run)
-    assert utils.load_checkpoint(run["best"])["calibration"] == stored
-    assert DeepLog.from_checkpoint(run["best"]).calibration == stored
+    assert load_checkpoint(run["best"])["calibration"] == stored
+    assert load_model(run["best"]).calibration == stored
     C.save_calibration(tmp_path / "again.json", loaded)
     assert C.load_calibration(tmp_path / "again.json") == stored
 
@@ -494,9 +497,9 @@ def test_old_form_upgrades_to_the_same_verdicts():
     assert upgraded["log_end_probability_bound"] is None and upgraded["expected_fpr"] is None
     assert upgraded["combined_rules"] == ["probability", "event_set", "event_pair"]
     assert "0.9" in upgraded["probability_bound_method"]
-    assert set(BEFORE) == set(C.RULES)
+    assert set(BEFORE) == set(rules.RULES)
     for rule, expected in BEFORE.items():
-        assert C.verdicts(SCORES, upgraded, rule).astype(int).tolist() == expected, rule
+        assert verdicts(SCORES, upgraded, rule).astype(int).tolist() == expected, rule
 
 
 def test_old_form_file_loads_upgraded(tmp_path):
@@ -508,7 +511,7 @@ def test_old_form_file_loads_upgraded(tmp_path):
     loaded = C.load_calibration(path)
     assert loaded == C.checked(old, "elsewhere")
     for rule, expected in BEFORE.items():
-        assert C.verdicts(SCORES, loaded, rule).astype(int).tolist() == expected, rule
+        assert verdicts(SCORES, loaded, rule).astype(int).tolist() == expected, rule
 
 
 def test_a_fifo_named_as_any_file_a_user_gives_is_refused_at_once(tmp_path):
@@ -516,13 +519,14 @@ def test_a_fifo_named_as_any_file_a_user_gives_is_refused_at_once(tmp_path):
     regular file, without waiting for a writer that never comes."""
     import os
 
+    import logparse
     import preprocess
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    readers = [(utils.load_config, utils.ConfigError), (C.load_calibration, C.CalibrationError),
-               (preprocess.load_state, preprocess.PreprocessError),
-               (preprocess.read_labels, preprocess.PreprocessError),
-               (utils.load_checkpoint, utils.CheckpointError)]
+    readers = [(load_config, utils.ConfigError), (C.load_calibration, C.CalibrationError),
+               (logparse.load_state, logparse.PreprocessError),
+               (preprocess.read_labels, logparse.PreprocessError),
+               (load_checkpoint, CheckpointError)]
     previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("a FIFO was waited on"))
     try:
         for read, error in readers:
