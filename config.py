@@ -222,23 +222,44 @@ def read_yaml(path) -> object:
 
 
 
+def resolve_config(path: str | None = None, layers=(), stored: dict | None = None,
+                   sections: tuple[str, ...] = ()) -> Config:
+    """The one way every script resolves its config: the dataclass defaults, or a checkpoint's stored config
+    (`stored`: the trained model's settings), < the YAML file `path` (every section checked; over a stored
+    config only its `sections` are taken) < each (source, {"section.key": value}) layer in turn, where None
+    from the command line or a flag means "not given" (from a saved state it is a value); then every value
+    checked."""
+    config = config_from_dict(stored) if stored is not None else Config()
+    if path:
+        from_file = _read_config_file(path)
+        for section in sections if stored is not None else [f.name for f in dataclasses.fields(Config)]:
+            setattr(config, section, getattr(from_file, section))
+    for source, values in layers:
+        for dotted, value in values.items():
+            if value is not None or not (source == "command line" or source.startswith("--")):
+                set_value(config, dotted, value, source)
+    check_values(config)
+    return config
+
+
 def load_config(path: str | None = None, overrides: dict | None = None) -> Config:
     """Dataclass defaults < YAML file < overrides ({"section.key": value}); every value type-checked."""
+    return resolve_config(path, [("command line", overrides or {})])
+
+
+def _read_config_file(path: str) -> Config:
+    """The defaults with the YAML file's values over them, every value checked."""
     config = Config()
-    if path:
-        raw = read_yaml(path) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        for section_name, values in _canonical_layout(raw, path).items():
-            if values is None:
-                continue
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section '{section_name}' must be a mapping")
-            for key, value in values.items():
-                set_value(config, f"{section_name}.{key}", value, source=path)
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            set_value(config, dotted, value, source="command line")
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for section_name, values in _canonical_layout(raw, path).items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section '{section_name}' must be a mapping")
+        for key, value in values.items():
+            set_value(config, f"{section_name}.{key}", value, source=path)
     check_values(config)
     return config
 
@@ -421,13 +442,7 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
 
 
 def settings_config(base_config: str | None, layers: list[tuple[str, dict]]) -> Config:
-    """The one config: its defaults < the YAML file `base_config` (every section checked, the
-    `preprocess:` one among them) < each (source, {preprocess key: value}) layer in turn; then every value
-    checked (check_values). A None of the command line means "not given"; elsewhere it is a value."""
-    config = load_config(base_config) if base_config else Config()
-    for source, values in layers:
-        for key, value in values.items():
-            if value is not None or source != "command line":
-                set_value(config, f"preprocess.{key}", value, source)
-    check_values(config)
-    return config
+    """resolve_config with layers of `preprocess:` keys: defaults < the YAML file `base_config` < each
+    (source, {preprocess key: value}) layer in turn."""
+    return resolve_config(base_config, [(source, {f"preprocess.{k}": value for k, value in values.items()})
+                                        for source, values in layers])

@@ -70,7 +70,11 @@ import logparse
 import preprocess
 import utils
 from checkpoint import CheckpointError, co_occurrence_of, load_trained
-from config import Config, check_values, config_from_dict, load_config, reader_options, set_value
+from config import (
+    Config,
+    reader_options,
+    resolve_config,
+)
 from dataset import DataError, Record, iter_sessions, skip_hint
 from live_sessions import LiveDetector, verdict_line
 from live_sources import FollowedFile, LineParser, StandardInput, parse_in_worker, start_parse_worker
@@ -551,17 +555,14 @@ def run(args, stop: utils.StopSignal, logger) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.follow else "cpu")
     model, checkpoint = load_trained(args.checkpoint, device)
     co_occurrence = co_occurrence_of(checkpoint)
-    config = config_from_dict(checkpoint["config"])
-    if args.config:
-        config.detect = load_config(args.config).detect
-    for flag, dotted in (("rule", "evaluation.decision_rule"), ("idle_lines", "detect.idle_lines"),
-                         ("idle_seconds", "detect.idle_seconds"), ("max_misses", "detect.max_misses"),
-                         ("max_session_events", "detect.max_session_events"),
-                         ("state_interval", "detect.state_interval_s")):
-        if getattr(args, flag) is not None:
-            set_value(config, dotted, getattr(args, flag), f"--{flag.replace('_', '-')}")
+    flags = (("rule", "evaluation.decision_rule"), ("idle_lines", "detect.idle_lines"),
+             ("idle_seconds", "detect.idle_seconds"), ("max_misses", "detect.max_misses"),
+             ("max_session_events", "detect.max_session_events"),
+             ("state_interval", "detect.state_interval_s"))
+    config = resolve_config(args.config, [(f"--{flag.replace('_', '-')}", {dotted: getattr(args, flag)})
+                                          for flag, dotted in flags], stored=checkpoint["config"],
+                            sections=("detect",))
     config.data.skip_bad_records = config.data.skip_bad_records or args.skip_bad_records
-    check_values(config)
     calibration = cal.load_calibration(args.calibration) if args.calibration else \
         checkpoint.get("calibration")
     if calibration is None:

@@ -51,7 +51,11 @@ from checkpoint import (
     pair_table,
     save_checkpoint,
 )
-from config import Config, check_values, config_from_dict, load_config, reader_options, set_value
+from config import (
+    Config,
+    reader_options,
+    resolve_config,
+)
 from dataset import DataError, _numbered_items, _open, _record, collate, make_windows
 from rules import (
     MAX_COUNT_ENTRIES,
@@ -129,16 +133,11 @@ def update_config(parent: Parent, args) -> Config:
     """The parent's resolved config (its model, data, windows, rules), with the update: section of --config
     (config.yaml where present) and the flags: --epochs and --lr set update.epochs and
     update.learning_rate, --data-dir, --batch-size, --device and --seed as in training."""
-    config = config_from_dict(parent.checkpoint["config"])
     config_path = args.config if (args.config != "config.yaml" or Path(args.config).exists()) else None
-    config.update = load_config(config_path).update
-    overrides = {"update.epochs": args.epochs, "update.learning_rate": args.lr,
-                 "data.preprocessed_dir": args.data_dir, "training.batch_size": args.batch_size,
-                 "training.device": args.device, "training.seed": args.seed}
-    for dotted, value in overrides.items():
-        if value is not None:
-            set_value(config, dotted, value, source="command line")
-    check_values(config)
+    config = resolve_config(config_path, [("command line", {
+        "update.epochs": args.epochs, "update.learning_rate": args.lr, "data.preprocessed_dir": args.data_dir,
+        "training.batch_size": args.batch_size, "training.device": args.device, "training.seed": args.seed})],
+        stored=parent.checkpoint["config"], sections=("update",))
     output_dir = Path(args.output_dir) if args.output_dir else \
         parent.run_dir / UPDATE_FOLDER.format(time=time.strftime("%Y%m%d-%H%M%S"))
     if output_dir.resolve() in (parent.path.parent, parent.run_dir):
