@@ -569,7 +569,6 @@ def run(args, stop: utils.StopSignal, logger) -> int:
         raise CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
                                     "before the end, or ran with evaluate_after_training false): calibrate "
                                     "with evaluate.py --calibrate-on DIR, then --calibration")
-    calibration = cal.checked(calibration, args.calibration or f"{args.checkpoint} (its calibration)")
     if args.follow:
         # one thread: a live step scores a few thousand rows at most, where waking a second thread costs
         # more than it brings (60 ms instead of 2 ms a step beside another busy process, measured)
