@@ -75,7 +75,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml; "
-                        "missing keys take the defaults in utils.py)")
+                        "missing keys take the defaults in config.py)")
     parser.add_argument("--data-dir", help="training data, a directory or a file (data.preprocessed_dir)")
     parser.add_argument("--epochs", type=int, help="number of epochs (training.epochs; with --update: "
                                                    "update.epochs)")

@@ -281,3 +281,14 @@ def test_numbers_yaml_reads_as_strings_are_numbers_for_int_keys_too(tmp_path):
     path.write_text("training:\n  epochs: 1.5e0\n")
     with pytest.raises(ConfigError, match="'training.epochs' must be int, got '1.5e0'"):
         load_config(str(path))
+
+
+def test_config_yaml_lists_every_key_at_its_default():
+    """The defaults live in config.py's dataclasses; config.yaml documents each key with that same value, so
+    the two never drift apart (a default changed in one place only fails here)."""
+    from conftest import REPO
+    shipped = yaml.safe_load((REPO / "config.yaml").read_text())
+    defaults = config_to_dict(Config())
+    assert {section: set(keys) for section, keys in shipped.items()} == \
+        {section: set(keys) for section, keys in defaults.items()}
+    assert config_to_dict(load_config(str(REPO / "config.yaml"))) == defaults
