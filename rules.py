@@ -200,11 +200,17 @@ def count_entries(sessions: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.nda
     tokens = np.fromiter(itertools.chain.from_iterable(sessions), dtype=np.int64, count=int(lengths.sum()))
     if not len(tokens):
         return (np.empty(0, np.int64),) * 3
+    owner = np.repeat(np.arange(len(sessions), dtype=np.int64), lengths)
     width = int(tokens.max()) + 1
-    codes, counts = np.unique(np.repeat(np.arange(len(sessions), dtype=np.int64), lengths) * width + tokens,
-                              return_counts=True)
-    owners, types = np.divmod(codes, width)
-    return owners, types, counts.astype(np.int64)
+    if len(sessions) * width < 2 ** 62:    # session * width + ID fits int64
+        codes, counts = np.unique(owner * width + tokens, return_counts=True)
+        owners, types = np.divmod(codes, width)
+        return owners, types, counts.astype(np.int64)
+    # IDs far beyond any vocabulary (up to 2**63 - 1, scored as unknown): code them by rank instead
+    values, rank = np.unique(tokens, return_inverse=True)
+    codes, counts = np.unique(owner * len(values) + rank, return_counts=True)
+    owners, ranks = np.divmod(codes, len(values))
+    return owners, values[ranks], counts.astype(np.int64)
 
 
 class CountVectors:

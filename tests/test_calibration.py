@@ -15,7 +15,7 @@ import calibration as C
 import evaluate as E
 from checkpoint import CheckpointError, count_vectors_from_state, count_vectors_state, load_checkpoint
 from model import DeepLog
-from rules import CoOccurrence, CountVectors, pairs_of_sets, verdicts
+from rules import CoOccurrence, CountVectors, count_entries, pairs_of_sets, verdicts
 
 SEQUENCES = REPO.parent / "shared" / "data" / "sequences"
 
@@ -293,3 +293,14 @@ def test_percentile_sketch_beyond_the_cap_stays_within_its_error():
     tiny.add(np.array([0.0, 0.5, 1.0]), np.array([97.0, 2.0, 1.0]))
     assert [tiny.percentile(q) for q in (90, 98, 100)] == [1 / 65536, 0.5, 1.0]
     assert tiny.weight_above(0.5) == 1.0
+
+
+def test_count_vectors_take_ids_far_beyond_the_vocabulary():
+    """Detection data may hold IDs up to 2**63 - 1 (scored as unknown): the count vectors count them as they
+    count any ID, never overflowing."""
+    huge = 2 ** 63 - 1
+    record = CountVectors.from_chunks([[[1, 2, 2], [3]]])
+    assert record.nearest([[1, 2, 2, huge], [huge, huge - 1, 3]]).tolist() == [1.0, 2.0]
+    owners, types, counts = count_entries([[huge, 5, huge], [huge - 1]])
+    assert owners.tolist() == [0, 0, 1] and types.tolist() == [5, huge, huge - 1]
+    assert counts.tolist() == [1, 2, 1]
