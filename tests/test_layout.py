@@ -83,3 +83,12 @@ def test_what_needs_no_model_imports_no_torch(script):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_ci_runs_the_readme_test_command_exactly():
+    readme = (REPO / "README.md").read_text()
+    tests = readme[readme.index("\n## Tests\n"):]
+    command = tests[tests.index("```bash\n") + 8:].splitlines()[0].split("  #")[0].strip()
+    assert command.startswith("pip install -r requirements.txt") and "pytest -q -n 2" in command
+    assert command in (REPO / ".ci" / "run").read_text().splitlines()
+    assert "matplotlib" in (REPO / "requirements.txt").read_text()   # the pictures are there by default
