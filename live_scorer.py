@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from model import LOGIT_BUDGET, DeepLog
+from tokens import window_runs
 
 MIN_ROWS = 8            # LSTM and head batches are padded to this many rows: below it the CPU kernels round
                         # differently (one row takes another path), so a session's numbers would depend on
@@ -49,8 +50,8 @@ class LiveScorer:
     """The model run over many open sessions, each by the events that came since the last step. A session
     holds a slot: its LSTM state (h, c) and its score columns, the very ones DeepLog.session_scores computes
     for a whole session, so that its verdict at the end is the batch verdict. The state after the last
-    input gives the prediction of the next event, scored when it comes; at a window boundary of training
-    (model.window_table), a new window starts from a fresh state over its context, as the batch scorer's.
+    input gives the prediction of the next event, scored when it comes; a window of training
+    (tokens.window_runs) starts from a fresh state over its context, as the batch scorer's.
     Sessions begin in the PrefixTrie, whose states many share, and take a state of their own when they leave
     it. Rows with rank >= watch_rank, a log-probability below watch_log_prob (end_watch_log_prob for the end
     of a session) or named in a step's watch_extra get the model's top-k events ("expected")."""
@@ -73,8 +74,6 @@ class LiveScorer:
         self.columns = {name: np.zeros(0) for name in self.start}
         self.node_of = np.zeros(0, dtype=np.int64)   # each slot's place in the trie; -1: a state of its own
         self.free: list[int] = []
-        self.context, self.length = model.window_context, model.max_seq_length
-        self.stride = self.length - self.context
         self.head_rows = max(MIN_ROWS, LOGIT_BUDGET // model.num_classes)
         self.positions = model.scoring_tokens()
         _, self.fresh = self._run(torch.full((1, 1), model.start_id), None)   # after the start token
@@ -160,17 +159,9 @@ class LiveScorer:
         """A raw ID as the model reads and scores it: one it never had is unk_id (as DeepLog.encode)."""
         return event if event < self.model.vocab_size else self.model.unk_id
 
-    def _segments(self, n0: int, n1: int) -> list[tuple[int, int, bool]]:
-        """The inputs n0+1..n1 (input q is the event at position q - 1) as runs [begin, end) of one window
-        each: (begin, end, fresh). A run that starts a window (input q = k * stride + context, q >= length)
-        is fresh: it re-reads the window's context first."""
-        cuts = []
-        first = max(n0 + 1, self.length)
-        if first <= n1:
-            q = first + (-(first - self.context)) % self.stride
-            cuts = list(range(q, n1 + 1, self.stride))
-        bounds = [n0 + 1, *[q for q in cuts if q > n0 + 1], n1 + 1]
-        return [(a, b, a in cuts) for a, b in zip(bounds, bounds[1:])]
+    def runs(self, begin: int, end: int) -> list[tuple[int, int, bool]]:
+        """Positions [begin, end) of a session in the model's windows: tokens.window_runs."""
+        return window_runs(begin, end, self.model.max_seq_length, self.model.window_context)
 
     @torch.no_grad()
     def advance(self, work: list[tuple[int, list, int]], watch_extra: set[tuple[int, int]]) -> Scored:
@@ -193,10 +184,10 @@ class LiveScorer:
         meta = [(slots, np.array([w[2] for w in work], dtype=np.int64),
                  np.array([w[1][w[2]] for w in work], dtype=np.int64))]
         groups = collections.defaultdict(list)
-        for slot, events, n0 in work:
+        for slot, events, n0 in work:   # the state after input q predicts position q: inputs n0+1..n1 are new
             n1 = len(events)
-            for begin, end, fresh in self._segments(n0, n1):
-                first_input = begin - (self.context if fresh else 0)
+            for begin, end, fresh in self.runs(n0 + 1, n1 + 1):
+                first_input = begin - (self.model.window_context if fresh else 0)
                 groups[(end - first_input, fresh)].append((slot, begin, end, end == n1 + 1, events,
                                                            first_input))
         finals = []
@@ -217,7 +208,7 @@ class LiveScorer:
 
     def _run_segments(self, segments, width: int, fresh: bool, hidden: list, meta: list,
                       finals: list) -> None:
-        skip = self.context if fresh else 0
+        skip = self.model.window_context if fresh else 0
         inputs = torch.tensor([[self.token(e) for e in events[first - 1:end - 1]]
                                for _, _, end, _, events, first in segments], dtype=torch.long)
         index = torch.tensor([s[0] for s in segments], dtype=torch.long)
@@ -411,13 +402,14 @@ class PrefixTrie:
         return rest + leaving, scored
 
     def _extend(self, moves: list[tuple[int, int]]) -> None:
-        """Edges for the moves that may have one (room left, within the first window): the child's state in
-        one batched LSTM step, and the event's score after the parent in one pass of the head."""
-        wanted = [m for m in dict.fromkeys(moves) if self.lengths[m[0]] + 1 < self.scorer.length]
+        """Edges for the moves that may have one (room left, within the first window: the child's inputs one
+        run from the start): the child's state in one batched LSTM step, and the event's score after the
+        parent in one pass of the head."""
+        scorer = self.scorer
+        wanted = [m for m in dict.fromkeys(moves) if len(scorer.runs(0, self.lengths[m[0]] + 2)) == 1]
         wanted = wanted[:max(0, self.capacity - len(self.lengths))]
         if not wanted:
             return
-        scorer = self.scorer
         nodes = torch.tensor([node for node, _ in wanted], dtype=torch.long)
         tokens = torch.tensor([tok for _, tok in wanted], dtype=torch.long)
         _, (h, c) = scorer._run(tokens[:, None], (self.h[:, nodes], self.c[:, nodes]))

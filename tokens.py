@@ -6,6 +6,7 @@ Examples:
     from tokens import lay_out, window_spans
     laid_out, starts = lay_out(np.array([5, 7, 9]), np.array([3]), vocab_size=28)  # [30, 5, 7, 9, 28]
     window_spans(4, max_seq_length=256, window_context=32)   # [(0, 4, 0)]: one window, every position scored
+    window_runs(250, 260, max_seq_length=256, window_context=32)  # [(250, 256, False), (256, 260, True)]
 
 Token layout. User event IDs 0..vocab_size-1 are used unchanged. The special tokens live above them:
 
@@ -28,8 +29,6 @@ IGNORE_INDEX = -100  # target value for padding: cross_entropy skips it, metrics
 def special_tokens(vocab_size: int) -> tuple[int, int, int, int]:
     """(end_id, pad_id, start_id, unk_id): all above the user's IDs, which are never shifted."""
     return vocab_size, vocab_size + 1, vocab_size + 2, vocab_size + 3
-
-
 
 
 def lay_out(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int,
@@ -59,7 +58,7 @@ def window_table(predictions: np.ndarray, max_seq_length: int, window_context: i
     context, whose predictions the earlier window made, so every position is predicted exactly once, from at
     least window_context positions of history. The one windower: everything else is built on it."""
     predictions = np.asarray(predictions, dtype=np.int64)
-    stride = max_seq_length - window_context
+    stride = window_stride(max_seq_length, window_context)
     count = 1 + np.maximum(0, -(-(predictions - max_seq_length) // stride))
     session = np.repeat(np.arange(len(predictions)), count)
     k = np.arange(len(session)) - (np.cumsum(count) - count)[session]
@@ -73,3 +72,21 @@ def window_spans(predictions: int, max_seq_length: int, window_context: int) -> 
     _, begin, end, scored = window_table(np.array([predictions]), max_seq_length, window_context)
     return list(zip(begin.tolist(), end.tolist(), scored.tolist()))
 
+
+
+def window_stride(max_seq_length: int, window_context: int) -> int:
+    """How far each window begins after the one before it (it re-reads the last window_context positions)."""
+    return max_seq_length - window_context
+
+
+def window_runs(begin: int, end: int, max_seq_length: int, window_context: int
+                ) -> list[tuple[int, int, bool]]:
+    """window_table for a session that grows: its positions [begin, end) as runs (begin, end, fresh), cut
+    where a window's scored positions begin. A fresh run begins a window past the first: it is predicted from
+    a fresh state that first re-reads the window_context positions before it; any other run goes on from the
+    state after the position before it. Live scoring steps sessions by it (live_scorer.py)."""
+    stride = window_stride(max_seq_length, window_context)
+    cut = max(begin, max_seq_length)
+    cut += (window_context - cut) % stride   # the first window past the first to begin scoring at >= begin
+    starts = [begin, *range(cut + stride if cut == begin else cut, end, stride)]
+    return [(a, b, a >= cut) for a, b in zip(starts, [*starts[1:], end])]

@@ -39,7 +39,7 @@ import pytest  # noqa: E402
 from conftest import fixed_model  # noqa: E402
 
 from dataset import make_windows  # noqa: E402
-from tokens import window_spans  # noqa: E402
+from tokens import window_runs, window_spans  # noqa: E402
 
 
 def _whole_session_columns(model, sessions, ks):
@@ -79,6 +79,21 @@ def test_window_spans_predict_every_position_once_with_context():
         assert scored == list(range(predictions))                 # every prediction once, in order
         assert all(end - begin <= length for begin, end, _ in spans)
         assert all(first - begin == (context if begin else 0) for begin, _, first in spans)
+
+
+def test_window_runs_step_a_growing_session_through_the_windows_of_window_spans():
+    """However a session grows, its runs are cut exactly where a window past the first starts scoring."""
+    rng = np.random.default_rng(3)
+    for predictions, length, context in [(5, 8, 2), (40, 8, 2), (100, 8, 7), (57, 10, 0), (30, 2, 1),
+                                         (9, 9, 0)]:
+        fresh = {first for _, _, first in window_spans(predictions, length, context) if first > 0}
+        for _ in range(5):
+            cuts = sorted({0, predictions, *rng.integers(1, predictions, 4).tolist()})
+            runs = [run for a, b in zip(cuts, cuts[1:]) for run in window_runs(a, b, length, context)]
+            assert [p for begin, end, _ in runs for p in range(begin, end)] == list(range(predictions))
+            assert {begin for begin, _, is_fresh in runs if is_fresh} == fresh
+            assert not any(begin < first < end for begin, end, _ in runs for first in fresh)   # in one window
+    assert window_runs(250, 260, 256, 32) == [(250, 256, False), (256, 260, True)]
 
 
 def test_short_sessions_score_as_one_whole_pass():
