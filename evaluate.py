@@ -177,7 +177,8 @@ def evaluate(model, calibration: dict, normal: Iterable[list], abnormal: Iterabl
         predictions = n.sums["predictions"]
         results["next_event"] = {
             "loss": n.sums["loss_sum"] / max(n.sums["loss_count"], 1), "total_predictions": int(predictions),
-            **{f"top{k}_accuracy": 1 - n.sums[f"misses_at_{k}"] / predictions for k in ACCURACY_KS}}
+            **{f"top{k}_accuracy": 1 - n.sums[f"misses_at_{k}"] / predictions for k in ACCURACY_KS},
+            "classes_seen": int(model.seen_events.sum())}   # at k beyond them, a trained model always hits
         results["normal_scores"] = {
             "mean": n.score_sum / n.sessions, "std": math.sqrt(n.score_squared_deviations / n.sessions),
             **n.counts(), "reference_percentiles": {f"p{q}": n.quantiles.percentile(q) for q in PERCENTILES},
@@ -239,7 +240,11 @@ def format_report(r: dict) -> str:
         ne = r["next_event"]
         lines += ["NEXT-EVENT PREDICTION (normal sessions, weighted by event)", "-" * 72,
                   f"  Loss:              {ne['loss']:.4f}", f"  Predictions:       {ne['total_predictions']}"]
-        lines += [f"  Top-{k:<2} accuracy:   {ne[f'top{k}_accuracy']:.4f}" for k in ACCURACY_KS] + [""]
+        seen = ne.get("classes_seen", math.inf)
+        lines += [f"  Top-{k:<2} accuracy:   {ne[f'top{k}_accuracy']:.4f}" + (
+            f"   (k >= the {seen} classes the model saw in training: a trained model hits every time)"
+            if k >= seen else "")
+            for k in ACCURACY_KS] + [""]
         ns = r["normal_scores"]
         lines += ["ANOMALY SCORES ON NORMAL DATA (fraction of events outside the top-k)", "-" * 72,
                   f"  Mean: {ns['mean']:.4f}   Std: {ns['std']:.4f}   Sessions: {session_counts(ns)}",
@@ -516,7 +521,8 @@ def after_training(checkpoint_path, config: Config, logger) -> dict:
     calibration_set, normal, abnormal = validation_sessions(config, options, logger=logger)
     # tiny data: the other half
     calibration_set = nonempty(calibration_set) or validation_sessions(config, options, logger=logger)[1]
-    calibration = fit_calibration(model, calibration_set, ev.top_k, ev.top_g, ev.target_fpr,
+    top_k, top_g = ranks_within_reach(model, ev.top_k, ev.top_g, logger)
+    calibration = fit_calibration(model, calibration_set, top_k, top_g, ev.target_fpr,
                                   f"validation split of {data.preprocessed_dir} (calibration half)",
                                   ev.decision_rule, ev.batch_size, co_occurrence)
     store_calibration(checkpoint_path, checkpoint, calibration, output_dir)
@@ -526,7 +532,25 @@ def after_training(checkpoint_path, config: Config, logger) -> dict:
     paths = {"normal": f"{data.preprocessed_dir} (validation split, evaluation half)",
              "abnormal": ", ".join(filter(None, [data.abnormal_dir, f"label 1 in {data.preprocessed_dir}"]))}
     return run_evaluation(model, checkpoint_path, calibration, normal, abnormal, paths, config, output_dir,
-                          ev.top_k, None, logger, co_occurrence)
+                          top_k, None, logger, co_occurrence)
+
+
+def ranks_within_reach(model, top_k: int, top_g: int, logger) -> tuple[int, int]:
+    """top_k and top_g to fit thresholds at: the config's, unless they reach the number of classes the model
+    saw in training (its event types and the end of session). A k that high makes every event it knows a hit:
+    Top-k accuracy is 1 by construction and the score and top_g rules can never fire. Then both are scaled to
+    a third of those classes, with a warning."""
+    classes = int(model.seen_events.sum())
+    if top_k < classes and top_g < classes:
+        return top_k, top_g
+    reach = max(1, classes // 3)
+    scaled = min(top_k, reach), min(top_g, reach)
+    logger.warning(f"evaluation.top_k {top_k} and top_g {top_g} are not below the {classes} classes "
+                   f"the model saw in training ({classes - 1} event types and the end of session): every "
+                   "event it knows would be within them, so the score and top_g rules could never fire. "
+                   f"Fitting at top_k {scaled[0]} and top_g {scaled[1]} (a third of them; set "
+                   "evaluation.top_k and top_g to choose)")
+    return scaled
 
 
 def plot_training_curve(output_dir: Path, logger) -> None:
@@ -639,10 +663,9 @@ def run(args, logger):
     utils.setup_logger(None if to_stdout else str(output_dir), log_file="evaluation.log", logger=logger)
     if to_stdout:  # keep stdout for the JSON lines
         logger.handlers[0].setStream(sys.stderr)
-    top_k = args.top_k or ev.top_k
     config.data.skip_bad_records = config.data.skip_bad_records or args.skip_bad_records
-    calibration = applied_calibration(args, model, checkpoint, co_occurrence, config, top_k, output_dir,
-                                      logger)
+    calibration = applied_calibration(args, model, checkpoint, co_occurrence, config, output_dir, logger)
+    top_k = calibration["top_k"]   # --top-k, when given, is the calibration's (checked)
     if args.detect:   # detection is detect.py's; this flag stays for the commands written before it
         return detect.run_batch(args, model, calibration, co_occurrence, config, logger)
     normal, abnormal, paths = evaluation_sources(args, checkpoint, config, logger)
@@ -651,8 +674,8 @@ def run(args, logger):
     return 0
 
 
-def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: Config, top_k: int,
-                        output_dir: Path, logger) -> dict:
+def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: Config, output_dir: Path,
+                        logger) -> dict:
     """The thresholds this run applies: fitted now on --calibrate-on (and saved), read from --calibration,
     or stored in the checkpoint; never fitted on the data being scored."""
     ev = config.evaluation
@@ -666,7 +689,9 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: Co
             # the record of its training sessions, from the training data, for the rule plan
             record_count_vectors(checkpoint, co_occurrence, config, reader_options(config), logger)
         normal = data_chunks(args.calibrate_on, config, "normal", logger)
-        calibration = fit_calibration(model, normal, top_k, ev.top_g, ev.target_fpr, args.calibrate_on,
+        top_k, top_g = (args.top_k, ev.top_g) if args.top_k else \
+            ranks_within_reach(model, ev.top_k, ev.top_g, logger)   # a --top-k given is taken as it is
+        calibration = fit_calibration(model, normal, top_k, top_g, ev.target_fpr, args.calibrate_on,
                                       ev.decision_rule, ev.batch_size, co_occurrence)
         # beside the run's own calibration.json, never over it: named after the checkpoint and the time
         path = output_name(output_dir, "calibration", args.checkpoint, args.tag, ".json")
@@ -676,7 +701,7 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: Co
         raise CheckpointError(f"{args.checkpoint}: holds no calibration (its training was stopped "
                                     "before the end, or ran with evaluate_after_training false); pass "
                                     "--calibrate-on DIR with normal sessions")
-    cal.check_top_k(calibration, top_k)
+    cal.check_top_k(calibration, args.top_k or calibration["top_k"])
     if not args.calibrate_on:
         check_stored_thresholds_are_apart(args, config, calibration)
     origin = ("fitted now, --calibrate-on" if args.calibrate_on

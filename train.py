@@ -345,6 +345,7 @@ def train(args, logger):
     logger.info(f"Training finished in {utils.format_duration(time.time() - run_start)} | best loss "
                 f"{state.early_stopping.best_loss:.4f}{' (early stop)' if state.stopped_early else ''} | "
                 f"best model: {best}")
+    warn_if_nothing_learned(state.early_stopping.best_loss, data.seen_targets, logger)
     barrier(runtime)
     if runtime.distributed:
         # Every rank leaves the group together, before the master's single-process evaluation: a rank that
@@ -354,6 +355,23 @@ def train(args, logger):
     if tc.evaluate_after_training and runtime.is_master and best.exists():
         return evaluate_after_training(best, config, stop_signal, logger)
     return 0
+
+
+LEARNED_LITTLE = 0.75   # a best loss above this share of a uniform guess's: the model learned next to nothing
+
+
+def warn_if_nothing_learned(best_loss: float, seen_targets: list | None, logger) -> None:
+    """A model whose loss stayed near a uniform guess over the classes seen in training (ln of their
+    number) predicts nothing, and every rule built on its probabilities means little: say so."""
+    classes = len(seen_targets or ())
+    if classes < 3 or not math.isfinite(best_loss) or best_loss < LEARNED_LITTLE * math.log(classes):
+        return
+    logger.warning(f"The model learned next to nothing: its best loss {best_loss:.4f} is "
+                   f"{best_loss / math.log(classes):.0%} of a uniform guess over the {classes} classes seen "
+                   f"in training (ln {classes} = {math.log(classes):.4f}), so its predictions and the "
+                   "probability rule mean little. Usual causes: too few epochs or too low a learning rate, "
+                   "too little data, or sessions whose next event does not follow from the ones before "
+                   "(check the grouping: --session-key, --window)")
 
 
 def update(args, logger) -> int:

@@ -576,3 +576,47 @@ def test_a_cache_worker_dies_with_its_killed_parent_even_in_a_long_task(tmp_path
     parent.wait(timeout=10)
     time.sleep(1.0)   # the worker's task has 59 s to go: only dying with the parent ends it this soon
     assert not any(_alive(pid) for pid in workers)
+
+
+def test_a_model_that_learned_nothing_is_named(tmp_path):
+    """Events drawn uniformly at random: no model predicts them, and the run says so (its best loss stays
+    near ln of the classes seen). A model that learned is not named (the next test)."""
+    import random
+    rng = random.Random(7)
+    data = tmp_path / "noise.txt"
+    data.write_text("".join(" ".join(str(rng.randrange(20)) for _ in range(12)) + "\n" for _ in range(300)))
+    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}})
+    result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "o" / "training.log").read_text()
+    warning = re.search(r"WARNING \| The model learned next to nothing: its best loss ([\d.]+) is (\d+)% "
+                        r"of a uniform guess over the 21 classes seen in training \(ln 21 = 3\.0445\)", log)
+    assert warning and float(warning.group(1)) > 0.75 * 3.0445
+
+
+def test_top_k_and_top_g_beyond_a_small_vocabulary_are_scaled_with_a_warning(tmp_path):
+    """Six event types (and the end): top_k 10 and top_g 9 would cover every class the model knows, so
+    the thresholds are fitted at a third of them instead, and the report marks Top-10/20 as such."""
+    import random
+    rng = random.Random(3)
+    sessions = [[1, 2] + [rng.choice([3, 4]) for _ in range(rng.randrange(1, 5))] + [5, 6]
+                for _ in range(400)]
+    data = tmp_path / "small.txt"
+    data.write_text("".join(" ".join(map(str, s)) + "\n" for s in sessions))
+    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 8, "learning_rate": 0.01,
+                                                             "evaluate_after_training": True},
+                                                "evaluation": {"top_k": 10, "top_g": 9}})
+    result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "o" / "training.log").read_text()
+    assert ("evaluation.top_k 10 and top_g 9 are not below the 7 classes the model saw in training (6 event "
+            "types and the end of session)") in log
+    calibration = json.loads((tmp_path / "o" / "calibration.json").read_text())
+    assert (calibration["top_k"], calibration["top_g"]) == (2, 2)
+    report = next((tmp_path / "o").glob("evaluation_report_*.txt")).read_text()
+    assert "Top-10 accuracy:   1.0000   (k >= the 7 classes the model saw in training: a trained model " \
+        "hits every time)" in report
+    assert "learned next to nothing" not in log   # this one learned
+    assert re.search(r"Top-5  accuracy:   [\d.]+\n", report)   # below them: no note
+    again = run_script("evaluate.py", "--checkpoint", tmp_path / "o" / "checkpoints" / "best_model.pt")
+    assert again.returncode == 0, again.stderr   # the stored calibration's top_k is the one evaluated at
