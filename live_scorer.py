@@ -1,5 +1,5 @@
 """Live scoring's model, stepped: the open sessions scored by the events that came since the last step, each
-with its LSTM state in a slot of LiveScorer, so that a line costs the same however long its session is. A
+with its recurrent state in a slot of LiveScorer, so that a line costs the same however long its session is. A
 session's score columns are the ones DeepLog.session_scores computes for the whole session (the batch
 scorer's, scoring.py), cut into the same windows. PrefixTrie shares the states of the prefixes sessions begin
 with; Scored is what a step scored, one row per prediction. live_sessions.LiveDetector drives it.
@@ -48,10 +48,10 @@ class Scored(NamedTuple):
 
 class LiveScorer:
     """The model run over many open sessions, each by the events that came since the last step. A session
-    holds a slot: its LSTM state (h, c) and its score columns, the very ones DeepLog.session_scores computes
-    for a whole session, so that its verdict at the end is the batch verdict. The state after the last
-    input gives the prediction of the next event, scored when it comes; a window of training
-    (tokens.window_runs) starts from a fresh state over its context, as the batch scorer's.
+    holds a slot: its state (DeepLog.initial_state's tensors, indexed by slot) and its score columns, the very
+    ones DeepLog.session_scores computes for a whole session, so that its verdict at the end is the batch
+    verdict. The state after the last input gives the prediction of the next event, scored when it comes; a
+    window of training (tokens.window_runs) starts from a fresh state over its context, as the batch scorer's.
     Sessions begin in the PrefixTrie, whose states many share, and take a state of their own when they leave
     it. Rows with rank >= watch_rank, a log-probability below watch_log_prob (end_watch_log_prob for the end
     of a session) or named in a step's watch_extra get the model's top-k events ("expected")."""
@@ -69,22 +69,20 @@ class LiveScorer:
         self.watch_rank = top_k if watch_rank is None else watch_rank
         self.watch_log_prob, self.end_watch_log_prob = watch_log_prob, end_watch_log_prob
         self.start = {**self.COLUMNS, **{f"misses_at_{k}": 0.0 for k in self.ks}}
-        layers, hidden = model.lstm.num_layers, model.lstm.hidden_size
-        self.h, self.c = torch.zeros(layers, 0, hidden), torch.zeros(layers, 0, hidden)
+        self.state = model.initial_state(0)   # of each slot: tensors [layers, slots, hidden]
         self.columns = {name: np.zeros(0) for name in self.start}
         self.node_of = np.zeros(0, dtype=np.int64)   # each slot's place in the trie; -1: a state of its own
         self.free: list[int] = []
         self.head_rows = max(MIN_ROWS, LOGIT_BUDGET // model.num_classes)
         self.positions = model.scoring_tokens()
-        _, self.fresh = self._run(torch.full((1, 1), model.start_id), None)   # after the start token
+        self.fresh = take(self._run(torch.full((1, 1), model.start_id), None)[1], 0)   # after the start token
         self.trie = PrefixTrie(self, prefix_nodes) if prefix_nodes > 1 else None
 
     # -------------------------------------------------------------- slots
     def _grow(self, needed: int) -> None:
-        old = self.h.size(1)
+        old = len(self.node_of)
         new = max(needed, 2 * old, 64)
-        extra = torch.zeros(self.h.size(0), new - old, self.h.size(2))
-        self.h, self.c = torch.cat([self.h, extra], 1), torch.cat([self.c, extra], 1)
+        self.state = tuple(torch.cat(two, 1) for two in zip(self.state, self.model.initial_state(new - old)))
         for name in self.columns:
             self.columns[name] = np.concatenate([self.columns[name], np.zeros(new - old)])
         self.node_of = np.concatenate([self.node_of, np.full(new - old, -1, dtype=np.int64)])
@@ -94,13 +92,13 @@ class LiveScorer:
         """A slot for a new session: at the trie's root (else the state after the start token), the columns
         of no prediction."""
         if not self.free:
-            self._grow(self.h.size(1) + 1)
+            self._grow(len(self.node_of) + 1)
         slot = self.free.pop()
         if self.trie is not None:
             self.node_of[slot] = 0
         else:
             self.node_of[slot] = -1
-            self.h[:, slot], self.c[:, slot] = self.fresh[0][:, 0], self.fresh[1][:, 0]
+            put(self.state, slot, self.fresh)
         for name, value in self.start.items():
             self.columns[name][slot] = value
         return slot
@@ -113,30 +111,30 @@ class LiveScorer:
         slots = np.asarray(slots, dtype=np.int64)
         on_trie = slots[self.node_of[slots] >= 0]
         if len(on_trie):
-            index, nodes = torch.from_numpy(on_trie), torch.from_numpy(self.node_of[on_trie])
-            self.h[:, index], self.c[:, index] = self.trie.h[:, nodes], self.trie.c[:, nodes]
+            put(self.state, torch.from_numpy(on_trie), self._states(on_trie))
             self.node_of[on_trie] = -1
 
+    def _states(self, slots: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """The sessions' states: their own, or their node's on the trie."""
+        states, nodes = take(self.state, torch.from_numpy(slots)), self.node_of[slots]
+        on_trie = nodes >= 0
+        if on_trie.any():
+            put(states, torch.from_numpy(on_trie), take(self.trie.state, torch.from_numpy(nodes[on_trie])))
+        return states
+
     def state_of(self, slots: list[int]) -> dict:
-        """The sessions' states (their node's, on the trie: restored, they go on with states of their own,
-        the same numbers) and columns."""
-        index = torch.tensor(slots, dtype=torch.long)
-        h, c = self.h[:, index].clone(), self.c[:, index].clone()
-        nodes = self.node_of[np.asarray(slots, dtype=np.int64)]
-        on_trie = torch.from_numpy(nodes >= 0)
-        if bool(on_trie.any()):
-            h[:, on_trie] = self.trie.h[:, torch.from_numpy(nodes[nodes >= 0])]
-            c[:, on_trie] = self.trie.c[:, torch.from_numpy(nodes[nodes >= 0])]
-        return {"h": h, "c": c,
-                "columns": {name: torch.from_numpy(column[slots].copy())
-                            for name, column in self.columns.items()}}
+        """The sessions' states, by DeepLog.state_names (their node's, on the trie: restored, they go on with
+        states of their own, the same numbers), and their columns."""
+        states = self._states(np.asarray(slots, dtype=np.int64))
+        columns = {name: torch.from_numpy(column) for name, column in self.columns_of(slots).items()}
+        return {**dict(zip(self.model.state_names, states)), "columns": columns}
 
     def restore(self, state: dict) -> list[int]:
         """Slots for saved sessions (state_of's dict), in its order."""
-        slots = [self.allocate() for _ in range(state["h"].size(1))]
+        states = tuple(state[name] for name in self.model.state_names)
+        slots = [self.allocate() for _ in range(states[0].size(1))]
         self.node_of[slots] = -1
-        index = torch.tensor(slots, dtype=torch.long)
-        self.h[:, index], self.c[:, index] = state["h"], state["c"]
+        put(self.state, torch.tensor(slots, dtype=torch.long), states)
         for name, column in state["columns"].items():
             self.columns[name][slots] = column.numpy()
         return slots
@@ -148,12 +146,11 @@ class LiveScorer:
     def _run(self, inputs: torch.Tensor, state):
         rows = inputs.size(0)
         if rows < MIN_ROWS:
-            pad = MIN_ROWS - rows
-            inputs = torch.cat([inputs, inputs[:1].expand(pad, -1)])
+            inputs = padded(inputs)
             if state is not None:
-                state = tuple(torch.cat([s, s[:, :1].expand(-1, pad, -1)], 1).contiguous() for s in state)
-        outputs, (h, c) = self.model.advance(inputs, state)
-        return outputs[:rows], (h[:, :rows], c[:, :rows])
+                state = tuple(padded(s, 1) for s in state)
+        outputs, state = self.model.advance(inputs, state)
+        return outputs[:rows], take(state, slice(None, rows))
 
     def token(self, event: int) -> int:
         """A raw ID as the model reads and scores it: one it never had is unk_id (as DeepLog.encode)."""
@@ -180,7 +177,7 @@ class LiveScorer:
 
     def _advance_own(self, work: list[tuple[int, list, int]], watch_extra) -> Scored:
         slots = np.array([w[0] for w in work], dtype=np.int64)
-        hidden = [self.h[-1, torch.from_numpy(slots)]]       # each session's pending prediction
+        hidden = [self.model.last_output(self.state)[torch.from_numpy(slots)]]   # the pending predictions
         meta = [(slots, np.array([w[2] for w in work], dtype=np.int64),
                  np.array([w[1][w[2]] for w in work], dtype=np.int64))]
         groups = collections.defaultdict(list)
@@ -195,8 +192,8 @@ class LiveScorer:
             rows = max(MIN_ROWS, self.positions // width)
             for at in range(0, len(segments), rows):
                 self._run_segments(segments[at:at + rows], width, fresh, hidden, meta, finals)
-        for index, h, c in finals:   # after every run: a session's runs all started from its old state
-            self.h[:, index], self.c[:, index] = h, c
+        for index, state in finals:   # after every run: a session's runs all started from its old state
+            put(self.state, index, state)
         slot, position, target = (np.concatenate(parts) for parts in zip(*meta))
         extra = watched_rows(slot, position, watch_extra)
         rank, log_prob, expected = self.head(torch.cat(hidden), self._targets(target), self.watch_log_prob,
@@ -212,8 +209,7 @@ class LiveScorer:
         inputs = torch.tensor([[self.token(e) for e in events[first - 1:end - 1]]
                                for _, _, end, _, events, first in segments], dtype=torch.long)
         index = torch.tensor([s[0] for s in segments], dtype=torch.long)
-        state = None if fresh else (self.h[:, index], self.c[:, index])
-        outputs, (h, c) = self._run(inputs, state)
+        outputs, state = self._run(inputs, None if fresh else take(self.state, index))
         last = np.array([s[3] for s in segments])
         # output j of a run is the prediction of position begin + j - skip; a session's last one waits for
         # its next event (or its end)
@@ -227,7 +223,7 @@ class LiveScorer:
         meta.append((np.repeat(index.numpy(), keep.sum(1)), positions, targets))
         if last.any():
             chosen = torch.from_numpy(last)
-            finals.append((index[chosen], h[:, chosen], c[:, chosen]))
+            finals.append((index[chosen], take(state, chosen)))
 
     @torch.no_grad()
     def end(self, slots: list[int], lengths: list[int]) -> Scored:
@@ -235,32 +231,28 @@ class LiveScorer:
         columns."""
         index = np.array(slots, dtype=np.int64)
         end_id = self.model.end_id
-        on_trie = self.node_of[index] >= 0
-        hidden = self.h[-1, torch.from_numpy(index)]
-        if on_trie.any():
-            nodes = torch.from_numpy(self.node_of[index[on_trie]])
-            hidden[torch.from_numpy(on_trie)] = self.trie.h[-1, nodes]
-        rank, log_prob, expected = self.head(hidden, torch.full((len(index),), end_id),
-                                             self.end_watch_log_prob, np.zeros(len(index), dtype=bool))
+        rank, log_prob, expected = self.head(self.model.last_output(self._states(index)),
+                                             torch.full((len(index),), end_id), self.end_watch_log_prob)
         self._accumulate(index, rank, log_prob, end=True)
         return Scored(index, np.array(lengths, dtype=np.int64), np.full(len(index), end_id), rank, log_prob,
                       expected)
 
     def head(self, hidden: torch.Tensor, targets: torch.Tensor, watch_log_prob: float | None,
-             extra: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-        """Ranks and log-probabilities (float64) of targets from top-layer states, and the expected events of
-        the watched rows, in slices of at most LOGIT_BUDGET logits (padded to MIN_ROWS)."""
+             extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Ranks and log-probabilities (float64) of targets from top-layer outputs, and the expected events of
+        the watched rows (and those `extra` marks), in slices of at most LOGIT_BUDGET logits (padded to
+        MIN_ROWS)."""
         model = self.model
         ranks, log_probs, expected = [], [], {}
         for at in range(0, len(hidden), self.head_rows):
             rows = hidden[at:at + self.head_rows]
             count = len(rows)
-            if count < MIN_ROWS:
-                rows = torch.cat([rows, rows[:1].expand(MIN_ROWS - count, -1)])
-            logits = model.head(rows)[:count]
+            logits = model.head(padded(rows) if count < MIN_ROWS else rows)[:count]
             rank, log_prob = model.ranks_from_logits(logits.unsqueeze(1), targets[at:at + count, None])
             rank, log_prob = rank[:, 0].numpy(), log_prob[:, 0].double().numpy()
-            watched = (rank >= self.watch_rank) | extra[at:at + count]
+            watched = rank >= self.watch_rank
+            if extra is not None:
+                watched |= extra[at:at + count]
             if watch_log_prob is not None:
                 watched |= log_prob < watch_log_prob
             if watched.any():
@@ -293,6 +285,24 @@ class LiveScorer:
             group_extreme(columns["min_event_log_prob"], slot, log_prob, np.minimum)
             group_extreme(columns["min_seen_event_log_prob"], slot, np.where(finite, log_prob, math.inf),
                           np.minimum)
+
+
+def take(state: tuple[torch.Tensor, ...], index) -> tuple[torch.Tensor, ...]:
+    """The states of some sessions (index: of the batch dimension, 1) from a state of many."""
+    return tuple(tensor[:, index] for tensor in state)
+
+
+def put(state: tuple[torch.Tensor, ...], index, values: tuple[torch.Tensor, ...]) -> None:
+    """Write the states `values` into a state of many sessions, at `index` of its batch dimension."""
+    for tensor, value in zip(state, values):
+        tensor[:, index] = value
+
+
+def padded(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """`tensor` with its first row along `dim` repeated to MIN_ROWS rows."""
+    shape = list(tensor.shape)
+    shape[dim] = MIN_ROWS - shape[dim]
+    return torch.cat([tensor, tensor.narrow(dim, 0, 1).expand(shape)], dim)
 
 
 def group_extreme(column: np.ndarray, slot: np.ndarray, values: np.ndarray, extreme) -> None:
@@ -332,7 +342,7 @@ def merge(parts: list[Scored]) -> Scored:
 
 
 class PrefixTrie:
-    """The LSTM states of the event prefixes sessions begin with, shared: a session starts at the root (the
+    """The states of the event prefixes sessions begin with, shared: a session starts at the root (the
     start token) and each event moves it to that event's child, whose state is computed once for every
     session that ever opens that way, and the score of an event after a prefix is kept with the prefix. Real
     logs repeat how their sessions begin (HDFS's 5,855 normal sessions: 114,561 events, 9,534 distinct
@@ -343,9 +353,8 @@ class PrefixTrie:
 
     def __init__(self, scorer: LiveScorer, capacity: int):
         self.scorer, self.capacity = scorer, capacity
-        layers, hidden = scorer.fresh[0].size(0), scorer.fresh[0].size(2)
-        self.h, self.c = torch.zeros(layers, capacity, hidden), torch.zeros(layers, capacity, hidden)
-        self.h[:, :1], self.c[:, :1] = scorer.fresh
+        self.state = scorer.model.initial_state(capacity)   # of each node
+        put(self.state, 0, scorer.fresh)
         self.lengths = [0]                             # events of each node's prefix
         # (node, token) -> (child node, the token's rank and log-probability after node, expected | None)
         self.edges: dict[tuple[int, int], tuple] = {}
@@ -403,8 +412,8 @@ class PrefixTrie:
 
     def _extend(self, moves: list[tuple[int, int]]) -> None:
         """Edges for the moves that may have one (room left, within the first window: the child's inputs one
-        run from the start): the child's state in one batched LSTM step, and the event's score after the
-        parent in one pass of the head."""
+        run from the start): the child's state in one batched step, and the event's score after the parent in
+        one pass of the head."""
         scorer = self.scorer
         wanted = [m for m in dict.fromkeys(moves) if len(scorer.runs(0, self.lengths[m[0]] + 2)) == 1]
         wanted = wanted[:max(0, self.capacity - len(self.lengths))]
@@ -412,15 +421,16 @@ class PrefixTrie:
             return
         nodes = torch.tensor([node for node, _ in wanted], dtype=torch.long)
         tokens = torch.tensor([tok for _, tok in wanted], dtype=torch.long)
-        _, (h, c) = scorer._run(tokens[:, None], (self.h[:, nodes], self.c[:, nodes]))
-        rank, log_prob, expected = scorer.head(self.h[-1, nodes], tokens, scorer.watch_log_prob,
-                                               np.zeros(len(wanted), dtype=bool))
+        _, state = scorer._run(tokens[:, None], take(self.state, nodes))
+        rank, log_prob, expected = scorer.head(scorer.model.last_output(self.state)[nodes], tokens,
+                                               scorer.watch_log_prob)
         first = len(self.lengths)
-        self.h[:, first:first + len(wanted)], self.c[:, first:first + len(wanted)] = h, c
+        put(self.state, slice(first, first + len(wanted)), state)
         for row, (node, tok) in enumerate(wanted):
             self.edges[(node, tok)] = (first + row, int(rank[row]), float(log_prob[row]), expected.get(row))
             self.lengths.append(self.lengths[node] + 1)
 
     def _expected(self, node: int) -> list[int]:
-        logits = self.scorer.model.head(self.h[-1, node:node + 1].expand(MIN_ROWS, -1))[0]
-        return logits.topk(min(self.scorer.top_k, self.scorer.model.num_classes)).indices.tolist()
+        model = self.scorer.model
+        logits = model.head(model.last_output(self.state)[node:node + 1].expand(MIN_ROWS, -1))[0]
+        return logits.topk(min(self.scorer.top_k, model.num_classes)).indices.tolist()

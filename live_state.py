@@ -115,9 +115,10 @@ def sessions_problem(detector: dict, columns) -> str | None:
             all(isinstance(i, int) and 0 <= i < count for i in misses["sessions"]) and
             all(isinstance(m, list) and all(isinstance(d, dict) for d in m) for m in misses["misses"])):
         return "the open sessions' misses are damaged"
-    model = detector.get("model")
-    if not (isinstance(model, dict) and all(isinstance(model.get(k), torch.Tensor) and model[k].dim() == 3 and
-                                            model[k].size(1) == count for k in ("h", "c")) and
+    model = detector.get("model")   # the model's state tensors by name (DeepLog.state_names), "columns"
+    if not (isinstance(model, dict) and len(model) > 1 and
+            all(isinstance(v, torch.Tensor) and v.dim() == 3 and v.size(1) == count
+                for k, v in model.items() if k != "columns") and
             isinstance(model.get("columns"), dict) and set(model["columns"]) == set(columns) and
             all(isinstance(v, torch.Tensor) and v.shape == (count,) for v in model["columns"].values())):
         return "the open sessions' model state is damaged"

@@ -108,13 +108,29 @@ class DeepLog(nn.Module):
         hidden_states, _ = self.lstm(self.embedding(input_ids))
         return self.head(self.dropout(hidden_states))
 
+    # ------------------------------------------------------------------ stepped: the recurrent state
+    # A state is a tuple of tensors [num_layers, batch, hidden_size], the LSTM's (h, c), saved by these names
+    # (live_state.py). Live scoring steps each open session by its new events only, indexing the state tensor
+    # by tensor (live_scorer.py): nothing outside this section knows what the tensors are.
+    state_names = ("h", "c")
+
+    def initial_state(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """The state of `batch` sessions before any input: zeros."""
+        layers, hidden = self.lstm.num_layers, self.lstm.hidden_size
+        return tuple(torch.zeros(layers, batch, hidden) for _ in self.state_names)
+
+    @staticmethod
+    def last_output(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The top layer's output after the state's last input [batch, hidden_size]: self.head of it gives the
+        logits of the next event."""
+        return state[0][-1]
+
     @torch.no_grad()
-    def advance(self, input_ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Run the LSTM on from `state` (h, c), each [num_layers, batch, hidden_size] (None: a fresh session):
-        the top layer's outputs [batch, time, hidden_size] for input_ids [batch, time], and the state after
-        them. Live scoring steps each open session by its new events only (live_scorer.py); self.head(outputs)
-        gives the logits. Stepping and one pass over the whole sequence give the same numbers."""
+    def advance(self, input_ids: torch.Tensor, state: tuple[torch.Tensor, ...] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Run on from `state` (None: a fresh session): the top layer's outputs [batch, time, hidden_size] for
+        input_ids [batch, time], and the state after them. Stepping and one pass over the whole sequence give
+        the same numbers."""
         self.lstm.flatten_parameters()
         outputs, state = self.lstm(self.embedding(input_ids), state)
         return outputs, state

@@ -209,6 +209,7 @@ def test_the_state_of_open_sessions_round_trips_exactly():
     half = len(items) // 2
     before = detector.feed(items[:half], now=0.0)
     saved = detector.state_dict()
+    assert set(saved["model"]) == {"h", "c", "columns"}   # the state file's format (live_state.STATE_VERSION)
     again = LiveDetector(model, calibration, "combined", co_occurrence, None, None, None, 3, 1000)
     again.load_state_dict(saved)
     assert before + again.feed(items[half:], now=0.0) + again.close_all() == whole

@@ -96,6 +96,21 @@ def test_window_runs_step_a_growing_session_through_the_windows_of_window_spans(
     assert window_runs(250, 260, 256, 32) == [(250, 256, False), (256, 260, True)]
 
 
+def test_stepping_the_state_gives_the_whole_pass():
+    """initial_state, advance and last_output: one input at a time, the logits of one pass."""
+    torch.manual_seed(4)
+    model = DeepLog(vocab_size=10, embedding_dim=8, hidden_size=12, num_layers=2).eval()
+    inputs = torch.tensor([[12, 1, 2, 3], [12, 4, 5, 6]])
+    state = model.initial_state(2)
+    assert [tuple(s.shape) for s in state] == [(2, 2, 12)] * len(model.state_names)
+    stepped = []
+    for column in range(inputs.size(1)):
+        outputs, state = model.advance(inputs[:, column:column + 1], state)
+        assert torch.equal(outputs[:, -1], model.last_output(state))
+        stepped.append(model.head(model.last_output(state)))
+    assert torch.allclose(torch.stack(stepped, 1), model(inputs), atol=1e-6)
+
+
 def test_short_sessions_score_as_one_whole_pass():
     """Sessions of at most max_seq_length predictions: the same numbers as the whole-session pass."""
     torch.manual_seed(1)
