@@ -153,7 +153,7 @@ class LiveScorer:
         return outputs[:rows], take(state, slice(None, rows))
 
     def token(self, event: int) -> int:
-        """A raw ID as the model reads and scores it: one it never had is unk_id (as DeepLog.encode)."""
+        """A raw ID as the model reads and scores it: DeepLog.known of one."""
         return event if event < self.model.vocab_size else self.model.unk_id
 
     def runs(self, begin: int, end: int) -> list[tuple[int, int, bool]]:
@@ -196,12 +196,9 @@ class LiveScorer:
             put(self.state, index, state)
         slot, position, target = (np.concatenate(parts) for parts in zip(*meta))
         extra = watched_rows(slot, position, watch_extra)
-        rank, log_prob, expected = self.head(torch.cat(hidden), self._targets(target), self.watch_log_prob,
-                                             extra)
+        rank, log_prob, expected = self.head(torch.cat(hidden), torch.from_numpy(self.model.known(target)),
+                                             self.watch_log_prob, extra)
         return Scored(slot, position, target, rank, log_prob, expected)
-
-    def _targets(self, events: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.where(events < self.model.vocab_size, events, self.model.unk_id))
 
     def _run_segments(self, segments, width: int, fresh: bool, hidden: list, meta: list,
                       finals: list) -> None:

@@ -71,7 +71,7 @@ class EarlyRules:
     training pairs."""
 
     def __init__(self, calibration: dict, rule: str, co_occurrence: CoOccurrence):
-        parts = calibration["combined_rules"] if rule == "combined" else [rule]
+        self.parts = parts = calibration["combined_rules"] if rule == "combined" else [rule]
         self.event_bound = calibration["log_probability_bound"] if "probability" in parts else None
         # as the verdict: an event never seen in training counts for the bound where the calibration says so
         self.unseen_counts = calibration["log_end_probability_bound"] is None or \
@@ -138,6 +138,13 @@ def bits(indexes) -> int:
     return int.from_bytes(np.packbits(flags, bitorder="little").tobytes(), "little")
 
 
+def located(record: dict, ref: tuple) -> None:
+    """Where a record's event was read, from its ref (seq, at, raw): "at", and "raw" where there is one."""
+    _, record["at"], raw = ref
+    if raw is not None:
+        record["raw"] = raw
+
+
 def verdict_line(session_id: str, events, i: int, scores: dict, abnormal: np.ndarray, anomaly: np.ndarray,
                  rule: str, unseen_pairs: list, misses: list) -> str:
     """One session's verdict as a JSON line, the same in batch and live detection. An abnormal one also
@@ -161,7 +168,7 @@ class LiveDetector:
         self.calibration, self.rule, self.co_occurrence = calibration, rule, co_occurrence
         self.top_k = calibration["top_k"]
         self.early = EarlyRules(calibration, rule, co_occurrence)
-        self.count_rule = "count_vector" in (calibration["combined_rules"] if rule == "combined" else [rule])
+        self.count_rule = "count_vector" in self.early.parts
         # a miss of the verdict's record, as DeepLog.diagnose counts one: outside the top-k or, under the
         # probability rule, below its bound (the end of session: below its own bound, where there is one)
         self.bound, end_bound = miss_bounds(calibration, rule)
@@ -224,9 +231,7 @@ class LiveDetector:
         self.seq, self.idle_due = seq, due
         if touched:
             self._score(list(touched.values()), output)
-        self._close(closing, output)
-        output.sort(key=lambda entry: entry[:3])
-        return [entry[3] for entry in output]
+        return self._closed(closing, output)
 
     def close_idle(self, now: float) -> list[str]:
         """Close the sessions no line named for idle_seconds (wall-clock time)."""
@@ -241,8 +246,9 @@ class LiveDetector:
         self.open.clear()
         return self._closed([(self.seq, 3, session) for session in sessions])
 
-    def _closed(self, closing) -> list[str]:
-        output: list[tuple] = []
+    def _closed(self, closing, output: list | None = None) -> list[str]:
+        """Close these sessions (_close); the step's output lines, in the order of the lines behind them."""
+        output = [] if output is None else output
         self._close(closing, output)
         output.sort(key=lambda entry: entry[:3])
         return [entry[3] for entry in output]
@@ -263,9 +269,7 @@ class LiveDetector:
         for row, rule in zip(rows.tolist(), fired):
             session, position = by_slot[int(scored.slot[row])], int(scored.position[row])
             row_of[(session.slot, position)] = row
-            if self._is_miss(scored.rank[row], scored.log_prob[row], self.bound) and \
-                    len(session.misses) < self.max_misses:
-                session.misses.append(self._miss(session, scored, row, position))
+            self._record(session, scored, row, position, self.bound)
             if rule and not session.alerted and id(session) not in alerts:
                 alerts[id(session)] = (position, rule, None)
         for session in sessions:
@@ -278,8 +282,12 @@ class LiveDetector:
                 output.append(self._alert(session, position, rule, pair, scored, row))
             session.refs = None
 
-    def _is_miss(self, rank, log_prob, bound: float | None) -> bool:
-        return bool(rank >= self.top_k or (bound is not None and log_prob < bound))
+    def _record(self, session: LiveSession, scored: Scored, row: int, position: int,
+                bound: float | None) -> None:
+        """A miss into the session's record (its first max_misses): outside the top-k, or below `bound`."""
+        if (scored.rank[row] >= self.top_k or (bound is not None and scored.log_prob[row] < bound)) and \
+                len(session.misses) < self.max_misses:
+            session.misses.append(self._miss(session, scored, row, position))
 
     def _label(self, token: int):
         return "<end>" if token == self.scorer.model.end_id else int(token)
@@ -290,14 +298,10 @@ class LiveDetector:
                 "probability": float(math.exp(scored.log_prob[row])),
                 "expected": [self._label(t) for t in scored.expected[row]]}
         if session.refs is not None and position >= session.n0:
-            _, at, raw = session.refs[position - session.n0]
-            miss["at"] = at
-            if raw is not None:
-                miss["raw"] = raw
+            located(miss, session.refs[position - session.n0])
         return miss
 
     def _alert(self, session: LiveSession, position: int, rule: str, pair, scored: Scored, row) -> tuple:
-        seq, at, raw = session.refs[position - session.n0]
         alert = {"alert": "early", "session_id": session.session_id, "rule": rule, "position": position,
                  "event": session.events[position]}
         if row is not None:
@@ -305,11 +309,10 @@ class LiveDetector:
             alert["expected"] = [self._label(t) for t in scored.expected[row]]
         if pair is not None:
             alert["pair"] = pair
-        alert["at"] = at
-        if raw is not None:
-            alert["raw"] = raw
+        ref = session.refs[position - session.n0]
+        located(alert, ref)
         self.totals["early_alerts"] += 1
-        return seq, 1, session.session_id, json.dumps(alert) + "\n"
+        return ref[0], 1, session.session_id, json.dumps(alert) + "\n"
 
     def _close(self, closing: list[tuple[int, int, LiveSession]], output: list) -> None:
         """Verdicts: the end of each session scored, then the rules on its whole record (verdicts,
@@ -320,9 +323,7 @@ class LiveDetector:
         slots = [s.slot for s in sessions]
         ended = self.scorer.end(slots, [len(s.events) for s in sessions])
         for row, session in enumerate(sessions):
-            if self._is_miss(ended.rank[row], ended.log_prob[row], self.end_bound) and \
-                    len(session.misses) < self.max_misses:
-                session.misses.append(self._miss(session, ended, row, len(session.events)))
+            self._record(session, ended, row, len(session.events), self.end_bound)
         scores = self.scorer.columns_of(slots)
         events = [s.events for s in sessions]
         scores["novel_set"], scores["novel_pair"] = self.co_occurrence.novel(events)

@@ -147,8 +147,7 @@ class DeepLog(nn.Module):
         sessions = as_sessions(sessions)
         lengths = np.array([len(s) for s in sessions], dtype=np.int64)
         events = np.fromiter((e for s in sessions for e in s), dtype=np.int64, count=int(lengths.sum()))
-        laid_out, starts = lay_out(np.where(events >= self.vocab_size, self.unk_id, events), lengths,
-                                   self.vocab_size)
+        laid_out, starts = lay_out(self.known(events), lengths, self.vocab_size)
         longest = int(lengths.max(initial=0)) + 1
         inputs = torch.full((len(sessions), longest), self.pad_id, dtype=torch.long)
         targets = torch.full((len(sessions), longest), IGNORE_INDEX, dtype=torch.long)
@@ -158,6 +157,10 @@ class DeepLog(nn.Module):
             targets[row, :n + 1] = laid_out[start + 1:start + n + 2]
         device = device or next(self.parameters()).device
         return inputs.to(device), targets.to(device)
+
+    def known(self, events: np.ndarray) -> np.ndarray:
+        """Event IDs as the model reads and scores them: one it never had (>= vocab_size) is unk_id."""
+        return np.where(events >= self.vocab_size, self.unk_id, events)
 
     @torch.no_grad()
     def prediction_ranks(self, inputs: torch.Tensor,
@@ -223,8 +226,7 @@ class DeepLog(nn.Module):
         known = [np.asarray(s, dtype=np.int64) for s in sessions]
         lengths = np.array([len(k) for k in known], dtype=np.int64)
         events = np.concatenate(known) if known else np.zeros(0, np.int64)
-        laid_out, starts = lay_out(np.where(events >= self.vocab_size, self.unk_id, events), lengths,
-                                   self.vocab_size)
+        laid_out, starts = lay_out(self.known(events), lengths, self.vocab_size)
         owner, begin, end, scored = window_table(lengths + 1, self.max_seq_length, self.window_context)
         spans = sorted(zip((end - begin).tolist(), owner.tolist(), begin.tolist(), scored.tolist()))
         budget, first = self.scoring_tokens(max_tokens), 0
