@@ -152,10 +152,6 @@ class LiveScorer:
         outputs, state = self.model.advance(inputs, state)
         return outputs[:rows], take(state, slice(None, rows))
 
-    def token(self, event: int) -> int:
-        """A raw ID as the model reads and scores it: DeepLog.known of one."""
-        return event if event < self.model.vocab_size else self.model.unk_id
-
     def runs(self, begin: int, end: int) -> list[tuple[int, int, bool]]:
         """Positions [begin, end) of a session in the model's windows: tokens.window_runs."""
         return window_runs(begin, end, self.model.max_seq_length, self.model.window_context)
@@ -203,8 +199,8 @@ class LiveScorer:
     def _run_segments(self, segments, width: int, fresh: bool, hidden: list, meta: list,
                       finals: list) -> None:
         skip = self.model.window_context if fresh else 0
-        inputs = torch.tensor([[self.token(e) for e in events[first - 1:end - 1]]
-                               for _, _, end, _, events, first in segments], dtype=torch.long)
+        inputs = torch.from_numpy(self.model.known(np.array(
+            [events[first - 1:end - 1] for _, _, end, _, events, first in segments], dtype=np.int64)))
         index = torch.tensor([s[0] for s in segments], dtype=torch.long)
         outputs, state = self._run(inputs, None if fresh else take(self.state, index))
         last = np.array([s[3] for s in segments])

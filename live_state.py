@@ -51,16 +51,12 @@ class LiveState:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 (any unreadable file: one message, never a traceback)
-            raise utils.ConfigError(f"{self.path}: not a readable detect.py state ({dataset_line(error)}); "
+            raise utils.ConfigError(f"{self.path}: not a readable detect.py state ({one_line(error, 160)}); "
                                     f"{again}") from None
         problem = state_problem(state, self.identity, columns)
         if problem:
             raise utils.ConfigError(f"{self.path}: {problem}; {again}")
         return state
-
-
-def dataset_line(error: BaseException) -> str:
-    return one_line(error, 160)
 
 
 def state_problem(state, identity: dict, columns) -> str | None:

@@ -110,8 +110,8 @@ class DeepLog(nn.Module):
 
     # ------------------------------------------------------------------ stepped: the recurrent state
     # A state is a tuple of tensors [num_layers, batch, hidden_size], the LSTM's (h, c), saved by these names
-    # (live_state.py). Live scoring steps each open session by its new events only, indexing the state tensor
-    # by tensor (live_scorer.py): nothing outside this section knows what the tensors are.
+    # (live_state.py). Live scoring steps each session by its new events, indexing the tensors one by one by
+    # session (live_scorer.py): what they are, another kind of RNN included, is this class's alone.
     state_names = ("h", "c")
 
     def initial_state(self, batch: int) -> tuple[torch.Tensor, ...]:

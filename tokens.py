@@ -73,7 +73,6 @@ def window_spans(predictions: int, max_seq_length: int, window_context: int) -> 
     return list(zip(begin.tolist(), end.tolist(), scored.tolist()))
 
 
-
 def window_stride(max_seq_length: int, window_context: int) -> int:
     """How far each window begins after the one before it (it re-reads the last window_context positions)."""
     return max_seq_length - window_context
