@@ -295,6 +295,8 @@ def train(args, logger):
     # read and validated before anything is built
     checkpoint = load_checkpoint(args.resume, for_resume=True) if args.resume else None
     from_checkpoint = resume_defaults(config, checkpoint["config"], args) if checkpoint is not None else []
+    if checkpoint is not None:
+        check_not_finished(checkpoint, config, args.resume)
     tc = config.training
     runtime = setup_runtime(tc.device, tc.use_multi_gpu)
     output_dir = Path(tc.output_dir)
@@ -346,6 +348,8 @@ def train(args, logger):
                 f"{state.early_stopping.best_loss:.4f}{' (early stop)' if state.stopped_early else ''} | "
                 f"best model: {best}")
     warn_if_nothing_learned(state.early_stopping.best_loss, data.seen_targets, logger)
+    if run is not None:
+        run.finish()
     barrier(runtime)
     if runtime.distributed:
         # Every rank leaves the group together, before the master's single-process evaluation: a rank that
@@ -476,6 +480,23 @@ def claim_output(output_dir: Path, checkpoint: dict | None, args, runtime: Runti
     if errors:
         raise utils.ConfigError(errors[0])
     return run
+
+
+def check_not_finished(checkpoint: dict, config: Config, resume_path: str) -> None:
+    """A checkpoint at the end of its run (past the last epoch, or early stopping said stop) has nothing left
+    to train: say so, and the ways on, instead of a run that trains nothing."""
+    epoch, epochs = checkpoint["data_position"]["epoch"], config.training.epochs
+    stopping = checkpoint["early_stopping"]
+    stopped = config.early_stopping.enabled and stopping["bad_epochs"] >= config.early_stopping.patience
+    if epoch <= epochs and not stopped:
+        return
+    best = Path(resume_path).parent / "best_model.pt"
+    why = (f"early stopping ended it (no val-loss improvement for {stopping['bad_epochs']} epochs)"
+           if stopped else
+           f"it trained all {epochs} epochs; to train longer, resume with --epochs above {epochs}")
+    raise utils.ConfigError(f"{resume_path}: its run is finished, nothing is left to resume: {why}. To "
+                            f"evaluate it: python evaluate.py --checkpoint {best}; to train anew in its "
+                            "folder, run without --resume and pass --overwrite")
 
 
 def check_resumable(checkpoint: dict, config: Config, resume_path: str, logger) -> None:

@@ -207,9 +207,10 @@ class RunRecord:
     wrote). A new run is refused a directory that holds another run's files unless told to move them aside;
     pruning removes only checkpoints this run wrote. Call claim() while holding the OutputLock."""
 
-    def __init__(self, output_dir: Path, run_id: str, started: str, checkpoints: list[str]):
+    def __init__(self, output_dir: Path, run_id: str, started: str, checkpoints: list[str],
+                 finished: str | None = None):
         self.output_dir, self.run_id, self.started = output_dir, run_id, started
-        self.checkpoints = checkpoints
+        self.checkpoints, self.finished = checkpoints, finished   # finished: when training ended, or None
         self.moved_aside: Path | None = None   # where --overwrite moved another run's files
 
     @classmethod
@@ -220,11 +221,12 @@ class RunRecord:
             return None
         try:
             data = json.loads(path.read_text())
-            record = cls(output_dir, data["run_id"], data["started"], data["checkpoints"])
+            record = cls(output_dir, data["run_id"], data["started"], data["checkpoints"],
+                         data.get("finished"))   # (absent from records written before it was kept)
         except (OSError, ValueError, KeyError, TypeError):
             raise ConfigError(f"{path}: {damaged}") from None
         if not (isinstance(record.run_id, str) and isinstance(record.started, str)
-                and isinstance(record.checkpoints, list)
+                and isinstance(record.finished, (str, type(None))) and isinstance(record.checkpoints, list)
                 and all(isinstance(c, str) and "/" not in c for c in record.checkpoints)):
             raise ConfigError(f"{path}: {damaged}")
         return record
@@ -269,10 +271,15 @@ class RunRecord:
                else "a run without a run record")
         newest = max(found, key=lambda n: (output_dir / "checkpoints" / n).stat().st_mtime)
         holds = f"{len(found)} checkpoint(s), the newest checkpoints/{newest}"
+        moving = f"pass --overwrite to move its files to {output_dir / PREVIOUS_RUNS}/"
+        if existing is not None and existing.finished:
+            best = output_dir / "checkpoints" / "best_model.pt"
+            return (f"{output_dir} holds a finished training run, {who}, complete since {existing.finished}: "
+                    f"{holds}. To train again there, {moving}; or train into another --output-dir. To "
+                    f"evaluate it: python evaluate.py --checkpoint {best}")
         return (f"{output_dir} holds the files of another training run, {who}: {holds}. Continue it with "
-                f"--resume {output_dir / 'checkpoints' / newest}, train into "
-                "another --output-dir, or pass --overwrite to move its files to "
-                f"{output_dir / PREVIOUS_RUNS}/")
+                f"--resume {output_dir / 'checkpoints' / newest}, train into another --output-dir, or "
+                f"{moving}")
 
     @staticmethod
     def _move_aside(output_dir: Path, existing: "RunRecord | None") -> Path:
@@ -285,7 +292,13 @@ class RunRecord:
 
     def save(self) -> None:
         save_json(self.output_dir / RUN_FILE, {"run_id": self.run_id, "started": self.started,
+                                                "finished": self.finished,
                                                 "checkpoints": sorted(set(self.checkpoints))})
+
+    def finish(self) -> None:
+        """Training ran to its end: a later run there is told so (resume has nothing left to do)."""
+        self.finished = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.save()
 
     def wrote(self, name: str) -> None:
         if name not in self.checkpoints:

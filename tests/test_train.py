@@ -466,7 +466,7 @@ def test_a_new_run_into_another_runs_folder_is_refused_and_overwrite_moves_it_as
     before = _files(out)
     refused = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", out)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
-    assert f"run {first_run['run_id']}" in refused.stderr and "--resume" in refused.stderr
+    assert f"holds a finished training run, run {first_run['run_id']}" in refused.stderr
     assert "--overwrite" in refused.stderr and "--output-dir" in refused.stderr
     assert _files(out) == before                                       # nothing written, nothing removed
     replaced = run_script("train.py", "--config", config, "--data-dir", tiny_data, "--output-dir", out,
@@ -620,3 +620,32 @@ def test_top_k_and_top_g_beyond_a_small_vocabulary_are_scaled_with_a_warning(tmp
     assert re.search(r"Top-5  accuracy:   [\d.]+\n", report)   # below them: no note
     again = run_script("evaluate.py", "--checkpoint", tmp_path / "o" / "checkpoints" / "best_model.pt")
     assert again.returncode == 0, again.stderr   # the stored calibration's top_k is the one evaluated at
+
+
+def test_a_finished_run_says_so_when_trained_again_or_resumed(straight_run, tmp_path):
+    """Training that ran to its end is recorded as finished: training into its folder again is refused with
+    that said and --overwrite offered, and resuming its last checkpoint says nothing is left to train
+    (instead of a run that trains nothing), unless more epochs are asked for."""
+    root, config, data, out, _ = straight_run
+    record = json.loads((out / "run.json").read_text())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", record["finished"])
+    before = _files(out)
+    again = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", out)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    assert f"holds a finished training run, run {record['run_id']}" in again.stderr
+    assert "--overwrite" in again.stderr and "python evaluate.py --checkpoint" in again.stderr
+    resumed = run_script("train.py", "--config", config, "--resume", out / "checkpoints" / "epoch_2.pt")
+    assert resumed.returncode == 2 and resumed.stderr.count("\n") == 1
+    assert "its run is finished, nothing is left to resume: it trained all 2 epochs; to train longer, " \
+           "resume with --epochs above 2" in resumed.stderr
+    assert _files(out) == before                                       # nothing written, nothing removed
+    import shutil
+    stopped = shutil.copytree(out, tmp_path / "stopped")   # as a run stopped before its end left it
+    (stopped / "run.json").write_text(json.dumps({**record, "finished": None}))
+    refused = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", stopped)
+    assert refused.returncode == 2 and "holds the files of another training run" in refused.stderr
+    assert f"Continue it with --resume {stopped / 'checkpoints'}" in refused.stderr
+    longer = run_script("train.py", "--config", config, "--resume", out / "checkpoints" / "epoch_2.pt",
+                        "--epochs", "3", "--output-dir", tmp_path / "longer")
+    assert longer.returncode == 0, longer.stderr
+    assert "Epoch 3/3" in (tmp_path / "longer" / "training.log").read_text()
