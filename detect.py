@@ -4,7 +4,7 @@ grow.
 Examples:
 
     # finished files: one JSON line per session (what `evaluate.py --detect` gives, which runs this)
-    python detect.py --checkpoint outputs/checkpoints/best_model.pt data/sample/sessions.jsonl \
+    python detect.py --checkpoint outputs/checkpoints/best_model.pt data/sample/new \
         --output outputs/verdicts.jsonl
     python detect.py --checkpoint outputs/hdfs_raw/train/checkpoints/best_model.pt /logs/today/ \
         --parser-state outputs/hdfs_raw/parser_state.json --output outputs/today/verdicts.jsonl
@@ -75,7 +75,7 @@ from config import (
     reader_options,
     resolve_config,
 )
-from dataset import DataError, Record, iter_sessions, skip_hint
+from dataset import DataError, Record, iter_sessions, list_data_files, skip_hint
 from live_sessions import LiveDetector, verdict_line
 from live_sources import FollowedFile, LineParser, StandardInput, parse_in_worker, start_parse_worker
 from live_state import LiveState
@@ -240,12 +240,14 @@ def run_batch(args, model, calibration: dict, co_occurrence, config: Config, log
     """Finished files (and evaluate.py --detect): one JSON line per session to --output (or stdout), then
     what was found and skipped."""
     ev = config.evaluation
+    records, raw_lines = (raw_log_records(args.parser_state, args.detect) if args.parser_state
+                          else (None, None))
+    if records is None:
+        list_data_files(args.detect)   # a missing input is an error before any output file exists
     try:
         out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 (closed below, not stdout)
     except OSError as error:
         raise utils.ConfigError(f"--output {args.output}: cannot write ({error.strerror})") from None
-    records, raw_lines = (raw_log_records(args.parser_state, args.detect) if args.parser_state
-                          else (None, None))
     try:
         totals = score_files(model, calibration, args.detect, reader_options(config), ev.decision_rule,
                              out, ev.batch_size, co_occurrence, max_misses=config.detect.max_misses,

@@ -1064,3 +1064,12 @@ def test_detect_reports_the_bad_records_it_skipped(trained, tmp_path):
     result = run_script("evaluate.py", "--checkpoint", checkpoint, "--detect", path, "--skip-bad-records",
                         "--output", tmp_path / "d.jsonl", "--output-dir", tmp_path)
     assert result.returncode == 0 and "Skipped 0 bad records (--skip-bad-records)" in result.stdout
+
+
+def test_a_missing_input_to_detect_leaves_no_output_file(trained, tmp_path):
+    output = tmp_path / "verdicts.jsonl"
+    result = run_script("detect.py", "--checkpoint", trained[1] / "checkpoints" / "best_model.pt",
+                        tmp_path / "missing", "--output", output)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {tmp_path / 'missing'}: no such file or directory\n"
+    assert not output.exists()
