@@ -157,6 +157,10 @@ def entry_dir(file: Path, settings: CacheSettings, cache_dir: Path) -> Path:
     return Path(cache_dir) / f"{file.name}-{hashlib.blake2b(name.encode(), digest_size=8).hexdigest()}"
 
 
+def entries_text(count: int) -> str:
+    return f"{count} entr{'y' if count == 1 else 'ies'}"
+
+
 def build_caches(paths, settings: CacheSettings, cache_dir, workers: int | None = None,
                  logger: logging.Logger = log) -> list[Path]:
     """The cache entry of every data file under `paths` (a file, a directory, or a list of them), each one
@@ -199,7 +203,7 @@ def _read_only_entries(files: list[Path], settings: CacheSettings, cache_dir: Pa
             raise DataError(f"token cache {cache_dir} (lazy_loading.cache_dir) is read-only and the entry of "
                             f"{file} is {problem}: point lazy_loading.cache_dir at a folder this user can "
                             f"write, or build the cache there first (python cache.py)")
-    logger.info(f"Token cache: reusing {len(entries)} entries in {cache_dir} (read-only)")
+    logger.info(f"Token cache: reusing {entries_text(len(entries))} in {cache_dir} (read-only)")
     return entries
 
 
@@ -216,7 +220,7 @@ def _build_under_lock(files: list[Path], settings: CacheSettings, cache_dir: Pat
             logger.info(f"Token cache of {file}: {problem}; rebuilding {entry}")
         todo.append((file, entry, key))
     if not todo:
-        logger.info(f"Token cache: reusing {len(entries)} entries in {cache_dir}")
+        logger.info(f"Token cache: reusing {entries_text(len(entries))} in {cache_dir}")
         return entries
     workers = max(1, workers or os.cpu_count() or 1)
     for file, _, _ in todo:
@@ -239,7 +243,7 @@ def _build_under_lock(files: list[Path], settings: CacheSettings, cache_dir: Pat
     finally:
         for temp in temp_dirs.values():
             shutil.rmtree(temp, ignore_errors=True)
-    logger.info(f"Token cache: built {len(todo)} of {len(files)} entries in {cache_dir} "
+    logger.info(f"Token cache: built {len(todo)} of {entries_text(len(files))} in {cache_dir} "
                 f"({sum(entry_size(e) for _, e, _ in todo) / 2 ** 20:.1f} MB)")
     return entries
 

@@ -498,3 +498,12 @@ def test_a_read_only_cache_of_complete_entries_is_used_and_one_with_gaps_is_one_
     with pytest.raises(DataError, match=r"is read-only and the entry of .*d\.txt is absent: point "
                                         r"lazy_loading\.cache_dir at a folder"):
         build_caches(data, settings_of(29), cache_dir, workers=1)
+
+
+def test_one_entry_is_one_entry(tmp_path, caplog):
+    data = tmp_path / "one.txt"
+    data.write_text("1 2 3\n")
+    caplog.set_level(logging.INFO, logger="deeplog")
+    build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
+    build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
+    assert "built 1 of 1 entry in" in caplog.text and "reusing 1 entry in" in caplog.text
