@@ -402,8 +402,9 @@ def target_fpr_threshold(values: np.ndarray, weights: np.ndarray, total: float, 
         return empirical, f"largest calibration score allowed ({total:.0f} sessions)"
     if implied < empirical:
         return empirical, (f"the calibration sessions' bound: the model's own estimate would flag more than "
-                           f"{target:g} of the {total:.0f} calibration sessions")
-    return implied, f"model-implied at {target:g} over every position of {total:.0f} calibration sessions"
+                           f"{percent(target)} of the {total:.0f} calibration sessions")
+    return implied, (f"model-implied at {percent(target)} over every position of {total:.0f} calibration "
+                     "sessions")
 
 
 CONFIDENCE = 0.95               # of the bounds stated on false-positive rates
@@ -517,7 +518,7 @@ def calibration_warnings(calibration: dict, rule: str) -> list[str]:
         upper = binomial_bounds(flagged * sessions, sessions)[1]
         warnings.append(
             f"the probability rule's bounds rest on {sessions} calibration session(s), too few to promise "
-            f"its target false-positive rate {calibration['target_fpr']:g}: from what was seen ("
+            f"its target false-positive rate {percent(calibration['target_fpr'])}: from what was seen ("
             f"{flagged * sessions:.0f} flagged) its rate could be up to {upper:.1%} ({CONFIDENCE:.0%} upper "
             f"bound). Train on more normal sessions, or refit on at least {MIN_CALIBRATION_SESSIONS * 10} "
             f"other normal sessions with evaluate.py --calibrate-on DIR")
@@ -602,15 +603,20 @@ def fit(model: DeepLog, scorer: Scorer, normal: Iterable[list], top_k: int, top_
     return calibration
 
 
+def percent(rate: float) -> str:
+    """A rate as every report and log line writes it: 0.0005 -> '0.05%'."""
+    return f"{rate * 100:.3g}%"
+
+
 def probability_bound_origin(calibration: dict) -> str:
     """How the probability bounds were set, for reports and logs."""
     if calibration["target_fpr"] is None:   # calibrations of the oldest versions
         return calibration["probability_bound_method"]
     if calibration["end_probability_bound_method"] is not None:
-        return (f"target FPR {calibration['target_fpr']:g}, half for each bound; events: "
+        return (f"target FPR {percent(calibration['target_fpr'])}, half for each bound; events: "
                 f"{calibration['probability_bound_method']}; "
                 f"end: {calibration['end_probability_bound_method']}")
-    return f"target FPR {calibration['target_fpr']:g}: {calibration['probability_bound_method']}"
+    return f"target FPR {percent(calibration['target_fpr'])}: {calibration['probability_bound_method']}"
 
 
 def probability_rule_text(calibration: dict) -> str:
@@ -663,5 +669,5 @@ def rule_summary(calibration: dict, rule: str) -> str:
         others = (f", plus {CONFIDENCE:.0%} bounds from the {training} normal training sessions for the "
                   f"other rules" if rule != "probability" and training else "")
         expectation = (f"expected false-positive rate at most {rates[rule]:.3%} (the probability rule's "
-                       f"target {calibration['target_fpr']:g}{others}); {expectation}")
+                       f"target {percent(calibration['target_fpr'])}{others}); {expectation}")
     return f"Decision rule {text}; {expectation}"

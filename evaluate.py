@@ -262,9 +262,8 @@ def format_report(r: dict) -> str:
                f"natural logs log_probability_bound {c['log_probability_bound']:.4f}"
                + (f", log_end_probability_bound {c['log_end_probability_bound']:.4f}"
                   if c["log_end_probability_bound"] is not None else "") + " in the JSON)"),
-              "  Event-set rule: "
-              f"{'on' if c['event_set_rule'] else 'off (no record of event sets from training)'}    "
-              f"Event-pair rule: {'on' if c.get('event_pair_rule') else 'off (no record of event pairs)'}",
+              f"  Event-set rule: {record_state(c, 'event_set', 'event sets')}    "
+              f"Event-pair rule: {record_state(c, 'event_pair', 'event pairs')}",
               f"  {cal.rule_summary(c, r['default']['rule'])}",
               *(f"  WARNING: {w}" for w in cal.calibration_warnings(c, r["default"]["rule"])),
               "  Flagged on the calibration sessions (observed there, not the expected rate above): "
@@ -282,9 +281,18 @@ def format_report(r: dict) -> str:
                          f"{m['fpr']:>10.4%}{m['tp']:>8}{m['fp']:>7}{m['tn']:>8}{m['fn']:>7}{marker}")
         lines += ["  * the default rule: the verdict detection gives", ""]
     elif "false_positive_rate" in r:
-        lines += ["FALSE-POSITIVE RATE ON NORMAL DATA (no abnormal data given)", "-" * 72]
+        lines += ["FALSE-POSITIVE RATE ON NORMAL DATA (no abnormal sessions in the data)", "-" * 72]
         lines += [f"  {rule:<13}{fpr:.4%}" for rule, fpr in r["false_positive_rate"].items()] + [""]
     return "\n".join(lines) + "\n"
+
+
+def record_state(calibration: dict, rule: str, records: str) -> str:
+    """Whether a record rule can fire, and whether the default 'combined' takes it: never 'on' beside a
+    'left out' further down."""
+    if not calibration[f"{rule}_rule"]:
+        return f"off (no record of {records} from training)"
+    in_combined = rule in calibration["combined_rules"]
+    return "on, in 'combined'" if in_combined else "on alone, left out of 'combined'"
 
 
 def session_counts(counts: dict) -> str:

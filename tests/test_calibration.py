@@ -222,7 +222,7 @@ def test_below_one_in_n_the_threshold_is_the_model_implied_one_never_below_the_c
     flag more than the target of the calibration sessions themselves (then the largest score allowed)."""
     values = np.arange(1.0, 501.0)
     threshold, method = C.target_fpr_threshold(values, np.ones_like(values), 500.0, 0.0005, implied=612.5)
-    assert threshold == 612.5 and method.startswith("model-implied at 0.0005")
+    assert threshold == 612.5 and method.startswith("model-implied at 0.05%")
     threshold, method = C.target_fpr_threshold(values, np.ones_like(values), 500.0, 0.0005, implied=300.0)
     assert threshold == 500.0 and method.startswith("the calibration sessions' bound")
     threshold, method = C.target_fpr_threshold(values, np.ones_like(values), 500.0, 0.0005)

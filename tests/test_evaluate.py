@@ -74,7 +74,7 @@ def test_calibration_and_rules_on_hand_made_sessions():
     # 3's surprisal (3.456 nats), at the next bin edge; the calibration sessions (events 0 and 1) stay above
     # it.
     assert calibration["log_probability_bound"] == pytest.approx(-(math.floor((log_z - 3) / 0.01) + 1) * 0.01)
-    assert calibration["probability_bound_method"].startswith("model-implied at 0.1")
+    assert calibration["probability_bound_method"].startswith("model-implied at 10%")
     # the end: p = e^1 / z everywhere, which the model calls unlikely at every position (0.12 sessions' worth
     # in all), so its own estimate would flag every session: the calibration sessions' bound holds instead
     assert calibration["log_end_probability_bound"] == pytest.approx(1 - log_z)
@@ -872,7 +872,7 @@ def test_result_keys_say_what_they_hold(trained):
         assert calibration["log_probability_bound"] <= calibration["least_likely_normal_log_prob"] < 0
         assert calibration["target_fpr"] == 0.0005
         for method in (calibration["probability_bound_method"], calibration["end_probability_bound_method"]):
-            assert method.startswith(("model-implied at 0.00025 over every position of", "the calibration "
+            assert method.startswith(("model-implied at 0.025% over every position of", "the calibration "
                                                                                          "sessions'"))
         assert calibration["log_end_probability_bound"] < 0
     assert "recommended_thresholds" not in results["normal_scores"]
@@ -881,7 +881,7 @@ def test_result_keys_say_what_they_hold(trained):
     bound = results["calibration"]["log_probability_bound"]
     end_bound = results["calibration"]["log_end_probability_bound"]
     assert (f"Probability rule: an actual event less likely than p={math.exp(bound):.3g} or an end of "
-            f"session less likely than p={math.exp(end_bound):.3g} (target FPR 0.0005, "
+            f"session less likely than p={math.exp(end_bound):.3g} (target FPR 0.05%, "
             "half for each bound;") in report
     assert (f"natural logs log_probability_bound {bound:.4f}, log_end_probability_bound {end_bound:.4f} "
             "in the JSON)") in report
@@ -1073,3 +1073,16 @@ def test_a_missing_input_to_detect_leaves_no_output_file(trained, tmp_path):
     assert result.returncode == 2
     assert result.stderr == f"error: {tmp_path / 'missing'}: no such file or directory\n"
     assert not output.exists()
+
+
+def test_the_report_says_each_thing_one_way(trained):
+    """Rates in one unit (percent), and a record rule is 'on, in combined' only where 'combined' takes it
+    (never 'on' beside a 'left out' further down)."""
+    out = trained[1]
+    report = next(out.glob("evaluation_report_*.txt")).read_text()
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert "target 0.05%" in report and not re.search(r"target (FPR )?0\.\d+[^\d%]", report)
+    for rule, name in (("event_set", "Event-set"), ("event_pair", "Event-pair")):
+        state = re.search(rf"{name} rule: (.+?)(    |\n)", report).group(1)
+        assert state == ("on, in 'combined'" if rule in calibration["combined_rules"] else
+                         "on alone, left out of 'combined'" if calibration[f"{rule}_rule"] else state)
