@@ -102,9 +102,8 @@ class SideTotals:
     """What the report needs from one side (normal or abnormal sessions), summed chunk by chunk with every
     session weighted by its count: next-event sums, the anomaly score's mean and spread (per-chunk sums of
     squared deviations merged as in Chan et al., which stays exact where sum x^2 - n mean^2 cancels), its
-    percentiles, how often each rule fires, and the fixed-bin histograms of the plot (and, when the event
-    types seen together in training are known, "co_occurrence": the weights the event-set or event-pair rule
-    flags, and the others)."""
+    percentiles, how often each rule fires, and the fixed-bin histograms of the plot (and "records": the
+    weights the record rules of 'combined' flag, and the others, where it takes any)."""
 
     SUMMED = ("predictions", "loss_sum", "loss_count", "unknown", *(f"misses_at_{k}" for k in ACCURACY_KS))
 
@@ -116,10 +115,9 @@ class SideTotals:
         self.quantiles = ScoreQuantiles(max_exact_scores)
         self.histograms = {"score": np.zeros(len(SCORE_EDGES) - 1),
                            "log10_probability": np.zeros(len(LOG10_PROBABILITY_EDGES) - 1)}
-        known = scorer.co_occurrence
-        if known is not None and (known.sets is not None or known.pairs is not None):
-            # sessions the event-set or event-pair rule flags, and the others
-            self.histograms["co_occurrence"] = np.zeros(2)
+        self.record_rules = record_rules(calibration, scorer.co_occurrence)
+        if self.record_rules:   # sessions the record rules of 'combined' flag, and the others
+            self.histograms["records"] = np.zeros(2)
 
     def add(self, chunk: list) -> None:
         _, scores, weights = self.scorer(chunk)
@@ -143,10 +141,10 @@ class SideTotals:
         log10_probability = np.maximum(scores["min_log_prob"], -30) / math.log(10)
         self.histograms["log10_probability"] += np.histogram(log10_probability, LOG10_PROBABILITY_EDGES,
                                                              weights=weights)[0]
-        if "co_occurrence" in self.histograms:
-            novel = weights[verdicts(scores, self.calibration, "event_set")
-                            | verdicts(scores, self.calibration, "event_pair")].sum()
-            self.histograms["co_occurrence"] += [novel, weight - novel]
+        if self.record_rules:
+            flagged = verdicts(scores, {**self.calibration, "combined_rules": self.record_rules}, "combined")
+            novel = weights[flagged].sum()
+            self.histograms["records"] += [novel, weight - novel]
 
     def counts(self) -> dict:
         return {"count": int(self.sessions), "distinct": self.scorer.distinct, "scored": self.scorer.scored}
@@ -328,11 +326,21 @@ def threshold_label_positions(thresholds: dict[str, float]) -> list[tuple[str, f
             for rank, (value, names) in enumerate(sorted(names_at.items()))]
 
 
-def co_occurrence_counts(histograms: dict) -> dict[str, tuple[float, float]] | None:
-    """Per side (normal, abnormal): (sessions with a novel set or pair of event types, the others), every
-    session counted as often as it occurs; None when there was no record of what training held together."""
-    counts = {side: tuple(float(n) for n in h["co_occurrence"]) for side, h in histograms.items()
-              if "co_occurrence" in h}
+RECORD_RULES = {"event_set": "sets", "event_pair": "pairs", "count_vector": "counts"}   # rule: its record
+
+
+def record_rules(calibration: dict, co_occurrence) -> list[str]:
+    """The rules of 'combined' that read a record of the training sessions, where that record is kept."""
+    if co_occurrence is None:
+        return []
+    return [rule for rule in calibration["combined_rules"]
+            if rule in RECORD_RULES and getattr(co_occurrence, RECORD_RULES[rule]) is not None]
+
+
+def record_counts(histograms: dict) -> dict[str, tuple[float, float]] | None:
+    """Per side (normal, abnormal): (sessions the record rules of 'combined' flag, the others), every session
+    counted as often as it occurs; None when 'combined' takes no record rule."""
+    counts = {side: tuple(float(n) for n in h["records"]) for side, h in histograms.items() if "records" in h}
     return counts or None
 
 
@@ -359,11 +367,13 @@ def plot_scores(histograms: dict, results, path: Path, logger) -> None:
                    **style)
     draw_threshold_labels(left, calibration["score_thresholds"])
     left.set(title=f"anomaly score: share of events outside the top-{top_k}", xlabel="score",
-             ylabel="sessions", yscale="log")
+             ylabel="sessions", yscale="log",
+             xlim=data_range(SCORE_EDGES, histograms, "score", calibration["score_thresholds"].values()))
     draw_probability_panel(right, calibration, histograms)
     for axis in (left, right):
         axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
-    draw_co_occurrence_panel(sets, co_occurrence_counts(histograms))
+        plain_counts(axis)
+    draw_records_panel(sets, record_counts(histograms), calibration["combined_rules"])
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -379,8 +389,11 @@ def draw_probability_panel(axis, calibration: dict, histograms: dict) -> None:
         axis.axvline(calibration["log_end_probability_bound"] / math.log(10), color="tab:orange",
                      linestyle=":", linewidth=2,
                      label=f"end-of-session bound p={math.exp(calibration['log_end_probability_bound']):.2g}")
+    bounds = [b / math.log(10) for b in (calibration["log_probability_bound"],
+                                         calibration["log_end_probability_bound"]) if b is not None]
     axis.set(title="least likely prediction per session (an actual event, or the end)",
-             xlabel="log10 probability the model gave it", ylabel="sessions", yscale="log")
+             xlabel="log10 probability the model gave it", ylabel="sessions", yscale="log",
+             xlim=data_range(LOG10_PROBABILITY_EDGES, histograms, "log10_probability", bounds))
     if any(counts["log10_probability"][0] for counts in histograms.values()):
         axis.annotate(f"leftmost bar: p = 0 (an event\nnever seen in training)\nor p < {math.exp(-30):.0e}",
                       (LOG10_PROBABILITY_EDGES[0], 0.6), xycoords=("data", "axes fraction"), xytext=(6, 0),
@@ -393,25 +406,52 @@ def draw_threshold_labels(axis, thresholds: dict[str, float]) -> list:
     so that a bar behind never hides it: the annotations."""
     labels = []
     for text, value, height in threshold_label_positions(thresholds):
-        axis.axvline(value, linestyle="--", color="black", linewidth=0.8)
+        # under the bars (zorder 1): a threshold at a bar's edge never hides the bar
+        axis.axvline(value, linestyle="--", color="black", linewidth=0.8, zorder=1)
         labels.append(axis.annotate(f"{text} threshold", (value, height), xycoords=("data", "axes fraction"),
                                     fontsize=8, xytext=(3, 0), textcoords="offset points", va="center",
                                     bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"}))
     return labels
 
 
-def draw_co_occurrence_panel(axis, counts: dict[str, tuple[float, float]] | None) -> None:
-    """Bars: per side, the sessions the event-set or event-pair rule flags (event types never seen together
-    in a normal training session) and the others; or a note when the checkpoint has no record of those."""
-    axis.set_title("event-set and event-pair rules\n(event types never seen together)")
+def data_range(edges: np.ndarray, histograms: dict, name: str, marks) -> tuple[float, float]:
+    """The x range of a histogram panel: the bins that hold sessions and the thresholds drawn, with a margin
+    on each side, so that the data fills the panel and a bar at its edge stays in view."""
+    filled = [i for counts in histograms.values() for i in np.flatnonzero(counts[name])]
+    points = [*(edges[i] for i in filled), *(edges[i + 1] for i in filled), *marks]
+    low, high = (min(points), max(points)) if points else (edges[0], edges[-1])
+    margin = max(high - low, edges[1] - edges[0]) * 0.04
+    return low - margin, high + margin
+
+
+def plain_counts(axis) -> None:
+    """Counts labelled as counts: a linear axis of whole numbers up to 20 sessions a bin, else log-scale
+    labelled 1, 10, 100 (never 2x10^0, 3x10^0 on a short range)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+    top = axis.get_ylim()[1]
+    if top <= 20:
+        axis.set_yscale("linear")
+        axis.set_ylim(0, top * 1.1)   # headroom: the tallest bar never touches the frame
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+        return
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.yaxis.set_minor_formatter(NullFormatter())
+
+
+def draw_records_panel(axis, counts: dict[str, tuple[float, float]] | None, combined: list[str]) -> None:
+    """Bars: per side, the sessions the record rules of 'combined' flag (event types never seen together in
+    a normal training session, event counts unlike any) and the others; or a note when 'combined' takes
+    none."""
+    parts = [rule for rule in combined if rule in RECORD_RULES]
+    axis.set_title("record rules in 'combined'\n(" + (", ".join(parts) or "none") + ")")
     if counts is None:
-        axis.text(0.5, 0.5, "no record of which event types occur\ntogether in training: both rules are off",
+        axis.text(0.5, 0.5, "'combined' takes no rule that reads a\nrecord of the training sessions",
                   ha="center", va="center", transform=axis.transAxes)
         axis.set_axis_off()
         return
     sides = list(counts)
     positions = np.arange(len(sides))
-    for offset, (label, column, color) in enumerate((("flagged (novel set or pair)", 0, "tab:red"),
+    for offset, (label, column, color) in enumerate((("flagged", 0, "tab:red"),
                                                      ("not flagged", 1, "tab:gray"))):
         values = [counts[side][column] for side in sides]
         bars = axis.bar(positions + (offset - 0.5) * 0.4, values, 0.4, label=label, color=color)

@@ -978,7 +978,7 @@ def test_event_set_panel_counts_what_the_rule_flags(tmp_path):
     results, histograms = E.evaluate(model, calibration, _shuffled_chunks(normal, 3),
                                      _shuffled_chunks(abnormal, 2), 2, "combined",
                                      co_occurrence=co_occurrence)
-    assert E.co_occurrence_counts(histograms) == {"normal": (1.0, 7.0), "abnormal": (4.0, 2.0)}
+    assert E.record_counts(histograms) == {"normal": (1.0, 7.0), "abnormal": (4.0, 2.0)}
     event_set = results["rules"]["event_set"]
     assert (event_set["fp"], event_set["tn"], event_set["tp"], event_set["fn"]) == (1, 7, 4, 2)
     pytest.importorskip("matplotlib")
@@ -986,7 +986,7 @@ def test_event_set_panel_counts_what_the_rule_flags(tmp_path):
                   logging.getLogger("t"))
     # without a record of the event sets of training: no counts, and the panel says so
     _, without = E.evaluate(model, calibration, _chunks(normal), _chunks(abnormal), 2, "combined")
-    assert E.co_occurrence_counts(without) is None
+    assert E.record_counts(without) is None
     E.plot_scores(without, {**results, "calibration": calibration}, tmp_path / "without.png",
                   logging.getLogger("t"))
     for name in ("with.png", "without.png"):
@@ -1086,3 +1086,24 @@ def test_the_report_says_each_thing_one_way(trained):
         state = re.search(rf"{name} rule: (.+?)(    |\n)", report).group(1)
         assert state == ("on, in 'combined'" if rule in calibration["combined_rules"] else
                          "on alone, left out of 'combined'" if calibration[f"{rule}_rule"] else state)
+
+
+def test_score_panels_show_where_the_data_is_and_count_in_plain_numbers(tmp_path):
+    """The x range follows the bins that hold sessions and the thresholds (a bar at its edge stays in view,
+    never squeezed into a sliver of a fixed 0..1 axis); counts read 1, 10, 100, or whole numbers when few."""
+    histograms = {"normal": {"score": np.zeros(len(E.SCORE_EDGES) - 1)}}
+    histograms["normal"]["score"][[0, 3]] = [162, 4]          # most sessions at score 0
+    low, high = E.data_range(E.SCORE_EDGES, histograms, "score", [0.0])
+    assert low < 0 < E.SCORE_EDGES[4] < high < 0.2
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (many, few) = plt.subplots(1, 2)
+    many.bar([0, 1], [1, 500]), many.set_yscale("log")
+    few.bar([0, 1], [1, 5]), few.set_yscale("log")
+    E.plain_counts(many), E.plain_counts(few)
+    figure.canvas.draw()
+    labels = [t.get_text() for t in many.get_yticklabels() if t.get_text()]
+    assert labels and all(re.fullmatch(r"[\d.]+", text) for text in labels)   # no 2x10^0, no mathtext
+    assert few.get_yscale() == "linear" and few.get_ylim()[0] == 0
+    plt.close(figure)
