@@ -1,14 +1,15 @@
 """Live detection's input: the lines of files as they grow (FollowedFile: `tail -F`, rotation and truncation
 followed) or of standard input (StandardInput), turned into the Items of live_sessions by LineParser. Raw log
-lines go through preprocess.py's saved parser state (RawParser: templates matched only; in a worker process
-with detect.parse_workers, start_parse_worker and parse_in_worker) and are grouped by session key or into
-windows (LiveWindows); JSON and DeepLog text lines are checked as dataset.py's readers check them.
+lines go through preprocess.py's saved parser state with the very code of a whole parse (logparse's
+LineEvents: templates matched only, the session keys or the time; RawParser runs it, in a worker process
+with detect.parse_workers: start_parse_worker and parse_in_worker), and windows are logparse's Windows fed
+line by line; JSON and DeepLog text lines are checked as dataset.py's readers check them.
 
 Example (a data file of whole sessions or of event lines, read to its end):
 
     import logging
 
-    import utils
+    from config import load_config
     from live_sources import FollowedFile, LineParser
 
     logger = logging.getLogger("deeplog")
@@ -22,9 +23,7 @@ Example (a data file of whole sessions or of event lines, read to its end):
 """
 from __future__ import annotations
 
-import collections
 import json
-import math
 import os
 import select
 import signal
@@ -37,9 +36,10 @@ from pathlib import Path
 import logparse
 import utils
 from cache import worker_start
-from config import Config, reader_options, settings_config
+from config import Config, reader_options
 from dataset import MAX_EVENT_ID, DataError, text_event_ids, validate_record  # the readers' own checks
 from live_sessions import Item
+from logparse import BAD_TIME, NO_KEY, PARSED, UNMATCHED
 
 READ_BYTES = 1 << 20    # read from a followed file at a time
 
@@ -205,179 +205,36 @@ class StandardInput(FollowedFile):
         return lines
 
 
-class LiveWindows:
-    """preprocess.py's --window grouping as lines come: window k covers [k * step, k * step + size) of the
-    line count or of the time from the first line; a line joins every window that covers it, and a window
-    closes when a line past its end arrives (or at the end of the input)."""
-
-    def __init__(self, spec: str):
-        checked = logparse.Windows(spec)
-        self.kind, self.size, self.step = checked.kind, checked.size, checked.step
-        self.max_time = checked.max_time
-        self.origin: float | None = None
-        self.last: float | None = None
-        self.count = 0
-        self.opened: collections.deque[int] = collections.deque()   # windows opened and not yet closed
-
-    def state(self) -> dict:
-        return {"origin": self.origin, "last": self.last, "count": self.count, "opened": list(self.opened)}
-
-    def restore(self, state: dict) -> None:
-        self.origin, self.last, self.count = state["origin"], state["last"], state["count"]
-        self.opened = collections.deque(state["opened"])
-
-    def key(self, k: int) -> str:
-        return f"{self.kind}-window-{k + 1}"
-
-    def place(self, when: float | None) -> tuple[list[str], list[str]]:
-        """(windows this line joins, windows it closes)."""
-        if self.kind == "count":
-            position = float(self.count)
-        elif -self.max_time <= when <= self.max_time:
-            position = when
-        else:
-            raise logparse.LineError(f"--window: a time of {when:g} s is too coarse as a float for windows "
-                                       f"of {min(self.size, self.step):g} s")
-        self.count += 1
-        if self.origin is None:
-            self.origin = position
-        position = max(position - self.origin, self.last if self.last is not None else 0.0)  # no step back
-        self.last = position
-        low = max(0, math.floor((position - self.size) / self.step) + 1)
-        while low > 0 and (low - 1) * self.step + self.size > position:
-            low -= 1
-        high = math.floor(position / self.step)
-        closed = []
-        while self.opened and self.opened[0] * self.step + self.size <= position:
-            closed.append(self.key(self.opened.popleft()))
-        joined = [k for k in range(low, high + 1) if k * self.step + self.size > position]
-        for k in joined:
-            if not self.opened or k > self.opened[-1]:
-                self.opened.append(k)
-        return [self.key(k) for k in joined], closed
-
-
-PARSED, UNMATCHED, NO_KEY, BAD_TIME, TIMEOUT = range(5)   # what RawParser.parse says of a line
+TIMEOUT = BAD_TIME + 1   # RawParser's own status beside LineEvents': a user regex stopped on the line
 
 
 class RawParser:
     """The part of parsing raw log lines that needs no order, so that it can run in a worker process while
-    the scoring runs here (detect.parse_workers): the log format, the template (Drain's tree of the saved
-    parser state, matching only, the masked form's ID remembered), the session keys or the time. Per line:
-    (PARSED, event, keys or time) or (UNMATCHED | NO_KEY | BAD_TIME,) or (TIMEOUT, message)."""
+    the scoring runs here (detect.parse_workers): logparse's LineEvents through the saved parser state (its
+    templates matched only; its session key, or for windows the time). Per line: (PARSED, event, keys or
+    time), (UNMATCHED | NO_KEY | BAD_TIME, ...) or (TIMEOUT, message)."""
 
     def __init__(self, parser_state: str):
         try:
             state = logparse.load_state(parser_state)
-            self.cfg = settings_config(None, [("parser state grouping",
-                                                          state.get("grouping", {}))]).preprocess
-            self.parser = logparse.Parser(self.cfg, state)
-            self.key = None
-            if self.cfg.window is None and self.cfg.session_key is not None:
-                regex = logparse.compile_regex(self.cfg.session_key, "--session-key")
-                self.key = logparse.UserRegex(regex, "the session key of --parser-state")
-            elif self.cfg.window is None:
+            self.cfg = logparse.grouping_config(state)
+            if self.cfg.window is None and self.cfg.session_key is None:
                 raise logparse.PreprocessError(f"{parser_state}: a parse-only state (no session key, no "
-                                                 "window): it cannot group lines into sessions")
+                                               "window): it cannot group lines into sessions")
+            self.lines = logparse.LineEvents(self.cfg, logparse.Parser(self.cfg, state),
+                                             "the session key of --parser-state", times=False)
         except (logparse.PreprocessError, utils.ConfigError) as error:
             raise utils.ConfigError(str(error)) from None
-        self._event_of: dict[str, int] = {}   # masked content -> event ID: Drain's tree walked once per form
-        self._mask = fast_masker(self.parser.miner.masker)
-        if self.key is not None and not self.key.regex.groups:   # findall gives the matches themselves
-            self._keys = self._find_keys
-        elif self.key is not None:
-            self._keys = lambda text: [m.group(0) for m in self.key.finditer(text)]
-
-    def _find_keys(self, text: str) -> list[str]:
-        """The session keys of a line: UserRegex.finditer's result by findall (a key regex without groups),
-        on the watchdog's budget as UserRegex's calls are."""
-        watch = logparse.WATCHDOG
-        watch.serial += 1
-        watch.running = self.key
-        try:
-            return self.key.regex.findall(text)
-        finally:
-            watch.running = None
 
     def parse(self, texts: list[str]) -> list[tuple]:
-        parsed = []
+        parsed, read = [], self.lines.read
         with logparse.WATCHDOG:
             for text in texts:
                 try:
-                    parsed.append(self._line(text))
+                    parsed.append(read(text))
                 except logparse.PatternTimeout as error:
                     parsed.append((TIMEOUT, str(error)))
         return parsed
-
-    def _line(self, text: str) -> tuple:
-        match = self.parser.match(text)
-        if match is None:
-            return (UNMATCHED,)
-        event = self._event(match.group("Content") or "")
-        if self.key is not None:
-            found = self._keys(text)
-            keys = tuple(found) if len(found) < 2 else tuple(dict.fromkeys(found))   # each key once
-            return (PARSED, event, keys) if keys else (NO_KEY,)
-        if not self.cfg.time_field:
-            return PARSED, event, None
-        try:
-            return PARSED, event, logparse.line_time(self.cfg, match)
-        except ValueError:
-            return (BAD_TIME,)
-
-    def _event(self, content: str) -> int:
-        """Parser.parse of a saved state (match only), with the masked form's ID remembered."""
-        miner = self.parser.miner
-        masked = self._mask(content)
-        event = self._event_of.get(masked)
-        if event is None:
-            cluster = miner.drain.match(masked, full_search_strategy="fallback")
-            event = self.parser.vocab_size if cluster is None else cluster.cluster_id - 1
-            if len(self._event_of) >= 1_000_000:   # forms that never repeat: bounded memory
-                self._event_of.clear()
-            self._event_of[masked] = event
-        return event
-
-
-def fast_masker(masker):
-    """drain3's masker.mask, the same result, faster: preprocess.py's built-in alternation of masks is
-    applied word by word (words split at " "), each word's result remembered. None of its parts can match
-    a space, and to each of its look-arounds a space reads as the start or the end of the text does, so the
-    words' results joined are the whole text's (tests/test_detect.py checks it on the loghub samples); the
-    words repeat (a template's own words, small numbers) where whole lines never do. Other masks (the
-    user's, the run of <*>) are applied as drain3 applies them."""
-    prefix, suffix = masker.mask_prefix, masker.mask_suffix
-    words: dict[str, str] = {}
-    steps = []
-    for instruction in masker.masking_instructions:
-        if instruction.regex.pattern == logparse.BUILT_IN_MASKS[0]:
-            steps.append((instruction.regex.sub, prefix + instruction.mask_with + suffix))
-        else:
-            steps.append((instruction, None))
-
-    def by_word(sub, replacement: str, text: str) -> str:
-        if len(words) >= 1_000_000:   # words that never repeat: bounded memory
-            words.clear()
-        out = []
-        for word in text.split(" "):
-            masked = words.get(word)
-            if masked is None:
-                # ASCII digits alone are one number (or long hex) whole: the alternation's result without
-                # running it, and not remembered (sizes, counters: they rarely repeat)
-                if word.isdecimal() and word.isascii():
-                    masked = replacement
-                else:
-                    masked = words[word] = sub(replacement, word)
-            out.append(masked)
-        return " ".join(out)
-
-    def mask(text: str) -> str:
-        for step, replacement in steps:
-            text = by_word(step, replacement, text) if replacement is not None else \
-                step.mask(text, prefix, suffix)
-        return text
-
-    return mask
 
 
 _WORKER_PARSER: RawParser | None = None
@@ -412,7 +269,7 @@ class LineParser:
         self.first_bad: str | None = None
         self.raw = RawParser(parser_state) if parser_state else None
         self.cfg = self.raw.cfg if self.raw else None
-        self.windows = LiveWindows(self.cfg.window) if self.cfg and self.cfg.window else None
+        self.windows = logparse.Windows(self.cfg.window) if self.cfg and self.cfg.window else None
         self.logger = logger
 
     def items(self, lines: list[tuple[str, int, str]], parsed: list[tuple] | None = None
@@ -491,8 +348,12 @@ class LineParser:
             joined, closed = self.windows.place(keys_or_time)
         except logparse.LineError as error:
             raise DataError(f"{path}: line {number}: {error}") from None
-        return ([Item("close", tuple(closed), [], at, None)] if closed else []) + \
-            ([Item("event", tuple(joined), [event], at, text)] if joined else [])
+        # named by k (a gap skips names), where a whole parse numbers the windows it writes in turn
+        kind = self.windows.kind
+        return ([Item("close", tuple(f"{kind}-window-{k + 1}" for k in closed), [], at, None)] if closed
+                else []) + \
+            ([Item("event", tuple(f"{kind}-window-{k + 1}" for k in joined), [event], at, text)] if joined
+             else [])
 
     def state(self) -> dict:
         return {"counts": dict(self.counts), "first_bad": self.first_bad,

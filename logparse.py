@@ -1,28 +1,27 @@
-"""Raw log lines to events: the log format (loghub's <Field> strings) as a regex, masks, user regexes on
-a CPU budget, the Drain parser and its state as plain JSON (validated where it is loaded; drain3's own
-jsonpickle snapshot is never read), reading lines in blocks, and grouping events into sessions or windows.
-preprocess.py (a whole parse) and live detection (detect.py --follow) share every piece; nothing here needs
-torch.
+"""Raw log lines to events, one implementation for preprocess.py (a whole parse) and live detection (detect.py
+--follow): the log format (loghub's <Field> strings) as a regex, masks, user regexes on a CPU budget, the
+Drain parser (learning, or matching a saved state) and its state as plain JSON (validated where it is loaded;
+drain3's own jsonpickle snapshot is never read), lines split in blocks, and per line what grouping needs
+(LineEvents: the event, the session keys or the time) and windows fed line by line. Nothing needs torch.
 
 Examples:
 
-    from logparse import Parser, format_regex, load_state
-    regex = format_regex("<Date> <Time> <Pid> <Level> <Component>: <Content>")
-    parser = Parser.from_state(load_state("outputs/parsed/parser_state.json"))
-    print(regex.match("081109 203615 148 INFO dfs.DataNode: Receiving block blk_1").group("Content"))
+    from logparse import LineEvents, Parser, grouping_config, load_state
+    state = load_state("outputs/parsed/parser_state.json")
+    cfg = grouping_config(state)   # the grouping saved with it
+    lines = LineEvents(cfg, Parser(cfg, state))
+    print(lines.read("081109 203615 148 INFO dfs.DataNode: Receiving block blk_1"))  # (0, event, ('blk_1',))
 """
 from __future__ import annotations
 
-import array
 import collections
 import contextlib
-import gzip
+import itertools
 import json
 import math
 import re
 import signal
 import time
-import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -156,20 +155,20 @@ WATCHDOG = _Watchdog()
 
 class UserRegex:
     """A compiled user regex whose calls run on the watchdog's budget; messages name it as `flag` `shown`
-    (default: its pattern). match and sub as re.Pattern's; finditer returns a list of the matches."""
+    (default: its pattern). match and sub as re.Pattern's; findall gives the whole matches (group 0) in order,
+    whatever groups the regex has."""
 
-    __slots__ = ("regex", "flag", "shown")
+    __slots__ = ("regex", "flag", "shown", "_all")
 
     def __init__(self, regex: re.Pattern, flag: str, shown: str | None = None):
         self.regex, self.flag, self.shown = regex, flag, regex.pattern if shown is None else shown
+        # re's findall gives the whole matches where the regex has no groups (one C call, no match objects)
+        self._all = regex.findall if not regex.groups else \
+            lambda text: [m.group(0) for m in regex.finditer(text)]
 
     @property
     def pattern(self) -> str:
         return self.regex.pattern
-
-    @property
-    def groupindex(self):
-        return self.regex.groupindex
 
     def match(self, text: str):
         watch = WATCHDOG
@@ -189,12 +188,12 @@ class UserRegex:
         finally:
             watch.running = None
 
-    def finditer(self, text: str) -> list[re.Match]:
+    def findall(self, text: str) -> list[str]:
         watch = WATCHDOG
         watch.serial += 1
         watch.running = self
         try:
-            return list(self.regex.finditer(text))
+            return self._all(text)
         finally:
             watch.running = None
 
@@ -352,6 +351,51 @@ def make_miner(drain: dict, masks: list[str], flag: str = "--mask") -> TemplateM
     return TemplateMiner(config=config)
 
 
+# Parser's memos, a word's masked form (fast_masker) and (matching only) a masked content's event ID: values
+# that never repeat fill them, so each is emptied when full; what repeats (a template's words) comes back.
+MEMO_ENTRIES = 1 << 14
+
+
+def fast_masker(masker):
+    """drain3's masker.mask, the same result, faster: the built-in alternation of masks (BUILT_IN_MASKS[0])
+    word by word (split at " "), each word's result remembered. None of its parts can match a space, and to
+    its look-arounds a space reads as the start or end of the text does, so the words' results joined are
+    the whole text's (tests/test_detect.py checks it on the loghub samples); words repeat where lines never
+    do. Other masks (the user's, the run of <*>) are applied as drain3 applies them."""
+    prefix, suffix = masker.mask_prefix, masker.mask_suffix
+    words: dict[str, str] = {}
+    steps = []
+    for instruction in masker.masking_instructions:
+        if instruction.regex.pattern == BUILT_IN_MASKS[0]:
+            steps.append((instruction.regex.sub, prefix + instruction.mask_with + suffix))
+        else:
+            steps.append((instruction, None))
+
+    def by_word(sub, replacement: str, text: str) -> str:
+        if len(words) >= MEMO_ENTRIES:
+            words.clear()
+        out = []
+        for word in text.split(" "):
+            masked = words.get(word)
+            if masked is None:
+                # ASCII digits alone are one number (or long hex) whole: the alternation's result without
+                # running it, and not remembered (sizes, counters: they rarely repeat)
+                if word.isdecimal() and word.isascii():
+                    masked = replacement
+                else:
+                    masked = words[word] = sub(replacement, word)
+            out.append(masked)
+        return " ".join(out)
+
+    def mask(text: str) -> str:
+        for step, replacement in steps:
+            text = by_word(step, replacement, text) if replacement is not None else \
+                step.mask(text, prefix, suffix)
+        return text
+
+    return mask
+
+
 def _tree_to_json(node: Node) -> dict:
     return {"clusters": list(node.cluster_ids), "children": {k: _tree_to_json(c) for k, c in
                                                              node.key_to_child_node.items()}}
@@ -367,7 +411,9 @@ def _tree_from_json(data: dict) -> Node:
 class Parser:
     """Drain3 with dense event IDs (drain3's cluster IDs count from 1 in order of creation: ID = cluster - 1).
     Learning (state None) creates templates; from a saved state it only matches, and a line that matches no
-    template gets the unknown ID vocab_size."""
+    template gets the unknown ID vocab_size. Both mask a line's content as drain3's masker does, through
+    fast_masker, and go to drain3's Drain directly (TemplateMiner's own calls add a template string and a
+    profiler's calls to every line); a whole parse and live detection alike."""
 
     def __init__(self, cfg: PreprocessConfig, state: dict | None = None):
         self.learning = state is None
@@ -386,12 +432,14 @@ class Parser:
                                 "--parser-state")
         drain = self.miner.drain
         self.templates = {t["id"]: t["template"] for t in state["templates"]}  # last known, evicted ones too
-        self.counts = [0] * state.get("vocab_size", 0)
+        self.counts = [0] * (state.get("vocab_size", 0) + (not self.learning))   # (matching: unknown's too)
         for event_id, template in self.templates.items():
             drain.id_to_cluster[event_id + 1] = LogCluster(template.split(), event_id + 1)
         drain.clusters_counter = state.get("vocab_size", 0)
         if state["tree"] is not None:  # the very tree Drain grew, so matching behaves exactly as it did
             drain.root_node = _tree_from_json(state["tree"])
+        self._drain, self._mask = drain, fast_masker(self.miner.masker)
+        self._event_of: dict[str, int] = {}   # (matching) masked content -> event ID: the tree walked once
 
     def match(self, line: str) -> re.Match | None:
         """The log format's fields of a line, matched as loghub does: on the line stripped of whitespace."""
@@ -402,18 +450,26 @@ class Parser:
         return self.miner.drain.clusters_counter  # IDs issued, evicted templates' included
 
     def parse(self, content: str) -> int:
-        if not self.learning:
-            cluster = self.miner.match(content, full_search_strategy="fallback")
-            event_id = self.vocab_size if cluster is None else cluster.cluster_id - 1
-        else:
-            result = self.miner.add_log_message(content)
-            event_id = result["cluster_id"] - 1
-            if result["change_type"] != "none":
-                self.templates[event_id] = result["template_mined"]
+        """The event ID of a line's content (its log format's Content): learning, of the template it joins
+        or creates; from a saved state, of the template it matches (Drain's tree, matching only, as drain3's
+        TemplateMiner.match with full_search_strategy="fallback"), or vocab_size where none does."""
+        masked = self._mask(content)
+        if self.learning:
+            cluster, change = self._drain.add_log_message(masked)
+            event_id = cluster.cluster_id - 1
+            if change != "none":
+                self.templates[event_id] = cluster.get_template()
                 if event_id == len(self.counts):
                     self.counts.append(0)
-        if event_id < len(self.counts):
-            self.counts[event_id] += 1
+        else:
+            event_id = self._event_of.get(masked)
+            if event_id is None:
+                cluster = self._drain.match(masked, full_search_strategy="fallback")
+                event_id = self.vocab_size if cluster is None else cluster.cluster_id - 1
+                if len(self._event_of) >= MEMO_ENTRIES:
+                    self._event_of.clear()
+                self._event_of[masked] = event_id
+        self.counts[event_id] += 1
         return event_id
 
     def template(self, event_id: int) -> str:
@@ -668,73 +724,69 @@ def split_lines(handle, block_bytes: int = LINE_BLOCK):
         yield from block_lines(block)
 
 
-def read_lines(files: list[Path]):
-    """(file index, 1-based line number, line) of every file in turn, streamed (split_lines): each line
-    without its line end, decoded as UTF-8 with undecodable bytes replaced."""
-    for index, path in enumerate(files):
-        opener = gzip.open if path.name.endswith(".gz") else open
-        try:
-            with opener(path, "rb") as handle:
-                for number, line in enumerate(split_lines(handle), start=1):
-                    yield index, number, line
-        except (OSError, EOFError, zlib.error) as error:  # permissions, a corrupt or truncated .gz
-            raise PreprocessError(f"{path}: unreadable: {utils.one_line(error)}") from None
-
-
-
 # ----------------------------------------------------------------------------- grouping
-# Every grouper takes lines as add(event ID, line reference, abnormal, time) and yields finished groups as
-# (session id, event IDs, line references, abnormal). A reference is file index << 40 | line number.
-class Sessions:
-    """Lines grouped by the identifiers they name. A session stays open until the end of the input, until
-    `idle` lines have passed without it (if set), or until max_open sessions are open and it is the least
-    recently active one (then counted in `closed_early`). Sessions are kept least recently active first,
-    so closing the idle ones costs nothing per line."""
+# One line at a time, the same for a whole parse (preprocess.py) and live detection (detect.py --follow).
+PARSED, UNMATCHED, NO_KEY, BAD_TIME = range(4)   # what LineEvents.read says of a line
 
-    def __init__(self, key: re.Pattern, max_open: int, idle: int | None):
-        self.key, self.max_open, self.idle, self.open = key, max_open, idle, collections.OrderedDict()
-        self.seen = self.closed_early = self.closed_idle = self.no_key = self.lines = 0
 
-    def add(self, line: str, event: int, ref: int, abnormal: bool, _time):
-        self.lines += 1
-        while self.idle and self.open and next(iter(self.open.values()))[4] <= self.lines - self.idle:
-            self.closed_idle += 1
-            yield self._finish(*self.open.popitem(last=False))
-        ids = dict.fromkeys(m.group(0) for m in self.key.finditer(line))  # each once, in order
-        if not ids:
-            self.no_key += 1
-        for session_id in ids:
-            state = self.open.get(session_id)
-            if state is None:
-                if len(self.open) >= self.max_open:
-                    self.closed_early += 1
-                    yield self._finish(*self.open.popitem(last=False))
-                self.seen += 1
-                state = self.open[session_id] = [self.seen, array.array("l"), array.array("q"), False, 0]
-            else:
-                self.open.move_to_end(session_id)  # most recently active last: the LRU end is first
-            state[1].append(event)
-            state[2].append(ref)
-            state[3] = state[3] or abnormal
-            state[4] = self.lines
+def grouping_config(state: dict, settings: dict | None = None) -> PreprocessConfig:
+    """The settings that group lines through a saved parser state: the grouping saved in it, `settings`
+    (PreprocessConfig fields) over it; checked as the `preprocess:` config section is (PreprocessError)."""
+    try:
+        return settings_config(None, [("parser state grouping", state.get("grouping", {})),
+                                      ("settings", settings or {})]).preprocess
+    except utils.ConfigError as error:
+        raise PreprocessError(str(error)) from None
 
-    @staticmethod
-    def _finish(session_id, state):
-        return session_id, state[1], state[2], state[3]
 
-    def close(self):
-        for session_id, state in sorted(self.open.items(), key=lambda item: item[1][0]):  # first seen first
-            yield self._finish(session_id, state)
-        self.open.clear()
+class LineEvents:
+    """Raw log lines -> what grouping needs: the log format matched (Parser.match), the event of its Content
+    (Parser.parse), then with --session-key the line's keys (each once, in order: a line naming two sessions
+    joins both), else its time (--time-field). read(line): (PARSED, event, keys | time | None), (NO_KEY,
+    event, ()), (BAD_TIME, event, None) or (UNMATCHED, None, None); the fields matched are .match.
+    `key_flag` names the session key in messages. `times`: read --time-field on lines grouped by key too (a
+    whole parse leaves out such a line whose time is unreadable; live detection, no use for it, keeps it)."""
+
+    def __init__(self, cfg: PreprocessConfig, parser: Parser, key_flag: str = "--session-key",
+                 times: bool = True):
+        self.cfg, self.parser, self.key = cfg, parser, None
+        if cfg.session_key is not None and cfg.window is None:
+            self.key = UserRegex(compile_regex(cfg.session_key, "--session-key"), key_flag)
+        self.times = cfg.time_field is not None and (times or self.key is None)
+        self.match: re.Match | None = None
+        self.error: ValueError | None = None   # (the last bad time's)
+
+    def read(self, line: str) -> tuple:
+        match = self.match = self.parser.match(line)
+        if match is None:
+            return UNMATCHED, None, None
+        # a field in an optional group (loghub's (\[<PID>\])?) is None where absent: read as ""
+        event = self.parser.parse(match.group("Content") or "")
+        found = None
+        if self.times:
+            try:
+                found = line_time(self.cfg, match)
+            except ValueError as error:
+                self.error = error
+                return BAD_TIME, event, None
+        if self.key is not None:
+            keys = self.key.findall(line)
+            found = tuple(keys) if len(keys) < 2 else tuple(dict.fromkeys(keys))   # each once, in order
+            if not found:
+                return NO_KEY, event, found
+        return PARSED, event, found
 
 
 class Windows:
     """Sliding or tumbling windows over line counts or times: window k covers [k*step, k*step + size) from
-    the first line's position, computed from k (never summed step by step), so the arithmetic cannot stall.
-    Only the lines of the current window(s) are held. At the end, one last partial window takes the lines
-    no full window covered. Refused (PreprocessError): a SIZE or STEP not positive and finite (count: whole
-    numbers); SIZE/STEP above MAX_OVERLAP (each line would be written in that many windows); and, as the
-    lines come, a time so large that a float cannot keep SIZE or STEP apart at it (RESOLUTION)."""
+    the first line's position, computed from k (never summed step by step), so the arithmetic cannot stall;
+    a line earlier than the one before counts at that one's position (`out_of_order`). Fed line by line:
+    place() says which windows a line joins and which it closes (live detection keeps no more: state());
+    a whole parse's add() also holds the lines (each once) and gives each window whole as it closes, named
+    in the order written, and close() one last partial window of the lines no window written held. Refused
+    (PreprocessError): a SIZE or STEP not positive and finite (count: whole numbers); SIZE/STEP above
+    MAX_OVERLAP; and, as the lines come (LineError), a time too large for a float to keep SIZE or STEP
+    apart at it."""
 
     MAX_OVERLAP = 10_000  # windows one line may fall in: the output is up to that many times the input
     RESOLUTION = 2 ** -42  # a time must be exact to step * this (a float time t is exact to |t| * 2**-52)
@@ -760,71 +812,79 @@ class Windows:
         self.kind, self.size, self.step, self.spec = kind, size, step, spec
         # the largest |time| that keeps step apart; in relative times the windows are exact well beyond it
         self.max_time = min(size, step) / self.RESOLUTION
-        self.lines = collections.deque()   # (position, event, ref, abnormal), position from the first line's
-        self.origin = None                  # the first line's position (count or time)
-        self.index = 0                      # k of the current window: the first not yet written
-        self.last = None                    # the position of the line before
-        self.covered = None                 # end of the last window written
-        self.count = self.out_of_order = self.written = 0
+        self.origin = self.last = None     # the first line's position (count or time); the line before's
+        self.count = self.out_of_order = 0
+        self.opened = collections.deque()  # k of the windows joined and not yet closed, ascending
+        self.lines = collections.deque()   # add(): (position, event, ref, abnormal) of the lines held
+        self.covered, self.written = None, 0   # add(): the end of the last window written; windows written
 
-    def add(self, _line: str, event: int, ref: int, abnormal: bool, when):
+    def state(self) -> dict:
+        return {"origin": self.origin, "last": self.last, "count": self.count, "opened": list(self.opened)}
+
+    def restore(self, state: dict) -> None:
+        self.origin, self.last, self.count = state["origin"], state["last"], state["count"]
+        self.opened = collections.deque(state["opened"])
+
+    def place(self, when) -> tuple[range, list[int]]:
+        """(k of the windows the next line joins, k of those it closes) for its time `when` (None: count)."""
         if self.kind == "count":
             position = self.count
         elif -self.max_time <= when <= self.max_time:
             position = when
         else:
             raise LineError(f"--window {utils.short(self.spec)}: a time of {when:g} s is exact only to "
-                                  f"{math.ulp(when):.2g} s as a float, too coarse for windows of "
-                                  f"{min(self.size, self.step):g} s; take a SIZE and STEP of at least "
-                                  f"{abs(when) * self.RESOLUTION:.2g} s")
+                            f"{math.ulp(when):.2g} s as a float, too coarse for windows of "
+                            f"{min(self.size, self.step):g} s; take a SIZE and STEP of at least "
+                            f"{abs(when) * self.RESOLUTION:.2g} s")
         self.count += 1
         if self.origin is None:
             self.origin = position
         position -= self.origin
         if self.last is not None and position < self.last:
-            self.out_of_order += 1  # kept in the current window: a clock step back must not lose lines
+            self.out_of_order += 1
             position = self.last
         self.last = position
-        size, step = self.size, self.step
-        while position >= self.index * step + size:  # the current window is complete
-            end = self.index * step + size
-            if self.lines and self.lines[0][0] < end:
-                yield self._window(end)
-            self.index += 1
-            begin = self.index * step
-            while self.lines and self.lines[0][0] < begin:
-                self.lines.popleft()
-            if not self.lines:  # a gap: jump to the first window that ends after this line
-                jump = int((position - size) // step) + 1
-                if jump > self.index and (jump - 1) * step + size > position:  # (// rounded up)
-                    jump -= 1
-                self.index = max(self.index, jump)
-        if position >= self.index * step:  # (else it falls between two windows: step > size)
-            self.lines.append((position, event, ref, abnormal))
+        size, step, opened = self.size, self.step, self.opened
+        closed = []
+        while opened and opened[0] * step + size <= position:
+            closed.append(opened.popleft())
+        # the windows k with k * step <= position < k * step + size, by the very comparisons (a float
+        # quotient can be one off)
+        first = max(0, int((position - size) // step) + 1)
+        while first > 0 and (first - 1) * step + size > position:
+            first -= 1
+        while first * step + size <= position:
+            first += 1
+        last = int(position // step)
+        while (last + 1) * step <= position:
+            last += 1
+        while last >= 0 and last * step > position:
+            last -= 1
+        if last >= first and (not opened or last > opened[-1]):
+            opened.extend(range(first if not opened else max(first, opened[-1] + 1), last + 1))
+        return range(first, last + 1), closed
 
-    def _window(self, end):
-        inside = [line for line in self.lines if line[0] < end]
-        self.covered, self.written = end, self.written + 1
-        return (f"{self.kind}-window-{self.written}",
-                [x[1] for x in inside], [x[2] for x in inside], any(x[3] for x in inside))
+    def add(self, when, event: int, ref: int, abnormal: bool):
+        joined, closed = self.place(when)
+        lines = self.lines
+        for k in closed:   # (every line held is past the windows before k)
+            end = k * self.step + self.size
+            yield self._window(list(itertools.takewhile(lambda line, end=end: line[0] < end, lines)))
+            self.covered = end
+            while lines and lines[0][0] < (k + 1) * self.step:   # in no later window
+                lines.popleft()
+        if joined:
+            lines.append((self.last, event, ref, abnormal))
+
+    def _window(self, inside: list):
+        self.written += 1
+        return (f"{self.kind}-window-{self.written}", [x[1] for x in inside], [x[2] for x in inside],
+                any(x[3] for x in inside))
 
     def close(self):
         if self.lines and (self.covered is None or self.lines[-1][0] >= self.covered):
-            yield self._window(float("inf"))
+            yield self._window(list(self.lines))
         self.lines.clear()
-
-
-def line_runs(refs) -> list[list[int]]:
-    """Line references -> [[file index, first line, count], ...] over runs of consecutive lines."""
-    runs = []
-    for ref in refs:
-        file_index, line = ref >> 40, ref & (1 << 40) - 1
-        last = runs[-1] if runs else None
-        if last and last[0] == file_index and last[1] + last[2] == line:
-            last[2] += 1
-        else:
-            runs.append([file_index, line, 1])
-    return runs
 
 
 def line_time(cfg: PreprocessConfig, match: re.Match) -> float:

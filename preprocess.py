@@ -90,25 +90,24 @@ from pathlib import Path
 import utils
 from config import Config, PreprocessConfig, check_values, save_config, set_value, settings_config
 from logparse import (
+    BAD_TIME,
     GROUPING,
     LINE_BLOCK,
     LINE_END,
+    UNMATCHED,
     WATCHDOG,
     LineError,
+    LineEvents,
     Parser,
     PatternTimeout,
     PreprocessError,
-    Sessions,
-    UserRegex,
     Windows,
     block_lines,
     compile_regex,
+    grouping_config,
     input_files,
     line_blocks,
-    line_runs,
-    line_time,
     load_state,
-    read_lines,
     split_lines,
     timeout_error,
 )
@@ -301,6 +300,76 @@ class RawLines:
 # ----------------------------------------------------------------------------- the run
 
 
+def read_lines(files: list[Path]):
+    """(file index, 1-based line number, line) of every file in turn, streamed (split_lines): each line
+    without its line end, decoded as UTF-8 with undecodable bytes replaced."""
+    for index, path in enumerate(files):
+        opener = gzip.open if path.name.endswith(".gz") else open
+        try:
+            with opener(path, "rb") as handle:
+                for number, line in enumerate(split_lines(handle), start=1):
+                    yield index, number, line
+        except (OSError, EOFError, zlib.error) as error:  # permissions, a corrupt or truncated .gz
+            raise PreprocessError(f"{path}: unreadable: {utils.one_line(error)}") from None
+
+
+# A whole parse's groupers take lines as add(keys or time, event ID, line reference, abnormal) and yield
+# finished groups as (session id, event IDs, line references, abnormal); close() yields the rest.
+class Sessions:
+    """Lines grouped by the session keys they name (LineEvents). A session stays open until the end of the
+    input, until `idle` lines have passed without it (if set), or until max_open sessions are open and it is
+    the least recently active one (then counted in `closed_early`). Sessions are kept least recently active
+    first, so closing the idle ones costs nothing per line."""
+
+    def __init__(self, max_open: int, idle: int | None):
+        self.max_open, self.idle, self.open = max_open, idle, collections.OrderedDict()
+        self.seen = self.closed_early = self.closed_idle = self.no_key = self.lines = 0
+
+    def add(self, keys: tuple, event: int, ref: int, abnormal: bool):
+        self.lines += 1
+        while self.idle and self.open and next(iter(self.open.values()))[4] <= self.lines - self.idle:
+            self.closed_idle += 1
+            yield self._finish(*self.open.popitem(last=False))
+        if not keys:
+            self.no_key += 1
+        for session_id in keys:
+            state = self.open.get(session_id)
+            if state is None:
+                if len(self.open) >= self.max_open:
+                    self.closed_early += 1
+                    yield self._finish(*self.open.popitem(last=False))
+                self.seen += 1
+                state = self.open[session_id] = [self.seen, array.array("l"), array.array("q"), False, 0]
+            else:
+                self.open.move_to_end(session_id)  # most recently active last: the LRU end is first
+            state[1].append(event)
+            state[2].append(ref)
+            state[3] = state[3] or abnormal
+            state[4] = self.lines
+
+    @staticmethod
+    def _finish(session_id, state):
+        return session_id, state[1], state[2], state[3]
+
+    def close(self):
+        for session_id, state in sorted(self.open.items(), key=lambda item: item[1][0]):  # first seen first
+            yield self._finish(session_id, state)
+        self.open.clear()
+
+
+def line_runs(refs) -> list[list[int]]:
+    """Line references -> [[file index, first line, count], ...] over runs of consecutive lines."""
+    runs = []
+    for ref in refs:
+        file_index, line = ref >> 40, ref & (1 << 40) - 1
+        last = runs[-1] if runs else None
+        if last and last[0] == file_index and last[1] + last[2] == line:
+            last[2] += 1
+        else:
+            runs.append([file_index, line, 1])
+    return runs
+
+
 def make_grouper(cfg: PreprocessConfig, parser: Parser,
                  parse_only: bool = False) -> Sessions | Windows | None:
     """The grouper the settings ask for; None for a parse-only run (`parse_only` allowed and neither
@@ -315,8 +384,8 @@ def make_grouper(cfg: PreprocessConfig, parser: Parser,
         raise PreprocessError("give either --session-key REGEX or --window count:SIZE[:STEP] / "
                               "time:SIZE[:STEP]")
     if cfg.session_key is not None:
-        return Sessions(UserRegex(compile_regex(cfg.session_key, "--session-key"), "--session-key"),
-                        cfg.max_open_sessions, cfg.session_idle)
+        compile_regex(cfg.session_key, "--session-key")   # (LineEvents finds the keys)
+        return Sessions(cfg.max_open_sessions, cfg.session_idle)
     if cfg.window is None:  # parse only: settings that only grouping reads would be silently ignored
         given = [flag for flag, value in (("--labels", cfg.labels), ("--label-field", cfg.label_field),
                                           ("--time-field", cfg.time_field),
@@ -370,6 +439,7 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
     end, with `require_match`); where lines parsed but the grouping made no session of them (no_group_error);
     where a user regex runs past its budget on a line (the watchdog, armed while this runs)."""
     grouper = make_grouper(cfg, parser, parse_only)
+    lines = LineEvents(cfg, parser)   # (parse only: no key, no time)
     names, first_lines, first_parsed, first_bad_time = list(parser.regex.groupindex), [], "", ""
     writer = csv.writer(rows) if rows else None
     produced = 0
@@ -389,8 +459,8 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
         for file_index, number, line in read_lines(files):
             try:
                 stats["lines"] += 1
-                match = parser.match(line)
-                if match is None:
+                status, event, found = lines.read(line)
+                if status == UNMATCHED:
                     stats["unmatched"] += 1
                     if len(first_lines) < 3:
                         first_lines.append(_sample(files, file_index, number, line))
@@ -400,8 +470,7 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
                     if writer:
                         writer.writerow([stats["lines"], ""])
                     continue
-                # a field in an optional group (loghub's (\[<PID>\])?) is None where absent: read as ""
-                event = parser.parse(match.group("Content") or "")
+                match = lines.match
                 stats["parsed"] += 1
                 stats["unknown"] += event >= parser.vocab_size
                 first_parsed = first_parsed or _sample(files, file_index, number, line)
@@ -409,19 +478,15 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
                     writer.writerow([stats["lines"], event, *(match.group(name) or "" for name in names)])
                 if grouper is None:
                     continue
-                when = None
-                if cfg.time_field:
-                    try:
-                        when = line_time(cfg, match)
-                    except ValueError as error:
-                        stats["bad_time"] += 1
-                        first_bad_time = first_bad_time or (f"{utils.short(match.group(cfg.time_field))}, "
-                                                            f"{utils.one_line(error, 80)}, on "
-                                                            f"{_sample(files, file_index, number, line)}")
-                        continue
+                if status == BAD_TIME:
+                    stats["bad_time"] += 1
+                    first_bad_time = first_bad_time or (f"{utils.short(match.group(cfg.time_field))}, "
+                                                        f"{utils.one_line(lines.error, 80)}, on "
+                                                        f"{_sample(files, file_index, number, line)}")
+                    continue
                 abnormal = cfg.label_field is not None and \
                     (match.group(cfg.label_field) or "") != cfg.normal_value
-                yield from finished(grouper.add(line, event, file_index << 40 | number, abnormal, when))
+                yield from finished(grouper.add(found, event, file_index << 40 | number, abnormal))
             except PatternTimeout as error:
                 raise timeout_error(error, f"{files[file_index]}:{number}") from None
             except LineError as error:
@@ -442,11 +507,7 @@ def sessions_from_logs(state_path: str, inputs: list[str], stats: dict | None = 
     """For detection on raw logs: sessions (dicts as in sessions.jsonl) through a saved parser state, with
     the grouping it was saved with unless `settings` (PreprocessConfig fields) say otherwise. Streamed."""
     state = load_state(state_path)
-    try:
-        cfg = settings_config(None, [("parser state grouping", state.get("grouping", {})),
-                                     ("settings", settings)]).preprocess
-    except utils.ConfigError as error:
-        raise PreprocessError(str(error)) from None
+    cfg = grouping_config(state, settings)
     stats = stats if stats is not None else new_stats()
     return iter_log_sessions(cfg, Parser(cfg, state), input_files(inputs), stats)
 

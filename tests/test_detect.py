@@ -18,8 +18,11 @@ import torch
 from conftest import REPO, hand_calibration, run_script, write_config
 
 import detect as D
+import logparse
+import preprocess
+from config import Config
 from live_sessions import Item, LiveDetector
-from live_sources import FollowedFile, LiveWindows, fast_masker
+from live_sources import FollowedFile, LineParser
 from live_state import state_problem
 from model import DeepLog
 from rules import CoOccurrence, CountVectors, pairs_of_sets
@@ -232,15 +235,25 @@ def test_sessions_close_when_idle_or_full():
     assert idle.close_idle(105.0) == [] and len(idle.close_idle(111.0)) == 1
 
 
-def test_live_windows_join_and_close_as_preprocess_counts_them():
-    windows = LiveWindows("count:4:2")
+def test_live_windows_join_and_close_as_preprocess_counts_them(tmp_path):
+    windows = logparse.Windows("count:4:2")   # the windows of preprocess.py, fed line by line
     places = [windows.place(None) for _ in range(7)]
-    assert places[0] == (["count-window-1"], [])
-    assert places[2] == (["count-window-1", "count-window-2"], [])
-    assert places[4] == (["count-window-2", "count-window-3"], ["count-window-1"])
-    timed = LiveWindows("time:10")
-    assert timed.place(100.0) == (["time-window-1"], [])
-    assert timed.place(125.0) == (["time-window-3"], ["time-window-1"])   # a gap: window 2 never opened
+    assert [(list(joined), closed) for joined, closed in places[:5:2]] == [([0], []), ([0, 1], []),
+                                                                          ([1, 2], [0])]
+    timed = logparse.Windows("time:10")
+    assert timed.place(100.0) == (range(0, 1), [])
+    assert timed.place(125.0) == (range(2, 3), [0])   # a gap: window 1 never opened
+    # live detection names them by k: lines through a parser state saved with windows
+    lines = [("t.log", 1, "100 job started"), ("t.log", 2, "125 disk sda3 is full")]
+    log = tmp_path / "t.log"
+    log.write_text("".join(text + "\n" for _, _, text in lines))
+    config = write_config(tmp_path / "b.yaml")
+    preprocess.main([str(log), "--output", str(tmp_path / "o"), "--log-format", "<Stamp> <Content>",
+                     "--window", "time:10", "--time-field", "Stamp", "--config", str(config)])
+    parser = LineParser(Config(), str(tmp_path / "o" / "parser_state.json"), None)
+    assert parser.items(lines) == ([Item("event", ("time-window-1",), [0], "t.log:1", lines[0][2]),
+                                    Item("close", ("time-window-1",), [], "t.log:2", None),
+                                    Item("event", ("time-window-3",), [1], "t.log:2", lines[1][2])], 2, None)
 
 
 # ----------------------------------------------------------------------------- following files
@@ -526,10 +539,9 @@ def test_the_word_by_word_masker_gives_drain3s_masks():
     every line of the loghub samples and on random text with spaces, tabs, <*> and non-ASCII digits."""
     import glob
 
-    import logparse
     miner = logparse.make_miner({"sim_th": 0.45, "depth": 4, "max_children": 100, "max_clusters": None},
                                   [r"user\d+x", *logparse.BUILT_IN_MASKS])
-    fast = fast_masker(miner.masker)
+    fast = logparse.fast_masker(miner.masker)
     # the loghub samples where ../shared has them, random text always
     samples = glob.glob(str(REPO.parent / "shared" / "data" / "loghub" / "*_2k.log"))
     texts = [line.rstrip("\n") for path in samples for line in open(path, errors="replace")]
