@@ -935,6 +935,20 @@ def test_windows_hold_what_a_direct_count_finds_and_jump_any_gap_at_once():
     assert time.monotonic() - started < 1
 
 
+def test_live_detection_places_a_line_in_the_windows_a_whole_parse_puts_it_in():
+    """place() (live detection feeds it) joins exactly the windows k with k*step <= t < k*step + size, as
+    add() holds them, also where a float step puts a time on an edge (43 * 0.2 == 8.6, 8.6 / 0.2 < 43)."""
+    import random
+    rng = random.Random(3)
+    for _ in range(300):
+        size, step = rng.choice([0.1, 0.3, 0.7, 1, 2.5]), rng.choice([0.1, 0.2, 0.3, 0.7, 1])
+        windows, times = logparse.Windows(f"time:{size}:{step}"), [0.0]
+        times += [round(0.1 * sum(rng.choice([0, 1, 2, 3, 7]) for _ in range(i)), 10) for i in range(1, 40)]
+        for t in sorted(times):
+            joined, _ = windows.place(t)
+            assert list(joined) == [k for k in range(int(t / step) + 3) if k * step <= t < k * step + size]
+
+
 @pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
 @pytest.mark.parametrize("header", [b"", b"BlockId,Label"])
 @pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"])
