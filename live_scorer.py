@@ -4,7 +4,7 @@ session's score columns are the ones DeepLog.session_scores computes for the who
 scorer's, scoring.py), cut into the same windows. PrefixTrie shares the states of the prefixes sessions begin
 with; Scored is what a step scored, one row per prediction. live_sessions.LiveDetector drives it.
 
-Example (any DeepLog; a trained one from DeepLog.from_checkpoint):
+Example (any DeepLog; a trained one from checkpoint.load_model):
 
     from live_scorer import LiveScorer
     from model import DeepLog

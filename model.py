@@ -71,7 +71,7 @@ class DeepLog(nn.Module):
         # model never saw is a miss at every k even if it happens to rank high: the model knows nothing
         # of it. Saved in the state dict, so the manual load_state_dict route keeps it too.
         self.register_buffer("seen_events", torch.ones(self.num_classes, dtype=torch.bool))
-        # Scoring cuts long sessions into the windows training used (window_spans): from_checkpoint sets the
+        # Scoring cuts long sessions into the windows training used (window_spans): checkpoint.load_model sets
         # training's data.max_seq_length and data.window_context; these are the config's defaults.
         self.max_seq_length, self.window_context = 256, 32
         # What detection needs beside the weights, set by checkpoint.load_model from a trained checkpoint:
