@@ -439,7 +439,7 @@ def run_live(args, model, calibration: dict, co_occurrence, config: Config, stop
                                 f".{state_path.name}.lock")
     detector = LiveDetector(model.cpu(), calibration, rule, co_occurrence, dc.idle_lines, dc.idle_seconds,
                             dc.max_session_events, dc.max_misses, dc.prefix_nodes)
-    saved = state.load(detector.scorer.columns) if state else None
+    saved = state.load(detector.scorer.columns, model.state_names) if state else None
     sources = [StandardInput(logger, dc.poll_interval_s)] if args.paths == ["-"] else \
         [FollowedFile(path, logger) for path in args.paths]
     for index, source in enumerate(sources):

@@ -43,8 +43,9 @@ class LiveState:
                  "parser": parser.state(), "detector": detector.state_dict()}
         utils.atomic_write(self.path, lambda handle: torch.save(state, handle))
 
-    def load(self, columns) -> dict | None:
-        """The saved state, checked (its sessions' score columns must be `columns`), or None if none."""
+    def load(self, columns, state_names=None) -> dict | None:
+        """The saved state, checked (its sessions' score columns must be `columns`, their model state the
+        tensors `state_names`: DeepLog.state_names), or None if none."""
         if not self.path.exists():
             return None
         again = f"remove {self.path} (and the output it belongs to) to start over"
@@ -53,13 +54,13 @@ class LiveState:
         except Exception as error:  # noqa: BLE001 (any unreadable file: one message, never a traceback)
             raise utils.ConfigError(f"{self.path}: not a readable detect.py state ({one_line(error, 160)}); "
                                     f"{again}") from None
-        problem = state_problem(state, self.identity, columns)
+        problem = state_problem(state, self.identity, columns, state_names)
         if problem:
             raise utils.ConfigError(f"{self.path}: {problem}; {again}")
         return state
 
 
-def state_problem(state, identity: dict, columns) -> str | None:
+def state_problem(state, identity: dict, columns, state_names=None) -> str | None:
     """What is wrong with a loaded state (None: nothing): its form, and whether this command wrote it."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         return "not a detect.py state"
@@ -85,10 +86,10 @@ def state_problem(state, identity: dict, columns) -> str | None:
     for key, ok in checks:
         if not ok:
             return f"'{key}' is damaged"
-    return sessions_problem(detector, columns)
+    return sessions_problem(detector, columns, state_names)
 
 
-def sessions_problem(detector: dict, columns) -> str | None:
+def sessions_problem(detector: dict, columns, state_names=None) -> str | None:
     """What is wrong with a saved detector's open sessions (LiveDetector.state_dict, its score columns
     named `columns`), None if nothing."""
     keys = detector.get("keys")
@@ -113,6 +114,7 @@ def sessions_problem(detector: dict, columns) -> str | None:
         return "the open sessions' misses are damaged"
     model = detector.get("model")   # the model's state tensors by name (DeepLog.state_names), "columns"
     if not (isinstance(model, dict) and len(model) > 1 and
+            (state_names is None or set(model) == {*state_names, "columns"}) and
             all(isinstance(v, torch.Tensor) and v.dim() == 3 and v.size(1) == count
                 for k, v in model.items() if k != "columns") and
             isinstance(model.get("columns"), dict) and set(model["columns"]) == set(columns) and

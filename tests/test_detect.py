@@ -456,6 +456,10 @@ def test_a_damaged_state_is_one_line_naming_it_and_nothing_is_written(checkpoint
         state = copy.deepcopy(good)
         state = damage(state) or state
         assert state_problem(state, identity, good["detector"]["model"]["columns"]) == problem, name
+    lost = copy.deepcopy(good)   # a state tensor missing: named by the model's own state names
+    del lost["detector"]["model"][DeepLog.state_names[-1]]
+    assert state_problem(lost, identity, good["detector"]["model"]["columns"], DeepLog.state_names) == \
+        "the open sessions' model state is damaged"
     state = copy.deepcopy(good)
     DAMAGES["events cut"][0](state)
     torch.save(state, state_path)
