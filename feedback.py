@@ -137,7 +137,8 @@ def update_config(parent: Parent, args) -> Config:
     config = resolve_config(config_path, [("command line", {
         "update.epochs": args.epochs, "update.learning_rate": args.lr, "data.preprocessed_dir": args.data_dir,
         "training.batch_size": args.batch_size, "training.device": args.device, "training.seed": args.seed})],
-        stored=parent.checkpoint["config"], sections=("update",))
+        # the update: section is never the parent's: the file's, else the defaults
+        stored={k: v for k, v in parent.checkpoint["config"].items() if k != "update"}, sections=("update",))
     output_dir = Path(args.output_dir) if args.output_dir else \
         parent.run_dir / UPDATE_FOLDER.format(time=time.strftime("%Y%m%d-%H%M%S"))
     if output_dir.resolve() in (parent.path.parent, parent.run_dir):
