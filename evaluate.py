@@ -585,9 +585,9 @@ def after_training(checkpoint_path, config: Config, logger) -> dict:
 
 def ranks_within_reach(model, top_k: int, top_g: int, logger) -> tuple[int, int]:
     """top_k and top_g to fit thresholds at: the config's, unless they reach the number of classes the model
-    saw in training (its event types and the end of session). A k that high makes every event it knows a hit:
-    Top-k accuracy is 1 by construction and the score and top_g rules can never fire. Then both are scaled to
-    a third of those classes, with a warning."""
+    saw in training (its event types and the end of session). At a k that high a trained model ranks every
+    event it knows within the top-k, so the score and top_g rules can never fire. Then both are scaled to a
+    third of those classes, with a warning."""
     classes = int(model.seen_events.sum())
     if top_k < classes and top_g < classes:
         return top_k, top_g
@@ -597,7 +597,7 @@ def ranks_within_reach(model, top_k: int, top_g: int, logger) -> tuple[int, int]
                    f"the model saw in training ({classes - 1} event types and the end of session): every "
                    "event it knows would be within them, so the score and top_g rules could never fire. "
                    f"Fitting at top_k {scaled[0]} and top_g {scaled[1]} (a third of them; set "
-                   "evaluation.top_k and top_g to choose)")
+                   "evaluation.top_k and top_g below that number to choose)")
     return scaled
 
 
