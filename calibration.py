@@ -62,6 +62,9 @@ def _rules_of(value, allowed) -> bool:
     return set(value) <= set(allowed)
 
 
+# sweep.Sweep.summary: what the sweep of the training data found (the last three: two bools, a file name)
+SWEEP_KEYS = ("sessions", "suspicious_sessions", "share", "cut", "median", "mad", "spread", "removed_sets",
+              "count_outliers", "by_sets", "informed", "file")
 NOVELTY = ("event_type", "event_set", "event_pair")     # what a training session may bring that no other has
 # key: (types, check of the value, the check in words); None among the types: the key may be null
 SCHEMA = {
@@ -94,6 +97,11 @@ SCHEMA = {
     "novelty_on_training": ((dict, None), lambda v: set(v) == set(NOVELTY), f"keyed by {', '.join(NOVELTY)}"),
     "novelty_is_normal": ((dict, None), lambda v: set(v) == set(NOVELTY), f"keyed by {', '.join(NOVELTY)}"),
     "expected_fpr": ((dict, None), lambda v: _rules_of(v, RULES), "keyed by rules"),
+    "training_sweep": ((dict, None), lambda v: set(v) == set(SWEEP_KEYS) and all(
+        isinstance(v[k], (int, float)) and not isinstance(v[k], bool) and v[k] >= 0 for k in SWEEP_KEYS[:-3])
+        and isinstance(v["by_sets"], bool) and isinstance(v["informed"], bool) and isinstance(v["file"], str)
+        and v["share"] <= 1,
+        "the sweep's figures (sweep.Sweep.summary)"),
 }
 # inside the mappings: (key of the mapping, types of its values, check, in words)
 VALUES = {"score_thresholds": ((float,), _rate, "in [0, 1]"),
@@ -183,6 +191,8 @@ def upgrade(calibration, source: str) -> dict:
         raise CalibrationError(f"{source}: calibration version {_excerpt(version)} is not one this toolkit "
                                f"knows (it writes {VERSION}): written by a newer version?")
     if version == VERSION:
+        if "training_sweep" not in calibration:   # written before the sweep (same version otherwise)
+            calibration = {**calibration, "training_sweep": None}
         return calibration
     old = dict(calibration)
     if "probability_bound" in old and "log_probability_bound" not in old:   # renamed: the same natural log
@@ -198,7 +208,7 @@ def upgrade(calibration, source: str) -> dict:
                 # before the plan, combined was these three (a rule without its record flags nothing)
                 "combined_rules": ["probability", "event_set", "event_pair"], "unseen_events_flag": True,
                 "count_vector_distance": None, "training_sessions": None, "novelty_on_training": None,
-                "novelty_is_normal": None, "expected_fpr": None}
+                "novelty_is_normal": None, "expected_fpr": None, "training_sweep": None}
     for key, value in defaults.items():
         old.setdefault(key, value)
     old["version"] = VERSION
@@ -506,7 +516,15 @@ def expected_rates(calibration: dict) -> dict:
     records = [rates[rule] for rule in ("event_set", "event_pair") if rule in parts]
     rates["combined"] = rates["probability"] + (max(records) if records else 0.0) + rates.get(
         "count_vector", 0.0) * ("count_vector" in parts)
-    return rates
+    # the sessions the sweep of the training data kept out of the records: were they normal, new sessions
+    # like them are flagged by the record rules, at their share
+    swept = (calibration.get("training_sweep") or {}).get("share", 0.0)
+    for rule in ("event_set", "event_pair", "count_vector"):
+        if rule in rates:
+            rates[rule] += swept
+    if any(rule in parts for rule in ("event_set", "event_pair", "count_vector")):
+        rates["combined"] += swept
+    return {rule: min(rate, 1.0) for rule, rate in rates.items()}
 
 
 def calibration_warnings(calibration: dict, rule: str) -> list[str]:
@@ -537,7 +555,8 @@ Scorer = Callable[[list], tuple[list, dict, np.ndarray]]  # chunk -> distinct se
 
 def fit(model: DeepLog, scorer: Scorer, normal: Iterable[list], top_k: int, top_g: int, target_fpr: float,
         source: str, default_rule: str, co_occurrence: CoOccurrence | None = None,
-        max_tokens: int | None = None, max_exact_scores: int = MAX_EXACT_SCORES) -> dict:
+        max_tokens: int | None = None, max_exact_scores: int = MAX_EXACT_SCORES,
+        training_sweep: dict | None = None) -> dict:
     """Thresholds from normal sessions only (chunks, read once, scored by `scorer`: scoring.ChunkScorer):
     score percentiles, and the two bounds of the LSTM's probability rule, one on the least likely event of a
     session and one on its end, each set so that at most half of `target_fpr` of normal sessions fall below it
@@ -598,7 +617,8 @@ def fit(model: DeepLog, scorer: Scorer, normal: Iterable[list], top_k: int, top_
         "event_set_rule": co_occurrence is not None and co_occurrence.sets is not None,
         "event_pair_rule": co_occurrence is not None and co_occurrence.pairs is not None,
         "fitted_at": datetime.now().isoformat(timespec="seconds"),
-        "flagged_on_calibration": {rule: flagged[rule] / sessions for rule in RULES}, **plan}
+        "flagged_on_calibration": {rule: flagged[rule] / sessions for rule in RULES},
+        "training_sweep": training_sweep, **plan}
     calibration["expected_fpr"] = expected_rates(calibration)
     return calibration
 

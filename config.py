@@ -90,6 +90,7 @@ class DataConfig:
     window_context: int = 32
     validation_split: float = 0.1
     skip_bad_records: bool = False
+    assume_clean: bool = False    # true: every normal-labelled training session is normal (no sweep)
     samples_per_epoch: typing.Optional[int] = None  # skip the counting pass on huge data
 
 

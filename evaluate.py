@@ -55,6 +55,7 @@ from checkpoint import (
     co_occurrence_of,
     count_vectors_state,
     load_trained,
+    pair_table,
     save_checkpoint,
 )
 from config import Config, config_from_dict, reader_options
@@ -80,8 +81,11 @@ from scoring import (
     file_chunks,
     nonempty,
 )
+from sweep import FILE_NAME, Sweep, describe, sweep, write_suspicious
 
 ACCURACY_KS = (1, 5, 10, 20)
+NOT_SWEPT = ("not swept (data.assume_clean true, or thresholds fitted elsewhere): every normal-labelled "
+             "training session was taken as normal")
 SCORE_EDGES = np.linspace(0, 1, 41)                                  # the plot's bins of the anomaly score
 LOG10_PROBABILITY_EDGES = np.linspace(-30 / math.log(10), 0, 61)     # and of the least likely event's log10 p
 
@@ -195,11 +199,12 @@ def evaluate(model, calibration: dict, normal: Iterable[list], abnormal: Iterabl
 
 def fit_calibration(model, normal: Iterable[list], top_k: int, top_g: int, target_fpr: float, source: str,
                     default_rule: str, batch_size: int = 256, co_occurrence: CoOccurrence | None = None,
-                    max_cached: int = MAX_CACHED, max_exact_scores: int = cal.MAX_EXACT_SCORES) -> dict:
+                    max_cached: int = MAX_CACHED, max_exact_scores: int = cal.MAX_EXACT_SCORES,
+                    training_sweep: dict | None = None) -> dict:
     """calibration.fit on chunks of normal sessions, scored as evaluate() scores them."""
     scorer = ChunkScorer(model, [top_k, top_g], batch_size, co_occurrence, max_cached, "calibrating")
     return cal.fit(model, scorer, normal, top_k, top_g, target_fpr, source, default_rule, co_occurrence,
-                   batch_size * POSITIONS_PER_SESSION, max_exact_scores)
+                   batch_size * POSITIONS_PER_SESSION, max_exact_scores, training_sweep)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -266,6 +271,9 @@ def format_report(r: dict) -> str:
               *(f"  WARNING: {w}" for w in cal.calibration_warnings(c, r["default"]["rule"])),
               "  Flagged on the calibration sessions (observed there, not the expected rate above): "
               + "  ".join(f"{rule}={rate:.2%}" for rule, rate in c["flagged_on_calibration"].items()), ""]
+    swept = c.get("training_sweep")
+    lines += ["TRAINING DATA (the sweep of its normal-labelled sessions, sweep.py)", "-" * 72,
+              f"  {describe(swept, swept['file'] + ' in the training run') if swept else NOT_SWEPT}", ""]
     unknown = ", ".join(f"{side} {n}" for side, n in r["unknown_events"].items())
     lines += ["EVENTS NEVER SEEN IN TRAINING (IDs >= vocab_size, or absent from the training data)", "-" * 72,
               f"  Occurrences: {unknown}. Each counts as a miss at every k and as probability 0.", ""]
@@ -538,10 +546,14 @@ def training_sessions(config: Config, options: dict, logger=None) -> Iterator[li
 
 
 def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: Config, options: dict,
-                         logger) -> None:
+                         logger, swept: Sweep | None = None) -> None:
     """The event-count vectors of the training sessions, into the checkpoint ("count_vectors") and the record
-    the rules use; None (not kept) beyond MAX_COUNT_VECTORS distinct ones."""
-    counts = CountVectors.from_chunks(training_sessions(config, options, logger), MAX_RECORD_SESSIONS)
+    the rules use; None (not kept) beyond MAX_COUNT_VECTORS distinct ones. With a sweep: without the sessions
+    it found suspicious, and without the count-vector outliers (which it then counts as suspicious)."""
+    sessions = training_sessions(config, options, logger)
+    counts = CountVectors.from_chunks(swept.kept(sessions) if swept else sessions, MAX_RECORD_SESSIONS)
+    if counts is not None and swept is not None:
+        counts = swept.trim_count_outliers(counts)
     co_occurrence.counts = counts
     checkpoint["count_vectors"] = count_vectors_state(counts)
     if counts is None:
@@ -552,6 +564,42 @@ def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: 
         first = f" (the first {MAX_RECORD_SESSIONS:,} of them)" if capped else ""
         logger.info(f"Count-vector record: {len(counts.weights)} distinct event-count vectors of "
                     f"{counts.sessions} normal training sessions{first}")
+
+
+def sweep_training_data(model, checkpoint: dict, co_occurrence: CoOccurrence, config: Config, options: dict,
+                        output_dir: Path, logger) -> tuple[Sweep, CoOccurrence]:
+    """The sweep of the normal-labelled training sessions (sweep.py): logged, the suspicious ones written to
+    output_dir/suspicious_sessions.jsonl, and the records (sets, pairs, count vectors) without them, into the
+    checkpoint too."""
+    data = config.data
+    if config.lazy_loading.cache:
+        normal = session_chunks(cache_entries(data.preprocessed_dir, config, config.model.vocab_size, logger),
+                                "normal")
+    else:
+        normal = file_chunks(data.preprocessed_dir, options, abnormal=False)
+    scorer = ChunkScorer(model, [1], config.evaluation.batch_size, desc="sweeping")
+    found = sweep(scorer, normal, co_occurrence.sets is not None, int(model.seen_events.sum()))
+    cleaned = found.cleaned(co_occurrence)
+    if cleaned is not co_occurrence:
+        checkpoint["event_sets"] = sorted(sorted(s) for s in cleaned.sets)
+        checkpoint["event_pairs"] = pair_table(cleaned)
+    record_count_vectors(checkpoint, cleaned, config, options, logger, found)
+    path = output_dir / FILE_NAME
+    records = (r for r in iter_sessions(data.preprocessed_dir, None, **options) if not r.label)
+    listed = write_suspicious(found, records, path, data.preprocessed_dir) if found.suspicious else 0
+    if not found.suspicious:
+        utils.atomic_write_text(path, "")
+    logger.info(f"Training-data sweep: {describe(found.summary(), path)}"
+                + (f" (the first {listed:,})" if listed < found.suspicious else ""))
+    if found.share > 2 * config.evaluation.target_fpr:
+        logger.warning(
+            f"{found.share:.2%} of the training sessions look abnormal, more than the target false-positive "
+            f"rate allows ({cal.percent(config.evaluation.target_fpr)}): if they are anomalies, the "
+            "records and thresholds were kept free of them; if they are normal, new sessions like them will "
+            f"be flagged, up to {found.share:.2%} of normal sessions (added to the expected rates). Review "
+            f"{path}: if they are normal, set data.assume_clean true and train again; if they are incidents, "
+            "nothing to do (best: train on a quieter period)")
+    return found, cleaned
 
 
 def after_training(checkpoint_path, config: Config, logger) -> dict:
@@ -565,14 +613,20 @@ def after_training(checkpoint_path, config: Config, logger) -> dict:
     options = reader_options(config)
     if data.validation_split == 0:
         logger.warning("data.validation_split is 0: thresholds are fitted on sessions the model trained on")
-    record_count_vectors(checkpoint, co_occurrence, config, options, logger)
+    swept = None
+    if data.assume_clean:
+        record_count_vectors(checkpoint, co_occurrence, config, options, logger)
+    else:
+        swept, co_occurrence = sweep_training_data(model, checkpoint, co_occurrence, config, options,
+                                                   output_dir, logger)
     calibration_set, normal, abnormal = validation_sessions(config, options, logger=logger)
     # tiny data: the other half
     calibration_set = nonempty(calibration_set) or validation_sessions(config, options, logger=logger)[1]
     top_k, top_g = ranks_within_reach(model, ev.top_k, ev.top_g, logger)
     calibration = fit_calibration(model, calibration_set, top_k, top_g, ev.target_fpr,
                                   f"validation split of {data.preprocessed_dir} (calibration half)",
-                                  ev.decision_rule, ev.batch_size, co_occurrence)
+                                  ev.decision_rule, ev.batch_size, co_occurrence,
+                                  training_sweep=swept.summary() if swept else None)
     store_calibration(checkpoint_path, checkpoint, calibration, output_dir)
     log_rule(calibration, ev.decision_rule, logger)
     if data.abnormal_dir:
