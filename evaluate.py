@@ -597,8 +597,9 @@ def sweep_training_data(model, checkpoint: dict, co_occurrence: CoOccurrence, co
             f"rate allows ({cal.percent(config.evaluation.target_fpr)}): if they are anomalies, the "
             "records and thresholds were kept free of them; if they are normal, new sessions like them will "
             f"be flagged, up to {found.share:.2%} of normal sessions (added to the expected rates). Review "
-            f"{path}: if they are normal, set data.assume_clean true and train again; if they are incidents, "
-            "nothing to do (best: train on a quieter period)")
+            f"{path}: the lines of sessions that are normal can be fed back (train.py --update "
+            "CHECKPOINT --feedback FILE), or, if all are, set data.assume_clean true and train again; if "
+            "they are incidents, nothing to do")
     return found, cleaned
 
 

@@ -144,17 +144,17 @@ class Sweep:
         """The count-vector record without its outliers: sessions whose leave-one-out distance (to the nearest
         other training session) is above the median + COUNT_SPREAD scaled MADs of all sessions'. On a small
         training set one abnormal session would otherwise set the count-vector threshold (the largest
-        leave-one-out distance) and shelter the anomalies like it. Where most sessions repeat another one
-        (median 0, as on HDFS), nothing is an outlier by this test and the record is kept whole."""
+        leave-one-out distance) and shelter the anomalies like it. The MAD counts as at least one event, so
+        on data whose sessions repeat each other (HDFS: 90% at distance 0, the farthest at 2) only a session
+        several events from every other one is an outlier."""
         distances = counts.leave_one_out()
         finite = np.isfinite(distances)
         if finite.sum() < 3:
             return counts
         values, weights = distances[finite], counts.weights[finite].astype(float)
         median = weighted_percentile(values, weights, 50)
-        if median == 0:
-            return counts
-        # distances are whole events: a MAD of 0 (most sessions one event from another) counts as 1
+        # distances are whole events: a MAD of 0 (most sessions repeat another or are one event from one)
+        # counts as 1, so the cut is never below the median + 4.4 events
         mad = max(weighted_percentile(np.abs(values - median), weights, 50), 1.0)
         outliers = finite & (distances > median + COUNT_SPREAD * 1.4826 * mad)
         if not outliers.any():

@@ -209,10 +209,14 @@ def test_count_vector_outliers_leave_the_record_unless_most_sessions_repeat():
     assert trimmed.nearest([odd])[0] >= 40     # the record no longer holds it
     assert found.flags([odd, normal[0]]).tolist() == [True, False]
     assert found.flags([odd], counts_too=False).tolist() == [False]
-    # most sessions repeat another one (HDFS): the median distance is 0, nothing is an outlier
+    # most sessions repeat another one (HDFS): the MAD is 0 and counts as one event; sessions a few events
+    # from the others stay, the odd one goes
     repeated = sweep.Sweep(FixedScorer({}), 5.0, 1.0, 0.5, 0, set(), 0)
-    counts = CountVectors.from_chunks([[[1, 2]] * 50 + [[1, 2, 2]] * 50 + [odd]])
+    close = [[1, 2]] * 50 + [[1, 2, 2]] * 50 + [[1, 2, 2, 2, 2, 2]]
+    counts = CountVectors.from_chunks([close])
     assert repeated.trim_count_outliers(counts) is counts and not repeated.count_outliers
+    counts = CountVectors.from_chunks([close + [odd]])
+    assert repeated.trim_count_outliers(counts).sessions == 101 and repeated.count_outlier_sessions == 1
 
 
 def test_a_model_that_learned_nothing_sweeps_nothing():
