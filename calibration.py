@@ -481,7 +481,7 @@ def plan_rules(co_occurrence: CoOccurrence | None, target_fpr: float, vocab_size
     counts = co_occurrence.counts if co_occurrence is not None else None
     if counts is None:
         return plan
-    sessions, novelty = counts.sessions, counts.novelty(vocab_size)
+    sessions, novelty = counts.with_held_out().sessions, counts.novelty(vocab_size)
     is_normal = {name: binomial_bounds(k, sessions)[0] > target_fpr for name, k in novelty.items()}
     leave_one_out = counts.leave_one_out()
     finite = np.isfinite(leave_one_out)

@@ -295,10 +295,15 @@ def pair_table(co_occurrence: CoOccurrence) -> torch.Tensor | None:
 
 def count_vectors_from_state(state: dict) -> CountVectors:
     """From the checkpoint's "count_vectors": {"entries": [E, 3] integer tensor of (vector, event ID, count),
-    "weights": [D] integer tensor}; ValueError saying what is wrong with any other content."""
+    "weights": [D] integer tensor}, and optionally "held_out_entries" and "held_out_weights" of the same forms
+    (sessions the sweep kept out of the reference); ValueError saying what is wrong with any other content."""
     if not isinstance(state, dict) or not all(isinstance(state.get(k), torch.Tensor)
                                               for k in ("entries", "weights")):
         raise ValueError("count_vectors must hold the tensors 'entries' and 'weights'")
+    held_out = None
+    if "held_out_entries" in state or "held_out_weights" in state:
+        held_out = count_vectors_from_state({"entries": state.get("held_out_entries"),
+                                             "weights": state.get("held_out_weights")})
     entries, weights = state["entries"], state["weights"]
     if entries.is_floating_point() or weights.is_floating_point() or entries.dim() != 2 \
             or entries.size(1) != 3 or weights.dim() != 1:
@@ -308,15 +313,19 @@ def count_vectors_from_state(state: dict) -> CountVectors:
             (entries < 0).any() or (entries[:, 2] < 1).any() or \
             (len(entries) and entries[:, 0].max() >= len(weights)):
         raise ValueError("count_vectors: counts, weights or vector indexes out of range")
-    return CountVectors(entries, weights)
+    return CountVectors(entries, weights, held_out)
 
 
 def count_vectors_state(counts: CountVectors | None) -> dict | None:
     """The count vectors as the checkpoint stores them (None: not recorded)."""
     if counts is None:
         return None
-    return {"entries": torch.from_numpy(counts.entries.copy()),
-            "weights": torch.from_numpy(counts.weights.copy())}
+    state = {"entries": torch.from_numpy(counts.entries.copy()),
+             "weights": torch.from_numpy(counts.weights.copy())}
+    if counts.held_out is not None:
+        state.update(held_out_entries=torch.from_numpy(counts.held_out.entries.copy()),
+                     held_out_weights=torch.from_numpy(counts.held_out.weights.copy()))
+    return state
 
 
 # ----------------------------------------------------------------------------- training state

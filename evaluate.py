@@ -84,8 +84,8 @@ from scoring import (
 from sweep import FILE_NAME, Sweep, describe, sweep, write_suspicious
 
 ACCURACY_KS = (1, 5, 10, 20)
-NOT_SWEPT = ("not swept (data.assume_clean true, or thresholds fitted elsewhere): every normal-labelled "
-             "training session was taken as normal")
+NOT_SWEPT = ("not swept (data.assume_clean true, or a checkpoint from before the sweep): every "
+             "normal-labelled training session was taken as normal")
 SCORE_EDGES = np.linspace(0, 1, 41)                                  # the plot's bins of the anomaly score
 LOG10_PROBABILITY_EDGES = np.linspace(-30 / math.log(10), 0, 61)     # and of the least likely event's log10 p
 
@@ -794,8 +794,11 @@ def applied_calibration(args, model, checkpoint: dict, co_occurrence, config: Co
         normal = data_chunks(args.calibrate_on, config, "normal", logger)
         top_k, top_g = (args.top_k, ev.top_g) if args.top_k else \
             ranks_within_reach(model, ev.top_k, ev.top_g, logger)   # a --top-k given is taken as it is
+        # the records are the checkpoint's, so is what the sweep of its training data found
+        stored_sweep = (checkpoint.get("calibration") or {}).get("training_sweep")
         calibration = fit_calibration(model, normal, top_k, top_g, ev.target_fpr, args.calibrate_on,
-                                      ev.decision_rule, ev.batch_size, co_occurrence)
+                                      ev.decision_rule, ev.batch_size, co_occurrence,
+                                      training_sweep=stored_sweep)
         # beside the run's own calibration.json, never over it: named after the checkpoint and the time
         path = output_name(output_dir, "calibration", args.checkpoint, args.tag, ".json")
         cal.save_calibration(path, calibration)

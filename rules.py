@@ -221,9 +221,12 @@ class CountVectors:
     counted: how many training sessions bring an event type, a set of types or a pair of types that no other
     one has."""
 
-    def __init__(self, entries: np.ndarray, weights: np.ndarray):
+    def __init__(self, entries: np.ndarray, weights: np.ndarray, held_out: "CountVectors | None" = None):
         self.entries = np.asarray(entries, dtype=np.int64).reshape(-1, 3)   # (vector, event ID, count)
         self.weights = np.asarray(weights, dtype=np.int64)                   # sessions per distinct vector
+        # training sessions kept out of the reference (the sweep's count-vector outliers), still counted in
+        # the novelty of the training data, so that leaving out one odd session cannot make novelty look rare
+        self.held_out = held_out
         self.types = np.unique(self.entries[:, 1])
         dense = np.zeros((len(self.weights), len(self.types)), dtype=np.int64)
         dense[self.entries[:, 0], np.searchsorted(self.types, self.entries[:, 1])] = self.entries[:, 2]
@@ -306,10 +309,21 @@ class CountVectors:
         nearest_other = self._nearest(*self.entries.T, len(self.weights), self_rows=True)
         return np.where(self.weights > 1, 0.0, nearest_other)
 
+    def with_held_out(self) -> "CountVectors":
+        """The reference and the held-out vectors in one record."""
+        if self.held_out is None:
+            return self
+        entries = self.held_out.entries + np.array([len(self.weights), 0, 0])
+        return CountVectors(np.concatenate([self.entries, entries]),
+                            np.concatenate([self.weights, self.held_out.weights]))
+
     def novelty(self, vocab_size: int) -> dict[str, int]:
         """How many training sessions bring what no other training session has: an event type, a set of event
-        types, a pair of event types (types below vocab_size). On a new normal session, each rule of that name
-        fires about as often as this count divided by the sessions (leave one out)."""
+        types, a pair of event types (types below vocab_size), held-out sessions included. On a new normal
+        session, each rule of that name fires about as often as this count divided by the sessions (leave one
+        out)."""
+        if self.held_out is not None:
+            return self.with_held_out().novelty(vocab_size)
         supports = [self.entries[self.entries[:, 0] == v, 1] for v in range(len(self.weights))]
         single = self.weights == 1
         type_sessions = np.bincount(self.entries[:, 1], self.weights[self.entries[:, 0]])

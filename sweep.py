@@ -168,7 +168,11 @@ class Sweep:
             self.count_outliers.add(tuple(map(tuple, pairs.tolist())))
         self.count_outlier_sessions = int(counts.weights[outliers].sum())
         self.suspicious += self.count_outlier_sessions
-        return CountVectors(entries, counts.weights[kept])
+        dropped = np.flatnonzero(outliers)
+        rows = np.isin(counts.entries[:, 0], dropped)
+        held = counts.entries[rows].copy()
+        held[:, 0] = np.searchsorted(dropped, held[:, 0])
+        return CountVectors(entries, counts.weights[kept], CountVectors(held, counts.weights[dropped]))
 
     def summary(self) -> dict:
         """As the calibration stores it ("training_sweep")."""

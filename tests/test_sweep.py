@@ -11,6 +11,7 @@ from conftest import run_script, write_config
 
 import calibration as cal
 import sweep
+from checkpoint import count_vectors_from_state, count_vectors_state
 from dataset import Record
 from rules import CoOccurrence, CountVectors, pairs_of_sets
 
@@ -179,9 +180,14 @@ def test_training_sweeps_its_data_and_lists_what_looks_abnormal(contaminated):
     log = (out / "training.log").read_text()
     assert "Training-data sweep:" in log and f"of {len(mixed)} normal-labelled training sessions" in log
     assert "look abnormal, more than the target false-positive rate allows" in log   # 2%+ > 2 x 0.05%
+    report, = out.glob("evaluation_report_*.txt")
+    section = report.read_text().split("TRAINING DATA")[1]
+    assert f"{len(rows)} of {len(mixed)} normal-labelled training sessions" in section
     checkpoint = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
     recorded = {frozenset(s) for s in checkpoint["event_sets"]}
     assert not any(frozenset(s) in recorded for s in mixed_in if s in listed)
+    # the stated rate of combined holds the swept share on top of what the records alone would state
+    assert calibration["expected_fpr"]["combined"] >= swept["share"]
 
 
 def test_assume_clean_keeps_todays_behaviour(contaminated):
@@ -190,6 +196,8 @@ def test_assume_clean_keeps_todays_behaviour(contaminated):
     assert not (out / sweep.FILE_NAME).exists()
     assert json.loads((out / "calibration.json").read_text())["training_sweep"] is None
     assert "Training-data sweep" not in (out / "training.log").read_text()
+    report, = out.glob("evaluation_report_*.txt")
+    assert "not swept (data.assume_clean true" in report.read_text()
     checkpoint = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
     recorded = {frozenset(s) for s in checkpoint["event_sets"]}
     # the anomalies' sets in the training split are recorded as normal, as before the sweep
@@ -209,6 +217,12 @@ def test_count_vector_outliers_leave_the_record_unless_most_sessions_repeat():
     assert trimmed.nearest([odd])[0] >= 40     # the record no longer holds it
     assert found.flags([odd, normal[0]]).tolist() == [True, False]
     assert found.flags([odd], counts_too=False).tolist() == [False]
+    # out of the reference, still in the training data's novelty (it brings a type no other one has),
+    # through the checkpoint too
+    assert trimmed.novelty(10) == counts.novelty(10) and counts.novelty(10)["event_type"] == 1
+    back = count_vectors_from_state(count_vectors_state(trimmed))
+    assert back.sessions == len(normal) and back.held_out.sessions == 1
+    assert back.novelty(10) == counts.novelty(10)
     # most sessions repeat another one (HDFS): the MAD is 0 and counts as one event; sessions a few events
     # from the others stay, the odd one goes
     repeated = sweep.Sweep(FixedScorer({}), 5.0, 1.0, 0.5, 0, set(), 0)
