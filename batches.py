@@ -32,7 +32,6 @@ from cache import (
     FLAG_CALIBRATION,
     FLAG_VALIDATION,
     PASS_SESSIONS,
-    SPLITS,
     TAIL,
     VERIFIED,
     Mapped,
@@ -53,6 +52,7 @@ from tokens import window_table
 from utils import one_line
 
 _DEFAULTS = Config()   # the one place defaults live
+SPLITS = ("train", "val", "all")
 
 
 def session_selection(flags: np.ndarray, split: str) -> np.ndarray:
