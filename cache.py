@@ -291,10 +291,7 @@ def _count_newlines(job) -> int:
         with open(file, "rb") as handle:
             handle.seek(begin)
             remaining = end - begin
-            while remaining > 0:
-                block = handle.read(min(remaining, 2 ** 24))
-                if not block:
-                    break
+            while remaining > 0 and (block := handle.read(min(remaining, 2 ** 24))):
                 count += block.count(b"\n")
                 remaining -= len(block)
     except OSError as error:
@@ -546,12 +543,8 @@ def _entry_files(entry: Path, meta: dict) -> list[Path]:
 
 def _typed(value, *kinds) -> bool:
     """isinstance for JSON values: a bool is no integer, an integer is a number, None stands for null."""
-    def one(kind) -> bool:
-        if kind is None:
-            return value is None
-        return isinstance(value, (int, float) if kind is float else kind) and \
-            (kind is bool or not isinstance(value, bool))
-    return any(map(one, kinds))
+    return any(value is None if kind is None else isinstance(value, (int, float) if kind is float else kind)
+               and (kind is bool or not isinstance(value, bool)) for kind in kinds)
 
 
 _KEY_TYPES = {"format": (int,), "path": (str,), "size": (int,), "mtime_ns": (int,), "vocab_size": (int, None),
