@@ -189,13 +189,11 @@ class RawLines:
     @staticmethod
     def line_of(runs, position: int) -> tuple[int, int] | None:
         """(file index, line number) of the event at `position`, or None (the end of session)."""
-        try:
+        with contextlib.suppress(TypeError, ValueError):
             for file_index, first, count in runs:
                 if position < count:
                     return int(file_index), int(first) + position
                 position -= count
-        except (TypeError, ValueError):
-            return None
         return None
 
     def fetch(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
@@ -207,13 +205,11 @@ class RawLines:
             if 0 <= file_index < len(self.files) and line >= 1:
                 by_file.setdefault(file_index, []).append(line)
         for file_index, lines in by_file.items():
-            try:
-                if not self.files[file_index].is_file():
-                    continue
-                found.update({(file_index, n): text
-                              for n, text in self._read(self.files[file_index], sorted(lines))})
-            except (OSError, EOFError, zlib.error):
-                continue  # a log moved or rotated away: its misses are shown without their line
+            # a log moved or rotated away: its misses are shown without their line
+            with contextlib.suppress(OSError, EOFError, zlib.error):
+                if self.files[file_index].is_file():
+                    found.update({(file_index, n): text
+                                  for n, text in self._read(self.files[file_index], sorted(lines))})
         return found
 
     def _read(self, file: Path, lines: list[int]):
@@ -705,9 +701,8 @@ def parse_args(argv=None):
         "the whole line is the content)")
     add("--mask", action="append", dest="masks", help="regex of a variable part, replaced by <*> before "
         "Drain; repeatable (replaces the config's list), applied in order before the default masks")
-    add("--no-default-masks", action="store_false", dest="default_masks", default=None,
-        help="do not apply the built-in masks (IP:port, UUID, hex, long hex ids, paths, block-like ids, "
-        "numbers)")
+    add("--no-default-masks", action="store_false", dest="default_masks", default=None, help="do not apply "
+        "the built-in masks (IP:port, UUID, hex, long hex ids, paths, block-like ids, numbers)")
     add("--similarity", type=float, help="Drain similarity threshold sim_th in [0, 1] (default 0.45)")
     add("--depth", type=int, help="Drain prefix-tree depth, >= 3 (default 4)")
     add("--max-templates", type=int, help="cap on templates held (drain3 max_clusters, least recently used "
@@ -715,8 +710,8 @@ def parse_args(argv=None):
     add("--parser-state", help="parser_state.json of an earlier run: match lines onto its event IDs, learn "
         "nothing (unmatched lines get ID vocab_size); log format, masks and Drain settings come from it, and "
         "the grouping unless given")
-    add("--session-key", help=r"regex of session identifiers, e.g. 'blk_-?\d+' (a line naming several "
-        "joins each)")
+    add("--session-key", help=r"regex of session identifiers, e.g. 'blk_-?\d+' (a line naming several joins "
+        "each)")
     add("--window", help="count:SIZE[:STEP] (lines) or time:SIZE[:STEP] (seconds; needs --time-field)")
     add("--time-field", help="log-format field holding each line's time (default format: epoch seconds)")
     add("--time-format", help="strptime format of --time-field, e.g. '%%Y-%%m-%%d-%%H.%%M.%%S.%%f' (read "
