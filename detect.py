@@ -480,41 +480,36 @@ def log_live_totals(detector: LiveDetector, parser: LineParser, speed: str, logg
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="sessions to score: a data file or directory (JSONL, JSON, DeepLog text), raw "
-                             "log files with --parser-state; with --follow, files to follow or - (standard "
-                             "input)")
-    parser.add_argument("--output", help="write the JSON lines here (default: stdout)")
-    parser.add_argument("--follow", action="store_true",
-                        help="live: read the files as they grow (tail -F), early alerts, restartable")
-    parser.add_argument("--parser-state", help="PATH holds raw log lines, parsed and grouped through this "
-                                               "parser_state.json of preprocess.py (the event IDs of "
-                                               "training)")
-    parser.add_argument("--calibration", help="use thresholds from this calibration.json (default: the "
-                                              "checkpoint's)")
-    parser.add_argument("--rule", choices=RULES, help="decision rule (default: evaluation.decision_rule)")
-    parser.add_argument("--config", help="a config.yaml whose detect: section replaces the checkpoint's "
-                                         "(prefix_nodes, parse_workers, ...); flags override it")
-    parser.add_argument("--state", help="with --follow: where the place and open sessions are saved "
-                                        "(default: OUTPUT.state)")
-    parser.add_argument("--idle-lines", type=int, help="with --follow: close a session no line named for "
-                                                       "this many lines (detect.idle_lines)")
-    parser.add_argument("--idle-seconds", type=float, help="with --follow: ... or for this many seconds "
-                                                           "(detect.idle_seconds)")
-    parser.add_argument("--max-session-events", type=int, help="with --follow: close a session at this many "
-                                                               "events (detect.max_session_events)")
-    parser.add_argument("--state-interval", type=float, help="with --follow: save the place this often, in "
-                                                             "seconds (detect.state_interval_s)")
-    parser.add_argument("--max-misses", type=int,
-                        help="misses shown per abnormal verdict (detect.max_misses)")
-    parser.add_argument("--skip-bad-records", action="store_true",
-                        help="skip and count bad records instead of stopping (data.skip_bad_records)")
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="a checkpoint written by train.py")
+    add("paths", nargs="+", metavar="PATH", help="sessions to score: a data file or directory (JSONL, JSON, "
+        "DeepLog text), raw log files with --parser-state; with --follow, files to follow or - (standard "
+        "input)")
+    add("--output", help="write the JSON lines here (default: stdout)")
+    add("--follow", action="store_true", help="live: read the files as they grow (tail -F), early alerts, "
+        "restartable")
+    add("--parser-state", help="PATH holds raw log lines, parsed and grouped through this parser_state.json "
+        "of preprocess.py (the event IDs of training)")
+    add("--calibration", help="use thresholds from this calibration.json (default: the checkpoint's)")
+    add("--rule", choices=RULES, help="decision rule (default: evaluation.decision_rule)")
+    add("--config", help="a config.yaml whose detect: section replaces the checkpoint's (prefix_nodes, "
+        "parse_workers, ...); flags override it")
+    add("--state", help="with --follow: where the place and open sessions are saved (default: OUTPUT.state)")
+    add("--idle-lines", type=int, help="with --follow: close a session no line named for this many lines "
+        "(detect.idle_lines)")
+    add("--idle-seconds", type=float, help="with --follow: ... or for this many seconds "
+        "(detect.idle_seconds)")
+    add("--max-session-events", type=int, help="with --follow: close a session at this many events "
+        "(detect.max_session_events)")
+    add("--state-interval", type=float, help="with --follow: save the place this often, in seconds "
+        "(detect.state_interval_s)")
+    add("--max-misses", type=int, help="misses shown per abnormal verdict (detect.max_misses)")
+    add("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping "
+        "(data.skip_bad_records)")
     args = parser.parse_args(argv)
-    live_only = [flag for flag, value in (("--state", args.state), ("--idle-lines", args.idle_lines),
-                                          ("--idle-seconds", args.idle_seconds),
-                                          ("--max-session-events", args.max_session_events),
-                                          ("--state-interval", args.state_interval)) if value is not None]
+    live_only = [f"--{name.replace('_', '-')}" for name in ("state", "idle_lines", "idle_seconds",
+                                                            "max_session_events", "state_interval")
+                 if getattr(args, name) is not None]
     if live_only and not args.follow:
         parser.error(f"{live_only[0]} is for live detection: add --follow")
     if not args.follow and (len(args.paths) > 1 or args.paths == ["-"]):
