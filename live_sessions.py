@@ -285,19 +285,16 @@ class LiveDetector:
         """A miss into the session's record (its first max_misses): outside the top-k, or below `bound`."""
         if (scored.rank[row] >= self.top_k or (bound is not None and scored.log_prob[row] < bound)) and \
                 len(session.misses) < self.max_misses:
-            session.misses.append(self._miss(session, scored, row, position))
+            miss = {"position": position,
+                    "actual": session.events[position] if position < len(session.events) else "<end>",
+                    "probability": float(math.exp(scored.log_prob[row])),
+                    "expected": [self._label(t) for t in scored.expected[row]]}
+            if session.refs is not None and position >= session.n0:
+                located(miss, session.refs[position - session.n0])
+            session.misses.append(miss)
 
     def _label(self, token: int):
         return "<end>" if token == self.scorer.model.end_id else int(token)
-
-    def _miss(self, session: LiveSession, scored: Scored, row: int, position: int) -> dict:
-        miss = {"position": position,
-                "actual": session.events[position] if position < len(session.events) else "<end>",
-                "probability": float(math.exp(scored.log_prob[row])),
-                "expected": [self._label(t) for t in scored.expected[row]]}
-        if session.refs is not None and position >= session.n0:
-            located(miss, session.refs[position - session.n0])
-        return miss
 
     def _alert(self, session: LiveSession, position: int, rule: str, pair, scored: Scored, row) -> tuple:
         alert = {"alert": "early", "session_id": session.session_id, "rule": rule, "position": position,
