@@ -174,11 +174,8 @@ class StandardInput(FollowedFile):
         self.poll_interval = poll_interval
         self.handle = sys.stdin.buffer
 
-    def place(self) -> dict:
-        return {"path": "-", "device": 0, "inode": 0, "offset": self.offset, "line": self.line}
-
     def open(self, saved: dict | None = None) -> None:
-        return None
+        return None   # (never opened by name; its place() holds no device or inode)
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
         wait = self.poll_interval
@@ -336,11 +333,9 @@ class LineParser:
         except logparse.LineError as error:
             raise DataError(f"{path}: line {number}: {error}") from None
         # named by k (a gap skips names), where a whole parse numbers the windows it writes in turn
-        kind = self.windows.kind
-        return ([Item("close", tuple(f"{kind}-window-{k + 1}" for k in closed), [], at, None)] if closed
-                else []) + \
-            ([Item("event", tuple(f"{kind}-window-{k + 1}" for k in joined), [event], at, text)] if joined
-             else [])
+        names = lambda ks: tuple(f"{self.windows.kind}-window-{k + 1}" for k in ks)  # noqa: E731
+        return [Item(kind, names(ks), events, at, raw) for kind, ks, events, raw in
+                (("close", closed, [], None), ("event", joined, [event], text)) if ks]
 
     def state(self) -> dict:
         return {"counts": dict(self.counts), "first_bad": self.first_bad,
