@@ -186,9 +186,8 @@ def timeout_error(error: PatternTimeout, where: str) -> PreprocessError:
         f"{error.slow_s:.1f} s in calls of over {_TICK_S:g} s each on one line within {SLOW_WINDOW_S:g} s " \
         f"(the last on {where})"
     return PreprocessError(f"{error.flag} {utils.short(error.pattern)}: {took}, so the run stops: a pattern "
-                           f"whose repeats nest or overlap, such as "
-                           f"(a+)+ or (a|aa)*, backtracks exponentially on a line it almost fits; write each "
-                           f"repeat once (a+ for (a+)+)")
+                           "whose repeats nest or overlap, such as (a+)+ or (a|aa)*, backtracks exponentially"
+                           " on a line it almost fits; write each repeat once (a+ for (a+)+)")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -227,9 +226,8 @@ def _fixed(text: str) -> bool:
 
 
 def _follow(rest: str) -> str | None:
-    """What may come right after a field that the group opening `rest` follows (`rest`: the format's
-    remaining text, later fields marked), as a regex: the group's leading text, and if the group is optional
-    (`?`, `*`) the text after it. None where that is no fixed text (a field first, an alternation)."""
+    """What may come right after a field that the group opening `rest` follows, as a regex: the group's
+    leading text, and if the group is optional the text after it; None where that is no fixed text."""
     inner = 3 if rest.startswith("(?:") else 1
     if rest[1:2] == "?" and inner == 1:
         return None  # a lookaround, a named group or flags
@@ -317,8 +315,7 @@ BUILT_IN_MASKS = ("|".join(f"(?:{m})" for m in DEFAULT_MASKS[:-1]), DEFAULT_MASK
 
 
 def make_miner(drain: dict, masks: list[str], flag: str = "--mask") -> TemplateMiner:
-    """drain3's TemplateMiner with these settings and masks (each replaced by <*>); every mask but the
-    built-in ones runs on the watchdog's budget, named `flag` in messages."""
+    """drain3's TemplateMiner with these settings and masks, the user's on the watchdog's budget (`flag`)."""
     config = TemplateMinerConfig()  # in code: no drain3.ini is read
     config.drain_sim_th, config.drain_depth = drain["sim_th"], drain["depth"]
     config.drain_max_children, config.drain_max_clusters = drain["max_children"], drain["max_clusters"]
