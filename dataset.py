@@ -315,8 +315,7 @@ def _line_blocks(file: Path, byte_range: tuple[int, int] | None, first_line: int
 
 
 def _numbered_items(file: Path, fmt: str, array_key: str, byte_range, first_line: int):
-    """(record number, raw item) of any format; text items are lists of tokens, JSONL items may be
-    _Unparsable. Blank lines are skipped."""
+    """(record number, raw item) of any format (text: lists of tokens; JSONL: maybe _Unparsable)."""
     if fmt == "json":
         yield from _iter_json_array(file, array_key)
         return
@@ -355,9 +354,8 @@ def iter_session_arrays(file, vocab_size: int | None = None, event_ids_field: st
                         byte_range: tuple[int, int] | None = None, first_line: int = 1,
                         chunk_records: int = 512) -> Iterator[SessionArrays]:
     """Validated sessions of one data file as chunks of flat arrays, the checks and messages of
-    iter_sessions. Chunks are checked with a few C-speed passes; from the first that fails them on, the file
-    is read again record by record, to name the bad record (or skip it). `byte_range`: as _line_blocks.
-    Small chunks keep the parsed objects in the CPU cache."""
+    iter_sessions: a few C-speed passes a chunk; from the first chunk that fails them on, record by record,
+    to name the bad record (or skip it). `byte_range`: as _line_blocks."""
     file = Path(file)
     fmt = _format_of(file) or "text"
     counters = counters if counters is not None else {}
@@ -536,8 +534,8 @@ def make_windows(event_ids: list[int], vocab_size: int, max_seq_length: int, win
 
 
 def merge_counts(counts: list[dict], disjoint: bool) -> dict:
-    """Combine the count() of every rank: summed over disjoint file shards, else all ranks saw the same
-    data. `windows_per_rank` is what every rank can supply, the smallest shard or an equal share."""
+    """Combine the count() of every rank (summed over disjoint file shards); `windows_per_rank` is what
+    every rank can supply."""
     world_size = len(counts)
     if not disjoint:
         return {**counts[0], "windows_per_rank": counts[0]["windows"] // world_size}
@@ -650,8 +648,7 @@ class SessionDataset(IterableDataset):
                              self.buffer_size)
 
     def _samples(self, windows, limit: int | None, rng_key: str, buffer_size: int):
-        """This rank's share of `windows` (unless files were already split by rank), at most `limit` of
-        them, shuffled through a buffer of `buffer_size` by an RNG seeded with `rng_key`."""
+        """This rank's share of `windows`, at most `limit`, shuffled through a buffer seeded by `rng_key`."""
         shard = windows if self.shard_by_file else \
             (s for i, s in enumerate(windows) if i % self.world_size == self.rank)
         if limit is not None:
@@ -697,8 +694,7 @@ class SessionDataset(IterableDataset):
                 **co_occurrence.summary()}
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[tuple[dict, int]]:
-        """Padded batches with their position: the number of batches of this epoch done after this one.
-        With reader processes, each one shuffles (buffer_size / num_workers) and pads its own batches."""
+        """Padded batches with their position: the number of batches of this epoch done after this one."""
         _, pad_id, _, _ = special_tokens(self.vocab_size)
         source = self._parallel("batches", batch_size) if self.num_workers else \
             collated(iter(self), batch_size, pad_id, skip=start_batch)
@@ -708,8 +704,7 @@ class SessionDataset(IterableDataset):
 
 
 def collated(samples, batch_size: int, pad_id: int, skip: int = 0) -> Iterator[dict | None]:
-    """Batches of `batch_size` samples (the last may be smaller); the first `skip` are yielded as None,
-    uncollated, since a resumed epoch only needs to count them."""
+    """Batches of `batch_size` samples; the first `skip` as None (a resumed epoch only counts them)."""
     chunk, done = [], 0
     for sample in samples:
         chunk.append(sample)
@@ -729,8 +724,7 @@ def _leave_signals_to_parent(_worker_id: int) -> None:
 
 
 class _FileShardReader(IterableDataset):
-    """Runs inside a DataLoader worker: over every num_workers-th file of the dataset's share, yields
-    padded, shuffled batches ("batches") or one count ("count")."""
+    """In a DataLoader worker, over every num_workers-th file: padded, shuffled batches, or one count."""
 
     def __init__(self, dataset: SessionDataset, mode: str, batch_size: int):
         self.dataset, self.mode, self.batch_size = dataset, mode, batch_size
@@ -755,8 +749,7 @@ class _FileShardReader(IterableDataset):
 
 
 def describe(path, vocab_size: int | None = None, **reader_options) -> Iterator[str]:
-    """One line per data file under `path` (sessions, abnormal ones, lengths, largest ID) and, for several
-    files, a total; read with the fast first pass, in bounded memory."""
+    """One line per data file under `path` (sessions, abnormal ones, lengths, largest ID), then a total."""
     total = {"files": 0, "sessions": 0, "abnormal": 0}
     for data_file in list_data_files(path):
         sessions = abnormal = max_id = 0
