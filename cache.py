@@ -139,8 +139,7 @@ def _entry_key(file: Path, settings: CacheSettings) -> dict:
 
 
 def entry_dir(file: Path, settings: CacheSettings, cache_dir: Path) -> Path:
-    """Path and settings name the entry; size and mtime are checked inside, so a changed file replaces
-    its own entry instead of leaving the old one behind."""
+    """Path and settings name the entry; size and mtime are checked inside (a changed file replaces it)."""
     name = json.dumps([str(file.resolve()), asdict(settings), CACHE_FORMAT])
     return Path(cache_dir) / f"{file.name}-{hashlib.blake2b(name.encode(), digest_size=8).hexdigest()}"
 
@@ -715,8 +714,7 @@ def event_pairs_of(entry: Path) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- reading
 class Mapped:
-    """One array file, memory-mapped (the page cache holds what fits, the process's own memory stays flat)
-    or, with lazy=False, read whole into the process's memory."""
+    """One array file, memory-mapped or, with lazy=False, read whole into the process's memory."""
 
     def __init__(self, path: Path, dtype, lazy: bool = True):
         self.map = None
@@ -755,8 +753,7 @@ class Part:
         return self.arrays[name].array
 
     def release(self) -> None:
-        """After a sequential pass: unmap the pages read and close the maps of the per-session arrays
-        (each map holds a file descriptor; a run may hold thousands of parts)."""
+        """After a sequential pass: unmap the pages read, close the per-session arrays' maps (descriptors)."""
         self.tokens.release()
         for mapped in self.arrays.values():
             mapped.release()
