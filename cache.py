@@ -470,8 +470,8 @@ def open_entries(entries, logger: logging.Logger = log) -> list[dict]:
     for entry in map(Path, entries):
         problem, meta = _open_entry(entry, None)
         if problem is not None:
-            key = _key_of(entry)
-            if key is None:
+            key = meta.get("key") if isinstance(meta, dict) else None
+            if _key_problem(key) is not None:
                 raise DataError(f"token cache {entry}: {problem}; build it again from its data file "
                                 f"(python cache.py, or train.py/evaluate.py do it)")
             rebuilt = build_caches(key["path"], CacheSettings.of_key(key), entry.parent, logger=logger)
@@ -490,7 +490,7 @@ def _entry_id(entry: Path) -> str:
 
 
 def _open_entry(entry: Path, key: dict | None) -> tuple[str | None, dict | None]:
-    """(None, meta) for a usable entry, else (why not, None)."""
+    """(None, meta) for a usable entry, else (why not, its meta.json as read, or None)."""
     meta_path = entry / "meta.json"
     if not meta_path.exists():
         return ("absent" if not entry.exists() else "incomplete (no meta.json)"), None
@@ -500,10 +500,10 @@ def _open_entry(entry: Path, key: dict | None) -> tuple[str | None, dict | None]
         return f"damaged (meta.json unreadable: {one_line(error)})", None
     problem = _meta_problem(meta)
     if problem is not None:
-        return f"damaged ({problem})", None
+        return f"damaged ({problem})", meta
     if key is not None and meta["key"] != key:
         changed = sorted(k for k in {**key, **meta["key"]} if meta["key"].get(k) != key.get(k))
-        return f"stale ({', '.join(changed)} changed)", None
+        return f"stale ({', '.join(changed)} changed)", meta
     try:
         signature = files_signature(_entry_files(entry, meta))
         problem = _size_problem(entry, meta)
@@ -516,19 +516,9 @@ def _open_entry(entry: Path, key: dict | None) -> tuple[str | None, dict | None]
         problem = f"{type(error).__name__}: {one_line(error)}"
     if problem is not None:
         VERIFIED.pop(_entry_id(entry), None)
-        return f"damaged ({problem})", None
+        return f"damaged ({problem})", meta
     VERIFIED[_entry_id(entry)] = signature
     return None, meta
-
-
-def _key_of(entry: Path) -> dict | None:
-    """The key of an entry whose meta.json holds a well-formed one, else None."""
-    try:
-        meta = json.loads((entry / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    key = meta.get("key") if isinstance(meta, dict) else None
-    return key if _key_problem(key) is None else None
 
 
 def files_signature(paths) -> tuple:
