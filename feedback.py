@@ -191,7 +191,10 @@ def read_feedback(path, vocab_size: int, options: dict | None = None) -> Feedbac
     found = Feedback(file, file_sha256(file), [], [])
     try:
         for index, item in _numbered_items(file, fmt, options["json_array_key"], None, 1):
-            kind = _skipped_kind(item)
+            # detect.py's output lines that are no session to learn from
+            kind = None if not isinstance(item, dict) or "event_ids" in item else \
+                "early_alerts" if item.get("alert") is not None else \
+                "normal_verdicts" if item.get("verdict") == "normal" else None
             if kind is not None:
                 found.skipped[kind] += 1
                 continue
@@ -212,17 +215,6 @@ def read_feedback(path, vocab_size: int, options: dict | None = None) -> Feedbac
     if not found.sessions:
         raise DataError(f"{file}: no feedback sessions to learn from{found.skipped_text()}")
     return found
-
-
-def _skipped_kind(item) -> str | None:
-    """Which kind of skipped line a detect.py output line is (None: a session to learn from)."""
-    if not isinstance(item, dict):
-        return None
-    if item.get("alert") is not None and "event_ids" not in item:
-        return "early_alerts"
-    if item.get("verdict") == "normal" and "event_ids" not in item:
-        return "normal_verdicts"
-    return None
 
 
 # ----------------------------------------------------------------------------- records joined
