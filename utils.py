@@ -157,9 +157,8 @@ def remove_stale_temp_files(directory: Path) -> None:
 
 
 class OutputLock:
-    """One run per output directory: a second run there is refused, naming the holder (pid, host). The lock
-    is an flock, so it dies with its process; a lock file whose holder has ended is taken over, with a
-    warning."""
+    """One run per output directory: a second run there is refused, naming the holder (pid, host). An flock
+    dies with its process: a lock file whose holder has ended is taken over, with a warning."""
 
     def __init__(self, output_dir: Path, logger: logging.Logger, flag: str = "--output-dir",
                  name: str = ".lock"):
@@ -242,13 +241,12 @@ class RunRecord:
         run_id = (resumed or {}).get("run_id") or new_run_id()
         same_run = resumed is not None and (existing.run_id == run_id if existing is not None else
                                             Path(resume_path).resolve().parent == checkpoint_dir.resolve())
+        moved_to = None
         if (existing is not None or found) and not same_run:
             if not overwrite:
                 raise ConfigError(cls._refusal(output_dir, existing, found))
             moved_to = cls._move_aside(output_dir, existing)
             existing, found = None, []
-        else:
-            moved_to = None
         if existing is not None:
             return existing
         # a new run, or a resume into a new folder or a folder of checkpoints written before run records:
