@@ -219,9 +219,8 @@ def read_feedback(path, vocab_size: int, options: dict | None = None) -> Feedbac
 
 # ----------------------------------------------------------------------------- records joined
 def join_records(checkpoint: dict, sessions: list[list[int]], config: Config, logger) -> CoOccurrence:
-    """The parent's records of which event types occur in normal training sessions, joined with the
-    feedback sessions, written into `checkpoint` (a copy) and returned; one the parent did not keep stays
-    unkept."""
+    """The parent's records of which event types occur in training, joined with the feedback sessions',
+    written into `checkpoint` (a copy) and returned; one the parent did not keep stays unkept."""
     vocab_size = checkpoint["model_args"]["vocab_size"]
     known = co_occurrence_of(checkpoint)
     if "count_vectors" not in checkpoint:   # a parent whose evaluation after training never ran
