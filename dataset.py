@@ -370,7 +370,7 @@ def iter_session_arrays(file, vocab_size: int | None = None, event_ids_field: st
             for block_start, block in _line_blocks(file, byte_range, first_line):
                 arrays = _lines_at_c_speed(block_start, block, fmt, fields, vocab_size)
                 yield arrays if arrays is not None else \
-                    _checked_arrays(file, _block_items(file, fmt, block_start, block), *checked)
+                    _checked_arrays(file, list(_block_items(file, fmt, block_start, block)), *checked)
             return
         except _RecheckFrom as failed:
             recheck_from = failed.records_done
