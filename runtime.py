@@ -204,8 +204,7 @@ class GPUMonitor:
             count = pynvml.nvmlDeviceGetCount()
             self.indices = device_indices if device_indices is not None else visible_gpu_indices(count)
             self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self.indices]
-        except Exception as error:  # ImportError, NVMLError (driver missing, no permission, ...)
-            self.handles = []
+        except Exception as error:  # ImportError, NVMLError (driver missing, no permission, ...): no handles
             logger.info(f"GPU stats: pynvml unavailable ({type(error).__name__}: {error}); "
                         f"install nvidia-ml-py for per-GPU memory/utilisation; no GPU field in step lines")
 
