@@ -1,7 +1,6 @@
-"""Reading the token cache: the arrays of an entry memory-mapped, CachedSessions (the windows of a split
-through a keyed permutation, a true global shuffle in O(1) memory, assembled a block of batches at a time),
-the window index of a split, and the sessions of the caches in chunks for scoring. cache.py builds and
-verifies the entries; this module only reads them.
+"""Reading the token cache (cache.py builds and verifies it): CachedSessions (the windows of a split through
+a keyed permutation, a global shuffle in O(1) memory), the window index of a split, and the sessions of the
+caches in chunks for scoring.
 
 Examples:
 
@@ -32,7 +31,6 @@ from cache import (
     FLAG_CALIBRATION,
     FLAG_VALIDATION,
     PASS_SESSIONS,
-    SPLITS,
     TAIL,
     VERIFIED,
     Mapped,
@@ -53,6 +51,7 @@ from tokens import window_table
 from utils import one_line
 
 _DEFAULTS = Config()   # the one place defaults live
+SPLITS = ("train", "val", "all")
 
 
 def session_selection(flags: np.ndarray, split: str) -> np.ndarray:
@@ -65,16 +64,11 @@ def session_selection(flags: np.ndarray, split: str) -> np.ndarray:
 
 
 class CachedSessions:
-    """Windows of normal sessions from one side of the split, read from token caches.
-
-    The same interface as dataset.SessionDataset (set_epoch, batches, count). An epoch's order is a keyed
-    permutation of all windows of the split, a function of (seed, epoch): a true global shuffle held in no
-    memory; with `world_size > 1` rank r takes every world_size-th window of it, `samples_per_rank` each.
-    `batches(start_batch=N)` computes the position of batch N directly, so a resume costs nothing.
-    Batches are assembled a block (`buffer_size` windows) at a time; with `length_bucketing` the windows
-    of a block are sorted by length, cut into batches and the batches shuffled (little padding, still a
-    global shuffle, but on HDFS it trained worse: benchmarks/README.md).
-    """
+    """Windows of normal sessions from one side of the split, read from token caches; the interface of
+    dataset.SessionDataset. An epoch's order is a keyed permutation of all windows, a function of (seed,
+    epoch); rank r takes every world_size-th window. `batches(start_batch=N)` starts at batch N directly.
+    Batches are assembled a block (`buffer_size` windows) at a time; `length_bucketing` sorts a block by
+    length (little padding, but on HDFS it trained worse: benchmarks/README.md)."""
 
     def __init__(self, entries: list[Path], vocab_size: int, split: str = "train",
                  seed: int = _DEFAULTS.training.seed, max_seq_length: int = _DEFAULTS.data.max_seq_length,
@@ -112,9 +106,8 @@ class CachedSessions:
 
     # ------------------------------------------------------------------ the window index
     def _window_index(self, prefix: Path, part: Part) -> dict:
-        """Start (in tokens) and length of every window of this split, negative for a window that re-reads
-        window_context positions of the previous one; derived from the cache once, kept beside it with the
-        size and CRC-32 of its two files (verified once per process; rebuilt when damaged)."""
+        """Start (in tokens) and length of every window of this split (negative: it re-reads window_context
+        positions of the previous one), derived once and kept beside the cache with its checksums."""
         name = f"{prefix}.windows-{self.split}-{self.max_seq_length}-{self.window_context}"
         problem = _window_index_problem(name)
         if problem is not None:
@@ -131,9 +124,8 @@ class CachedSessions:
 
     # ------------------------------------------------------------------ counts
     def count(self) -> dict:
-        """Sessions, windows and predicted tokens of this split, from the caches' records and window index
-        (no parsing); with the training split, also the targets it holds and which event types occur
-        together, as sets and pairs (recorded by the first pass; None for other splits)."""
+        """Sessions, windows and predicted tokens of this split (no parsing); with the training split also
+        the targets it holds and which event types occur together (None for other splits)."""
         sessions = abnormal = tokens = 0
         step = PASS_SESSIONS
         for part in self.parts:
@@ -181,9 +173,8 @@ class CachedSessions:
                     yield batch, done
 
     def _block(self, positions: np.ndarray, batch_size: int, block_number: int) -> list[dict]:
-        """The batches of one block. Its windows are read in the caches' order (for locality), then put back
-        in the permutation's order, or, with length_bucketing, sorted by length, cut into batches and the
-        batches put in a seeded random order."""
+        """The batches of one block, its windows read in the caches' order (locality), then put back in the
+        permutation's order (length_bucketing: sorted by length, the batches in a seeded random order)."""
         ids = positions * self.world_size + self.rank
         cuts = np.arange(0, len(ids), batch_size)
         batch_order = np.arange(len(cuts))
@@ -214,9 +205,8 @@ class CachedSessions:
                  "lengths": lengths[k], "context": context[k]} for k in batch_order.tolist()]
 
     def _gather(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """For sorted global window ids: rows of (longest + 1) tokens from each window's start, as one
-        [windows, longest + 1] int tensor (inputs are row[:-1], targets row[1:]); the windows' lengths;
-        whether each re-reads window_context positions of the previous window."""
+        """For sorted global window ids: [windows, longest + 1] rows of tokens from each window's start, the
+        windows' lengths, and whether each re-reads window_context positions of the previous window."""
         bounds = np.searchsorted(ids, self.window_bounds)
         pieces = []
         for part in np.flatnonzero(np.diff(bounds)).tolist():
@@ -247,8 +237,7 @@ class CachedSessions:
 
 
 def _window_index_problem(name: str) -> str | None:
-    """None when a window index is complete and intact (its record, NAME.json, holds both files' size and
-    CRC-32), else why not; "absent" when it was never written."""
+    """None when a window index is intact (NAME.json records both files' size and CRC-32), else why not."""
     files = {k: Path(f"{name}.{k}") for k in ("json", "starts", "lengths")}
     if not files["json"].exists():
         return "absent"
@@ -276,8 +265,7 @@ def _window_index_problem(name: str) -> str | None:
 
 def _write_window_index(name: str, part: Part, split: str, max_seq_length: int,
                         window_context: int) -> None:
-    """The window index of a split (see CachedSessions._window_index); its record is written last, so that
-    its presence means both files are complete."""
+    """The window index of a split; its record is written last, so its presence means both files are whole."""
     temp = {k: Path(f"{name}.{k}.{os.getpid()}.tmp") for k in ("starts", "lengths")}
     writers = {k: Writer(path) for k, path in temp.items()}
     try:
@@ -328,17 +316,15 @@ def _allow_open_files(needed: int) -> None:
 
 
 def _windows_of(starts: np.ndarray, lengths: np.ndarray, max_seq_length: int, window_context: int):
-    """Windows of sessions (start of the start token, events), cut by tokens.window_table: (window starts,
-    window lengths), a length negative for a window whose first window_context targets are context."""
+    """(window starts, window lengths) of sessions (start token's place, events) by tokens.window_table."""
     session, begin, end, scored = window_table(lengths + 1, max_seq_length, window_context)
     window_lengths = (end - begin).astype(np.int32)
     return (starts[session] + begin).astype(np.int64), np.where(scored > 0, -window_lengths, window_lengths)
 
 
 def keyed_permutation(values: np.ndarray, n: int, key: str) -> np.ndarray:
-    """A pseudo-random bijection of [0, n) applied to `values`: a 4-round Feistel network over the
-    smallest even number of bits that covers n, cycle-walking the values that land outside [0, n).
-    Each half is at most 32 bits, so the rounds run on uint32 (products wrap by design) when n < 2^32."""
+    """A pseudo-random bijection of [0, n) applied to `values`: a 4-round Feistel network over the smallest
+    even number of bits covering n, cycle-walking values that land outside [0, n) (products wrap)."""
     half = max(1, ((n - 1).bit_length() + 1) // 2)
     dtype = np.uint32 if half <= 16 else np.uint64
     mask, shift = dtype((1 << half) - 1), dtype(half)
@@ -368,10 +354,9 @@ def keyed_permutation(values: np.ndarray, n: int, key: str) -> np.ndarray:
 def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096,
                    max_events: int = 2 ** 22) -> Iterator[list[tuple]]:
     """Sessions of the caches as chunks of event-ID tuples, in file order: `wanted` is "calibration" or
-    "evaluation" (the two halves of the normal validation split, or of all normal sessions when the
-    split is 0), "normal" (every normal session), "train" (the normal sessions outside the validation split),
-    "abnormal" (label 1) or "all". A chunk holds at most `chunk_size`
-    sessions and, past its first session, `max_events` events: long sessions make short chunks."""
+    "evaluation" (the halves of the normal validation split, or of all normal sessions when the split is 0),
+    "normal", "train", "abnormal" or "all". A chunk holds at most `chunk_size` sessions and, past its first,
+    `max_events` events."""
     for entry, meta in zip(entries, open_entries(entries)):
         split_is_zero = meta["key"]["validation_split"] == 0
         for summary in meta["parts"]:
@@ -396,14 +381,11 @@ def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096,
                     calibration = (flags & FLAG_CALIBRATION) != 0
                     chosen = held_out & (calibration if wanted == "calibration" else ~calibration)
                 indices = np.flatnonzero(chosen)
-                if not len(indices):
-                    begin = end
-                    continue
-                offsets = part["offsets"][begin:end + 1]
-                tokens = part.tokens.array[offsets[0]:offsets[-1]].tolist()
-                local = (offsets - offsets[0]).tolist()
-                yield [tuple(tokens[local[i] + 1:local[i + 1] - 1]) for i in indices.tolist()]
+                if len(indices):
+                    offsets = part["offsets"][begin:end + 1]
+                    tokens = part.tokens.array[offsets[0]:offsets[-1]].tolist()
+                    local = (offsets - offsets[0]).tolist()
+                    yield [tuple(tokens[local[i] + 1:local[i + 1] - 1]) for i in indices.tolist()]
                 begin = end
             part.release()
-
 

@@ -11,9 +11,8 @@ Examples:
     settings = cache_settings(Config(), 29)      # the data and split settings of a config
     entries = build_caches(["data/sample/train/part-003.txt"], settings, "/tmp/cache")   # batches.py reads
 
-One cache entry per data file, in `cache_dir/<file name>-<hash>/`, keyed by the file (path, size,
-mtime) and by every setting that changes its content (field names, array key, vocab_size, the split's
-seed and fraction, skip_bad_records). A big JSONL or text file is parsed by several processes, one per
+One cache entry per data file, in `cache_dir/<file name>-<hash>/`, keyed by the file (path, size, mtime)
+and every setting that changes its content. A big JSONL or text file is parsed by several processes, one per
 byte range ("part"); a .json array by one. Each part holds, as raw little-endian arrays:
 
     tokens   uint16 when every token fits, else int32: each session as [start, e1..en, end], back to back,
@@ -22,20 +21,11 @@ byte range ("part"); a .json array by one. Each part holds, as raw little-endian
     flags    uint8: 1 abnormal label, 2 validation split, 4 calibration half (of the validation split)
     indexes  int64: the record number (.json) or line number, as error messages and session IDs use
 
-meta.json says what the arrays hold, with the size and CRC-32 of every file of the entry (taken while
-the file is written), and is written last; a whole entry is written into a temp folder, fsynced and
-renamed into place, so a cache is complete or absent. An entry is verified when a process first opens
-it: meta.json's fields and types, every file's size and checksum, and the arrays' own invariants
-(offsets from 0 to the last token, never decreasing, at least start and end per session; with a
-vocab_size every session framed by the start and end tokens; only known flag bits; increasing record
-numbers). A stale (file changed, settings changed), partial or damaged entry is rebuilt with one log
-line naming it and what was wrong: the data file is the truth, the cache is derived from it.
-
-Epochs read windows through a keyed permutation (a true global shuffle in O(1) memory) and assemble a
-block of batches at a time with torch index_select from the memory-mapped caches: the process's own
-memory stays flat whatever the size, and the page cache keeps as much of the caches as the machine can
-spare. The window index of a split (where its windows start, and their lengths) is derived from an entry
-once and kept beside it, with the size and CRC-32 of its files. This module knows nothing of training.
+meta.json, written last, says what the arrays hold, with the size and CRC-32 of every file; an entry is
+built in a temp folder, fsynced and renamed into place, so it is complete or absent. It is verified when a
+process first opens it (fields, sizes, checksums, the arrays' invariants); a stale, partial or damaged entry
+is rebuilt with one log line: the data file is the truth. Epochs read windows through memory maps, so the
+process's own memory stays flat whatever the size. This module knows nothing of training.
 """
 from __future__ import annotations
 
@@ -92,13 +82,11 @@ PASS_SESSIONS = 2 ** 18      # sessions per step of a pass over the per-session 
 ARRAYS = {"offsets": np.int64, "flags": np.uint8, "indexes": np.int64}  # besides tokens
 
 log = logging.getLogger("deeplog")
-_DEFAULTS = Config()   # the one place defaults live
 
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """Every setting that changes what a cache holds (with the file's path, size and mtime). No defaults:
-    build it from a config with cache_settings(), or give every field."""
+    """Every setting that changes what a cache holds (with the file's path, size and mtime)."""
     vocab_size: int | None          # None: IDs are not checked (evaluation data may hold unknown IDs)
     event_ids_field: str
     label_field: str
@@ -151,8 +139,7 @@ def _entry_key(file: Path, settings: CacheSettings) -> dict:
 
 
 def entry_dir(file: Path, settings: CacheSettings, cache_dir: Path) -> Path:
-    """Path and settings name the entry; size and mtime are checked inside, so a changed file replaces
-    its own entry instead of leaving the old one behind."""
+    """Path and settings name the entry; size and mtime are checked inside (a changed file replaces it)."""
     name = json.dumps([str(file.resolve()), asdict(settings), CACHE_FORMAT])
     return Path(cache_dir) / f"{file.name}-{hashlib.blake2b(name.encode(), digest_size=8).hexdigest()}"
 
@@ -163,17 +150,16 @@ def entries_text(count: int) -> str:
 
 def build_caches(paths, settings: CacheSettings, cache_dir, workers: int | None = None,
                  logger: logging.Logger = log) -> list[Path]:
-    """The cache entry of every data file under `paths` (a file, a directory, or a list of them), each one
-    verified (check_entry), building the missing, stale or damaged ones with `workers` processes (None: all
-    cores). Bad data raises DataError naming file and record, and leaves no entry behind."""
+    """The verified cache entry of every data file under `paths` (a file, a directory, or a list of them),
+    building the missing, stale or damaged ones with `workers` processes (None: all cores)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     named = [f for p in paths for f in list_data_files(p)]
     files = list({f.resolve(): f for f in named}.values())  # a file named twice is read once
     cache_dir = Path(cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        if not writable(cache_dir):
-            return _read_only_entries(files, settings, cache_dir, logger)
+        if not writable(cache_dir):   # used as it is when complete; nothing to build, so no lock
+            return _build_under_lock(files, settings, cache_dir, workers, logger, read_only=True)
         # One builder at a time per cache folder (two runs, a sweep, cache.py beside train.py): the second
         # waits, then finds the entries built.
         with open(cache_dir / ".build.lock", "a") as lock:
@@ -192,23 +178,8 @@ def writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK) and not os.statvfs(folder).f_flag & os.ST_RDONLY
 
 
-def _read_only_entries(files: list[Path], settings: CacheSettings, cache_dir: Path,
-                       logger: logging.Logger) -> list[Path]:
-    """A cache folder this process may not write (shared, read-only): used as it is when every entry is
-    complete and verified (nothing to build, so no lock is needed); else one error saying what to do."""
-    entries = [entry_dir(f, settings, cache_dir) for f in files]
-    for file, entry in zip(files, entries):
-        problem = check_entry(entry, _entry_key(file, settings))
-        if problem is not None:
-            raise DataError(f"token cache {cache_dir} (lazy_loading.cache_dir) is read-only and the entry of "
-                            f"{file} is {problem}: point lazy_loading.cache_dir at a folder this user can "
-                            f"write, or build the cache there first (python cache.py)")
-    logger.info(f"Token cache: reusing {entries_text(len(entries))} in {cache_dir} (read-only)")
-    return entries
-
-
 def _build_under_lock(files: list[Path], settings: CacheSettings, cache_dir: Path, workers: int | None,
-                      logger: logging.Logger) -> list[Path]:
+                      logger: logging.Logger, read_only: bool = False) -> list[Path]:
     entries = [entry_dir(f, settings, cache_dir) for f in files]
     todo = []
     for file, entry in zip(files, entries):
@@ -216,11 +187,16 @@ def _build_under_lock(files: list[Path], settings: CacheSettings, cache_dir: Pat
         problem = check_entry(entry, key)
         if problem is None:
             continue
+        if read_only:
+            raise DataError(f"token cache {cache_dir} (lazy_loading.cache_dir) is read-only and the entry of "
+                            f"{file} is {problem}: point lazy_loading.cache_dir at a folder this user can "
+                            f"write, or build the cache there first (python cache.py)")
         if problem != "absent":
             logger.info(f"Token cache of {file}: {problem}; rebuilding {entry}")
         todo.append((file, entry, key))
     if not todo:
-        logger.info(f"Token cache: reusing {entries_text(len(entries))} in {cache_dir}")
+        logger.info(f"Token cache: reusing {entries_text(len(entries))} in {cache_dir}"
+                    f"{' (read-only)' if read_only else ''}")
         return entries
     workers = max(1, workers or os.cpu_count() or 1)
     for file, _, _ in todo:
@@ -260,10 +236,9 @@ def _remove_stale_temp(cache_dir: Path) -> None:
 
 
 def _plan(todo, temp_dirs, settings: CacheSettings, workers: int, files: int) -> list[_Task]:
-    """One task per file, or one per byte range of a big plain JSONL/text file (numbered by a quick
-    parallel count of the newlines before each range, so line numbers stay exact). Files are cut into
-    PART_BYTES ranges, and further (so that every core has work) only when there are fewer files than
-    workers: each part is a few open maps at training time."""
+    """One task per file, or one per byte range of a big plain JSONL/text file (a parallel count of the
+    newlines before each range keeps line numbers exact); cut finer than PART_BYTES only when there are
+    fewer files than workers (each part is a few open maps at training time)."""
     tasks, ranged = [], []
     for file, entry in todo:
         size = file.stat().st_size
@@ -297,9 +272,8 @@ PR_SET_PDEATHSIG = 1   # linux/prctl.h
 
 
 def worker_start(parent: int) -> None:
-    """Signals are the parent's to handle: Ctrl-C and SIGTERM end the pool from there (and its temp folders
-    go), instead of every worker printing a traceback. On Linux a worker also dies with its parent, even one
-    killed with SIGKILL, so that none goes on parsing (and holding the cache lock) for a dead build."""
+    """Signals are the parent's to handle (no traceback from every worker); on Linux a worker dies with its
+    parent, even a SIGKILLed one, so none goes on parsing (holding the cache lock) for a dead build."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
@@ -316,10 +290,7 @@ def _count_newlines(job) -> int:
         with open(file, "rb") as handle:
             handle.seek(begin)
             remaining = end - begin
-            while remaining > 0:
-                block = handle.read(min(remaining, 2 ** 24))
-                if not block:
-                    break
+            while remaining > 0 and (block := handle.read(min(remaining, 2 ** 24))):
                 count += block.count(b"\n")
                 remaining -= len(block)
     except OSError as error:
@@ -481,28 +452,26 @@ def _finish_entry(entry: Path, temp: Path, key: dict, parts: list[dict]) -> None
     VERIFIED[_entry_id(entry)] = files_signature(_entry_files(entry, meta))
 
 
-
 # ----------------------------------------------------------------------------- verifying
 VERIFIED: dict[str, tuple] = {}  # entry or window index -> (inode, size, mtime) of its files when verified
 
 
 def check_entry(entry: Path, key: dict | None) -> str | None:
-    """None when the entry is complete, intact and matches `key` (None: any key), else why it cannot be
-    used: "absent", "stale (...)", "incomplete (...)" or "damaged (what, where)". Verified in full (every
-    checksum and array invariant) once per process, and again only when one of its files changes."""
+    """None when the entry is complete, intact and matches `key` (None: any key), else why not: "absent",
+    "stale (...)", "incomplete (...)" or "damaged (...)". Verified in full once per process, and again only
+    when one of its files changes."""
     return _open_entry(Path(entry), key)[0]
 
 
 def open_entries(entries, logger: logging.Logger = log) -> list[dict]:
-    """The verified meta.json of each entry (see check_entry). A damaged or stale entry is rebuilt from the
-    data file and settings its meta.json names (one log line); one whose meta.json is unreadable cannot be,
-    and raises DataError naming it."""
+    """The verified meta.json of each entry; a damaged or stale one is rebuilt from the data file and
+    settings its meta.json names (DataError where that is unreadable)."""
     metas = []
     for entry in map(Path, entries):
         problem, meta = _open_entry(entry, None)
         if problem is not None:
-            key = _key_of(entry)
-            if key is None:
+            key = meta.get("key") if isinstance(meta, dict) else None
+            if _key_problem(key) is not None:
                 raise DataError(f"token cache {entry}: {problem}; build it again from its data file "
                                 f"(python cache.py, or train.py/evaluate.py do it)")
             rebuilt = build_caches(key["path"], CacheSettings.of_key(key), entry.parent, logger=logger)
@@ -521,7 +490,7 @@ def _entry_id(entry: Path) -> str:
 
 
 def _open_entry(entry: Path, key: dict | None) -> tuple[str | None, dict | None]:
-    """(None, meta) for a usable entry, else (why not, None)."""
+    """(None, meta) for a usable entry, else (why not, its meta.json as read, or None)."""
     meta_path = entry / "meta.json"
     if not meta_path.exists():
         return ("absent" if not entry.exists() else "incomplete (no meta.json)"), None
@@ -531,10 +500,10 @@ def _open_entry(entry: Path, key: dict | None) -> tuple[str | None, dict | None]
         return f"damaged (meta.json unreadable: {one_line(error)})", None
     problem = _meta_problem(meta)
     if problem is not None:
-        return f"damaged ({problem})", None
+        return f"damaged ({problem})", meta
     if key is not None and meta["key"] != key:
         changed = sorted(k for k in {**key, **meta["key"]} if meta["key"].get(k) != key.get(k))
-        return f"stale ({', '.join(changed)} changed)", None
+        return f"stale ({', '.join(changed)} changed)", meta
     try:
         signature = files_signature(_entry_files(entry, meta))
         problem = _size_problem(entry, meta)
@@ -547,19 +516,9 @@ def _open_entry(entry: Path, key: dict | None) -> tuple[str | None, dict | None]
         problem = f"{type(error).__name__}: {one_line(error)}"
     if problem is not None:
         VERIFIED.pop(_entry_id(entry), None)
-        return f"damaged ({problem})", None
+        return f"damaged ({problem})", meta
     VERIFIED[_entry_id(entry)] = signature
     return None, meta
-
-
-def _key_of(entry: Path) -> dict | None:
-    """The key of an entry whose meta.json holds a well-formed one, else None."""
-    try:
-        meta = json.loads((entry / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    key = meta.get("key") if isinstance(meta, dict) else None
-    return key if _key_problem(key) is None else None
 
 
 def files_signature(paths) -> tuple:
@@ -573,12 +532,8 @@ def _entry_files(entry: Path, meta: dict) -> list[Path]:
 
 def _typed(value, *kinds) -> bool:
     """isinstance for JSON values: a bool is no integer, an integer is a number, None stands for null."""
-    def one(kind) -> bool:
-        if kind is None:
-            return value is None
-        return isinstance(value, (int, float) if kind is float else kind) and \
-            (kind is bool or not isinstance(value, bool))
-    return any(map(one, kinds))
+    return any(value is None if kind is None else isinstance(value, (int, float) if kind is float else kind)
+               and (kind is bool or not isinstance(value, bool)) for kind in kinds)
 
 
 _KEY_TYPES = {"format": (int,), "path": (str,), "size": (int,), "mtime_ns": (int,), "vocab_size": (int, None),
@@ -703,9 +658,7 @@ def _pairs_problem(entry: Path, meta: dict) -> str | None:
 
 
 def _part_problem(part: Part, summary: dict, vocab: int | None) -> str | None:
-    """Offsets from 0 to the last token, never decreasing, at least 2 tokens a session; the TAIL zeros;
-    with a vocabulary, every session framed by the start and end tokens; known flag bits only; record
-    numbers increasing from 1."""
+    """The invariants of one part's arrays (the module docstring's layout)."""
     name, sessions, total = f"part-{summary['part']}", summary["sessions"], summary["tokens"]
     offsets, tokens, indexes = part["offsets"], part.tokens.array, part["indexes"]
     if offsets[0] != 0 or offsets[sessions] != total:
@@ -751,8 +704,7 @@ def event_pairs_of(entry: Path) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- reading
 class Mapped:
-    """One array file, memory-mapped (the page cache holds what fits, the process's own memory stays flat)
-    or, with lazy=False, read whole into the process's memory."""
+    """One array file, memory-mapped or, with lazy=False, read whole into the process's memory."""
 
     def __init__(self, path: Path, dtype, lazy: bool = True):
         self.map = None
@@ -791,15 +743,11 @@ class Part:
         return self.arrays[name].array
 
     def release(self) -> None:
-        """After a sequential pass: unmap the pages read and close the maps of the per-session arrays
-        (each map holds a file descriptor; a run may hold thousands of parts)."""
+        """After a sequential pass: unmap the pages read, close the per-session arrays' maps (descriptors)."""
         self.tokens.release()
         for mapped in self.arrays.values():
             mapped.release()
         self.arrays.clear()
-
-
-SPLITS = ("train", "val", "all")
 
 
 def main(argv=None) -> int:
@@ -828,17 +776,15 @@ def main(argv=None) -> int:
                         stream=sys.stderr)
     settings = CacheSettings(args.vocab_size, args.event_ids_field, args.label_field, args.json_array_key,
                              args.skip_bad_records, args.validation_split, args.seed)
-    build = lambda: _build_and_list(args.path, settings, args.cache_dir, args.workers)  # noqa: E731
+
+    def build() -> int:
+        entries = build_caches(args.path, settings, args.cache_dir, args.workers)
+        for entry, meta in zip(entries, open_entries(entries)):
+            sessions = sum(p["sessions"] for p in meta["parts"])
+            print(f"{meta['key']['path']}: {sessions} sessions in {len(meta['parts'])} part(s) -> {entry} "
+                  f"({entry_size(entry) / 2 ** 20:.1f} MB)")
+        return 0
     return utils.exit_on_user_error(build)
-
-
-def _build_and_list(paths, settings: CacheSettings, cache_dir, workers: int | None) -> int:
-    entries = build_caches(paths, settings, cache_dir, workers)
-    for entry, meta in zip(entries, open_entries(entries)):
-        sessions = sum(p["sessions"] for p in meta["parts"])
-        print(f"{meta['key']['path']}: {sessions} sessions in {len(meta['parts'])} part(s) -> {entry} "
-              f"({entry_size(entry) / 2 ** 20:.1f} MB)")
-    return 0
 
 
 if __name__ == "__main__":

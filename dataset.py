@@ -60,17 +60,14 @@ sys.set_int_max_str_digits(0)
 
 
 class DataError(UserError):
-    """Bad input data. The message names the file and the record (or line). `skippable`: True on a bad
-    record that skip_bad_records would have skipped (set where it is raised unskipped), False on a fault
-    of the file itself (unreadable, malformed JSON array, nested too deep), which nothing skips."""
+    """Bad input data, the message naming the file and the record (or line). `skippable`: a bad record that
+    skip_bad_records would have skipped, not a fault of the file itself (which nothing skips)."""
 
     skippable = False
 
 
 def skip_hint(error: BaseException, skip_bad_records: bool) -> str:
-    """The advice that ends a message about `error`: " (--skip-bad-records skips such records)" where that
-    flag (data.skip_bad_records) is off and would have skipped the record; else "" (it is on already, or
-    the fault is the file's, which it does not skip)."""
+    """The advice " (--skip-bad-records skips such records)" where that would have skipped it, else ""."""
     if skip_bad_records or not getattr(error, "skippable", False):
         return ""
     return " (--skip-bad-records skips such records)"
@@ -86,10 +83,8 @@ class Record:
     lines: list | None = None  # preprocess.py's provenance: [[file index, first line, count], ...], else None
 
 
-
 def list_data_files(path: str | os.PathLike) -> list[Path]:
-    """The readable data files under `path` (a file or a directory), sorted. Raises DataError if none, or
-    where `path` is neither a regular file nor a directory (a FIFO, /dev/stdin on a pipe, a device)."""
+    """The readable data files under `path` (a file or a directory), sorted; DataError if none."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
@@ -132,12 +127,9 @@ _OPENERS[[ord("["), ord("{")]], _CLOSERS[[ord("]"), ord("}")]] = 1, 1
 
 
 class _DepthBoundedReader:
-    """A binary file that refuses JSON nested deeper than MAX_JSON_DEPTH before ijson sees it.
-
-    ijson keeps a prefix string per open level, so its memory grows with the square of the depth: a few
-    hundred KB of brackets would take gigabytes. Each block read is reduced at C speed to its quotes and
-    brackets (escapes dropped first, so an escaped quote cannot open a string) and the depth outside strings
-    is tracked with numpy: about a tenth of ijson's own time."""
+    """A binary file that refuses JSON nested deeper than MAX_JSON_DEPTH before ijson sees it (ijson's
+    memory grows with the square of the depth). Each block is reduced at C speed to its quotes and brackets
+    (escapes dropped first) and the depth outside strings tracked with numpy."""
 
     def __init__(self, handle, file: Path):
         self.handle, self.file = handle, file
@@ -175,26 +167,16 @@ def iter_sessions(path, vocab_size: int | None = None, event_ids_field: str = _D
                   label_field: str = _DATA.label_field, session_id_field: str = _DATA.session_id_field,
                   json_array_key: str = _DATA.json_array_key, skip_bad_records: bool = _DATA.skip_bad_records,
                   counters: dict | None = None) -> Iterator[Record]:
-    """Stream validated sessions from every data file under `path`.
-
-    A bad record raises DataError naming file and record; with skip_bad_records it is counted in
-    counters["bad_records"] (and the first message kept in counters["first_bad_record"]) instead.
-    """
+    """Stream validated sessions from every data file under `path`. A bad record raises DataError; with
+    skip_bad_records it is counted in counters["bad_records"] (the first message in "first_bad_record")."""
     counters = counters if counters is not None else {}
     counters.setdefault("bad_records", 0)
     for file in list_data_files(path):
         fmt = _format_of(file) or "text"
         fields = (event_ids_field, label_field, session_id_field)
         try:
-            for index, item in _numbered_items(file, fmt, json_array_key, None, 1):
-                try:
-                    yield _record(file, index, item, fields, vocab_size, fmt)
-                except DataError as error:
-                    if not skip_bad_records:
-                        error.skippable = True
-                        raise
-                    counters["bad_records"] += 1
-                    counters.setdefault("first_bad_record", str(error))
+            yield from _records(file, _numbered_items(file, fmt, json_array_key, None, 1), fmt, fields,
+                                vocab_size, skip_bad_records, counters)
         except (OSError, EOFError, UnicodeDecodeError) as error:  # permissions, corrupt gzip, binary files
             raise DataError(f"{file}: unreadable: {one_line(error)}") from None
 
@@ -219,6 +201,10 @@ def _iter_json_array(file: Path, array_key: str):
         except ijson.JSONError as error:
             raise DataError(f"{file}: malformed JSON after record {count} (at record {count + 1}): "
                             f"{one_line(error)}") from None
+    _check_found(file, count, prefix, array_key)
+
+
+def _check_found(file: Path, count: int, prefix: str, array_key: str) -> None:
     if count == 0 and prefix != "item":
         raise DataError(f"{file}: no session array found: expected a top-level array or an object "
                         f"with the array under {excerpt(array_key)} (data.json_array_key)")
@@ -296,16 +282,16 @@ _SCAN_JSON = json.scanner.make_scanner(json.JSONDecoder())
 
 
 class _Unparsable:
-    """A JSONL line that is not JSON, kept in its place so that skip_bad_records can skip it."""
+    """A message carried in place of an item: a JSONL line that is not JSON (so that skip_bad_records can
+    skip it), or a reader process's DataError (DataLoader would wrap it in a traceback)."""
 
     def __init__(self, message: str):
         self.message = message
 
 
 def _line_blocks(file: Path, byte_range: tuple[int, int] | None, first_line: int, block_bytes: int = 2 ** 18):
-    """(number of the block's first line, its lines as bytes), about block_bytes at a time: the lines of
-    a text file, or those that start inside byte_range = (begin, end), first_line being the number of
-    the line that holds byte `begin`."""
+    """(number of the block's first line, its lines as bytes), about block_bytes at a time: those that start
+    inside byte_range = (begin, end), first_line being the number of the line that holds byte `begin`."""
     with _open(file) as handle:
         begin, end = byte_range or (0, None)
         line_no = first_line
@@ -329,8 +315,7 @@ def _line_blocks(file: Path, byte_range: tuple[int, int] | None, first_line: int
 
 
 def _numbered_items(file: Path, fmt: str, array_key: str, byte_range, first_line: int):
-    """(record number, raw item) of any format; text items are lists of tokens, JSONL items may be
-    _Unparsable. Blank lines are skipped."""
+    """(record number, raw item) of any format (text: lists of tokens; JSONL: maybe _Unparsable)."""
     if fmt == "json":
         yield from _iter_json_array(file, array_key)
         return
@@ -368,44 +353,37 @@ def iter_session_arrays(file, vocab_size: int | None = None, event_ids_field: st
                         skip_bad_records: bool = _DATA.skip_bad_records, counters: dict | None = None,
                         byte_range: tuple[int, int] | None = None, first_line: int = 1,
                         chunk_records: int = 512) -> Iterator[SessionArrays]:
-    """Validated sessions of one data file as chunks of flat arrays, with the same checks and messages as
-    iter_sessions. Chunks are checked with a few C-speed passes; from the first chunk that fails them on,
-    the file is read again and checked record by record, to name the bad record (or skip it).
-    `byte_range` reads the lines starting in (begin, end) of a JSONL or text file, `first_line` being the
-    number of the line holding `begin`. Small chunks keep the parsed objects in the CPU cache; a caller
-    parsing a lot pauses the garbage collector (see cache.py)."""
+    """Validated sessions of one data file as chunks of flat arrays, the checks and messages of
+    iter_sessions: a few C-speed passes a chunk; from the first chunk that fails them on, record by record,
+    to name the bad record (or skip it). `byte_range`: as _line_blocks."""
     file = Path(file)
     fmt = _format_of(file) or "text"
     counters = counters if counters is not None else {}
     counters.setdefault("bad_records", 0)
     fields = (event_ids_field, label_field, session_id_field)
+    checked = (fmt, fields, vocab_size, skip_bad_records, counters)
     try:
-        if fmt == "json":
-            yield from _json_array_chunks(file, json_array_key, fields, vocab_size, chunk_records)
+        try:
+            if fmt == "json":
+                yield from _json_array_chunks(file, json_array_key, fields, vocab_size, chunk_records)
+                return
+            for block_start, block in _line_blocks(file, byte_range, first_line):
+                arrays = _lines_at_c_speed(block_start, block, fmt, fields, vocab_size)
+                yield arrays if arrays is not None else \
+                    _checked_arrays(file, list(_block_items(file, fmt, block_start, block)), *checked)
             return
-        for block_start, block in _line_blocks(file, byte_range, first_line):
-            arrays = _lines_at_c_speed(block_start, block, fmt, fields, vocab_size)
-            if arrays is None:
-                chunk = list(_block_items(file, fmt, block_start, block))
-                arrays = _checked_record_by_record(file, chunk, fmt, fields, vocab_size, skip_bad_records,
-                                                   counters)
-            yield arrays
-        return
-    except _RecheckFrom as failed:
-        recheck_from = failed.records_done
-    except (OSError, EOFError, UnicodeDecodeError) as error:  # permissions, corrupt gzip, binary files
-        raise DataError(f"{file}: unreadable: {one_line(error)}") from None
-    numbered = itertools.islice(_iter_json_array(file, json_array_key), recheck_from, None)
-    try:
+        except _RecheckFrom as failed:
+            recheck_from = failed.records_done
+        numbered = itertools.islice(_iter_json_array(file, json_array_key), recheck_from, None)
         for chunk in iter(lambda: list(itertools.islice(numbered, chunk_records)), []):
-            yield _checked_record_by_record(file, chunk, fmt, fields, vocab_size, skip_bad_records, counters)
-    except (OSError, EOFError, UnicodeDecodeError) as error:
+            yield _checked_arrays(file, chunk, *checked)
+    except (OSError, EOFError, UnicodeDecodeError) as error:  # permissions, corrupt gzip, binary files
         raise DataError(f"{file}: unreadable: {one_line(error)}") from None
 
 
 def _json_array_chunks(file: Path, array_key: str, fields, vocab_size, chunk_records: int):
-    """A .json array in checked chunks. Each record's two fields are taken by C-level iterators as it is
-    parsed, so no record object outlives its own step; raises _RecheckFrom where a chunk fails."""
+    """A .json array in checked chunks, each record's two fields taken by C-level iterators as it is
+    parsed (no record object outlives its step); raises _RecheckFrom where a chunk fails."""
     event_ids_field, label_field, _ = fields
     prefix = _json_array_prefix(file, array_key)
     done = 0
@@ -428,9 +406,7 @@ def _json_array_chunks(file: Path, array_key: str, fields, vocab_size, chunk_rec
                 raise _RecheckFrom(done)
             yield arrays
             done += len(chunk)
-    if done == 0 and prefix != "item":
-        raise DataError(f"{file}: no session array found: expected a top-level array or an object "
-                        f"with the array under {excerpt(array_key)} (data.json_array_key)")
+    _check_found(file, done, prefix, array_key)
 
 
 def _lines_at_c_speed(block_start: int, block: list[bytes], fmt: str, fields,
@@ -497,18 +473,21 @@ def _record(file: Path, index: int, item, fields, vocab_size: int | None, fmt: s
     return validate_record(file, index, item, fields, vocab_size, fmt)
 
 
-def _checked_record_by_record(file: Path, chunk, fmt: str, fields, vocab_size, skip_bad_records: bool,
-                              counters: dict) -> SessionArrays:
-    records = []
-    for index, item in chunk:
+def _records(file: Path, items, fmt: str, fields, vocab_size, skip_bad_records: bool, counters: dict):
+    """The Records of (index, raw item) pairs, a bad one raised as skippable or counted and skipped."""
+    for index, item in items:
         try:
-            records.append(_record(file, index, item, fields, vocab_size, fmt))
+            yield _record(file, index, item, fields, vocab_size, fmt)
         except DataError as error:
             if not skip_bad_records:
                 error.skippable = True
                 raise
             counters["bad_records"] += 1
             counters.setdefault("first_bad_record", str(error))
+
+
+def _checked_arrays(file: Path, items, *checked) -> SessionArrays:
+    records = list(_records(file, items, *checked))
     return SessionArrays(np.array([e for r in records for e in r.event_ids], dtype=np.int64),
                          np.array([len(r.event_ids) for r in records], dtype=np.int64),
                          np.array([r.label for r in records], dtype=np.uint8),
@@ -521,11 +500,8 @@ SPLIT_SCHEME = "splitmix64-v2"
 
 
 def split_draws(file: str, indexes, seed: int) -> np.ndarray:
-    """One uniform draw in [0, 1) per record, a hash of (seed, file name, record index), never of the epoch.
-
-    Vectorised (splitmix64 over a per-file key), so the first pass splits a million records in
-    milliseconds; the same function decides the split everywhere, one record or a whole file at a time.
-    """
+    """One uniform draw in [0, 1) per record, a hash of (seed, file name, record index), never of the epoch:
+    splitmix64, vectorised; the same function decides the split everywhere."""
     key = int.from_bytes(hashlib.blake2b(f"{seed}:{os.path.basename(file)}".encode(), digest_size=8).digest(),
                          "little")
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
@@ -548,10 +524,8 @@ def calibration_half(file: str, indexes, seed: int) -> np.ndarray:
 
 
 def make_windows(event_ids: list[int], vocab_size: int, max_seq_length: int, window_context: int):
-    """Session -> training samples (inputs, targets), each at most max_seq_length positions: the session's
-    layout (tokens.lay_out: inputs [start, e1..en], targets [e1..en, end]) cut by tokens.window_table, the
-    targets of a later window's context masked, so every prediction is trained exactly once and nothing is
-    dropped or truncated."""
+    """Session -> training samples (inputs, targets) of at most max_seq_length positions (tokens.lay_out cut
+    by tokens.window_table, a later window's context targets masked): every prediction trained once."""
     laid_out, _ = lay_out(np.asarray(event_ids, dtype=np.int64), np.array([len(event_ids)]), vocab_size)
     laid_out = laid_out.tolist()
     _, begins, ends, scored = window_table(np.array([len(event_ids) + 1]), max_seq_length, window_context)
@@ -560,8 +534,8 @@ def make_windows(event_ids: list[int], vocab_size: int, max_seq_length: int, win
 
 
 def merge_counts(counts: list[dict], disjoint: bool) -> dict:
-    """Combine the count() of every rank: summed over disjoint file shards, else all ranks saw the same
-    data. `windows_per_rank` is what every rank can supply, the smallest shard or an equal share."""
+    """Combine the count() of every rank (summed over disjoint file shards); `windows_per_rank` is what
+    every rank can supply."""
     world_size = len(counts)
     if not disjoint:
         return {**counts[0], "windows_per_rank": counts[0]["windows"] // world_size}
@@ -576,10 +550,9 @@ def merge_counts(counts: list[dict], disjoint: bool) -> dict:
 
 
 def batch_to_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's inputs and targets on `device`, as int64. Batches from the token cache are views of
-    their windows' tokens: there, targets from each row's length on and the first `context` targets of
-    a window that re-reads the previous one are masked here, on the device, where it costs nothing.
-    Inputs past a row's length are left as they are: the LSTM is causal and those positions never count."""
+    """A batch's inputs and targets on `device`, as int64. A token-cache batch's targets past each row's
+    length and its first `context` ones are masked here, on the device, where it costs nothing (inputs past
+    a row's length never count: the LSTM is causal)."""
     input_ids = batch["input_ids"].to(device, non_blocking=True).long()
     targets = batch["targets"].to(device, non_blocking=True).long()
     if "context" in batch:
@@ -603,19 +576,10 @@ def collate(samples, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class SessionDataset(IterableDataset):
-    """Windows of normal sessions from one side of the split, streamed, shuffled through a bounded buffer.
-
-    Memory holds at most `buffer_size` samples. Shuffling is seeded by (seed, epoch, rank), so an epoch
-    replays identically, which is what makes mid-epoch resume exact: `batches(start_batch=N)` replays
-    the epoch's sample order and skips the first N batches without touching the model.
-    With `world_size > 1` each rank reads every world_size-th file when there are at least as many files
-    as ranks (so each file is parsed by one rank only), else every rank parses everything and takes
-    every world_size-th sample; either way it stops at `samples_per_rank`, so that all ranks run the
-    same number of steps.
-    With `num_workers > 0` and several files, that many reader processes parse, shuffle and pad the
-    rank's files in parallel (worker w takes every num_workers-th file); their batches are merged
-    round-robin, an order as deterministic as the files, so resume stays exact (for the same num_workers).
-    """
+    """Windows of normal sessions from one side of the split, streamed, shuffled through a buffer of
+    `buffer_size`, seeded by (seed, epoch, rank) so an epoch replays identically (exact mid-epoch resume).
+    Ranks split the files when there are enough, else the samples, at most `samples_per_rank` each. With
+    `num_workers` reader processes (each every num_workers-th file) batches are merged round-robin."""
 
     def __init__(self, path, vocab_size: int, split: str = "train",
                  validation_split: float = _DATA.validation_split, seed: int = _DEFAULTS.training.seed,
@@ -675,7 +639,7 @@ class SessionDataset(IterableDataset):
                             num_workers=self.num_workers, generator=torch.Generator(), prefetch_factor=4,
                             worker_init_fn=_leave_signals_to_parent)
         for item in loader:
-            if isinstance(item, _ReaderError):  # re-raised here as the one-line message it was
+            if isinstance(item, _Unparsable):  # re-raised here as the one-line message it was
                 raise DataError(item.message)
             yield item
 
@@ -684,8 +648,7 @@ class SessionDataset(IterableDataset):
                              self.buffer_size)
 
     def _samples(self, windows, limit: int | None, rng_key: str, buffer_size: int):
-        """This rank's share of `windows` (unless files were already split by rank), at most `limit` of
-        them, shuffled through a buffer of `buffer_size` by an RNG seeded with `rng_key`."""
+        """This rank's share of `windows`, at most `limit`, shuffled through a buffer seeded by `rng_key`."""
         shard = windows if self.shard_by_file else \
             (s for i, s in enumerate(windows) if i % self.world_size == self.rank)
         if limit is not None:
@@ -706,9 +669,8 @@ class SessionDataset(IterableDataset):
         yield from buffer
 
     def count(self) -> dict:
-        """One pass without shuffling: sessions, windows (samples), predicted tokens, the target IDs
-        (events and end-of-session) and which event types occur together in a session (CoOccurrenceRecorder:
-        the distinct sets and the pairs, each None when too many to record)."""
+        """One pass without shuffling: sessions, windows, predicted tokens, the target IDs and which event
+        types occur together (CoOccurrenceRecorder's summary)."""
         if self.num_workers:
             merged = merge_counts(list(self._parallel("count")), disjoint=True)
             merged.pop("windows_per_rank")
@@ -732,8 +694,7 @@ class SessionDataset(IterableDataset):
                 **co_occurrence.summary()}
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[tuple[dict, int]]:
-        """Padded batches with their position: the number of batches of this epoch done after this one.
-        With reader processes, each one shuffles (buffer_size / num_workers) and pads its own batches."""
+        """Padded batches with their position: the number of batches of this epoch done after this one."""
         _, pad_id, _, _ = special_tokens(self.vocab_size)
         source = self._parallel("batches", batch_size) if self.num_workers else \
             collated(iter(self), batch_size, pad_id, skip=start_batch)
@@ -743,8 +704,7 @@ class SessionDataset(IterableDataset):
 
 
 def collated(samples, batch_size: int, pad_id: int, skip: int = 0) -> Iterator[dict | None]:
-    """Batches of `batch_size` samples (the last may be smaller); the first `skip` are yielded as None,
-    uncollated, since a resumed epoch only needs to count them."""
+    """Batches of `batch_size` samples; the first `skip` as None (a resumed epoch only counts them)."""
     chunk, done = [], 0
     for sample in samples:
         chunk.append(sample)
@@ -756,13 +716,6 @@ def collated(samples, batch_size: int, pad_id: int, skip: int = 0) -> Iterator[d
         yield collate(chunk, pad_id) if done + 1 > skip else None
 
 
-class _ReaderError:
-    """A DataError crossing the process boundary intact (DataLoader would wrap it in a traceback)."""
-
-    def __init__(self, message: str):
-        self.message = message
-
-
 def _leave_signals_to_parent(_worker_id: int) -> None:
     """Ctrl-C and SIGTERM are the training process's to handle (it stops at a step boundary and then
     shuts the readers down); a reader dying of them first would turn a clean stop into a crash."""
@@ -771,8 +724,7 @@ def _leave_signals_to_parent(_worker_id: int) -> None:
 
 
 class _FileShardReader(IterableDataset):
-    """Runs inside a DataLoader worker: over every num_workers-th file of the dataset's share, yields
-    padded, shuffled batches ("batches") or one count ("count")."""
+    """In a DataLoader worker, over every num_workers-th file: padded, shuffled batches, or one count."""
 
     def __init__(self, dataset: SessionDataset, mode: str, batch_size: int):
         self.dataset, self.mode, self.batch_size = dataset, mode, batch_size
@@ -793,12 +745,11 @@ class _FileShardReader(IterableDataset):
                                        max(1, dataset.buffer_size // workers))
             yield from collated(samples, self.batch_size, special_tokens(dataset.vocab_size)[1])
         except DataError as error:
-            yield _ReaderError(str(error))
+            yield _Unparsable(str(error))
 
 
 def describe(path, vocab_size: int | None = None, **reader_options) -> Iterator[str]:
-    """One line per data file under `path` (sessions, abnormal ones, lengths, largest ID) and, for several
-    files, a total; read with the fast first pass, in bounded memory."""
+    """One line per data file under `path` (sessions, abnormal ones, lengths, largest ID), then a total."""
     total = {"files": 0, "sessions": 0, "abnormal": 0}
     for data_file in list_data_files(path):
         sessions = abnormal = max_id = 0

@@ -19,30 +19,24 @@ Examples:
     tail -F events.jsonl | python detect.py --checkpoint outputs/checkpoints/best_model.pt - --follow
 
 Output lines (JSON). A verdict, one per session: session_id, score (the share of its predictions outside the
-top-k), verdict ("normal"/"abnormal"), rule, min_probability, novel_event_set, novel_event_pairs, misses
-(for an abnormal one: the first --max-misses events the rule found unlikely, each with its position, the
-actual event, its probability, the events the model expected and, from raw logs, "at" FILE:LINE and "raw",
-the log line) and, when abnormal, event_ids. An early alert (live mode): "alert": "early", the session, the
-rule that fired, the event's position, the event, its probability, the expected events, "at" and "raw".
+top-k), verdict, rule, min_probability, novel_event_set, novel_event_pairs, misses (for an abnormal one: the
+first --max-misses events the rule found unlikely, each with its position, event, probability, the expected
+events and, from raw logs, "at" FILE:LINE and "raw") and, when abnormal, event_ids. An early alert (live):
+"alert": "early", the session, the rule that fired, the event's position, event, probability, expected
+events, "at" and "raw".
 
-What an early alert promises: the rules of the calibrated decision rule, applied as far as the session has
-gone, where what has gone cannot be undone later: an event less likely than the probability bound (an event
-never seen in training counts as the verdict counts it), an event outside the top-g, a set of event types
-that no normal training session holds as a subset (so the final set cannot be one of theirs), or two types
-that never shared a training session. Each of them makes the final verdict abnormal: an alerted session is
-never found normal when it closes. The end-of-session bound, the count vector and the score percentiles need
-the whole session and speak only in its verdict. One early alert per session: its first such event.
+An early alert fires on the first event that already makes the final verdict abnormal whatever follows: an
+event below the probability bound or outside the top-g, an event set no normal training session holds, or
+two types that never shared one. So an alerted session is never found normal when it closes; the end bound,
+count vector and score percentiles need the whole session and speak only in its verdict.
 
-Live scoring. Each open session keeps its LSTM state; the lines that came since the last step are scored
-together, each session stepped by its new events only, so a line costs the same however long its session is.
-Sessions are cut into the windows of training (data.max_seq_length, data.window_context) exactly as the
-batch scorer cuts them: the numbers are the batch scorer's (tests/test_detect.py).
+Live scoring keeps each open session's LSTM state and steps it by its new events only, cutting sessions into
+the windows of training exactly as the batch scorer does (the same numbers: tests/test_detect.py).
 
-Restart. With --output FILE, the place in each input (path, inode, offset, line) and the open sessions are
-saved to FILE.state (--state) atomically every detect.state_interval_s seconds and on SIGTERM/SIGINT; the
-same command again truncates FILE back to what that state had written and continues from there, so the
-output is the one an uninterrupted run writes, also after kill -9. (Sessions closed by --idle-seconds depend
-on the clock and are the exception.) Standard input cannot be re-read: it is not restartable.
+Restart. With --output FILE, the place in each input and the open sessions are saved to FILE.state (--state)
+atomically every detect.state_interval_s seconds and on SIGTERM/SIGINT; the same command again cuts FILE back
+to what that state had written and continues, so the output is an uninterrupted run's, also after kill -9
+(except sessions closed by --idle-seconds). Standard input is not restartable.
 """
 from __future__ import annotations
 
@@ -110,17 +104,10 @@ def score_files(model, calibration: dict, path, options: dict, rule: str, out, b
                 co_occurrence: CoOccurrence | None = None, chunk_size: int = 4096, max_misses: int = 3,
                 max_cached: int = MAX_CACHED, out_name: str | None = None, records: Iterable | None = None,
                 raw_lines=None) -> dict:
-    """Stream sessions from `path` in chunks and write one JSON line per session, each chunk flushed
-    before the next is read. Memory holds one chunk and the score cache. Returns the number of "normal"
-    and "abnormal" verdicts and, as the reader counted them, the "bad_records" skipped (with
-    skip_bad_records) and the "first_bad_record"'s message (None when none was skipped).
-
-    A bad record (without skip_bad_records) ends the stream: the sessions before it are written first, then
-    PartialOutput says how many. A failed write (a full disk) raises OutputFailed naming `out_name` and
-    the cause, and saying how many sessions the output holds: whole lines only (see write_chunk).
-    `records` replaces reading `path` (raw logs through preprocess.py); with `raw_lines` (a
-    preprocess.RawLines, or the one of a sources.json next to `path`), each miss of a session from
-    preprocess.py names its raw log line ("at", "raw")."""
+    """Stream sessions from `path` in chunks, one JSON line per session, each chunk flushed before the next
+    is read; the "normal" and "abnormal" counts, "bad_records" and "first_bad_record". A bad record ends the
+    stream after the sessions before it (PartialOutput), a failed write raises OutputFailed. `records`
+    replaces reading `path`; `raw_lines` (preprocess.RawLines) names each miss's raw log line."""
     totals = Counter()
     out_name = out_name or getattr(out, "name", "the output")
     co_occurrence = co_occurrence or CoOccurrence(model.vocab_size)
@@ -187,11 +174,9 @@ class OutputFailed(OSError):
 
 
 def write_chunk(out, text: str, then=None) -> None:
-    """Write `text` to `out` and flush it. To a file or pipe it goes straight to the file descriptor, so that
-    a failure leaves nothing in Python's buffer to be written when the file is closed, and a regular file is
-    cut back to its length before this chunk: the output then holds whole lines only, the earlier chunks.
-    `then()` runs once the text is written, before a stop signal held back meanwhile is let through (a
-    count of what was written then never misses the last chunk)."""
+    """Write `text` to `out` and flush it, to a file or pipe straight to the descriptor (a failure leaves
+    nothing buffered; a regular file is cut back to whole lines). `then()` runs once it is written, before a
+    stop signal held back meanwhile is let through."""
     try:
         descriptor = out.fileno()
     except (AttributeError, OSError, ValueError):  # io.StringIO and the like: io.UnsupportedOperation
@@ -234,6 +219,11 @@ def _until_data_error(records, stopped: list):
         stopped.append(error)
 
 
+def _open_output(path, mode: str):
+    try:
+        return open(path, mode)  # noqa: SIM115 (closed by the caller)
+    except OSError as error:
+        raise utils.ConfigError(f"--output {path}: cannot write ({error.strerror})") from None
 
 
 def run_batch(args, model, calibration: dict, co_occurrence, config: Config, logger) -> int:
@@ -244,10 +234,7 @@ def run_batch(args, model, calibration: dict, co_occurrence, config: Config, log
                           else (None, None))
     if records is None:
         list_data_files(args.detect)   # a missing input is an error before any output file exists
-    try:
-        out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 (closed below, not stdout)
-    except OSError as error:
-        raise utils.ConfigError(f"--output {args.output}: cannot write ({error.strerror})") from None
+    out = _open_output(args.output, "w") if args.output else sys.stdout
     try:
         totals = score_files(model, calibration, args.detect, reader_options(config), ev.decision_rule,
                              out, ev.batch_size, co_occurrence, max_misses=config.detect.max_misses,
@@ -270,8 +257,7 @@ def run_batch(args, model, calibration: dict, co_occurrence, config: Config, log
 # lines from the sources (live_sources), fed to the open sessions (live_sessions, their model stepped by
 # live_scorer), the output written, the place saved (live_state)
 def open_live_output(path: str | None, state: dict | None, state_path: Path | None):
-    """The output, appended to: cut back to what the saved state had written (what came after it is
-    written again from the saved place), or new."""
+    """The output, appended to: cut back to what the saved state had written, or new."""
     if path is None:
         return sys.stdout
     target = Path(path)
@@ -288,10 +274,7 @@ def open_live_output(path: str | None, state: dict | None, state_path: Path | No
                                     "changed; move both away to start over")
         with open(target, "r+b") as handle:
             handle.truncate(state["output_bytes"])
-    try:
-        return open(target, "a")  # noqa: SIM115 (closed by the caller)
-    except OSError as error:
-        raise utils.ConfigError(f"--output {path}: cannot write ({error.strerror})") from None
+    return _open_output(path, "a")
 
 
 class LiveRun:
@@ -309,8 +292,7 @@ class LiveRun:
         self.taken, self.first_at, self.last_at = 0, None, None   # lines taken, when (the speed logged)
 
     def _read_ahead(self):
-        """The next block's lines, and their parse: the share sent to the pool under way there, the rest
-        done here now (while the pool works)."""
+        """The next block's lines, the pool's share of their parse under way, the rest done here meanwhile."""
         lines = []
         for index, source in enumerate(self.sources):
             lines.extend((index, number, text) for number, text in source.peek(self.block_lines - len(lines)))
@@ -327,8 +309,7 @@ class LiveRun:
 
     def step(self) -> int:
         """Score the lines that have come (at most block_lines), write what they brought; the number of
-        lines taken. With a pool, the next block is read and sent to it before this one's parse is waited
-        for, and scored while it parses that one."""
+        lines taken. With a pool, the next block is sent to it before this one's parse is waited for."""
         began = time.monotonic()
         if not self.ahead:
             self.ahead.append(self._read_ahead())
@@ -360,9 +341,8 @@ class LiveRun:
         return taken
 
     def _balance(self, pool_parse: tuple, own_parse: tuple, step_seconds: float, lines: int) -> None:
-        """The pool's share of the next blocks, so that its parse takes as long as this process's step
-        (scoring plus its own share of the parse, the wait for the pool not counted): share x pool = rest +
-        (1 - share) x own, per line."""
+        """The pool's share of the next blocks, so that its parse takes as long as this process's step:
+        share x pool = rest + (1 - share) x own, per line."""
         per_line = lambda part: part[0] / part[1] if part[1] else None  # noqa: E731
         pool, own = per_line(pool_parse), per_line(own_parse)
         own = pool if own is None else own
@@ -460,10 +440,8 @@ def run_live(args, model, calibration: dict, co_occurrence, config: Config, stop
                 f"{dc.idle_lines or 'no limit of'} idle lines"
                 f"{f', {dc.idle_seconds:g} idle seconds' if dc.idle_seconds else ''}"
                 f"{f', {dc.max_session_events} events' if dc.max_session_events else ''}")
-    # Python's cycle collector would scan every open session's events and refs again and again (a full
-    # collection after every 100 young ones by default): what is alive now is set aside (freeze), and the
-    # older generations are collected ten times more rarely; the lines' objects hold no cycles, refcounting
-    # frees them. Measured on the live benchmark: 35-47k -> 44-57k lines/s.
+    # The cycle collector would rescan every open session again and again: what is alive now is set aside
+    # and old generations collected ten times more rarely (lines hold no cycles): 35-47k -> 44-57k lines/s.
     gc.freeze()
     gc.set_threshold(700, 100, 1000)
     stop.raise_now = False   # from here a stop signal ends the loop at a step's end, with the place saved
@@ -502,41 +480,36 @@ def log_live_totals(detector: LiveDetector, parser: LineParser, speed: str, logg
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="sessions to score: a data file or directory (JSONL, JSON, DeepLog text), raw "
-                             "log files with --parser-state; with --follow, files to follow or - (standard "
-                             "input)")
-    parser.add_argument("--output", help="write the JSON lines here (default: stdout)")
-    parser.add_argument("--follow", action="store_true",
-                        help="live: read the files as they grow (tail -F), early alerts, restartable")
-    parser.add_argument("--parser-state", help="PATH holds raw log lines, parsed and grouped through this "
-                                               "parser_state.json of preprocess.py (the event IDs of "
-                                               "training)")
-    parser.add_argument("--calibration", help="use thresholds from this calibration.json (default: the "
-                                              "checkpoint's)")
-    parser.add_argument("--rule", choices=RULES, help="decision rule (default: evaluation.decision_rule)")
-    parser.add_argument("--config", help="a config.yaml whose detect: section replaces the checkpoint's "
-                                         "(prefix_nodes, parse_workers, ...); flags override it")
-    parser.add_argument("--state", help="with --follow: where the place and open sessions are saved "
-                                        "(default: OUTPUT.state)")
-    parser.add_argument("--idle-lines", type=int, help="with --follow: close a session no line named for "
-                                                       "this many lines (detect.idle_lines)")
-    parser.add_argument("--idle-seconds", type=float, help="with --follow: ... or for this many seconds "
-                                                           "(detect.idle_seconds)")
-    parser.add_argument("--max-session-events", type=int, help="with --follow: close a session at this many "
-                                                               "events (detect.max_session_events)")
-    parser.add_argument("--state-interval", type=float, help="with --follow: save the place this often, in "
-                                                             "seconds (detect.state_interval_s)")
-    parser.add_argument("--max-misses", type=int,
-                        help="misses shown per abnormal verdict (detect.max_misses)")
-    parser.add_argument("--skip-bad-records", action="store_true",
-                        help="skip and count bad records instead of stopping (data.skip_bad_records)")
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="a checkpoint written by train.py")
+    add("paths", nargs="+", metavar="PATH", help="sessions to score: a data file or directory (JSONL, JSON, "
+        "DeepLog text), raw log files with --parser-state; with --follow, files to follow or - (standard "
+        "input)")
+    add("--output", help="write the JSON lines here (default: stdout)")
+    add("--follow", action="store_true", help="live: read the files as they grow (tail -F), early alerts, "
+        "restartable")
+    add("--parser-state", help="PATH holds raw log lines, parsed and grouped through this parser_state.json "
+        "of preprocess.py (the event IDs of training)")
+    add("--calibration", help="use thresholds from this calibration.json (default: the checkpoint's)")
+    add("--rule", choices=RULES, help="decision rule (default: evaluation.decision_rule)")
+    add("--config", help="a config.yaml whose detect: section replaces the checkpoint's (prefix_nodes, "
+        "parse_workers, ...); flags override it")
+    add("--state", help="with --follow: where the place and open sessions are saved (default: OUTPUT.state)")
+    add("--idle-lines", type=int, help="with --follow: close a session no line named for this many lines "
+        "(detect.idle_lines)")
+    add("--idle-seconds", type=float, help="with --follow: ... or for this many seconds "
+        "(detect.idle_seconds)")
+    add("--max-session-events", type=int, help="with --follow: close a session at this many events "
+        "(detect.max_session_events)")
+    add("--state-interval", type=float, help="with --follow: save the place this often, in seconds "
+        "(detect.state_interval_s)")
+    add("--max-misses", type=int, help="misses shown per abnormal verdict (detect.max_misses)")
+    add("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping "
+        "(data.skip_bad_records)")
     args = parser.parse_args(argv)
-    live_only = [flag for flag, value in (("--state", args.state), ("--idle-lines", args.idle_lines),
-                                          ("--idle-seconds", args.idle_seconds),
-                                          ("--max-session-events", args.max_session_events),
-                                          ("--state-interval", args.state_interval)) if value is not None]
+    live_only = [f"--{name.replace('_', '-')}" for name in ("state", "idle_lines", "idle_seconds",
+                                                            "max_session_events", "state_interval")
+                 if getattr(args, name) is not None]
     if live_only and not args.follow:
         parser.error(f"{live_only[0]} is for live detection: add --follow")
     if not args.follow and (len(args.paths) > 1 or args.paths == ["-"]):

@@ -8,28 +8,23 @@ Examples:
     python -c "import feedback; print(feedback.read_feedback('fp.jsonl', 29).sessions[:3])"
     # rollback: point detection back at outputs/checkpoints/best_model.pt (the parent is never written)
 
-The feedback FILE lists sessions an operator marked normal, in any of three forms, told apart by content:
-    JSON lines of sessions, as dataset.py reads them ({"session_id": ..., "event_ids": [...], "label": 0});
-        a session labelled 1 (abnormal) is no feedback that it is normal: skipped, and counted in the log
-    DeepLog text: one session per line, its event IDs separated by spaces
-    detect.py's output: {"session_id": ..., "verdict": "abnormal", ..., "event_ids": [...]} per flagged
-        session; its early-alert lines ("alert": "early", no event_ids) and "normal" verdicts are skipped
-        and counted in the log
-A *.json file holds an array of session objects (or one under data.json_array_key), as in training data.
-A bad line (not JSON, no event_ids, an ID outside the model's vocabulary) stops the update before anything
-is written, with one message naming the file and the line.
+The feedback FILE lists sessions an operator marked normal, told apart by content: JSON lines of sessions as
+dataset.py reads them (one labelled 1 is skipped and counted), DeepLog text lines, or detect.py's output
+(flagged sessions; its early alerts and "normal" verdicts are skipped and counted); a *.json file holds an
+array of session objects. A bad line stops the update before anything is written, naming file and line.
 
 The update fine-tunes the parent's weights for update.epochs epochs over every feedback session repeated
-update.feedback_repeats times plus update.replay_sessions sessions of the parent's own training data (from
-the token cache training built), at update.learning_rate; the parent's records of which event types occur
-in training (seen events, event sets, pairs, count vectors) are joined with the feedback sessions'; the
-thresholds are fitted again on the calibration half of the validation split, as after training, and stored
-with the new checkpoint, which is written once, complete: OUTPUT_DIR/checkpoints/best_model.pt, recording
-its "parent" (path, sha256, run_id, step, epoch) and the "feedback" it learned (path, sha256, sessions).
+update.feedback_repeats times plus update.replay_sessions sessions of the parent's training data, at
+update.learning_rate; the parent's records of which event types occur in training are joined with the
+feedback's; the thresholds are fitted again on the calibration half of the validation split. The new
+checkpoint is written once, complete: OUTPUT_DIR/checkpoints/best_model.pt, recording its "parent" (path,
+sha256, run_id, step, epoch) and the "feedback" it learned (path, sha256, sessions).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
+import itertools
 import math
 import time
 from collections import Counter
@@ -87,8 +82,7 @@ class Parent:
 
     @classmethod
     def load(cls, path) -> "Parent":
-        """The checkpoint to update, validated by the one loader, with the digest of its bytes (read once
-        more: the digest names exactly the file the weights came from)."""
+        """The checkpoint to update, validated by the one loader, with the digest of its bytes."""
         checkpoint = load_checkpoint(path, map_location="cpu")
         return cls(Path(path).resolve(), checkpoint, file_sha256(path))
 
@@ -130,9 +124,8 @@ def file_sha256(path) -> str:
 
 
 def update_config(parent: Parent, args) -> Config:
-    """The parent's resolved config (its model, data, windows, rules), with the update: section of --config
-    (config.yaml where present) and the flags: --epochs and --lr set update.epochs and
-    update.learning_rate, --data-dir, --batch-size, --device and --seed as in training."""
+    """The parent's resolved config, with the update: section of --config (config.yaml where present) and
+    the flags (--epochs and --lr set update.epochs and update.learning_rate)."""
     config_path = args.config if (args.config != "config.yaml" or Path(args.config).exists()) else None
     config = resolve_config(config_path, [("command line", {
         "update.epochs": args.epochs, "update.learning_rate": args.lr, "data.preprocessed_dir": args.data_dir,
@@ -198,7 +191,10 @@ def read_feedback(path, vocab_size: int, options: dict | None = None) -> Feedbac
     found = Feedback(file, file_sha256(file), [], [])
     try:
         for index, item in _numbered_items(file, fmt, options["json_array_key"], None, 1):
-            kind = _skipped_kind(item)
+            # detect.py's output lines that are no session to learn from
+            kind = None if not isinstance(item, dict) or "event_ids" in item else \
+                "early_alerts" if item.get("alert") is not None else \
+                "normal_verdicts" if item.get("verdict") == "normal" else None
             if kind is not None:
                 found.skipped[kind] += 1
                 continue
@@ -221,22 +217,10 @@ def read_feedback(path, vocab_size: int, options: dict | None = None) -> Feedbac
     return found
 
 
-def _skipped_kind(item) -> str | None:
-    """Which kind of skipped line a detect.py output line is (None: a session to learn from)."""
-    if not isinstance(item, dict):
-        return None
-    if item.get("alert") is not None and "event_ids" not in item:
-        return "early_alerts"
-    if item.get("verdict") == "normal" and "event_ids" not in item:
-        return "normal_verdicts"
-    return None
-
-
 # ----------------------------------------------------------------------------- records joined
 def join_records(checkpoint: dict, sessions: list[list[int]], config: Config, logger) -> CoOccurrence:
-    """The parent's records of which event types occur in normal training sessions, joined with the
-    feedback sessions, written into `checkpoint` (a copy of the parent's) and returned as the rules' record.
-    A record the parent did not keep (None: too many, or its rule switched off) stays unkept."""
+    """The parent's records of which event types occur in training, joined with the feedback sessions',
+    written into `checkpoint` (a copy) and returned; one the parent did not keep stays unkept."""
     vocab_size = checkpoint["model_args"]["vocab_size"]
     known = co_occurrence_of(checkpoint)
     if "count_vectors" not in checkpoint:   # a parent whose evaluation after training never ran
@@ -267,9 +251,8 @@ def join_records(checkpoint: dict, sessions: list[list[int]], config: Config, lo
 
 
 def join_count_vectors(known: CountVectors, sessions: list[list[int]]) -> CountVectors | None:
-    """The distinct event-count vectors of the parent's record and of the feedback sessions, each with its
-    number of sessions, as CountVectors.from_chunks would have recorded them all together; None beyond the
-    record's bounds."""
+    """The parent's count vectors and the feedback sessions', as CountVectors.from_chunks would have
+    recorded them all together; None beyond the record's bounds."""
     added = CountVectors.from_chunks([sessions])
     weights: dict[bytes, int] = {}
     vectors: dict[bytes, np.ndarray] = {}
@@ -290,8 +273,7 @@ def join_count_vectors(known: CountVectors, sessions: list[list[int]]) -> CountV
 
 
 def mark_seen(model, sessions: list[list[int]]) -> list[int]:
-    """Targets the feedback holds that training never had: from now on the model may predict them (they
-    stop being misses at every k). Returns those event IDs."""
+    """Mark the feedback's targets seen (the model may predict them now); those training never had."""
     ids = sorted({e for s in sessions for e in s})
     new = [e for e in ids if not bool(model.seen_events[e])]
     model.seen_events[ids] = True
@@ -301,15 +283,13 @@ def mark_seen(model, sessions: list[list[int]]) -> list[int]:
 
 # ----------------------------------------------------------------------------- what is trained on
 def replay_sample(config: Config, logger) -> list[list[int]]:
-    """update.replay_sessions sessions drawn uniformly from the parent's training sessions (outside its
-    validation split), read from the token cache training built (rebuilt if it was removed)."""
+    """update.replay_sessions sessions drawn uniformly from the parent's training sessions."""
     chunks = evaluate.training_sessions(config, reader_options(config), logger)
     return reservoir(chunks, config.update.replay_sessions, config.training.seed)
 
 
 def reservoir(chunks, wanted: int, seed: int) -> list[list[int]]:
-    """A uniform sample of `wanted` sessions from chunks of sessions, in one pass and the memory of
-    `wanted` sessions (reservoir sampling, seeded)."""
+    """A uniform sample of `wanted` sessions from chunks of sessions, in one pass (reservoir, seeded)."""
     if wanted <= 0:
         return []
     rng = np.random.default_rng(seed)
@@ -329,7 +309,7 @@ def reservoir(chunks, wanted: int, seed: int) -> list[list[int]]:
 
 def update_windows(feedback: list[list[int]], replay: list[list[int]], config: Config) -> list:
     """The training windows of an update epoch: every feedback session update.feedback_repeats times, and
-    the replay sample once, cut as training cut sessions (data.max_seq_length, data.window_context)."""
+    the replay sample once, cut as training cuts sessions."""
     vocab, data = config.model.vocab_size, config.data
     windows = []
     for sessions, repeats in ((feedback, config.update.feedback_repeats), (replay, 1)):
@@ -346,8 +326,7 @@ def epoch_batches(windows: list, batch_size: int, seed: int, epoch: int, pad_id:
 
 
 def optimizer_for(model, config: Config, total_steps: int):
-    """A fresh optimizer at update.learning_rate, warmed up and decayed like training's (its schedule and
-    floor): an update is a short run of its own."""
+    """A fresh optimizer at update.learning_rate, warmed up and decayed like training's."""
     tc = config.training
     optimizer_class = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(model.parameters(), lr=config.update.learning_rate,
@@ -359,8 +338,7 @@ def optimizer_for(model, config: Config, total_steps: int):
 
 
 def update_state(model, config: Config, window_count: int, runtime: Runtime):
-    """The update's TrainState (fresh optimizer and schedule over its steps, training's precision) and the
-    autocast dtype."""
+    """The update's TrainState (fresh optimizer and schedule, training's precision) and autocast dtype."""
     tc, uc = config.training, config.update
     steps = math.ceil(window_count / tc.batch_size) * uc.epochs
     optimizer, scheduler = optimizer_for(model, config, steps)
@@ -386,9 +364,7 @@ def plan_line(found: Feedback, replay: list, windows: list, state: TrainState, p
 
 # ----------------------------------------------------------------------------- the new checkpoint
 def claim_output(output_dir: Path, logger):
-    """The update's own folder, as a training run claims one: locked, with a run record; a folder holding
-    another run's checkpoints is refused (never overwritten)."""
-    import atexit
+    """The update's own folder, claimed as a training run claims one (another run's is refused)."""
     lock = utils.OutputLock(output_dir, logger)
     atexit.register(lock.release)
     utils.remove_stale_temp_files(output_dir)
@@ -396,9 +372,8 @@ def claim_output(output_dir: Path, logger):
 
 
 def recalibrate(model, co_occurrence: CoOccurrence, config: Config, logger):
-    """Thresholds fitted on the calibration half of the parent's validation split, as after training
-    (evaluate.after_training's pieces; its count-vector record is the joined one here, not recounted from
-    the training data alone). Returns the calibration and the evaluation half and abnormal sessions."""
+    """Thresholds fitted on the calibration half of the parent's validation split, as after training (with
+    the joined count vectors); the calibration, the evaluation half and the abnormal sessions."""
     ev, data = config.evaluation, config.data
     options = reader_options(config)
     calibration_set, normal, abnormal = evaluate.validation_sessions(config, options, logger=logger)
@@ -413,10 +388,7 @@ def recalibrate(model, co_occurrence: CoOccurrence, config: Config, logger):
 
 def evaluate_update(model, checkpoint_path: Path, calibration: dict, normal, abnormal, co_occurrence,
                     config: Config, logger) -> dict:
-    """The evaluation after training, for the updated model: the evaluation half of the validation split and
-    the abnormal sessions (labelled 1, and data.abnormal_dir), reports in the update's folder."""
-    import itertools
-
+    """The evaluation after training, for the updated model, reports in the update's folder."""
     data = config.data
     if data.abnormal_dir:
         abnormal = itertools.chain(abnormal, data_chunks(data.abnormal_dir, config, "all", logger))
@@ -429,9 +401,8 @@ def evaluate_update(model, checkpoint_path: Path, calibration: dict, normal, abn
 
 def save_updated(state: TrainState, records: dict, parent: Parent, found: Feedback, replayed: int,
                  calibration: dict, path: Path) -> dict:
-    """The new checkpoint, complete (weights, records, calibration, lineage), written once, atomically:
-    there is never a half-updated or uncalibrated one, and the parent is never touched; then, as after
-    training, calibration.json beside it."""
+    """The new checkpoint, complete (weights, records, calibration, lineage), written once, atomically (the
+    parent is never touched); then calibration.json beside it."""
     checkpoint = state.state_dict([rng_state()])
     checkpoint.update({key: records[key] for key in ("event_sets", "event_pairs", "count_vectors")})
     checkpoint["calibration"] = calibration
@@ -449,8 +420,7 @@ def save_updated(state: TrainState, records: dict, parent: Parent, found: Feedba
 
 # ----------------------------------------------------------------------------- checking an update
 def flagged_sessions(checkpoint_path, sessions: list) -> tuple[np.ndarray, dict]:
-    """Which of `sessions` a checkpoint flags, under its stored calibration and decision rule (as detection
-    would), and that calibration: what to look at before and after an update."""
+    """Which of `sessions` a checkpoint flags under its stored calibration and rule, and that calibration."""
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint)
     calibration, rule = checkpoint["calibration"], checkpoint["config"]["evaluation"]["decision_rule"]

@@ -1,8 +1,7 @@
-"""Live scoring's model, stepped: the open sessions scored by the events that came since the last step, each
-with its recurrent state in a slot of LiveScorer, so that a line costs the same however long its session is. A
-session's score columns are the ones DeepLog.session_scores computes for the whole session (the batch
-scorer's, scoring.py), cut into the same windows. PrefixTrie shares the states of the prefixes sessions begin
-with; Scored is what a step scored, one row per prediction. live_sessions.LiveDetector drives it.
+"""Live scoring's model, stepped: open sessions scored by the events that came since the last step, each with
+its recurrent state in a slot of LiveScorer, their score columns those of DeepLog.session_scores (the batch
+scorer's). PrefixTrie shares the states of the prefixes sessions begin with. live_sessions.LiveDetector
+drives it.
 
 Example (any DeepLog; a trained one from checkpoint.load_model):
 
@@ -47,14 +46,11 @@ class Scored(NamedTuple):
 
 
 class LiveScorer:
-    """The model run over many open sessions, each by the events that came since the last step. A session
-    holds a slot: its state (DeepLog.initial_state's tensors, indexed by slot) and its score columns, the very
-    ones DeepLog.session_scores computes for a whole session, so that its verdict at the end is the batch
-    verdict. The state after the last input gives the prediction of the next event, scored when it comes; a
-    window of training (tokens.window_runs) starts from a fresh state over its context, as the batch scorer's.
-    Sessions begin in the PrefixTrie, whose states many share, and take a state of their own when they leave
-    it. Rows with rank >= watch_rank, a log-probability below watch_log_prob (end_watch_log_prob for the end
-    of a session) or named in a step's watch_extra get the model's top-k events ("expected")."""
+    """The model run over many open sessions, each holding a slot: its state (indexed by slot) and its score
+    columns, so that its verdict at the end is the batch verdict. A window of training (tokens.window_runs)
+    starts from a fresh state over its context, as the batch scorer's. Rows with rank >= watch_rank, a
+    log-probability below watch_log_prob (end_watch_log_prob at the end) or in watch_extra get the model's
+    top-k events ("expected")."""
 
     COLUMNS = {"predictions": 0.0, "max_rank": -1.0, "min_log_prob": math.inf, "min_event_log_prob": math.inf,
                "min_seen_event_log_prob": math.inf, "end_log_prob": 0.0, "loss_sum": 0.0,
@@ -89,8 +85,7 @@ class LiveScorer:
         self.free.extend(range(new - 1, old - 1, -1))
 
     def allocate(self) -> int:
-        """A slot for a new session: at the trie's root (else the state after the start token), the columns
-        of no prediction."""
+        """A slot for a new session: at the trie's root (else after the start token), no predictions."""
         if not self.free:
             self._grow(len(self.node_of) + 1)
         slot = self.free.pop()
@@ -123,8 +118,7 @@ class LiveScorer:
         return states
 
     def state_of(self, slots: list[int]) -> dict:
-        """The sessions' states, by DeepLog.state_names (their node's, on the trie: restored, they go on with
-        states of their own, the same numbers), and their columns."""
+        """The sessions' states, by DeepLog.state_names (their node's, on the trie), and their columns."""
         states = self._states(np.asarray(slots, dtype=np.int64))
         columns = {name: torch.from_numpy(column) for name, column in self.columns_of(slots).items()}
         return {**dict(zip(self.model.state_names, states)), "columns": columns}
@@ -159,8 +153,7 @@ class LiveScorer:
     @torch.no_grad()
     def advance(self, work: list[tuple[int, list, int]], watch_extra: set[tuple[int, int]]) -> Scored:
         """Score the new events of sessions and step their states: `work` holds (slot, events, n0) where
-        events[n0:] came since the last step. The event at position p is scored against the prediction of
-        the state after input p (the start token, then events[:p]); the rows go into the columns."""
+        events[n0:] came since the last step; the rows go into the columns."""
         parts = []
         if self.trie is not None:
             work, walked = self.trie.walk(work, watch_extra)
@@ -220,8 +213,7 @@ class LiveScorer:
 
     @torch.no_grad()
     def end(self, slots: list[int], lengths: list[int]) -> Scored:
-        """Score the end of these sessions (of `lengths` events: the position of their end) into their
-        columns."""
+        """Score the end of these sessions (of `lengths` events) into their columns."""
         index = np.array(slots, dtype=np.int64)
         end_id = self.model.end_id
         rank, log_prob, expected = self.head(self.model.last_output(self._states(index)),
@@ -233,8 +225,7 @@ class LiveScorer:
     def head(self, hidden: torch.Tensor, targets: torch.Tensor, watch_log_prob: float | None,
              extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
         """Ranks and log-probabilities (float64) of targets from top-layer outputs, and the expected events of
-        the watched rows (and those `extra` marks), in slices of at most LOGIT_BUDGET logits (padded to
-        MIN_ROWS)."""
+        the watched rows, in slices of at most LOGIT_BUDGET logits."""
         model = self.model
         ranks, log_probs, expected = [], [], {}
         for at in range(0, len(hidden), self.head_rows):
@@ -335,14 +326,10 @@ def merge(parts: list[Scored]) -> Scored:
 
 
 class PrefixTrie:
-    """The states of the event prefixes sessions begin with, shared: a session starts at the root (the
-    start token) and each event moves it to that event's child, whose state is computed once for every
-    session that ever opens that way, and the score of an event after a prefix is kept with the prefix. Real
-    logs repeat how their sessions begin (HDFS's 5,855 normal sessions: 114,561 events, 9,534 distinct
-    prefixes), so most lines cost a lookup instead of an LSTM step. Bounded: at most `capacity` prefixes,
-    none beyond the first window (max_seq_length - 1 events); a session whose next prefix is not kept
-    leaves with its state and is stepped on its own from there. The numbers are the same either way (a
-    state is a state, computed by the same kernels: see MIN_ROWS)."""
+    """The states of the event prefixes sessions begin with, shared, each computed once, with the score of
+    each event after its prefix. Real logs repeat how sessions begin (HDFS: 114,561 events, 9,534 distinct
+    prefixes), so most lines cost a lookup instead of an LSTM step. At most `capacity` prefixes, none past
+    the first window; a session whose next prefix is not kept leaves with its state (the same numbers)."""
 
     def __init__(self, scorer: LiveScorer, capacity: int):
         self.scorer, self.capacity = scorer, capacity
@@ -353,8 +340,8 @@ class PrefixTrie:
         self.edges: dict[tuple[int, int], tuple] = {}
 
     def walk(self, work: list[tuple[int, list, int]], watch_extra) -> tuple[list, Scored]:
-        """Move the sessions on the trie by their new events, a round of one event each at a time; the work
-        left for their own states (those that left, and the others), and the rows scored here."""
+        """Move the sessions on the trie by their new events, one event each a round; the work left for their
+        own states, and the rows scored here."""
         node_of = self.scorer.node_of
         vocab_size, unk_id = self.scorer.model.vocab_size, self.scorer.model.unk_id
         places = node_of[np.array([w[0] for w in work], dtype=np.int64)].tolist() if work else []
@@ -404,9 +391,8 @@ class PrefixTrie:
         return rest + leaving, scored
 
     def _extend(self, moves: list[tuple[int, int]]) -> None:
-        """Edges for the moves that may have one (room left, within the first window: the child's inputs one
-        run from the start): the child's state in one batched step, and the event's score after the parent in
-        one pass of the head."""
+        """Edges for the moves that may have one (room left, within the first window): the children's states
+        in one batched step, the events' scores in one pass of the head."""
         scorer = self.scorer
         wanted = [m for m in dict.fromkeys(moves) if len(scorer.runs(0, self.lengths[m[0]] + 2)) == 1]
         wanted = wanted[:max(0, self.capacity - len(self.lengths))]

@@ -1,9 +1,7 @@
-"""Live detection's open sessions and their verdicts. LiveDetector is fed the Items of the input lines (an
-event for some sessions, a whole session, or the close of a window), keeps each open session (LiveSession)
-with its slot in live_scorer.LiveScorer, and closes a session when it goes idle (lines or seconds), reaches
-max_session_events or the input ends: its verdict line then (verdict_line, the one format that batch
-detection, detect.py, writes too). EarlyRules are the parts of the decision rule that can speak before a
-session ends: the early alerts (detect.py's docstring says what one promises).
+"""Live detection's open sessions and their verdicts. LiveDetector is fed the Items of the input lines, keeps
+each open session with its slot in live_scorer.LiveScorer, and closes it when it goes idle, reaches
+max_session_events or the input ends: its verdict_line then (batch detection's format too). EarlyRules are
+the parts of the decision rule that can speak before a session ends (detect.py's docstring).
 
 Example (a checkpoint whose training ended, so with its calibration):
 
@@ -66,9 +64,7 @@ class LiveSession:
 
 
 class EarlyRules:
-    """The parts of the decision rule that can speak before a session ends (see the module's docstring),
-    with what they need: the probability bound, top_g, an index of the training sets by event type, the
-    training pairs."""
+    """The parts of the decision rule that can speak before a session ends, with what they need."""
 
     def __init__(self, calibration: dict, rule: str, co_occurrence: CoOccurrence):
         self.parts = parts = calibration["combined_rules"] if rule == "combined" else [rule]
@@ -147,8 +143,8 @@ def located(record: dict, ref: tuple) -> None:
 
 def verdict_line(session_id: str, events, i: int, scores: dict, abnormal: np.ndarray, anomaly: np.ndarray,
                  rule: str, unseen_pairs: list, misses: list) -> str:
-    """One session's verdict as a JSON line, the same in batch and live detection. An abnormal one also
-    carries its event IDs, so that an operator can hand it back as normal (train.py --update --feedback)."""
+    """One session's verdict as a JSON line, batch and live. An abnormal one carries its event IDs, so that
+    an operator can hand it back as normal (train.py --update --feedback)."""
     flagged = bool(abnormal[i])
     return json.dumps({
         "session_id": session_id, "score": round(float(anomaly[i]), 6),
@@ -246,10 +242,12 @@ class LiveDetector:
         self.open.clear()
         return self._closed([(self.seq, 3, session) for session in sessions])
 
-    def _closed(self, closing, output: list | None = None) -> list[str]:
-        """Close these sessions (_close); the step's output lines, in the order of the lines behind them."""
+    def _closed(self, closing: list[tuple[int, int, LiveSession]], output: list | None = None) -> list[str]:
+        """Close these sessions: the end of each scored, then the rules on its whole record (the batch
+        verdict's own function); the step's output lines, in the order of the lines behind them."""
         output = [] if output is None else output
-        self._close(closing, output)
+        if closing:
+            self._verdicts(closing, output)
         output.sort(key=lambda entry: entry[:3])
         return [entry[3] for entry in output]
 
@@ -287,19 +285,16 @@ class LiveDetector:
         """A miss into the session's record (its first max_misses): outside the top-k, or below `bound`."""
         if (scored.rank[row] >= self.top_k or (bound is not None and scored.log_prob[row] < bound)) and \
                 len(session.misses) < self.max_misses:
-            session.misses.append(self._miss(session, scored, row, position))
+            miss = {"position": position,
+                    "actual": session.events[position] if position < len(session.events) else "<end>",
+                    "probability": float(math.exp(scored.log_prob[row])),
+                    "expected": [self._label(t) for t in scored.expected[row]]}
+            if session.refs is not None and position >= session.n0:
+                located(miss, session.refs[position - session.n0])
+            session.misses.append(miss)
 
     def _label(self, token: int):
         return "<end>" if token == self.scorer.model.end_id else int(token)
-
-    def _miss(self, session: LiveSession, scored: Scored, row: int, position: int) -> dict:
-        miss = {"position": position,
-                "actual": session.events[position] if position < len(session.events) else "<end>",
-                "probability": float(math.exp(scored.log_prob[row])),
-                "expected": [self._label(t) for t in scored.expected[row]]}
-        if session.refs is not None and position >= session.n0:
-            located(miss, session.refs[position - session.n0])
-        return miss
 
     def _alert(self, session: LiveSession, position: int, rule: str, pair, scored: Scored, row) -> tuple:
         alert = {"alert": "early", "session_id": session.session_id, "rule": rule, "position": position,
@@ -314,11 +309,7 @@ class LiveDetector:
         self.totals["early_alerts"] += 1
         return ref[0], 1, session.session_id, json.dumps(alert) + "\n"
 
-    def _close(self, closing: list[tuple[int, int, LiveSession]], output: list) -> None:
-        """Verdicts: the end of each session scored, then the rules on its whole record (verdicts,
-        the batch verdict's own function)."""
-        if not closing:
-            return
+    def _verdicts(self, closing: list[tuple[int, int, LiveSession]], output: list) -> None:
         sessions = [entry[2] for entry in closing]
         slots = [s.slot for s in sessions]
         ended = self.scorer.end(slots, [len(s.events) for s in sessions])
@@ -343,8 +334,8 @@ class LiveDetector:
 
     # -------------------------------------------------------------- saved and restored
     def state_dict(self) -> dict:
-        """The open sessions (least recently active first) and the counters, flat: one tensor per field
-        (their events end to end), so that a save costs a few objects, not a few per session."""
+        """The open sessions (least recently active first) and the counters, one tensor per field (a save
+        costs a few objects, not a few per session)."""
         sessions = list(self.open.values())
         long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
         with_misses = [i for i, s in enumerate(sessions) if s.misses]

@@ -1,9 +1,7 @@
-"""Live detection's input: the lines of files as they grow (FollowedFile: `tail -F`, rotation and truncation
-followed) or of standard input (StandardInput), turned into the Items of live_sessions by LineParser. Raw log
-lines go through preprocess.py's saved parser state with the very code of a whole parse (logparse's
-LineEvents: templates matched only, the session keys or the time; RawParser runs it, in a worker process
-with detect.parse_workers: start_parse_worker and parse_in_worker), and windows are logparse's Windows fed
-line by line; JSON and DeepLog text lines are checked as dataset.py's readers check them.
+"""Live detection's input: the lines of files as they grow (FollowedFile: `tail -F`) or of standard input,
+turned into the Items of live_sessions by LineParser. Raw log lines go through preprocess.py's saved parser
+state with the code of a whole parse (logparse; RawParser, in a worker process with detect.parse_workers);
+JSON and DeepLog text lines are checked as dataset.py's readers check them.
 
 Example (a data file of whole sessions or of event lines, read to its end):
 
@@ -46,11 +44,9 @@ READ_BYTES = 1 << 20    # read from a followed file at a time
 
 # ----------------------------------------------------------------------------- live: lines in
 class FollowedFile:
-    """A file read as it grows, with `tail -F` semantics: when the path names another file (rotation), the
-    old one is read to its end and the new one from its start; when the file shrinks below the place read
-    (truncation, copytruncate), it is read again from its start. Lines end at "\\n", "\\r\\n" or a lone "\\r",
-    as preprocess.py splits them; a last line without its end waits for it. `peek` gives lines without
-    moving; `advance(n)` takes the first n: the saved place is always the start of a line not yet taken."""
+    """A file read as it grows, as `tail -F` (rotation: the old one read to its end, then the new one;
+    truncation: read again from its start), lines split as preprocess.py splits them. `peek` gives lines
+    without moving, `advance(n)` takes the first n: the saved place is always the start of a line."""
 
     def __init__(self, path: str, logger, follow: bool = True):
         self.path, self.logger, self.follow = path, logger, follow
@@ -109,6 +105,9 @@ class FollowedFile:
             else:
                 self.ended = True
                 self._split(final=True)
+        return self._give(limit)
+
+    def _give(self, limit: int) -> list[tuple[int, str]]:
         first = self.peeked
         lines = [(self.line + first + i + 1, text.decode(errors="replace"))
                  for i, (text, _) in enumerate(self.ready[first:first + limit])]
@@ -140,9 +139,6 @@ class FollowedFile:
 
     def pending(self) -> bool:
         return bool(self.ready or self.buffer)
-
-    def unpeek(self) -> None:
-        self.peeked = 0
 
     def _check_moved(self) -> None:
         try:
@@ -178,11 +174,8 @@ class StandardInput(FollowedFile):
         self.poll_interval = poll_interval
         self.handle = sys.stdin.buffer
 
-    def place(self) -> dict:
-        return {"path": "-", "device": 0, "inode": 0, "offset": self.offset, "line": self.line}
-
     def open(self, saved: dict | None = None) -> None:
-        return None
+        return None   # (never opened by name; its place() holds no device or inode)
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
         wait = self.poll_interval
@@ -198,21 +191,15 @@ class StandardInput(FollowedFile):
                 self.ended = True
             self._split(final=self.ended)
             wait = 0
-        first = self.peeked
-        lines = [(self.line + first + i + 1, text.decode(errors="replace"))
-                 for i, (text, _) in enumerate(self.ready[first:first + limit])]
-        self.peeked += len(lines)
-        return lines
+        return self._give(limit)
 
 
 TIMEOUT = BAD_TIME + 1   # RawParser's own status beside LineEvents': a user regex stopped on the line
 
 
 class RawParser:
-    """The part of parsing raw log lines that needs no order, so that it can run in a worker process while
-    the scoring runs here (detect.parse_workers): logparse's LineEvents through the saved parser state (its
-    templates matched only; its session key, or for windows the time). Per line: (PARSED, event, keys or
-    time), (UNMATCHED | NO_KEY | BAD_TIME, ...) or (TIMEOUT, message)."""
+    """The part of parsing raw log lines that needs no order (it can run in a worker process): logparse's
+    LineEvents through the saved parser state. Per line: LineEvents.read's tuple or (TIMEOUT, message)."""
 
     def __init__(self, parser_state: str):
         try:
@@ -255,10 +242,8 @@ def parse_in_worker(texts: list[str]) -> tuple[float, list[tuple]]:
 
 
 class LineParser:
-    """Input lines -> Items. Raw log lines go through the saved parser state (preprocess.py's: the same
-    templates, masks and grouping as training; RawParser, here or in a worker process); other lines are
-    JSON (one event {"session_id": ..., "event_id": N} or a whole session, as data files hold them) or
-    DeepLog text (a whole session)."""
+    """Input lines -> Items: raw log lines through the saved parser state (RawParser), other lines JSON (one
+    event {"session_id": ..., "event_id": N} or a whole session) or DeepLog text (a whole session)."""
 
     def __init__(self, config: Config, parser_state: str | None, logger):
         self.options = reader_options(config)
@@ -275,8 +260,7 @@ class LineParser:
     def items(self, lines: list[tuple[str, int, str]], parsed: list[tuple] | None = None
               ) -> tuple[list[Item], int, DataError | None]:
         """The Items of (path, line number, text) lines (raw ones parsed already, or here), how many lines
-        they took, and the bad line that stopped them (None: all taken). A bad line is skipped and counted
-        with data.skip_bad_records."""
+        they took, and the bad line that stopped them (None: all taken, or skipped with skip_bad_records)."""
         if self.raw is not None and parsed is None:
             parsed = self.raw.parse([text for _, _, text in lines])
         if parsed is not None and self.windows is None and all(p[0] != TIMEOUT for p in parsed):
@@ -349,11 +333,9 @@ class LineParser:
         except logparse.LineError as error:
             raise DataError(f"{path}: line {number}: {error}") from None
         # named by k (a gap skips names), where a whole parse numbers the windows it writes in turn
-        kind = self.windows.kind
-        return ([Item("close", tuple(f"{kind}-window-{k + 1}" for k in closed), [], at, None)] if closed
-                else []) + \
-            ([Item("event", tuple(f"{kind}-window-{k + 1}" for k in joined), [event], at, text)] if joined
-             else [])
+        names = lambda ks: tuple(f"{self.windows.kind}-window-{k + 1}" for k in ks)  # noqa: E731
+        return [Item(kind, names(ks), events, at, raw) for kind, ks, events, raw in
+                (("close", closed, [], None), ("event", joined, [event], text)) if ks]
 
     def state(self) -> dict:
         return {"counts": dict(self.counts), "first_bad": self.first_bad,

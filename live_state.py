@@ -1,8 +1,6 @@
 """The state file of a live run (detect.py --follow --output FILE: FILE.state, or --state PATH), what makes it
-restartable: LiveState saves the place in each input, the parser's counts and windows, the open sessions
-(live_sessions.LiveDetector.state_dict) and the output's length, atomically, and loads one with weights_only,
-checked (state_problem, sessions_problem) before a run goes on from it: a damaged one, or one that another
-command wrote, is one clear error.
+restartable: the place in each input, the parser's counts and windows, the open sessions and the output's
+length, saved atomically, loaded with weights_only and checked before a run goes on from it.
 
 Example (what a stopped run saved):
 
@@ -28,10 +26,8 @@ STATE_VERSION = 2   # 2: the open sessions as flat tensors
 
 # ----------------------------------------------------------------------------- live: the place, saved
 class LiveState:
-    """The state file's one owner. save() writes it atomically (torch.save of tensors and plain types, never
-    pickled objects); load() reads it with weights_only and checks it before anything resumes from it: a
-    damaged one, or one another command wrote, is one clear error, never a run that silently starts
-    elsewhere."""
+    """The state file's one owner: save() writes tensors and plain types atomically, load() checks it (a
+    damaged one, or one another command wrote, is one clear error, never a run that starts elsewhere)."""
 
     def __init__(self, path: Path, identity: dict):
         self.path, self.identity = path, identity

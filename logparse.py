@@ -1,8 +1,7 @@
-"""Raw log lines to events, one implementation for preprocess.py (a whole parse) and live detection (detect.py
---follow): the log format (loghub's <Field> strings) as a regex, masks, user regexes on a CPU budget, the
-Drain parser (learning, or matching a saved state) and its state as plain JSON (validated where it is loaded;
-drain3's own jsonpickle snapshot is never read), lines split in blocks, and per line what grouping needs
-(LineEvents: the event, the session keys or the time) and windows fed line by line. Nothing needs torch.
+"""Raw log lines to events, for preprocess.py (a whole parse) and live detection (detect.py --follow): the log
+format as a regex, masks, user regexes on a CPU budget, the Drain parser and its state as plain JSON
+(validated where loaded; never drain3's jsonpickle), lines split in blocks, and per line what grouping needs
+(LineEvents) and windows fed line by line. Nothing needs torch.
 
 Examples:
 
@@ -65,16 +64,11 @@ class LineError(PreprocessError):
 
 
 # ----------------------------------------------------------------------------- user regexes, on a budget
-# A user's regex (--mask, --session-key, the text between the fields of --log-format) can backtrack without
-# end on a line it does not fit: (a+)+$ on 30 a's and a b takes minutes, on 40 days. Each call of one on one
-# line has a time budget, REGEX_BUDGET_S: the watchdog below stops the call past it, and the run stops on one
-# line naming the setting, the pattern and the log line. The engine stays the stdlib's (the `regex` package's
-# own timeout= costs about 3.5 us a call, a sixth of the parse; RE2 refuses lookarounds, which masks use):
-# its matcher checks for signals while it backtracks, so a SIGALRM handler can end even a match that never
-# would. The built-in masks are linear by construction and run without the watchdog.
-# A budget per call alone would let a pattern that takes just under it on every line run for days: calls
-# that each run past one tick are slow for a log line whatever the pattern, and past SLOW_BUDGET_S of them
-# (CPU time of the main thread, so a loaded machine does not count) within SLOW_WINDOW_S the run stops too.
+# A user's regex (--mask, --session-key, --log-format's text) can backtrack without end on a line it does not
+# fit ((a+)+$ on 40 a's and a b takes days). Each call has a budget, REGEX_BUDGET_S, enforced by a SIGALRM
+# watchdog (the stdlib matcher checks signals while it backtracks; the `regex` package's timeout= costs a
+# sixth of the parse, RE2 refuses lookarounds). Calls each slower than one tick add up too: past SLOW_BUDGET_S
+# of them (main-thread CPU time) within SLOW_WINDOW_S the run stops. Built-in masks are linear: no watchdog.
 REGEX_BUDGET_S = 1.0
 SLOW_BUDGET_S, SLOW_WINDOW_S = 5.0, 60.0
 _TICK_S = 0.2
@@ -93,11 +87,9 @@ class PatternTimeout(PreprocessError):
 
 
 class _Watchdog:
-    """While armed (a `with` block in the main thread, the others nest), a SIGALRM ticks every _TICK_S. A
-    UserRegex call marks itself running (one serial number per call); a tick that finds the same call still
-    running REGEX_BUDGET_S after it first saw it raises PatternTimeout inside that call. Ticks while no user
-    regex runs do nothing. Where it cannot arm (a thread other than the main one, or SIGALRM or the real-time
-    timer already in use) the patterns run without a budget."""
+    """While armed (a `with` block in the main thread; they nest) SIGALRM ticks every _TICK_S; a tick that
+    finds the same UserRegex call (serial number) running REGEX_BUDGET_S after it first saw it raises
+    PatternTimeout inside it. Where it cannot arm (not the main thread, the alarm in use) no budget."""
 
     def __init__(self):
         self.running: UserRegex | None = None
@@ -154,9 +146,8 @@ WATCHDOG = _Watchdog()
 
 
 class UserRegex:
-    """A compiled user regex whose calls run on the watchdog's budget; messages name it as `flag` `shown`
-    (default: its pattern). match and sub as re.Pattern's; findall gives the whole matches (group 0) in order,
-    whatever groups the regex has."""
+    """A compiled user regex whose calls run on the watchdog's budget, named `flag` `shown` in messages.
+    findall gives the whole matches (group 0) whatever groups the regex has."""
 
     __slots__ = ("regex", "flag", "shown", "_all")
 
@@ -170,32 +161,23 @@ class UserRegex:
     def pattern(self) -> str:
         return self.regex.pattern
 
-    def match(self, text: str):
+    def _run(self, call, *args):
         watch = WATCHDOG
         watch.serial += 1
         watch.running = self
         try:
-            return self.regex.match(text)
+            return call(*args)
         finally:
             watch.running = None
+
+    def match(self, text: str):
+        return self._run(self.regex.match, text)
 
     def sub(self, replacement: str, text: str) -> str:
-        watch = WATCHDOG
-        watch.serial += 1
-        watch.running = self
-        try:
-            return self.regex.sub(replacement, text)
-        finally:
-            watch.running = None
+        return self._run(self.regex.sub, replacement, text)
 
     def findall(self, text: str) -> list[str]:
-        watch = WATCHDOG
-        watch.serial += 1
-        watch.running = self
-        try:
-            return self._all(text)
-        finally:
-            watch.running = None
+        return self._run(self._all, text)
 
 
 def timeout_error(error: PatternTimeout, where: str) -> PreprocessError:
@@ -204,18 +186,15 @@ def timeout_error(error: PatternTimeout, where: str) -> PreprocessError:
         f"{error.slow_s:.1f} s in calls of over {_TICK_S:g} s each on one line within {SLOW_WINDOW_S:g} s " \
         f"(the last on {where})"
     return PreprocessError(f"{error.flag} {utils.short(error.pattern)}: {took}, so the run stops: a pattern "
-                           f"whose repeats nest or overlap, such as "
-                           f"(a+)+ or (a|aa)*, backtracks exponentially on a line it almost fits; write each "
-                           f"repeat once (a+ for (a+)+)")
+                           "whose repeats nest or overlap, such as (a+)+ or (a|aa)*, backtracks exponentially"
+                           " on a line it almost fits; write each repeat once (a+ for (a+)+)")
 
 
 # ----------------------------------------------------------------------------- parsing
-# Log formats are loghub's (logpai/logparser's generate_logformat_regex): <Field> placeholders, the text
-# between them a regular expression in which a run of spaces matches any run of whitespace, the whole line
-# (stripped) matched. loghub makes every field a lazy `.*?`, which backtracks without bound on a line that
-# does not fit (one line can take minutes): here a field other than Content ends where the fixed text after
-# it first matches, and is never re-tried (an atomic group), so a line costs about one pass. Content stays
-# lazy (free text may hold any separator); so does a field with no fixed text after it (see _field_regex).
+# Log formats are loghub's: <Field> placeholders, the text between them a regex where a run of spaces matches
+# any whitespace, matched on the stripped line. loghub's lazy `.*?` fields backtrack without bound on a line
+# that does not fit; here a field other than Content ends where the fixed text after it first matches, in an
+# atomic group (about one pass a line). Content stays lazy, as does a field with no fixed text after it.
 _MARK = "\0"  # a field's place in the text that follows it, while that text is scanned
 
 
@@ -247,9 +226,8 @@ def _fixed(text: str) -> bool:
 
 
 def _follow(rest: str) -> str | None:
-    """What may come right after a field that the group opening `rest` follows (`rest`: the format's
-    remaining text, later fields marked), as a regex: the group's leading text, and if the group is optional
-    (`?`, `*`) the text after it. None where that is no fixed text (a field first, an alternation)."""
+    """What may come right after a field that the group opening `rest` follows, as a regex: the group's
+    leading text, and if the group is optional the text after it; None where that is no fixed text."""
     inner = 3 if rest.startswith("(?:") else 1
     if rest[1:2] == "?" and inner == 1:
         return None  # a lookaround, a named group or flags
@@ -337,8 +315,7 @@ BUILT_IN_MASKS = ("|".join(f"(?:{m})" for m in DEFAULT_MASKS[:-1]), DEFAULT_MASK
 
 
 def make_miner(drain: dict, masks: list[str], flag: str = "--mask") -> TemplateMiner:
-    """drain3's TemplateMiner with these settings and masks (each replaced by <*>); every mask but the
-    built-in ones runs on the watchdog's budget, named `flag` in messages."""
+    """drain3's TemplateMiner with these settings and masks, the user's on the watchdog's budget (`flag`)."""
     config = TemplateMinerConfig()  # in code: no drain3.ini is read
     config.drain_sim_th, config.drain_depth = drain["sim_th"], drain["depth"]
     config.drain_max_children, config.drain_max_clusters = drain["max_children"], drain["max_clusters"]
@@ -357,11 +334,10 @@ MEMO_ENTRIES = 1 << 14
 
 
 def fast_masker(masker):
-    """drain3's masker.mask, the same result, faster: the built-in alternation of masks (BUILT_IN_MASKS[0])
-    word by word (split at " "), each word's result remembered. None of its parts can match a space, and to
-    its look-arounds a space reads as the start or end of the text does, so the words' results joined are
-    the whole text's (tests/test_detect.py checks it on the loghub samples); words repeat where lines never
-    do. Other masks (the user's, the run of <*>) are applied as drain3 applies them."""
+    """drain3's masker.mask, the same result, faster: the built-in alternation (BUILT_IN_MASKS[0]) word by
+    word, each word's result remembered (no part of it matches a space, and its look-arounds read a space as
+    the text's edge, so the words' results joined are the text's; tests/test_detect.py checks it). Other
+    masks are applied as drain3 applies them."""
     prefix, suffix = masker.mask_prefix, masker.mask_suffix
     words: dict[str, str] = {}
     steps = []
@@ -409,11 +385,9 @@ def _tree_from_json(data: dict) -> Node:
 
 
 class Parser:
-    """Drain3 with dense event IDs (drain3's cluster IDs count from 1 in order of creation: ID = cluster - 1).
-    Learning (state None) creates templates; from a saved state it only matches, and a line that matches no
-    template gets the unknown ID vocab_size. Both mask a line's content as drain3's masker does, through
-    fast_masker, and go to drain3's Drain directly (TemplateMiner's own calls add a template string and a
-    profiler's calls to every line); a whole parse and live detection alike."""
+    """Drain3 with dense event IDs (ID = drain3's cluster ID - 1). Learning (state None) creates templates;
+    from a saved state it only matches, a line matching no template getting the unknown ID vocab_size. Calls
+    drain3's Drain directly (TemplateMiner's calls add a profiler's work to every line)."""
 
     def __init__(self, cfg: PreprocessConfig, state: dict | None = None):
         self.learning = state is None
@@ -450,9 +424,8 @@ class Parser:
         return self.miner.drain.clusters_counter  # IDs issued, evicted templates' included
 
     def parse(self, content: str) -> int:
-        """The event ID of a line's content (its log format's Content): learning, of the template it joins
-        or creates; from a saved state, of the template it matches (Drain's tree, matching only, as drain3's
-        TemplateMiner.match with full_search_strategy="fallback"), or vocab_size where none does."""
+        """The event ID of a line's Content: learning, of the template it joins or creates; else of the
+        template it matches (as TemplateMiner.match with full_search_strategy="fallback") or vocab_size."""
         masked = self._mask(content)
         if self.learning:
             cluster, change = self._drain.add_log_message(masked)
@@ -491,21 +464,16 @@ class Parser:
 
 
 # ----------------------------------------------------------------------------- the parser state, validated
-# What Parser.state() writes (plus the grouping): every key is checked where the file is read, so that a
-# damaged or hand-edited state is one PreprocessError naming the file and the key, never a traceback, a
-# MemoryError or IDs silently shifted.
+# Every key is checked where the file is read: a damaged state is one PreprocessError naming the file and
+# the key, never a traceback or IDs silently shifted.
 STATE_KEYS = ("format", "version", "log_format", "masks", "drain", "vocab_size", "templates", "tree")
 DRAIN_KEYS = ("sim_th", "depth", "max_children", "max_clusters")
 MAX_VOCAB = 10_000_000  # event IDs a state may issue (the model holds an embedding row per ID)
 
 
 def load_state(path: str) -> dict:
-    """A parser_state.json written by preprocess.py, as it was written, once every key has been checked: its
-    type and range, the templates against vocab_size (IDs unique, ascending and below it; as many as
-    vocab_size unless drain.max_clusters evicted some), the prefix tree (its shape, depth and cluster IDs,
-    each template under its token count) and the grouping (the keys and types of the `preprocess:` config
-    section). Any fault: PreprocessError naming the file and what is wrong. Plain JSON: nothing is
-    unpickled."""
+    """A parser_state.json written by preprocess.py once every key is checked (types, ranges, templates
+    against vocab_size, the prefix tree's shape, the grouping); else PreprocessError naming the file."""
     try:
         with utils.open_regular(path) as handle:
             state = json.loads(handle.read())
@@ -626,8 +594,7 @@ def _check_tree(tree, templates: dict[int, str], vocab_size: int, depth: int) ->
 
 
 def _check_grouping(grouping, log_format: str) -> None:
-    """The grouping settings saved with a state: known keys of the `preprocess:` config section, with its
-    types and ranges (utils), fields of the state's log format, a valid --window and --session-key."""
+    """The grouping saved with a state: keys of the `preprocess:` section, fields of its log format."""
     _need(isinstance(grouping, dict), "grouping", "an object", grouping)
     unknown = [key for key in grouping if key not in GROUPING]
     if unknown:
@@ -650,9 +617,7 @@ def _check_grouping(grouping, log_format: str) -> None:
 # ----------------------------------------------------------------------------- input
 def input_files(paths: list[str]) -> list[Path]:
     """The log files named: each file, and the files of each directory (sorted, hidden ones left out).
-    PreprocessError where a name is missing, an empty directory, or no regular file (a FIFO, /dev/stdin
-    on a pipe or a terminal, a device): its lines are read again later (the raw lines behind detections,
-    through sources.json), which such a stream cannot give."""
+    Refused: a missing name, an empty directory, no regular file (its lines are read again later)."""
     files = []
     for name in paths:
         path = Path(name)
@@ -680,18 +645,16 @@ def _not_regular(path: Path) -> PreprocessError:
                            f"raw line behind each miss; write the log to a file first (e.g. ... > log.txt)")
 
 
-# One line splitter for every text this module reads (logs, --labels) and for the raw lines shown later
-# (RawLines): a line ends at "\n", "\r\n" or a lone "\r" (LINE_END: Python's universal newlines), the last
-# one where the data ends. So line N of a parse is line N of its provenance, whatever the line endings.
+# One line splitter for logs, --labels and the raw lines shown later: a line ends at "\n", "\r\n" or a lone
+# "\r" (universal newlines), so line N of a parse is line N of its provenance.
 LINE_END = re.compile(rb"\r\n|\r|\n")
 LINE_END_TEXT = re.compile(LINE_END.pattern.decode())
 LINE_BLOCK = 2 ** 20
 
 
 def line_blocks(handle, block_bytes: int = LINE_BLOCK):
-    r"""The bytes of a binary handle from where it stands, in blocks of whole lines of about `block_bytes`:
-    each block ends right after a line end (a "\r" that ends a read waits for the next, which may begin with
-    the "\n" of the same "\r\n"), the last one where the data ends; a longer line is a block of its own."""
+    r"""The bytes of a binary handle in blocks of whole lines of about `block_bytes` (a "\r" that ends a read
+    waits: the next may begin with its "\n"); a longer line is a block of its own."""
     pending: list[bytes] = []  # the pieces of a line not ended yet
     while block := handle.read(block_bytes):
         cut = max(block.rfind(b"\n"), block.rfind(b"\r")) + 1
@@ -708,8 +671,7 @@ def line_blocks(handle, block_bytes: int = LINE_BLOCK):
 
 
 def block_lines(block: bytes, errors: str = "replace") -> list[str]:
-    """The lines of a block of whole lines (line_blocks), decoded as UTF-8 (undecodable bytes replaced, or
-    with errors="strict" a UnicodeDecodeError), without their line ends."""
+    """The lines of a block of whole lines, decoded as UTF-8 (`errors` as bytes.decode), without line ends."""
     text = block.decode("utf-8", errors)
     lines = LINE_END_TEXT.split(text) if "\r" in text else text.split("\n")
     if not lines[-1]:
@@ -718,8 +680,7 @@ def block_lines(block: bytes, errors: str = "replace") -> list[str]:
 
 
 def split_lines(handle, block_bytes: int = LINE_BLOCK):
-    """Every line of a binary handle from where it stands, decoded, without its line end (line_blocks,
-    block_lines)."""
+    """Every line of a binary handle from where it stands, decoded, without its line end."""
     for block in line_blocks(handle, block_bytes):
         yield from block_lines(block)
 
@@ -730,8 +691,7 @@ PARSED, UNMATCHED, NO_KEY, BAD_TIME = range(4)   # what LineEvents.read says of 
 
 
 def grouping_config(state: dict, settings: dict | None = None) -> PreprocessConfig:
-    """The settings that group lines through a saved parser state: the grouping saved in it, `settings`
-    (PreprocessConfig fields) over it; checked as the `preprocess:` config section is (PreprocessError)."""
+    """The grouping saved in a parser state, `settings` (PreprocessConfig fields) over it, checked."""
     try:
         return settings_config(None, [("parser state grouping", state.get("grouping", {})),
                                       ("settings", settings or {})]).preprocess
@@ -740,12 +700,9 @@ def grouping_config(state: dict, settings: dict | None = None) -> PreprocessConf
 
 
 class LineEvents:
-    """Raw log lines -> what grouping needs: the log format matched (Parser.match), the event of its Content
-    (Parser.parse), then with --session-key the line's keys (each once, in order: a line naming two sessions
-    joins both), else its time (--time-field). read(line): (PARSED, event, keys | time | None), (NO_KEY,
-    event, ()), (BAD_TIME, event, None) or (UNMATCHED, None, None); the fields matched are .match.
-    `key_flag` names the session key in messages. `times`: read --time-field on lines grouped by key too (a
-    whole parse leaves out such a line whose time is unreadable; live detection, no use for it, keeps it)."""
+    """Raw log lines -> what grouping needs. read(line): (PARSED, event, keys | time | None), (NO_KEY, event,
+    ()), (BAD_TIME, event, None) or (UNMATCHED, None, None); keys each once, in order. `times`: read
+    --time-field on lines grouped by key too (a whole parse drops such a line with a bad time)."""
 
     def __init__(self, cfg: PreprocessConfig, parser: Parser, key_flag: str = "--session-key",
                  times: bool = True):
@@ -779,14 +736,10 @@ class LineEvents:
 
 class Windows:
     """Sliding or tumbling windows over line counts or times: window k covers [k*step, k*step + size) from
-    the first line's position, computed from k (never summed step by step), so the arithmetic cannot stall;
-    a line earlier than the one before counts at that one's position (`out_of_order`). Fed line by line:
-    place() says which windows a line joins and which it closes (live detection keeps no more: state());
-    a whole parse's add() also holds the lines (each once) and gives each window whole as it closes, named
-    in the order written, and close() one last partial window of the lines no window written held. Refused
-    (PreprocessError): a SIZE or STEP not positive and finite (count: whole numbers); SIZE/STEP above
-    MAX_OVERLAP; and, as the lines come (LineError), a time too large for a float to keep SIZE or STEP
-    apart at it."""
+    the first line's position, computed from k so the arithmetic cannot stall; a line earlier than the one
+    before counts at that one's position (`out_of_order`). place() says which windows a line joins and
+    closes; a whole parse's add() also holds the lines and yields each window as it closes, close() a last
+    partial one. Refused: bad SIZE/STEP, SIZE/STEP above MAX_OVERLAP, a time too large for float windows."""
 
     MAX_OVERLAP = 10_000  # windows one line may fall in: the output is up to that many times the input
     RESOLUTION = 2 ** -42  # a time must be exact to step * this (a float time t is exact to |t| * 2**-52)
@@ -888,8 +841,7 @@ class Windows:
 
 
 def line_time(cfg: PreprocessConfig, match: re.Match) -> float:
-    """The line's --time-field in seconds (--time-format read as UTC, else epoch seconds); ValueError where
-    it is unreadable or not finite."""
+    """The line's --time-field in seconds (--time-format read as UTC, else epoch seconds), or ValueError."""
     value = match.group(cfg.time_field) or ""
     when = datetime.strptime(value, cfg.time_format).replace(tzinfo=timezone.utc).timestamp() \
         if cfg.time_format else float(value)

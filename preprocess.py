@@ -27,46 +27,29 @@ Examples:
         --log-format '<Month> <Date> <Time> <Level> <Component>(\[<PID>\])?: <Content>' \
         --structured outputs/linux/structured.csv
 
-Log formats are loghub's, as logpai/logparser reads them: <Field> placeholders, and the text between them a
-regular expression (`\[`, `\|`, optional groups such as `(\[<PID>\])?`) in which a run of spaces matches
-any run of whitespace; the line is stripped, then matched whole. Text without regex characters ([ ] ( ) . |
-? * + { } ^ $ \) means itself, as before. A field inside an optional group that is absent reads as "".
-A field other than Content ends where the text after it (or, before an optional group, the group's or the
-text after it) first matches, and is never retried, so a line costs about one pass. On the nine loghub
-samples these are the very fields of loghub's lazy regex, which retries every field at every later place:
-minutes on one line that does not fit. (Still retried: Content when fields follow it, and a field followed
-by a quantifier or by a group that opens with a field or an alternation.) If none of the first 1000 lines
-match, the run stops, naming the first three.
+Log formats are loghub's: <Field> placeholders, the text between them a regular expression (`\[`, optional
+groups such as `(\[<PID>\])?`; an absent field reads as "") in which a run of spaces matches any whitespace,
+matched on the stripped line. A field other than Content ends where the text after it first matches and is
+never retried (loghub's lazy regex can take minutes on one line that does not fit). If none of the first
+1000 lines match, the run stops, naming the first three.
 
-Input: a file or a directory of files (plain or .gz; regular files, read again later for the raw lines
-behind detections, so not a FIFO or a pipe), streamed line by line, a line ending at "\n", "\r\n" or a lone
-"\r" (one splitter for parsing, --labels and the raw lines shown); memory holds the parser, the open
-sessions (those named within --session-idle lines, at most --max-open-sessions) or the current windows,
-never the lines. Each user regex (--mask, --session-key, the text of --log-format) has REGEX_BUDGET_S
-(1 s) per line: one that backtracks past it stops the run, naming it and the line. Settings: the one
-config of config.py (its PreprocessConfig defaults < the optional `preprocess:` section of --config < with
---parser-state, the grouping saved in it < flags), every value checked there; a parser state is checked key
-by key where it is read (load_state).
+Input: files or directories (plain or .gz; regular files, read again later for the raw lines behind
+detections), streamed; a line ends at "\n", "\r\n" or a lone "\r". Memory holds the parser and the open
+sessions or current windows, never the lines. Each user regex has a budget per line (REGEX_BUDGET_S).
+Settings: config.py's PreprocessConfig defaults < `preprocess:` of --config < a --parser-state's grouping <
+flags.
 
-Output in --output: sessions.jsonl (session_id, event_ids, label, and "lines": [[file index, first line,
-count], ...], runs of consecutive line numbers the events came from), sources.json (the files those
-indexes name, and the counts), templates.json (id, template, count), parser_state.json (plain JSON: log
-format, masks, Drain settings, templates, prefix tree, grouping), and config.yaml, the --config values with
-model.vocab_size, data.preprocessed_dir and training.output_dir set for `python train.py --config`.
-A parse-only run writes no sessions.jsonl or config.yaml. --structured writes loghub's *_structured.csv
-columns: LineId, the format's fields, EventId, EventTemplate.
+Output in --output: sessions.jsonl (session_id, event_ids, label, "lines": [[file index, first line,
+count], ...]), sources.json (the files those indexes name, and the counts), templates.json (id, template,
+count), parser_state.json (log format, masks, Drain settings, templates, prefix tree, grouping) and
+config.yaml for `python train.py --config`. A parse-only run writes no sessions.jsonl or config.yaml.
+--structured writes loghub's *_structured.csv columns: LineId, the format's fields, EventId, EventTemplate.
 
-One parse at a time, shown whole: a run holds --output's lock (utils.OutputLock; a second run on the same
-folder is refused, naming the holder) and writes every file (the --structured CSV too, when it names a
-file directly in --output) into a new generation folder, OUTPUT/.parse-<time>-<random>/. Once all are
-written and fsynced, OUTPUT/current, a symlink, is pointed at it with one atomic rename; the names users
-know (OUTPUT/sessions.jsonl, parser_state.json, config.yaml, ...) are fixed symlinks to current/<name>.
-So at every moment, an interrupt or a kill at any step included, the folder shows the previous parse or
-the new one, never a mix: a name the shown parse lacks (sessions.jsonl after a parse-only run) is a
-dangling link, then removed. The previous generation, and any a killed run left, is removed under the lock.
-Paths in config.yaml go through the fixed names (absolute, symlinks not resolved), so they follow the
-parse shown. A folder written before generations existed (plain files) is first taken in as one. A
---structured CSV elsewhere is written atomically to its own path, before the switch.
+One parse at a time (utils.OutputLock), shown whole: every file goes into a new generation folder,
+OUTPUT/.parse-<time>-<random>/, and once all are fsynced the symlink OUTPUT/current is pointed at it in one
+atomic rename; the names users know (OUTPUT/sessions.jsonl, ...) are fixed symlinks to current/<name>. So
+an interrupt or a kill at any step leaves the previous parse or the new one shown, never a mix. Older
+generations are removed under the lock; a folder of plain files is first taken in as one.
 """
 from __future__ import annotations
 
@@ -84,6 +67,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -116,9 +100,7 @@ LABEL_VALUES = {"normal": 0, "0": 0, "false": 0, "anomaly": 1, "abnormal": 1, "1
 
 
 def _label_rows(path: str, handle):
-    """(line number, CSV row) of a --labels file: lines split as logs are (line_blocks, block_lines), read
-    as UTF-8 (a byte-order mark before the first one dropped); a line that is not UTF-8, or not CSV, is a
-    PreprocessError naming the file and the line."""
+    """(line number, CSV row) of a --labels file, lines split as logs are, UTF-8 (a BOM dropped)."""
     def lines():
         number = 0
         for block in line_blocks(handle):
@@ -144,9 +126,8 @@ def _label_rows(path: str, handle):
 
 
 def _first_label(path: str, handle, session: str) -> str:
-    """The first label of `session` in the --labels file and its line ("Normal on line 3"), read again
-    (a line number for every session would cost memory); of a stream that cannot be read again, "another on
-    an earlier line"."""
+    """The first label of `session` and its line ("Normal on line 3"), the file read again (a line number
+    for every session would cost memory)."""
     try:
         handle.seek(0)
     except OSError:
@@ -156,10 +137,8 @@ def _first_label(path: str, handle, session: str) -> str:
 
 
 def read_labels(path: str) -> dict[str, int]:
-    """session id -> 0/1 from a CSV of id, label (Normal/Anomaly, 0/1, true/false; any case). A first row
-    whose label is none of those (BlockId,Label) is the header; blank lines are skipped. A row without a
-    label, a file without labels, and a session labelled twice differently (both lines named) are a
-    PreprocessError; twice alike is fine."""
+    """session id -> 0/1 from a CSV of id, label (Normal/Anomaly, 0/1, true/false; any case); a first row
+    with none of those is the header, blank lines are skipped."""
     labels: dict[str, int] = {}
     try:
         with utils.open_regular(path) as handle:
@@ -187,14 +166,10 @@ def read_labels(path: str) -> dict[str, int]:
     return labels
 
 
-
 # ----------------------------------------------------------------------------- alerts back to raw lines
 class RawLines:
-    r"""The raw log line behind each event of a session written by preprocess.py, whose "lines" runs
-    [[file index, first line, count], ...] number the lines of `files`, split as the parse split them
-    (split_lines: "\n", "\r\n" or a lone "\r" ends a line). Lines are fetched a chunk at a time:
-    plain files through a sparse index (the offset of every INDEX_EVERY-th line, built on first use, so memory
-    is 8 bytes per INDEX_EVERY lines) and a seek; .gz files by one sequential read per chunk."""
+    """The raw log line behind each event of a session, by its "lines" runs into `files`: plain files
+    through a sparse index (the offset of every INDEX_EVERY-th line) and a seek, .gz files read through."""
 
     INDEX_EVERY = 1024
 
@@ -203,8 +178,7 @@ class RawLines:
 
     @classmethod
     def for_sessions(cls, path) -> RawLines | None:
-        """From the sources.json that preprocess.py writes next to sessions.jsonl (of the same parse: the link
-        OUTPUT/sessions.jsonl is followed to its generation); None where there is none."""
+        """From the sources.json next to sessions.jsonl (links followed to its generation), or None."""
         path = Path(path).resolve()
         sources = (path if path.is_dir() else path.parent) / "sources.json"
         try:
@@ -214,34 +188,28 @@ class RawLines:
 
     @staticmethod
     def line_of(runs, position: int) -> tuple[int, int] | None:
-        """(file index, line number) of the event at `position`, or None (the end of session, no
-        provenance)."""
-        try:
+        """(file index, line number) of the event at `position`, or None (the end of session)."""
+        with contextlib.suppress(TypeError, ValueError):
             for file_index, first, count in runs:
                 if position < count:
                     return int(file_index), int(first) + position
                 position -= count
-        except (TypeError, ValueError):
-            return None
         return None
 
     def fetch(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
-        """The raw line (terminator dropped, undecodable bytes replaced) of each (file index, line number)
-        wanted; lines split as the parse split them (split_lines). A file gone, unreadable or no longer a
-        regular file (it would block) gives none of its lines."""
+        """The raw line of each (file index, line number) wanted; a file gone, unreadable or no longer a
+        regular file (it would block) gives none."""
         found: dict[tuple[int, int], str] = {}
         by_file: dict[int, list[int]] = {}
         for file_index, line in wanted:
             if 0 <= file_index < len(self.files) and line >= 1:
                 by_file.setdefault(file_index, []).append(line)
         for file_index, lines in by_file.items():
-            try:
-                if not self.files[file_index].is_file():
-                    continue
-                found.update({(file_index, n): text
-                              for n, text in self._read(self.files[file_index], sorted(lines))})
-            except (OSError, EOFError, zlib.error):
-                continue  # a log moved or rotated away: its misses are shown without their line
+            # a log moved or rotated away: its misses are shown without their line
+            with contextlib.suppress(OSError, EOFError, zlib.error):
+                if self.files[file_index].is_file():
+                    found.update({(file_index, n): text
+                                  for n, text in self._read(self.files[file_index], sorted(lines))})
         return found
 
     def _read(self, file: Path, lines: list[int]):
@@ -275,8 +243,7 @@ class RawLines:
                 target = next(wanted, None)
 
     def _index(self, file: Path) -> array.array:
-        """The byte offset of line k * INDEX_EVERY + 1, for each k the file reaches (lines as line_blocks
-        and LINE_END split them)."""
+        """The byte offset of line k * INDEX_EVERY + 1, for each k the file reaches."""
         offsets, lines, position = array.array("q", [0]), 0, 0
         with open(file, "rb") as handle:
             for block in line_blocks(handle):
@@ -298,11 +265,8 @@ class RawLines:
 
 
 # ----------------------------------------------------------------------------- the run
-
-
 def read_lines(files: list[Path]):
-    """(file index, 1-based line number, line) of every file in turn, streamed (split_lines): each line
-    without its line end, decoded as UTF-8 with undecodable bytes replaced."""
+    """(file index, 1-based line number, line) of every file in turn, streamed."""
     for index, path in enumerate(files):
         opener = gzip.open if path.name.endswith(".gz") else open
         try:
@@ -316,10 +280,8 @@ def read_lines(files: list[Path]):
 # A whole parse's groupers take lines as add(keys or time, event ID, line reference, abnormal) and yield
 # finished groups as (session id, event IDs, line references, abnormal); close() yields the rest.
 class Sessions:
-    """Lines grouped by the session keys they name (LineEvents). A session stays open until the end of the
-    input, until `idle` lines have passed without it (if set), or until max_open sessions are open and it is
-    the least recently active one (then counted in `closed_early`). Sessions are kept least recently active
-    first, so closing the idle ones costs nothing per line."""
+    """Lines grouped by the session keys they name. A session stays open until the input ends, `idle`
+    lines pass without it, or max_open are open and it is the least recently active (`closed_early`)."""
 
     def __init__(self, max_open: int, idle: int | None):
         self.max_open, self.idle, self.open = max_open, idle, collections.OrderedDict()
@@ -434,10 +396,7 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
                       labels: dict | None = None, rows=None, parse_only: bool = False,
                       require_match: bool = False):
     """Sessions as sessions.jsonl holds them (dicts), streamed from raw log files (none in a parse-only
-    run); counts go into `stats`, and one CSV row per input line (LineId, EventId, the fields) into `rows`
-    when given. PreprocessError once FAIL_FAST_LINES lines came and none matched the log format (or at the
-    end, with `require_match`); where lines parsed but the grouping made no session of them (no_group_error);
-    where a user regex runs past its budget on a line (the watchdog, armed while this runs)."""
+    run); counts go into `stats`, one CSV row per input line into `rows` when given."""
     grouper = make_grouper(cfg, parser, parse_only)
     lines = LineEvents(cfg, parser)   # (parse only: no key, no time)
     names, first_lines, first_parsed, first_bad_time = list(parser.regex.groupindex), [], "", ""
@@ -523,17 +482,14 @@ def peak_rss_mb() -> float:
 
 def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: dict | None = None,
                structured: str | None = None, config: Config | None = None) -> dict:
-    """Parse and group `inputs` into `output`, holding its lock: every file goes into a new generation
-    folder, switched in at the end (the module docstring says how), so `output` shows this parse whole or
-    the previous one. Without --session-key or --window it only parses: templates, parser state, sources
-    and the --structured CSV, no sessions.jsonl or config.yaml (there is nothing to train on). `config`:
-    the one config whose other sections go into config.yaml (default: utils' defaults)."""
+    """Parse and group `inputs` into a new generation of `output`, holding its lock, switched in at the end.
+    `config`: the one config whose other sections go into config.yaml."""
     parser = Parser(cfg, state)
     parse_only = make_grouper(cfg, parser, parse_only=True) is None  # settings checked before any work
     labels = read_labels(cfg.labels) if cfg.labels else None
     files = input_files(inputs)
     inside = structured_name(output, structured)
-    lock = lock_output(output)
+    lock = utils.OutputLock(output, logging.getLogger("preprocess"), flag="--output")
     try:
         remove_leftovers(output)
         adopt_plain_files(output)
@@ -601,20 +557,9 @@ def write_parse(place: Path, output: Path, cfg: PreprocessConfig, parser: Parser
     return dict(stats)
 
 
-class _Utf8:
-    """A text face on a binary handle (utils.atomic_write's), no buffer of its own: a failed write (a full
-    disk) raises where it happens, once."""
-
-    def __init__(self, handle):
-        self.handle = handle
-
-    def write(self, text: str) -> int:
-        return self.handle.write(text.encode())
-
-
 def _as_text(write):
-    """utils.atomic_write's writer (a binary handle) for a `write` that writes text (UTF-8)."""
-    return lambda handle: write(_Utf8(handle))
+    """utils.atomic_write's writer for a `write` of text (UTF-8); no buffer, so a failed write raises once."""
+    return lambda handle: write(types.SimpleNamespace(write=lambda text: handle.write(text.encode())))
 
 
 def _name_for_user(error: OSError, place: Path, output: Path, structured: str | None) -> OSError:
@@ -627,10 +572,7 @@ def _name_for_user(error: OSError, place: Path, output: Path, structured: str | 
 
 
 def write_structured(rows_path: Path, target: Path, parser: Parser) -> None:
-    """loghub's *_structured.csv columns: LineId, the log format's fields (Content among them), EventId,
-    EventTemplate, with each template as it stands at the end (Drain's templates change while it learns, so
-    the rows are written from the IDs once the parse is done). A line the format does not match has only its
-    LineId. Written atomically."""
+    """loghub's *_structured.csv, each template as it stands at the end (Drain's change while it learns)."""
     names = list(parser.regex.groupindex)
 
     def write(handle):
@@ -647,9 +589,8 @@ def write_structured(rows_path: Path, target: Path, parser: Parser) -> None:
 
 
 def write_train_config(config: Config, place: Path, output: Path, vocab_size: int) -> None:
-    """The one config (the --config values, the resolved `preprocess:` section among them) with this data:
-    model.vocab_size, and data.preprocessed_dir and training.output_dir as absolute paths through `output`'s
-    fixed names (symlinks not resolved: they name the current parse, whichever it is)."""
+    """The one config with model.vocab_size, data.preprocessed_dir and training.output_dir set, paths through
+    `output`'s fixed names (not resolved: they name the current parse, whichever it is)."""
     base = os.path.abspath(output)
     for dotted, value in (("model.vocab_size", vocab_size),
                           ("data.preprocessed_dir", os.path.join(base, "sessions.jsonl")),
@@ -660,22 +601,11 @@ def write_train_config(config: Config, place: Path, output: Path, vocab_size: in
 
 
 # ----------------------------------------------------------------------------- the output folder
-# OUTPUT/.parse-<time>-<random>/   one generation: every file of one parse (the structured CSV too, when
-#                                  --structured names a file directly in OUTPUT)
-# OUTPUT/current -> .parse-...     the generation shown; switched with one atomic rename
-# OUTPUT/sessions.jsonl -> current/sessions.jsonl, and so on for each file: the names users know
-# OUTPUT/.lock                     utils.OutputLock: one preprocess.py at a time
 OUTPUT_FILES = ("sessions.jsonl", "sources.json", "templates.json", "parser_state.json", "config.yaml")
-LOGGER = logging.getLogger("preprocess")
-
-
-def lock_output(output: Path) -> utils.OutputLock:
-    return utils.OutputLock(output, LOGGER, flag="--output")
 
 
 def structured_name(output: Path, structured: str | None) -> str | None:
-    """The name of --structured inside a generation when it names a file directly in `output` (so it is
-    switched in with the rest); None where it lies elsewhere (then written to its path, atomically)."""
+    """The name of --structured inside a generation when it names a file directly in `output`, else None."""
     if structured is None or Path(os.path.abspath(structured)).parent != Path(os.path.abspath(output)):
         return None
     name = Path(structured).name
@@ -700,7 +630,6 @@ def _link(path: Path, target: str) -> None:
     os.replace(temp, path)
 
 
-
 def new_generation(output: Path) -> Path:
     place = Path(tempfile.mkdtemp(dir=output, prefix=f".parse-{time.strftime('%Y%m%d-%H%M%S')}-"))
     os.chmod(place, 0o777 & ~utils.UMASK)  # mkdtemp makes 0700: follow the umask, as every file does
@@ -708,8 +637,8 @@ def new_generation(output: Path) -> Path:
 
 
 def switch_to(output: Path, place: Path) -> None:
-    """Show generation `place`: first a fixed link OUTPUT/NAME -> current/NAME for each of its files (one
-    the shown generation lacks dangles until the switch), then `current` replaced in one atomic rename."""
+    """Show generation `place`: a fixed link OUTPUT/NAME -> current/NAME for each of its files, then
+    `current` replaced in one atomic rename."""
     for name in sorted(p.name for p in place.iterdir() if not p.name.startswith(".")):
         link = output / name
         if not (link.is_symlink() and os.readlink(link) == f"current/{name}"):
@@ -732,12 +661,9 @@ def remove_leftovers(output: Path) -> None:
 
 
 def adopt_plain_files(output: Path) -> None:
-    """Plain files under the names users know (a folder written before generations, or a config.yaml an
-    editor saved by rename in place of its link) become a generation: what the folder shows (those files
-    and the shown generation's others) hard-linked (or copied) into a new one, shown as `current`, then each
-    plain name replaced by its link: the same bytes at every moment, and the next switch replaces that
-    parse whole. Plain files that already are the shown generation's (an adoption interrupted) are only
-    replaced by their links."""
+    """Plain files under the names users know (an old folder, a config.yaml an editor saved by rename)
+    become a generation: what the folder shows hard-linked (or copied) into a new one shown as `current`,
+    then each plain name replaced by its link, the same bytes at every moment."""
     shown = output / "current"
     if shown.exists() and not shown.is_symlink():
         raise PreprocessError(f"{shown}: not preprocess.py's link to its parse; move it away")
@@ -761,12 +687,6 @@ def adopt_plain_files(output: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- settings and the CLI
-def resolve_config(base_config: str | None, flags: dict, state_grouping: dict | None = None) -> Config:
-    """Defaults < the YAML's `preprocess:` section < the grouping saved in a parser state < flags given."""
-    return settings_config(base_config, [("parser state grouping", state_grouping or {}),
-                                         ("command line", flags)])
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -781,9 +701,8 @@ def parse_args(argv=None):
         "the whole line is the content)")
     add("--mask", action="append", dest="masks", help="regex of a variable part, replaced by <*> before "
         "Drain; repeatable (replaces the config's list), applied in order before the default masks")
-    add("--no-default-masks", action="store_false", dest="default_masks", default=None,
-        help="do not apply the built-in masks (IP:port, UUID, hex, long hex ids, paths, block-like ids, "
-        "numbers)")
+    add("--no-default-masks", action="store_false", dest="default_masks", default=None, help="do not apply "
+        "the built-in masks (IP:port, UUID, hex, long hex ids, paths, block-like ids, numbers)")
     add("--similarity", type=float, help="Drain similarity threshold sim_th in [0, 1] (default 0.45)")
     add("--depth", type=int, help="Drain prefix-tree depth, >= 3 (default 4)")
     add("--max-templates", type=int, help="cap on templates held (drain3 max_clusters, least recently used "
@@ -791,8 +710,8 @@ def parse_args(argv=None):
     add("--parser-state", help="parser_state.json of an earlier run: match lines onto its event IDs, learn "
         "nothing (unmatched lines get ID vocab_size); log format, masks and Drain settings come from it, and "
         "the grouping unless given")
-    add("--session-key", help=r"regex of session identifiers, e.g. 'blk_-?\d+' (a line naming several "
-        "joins each)")
+    add("--session-key", help=r"regex of session identifiers, e.g. 'blk_-?\d+' (a line naming several joins "
+        "each)")
     add("--window", help="count:SIZE[:STEP] (lines) or time:SIZE[:STEP] (seconds; needs --time-field)")
     add("--time-field", help="log-format field holding each line's time (default format: epoch seconds)")
     add("--time-format", help="strptime format of --time-field, e.g. '%%Y-%%m-%%d-%%H.%%M.%%S.%%f' (read "
@@ -825,7 +744,8 @@ def main(argv=None):
             if given:
                 raise PreprocessError(f"--parser-state fixes the parser: drop --{given[0].replace('_', '-')}")
             state = load_state(args.parser_state)
-        config = resolve_config(base, flags, state and state.get("grouping"))
+        config = settings_config(base, [("parser state grouping", (state and state.get("grouping")) or {}),
+                                        ("command line", flags)])
         stats = preprocess(config.preprocess, args.inputs, Path(args.output), state, args.structured, config)
         print(f"{stats['lines']} lines: {stats['parsed']} parsed, {stats['unmatched']} not matching the log "
               f"format{', %d of unknown events' % stats['unknown'] if args.parser_state else ''}; "

@@ -51,12 +51,9 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------- precision
 def amp_settings(config: Config, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype, or None for fp32; whether fp16 loss scaling is needed).
-
-    CUDA: bf16 where supported, else fp16 with GradScaler. CPU: bf16 only where the CPU computes it
-    natively (AVX512-BF16 or AMX; measured 1.5x faster than fp32 there, benchmarks/README.md), else fp32,
-    since emulated bf16 is slower than fp32.
-    """
+    """(autocast dtype, or None for fp32; whether fp16 loss scaling is needed). CUDA: bf16 where supported,
+    else fp16. CPU: bf16 only where computed natively (AVX512-BF16 or AMX: 1.5x faster than fp32 there,
+    benchmarks/README.md); emulated bf16 is slower than fp32."""
     wanted = config.training.amp_dtype
     if not config.training.mixed_precision:
         return None, False
@@ -87,8 +84,7 @@ class Runtime:
 
 
 def setup_runtime(device_name: str, use_multi_gpu: bool) -> Runtime:
-    """DDP when launched by torchrun (RANK/WORLD_SIZE set), else one process, DataParallel if asked and
-    possible."""
+    """DDP when launched by torchrun (RANK/WORLD_SIZE set), else one process, DataParallel if asked."""
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
@@ -144,8 +140,7 @@ def lockstep(batches, runtime: Runtime):
 
 
 def stop_requested(stop, runtime: Runtime, step: int, every: int) -> bool:
-    """Whether a stop signal (utils.StopSignal) asks training to stop now. Under DDP all ranks must agree,
-    so the flag is all-reduced every `every` steps."""
+    """Whether a stop signal asks training to stop now; under DDP all-reduced every `every` steps."""
     if runtime.distributed and step % every:
         return False
     return any_rank(stop.received is not None, runtime)
@@ -158,7 +153,6 @@ def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
-
 
 
 class LossWindow:
@@ -174,14 +168,12 @@ class LossWindow:
         self.tokens += tokens
 
     def flush_into(self, state) -> int:
-        """Move the window into the epoch's running sums (of a checkpoint.TrainState); returns its token
-        count."""
+        """Move the window into the epoch's running sums (of a checkpoint.TrainState); its token count."""
         tokens = int(self.tokens.item())
         state.epoch_loss_sum += self.loss.item()
         state.epoch_tokens += tokens
         self.loss.zero_(), self.tokens.zero_()
         return tokens
-
 
 
 # ----------------------------------------------------------------------------- GPU stats
@@ -212,8 +204,7 @@ class GPUMonitor:
             count = pynvml.nvmlDeviceGetCount()
             self.indices = device_indices if device_indices is not None else visible_gpu_indices(count)
             self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self.indices]
-        except Exception as error:  # ImportError, NVMLError (driver missing, no permission, ...)
-            self.handles = []
+        except Exception as error:  # ImportError, NVMLError (driver missing, no permission, ...): no handles
             logger.info(f"GPU stats: pynvml unavailable ({type(error).__name__}: {error}); "
                         f"install nvidia-ml-py for per-GPU memory/utilisation; no GPU field in step lines")
 

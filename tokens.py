@@ -34,9 +34,7 @@ def special_tokens(vocab_size: int) -> tuple[int, int, int, int]:
 def lay_out(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int,
             dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     """The token layout of sessions, concatenated: [start, e1..en, end] per session, and where each begins.
-    Position p of a session's layout is the input whose target is position p + 1, so a window of positions
-    [begin, end) reads inputs layout[begin:end] and targets layout[begin + 1:end + 1]. The one builder of it:
-    the cache stores it, training and scoring slice it."""
+    A window [begin, end) reads inputs layout[begin:end] and targets layout[begin + 1:end + 1]."""
     lengths = np.asarray(lengths, dtype=np.int64)
     sizes = lengths + 2
     starts = np.cumsum(sizes) - sizes
@@ -53,10 +51,9 @@ def lay_out(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int,
 def window_table(predictions: np.ndarray, max_seq_length: int, window_context: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """How sessions of `predictions` positions each (n events + the end) are cut into windows, for training
-    and scoring alike: (session, begin, end, first scored) per window, in session order. Windows advance by
-    max_seq_length - window_context; each later one re-reads the previous window_context positions as
-    context, whose predictions the earlier window made, so every position is predicted exactly once, from at
-    least window_context positions of history. The one windower: everything else is built on it."""
+    and scoring alike: (session, begin, end, first scored) per window. Each later window re-reads the previous
+    window_context positions as context, so every position is predicted exactly once, from at least
+    window_context positions of history."""
     predictions = np.asarray(predictions, dtype=np.int64)
     stride = window_stride(max_seq_length, window_context)
     count = 1 + np.maximum(0, -(-(predictions - max_seq_length) // stride))
@@ -81,9 +78,8 @@ def window_stride(max_seq_length: int, window_context: int) -> int:
 def window_runs(begin: int, end: int, max_seq_length: int, window_context: int
                 ) -> list[tuple[int, int, bool]]:
     """window_table for a session that grows: its positions [begin, end) as runs (begin, end, fresh), cut
-    where a window's scored positions begin. A fresh run begins a window past the first: it is predicted from
-    a fresh state that first re-reads the window_context positions before it; any other run goes on from the
-    state after the position before it. Live scoring steps sessions by it (live_scorer.py)."""
+    where a window's scored positions begin; a fresh run starts from a fresh state over its context, any
+    other goes on from the state before it (live_scorer.py)."""
     stride = window_stride(max_seq_length, window_context)
     cut = max(begin, max_seq_length)
     cut += (window_context - cut) % stride   # the first window past the first to begin scoring at >= begin

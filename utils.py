@@ -28,8 +28,7 @@ from pathlib import Path
 
 
 class UserError(Exception):
-    """Something the user gave us is wrong (a file, a flag, a setting): exit_on_user_error makes it one
-    line."""
+    """Something the user gave is wrong (a file, a flag, a setting): exit_on_user_error makes it one line."""
 
 
 class ConfigError(UserError):
@@ -37,8 +36,7 @@ class ConfigError(UserError):
 
 
 def file_kind(path) -> str:
-    """What `path` is, in words ("a FIFO (named pipe)", "a character device", ...; "a regular file",
-    "a directory"), following symlinks (/dev/stdin is then what standard input is)."""
+    """What `path` is, in words ("a FIFO (named pipe)", "a directory", ...), following symlinks."""
     return _kind_of(os.stat(path).st_mode)
 
 
@@ -52,10 +50,8 @@ def _kind_of(mode: int) -> str:
 
 
 def open_regular(path):
-    """A file a user names (a config, calibration, parser state, labels), opened for reading in binary, or
-    OSError: one that is not a regular file (a FIFO, a device, a directory) is refused instead of read, as
-    reading it could wait forever or never end. Opened without blocking, so that a FIFO with no writer is
-    refused too, then read as usual."""
+    """A file a user names, opened for reading in binary; OSError where it is no regular file (reading a FIFO
+    or a device could wait forever or never end). Opened without blocking: a FIFO with no writer too."""
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         mode = os.fstat(descriptor).st_mode
@@ -68,21 +64,17 @@ def open_regular(path):
         raise
 
 
-
 _SHORT = reprlib.Repr()
 _SHORT.maxstring = _SHORT.maxother = 80
 _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = 6
 _SHORT.maxlevel = 3
-
-
 _EXCERPT = reprlib.Repr()
 _EXCERPT.maxlevel, _EXCERPT.maxlist, _EXCERPT.maxdict, _EXCERPT.maxstring, _EXCERPT.maxlong = 2, 6, 4, 40, 40
 
 
 def one_line(error, limit: int = 160) -> str:
     """Another library's error text as one bounded line (yajl's messages span lines and quote the input)."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return short_text(" ".join(str(error).split()), limit)
 
 
 def excerpt(value) -> str:
@@ -97,7 +89,6 @@ def short(value) -> str:
 
 def short_text(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
 
 
 def exit_on_user_error(main, logger: logging.Logger | None = None):
@@ -164,9 +155,8 @@ def remove_stale_temp_files(directory: Path) -> None:
 
 
 class OutputLock:
-    """One run per output directory: a second run there is refused, naming the holder (pid, host). The lock
-    is an flock, so it dies with its process; a lock file whose holder has ended is taken over, with a
-    warning."""
+    """One run per output directory: a second run there is refused, naming the holder (pid, host). An flock
+    dies with its process: a lock file whose holder has ended is taken over, with a warning."""
 
     def __init__(self, output_dir: Path, logger: logging.Logger, flag: str = "--output-dir",
                  name: str = ".lock"):
@@ -203,9 +193,9 @@ def new_run_id() -> str:
 
 
 class RunRecord:
-    """A training run's claim on its output directory (run.json: its id, when it started, the checkpoints it
-    wrote). A new run is refused a directory that holds another run's files unless told to move them aside;
-    pruning removes only checkpoints this run wrote. Call claim() while holding the OutputLock."""
+    """A training run's claim on its output directory (run.json: its id, start, the checkpoints it wrote). A
+    new run is refused another run's directory unless told to move its files aside; pruning removes only
+    this run's checkpoints. Call claim() while holding the OutputLock."""
 
     def __init__(self, output_dir: Path, run_id: str, started: str, checkpoints: list[str],
                  finished: str | None = None):
@@ -249,13 +239,12 @@ class RunRecord:
         run_id = (resumed or {}).get("run_id") or new_run_id()
         same_run = resumed is not None and (existing.run_id == run_id if existing is not None else
                                             Path(resume_path).resolve().parent == checkpoint_dir.resolve())
+        moved_to = None
         if (existing is not None or found) and not same_run:
             if not overwrite:
                 raise ConfigError(cls._refusal(output_dir, existing, found))
             moved_to = cls._move_aside(output_dir, existing)
             existing, found = None, []
-        else:
-            moved_to = None
         if existing is not None:
             return existing
         # a new run, or a resume into a new folder or a folder of checkpoints written before run records:
@@ -349,17 +338,14 @@ def atomic_write(path, write) -> None:
         raise
 
 
-
 class Stopped(Exception):
     """A stop signal arrived after the last training step (the checkpoints are all written by then)."""
 
 
 class StopSignal:
-    """SIGTERM or SIGINT (kill of a nohup run, a scheduler's preemption, Ctrl-C). With raise_now (before the
-    training loop and after it) the work stops at once, as Stopped; in the loop the flag asks it to stop at
-    the next step boundary, where a resumable checkpoint is written; a second signal stops at once.
-    Installed before any work, so that no moment is left to the default (die without a word, leaving
-    worker processes and temp files behind)."""
+    """SIGTERM or SIGINT. With raise_now the work stops at once, as Stopped; else the flag asks the loop to
+    stop at the next step boundary; a second signal stops at once. Installed before any work, so that no
+    moment is left to the default (die without a word, leaving workers and temp files behind)."""
 
     def __init__(self, raise_now: bool = False):
         self.received: str | None = None
@@ -441,8 +427,7 @@ AUTO_WARMUP_STEPS = 50   # training.warmup_steps null: this many, or a tenth of 
 
 
 def warmup_steps(setting: int | None, total_steps: int) -> int:
-    """The warm-up of a run: training.warmup_steps when set, else scaled to the run (a tenth of its steps,
-    at most AUTO_WARMUP_STEPS), so that a short run still reaches its learning rate."""
+    """training.warmup_steps when set, else a tenth of the run's steps, at most AUTO_WARMUP_STEPS."""
     return setting if setting is not None else min(AUTO_WARMUP_STEPS, total_steps // 10)
 
 
@@ -459,10 +444,9 @@ def lr_multiplier(warmup_steps: int, total_steps: int, schedule: str, min_ratio:
     return factor
 
 
-
 class Throughput:
-    """Predicted tokens per second and the share of wall time spent waiting for the next batch, since the
-    previous log line: the two numbers that say whether the input pipeline keeps the GPUs busy."""
+    """Predicted tokens per second and the share of wall time waiting for the next batch, since the previous
+    log line: whether the input pipeline keeps the GPUs busy."""
 
     def __init__(self, batches):
         self.batches, self.tokens, self.waited = iter(batches), 0, 0.0
@@ -484,5 +468,3 @@ class Throughput:
         text = f"{self.tokens / elapsed:,.0f} tok/s | data wait {self.waited / elapsed:.0%}"
         self.tokens, self.waited, self.since = 0, 0.0, now
         return text
-
-
