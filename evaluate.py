@@ -81,7 +81,7 @@ from scoring import (
     file_chunks,
     nonempty,
 )
-from sweep import FILE_NAME, Sweep, describe, sweep, write_suspicious
+from sweep import FILE_NAME, MAX_LISTED, Sweep, describe, sweep, write_suspicious
 
 ACCURACY_KS = (1, 5, 10, 20)
 NOT_SWEPT = ("not swept (data.assume_clean true, or a checkpoint from before the sweep): every "
@@ -589,6 +589,10 @@ def sweep_training_data(model, checkpoint: dict, co_occurrence: CoOccurrence, co
     listed = write_suspicious(found, records, path, data.preprocessed_dir) if found.suspicious else 0
     if not found.suspicious:
         utils.atomic_write_text(path, "")
+    elif listed < MAX_LISTED:
+        # the file's pass sees every normal-labelled session: exact where the sweep's own count is not
+        # (a count-vector outlier of the training split may repeat in the validation split)
+        found.suspicious = listed
     logger.info(f"Training-data sweep: {describe(found.summary(), path)}"
                 + (f" (the first {listed:,})" if listed < found.suspicious else ""))
     if found.share > 2 * config.evaluation.target_fpr:

@@ -12,7 +12,8 @@ lines). openstack_kalaki (../shared/data/sequences): its 50 training sessions pl
 sessions without labels; scored on the dev normal sessions and the other abnormal ones. Each mix is trained
 twice with config.yaml's recipe: the default (the sweep of the training data, sweep.py) and
 data.assume_clean true (the behaviour before the sweep). Prints recall, FPR, F1, the stated false-positive
-rate of the default rule, and the sweep's estimate of the abnormal share of the training data.
+rate of the default rule, the sweep's estimate of the abnormal share of the training data, and what it
+listed in suspicious_sessions.jsonl: how many of the mixed-in sessions, and how many normal ones.
 """
 from __future__ import annotations
 
@@ -51,13 +52,14 @@ def hdfs_mixes(shares, work: Path, seed: int) -> list[dict]:
     for share in shares:
         rng = random.Random(seed)
         mixed_in = rng.sample(pool, round(len(train) * share))
-        sessions = train + mixed_in
+        sessions = [(s, False) for s in train] + [(s, True) for s in mixed_in]
         rng.shuffle(sessions)
         path = work / f"hdfs_{share}" / "hdfs_train"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(sessions) + "\n")
+        path.write_text("\n".join(s for s, _ in sessions) + "\n")
         mixes.append({"data": "hdfs", "mixed_in": len(mixed_in), "share": len(mixed_in) / len(sessions),
-                      "train": path, "normal": hdfs / "hdfs_dev_normal", "abnormal": held_path, "vocab": 29})
+                      "train": path, "normal": hdfs / "hdfs_dev_normal", "abnormal": held_path, "vocab": 29,
+                      "abnormal_records": {i + 1 for i, (_, bad) in enumerate(sessions) if bad}})
     return mixes
 
 
@@ -72,16 +74,17 @@ def openstack_mixes(counts, work: Path, seed: int) -> list[dict]:
         rng = random.Random(seed)
         chosen = set(rng.sample(range(len(abnormal)), count))
         mixed_in = [{**abnormal[i], "label": 0} for i in sorted(chosen)]   # unlabelled, as a user has them
-        sessions = read + mixed_in
+        sessions = [(s, False) for s in read] + [(s, True) for s in mixed_in]
         rng.shuffle(sessions)
         folder = work / f"openstack_{count}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in sessions))
+        (folder / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s, _ in sessions))
         (folder / "held_abnormal.jsonl").write_text("".join(
             json.dumps(s) + "\n" for i, s in enumerate(abnormal) if i not in chosen))
         mixes.append({"data": "openstack_kalaki", "mixed_in": count, "share": count / len(sessions),
                       "train": folder / "train.jsonl", "normal": base / "dev_normal.jsonl",
-                      "abnormal": folder / "held_abnormal.jsonl", "vocab": vocab})
+                      "abnormal": folder / "held_abnormal.jsonl", "vocab": vocab,
+                      "abnormal_records": {i + 1 for i, (_, bad) in enumerate(sessions) if bad}})
     return mixes
 
 
@@ -107,7 +110,12 @@ def train_and_score(mix: dict, assume_clean: bool, work: Path, epochs: int | Non
     calibration, default = results["calibration"], results["default"]["rule"]
     m = results["rules"][default]
     swept = calibration.get("training_sweep")
+    listed = run_dir / "suspicious_sessions.jsonl"
+    records = [json.loads(line)["record"] for line in listed.read_text().splitlines()] \
+        if listed.exists() else []
+    caught = sum(record in mix["abnormal_records"] for record in records)
     return {"data": mix["data"], "mixed_in": mix["mixed_in"], "share": mix["share"],
+            "swept": f"{caught} + {len(records) - caught} normal" if swept else "",
             "behaviour": "assume_clean (before)" if assume_clean else "sweep (default)",
             "recall": m["recall"], "fpr": m["fpr"], "f1": m["f1"], "fp": m["fp"], "fn": m["fn"],
             "stated_fpr": (calibration.get("expected_fpr") or {}).get(default),
@@ -136,8 +144,8 @@ def main() -> int:
         mixes += hdfs_mixes(args.shares, work, args.seed)
     if args.only in (None, "openstack_kalaki"):
         mixes += openstack_mixes(args.counts, work, args.seed)
-    print("| data | mixed in | share | behaviour | recall | FPR | F1 | FP | stated FPR | estimated |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| data | mixed in | share | behaviour | recall | FPR | F1 | FP | stated FPR | estimated | swept |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for mix in mixes:
         for assume_clean in (False, True):
@@ -147,7 +155,7 @@ def main() -> int:
             estimated = "" if row["estimated"] is None else f"{row['estimated']:.2%}"
             print(f"| {row['data']} | {row['mixed_in']} | {row['share']:.2%} | {row['behaviour']} | "
                   f"{row['recall']:.4f} | {row['fpr']:.2%} | {row['f1']:.3f} | {row['fp']} | {stated} | "
-                  f"{estimated} |", flush=True)
+                  f"{estimated} | {row['swept']} |", flush=True)
     if args.json:
         for row in rows:
             print(json.dumps(row))
