@@ -147,7 +147,8 @@ WATCHDOG = _Watchdog()
 
 class UserRegex:
     """A compiled user regex whose calls run on the watchdog's budget, named `flag` `shown` in messages.
-    findall gives the whole matches (group 0) whatever groups the regex has."""
+    findall gives each match's first capture group where the regex has one (the whole match where that
+    group took no part or matched nothing), else the whole matches: `sshd\\[(\\d+)\\]` finds "24200"."""
 
     __slots__ = ("regex", "flag", "shown", "_all")
 
@@ -155,7 +156,7 @@ class UserRegex:
         self.regex, self.flag, self.shown = regex, flag, regex.pattern if shown is None else shown
         # re's findall gives the whole matches where the regex has no groups (one C call, no match objects)
         self._all = regex.findall if not regex.groups else \
-            lambda text: [m.group(0) for m in regex.finditer(text)]
+            lambda text: [m.group(1) or m.group(0) for m in regex.finditer(text)]
 
     @property
     def pattern(self) -> str:

@@ -711,7 +711,7 @@ def parse_args(argv=None):
         "nothing (unmatched lines get ID vocab_size); log format, masks and Drain settings come from it, and "
         "the grouping unless given")
     add("--session-key", help=r"regex of session identifiers, e.g. 'blk_-?\d+' (a line naming several joins "
-        "each)")
+        r"each); with a capture group the id is the first group's text: 'sshd\[(\d+)\]' gives 24200")
     add("--window", help="count:SIZE[:STEP] (lines) or time:SIZE[:STEP] (seconds; needs --time-field)")
     add("--time-field", help="log-format field holding each line's time (default format: epoch seconds)")
     add("--time-format", help="strptime format of --time-field, e.g. '%%Y-%%m-%%d-%%H.%%M.%%S.%%f' (read "

@@ -94,6 +94,20 @@ def test_sessions_by_key_with_a_line_naming_two_blocks(tmp_path):
     assert result["sources"]["files"] == [str((tmp_path / "log.txt").resolve())]
 
 
+def test_a_capture_group_in_the_session_key_is_the_session_id(tmp_path):
+    lines = [line(0, "sshd[24200]: Accepted password for root"), line(1, "sshd[24201]: Accepted key for bob"),
+             line(2, "sshd[24200]: session closed for root"), line(3, "cron[7]: job done")]
+    result = run(tmp_path, lines, "--session-key", r"sshd\[(\d+)\]")
+    assert [s["session_id"] for s in result["sessions"]] == ["24200", "24201"]
+    assert [len(s["event_ids"]) for s in result["sessions"]] == [2, 1]
+    # the same state detects raw lines with the same ids; a group that takes no part gives the whole match
+    found = preprocess.sessions_from_logs(str(tmp_path / "out" / "parser_state.json"),
+                                          [str(tmp_path / "log.txt")])
+    assert [s["session_id"] for s in found] == ["24200", "24201"]
+    either = run(tmp_path, lines, "--session-key", r"sshd\[(\d+)\]|cron\[\d+\]", output="either")
+    assert [s["session_id"] for s in either["sessions"]] == ["24200", "24201", "cron[7]"]
+
+
 def test_count_windows_and_label_field(tmp_path):
     fmt = "<Label> <Stamp> <Content>"
     lines = [f"{'-' if i != 5 else 'KERNDTLB'} {1000 + i} event number {i} happened" if i % 2 else
