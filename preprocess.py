@@ -19,8 +19,8 @@ Examples:
     # new logs onto the SAME event IDs (nothing learned; a line no template matches gets ID vocab_size);
     # format, masks and grouping come from the state
     python preprocess.py /logs/today/ --parser-state outputs/hdfs_raw/parser_state.json --output outputs/today
-    python evaluate.py --checkpoint outputs/hdfs_raw/train/checkpoints/best_model.pt \
-        --detect outputs/today/sessions.jsonl --output outputs/today/detections.jsonl
+    python detect.py --checkpoint outputs/hdfs_raw/train/checkpoints/best_model.pt \
+        outputs/today/sessions.jsonl --output outputs/today/detections.jsonl
 
     # parse only (no --session-key or --window): templates, parser state and loghub's structured CSV
     python preprocess.py ../shared/data/loghub/Linux_2k.log --output outputs/linux \

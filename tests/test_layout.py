@@ -92,3 +92,27 @@ def test_ci_runs_the_readme_test_command_exactly():
     assert command.startswith("pip install -r requirements.txt") and "pytest -q -n 2" in command
     assert command in (REPO / ".ci" / "run").read_text().splitlines()
     assert "matplotlib" in (REPO / "requirements.txt").read_text()   # the pictures are there by default
+
+
+def example_commands(name: str) -> list[tuple[str, list[str]]]:
+    """(script, flags) of each `python SCRIPT ...` example in `name`.py's docstring (continued lines joined,
+    comments left out)."""
+    import re
+    text = re.sub(r"\\\n\s*", " ", ast.get_docstring(ast.parse((REPO / f"{name}.py").read_text())) or "")
+    return [(script, re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", rest))
+            for script, rest in re.findall(r"python3? (\w+)\.py([^#\n]*)", text)]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_example_commands_of_each_docstring_use_flags_their_script_has(name):
+    for script, flags in example_commands(name):
+        if not (REPO / f"{script}.py").exists():
+            continue
+        source = (REPO / f"{script}.py").read_text()
+        missing = [flag for flag in flags if f'"{flag}"' not in source and f'"{flag}",' not in source]
+        assert not missing, f"{name}.py's example of {script}.py: {missing} is no flag of {script}.py"
+
+
+def test_preprocess_shows_detection_as_detect_py():
+    """Detection is detect.py's (evaluate.py --detect stays for old commands only)."""
+    assert [s for s, _ in example_commands("preprocess") if s in ("detect", "evaluate")] == ["detect"]
