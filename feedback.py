@@ -94,7 +94,18 @@ class Parent:
 
     def describe(self) -> str:
         c = self.checkpoint
-        return f"{self.path} (run {c.get('run_id')}, step {c.get('step')}, epoch {c.get('epoch')})"
+        return f"{self.path} (run {c.get('run_id')}, step {c.get('step')}, {self.epochs_done()})"
+
+    def epochs_done(self) -> str:
+        """The epochs the parent completed, in words: its checkpoint's "epoch" is the one a resume would
+        start (11 after 10), and an update's are update epochs."""
+        c = self.checkpoint
+        epoch, batches = c.get("epoch"), (c.get("data_position") or {}).get("batches_done", 0)
+        if not isinstance(epoch, int):
+            return "epochs unrecorded"
+        kind = "update epoch" if c.get("feedback") else "epoch"
+        done = f"after {epoch - 1} {kind}{'' if epoch - 1 == 1 else 's'}"
+        return done + (f" and {batches} batches of the next" if isinstance(batches, int) and batches else "")
 
     def training_time(self) -> str:
         """The parent's own training (or update) time, as its history recorded it."""

@@ -89,6 +89,24 @@ def test_update_removes_the_false_positives_without_hurting_recall(updated, sess
     assert "event types new to the model: [8, 9, 10]" in log
 
 
+def test_the_update_counts_its_own_epochs_and_names_the_parents_completed_ones(updated):
+    log = (updated["folder"] / "training.log").read_text()
+    assert "after 4 epochs)" in log and "epoch 5" not in log   # the 4-epoch parent, not "epoch 5"
+    assert "Update epoch 1/2 " in log and "Update epoch 2/2 " in log and "Update epoch 3" not in log
+
+
+def test_a_parent_is_described_by_the_epochs_it_completed():
+    from pathlib import Path
+
+    def describe(**checkpoint):
+        return feedback.Parent(Path("p.pt"), {"run_id": "r", "step": 9, **checkpoint}, "0").describe()
+    assert describe(epoch=11, data_position={"batches_done": 0}) == "p.pt (run r, step 9, after 10 epochs)"
+    assert describe(epoch=2, data_position={"batches_done": 0}) == "p.pt (run r, step 9, after 1 epoch)"
+    assert describe(epoch=4, data_position={"batches_done": 7}) == \
+        "p.pt (run r, step 9, after 3 epochs and 7 batches of the next)"
+    assert describe(epoch=3, feedback={"sessions": 2}) == "p.pt (run r, step 9, after 2 update epochs)"
+
+
 def test_the_new_checkpoint_records_parent_and_feedback(updated, parent):
     _, _, parent_path = parent
     assert parent_path.read_bytes() == updated["parent_bytes"]    # the parent: byte-identical
