@@ -23,7 +23,10 @@ top-k), verdict, rule, min_probability, novel_event_set, novel_event_pairs, miss
 first --max-misses events the rule found unlikely, each with its position, event, probability, the expected
 events and, from raw logs, "at" FILE:LINE and "raw") and, when abnormal, event_ids. An early alert (live):
 "alert": "early", the session, the rule that fired, the event's position, event, probability, expected
-events, "at" and "raw".
+events, "at" and "raw". From raw logs (--parser-state, or preprocess.py's sessions.jsonl with its
+templates.json beside) a miss also has "actual_template" and "expected_templates", an alert "event_template"
+and "expected_templates": the template text of each event, "<end of session>", or why it is unknown
+("<unknown: no template with this ID>", "<unknown to the model, never seen in training> TEMPLATE").
 
 An early alert fires on the first event that already makes the final verdict abnormal whatever follows: an
 event below the probability bound or outside the top-g, an event set no normal training session holds, or
@@ -45,6 +48,7 @@ import collections
 import concurrent.futures
 import contextlib
 import gc
+import itertools
 import logging
 import multiprocessing
 import os
@@ -103,11 +107,13 @@ def raw_log_records(parser_state: str, path: str) -> tuple[Iterator[Record], obj
 def score_files(model, calibration: dict, path, options: dict, rule: str, out, batch_size: int = 256,
                 co_occurrence: CoOccurrence | None = None, chunk_size: int = 4096, max_misses: int = 3,
                 max_cached: int = MAX_CACHED, out_name: str | None = None, records: Iterable | None = None,
-                raw_lines=None) -> dict:
+                raw_lines=None, names=None) -> dict:
     """Stream sessions from `path` in chunks, one JSON line per session, each chunk flushed before the next
     is read; the "normal" and "abnormal" counts, "bad_records" and "first_bad_record". A bad record ends the
     stream after the sessions before it (PartialOutput), a failed write raises OutputFailed. `records`
-    replaces reading `path`; `raw_lines` (preprocess.RawLines) names each miss's raw log line."""
+    replaces reading `path`; `raw_lines` (preprocess.RawLines) names each miss's raw log line, `names`
+    (preprocess.EventNames) the template text of its events (both found beside preprocess.py's sessions.jsonl
+    when `records` is None)."""
     totals = Counter()
     out_name = out_name or getattr(out, "name", "the output")
     co_occurrence = co_occurrence or CoOccurrence(model.vocab_size)
@@ -118,10 +124,11 @@ def score_files(model, calibration: dict, path, options: dict, rule: str, out, b
     if records is None:
         records = iter_sessions(path, None, **{**options, "counters": counters})
         raw_lines = raw_lines or preprocess.RawLines.for_sessions(path)
+        names = names or preprocess.EventNames.for_sessions(path, model.vocab_size, seen_list(model))
     try:
         for chunk in chunked(_until_data_error(records, stopped), chunk_size):
             text, verdict_counts = verdict_lines(chunk, model, scorer, calibration, rule, co_occurrence,
-                                                 max_misses, raw_lines)
+                                                 max_misses, raw_lines, names)
             try:   # counted while a stop signal still waits: the count always matches the output
                 write_chunk(out, text, then=lambda counts=verdict_counts: totals.update(counts))
             except OSError as error:
@@ -141,7 +148,7 @@ def score_files(model, calibration: dict, path, options: dict, rule: str, out, b
 
 
 def verdict_lines(chunk: list, model, scorer, calibration: dict, rule: str, co_occurrence, max_misses: int,
-                  raw_lines) -> tuple[str, Counter]:
+                  raw_lines, names=None) -> tuple[str, Counter]:
     """The JSON lines of a chunk of Records, one per session, and how many of each verdict."""
     top_k = calibration["top_k"]
     bound, end_bound = miss_bounds(calibration, rule)
@@ -160,6 +167,9 @@ def verdict_lines(chunk: list, model, scorer, calibration: dict, rule: str, co_o
     misses = [[dict(miss) for miss in reasons.get(session_key(record.event_ids), [])] for record in chunk]
     if raw_lines is not None:
         raw_lines.annotate(list(zip((record.lines for record in chunk), misses)))
+    if names is not None:
+        for miss in itertools.chain.from_iterable(misses):
+            names.annotate(miss)
     lines, verdict_counts = [], Counter()
     for record, record_misses in zip(chunk, misses):
         i = index[session_key(record.event_ids)]
@@ -167,6 +177,21 @@ def verdict_lines(chunk: list, model, scorer, calibration: dict, rule: str, co_o
                                   unseen_pairs.get(distinct[i], []), record_misses))
         verdict_counts["abnormal" if abnormal[i] else "normal"] += 1
     return "".join(lines), verdict_counts
+
+
+def seen_list(model) -> list[bool]:
+    """Per event ID below vocab_size: whether the model's training had it."""
+    return model.seen_events[:model.vocab_size].tolist()
+
+
+def event_names(parser_state: str | None, model):
+    """The template text of events for alerts, from --parser-state (None without one)."""
+    if parser_state is None:
+        return None
+    try:
+        return preprocess.EventNames.for_state(parser_state, model.vocab_size, seen_list(model))
+    except logparse.PreprocessError as error:
+        raise utils.ConfigError(str(error)) from None
 
 
 class OutputFailed(OSError):
@@ -239,6 +264,7 @@ def run_batch(args, model, calibration: dict, co_occurrence, config: Config, log
         totals = score_files(model, calibration, args.detect, reader_options(config), ev.decision_rule,
                              out, ev.batch_size, co_occurrence, max_misses=config.detect.max_misses,
                              records=records, raw_lines=raw_lines,
+                             names=event_names(args.parser_state, model),
                              out_name=f"--output {args.output}" if args.output else "stdout")
     finally:
         if args.output:
@@ -418,7 +444,8 @@ def run_live(args, model, calibration: dict, co_occurrence, config: Config, stop
         lock = utils.OutputLock(state_path.parent, logger, "--output (or --state)",
                                 f".{state_path.name}.lock")
     detector = LiveDetector(model.cpu(), calibration, rule, co_occurrence, dc.idle_lines, dc.idle_seconds,
-                            dc.max_session_events, dc.max_misses, dc.prefix_nodes)
+                            dc.max_session_events, dc.max_misses, dc.prefix_nodes,
+                            event_names(args.parser_state, model))
     saved = state.load(detector.scorer.columns, model.state_names) if state else None
     sources = [StandardInput(logger, dc.poll_interval_s)] if args.paths == ["-"] else \
         [FollowedFile(path, logger) for path in args.paths]

@@ -160,8 +160,9 @@ class LiveDetector:
 
     def __init__(self, model: DeepLog, calibration: dict, rule: str, co_occurrence: CoOccurrence,
                  idle_lines: int | None, idle_seconds: float | None, max_session_events: int | None,
-                 max_misses: int, prefix_nodes: int = 0):
+                 max_misses: int, prefix_nodes: int = 0, names=None):
         self.calibration, self.rule, self.co_occurrence = calibration, rule, co_occurrence
+        self.names = names   # the template text of events (preprocess.EventNames), for raw logs
         self.top_k = calibration["top_k"]
         self.early = EarlyRules(calibration, rule, co_occurrence)
         self.count_rule = "count_vector" in self.early.parts
@@ -291,6 +292,8 @@ class LiveDetector:
                     "expected": [self._label(t) for t in scored.expected[row]]}
             if session.refs is not None and position >= session.n0:
                 located(miss, session.refs[position - session.n0])
+            if self.names is not None:
+                self.names.annotate(miss)
             session.misses.append(miss)
 
     def _label(self, token: int):
@@ -306,6 +309,8 @@ class LiveDetector:
             alert["pair"] = pair
         ref = session.refs[position - session.n0]
         located(alert, ref)
+        if self.names is not None:
+            self.names.annotate(alert, "event")
         self.totals["early_alerts"] += 1
         return ref[0], 1, session.session_id, json.dumps(alert) + "\n"
 

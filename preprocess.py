@@ -264,6 +264,66 @@ class RawLines:
                 miss["raw"] = found.get(where)
 
 
+class EventNames:
+    """The parser's template text of the events in an alert, for a reader who does not know the IDs: a
+    miss's "actual" and "expected" get "actual_template" and "expected_templates" (an early alert's "event"
+    "event_template"), the ID fields left as they are. An event without a template, or one the model never
+    saw in training (at or above its vocab_size, or absent from its training data), is named unknown in
+    words. `seen`: per ID below vocab_size, whether training had it (the model's seen_events)."""
+
+    END = "<end of session>"
+    NO_TEMPLATE = "<unknown: no template with this ID>"
+    NO_MATCH = "<unknown: the line matched no template of the parser>"
+    UNSEEN = "<unknown to the model, never seen in training> "
+
+    def __init__(self, templates: dict[int, str], parser_vocab: int | None, vocab_size: int,
+                 seen: list[bool] | None = None):
+        self.templates, self.parser_vocab, self.vocab_size = templates, parser_vocab, vocab_size
+        self.seen = seen
+
+    @staticmethod
+    def _table(path: Path) -> dict[int, str] | None:
+        """ID -> template of a templates.json (preprocess.py's), or None where it is absent or not one."""
+        try:
+            table = json.loads(path.read_text())
+            return {int(t["id"]): str(t["template"]) for t in table if isinstance(t["id"], int)}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @classmethod
+    def for_sessions(cls, path, vocab_size: int, seen=None) -> EventNames | None:
+        """From the templates.json next to sessions.jsonl (links followed to its generation), or None."""
+        path = Path(path).resolve()
+        templates = cls._table((path if path.is_dir() else path.parent) / "templates.json")
+        if not templates:
+            return None
+        return cls(templates, max(templates) + 1, vocab_size, seen)
+
+    @classmethod
+    def for_state(cls, state_path: str, vocab_size: int, seen=None) -> EventNames:
+        """From a parser state (validated), with the templates.json beside it for templates Drain evicted."""
+        state = load_state(state_path)
+        templates = cls._table(Path(state_path).resolve().parent / "templates.json") or {}
+        templates.update({t["id"]: t["template"] for t in state["templates"]})
+        return cls(templates, state["vocab_size"], vocab_size, seen)
+
+    def name(self, event) -> str:
+        if not isinstance(event, int):
+            return self.END if event == "<end>" else self.NO_TEMPLATE
+        text = self.templates.get(event)
+        if text is None:
+            return self.NO_MATCH if event == self.parser_vocab else self.NO_TEMPLATE
+        known = 0 <= event < self.vocab_size and (self.seen is None or bool(self.seen[event]))
+        return text if known else self.UNSEEN + text
+
+    def annotate(self, record: dict, key: str = "actual") -> None:
+        """Add the template of record[key] and of each of record["expected"] (where there are some)."""
+        if key in record:
+            record[f"{key}_template"] = self.name(record[key])
+        if "expected" in record:
+            record["expected_templates"] = [self.name(event) for event in record["expected"]]
+
+
 # ----------------------------------------------------------------------------- the run
 def read_lines(files: list[Path]):
     """(file index, 1-based line number, line) of every file in turn, streamed."""

@@ -202,6 +202,65 @@ def test_a_probability_alert_names_the_event_its_line_and_the_expected_events():
     assert math.isclose(alert["probability"], first["probability"], rel_tol=1e-5)
 
 
+def template_table(vocab_size=12, missing=(5,)) -> list[dict]:
+    """A templates.json as preprocess.py writes it, without the IDs in `missing`."""
+    return [{"id": i, "template": f"event number {i} <*>", "count": 1} for i in range(vocab_size)
+            if i not in missing]
+
+
+def assert_named(miss: dict, key="actual") -> None:
+    """A miss (or alert) carries the template of its event and of each expected event, IDs unchanged."""
+    def name(event):
+        if event == "<end>":
+            return "<end of session>"
+        if event == 5:
+            return "<unknown: no template with this ID>"
+        if event == 12:
+            return "<unknown: the line matched no template of the parser>"
+        if event >= 12:
+            return "<unknown: no template with this ID>"
+        return f"event number {event} <*>"
+    assert miss[f"{key}_template"] == name(miss[key]), miss
+    assert miss["expected_templates"] == [name(e) for e in miss["expected"]], miss
+    assert all(isinstance(e, int) or e == "<end>" for e in miss["expected"])
+
+
+def test_misses_and_alerts_carry_the_template_text_of_their_events(tmp_path):
+    """Batch (templates.json beside sessions.jsonl, as preprocess.py writes it) and live (the parser's
+    names): each miss names its actual and expected events in words; unknown IDs say so."""
+    model, sessions = random_model(), random_sessions(seed=7)
+    sessions[3][2:2] = [5, 12, 13]   # no template, the parser's unknown ID, beyond both
+    co_occurrence, calibration = co_occurrence_of(sessions[:30]), calibration_for(model, sessions)
+    (tmp_path / "templates.json").write_text(json.dumps(template_table()))
+    batch = batch_lines(model, calibration, co_occurrence, sessions, tmp_path)
+    misses = [m for v in batch for m in v["misses"]]
+    assert len(misses) > 20 and {5, 12} <= {m["actual"] for m in misses}
+    for miss in misses:
+        assert_named(miss)
+    names = preprocess.EventNames(dict(enumerate(f"event number {i} <*>" for i in range(12))), 12, 12)
+    del names.templates[5]
+    detector = LiveDetector(model, calibration, "combined", co_occurrence, None, None, None, 3, 1000, names)
+    items = interleaved_items(sessions, random.Random(8))
+    lines = [json.loads(line) for line in detector.feed(items, now=0.0) + detector.close_all()]
+    named = lambda verdicts: {v["session_id"]: [(m["position"], m["actual"], m["actual_template"],  # noqa: E731
+                                                m["expected_templates"]) for m in v["misses"]]
+                              for v in verdicts if "verdict" in v}
+    assert named(lines) == named(batch)
+    alerts = [a for a in lines if a.get("alert") == "early"]
+    assert alerts and all("event_template" in a for a in alerts)
+    for alert in alerts:
+        if "expected" in alert:
+            assert_named(alert, "event")
+    # an event the model never saw in training keeps its text, named unknown to the model
+    unseen = preprocess.EventNames({7: "Checksum error on <*>"}, 12, 12, [i != 7 for i in range(12)])
+    assert unseen.name(7) == "<unknown to the model, never seen in training> Checksum error on <*>"
+    # no templates.json beside the data: the misses stay as they were
+    (tmp_path / "templates.json").unlink()
+    plain = batch_lines(model, calibration, co_occurrence, sessions, tmp_path)
+    assert all(set(m) == {"position", "actual", "probability", "expected"}
+               for verdict in plain for m in verdict["misses"])
+
+
 def test_the_state_of_open_sessions_round_trips_exactly():
     """Saved in the middle and restored into a new detector: the rest of the output is the same."""
     model, sessions = random_model(), random_sessions(seed=11)
@@ -536,6 +595,35 @@ def test_live_raw_logs_through_the_parser_state_give_the_batch_verdicts(tmp_path
         assert [m["position"] for m in verdict["misses"]] == [m["position"] for m in batch[name]["misses"]]
     assert verdicts["blk_503"]["verdict"] == "abnormal"
     assert any(m.get("raw") == today[7] and m["at"] == "-:8" for m in verdicts["blk_503"]["misses"])
+    # each miss names its events in words, batch and live alike, the IDs unchanged (issue #24)
+    templates = {t["id"]: t["template"] for t in json.loads((out / "templates.json").read_text())}
+    unknown = len(templates)   # the ID of a line no template matches
+    for verdict in [*verdicts.values(), *batch.values()]:
+        for miss in verdict["misses"]:
+            assert miss["actual_template"] == {"<end>": "<end of session>",
+                                               unknown: "<unknown: the line matched no template of the "
+                                                        "parser>"}.get(miss["actual"],
+                                                                       templates.get(miss["actual"])), miss
+            assert miss["expected_templates"] == ["<end of session>" if e == "<end>" else templates[e]
+                                                  for e in miss["expected"]], miss
+    checksum = next(m for m in batch["blk_503"]["misses"] if m.get("raw") == today[7])
+    assert checksum["actual"] == unknown and "unknown" in checksum["actual_template"]
+    assert [m["actual_template"] for m in verdicts["blk_503"]["misses"]] == \
+        [m["actual_template"] for m in batch["blk_503"]["misses"]]
+    alerts = [a for a in map(json.loads, live.stdout.splitlines()) if a.get("alert") == "early"]
+    assert alerts and all(a["event_template"] for a in alerts)
+    # the same logs through preprocess.py --parser-state: detect.py finds templates.json beside the sessions
+    result = run_script("preprocess.py", log, "--parser-state", out / "parser_state.json",
+                        "--output", tmp_path / "today", "--config", tmp_path / "base.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_script("detect.py", *common[:2], *common[4:], tmp_path / "today" / "sessions.jsonl",
+                        "--output", tmp_path / "today.jsonl")
+    assert result.returncode == 0, result.stderr[-2000:]
+    today_verdicts = {d["session_id"]: d for d in map(json.loads, (tmp_path / "today.jsonl").read_text()
+                                                      .splitlines())}
+    assert [m["actual_template"] for m in today_verdicts["blk_503"]["misses"]] == \
+        [m["actual_template"] for m in batch["blk_503"]["misses"]]
+    print(json.dumps(checksum))
 
 
 def test_the_word_by_word_masker_gives_drain3s_masks():
