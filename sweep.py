@@ -159,29 +159,28 @@ class Sweep:
         outliers = finite & (distances > median + COUNT_SPREAD * 1.4826 * mad)
         if not outliers.any():
             return counts
-        kept = np.flatnonzero(~outliers)
-        rows = np.isin(counts.entries[:, 0], kept)
-        entries = counts.entries[rows].copy()
-        entries[:, 0] = np.searchsorted(kept, entries[:, 0])
         for vector in np.flatnonzero(outliers).tolist():
             pairs = counts.entries[counts.entries[:, 0] == vector, 1:]
             self.count_outliers.add(tuple(map(tuple, pairs.tolist())))
         self.count_outlier_sessions = int(counts.weights[outliers].sum())
         self.suspicious += self.count_outlier_sessions
-        dropped = np.flatnonzero(outliers)
-        rows = np.isin(counts.entries[:, 0], dropped)
-        held = counts.entries[rows].copy()
-        held[:, 0] = np.searchsorted(dropped, held[:, 0])
-        return CountVectors(entries, counts.weights[kept], CountVectors(held, counts.weights[dropped]))
+        return CountVectors(*_vectors(counts, ~outliers), CountVectors(*_vectors(counts, outliers)))
 
     def summary(self) -> dict:
         """As the calibration stores it ("training_sweep")."""
         return {"sessions": int(self.sessions), "suspicious_sessions": int(self.suspicious),
                 "share": self.share, "cut": min(self.cut, MAX_SURPRISAL), "median": self.median,
-                "mad": self.mad,
-                "spread": SPREAD, "removed_sets": self.removed_sets,
+                "mad": self.mad, "spread": SPREAD, "removed_sets": self.removed_sets,
                 "count_outliers": self.count_outlier_sessions, "by_sets": self.suspicious_sets is not None,
                 "informed": self.informed, "file": FILE_NAME}
+
+
+def _vectors(counts: CountVectors, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The entries (renumbered) and weights of the chosen vectors of a record."""
+    indexes = np.flatnonzero(chosen)
+    entries = counts.entries[np.isin(counts.entries[:, 0], indexes)].copy()
+    entries[:, 0] = np.searchsorted(indexes, entries[:, 0])
+    return entries, counts.weights[indexes]
 
 
 def sweep(scorer: ChunkScorer, normal: Iterable[list], by_sets: bool, classes: int) -> Sweep:
