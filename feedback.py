@@ -382,9 +382,12 @@ def claim_output(output_dir: Path, logger):
     return utils.RunRecord.claim(output_dir, None, None, overwrite=False)
 
 
-def recalibrate(model, co_occurrence: CoOccurrence, config: Config, logger):
+def recalibrate(model, co_occurrence: CoOccurrence, config: Config, logger,
+                training_sweep: dict | None = None):
     """Thresholds fitted on the calibration half of the parent's validation split, as after training (with
-    the joined count vectors); the calibration, the evaluation half and the abnormal sessions."""
+    the joined count vectors, and what the sweep of the parent's training data found: its records are the
+    parent's, less what the feedback put back); the calibration, the evaluation half and the abnormal
+    sessions."""
     ev, data = config.evaluation, config.data
     options = reader_options(config)
     calibration_set, normal, abnormal = evaluate.validation_sessions(config, options, logger=logger)
@@ -392,7 +395,8 @@ def recalibrate(model, co_occurrence: CoOccurrence, config: Config, logger):
         evaluate.validation_sessions(config, options, logger=logger)[1]
     source = f"validation split of {data.preprocessed_dir} (calibration half), after the update"
     calibration = evaluate.fit_calibration(model, calibration_set, ev.top_k, ev.top_g, ev.target_fpr, source,
-                                           ev.decision_rule, ev.batch_size, co_occurrence)
+                                           ev.decision_rule, ev.batch_size, co_occurrence,
+                                           training_sweep=training_sweep)
     evaluate.log_rule(calibration, ev.decision_rule, logger)
     return calibration, normal, abnormal
 

@@ -422,7 +422,8 @@ def update(args, logger) -> int:
     model.eval()
     records = dict(parent.checkpoint)   # the parent's records, joined with the feedback in this copy
     co_occurrence = feedback.join_records(records, found.sessions, config, logger)
-    calibration, normal, abnormal = feedback.recalibrate(model, co_occurrence, config, logger)
+    swept = (parent.checkpoint.get("calibration") or {}).get("training_sweep")   # the parent's records
+    calibration, normal, abnormal = feedback.recalibrate(model, co_occurrence, config, logger, swept)
     best = output_dir / "checkpoints" / "best_model.pt"
     save_config(config, output_dir / "config.yaml")
     utils.save_json(output_dir / "training_history.json", state.history)

@@ -122,6 +122,9 @@ def test_the_new_checkpoint_records_parent_and_feedback(updated, parent):
     assert learned["skipped"] == {"early_alerts": 20, "normal_verdicts": 0, "labelled_abnormal": 0}
     assert stored["run_id"] != parent_checkpoint["run_id"]
     assert "after the update" in stored["calibration"]["source"]
+    # the records are the parent's: so is what the sweep of its training data found, and the rates it adds
+    swept = parent_checkpoint["calibration"]["training_sweep"]
+    assert swept is not None and stored["calibration"]["training_sweep"] == swept
     assert stored["model_state_dict"]["seen_events"][[8, 9, 10]].all()
     assert any(KIND in s for s in stored["event_sets"])
     # the validated loader takes it, as detection and a resume would
