@@ -252,16 +252,39 @@ def evaluate_loss(model, dataset, batch_size, runtime, amp_dtype) -> tuple[float
     return (loss_total / token_count if token_count else math.nan), int(token_count)
 
 
-def step_line(state: TrainState, last_loss, elapsed: float, steps_this_run: int, total_steps: int,
-              gpu_monitor, throughput: utils.Throughput) -> str:
-    eta = elapsed / max(steps_this_run, 1) * (total_steps - state.step)
+SETTLED_INTERVALS = 3   # log intervals since the first step line before the ETA is given as settled
+
+
+class TimeLeft:
+    """The step lines' ETA: from the pace since the first step line, so that the start (imports, the first
+    reads of the cache, the first steps' allocations, a machine busy at first) stops weighing on it; given as
+    rough ("~12m, settling") until SETTLED_INTERVALS log intervals have passed since. The first line's is the
+    pace since the run started, the only one known then."""
+
+    def __init__(self, started: float, interval: int):
+        self.started, self.interval, self.first = started, interval, None   # first: (time, steps) logged
+
+    def text(self, now: float, steps_this_run: int, steps_left: int) -> str:
+        if self.first is None:
+            self.first = (now, steps_this_run)
+            pace, settled = (now - self.started) / max(steps_this_run, 1), False
+        else:
+            since, steps = self.first
+            pace = (now - since) / max(steps_this_run - steps, 1)
+            settled = steps_this_run - steps >= SETTLED_INTERVALS * self.interval
+        eta = utils.format_duration(pace * steps_left)
+        return eta if settled else f"~{eta}, settling"
+
+
+def step_line(state: TrainState, last_loss, elapsed: float, eta: str, gpu_monitor,
+              throughput: utils.Throughput) -> str:
     average = state.epoch_loss_sum / max(state.epoch_tokens, 1)
     fields = [f"[Step {state.step}] Loss: {last_loss:.4f} (avg: {average:.4f})",
               f"LR: {state.scheduler.get_last_lr()[0]:.2e}", throughput.fields()]
     gpu_field = gpu_monitor.summary() if gpu_monitor else None
     if gpu_field:
         fields.append(gpu_field)
-    fields.append(f"Time: {utils.format_duration(elapsed)} (ETA: {utils.format_duration(eta)})")
+    fields.append(f"Time: {utils.format_duration(elapsed)} (ETA: {eta})")
     return " | ".join(fields)
 
 
@@ -579,11 +602,13 @@ def resume(state: TrainState, checkpoint: dict, resume_path: str, runtime: Runti
 EXPECTATION_STEPS = 10   # steps timed before the run states what an epoch will cost
 
 
-def log_expected_time(elapsed: float, steps: int, steps_per_epoch: int, steps_left: int, logger) -> None:
-    per_step = elapsed / steps
+def log_expected_time(elapsed: float, first: int, last: int, steps_per_epoch: int, steps_left: int,
+                      logger) -> None:
+    per_step = elapsed / (last - first + 1)
     logger.info(f"Expected time: {utils.format_duration(per_step * steps_per_epoch)} per epoch, "
-                f"{utils.format_duration(per_step * steps_left)} for the rest of the run "
-                f"(from the first {steps} steps on this hardware, {per_step * 1000:.0f} ms a step)")
+                f"{utils.format_duration(per_step * steps_left)} for the rest of the run (steps "
+                f"{first}-{last} timed on this hardware, {per_step * 1000:.0f} ms a step; the step lines' "
+                "ETA follows the pace)")
 
 
 def run_epochs(state: TrainState, model, data: Data, runtime, amp_dtype, rank_batch_size: int,
@@ -594,6 +619,7 @@ def run_epochs(state: TrainState, model, data: Data, runtime, amp_dtype, rank_ba
     checkpoint_dir = Path(tc.output_dir) / "checkpoints"
     gpu_monitor = GPUMonitor(logger) if runtime.is_master else None
     run_start, steps_this_run = time.time(), 0
+    time_left, first_step_done = TimeLeft(run_start, tc.log_every_steps), None
     window = LossWindow(runtime.device)
     model.train()
     for epoch in range(state.epoch, tc.epochs + 1):
@@ -611,15 +637,19 @@ def run_epochs(state: TrainState, model, data: Data, runtime, amp_dtype, rank_ba
                 window.add(loss_sum, tokens)
                 steps_this_run += 1
                 progress.update(1)
+                first_step_done = first_step_done or (time.time(), steps_this_run)
                 if steps_this_run == min(EXPECTATION_STEPS, data.steps_per_epoch, state.total_steps):
-                    log_expected_time(time.time() - run_start, steps_this_run, data.steps_per_epoch,
+                    # timed from the end of the first step: its one-off set-up would inflate every estimate
+                    since, first = first_step_done if steps_this_run > 1 else (run_start, 0)
+                    log_expected_time(time.time() - since, first + 1, steps_this_run, data.steps_per_epoch,
                                       state.total_steps - state.step, logger)
                 if state.step % tc.log_every_steps == 0:
                     # this rank's tokens x ranks: the ranks' batches are alike in size
                     batches.tokens += window.flush_into(state) * runtime.world_size
                     last_loss = (loss_sum / tokens.clamp(min=1)).item()
-                    logger.info(step_line(state, last_loss, time.time() - run_start, steps_this_run,
-                                          state.total_steps, gpu_monitor, batches))
+                    now = time.time()
+                    eta = time_left.text(now, steps_this_run, state.total_steps - state.step)
+                    logger.info(step_line(state, last_loss, now - run_start, eta, gpu_monitor, batches))
                 if gpu_monitor and gpu_monitor.handles and state.step % tc.gpu_stats_every_steps == 0:
                     for line in gpu_monitor.details():
                         logger.info(line)

@@ -57,12 +57,16 @@ def test_outputs_logs_and_checkpoints(straight_run):
                            r"\| "
                            r"Time: [\d.]+[smh] \(ETA: .+\)$", re.M)
     lines = step_line.findall(log)
+    # the ETA is rough until three log intervals after the first step line (steps 5 and 10 here: then 20)
+    etas = re.findall(r"\[Step (\d+)\].*\(ETA: (.+)\)$", log, re.M)
+    assert all(eta.endswith(", settling") == (int(step) < 20) for step, eta in etas)
     assert [int(step) for step, _, _ in lines] == list(range(5, 30, 5))  # every log_every_steps
     assert all(int(rate.replace(",", "")) > 0 and 0 <= int(wait) <= 100 for _, rate, wait in lines)
     assert "skipped: 5 abnormal, 0 bad records" in log
     # what an epoch costs here, stated after the first steps, before the first step line
-    expected = re.search(r"Expected time: [\d.]+[smh] per epoch, [\d.]+[smh] for the rest of the run \(from "
-                         r"the first 10 steps on this hardware, \d+ ms a step\)", log)
+    expected = re.search(r"Expected time: [\d.]+[smh] per epoch, [\d.]+[smh] for the rest of the run \(steps "
+                         r"2-10 timed on this hardware, \d+ ms a step; the step lines' ETA follows the "
+                         r"pace\)", log)
     assert expected and log.index("[Step 5]") < expected.start() < log.index("[Step 10]")
     if not torch.cuda.is_available():
         assert "GPU stats: no CUDA GPU" in log and "GPU:" not in log
@@ -649,3 +653,12 @@ def test_a_finished_run_says_so_when_trained_again_or_resumed(straight_run, tmp_
                         "--epochs", "3", "--output-dir", tmp_path / "longer")
     assert longer.returncode == 0, longer.stderr
     assert "Epoch 3/3" in (tmp_path / "longer" / "training.log").read_text()
+
+
+def test_the_eta_leaves_the_start_out_and_says_when_it_is_rough():
+    """A start of 95 s (imports, a busy machine) then 1 s a step: the ETA follows the steps' pace."""
+    import train
+    time_left = train.TimeLeft(started=0.0, interval=5)
+    assert time_left.text(100.0, 5, 100) == "~33.3m, settling"     # first line: all it knows is the start
+    assert time_left.text(105.0, 10, 95) == "~1.6m, settling"      # 1 s a step since the first line
+    assert time_left.text(120.0, 25, 80) == "1.3m"                  # 3 intervals since: settled
