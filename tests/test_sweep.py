@@ -241,3 +241,21 @@ def test_a_model_that_learned_nothing_sweeps_nothing():
     assert not found.informed and found.suspicious == 0 and found.suspicious_sets == set()
     assert not found.flags([[1, 4]]).any()
     assert "learned too little to tell" in sweep.describe(found.summary(), "x.jsonl")
+
+
+def test_suspicious_sessions_from_raw_logs_carry_their_raw_lines(tmp_path):
+    """Sessions written by preprocess.py know their lines ("lines" runs, sources.json beside them): the file
+    shows the raw lines behind each suspicious session."""
+    raw = tmp_path / "app.log"
+    raw.write_text("".join(f"line {n} of the log\n" for n in range(1, 11)))
+    data = tmp_path / "sessions"
+    data.mkdir()
+    (data / "sources.json").write_text(json.dumps({"files": [str(raw)]}))
+    sessions, surprisal = _hand_made()
+    found = sweep.sweep(FixedScorer(surprisal), [sessions], by_sets=True, classes=1000)
+    records = [Record(str(data / "sessions.jsonl"), 1, "normal", [1, 2], 0, [[0, 1, 2]]),
+               Record(str(data / "sessions.jsonl"), 2, "odd", [1, 4], 0, [[0, 4, 1], [0, 8, 1]])]
+    path = tmp_path / sweep.FILE_NAME
+    assert sweep.write_suspicious(found, records, path, data) == 1
+    row, = [json.loads(line) for line in path.read_text().splitlines()]
+    assert row["session_id"] == "odd" and row["raw_lines"] == ["line 4 of the log", "line 8 of the log"]
