@@ -316,6 +316,7 @@ class LiveRun:
         self.ahead: collections.deque = collections.deque()
         self.share = 0.8    # of each block's lines parsed by the pool (adjusted as it goes: _balance)
         self.taken, self.first_at, self.last_at = 0, None, None   # lines taken, when (the speed logged)
+        self.busy = 0.0   # seconds of the steps that took lines: reading, parsing, scoring, writing
 
     def _read_ahead(self):
         """The next block's lines, the pool's share of their parse under way, the rest done here meanwhile."""
@@ -362,6 +363,7 @@ class LiveRun:
         if taken:
             self.first_at = self.first_at or began
             self.last_at, self.taken = time.monotonic(), self.taken + taken
+            self.busy += self.last_at - began
         if pool_parse is not None and lines:
             self._balance(pool_parse, own_parse, time.monotonic() - began - waited, len(lines))
         return taken
@@ -379,11 +381,13 @@ class LiveRun:
         self.share = 0.7 * self.share + 0.3 * target
 
     def speed(self) -> str:
-        if not self.taken or self.last_at <= self.first_at:
+        """The lines taken per second of work: time spent waiting for input (a quiet log) is left out."""
+        if not self.taken or self.busy <= 0:
             return ""
-        seconds = self.last_at - self.first_at
-        return f"; {self.taken:,} lines in {seconds:.1f} s from the first read to the last scored: " \
-               f"{self.taken / seconds:,.0f} lines/s"
+        span = self.last_at - self.first_at
+        return (f"; {self.taken:,} lines in {self.busy:.1f} s of reading, parsing and scoring ({span:.1f} s "
+                f"from the first read to the last scored, waiting for input included): "
+                f"{self.taken / self.busy:,.0f} lines/s")
 
     def finished(self) -> bool:
         return not self.ahead and all(s.ended and not s.pending() for s in self.sources)

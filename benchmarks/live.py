@@ -13,8 +13,9 @@ Steps, end to end with the project's own scripts:
    real cluster log.
 2. preprocess.py on the training log (Drain, --session-key blk_...), train.py on its sessions (the recipe
    of config.yaml, --epochs), which calibrates as always.
-3. Throughput: detect.py --follow on a log of --lines lines already written, timed from its first line read
-   to the last one scored (its own count, logged when it stops: "lines/s").
+3. Throughput: detect.py --follow on a log of --lines lines already written: its own count, logged when it
+   stops ("lines/s": lines per second of reading, parsing and scoring; before 2026-12-07, per second from
+   the first line read to the last one scored, the polls between blocks included).
 4. Delay: detect.py --follow on a log that a writer appends to at --rate lines per second (in bursts every
    10 ms) for --seconds; each early alert's delay is the time it appeared in the output minus the time its
    line ("at") was written. Prints the percentiles.
