@@ -549,30 +549,40 @@ def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: di
     labels = read_labels(cfg.labels) if cfg.labels else None
     files = input_files(inputs)
     inside = structured_name(output, structured)
-    lock = utils.OutputLock(output, logging.getLogger("preprocess"), flag="--output")
+    lock = place = None
     try:
+        with utils.signals_held():   # a stop meanwhile comes once the lock is ours: it is released below
+            lock = utils.OutputLock(output, logging.getLogger("preprocess"), flag="--output")
         remove_leftovers(output)
         adopt_plain_files(output)
         place = new_generation(output)
-        try:
-            stats = write_parse(place, output, cfg, parser, files, labels, parse_only,
-                                (structured, inside), config or Config())
-            switch_to(output, place)
-        except BaseException as error:
-            switched = _current(output) == place.name
-            if not switched:  # the previous parse stays
-                shutil.rmtree(place, ignore_errors=True)
-            if isinstance(error, OSError):
-                raise _name_for_user(error, place, output, structured) from None
-            if isinstance(error, utils.Stopped):
-                shows = "this parse, whole" if switched else "the previous parse as it was (if there was one)"
-                done = "finished" if switched else "did not finish"
-                raise utils.Interrupted(f"{error}: the parse {done}: {output} shows {shows}",
-                                        utils.signal_exit_code(str(error))) from None
+        stats = write_parse(place, output, cfg, parser, files, labels, parse_only,
+                            (structured, inside), config or Config())
+        switch_to(output, place)
+        with utils.signals_held():   # the generation before, removed whole
+            remove_leftovers(output)
+    except BaseException as error:
+        switched = place is not None and _current(output) == place.name
+        if lock is not None:
+            # under the lock, and not cut short by a second Ctrl-C: the generations not shown (this run's
+            # unless it was switched in, a half-removed one), temp links; then the lock released
+            with utils.signals_held(drop=True):
+                try:
+                    with contextlib.suppress(OSError):
+                        remove_leftovers(output)
+                finally:
+                    lock.release()
+        if place is None:
             raise
-        remove_leftovers(output)
-    finally:
-        lock.release()
+        if isinstance(error, OSError):
+            raise _name_for_user(error, place, output, structured) from None
+        if isinstance(error, utils.Stopped):
+            shows = "this parse, whole" if switched else "the previous parse as it was (if there was one)"
+            done = "finished" if switched else "did not finish"
+            raise utils.Interrupted(f"{error}: the parse {done}: {output} shows {shows}",
+                                    utils.signal_exit_code(str(error))) from None
+        raise
+    lock.release()
     return stats
 
 

@@ -10,6 +10,7 @@ Examples:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -340,6 +341,30 @@ def atomic_write(path, write) -> None:
 
 class Stopped(Exception):
     """A stop signal arrived after the last training step (the checkpoints are all written by then)."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held(drop: bool = False):
+    """SIGINT and SIGTERM held back for the block (a clean-up that must not be cut short), then let through,
+    or with `drop` discarded (the run is ending already: a second Ctrl-C meanwhile adds nothing). Their
+    handlers are swapped, not the signal mask: a thread of a native library (OpenBLAS) would take a masked
+    signal and have the main thread run the handler anyway."""
+    arrived: list[int] = []
+    try:
+        previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum))
+                    for sig in STOP_SIGNALS}
+    except ValueError:   # not the main thread, where no handler runs
+        previous = None
+    try:
+        yield
+    finally:
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for signum in [] if drop else dict.fromkeys(arrived):
+            signal.raise_signal(signum)
 
 
 class StopSignal:

@@ -759,6 +759,68 @@ def test_a_run_killed_mid_parse_leaves_the_previous_parse(tmp_path, how):
     assert len([p for p in out.iterdir() if p.name.startswith(".parse-")]) == 1
 
 
+# preprocess.py as a process of its own that stops once mid-parse (a marker file says so) until a signal
+# comes; "twice": a second Ctrl-C lands while the first one's clean-up removes the generation
+STOPPED_MID_PARSE = """
+import os, shutil, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import preprocess
+marker, how = Path(sys.argv[2]), sys.argv[3]
+read_lines = preprocess.read_lines
+
+def waiting(files):
+    for number, item in enumerate(read_lines(files)):
+        if number == 5000:
+            marker.write_text("mid-parse")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        yield item
+
+def rmtree(path, *args, real=shutil.rmtree, **kwargs):
+    if how == "twice":
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(path, *args, **kwargs)
+
+preprocess.read_lines, shutil.rmtree = waiting, rmtree
+preprocess.main(sys.argv[4:])
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "twice"])
+def test_a_stop_mid_parse_removes_the_new_generation_and_releases_the_lock(tmp_path, how):
+    parse_a, _ = two_parses(tmp_path)
+    out = tmp_path / "o"
+    parse_a()
+    old, shown_before = shown(out), os.readlink(out / "current")
+    with (tmp_path / "big.log").open("w") as handle:   # 20,000 lines: the stop comes at line 5,000
+        for start in range(0, 5000, 500):
+            handle.write("\n".join(block_log(range(start, start + 500), second=start % 3000)) + "\n")
+    marker = tmp_path / "mid-parse"
+    command = [sys.executable, "-c", STOPPED_MID_PARSE, str(REPO), str(marker), how,
+               str(tmp_path / "big.log"), "--output", str(out), "--log-format", FORMAT,
+               "--session-key", r"blk_-?\d+", "--config", str(tmp_path / "base.yaml")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.01)
+        assert [p.name for p in out.iterdir() if p.name.startswith(".parse-") and p.name != shown_before]
+    finally:
+        process.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    name = "SIGTERM" if how == "SIGTERM" else "SIGINT"
+    assert (process.returncode, stderr.decode().strip().splitlines()) == (128 + signal.Signals[name], [
+        f"stopped: {name}: the parse did not finish: {out} shows the previous parse as it was (if there was "
+        "one)"])
+    assert shown(out) == old
+    left = sorted(p.name for p in out.iterdir() if not p.is_symlink())
+    assert left == [".lock", shown_before], left   # no generation of the stopped run, no temp file
+    assert (out / ".lock").read_text() == ""       # released
+
+
 def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
     import logging
 
