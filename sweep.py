@@ -260,10 +260,12 @@ def write_suspicious(found: Sweep, records: Iterable[Record], path: Path, data_p
                          "why": why, "lines": record.lines})
         if len(rows) >= MAX_LISTED:
             break
-    if raw is not None:
-        for row in rows:
-            wanted = [RawLines.line_of(row["lines"], i) for i in range(min(len(row["event_ids"]), RAW_LINES))]
-            found_lines = raw.fetch({w for w in wanted if w is not None})
-            row["raw_lines"] = [found_lines.get(w) for w in wanted if w is not None]
+    if raw is not None:   # the raw lines of every row fetched together: one pass over each file
+        wanted = [[where for where in (RawLines.line_of(row["lines"], i)
+                                       for i in range(min(len(row["event_ids"]), RAW_LINES))) if where]
+                  for row in rows]
+        fetched = raw.fetch({where for places in wanted for where in places})
+        for row, places in zip(rows, wanted):
+            row["raw_lines"] = [fetched.get(where) for where in places]
     utils.atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
     return len(rows)
