@@ -52,7 +52,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import signal
 import stat
 import sys
 import time
@@ -214,21 +213,20 @@ def write_chunk(out, text: str, then=None) -> None:
     regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
     start = os.lseek(descriptor, 0, os.SEEK_CUR) if regular else 0
     data = memoryview(text.encode())
-    # a stop signal waits until the chunk is written: the output never ends in half a line
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        while data:
-            data = data[os.write(descriptor, data):]
-        if then is not None:
-            then()
-    except OSError:
-        if regular:
-            with contextlib.suppress(OSError):
-                os.ftruncate(descriptor, start)
-                os.lseek(descriptor, start, os.SEEK_SET)
-        raise
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    # a stop signal waits until the chunk is written: the output never ends in half a line (held by its
+    # handler, not the mask: torch's threads would take a masked signal and the handler run mid-write)
+    with utils.signals_held():
+        try:
+            while data:
+                data = data[os.write(descriptor, data):]
+            if then is not None:
+                then()
+        except OSError:
+            if regular:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(descriptor, start)
+                    os.lseek(descriptor, start, os.SEEK_SET)
+            raise
 
 
 class PartialOutput(DataError):
@@ -444,54 +442,58 @@ def run_live(args, model, calibration: dict, co_occurrence, config: Config, stop
     if args.paths == ["-"]:
         state_path = None
     state = LiveState(state_path, live_identity(args, rule, dc)) if state_path else None
-    if state_path is not None:   # one detector per state: a second one on it is refused, naming the first
-        lock = utils.OutputLock(state_path.parent, logger, "--output (or --state)",
-                                f".{state_path.name}.lock")
-    detector = LiveDetector(model.cpu(), calibration, rule, co_occurrence, dc.idle_lines, dc.idle_seconds,
-                            dc.max_session_events, dc.max_misses, dc.prefix_nodes,
-                            event_names(args.parser_state, model))
-    saved = state.load(detector.scorer.columns, model.state_names) if state else None
-    sources = [StandardInput(logger, dc.poll_interval_s)] if args.paths == ["-"] else \
-        [FollowedFile(path, logger) for path in args.paths]
-    for index, source in enumerate(sources):
-        source.open(saved["sources"][index] if saved else None)
-    if saved:
-        detector.load_state_dict(saved["detector"])
-        parser.restore(saved["parser"])
-        logger.info(f"Continuing from {state_path}: {len(detector.open)} open sessions, "
-                    f"{', '.join(f'{s.path} line {s.line}' for s in sources)}")
-    out = open_live_output(args.output, saved, state_path)
-    pool = None
-    if parser.raw is not None and dc.parse_workers:
-        pool = concurrent.futures.ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("fork"), initializer=start_parse_worker,
-            initargs=(os.getpid(), args.parser_state))
-    run = LiveRun(detector, sources, parser, out, state, dc.block_lines, pool)
-    logger.info(f"Live detection ({rule} rule) on {', '.join(args.paths)}: sessions close after "
-                f"{dc.idle_lines or 'no limit of'} idle lines"
-                f"{f', {dc.idle_seconds:g} idle seconds' if dc.idle_seconds else ''}"
-                f"{f', {dc.max_session_events} events' if dc.max_session_events else ''}")
-    # The cycle collector would rescan every open session again and again: what is alive now is set aside
-    # and old generations collected ten times more rarely (lines hold no cycles): 35-47k -> 44-57k lines/s.
-    gc.freeze()
-    gc.set_threshold(700, 100, 1000)
-    stop.raise_now = False   # from here a stop signal ends the loop at a step's end, with the place saved
-    try:
-        run.run(stop, dc.state_interval_s, dc.poll_interval_s)
-    except BrokenProcessPool:
-        if not stop.received:
-            raise utils.ConfigError("the parsing worker process died (killed? out of memory?): the place "
-                                    "of the last step is saved; run the same command again") from None
-        run.save()
-        raise utils.Interrupted(f"{stop.received}; the place is saved in {state_path}",
-                                stop.exit_code) from None
+    lock = out = pool = run = None
+    try:   # the lock released, the pool ended and the output closed whatever stops the run, setup included
+        if state_path is not None:   # one detector per state: a second one on it is refused, naming the first
+            with utils.signals_held():   # (a stop meanwhile comes inside the try, once the lock is ours)
+                lock = utils.OutputLock(state_path.parent, logger, "--output (or --state)",
+                                        f".{state_path.name}.lock")
+        detector = LiveDetector(model.cpu(), calibration, rule, co_occurrence, dc.idle_lines, dc.idle_seconds,
+                                dc.max_session_events, dc.max_misses, dc.prefix_nodes,
+                                event_names(args.parser_state, model))
+        saved = state.load(detector.scorer.columns, model.state_names) if state else None
+        sources = [StandardInput(logger, dc.poll_interval_s)] if args.paths == ["-"] else \
+            [FollowedFile(path, logger) for path in args.paths]
+        for index, source in enumerate(sources):
+            source.open(saved["sources"][index] if saved else None)
+        if saved:
+            detector.load_state_dict(saved["detector"])
+            parser.restore(saved["parser"])
+            logger.info(f"Continuing from {state_path}: {len(detector.open)} open sessions, "
+                        f"{', '.join(f'{s.path} line {s.line}' for s in sources)}")
+        out = open_live_output(args.output, saved, state_path)
+        if parser.raw is not None and dc.parse_workers:
+            pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("fork"), initializer=start_parse_worker,
+                initargs=(os.getpid(), args.parser_state))
+        run = LiveRun(detector, sources, parser, out, state, dc.block_lines, pool)
+        logger.info(f"Live detection ({rule} rule) on {', '.join(args.paths)}: sessions close after "
+                    f"{dc.idle_lines or 'no limit of'} idle lines"
+                    f"{f', {dc.idle_seconds:g} idle seconds' if dc.idle_seconds else ''}"
+                    f"{f', {dc.max_session_events} events' if dc.max_session_events else ''}")
+        # The cycle collector would rescan every open session again and again: what is alive now is set
+        # aside and old generations collected ten times more rarely (lines hold no cycles): 35-47k -> 44-57k
+        # lines/s.
+        gc.freeze()
+        gc.set_threshold(700, 100, 1000)
+        stop.raise_now = False   # from here a stop signal ends the loop at a step's end, with the place saved
+        try:
+            run.run(stop, dc.state_interval_s, dc.poll_interval_s)
+        except BrokenProcessPool:
+            if not stop.received:
+                raise utils.ConfigError("the parsing worker process died (killed? out of memory?): the place "
+                                        "of the last step is saved; run the same command again") from None
+            run.save()
+            raise utils.Interrupted(f"{stop.received}; the place is saved in {state_path}",
+                                    stop.exit_code) from None
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-        if state_path is not None:
+        if lock is not None:
             lock.release()
-        log_live_totals(detector, parser, run.speed(), logger)
-        if out is not sys.stdout:
+        if run is not None:
+            log_live_totals(detector, parser, run.speed(), logger)
+        if out is not None and out is not sys.stdout:
             out.close()
     return 0
 

@@ -498,6 +498,66 @@ DAMAGES = {   # what is done to a saved state -> what the refusal names
 }
 
 
+@pytest.mark.parametrize("stop", ["SIGINT", "a damaged state"])
+def test_a_stop_or_an_error_while_starting_releases_the_lock(checkpoint, tmp_path, monkeypatch, capsys, stop):
+    """A Ctrl-C while a live run loads its state (or an error there) leaves no lock held behind: the next
+    run starts without taking over a dead holder's lock."""
+    import live_state
+    import utils
+    log, out = tmp_path / "app.log", tmp_path / "app.jsonl"
+    log.write_text("".join(f'{{"session_id": "s{i % 3}", "event_id": {5 + i % 4}}}\n' for i in range(12)))
+
+    def load(*_):
+        raise utils.Stopped("SIGINT") if stop == "SIGINT" else utils.ConfigError("the state is damaged")
+    monkeypatch.setattr(live_state.LiveState, "load", load)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(SystemExit) as code:
+            D.main(["--checkpoint", str(checkpoint), str(log), "--follow", "--output", str(out)])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert code.value.code == (130 if stop == "SIGINT" else 2)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        ("stopped by SIGINT" if stop == "SIGINT" else "error: the state is damaged")
+    assert (tmp_path / ".app.jsonl.state.lock").read_text() == ""   # released, not held by a dead run
+
+
+def test_a_stop_signal_taken_by_another_thread_waits_for_the_chunk_to_be_written(tmp_path, monkeypatch):
+    """A thread that does not block the signal (torch's, OpenBLAS's) takes it; the handler must still wait
+    until the chunk is written whole (it is held by its handler, not by the signal mask)."""
+    import threading
+
+    import utils
+    done = threading.Event()
+    helper = threading.Thread(target=done.wait)   # started before the write: the signal is not masked in it
+    helper.start()
+    real_write, calls = os.write, []
+
+    def write(descriptor, data):   # 10 bytes a call; the signal comes at the first
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)   # (the other thread takes it meanwhile)
+        return real_write(descriptor, bytes(data[:10]))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    counted = []
+    try:
+        utils.StopSignal(raise_now=True)
+        monkeypatch.setattr(os, "write", write)
+        with open(tmp_path / "out.jsonl", "w") as out, pytest.raises(utils.Stopped):
+            D.write_chunk(out, '{"session_id": "a", "verdict": "normal"}\n' * 3,
+                          then=lambda: counted.append(1))
+    finally:
+        monkeypatch.undo()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        done.set()
+        helper.join()
+    assert (tmp_path / "out.jsonl").read_text() == '{"session_id": "a", "verdict": "normal"}\n' * 3
+    assert counted == [1] and len(calls) > 1
+
+
 def test_a_damaged_state_is_one_line_naming_it_and_nothing_is_written(checkpoint, tmp_path):
     """Each damage of the state file: one error line naming the file and what is wrong, exit 2, the
     output and the state left as they were."""
