@@ -204,9 +204,10 @@ def _build_under_lock(files: list[Path], settings: CacheSettings, cache_dir: Pat
             logger.info(f"{file}: one .json array is parsed by one process; split such data into several "
                         f"files (or JSONL) to use all cores")
     _remove_stale_temp(cache_dir)
-    temp_dirs = {entry: Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{entry.name}.", suffix=".tmp"))
-                 for _, entry, _ in todo}
+    temp_dirs: dict[Path, Path] = {}
     try:
+        for _, entry, _ in todo:
+            temp_dirs[entry] = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{entry.name}.", suffix=".tmp"))
         tasks = _plan([(file, entry) for file, entry, _ in todo], temp_dirs, settings, workers, len(files))
         parts: dict[Path, list] = {entry: [] for _, entry, _ in todo}
         for entry, part in _run(tasks, workers, temp_dirs):
@@ -216,12 +217,21 @@ def _build_under_lock(files: list[Path], settings: CacheSettings, cache_dir: Pat
                 raise DataError(f"{file}: changed while it was being read (still being written or copied?); "
                                 f"run again once it is complete")
             _finish_entry(entry, temp_dirs[entry], key, parts[entry])
-    finally:
-        for temp in temp_dirs.values():
-            shutil.rmtree(temp, ignore_errors=True)
+    except BaseException:
+        # a stop (or an error) ends the build: its temp folders go whole, a second Ctrl-C meanwhile adds
+        # nothing (the first already stops the run)
+        with utils.signals_held(drop=True):
+            _remove_temp(temp_dirs)
+        raise
+    _remove_temp(temp_dirs)
     logger.info(f"Token cache: built {len(todo)} of {entries_text(len(files))} in {cache_dir} "
                 f"({sum(entry_size(e) for _, e, _ in todo) / 2 ** 20:.1f} MB)")
     return entries
+
+
+def _remove_temp(temp_dirs: dict) -> None:
+    for temp in temp_dirs.values():
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def entry_size(entry: Path) -> int:
@@ -442,11 +452,12 @@ def _finish_entry(entry: Path, temp: Path, key: dict, parts: list[dict]) -> None
             os.fsync(handle.fileno())
     utils.atomic_write(temp / "meta.json", lambda handle: handle.write(json.dumps(meta).encode()))
     utils.fsync_directory(temp)
-    if entry.exists():
-        old = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.old.", suffix=".tmp"))
-        entry.rename(old / "entry")
-        shutil.rmtree(old, ignore_errors=True)
-    temp.rename(entry)
+    with utils.signals_held():   # the old entry out and the new one in, never a moved-aside copy left
+        if entry.exists():
+            old = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.old.", suffix=".tmp"))
+            entry.rename(old / "entry")
+            shutil.rmtree(old, ignore_errors=True)
+        temp.rename(entry)
     utils.fsync_directory(entry.parent)
     # verified: its checksums were taken as it was written
     VERIFIED[_entry_id(entry)] = files_signature(_entry_files(entry, meta))

@@ -507,3 +507,36 @@ def test_one_entry_is_one_entry(tmp_path, caplog):
     build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
     build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
     assert "built 1 of 1 entry in" in caplog.text and "reusing 1 entry in" in caplog.text
+
+
+def test_a_second_ctrl_c_during_the_clean_up_still_removes_the_temp_folders(tmp_path, monkeypatch):
+    """Ctrl-C while a file is parsed, and again while the build removes its temp folders: none is left,
+    and the first signal's stop is what comes out."""
+    import shutil
+    import signal
+
+    import utils
+    data = make_data(tmp_path)
+
+    def interrupted(_task):
+        os.kill(os.getpid(), signal.SIGINT)   # the first Ctrl-C, mid-build
+        raise AssertionError("not stopped")
+
+    def rmtree(path, *args, real=shutil.rmtree, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)   # the second, while the temp folders go
+        return real(path, *args, **kwargs)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        utils.StopSignal(raise_now=True)
+        monkeypatch.setattr(cache, "_build_part", interrupted)
+        monkeypatch.setattr(shutil, "rmtree", rmtree)
+        try:
+            build_caches(data, settings_of(29), tmp_path / "cache", workers=1)
+        except BaseException as error:   # (a KeyboardInterrupt: the clean-up was cut short)
+            raised = error
+    finally:
+        monkeypatch.undo()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert isinstance(raised, utils.Stopped), repr(raised)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".build.lock"]
