@@ -738,7 +738,9 @@ class LineEvents:
 class Windows:
     """Sliding or tumbling windows over line counts or times: window k covers [k*step, k*step + size) from
     the first line's position, computed from k so the arithmetic cannot stall; a line earlier than the one
-    before counts at that one's position (`out_of_order`). place() says which windows a line joins and
+    before counts at that one's position (`out_of_order`), unless it is more than a window earlier: then the
+    log starts over (logs concatenated, a clock set back), every open window closes and the windows count
+    from that line (`restarts`), so that no window spans the jump. place() says which windows a line joins and
     closes; a whole parse's add() also holds the lines and yields each window as it closes, close() a last
     partial one. Refused: bad SIZE/STEP, SIZE/STEP above MAX_OVERLAP, a time too large for float windows."""
 
@@ -767,7 +769,7 @@ class Windows:
         # the largest |time| that keeps step apart; in relative times the windows are exact well beyond it
         self.max_time = min(size, step) / self.RESOLUTION
         self.origin = self.last = None     # the first line's position (count or time); the line before's
-        self.count = self.out_of_order = 0
+        self.count = self.out_of_order = self.restarts = 0
         self.opened = collections.deque()  # k of the windows joined and not yet closed, ascending
         self.lines = collections.deque()   # add(): (position, event, ref, abnormal) of the lines held
         self.covered, self.written = None, 0   # add(): the end of the last window written; windows written
@@ -794,12 +796,17 @@ class Windows:
         if self.origin is None:
             self.origin = position
         position -= self.origin
-        if self.last is not None and position < self.last:
+        size, step, opened = self.size, self.step, self.opened
+        closed = []
+        if self.last is not None and self.last - position > size:   # time jumped back: start over
+            self.restarts += 1
+            closed.extend(opened)
+            opened.clear()
+            self.origin, position = self.origin + position, 0
+        elif self.last is not None and position < self.last:
             self.out_of_order += 1
             position = self.last
         self.last = position
-        size, step, opened = self.size, self.step, self.opened
-        closed = []
         while opened and opened[0] * step + size <= position:
             closed.append(opened.popleft())
         # the windows k with k * step <= position < k * step + size, by the very comparisons (a float
@@ -819,6 +826,7 @@ class Windows:
         return range(first, last + 1), closed
 
     def add(self, when, event: int, ref: int, abnormal: bool):
+        restarts = self.restarts
         joined, closed = self.place(when)
         lines = self.lines
         for k in closed:   # (every line held is past the windows before k)
@@ -827,6 +835,9 @@ class Windows:
             self.covered = end
             while lines and lines[0][0] < (k + 1) * self.step:   # in no later window
                 lines.popleft()
+        if self.restarts != restarts:   # the windows count from this line: positions from it
+            lines.clear()
+            self.covered = None
         if joined:
             lines.append((self.last, event, ref, abnormal))
 

@@ -519,7 +519,8 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
         raise no_group_error(cfg, first_parsed, first_bad_time, stats["bad_time"] >= stats["parsed"])
     stats.update(**({"lines_without_key": grouper.no_key, "sessions_closed_idle": grouper.closed_idle,
                      "sessions_closed_early": grouper.closed_early}
-                    if isinstance(grouper, Sessions) else {"out_of_order": grouper.out_of_order}))
+                    if isinstance(grouper, Sessions) else {"out_of_order": grouper.out_of_order,
+                                                           "restarts": grouper.restarts}))
 
 
 def sessions_from_logs(state_path: str, inputs: list[str], stats: dict | None = None, **settings):
@@ -828,7 +829,10 @@ def main(argv=None):
                           ("unlabelled", "sessions missing from --labels (labelled normal)"),
                           ("bad_time", "lines with an unreadable --time-field (left out)"),
                           ("out_of_order", "lines earlier than the line before (kept in the current "
-                                           "window)")):
+                                           "window)"),
+                          ("restarts", "jumps back in time of more than a window (the log starts "
+                                       "over there: the open windows closed, the next count from that "
+                                       "line)")):
             if stats.get(key):
                 print(f"warning: {stats[key]} {what}", file=sys.stderr)
 

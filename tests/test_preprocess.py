@@ -1169,3 +1169,31 @@ def test_every_message_that_shows_user_data_is_bounded(tmp_path, capsys, flags):
     argv = [tmp_path / "log.txt", "--output", tmp_path / "o", "--config", tmp_path / "base.yaml", *flags]
     error = one_error_line(capsys, argv if "--log-format" in flags else [*argv, "--log-format", FORMAT])
     assert len(error) < 1000, error[:2000]
+
+
+def test_time_windows_start_over_where_the_log_jumps_back_in_time(tmp_path):
+    """Logs concatenated (Zookeeper_2k goes from 2015-08-25 back to 2015-07-29): a line more than a window
+    earlier than the one before starts the windows over, so none spans the jump; a small step back (a
+    reordered line) stays in the current window, as before."""
+    day = 86_400
+    times = [30 * day, 30 * day + 100, 30 * day + 200, 0, 50, 700, 690]
+    assert windows_of("time:600", times) == [[0, 1, 2], [3, 4], [5, 6]]
+    grouper = logparse.Windows("time:600")
+    for i, t in enumerate(times):
+        list(grouper.add(t, 0, i, False))
+    assert grouper.restarts == 1 and grouper.out_of_order == 1
+    # live detection places lines the same way: the jump closes the open window
+    live = logparse.Windows("time:600")
+    placed = [live.place(t) for t in times]
+    assert [list(joined) for joined, _ in placed] == [[0], [0], [0], [0], [0], [1], [1]]
+    assert placed[3][1] == [0] and placed[5][1] == [0]
+    # and the parse says so
+    log = tmp_path / "z.log"
+    log.write_text("".join(f"{1_700_000_000 + t} job step done\n" for t in times))
+    result = subprocess.run([sys.executable, str(REPO / "preprocess.py"), str(log), "--output",
+                             str(tmp_path / "w"), "--log-format", "<Stamp> <Content>", "--window", "time:600",
+                             "--time-field", "Stamp"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning: 1 jumps back in time of more than a window" in result.stderr
+    assert len(read_output(tmp_path / "w")["sessions"]) == 3
