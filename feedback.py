@@ -434,6 +434,26 @@ def save_updated(state: TrainState, records: dict, parent: Parent, found: Feedba
 
 
 # ----------------------------------------------------------------------------- checking an update
+def still_flagged(model, calibration: dict, co_occurrence: CoOccurrence, sessions: list,
+                  rule: str) -> list[int]:
+    """The indexes of the fed-back sessions the updated model still flags under its new calibration."""
+    scorer = ChunkScorer(model, [calibration["top_k"], calibration["top_g"]], co_occurrence=co_occurrence)
+    distinct, scores, _ = scorer([tuple(s) for s in sessions])
+    flags = dict(zip(distinct, verdicts(scores, calibration, rule).tolist()))
+    return [i for i, session in enumerate(sessions) if flags[tuple(session)]]
+
+
+def self_check_line(still: list[int], found: Feedback, uc) -> str:
+    """What the update's self-check found, in words, with what to do when it did not pass."""
+    if not still:
+        return (f"Self-check: none of the {len(found.sessions)} fed-back sessions is flagged by the updated "
+                "model")
+    names = ", ".join(found.session_ids[i] for i in still[:5])
+    return (f"Self-check: {len(still)} of {len(found.sessions)} fed-back sessions are still flagged after "
+            f"the update ({names}{', ...' if len(still) > 5 else ''}): raise update.feedback_repeats or "
+            f"update.learning_rate ({uc.learning_rate:g}), or check that they are normal")
+
+
 def flagged_sessions(checkpoint_path, sessions: list) -> tuple[np.ndarray, dict]:
     """Which of `sessions` a checkpoint flags under its stored calibration and rule, and that calibration."""
     checkpoint = load_checkpoint(checkpoint_path)

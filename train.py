@@ -437,16 +437,29 @@ def update(args, logger) -> int:
     state.run = run
     logger.info(feedback.plan_line(found, replay, windows, state, parent, new_events))
     started = time.time()
-    for epoch in range(1, uc.epochs + 1):
-        update_epoch(state, model, data, windows, runtime, amp_dtype, epoch, logger)
-    logger.info(f"Update finished in {utils.format_duration(time.time() - started)} ({state.step} steps); "
-                f"the parent's training took {parent.training_time()}")
-
-    model.eval()
     records = dict(parent.checkpoint)   # the parent's records, joined with the feedback in this copy
     co_occurrence = feedback.join_records(records, found.sessions, config, logger)
     swept = (parent.checkpoint.get("calibration") or {}).get("training_sweep")   # the parent's records
-    calibration, normal, abnormal = feedback.recalibrate(model, co_occurrence, config, logger, swept)
+    # The update checks itself: while fed-back sessions are still flagged, another round of update.epochs
+    # epochs with a fresh schedule, at most UPDATE_ROUNDS rounds in all; the log says how it ended.
+    for round_number in range(1, UPDATE_ROUNDS + 1):
+        first = (round_number - 1) * uc.epochs
+        for epoch in range(first + 1, first + uc.epochs + 1):
+            update_epoch(state, model, data, windows, runtime, amp_dtype, epoch, first + uc.epochs, logger)
+        model.eval()
+        calibration, normal, abnormal = feedback.recalibrate(model, co_occurrence, config, logger, swept)
+        still = feedback.still_flagged(model, calibration, co_occurrence, found.sessions,
+                                       config.evaluation.decision_rule)
+        if not still or round_number == UPDATE_ROUNDS:
+            break
+        logger.info(f"Self-check: {len(still)} of {len(found.sessions)} fed-back sessions still flagged "
+                    f"(e.g. {found.session_ids[still[0]]}): another round of {uc.epochs} update epochs")
+        history = state.history
+        state, amp_dtype = feedback.update_state(model, config, len(windows), runtime)
+        state.history, state.run = history, run
+    logger.info(f"Update finished in {utils.format_duration(time.time() - started)} ({round_number} "
+                f"round(s)); the parent's training took {parent.training_time()}")
+    logger.log(logging.WARNING if still else logging.INFO, feedback.self_check_line(still, found, uc))
     best = output_dir / "checkpoints" / "best_model.pt"
     save_config(config, output_dir / "config.yaml")
     utils.save_json(output_dir / "training_history.json", state.history)
@@ -461,8 +474,11 @@ def update(args, logger) -> int:
     return 0
 
 
+UPDATE_ROUNDS = 3   # rounds of update.epochs an update may take before it says what is still flagged
+
+
 def update_epoch(state: TrainState, model, data: Data, windows: list, runtime, amp_dtype, epoch: int,
-                 logger) -> None:
+                 planned: int, logger) -> None:
     """One epoch of an update over its windows (feedback and replay), then the validation loss on the
     parent's validation split: how much of what it knew the model kept."""
     config = state.config
@@ -482,7 +498,7 @@ def update_epoch(state: TrainState, model, data: Data, windows: list, runtime, a
                        ("val_loss", val_loss if val_tokens else None), ("learning_rate", learning_rate),
                        ("epoch_time", time.time() - started)):
         state.history[key].append(value)
-    logger.info(f"Update epoch {epoch}/{config.update.epochs} | train loss {train_loss:.4f} (feedback and "
+    logger.info(f"Update epoch {epoch}/{planned} | train loss {train_loss:.4f} (feedback and "
                 f"replay) | val loss {val_loss:.4f} ({val_tokens} events of the parent's validation split) | "
                 f"LR {learning_rate:.2e} | time {utils.format_duration(time.time() - started)}")
     state.start_epoch(epoch + 1)

@@ -3,6 +3,7 @@ half of it fed back), the new checkpoint's lineage, the parent left byte-identic
 import hashlib
 import json
 import random
+from pathlib import Path
 
 import generate_sample
 import pytest
@@ -10,7 +11,15 @@ import torch
 from conftest import run_script, write_config
 
 import feedback
-from checkpoint import CheckpointError, count_vectors_from_state, count_vectors_state, load_checkpoint
+from checkpoint import (
+    CheckpointError,
+    co_occurrence_of,
+    count_vectors_from_state,
+    count_vectors_state,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from config import Config
 
 KIND = 8   # re-replication (events 8, 9, 10): the kind of normal session held out of training
 
@@ -87,6 +96,24 @@ def test_update_removes_the_false_positives_without_hurting_recall(updated, sess
     log = (updated["folder"] / "training.log").read_text()
     assert "skipped: 20 early-alert lines" in log and "20 sessions to learn as normal" in log
     assert "event types new to the model: [8, 9, 10]" in log
+    # the update checked itself: one round sufficed here
+    assert "Self-check: none of the 20 fed-back sessions is flagged by the updated model" in log
+    assert "another round" not in log and "(1 round(s))" in log
+
+
+def test_the_self_check_names_what_is_still_flagged(updated, sessions):
+    checkpoint = load_checkpoint(updated["checkpoint"])
+    model = model_from_checkpoint(checkpoint)
+    calibration, rule = checkpoint["calibration"], checkpoint["config"]["evaluation"]["decision_rule"]
+    records = co_occurrence_of(checkpoint)
+    assert feedback.still_flagged(model, calibration, records, sessions["fed"], rule) == []
+    flagged = feedback.still_flagged(model, calibration, records, sessions["abnormal"], rule)
+    expected = feedback.flagged_sessions(updated["checkpoint"], sessions["abnormal"])[0]
+    assert flagged == [i for i, flag in enumerate(expected) if flag] and flagged
+    found = feedback.Feedback(Path("fb.jsonl"), "0", sessions["abnormal"][:3], ["a", "b", "c"])
+    line = feedback.self_check_line([0, 2], found, Config().update)
+    assert line.startswith("Self-check: 2 of 3 fed-back sessions are still flagged after the update (a, c)")
+    assert "update.feedback_repeats" in line
 
 
 def test_the_update_counts_its_own_epochs_and_names_the_parents_completed_ones(updated):
@@ -96,8 +123,6 @@ def test_the_update_counts_its_own_epochs_and_names_the_parents_completed_ones(u
 
 
 def test_a_parent_is_described_by_the_epochs_it_completed():
-    from pathlib import Path
-
     def describe(**checkpoint):
         return feedback.Parent(Path("p.pt"), {"run_id": "r", "step": 9, **checkpoint}, "0").describe()
     assert describe(epoch=11, data_position={"batches_done": 0}) == "p.pt (run r, step 9, after 10 epochs)"
