@@ -336,11 +336,11 @@ def epoch_batches(windows: list, batch_size: int, seed: int, epoch: int, pad_id:
         yield collate([windows[i] for i in order[begin:begin + batch_size].tolist()], pad_id)
 
 
-def optimizer_for(model, config: Config, total_steps: int):
-    """A fresh optimizer at update.learning_rate, warmed up and decayed like training's."""
+def optimizer_for(model, config: Config, total_steps: int, scale: float = 1.0):
+    """A fresh optimizer at update.learning_rate (times `scale`), warmed up and decayed like training's."""
     tc = config.training
     optimizer_class = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=config.update.learning_rate,
+    optimizer = optimizer_class(model.parameters(), lr=config.update.learning_rate * scale,
                                 weight_decay=tc.weight_decay)
     warmup = utils.warmup_steps(None, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -348,11 +348,12 @@ def optimizer_for(model, config: Config, total_steps: int):
     return optimizer, scheduler
 
 
-def update_state(model, config: Config, window_count: int, runtime: Runtime):
-    """The update's TrainState (fresh optimizer and schedule, training's precision) and autocast dtype."""
+def update_state(model, config: Config, window_count: int, runtime: Runtime, scale: float = 1.0):
+    """The update's TrainState (fresh optimizer and schedule at update.learning_rate x `scale`, training's
+    precision) and autocast dtype."""
     tc, uc = config.training, config.update
     steps = math.ceil(window_count / tc.batch_size) * uc.epochs
-    optimizer, scheduler = optimizer_for(model, config, steps)
+    optimizer, scheduler = optimizer_for(model, config, steps, scale)
     amp_dtype, use_loss_scaling = amp_settings(config, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=use_loss_scaling)
     early_stopping = utils.EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)

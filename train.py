@@ -441,7 +441,8 @@ def update(args, logger) -> int:
     co_occurrence = feedback.join_records(records, found.sessions, config, logger)
     swept = (parent.checkpoint.get("calibration") or {}).get("training_sweep")   # the parent's records
     # The update checks itself: while fed-back sessions are still flagged, another round of update.epochs
-    # epochs with a fresh schedule, at most UPDATE_ROUNDS rounds in all; the log says how it ended.
+    # epochs with a fresh schedule at ROUND_LR_FACTOR times the last one's learning rate (the replayed
+    # sessions keep what the model knew), at most UPDATE_ROUNDS rounds in all; the log says how it ended.
     for round_number in range(1, UPDATE_ROUNDS + 1):
         first = (round_number - 1) * uc.epochs
         for epoch in range(first + 1, first + uc.epochs + 1):
@@ -452,10 +453,12 @@ def update(args, logger) -> int:
                                        config.evaluation.decision_rule)
         if not still or round_number == UPDATE_ROUNDS:
             break
+        scale = ROUND_LR_FACTOR ** round_number
         logger.info(f"Self-check: {len(still)} of {len(found.sessions)} fed-back sessions still flagged "
-                    f"(e.g. {found.session_ids[still[0]]}): another round of {uc.epochs} update epochs")
+                    f"(e.g. {found.session_ids[still[0]]}): another round of {uc.epochs} update epochs at "
+                    f"learning rate {uc.learning_rate * scale:g}")
         history = state.history
-        state, amp_dtype = feedback.update_state(model, config, len(windows), runtime)
+        state, amp_dtype = feedback.update_state(model, config, len(windows), runtime, scale)
         state.history, state.run = history, run
     logger.info(f"Update finished in {utils.format_duration(time.time() - started)} ({round_number} "
                 f"round(s)); the parent's training took {parent.training_time()}")
@@ -474,7 +477,8 @@ def update(args, logger) -> int:
     return 0
 
 
-UPDATE_ROUNDS = 3   # rounds of update.epochs an update may take before it says what is still flagged
+UPDATE_ROUNDS = 3     # rounds of update.epochs an update may take before it says what is still flagged
+ROUND_LR_FACTOR = 3   # each round after the first at this many times the learning rate of the one before
 
 
 def update_epoch(state: TrainState, model, data: Data, windows: list, runtime, amp_dtype, epoch: int,
