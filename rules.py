@@ -276,10 +276,12 @@ class CountVectors:
         entries = np.concatenate([np.column_stack([np.full(len(v), i), v]) for i, v in enumerate(vectors)])
         return cls(entries, np.array(weights))
 
-    def _nearest(self, owners, types, counts, sessions: int, self_rows: bool = False) -> np.ndarray:
+    def _nearest(self, owners, types, counts, sessions: int, self_rows: bool = False, second=None):
         """Per session (entries of count_entries' form): the L1 distance to the nearest stored vector, as
         |session| + |vector| - 2 sum over types of min(session count, vector count), in blocks of sessions
-        so that memory stays within DISTANCE_BUDGET. self_rows: session i is stored vector i, left out."""
+        so that memory stays within DISTANCE_BUDGET. self_rows: session i is stored vector i, left out.
+        `second` (an array of sessions' length): filled with the distance to the second nearest session,
+        each stored vector counting as many sessions as its weight."""
         column = np.searchsorted(self.types, types)
         known = (column < len(self.types)) & (self.types[np.minimum(column, len(self.types) - 1)] == types)
         norms = np.bincount(owners, counts, minlength=sessions)
@@ -296,6 +298,17 @@ class CountVectors:
             if self_rows:
                 distances[np.arange(last - first), np.arange(first, last)] = np.inf
             nearest[first:last] = distances.min(1) if distances.shape[1] else np.inf
+            if second is not None:
+                if distances.shape[1] < 2:
+                    second[first:last] = np.inf
+                    continue
+                two = np.argpartition(distances, 1, axis=1)[:, :2]
+                rows = np.arange(last - first)[:, None]
+                pair = distances[rows, two]
+                order = np.argsort(pair, axis=1)
+                closest = two[rows[:, 0], order[:, 0]]
+                # the nearest vector holds two sessions or more: the second nearest session is there too
+                second[first:last] = np.where(self.weights[closest] > 1, pair.min(1), pair.max(1))
         return nearest
 
     def nearest(self, sessions: Sequence[Sequence[int]]) -> np.ndarray:
@@ -303,11 +316,15 @@ class CountVectors:
         missing; an event type the record never had counts in full)."""
         return self._nearest(*count_entries(sessions), len(sessions))
 
-    def leave_one_out(self) -> np.ndarray:
+    def leave_one_out(self, rank: int = 1) -> np.ndarray:
         """Per stored vector: the distance of one of its sessions to the nearest other training session (0
-        when another session has the same vector; inf when it is the only session)."""
-        nearest_other = self._nearest(*self.entries.T, len(self.weights), self_rows=True)
-        return np.where(self.weights > 1, 0.0, nearest_other)
+        when another session has the same vector; inf when it is the only session); with rank 2, to the
+        second nearest other one (two odd sessions alike are then still far from the rest)."""
+        second = np.empty(len(self.weights)) if rank == 2 else None
+        nearest_other = self._nearest(*self.entries.T, len(self.weights), self_rows=True, second=second)
+        if rank == 1:
+            return np.where(self.weights > 1, 0.0, nearest_other)
+        return np.where(self.weights > 2, 0.0, np.where(self.weights == 2, nearest_other, second))
 
     def with_held_out(self) -> "CountVectors":
         """The reference and the held-out vectors in one record."""

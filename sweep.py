@@ -141,13 +141,14 @@ class Sweep:
         return CoOccurrence(co_occurrence.vocab_size, sets, pairs, co_occurrence.counts)
 
     def trim_count_outliers(self, counts: CountVectors) -> CountVectors:
-        """The count-vector record without its outliers: sessions whose leave-one-out distance (to the nearest
-        other training session) is above the median + COUNT_SPREAD scaled MADs of all sessions'. On a small
+        """The count-vector record without its outliers: sessions whose distance to the second nearest other
+        training session (so that a pair of anomalies alike cannot hide each other) is above the median +
+        COUNT_SPREAD scaled MADs of all sessions'. On a small
         training set one abnormal session would otherwise set the count-vector threshold (the largest
         leave-one-out distance) and shelter the anomalies like it. The MAD counts as at least one event, so
         on data whose sessions repeat each other (HDFS: 90% at distance 0, the farthest at 2) only a session
         several events from every other one is an outlier."""
-        distances = counts.leave_one_out()
+        distances = counts.leave_one_out(rank=2)   # two odd sessions alike must not hide each other
         finite = np.isfinite(distances)
         if finite.sum() < 3:
             return counts

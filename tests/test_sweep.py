@@ -259,3 +259,27 @@ def test_suspicious_sessions_from_raw_logs_carry_their_raw_lines(tmp_path):
     assert sweep.write_suspicious(found, records, path, data) == 1
     row, = [json.loads(line) for line in path.read_text().splitlines()]
     assert row["session_id"] == "odd" and row["raw_lines"] == ["line 4 of the log", "line 8 of the log"]
+
+
+def test_two_odd_sessions_alike_do_not_hide_each_other():
+    """Two anomalies 4 events apart and far from the normal sessions: the nearest other session of each is
+    the other anomaly (rank 1: 4, like normal noise), the second nearest a normal one (rank 2: far)."""
+    rng = np.random.default_rng(5)
+    normal = [[1] * int(n) + [2] * int(m) for n, m in rng.integers(5, 9, size=(60, 2))]
+    odd = [[1] * 10 + [3] * 30, [1] * 10 + [3] * 34]
+    counts = CountVectors.from_chunks([normal + odd])
+    rank1, rank2 = counts.leave_one_out(), counts.leave_one_out(rank=2)
+    order = {tuple(map(tuple, counts.entries[counts.entries[:, 0] == v, 1:].tolist())): v
+             for v in range(len(counts.weights))}
+    odd_rows = [order[sweep.count_key(s)] for s in odd]
+    assert rank1[odd_rows].tolist() == [4.0, 4.0] and min(rank2[odd_rows]) >= 30
+    # rank 2 against brute force: the second smallest L1 distance to the other sessions, repeats included
+    sessions = normal + odd
+    dense = np.array([[s.count(t) for t in (1, 2, 3)] for s in sessions])
+    for i, session in enumerate(sessions):
+        others = np.sort(np.abs(np.delete(dense, i, axis=0) - dense[i]).sum(1))
+        assert rank2[order[sweep.count_key(session)]] == others[1]
+    found = sweep.Sweep(FixedScorer({}), 5.0, 1.0, 0.5, 0, set(), 0)
+    trimmed = found.trim_count_outliers(counts)
+    assert found.count_outlier_sessions == 2 and trimmed.sessions == len(normal)
+    assert found.flags(odd).tolist() == [True, True]
