@@ -219,8 +219,9 @@ def sweep(scorer: ChunkScorer, normal: Iterable[list], by_sets: bool, classes: i
 
 def describe(summary: dict, path) -> str:
     """The estimate with its basis, in words (a Sweep.summary()), for the training log and the report."""
-    counts = (f"{summary['count_outliers']:,} session(s) whose event counts are far from every other "
-              f"training session's (leave-one-out distance above the median + {COUNT_SPREAD:g} scaled MADs)")
+    counts = (f"{summary['count_outliers']:,} session(s) whose event counts are far from the other "
+              f"training sessions' (the distance to the second nearest above the median + {COUNT_SPREAD:g} "
+              f"scaled MADs)")
     if not summary["informed"]:
         basis = ("the model learned too little to tell (its loss on them is near a uniform guess), so only "
                  f"{counts} were looked for")
