@@ -39,7 +39,8 @@ the windows of training exactly as the batch scorer does (the same numbers: test
 Restart. With --output FILE, the place in each input and the open sessions are saved to FILE.state (--state)
 atomically every detect.state_interval_s seconds and on SIGTERM/SIGINT; the same command again cuts FILE back
 to what that state had written and continues, so the output is an uninterrupted run's, also after kill -9
-(except sessions closed by --idle-seconds). Standard input is not restartable.
+(except sessions closed by --idle-seconds). --idle-lines and --idle-seconds may change on a restart: the
+open sessions are kept and the new setting closes them from then on. Standard input is not restartable.
 """
 from __future__ import annotations
 
@@ -48,13 +49,17 @@ import collections
 import concurrent.futures
 import contextlib
 import gc
+import gzip
 import itertools
+import json
 import logging
+import math
 import multiprocessing
 import os
 import stat
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -79,7 +84,13 @@ from live_state import LiveState
 from rules import RULES, CoOccurrence, anomaly_scores, miss_bounds, verdicts
 from scoring import MAX_CACHED, ChunkScorer, chunked, session_key
 
-DEFAULT_IDLE_LINES = 100_000   # a live session no line names for this long is closed (else detect.idle_lines)
+DEFAULT_IDLE_LINES = 100_000   # a live session no line names for this long is closed, where neither
+                               # detect.idle_lines, the parser state's session_idle nor the training data's
+                               # gaps say otherwise
+IDLE_GAP_QUANTILE = 0.999      # derived default: this quantile of the training sessions' gaps in lines ...
+IDLE_GAP_MARGIN = 2            # ... times this ...
+MIN_IDLE_LINES = 100           # ... and never below this
+GAP_SAMPLE_BYTES = 16 << 20    # the gaps are read from at most this much of the training data (its start)
 
 
 # ----------------------------------------------------------------------------- finished files
@@ -421,12 +432,128 @@ class LiveRun:
                 time.sleep(poll)
 
 
+# ----------------------------------------------------------------------------- live: when a session is idle
+def _add_gaps(gaps: Counter, line: bytes) -> None:
+    """Count the gaps of one JSONL session line's "lines" runs ([[file index, first line, count], ...]);
+    nothing where it has none, or they are not of that form."""
+    try:
+        session = json.loads(line)
+        runs = session.get("lines") if isinstance(session, dict) else None
+        if not isinstance(runs, list):
+            return
+        found, ones, previous = [], 0, None
+        for index, first, count in runs:
+            if not (type(index) is int and type(first) is int and type(count) is int and count >= 1):
+                return
+            if previous is not None and previous[0] == index and first > previous[1]:
+                found.append(first - previous[1])
+            previous = (index, first + count - 1)
+            ones += count - 1   # (within a run: the next line each)
+    except (ValueError, TypeError):
+        return
+    gaps.update(found)
+    if ones:
+        gaps[1] += ones
+
+
+def session_gaps(path, budget: int = GAP_SAMPLE_BYTES) -> Counter:
+    """How often each gap in lines (1: the next line) lies between consecutive events of one session, from
+    the line positions preprocess.py writes with each session ("lines": [[file index, first line, count],
+    ...]) in the JSONL files of `path` (a file or a directory), their first `budget` bytes. Two events in
+    different files leave their gap out (the files' lengths are not known here). Empty where no session has
+    line positions (data not written by preprocess.py) or none has two events."""
+    gaps: Counter = Counter()
+    try:
+        files = [f for f in list_data_files(path) if f.name.endswith((".jsonl", ".jsonl.gz"))]
+    except (DataError, OSError):
+        return gaps
+    for file in files:
+        try:
+            with (gzip.open if file.name.endswith(".gz") else open)(file, "rb") as handle:
+                for line in handle:
+                    budget -= len(line)
+                    _add_gaps(gaps, line)
+                    if budget <= 0:
+                        return gaps
+        except (OSError, EOFError, zlib.error):
+            continue
+    return gaps
+
+
+def keyed_share(path: Path) -> float | None:
+    """The share of a parse's lines that named a session, from the sources.json preprocess.py wrote beside
+    its sessions (`path`: the sessions file or its folder); None where there is none, or it does not say."""
+    folder = path if path.is_dir() else path.parent
+    try:
+        stats = json.loads((folder / "sources.json").read_text())["stats"]
+        keyed = stats["parsed"] - stats["bad_time"] - stats["lines_without_key"]
+        share = keyed / stats["lines"]
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+    return share if 0 < share <= 1 else None
+
+
+def gap_quantile(gaps: Counter, quantile: float) -> int:
+    """The smallest gap at or above which lies `quantile` of the counted gaps (at least one gap)."""
+    wanted, seen = quantile * sum(gaps.values()), 0
+    for gap in sorted(gaps):
+        seen += gaps[gap]
+        if seen >= wanted:
+            return gap
+    return max(gaps)
+
+
+def live_idle_lines(config: Config, parser: LineParser, parser_state: str | None) -> tuple[int | None, str]:
+    """The live idle_lines and where it comes from: detect.idle_lines (--idle-lines) where given; with
+    window grouping none (a window closes when a line past it comes); else the parser state's
+    session_idle (the grouping training had); else derived from the training data's own gaps, where it
+    holds preprocess.py's line positions (data.preprocessed_dir of the checkpoint, else the sessions.jsonl
+    beside the parser state): the IDLE_GAP_QUANTILE of the gaps in lines between a session's consecutive
+    events, times IDLE_GAP_MARGIN, at least MIN_IDLE_LINES; else DEFAULT_IDLE_LINES. The gaps count every
+    raw line, the live clock only the lines that name a session: they are scaled by the share of such lines
+    in the parse (its sources.json), or left as they are (longer) where it does not say."""
+    if config.detect.idle_lines is not None:
+        return config.detect.idle_lines, "detect.idle_lines"
+    if parser.windows is not None:
+        return None, "window grouping"
+    if parser.cfg is not None and parser.cfg.session_idle:
+        return parser.cfg.session_idle, "the parser state's session_idle"
+    places = [config.data.preprocessed_dir]
+    if parser_state:
+        places.append(str(Path(parser_state).resolve().parent / "sessions.jsonl"))
+    looked = {}
+    for place in places:
+        path = Path(place).resolve()
+        if path in looked or not path.exists():
+            continue
+        looked[path] = place
+        gaps = session_gaps(path)
+        if gaps:
+            high, share = gap_quantile(gaps, IDLE_GAP_QUANTILE), keyed_share(path)
+            value = max(MIN_IDLE_LINES, math.ceil(high * (share or 1) * IDLE_GAP_MARGIN))
+            scaled = f" x {share:.2f} (the share of lines naming a session)" if share else ""
+            return value, (f"derived from the training data: {IDLE_GAP_QUANTILE:.1%} of the "
+                           f"{sum(gaps.values()):,} gaps between a session's consecutive lines in {place} "
+                           f"are at most {high:,} lines;{scaled} x {IDLE_GAP_MARGIN}, at least "
+                           f"{MIN_IDLE_LINES:,}")
+    where = " or ".join(looked.values()) or " or ".join(places) + " (not found)"
+    return DEFAULT_IDLE_LINES, (f"the default: the training data ({where}) holds no line positions of "
+                                f"sessions to derive it from (preprocess.py's \"lines\")")
+
+
+def idle_text(idle_lines: int | None, idle_seconds: float | None) -> str:
+    return f"{f'{idle_lines:,}' if idle_lines else 'no limit of'} idle lines" \
+        f"{f', {idle_seconds:g} idle seconds' if idle_seconds else ''}"
+
+
 def live_identity(args, rule: str, detect_config) -> dict:
+    """What a saved state must share with the run that goes on from it (live_state.CHANGEABLE aside)."""
     resolved = lambda path: None if path is None else str(Path(path).resolve())  # noqa: E731
     return {"checkpoint": resolved(args.checkpoint), "inputs": [resolved(p) for p in args.paths],
             "parser_state": resolved(args.parser_state), "calibration": resolved(args.calibration),
             "rule": rule, "output": resolved(args.output),
-            "idle_lines": detect_config.idle_lines, "max_session_events": detect_config.max_session_events}
+            "idle_lines": detect_config.idle_lines, "idle_seconds": detect_config.idle_seconds,
+            "max_session_events": detect_config.max_session_events}
 
 
 def run_live(args, model, calibration: dict, co_occurrence, config: Config, stop: utils.StopSignal,
@@ -434,8 +561,7 @@ def run_live(args, model, calibration: dict, co_occurrence, config: Config, stop
     """--follow: score lines as they come, until a stop signal (files) or the end of standard input."""
     dc, rule = config.detect, config.evaluation.decision_rule
     parser = LineParser(config, args.parser_state, logger)
-    if dc.idle_lines is None and parser.windows is None:
-        dc.idle_lines = (parser.cfg.session_idle if parser.cfg is not None else None) or DEFAULT_IDLE_LINES
+    dc.idle_lines, idle_from = live_idle_lines(config, parser, args.parser_state)
     if "-" in args.paths and len(args.paths) > 1:
         raise utils.ConfigError("standard input (-) is read alone: give it as the only PATH")
     state_path = Path(args.state) if args.state else Path(args.output + ".state") if args.output else None
@@ -462,15 +588,26 @@ def run_live(args, model, calibration: dict, co_occurrence, config: Config, stop
             logger.info(f"Continuing from {state_path}: {len(detector.open)} open sessions, "
                         f"{', '.join(f'{s.path} line {s.line}' for s in sources)}")
         out = open_live_output(args.output, saved, state_path)
+        if saved and state.changed(saved):   # kept open, closed by the new setting from now on
+            before = saved["identity"]
+            kept = len(detector.open)
+            closed = detector.close_idle_lines()   # (those already idle by it: now, not at the next line)
+            if closed:
+                write_chunk(out, "".join(closed))
+            was, now = (idle_text(before.get("idle_lines"), before.get("idle_seconds")),
+                        idle_text(dc.idle_lines, dc.idle_seconds))
+            logger.info(f"The idle setting changed from {was} to {now}: "
+                        f"the {kept:,} open sessions saved are kept and close by the new setting from now on "
+                        f"({kept - len(detector.open):,} of them already idle by it closed now)")
         if parser.raw is not None and dc.parse_workers:
             pool = concurrent.futures.ProcessPoolExecutor(
                 1, mp_context=multiprocessing.get_context("fork"), initializer=start_parse_worker,
                 initargs=(os.getpid(), args.parser_state))
         run = LiveRun(detector, sources, parser, out, state, dc.block_lines, pool)
         logger.info(f"Live detection ({rule} rule) on {', '.join(args.paths)}: sessions close after "
-                    f"{dc.idle_lines or 'no limit of'} idle lines"
-                    f"{f', {dc.idle_seconds:g} idle seconds' if dc.idle_seconds else ''}"
-                    f"{f', {dc.max_session_events} events' if dc.max_session_events else ''}")
+                    f"{idle_text(dc.idle_lines, dc.idle_seconds)}"
+                    f"{f', {dc.max_session_events} events' if dc.max_session_events else ''} (idle lines: "
+                    f"{idle_from})")
         # The cycle collector would rescan every open session again and again: what is alive now is set
         # aside and old generations collected ten times more rarely (lines hold no cycles): 35-47k -> 44-57k
         # lines/s.
@@ -529,7 +666,8 @@ def parse_args(argv=None):
         "parse_workers, ...); flags override it")
     add("--state", help="with --follow: where the place and open sessions are saved (default: OUTPUT.state)")
     add("--idle-lines", type=int, help="with --follow: close a session no line named for this many lines "
-        "(detect.idle_lines)")
+        "(detect.idle_lines; default: the parser state's session_idle, else derived from the training data's "
+        "gaps, else 100,000); the idle settings may change on a restart")
     add("--idle-seconds", type=float, help="with --follow: ... or for this many seconds "
         "(detect.idle_seconds)")
     add("--max-session-events", type=int, help="with --follow: close a session at this many events "

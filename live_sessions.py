@@ -237,6 +237,17 @@ class LiveDetector:
         idle = [key for key, session in self.open.items() if session.last_time <= now - self.idle_seconds]
         return self._closed([(self.seq, 0, self.open.pop(key)) for key in idle])
 
+    def close_idle_lines(self) -> list[str]:
+        """Close the sessions no line named for idle_lines lines by now (a restart with a lower idle_lines:
+        they close at once, not at the next line; otherwise none is)."""
+        closing = []
+        while self.idle_lines and self.open:
+            oldest = next(iter(self.open.values()))   # (least recently named first)
+            if oldest.last_seq > self.seq - self.idle_lines:
+                break
+            closing.append((self.seq, 0, self.open.popitem(last=False)[1]))
+        return self._closed(closing)
+
     def close_all(self) -> list[str]:
         """The end of the input: every open session, first seen first."""
         sessions = sorted(self.open.values(), key=lambda s: s.first_seq)

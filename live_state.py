@@ -22,6 +22,8 @@ from utils import one_line
 
 STATE_FORMAT = "deeplog-detect-state"
 STATE_VERSION = 2   # 2: the open sessions as flat tensors
+CHANGEABLE = ("idle_lines", "idle_seconds")   # identity keys a run may change on a restart: the open
+                                              # sessions are kept and the new setting closes them from then on
 
 
 # ----------------------------------------------------------------------------- live: the place, saved
@@ -55,6 +57,11 @@ class LiveState:
             raise utils.ConfigError(f"{self.path}: {problem}; {again}")
         return state
 
+    def changed(self, state: dict) -> list[str]:
+        """The CHANGEABLE settings this run gives otherwise than the run that saved `state`."""
+        saved = state["identity"]
+        return [key for key in CHANGEABLE if saved.get(key) != self.identity.get(key)]
+
 
 def state_problem(state, identity: dict, columns, state_names=None) -> str | None:
     """What is wrong with a loaded state (None: nothing): its form, and whether this command wrote it."""
@@ -66,7 +73,7 @@ def state_problem(state, identity: dict, columns, state_names=None) -> str | Non
     if not isinstance(saved, dict):
         return "no 'identity'"
     for key, value in identity.items():
-        if saved.get(key) != value:
+        if saved.get(key) != value and key not in CHANGEABLE:
             return (f"written by a run with {key} {utils.short(saved.get(key))}, not {utils.short(value)} as "
                     f"now: give that run's command again")
     detector, sources = state.get("detector"), state.get("sources")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -465,15 +466,142 @@ def test_a_bad_line_stops_with_one_message_and_the_place_before_it(checkpoint, t
 
 
 def test_a_state_of_another_command_is_refused(checkpoint, tmp_path):
+    """Another checkpoint or other windows (max_session_events) than the saved state's: refused, naming it
+    (idle settings may change: the next test)."""
     log, out = tmp_path / "app.log", tmp_path / "app.jsonl"
     log.write_text('{"session_id": "a", "event_id": 3}\n')
     process = start(checkpoint, log, out)
     caught_up(out, log)
     stopped(process)
-    result = run_script("detect.py", "--checkpoint", checkpoint, log, "--follow", "--output", out,
-                        "--idle-lines", "41")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "written by a run with idle_lines 40, not 41" in result.stderr
+    other = tmp_path / "other.pt"
+    other.write_bytes(Path(checkpoint).read_bytes())
+    for flags, named in ((["--max-session-events", "7"], "with max_session_events None, not 7"),
+                         (["--checkpoint", other], f"with checkpoint '{Path(checkpoint).resolve()}'")):
+        result = run_script("detect.py", "--checkpoint", checkpoint, log, "--follow", "--output", out,
+                            "--idle-lines", "40", *flags)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"written by a run {named}" in result.stderr, result.stderr
+
+
+def test_idle_settings_may_change_on_a_restart_and_the_open_sessions_are_kept(checkpoint, sample_sessions,
+                                                                               tmp_path):
+    """A restart with other --idle-lines / --idle-seconds goes on from the saved state (issue #24 item 4):
+    one line says the setting changed, the open sessions saved are kept, and the new setting closes them
+    from then on: those already idle by it at once, the others later, each with its verdict."""
+    normal, _ = sample_sessions
+    log, out = tmp_path / "app.log", tmp_path / "app.jsonl"
+    log.write_text("".join(event_lines(normal[:30], seed=5)))
+    process = start(checkpoint, log, out)   # --idle-lines 40
+    caught_up(out, log)
+    stopped(process)
+    first = torch.load(f"{out}.state", weights_only=True)
+    seq, last_seq = first["detector"]["seq"], first["detector"]["last_seq"].tolist()
+    kept = dict(zip(first["detector"]["keys"], last_seq))
+    idle_now = {key for key, last in kept.items() if last <= seq - 5}
+    assert len(kept) > len(idle_now) > 0
+    written = out.read_text()
+    process = start(checkpoint, log, out, "--idle-lines", "5", "--idle-seconds", "3600")
+    caught_up(out, log)
+    stderr = stopped(process)
+    assert "written by a run with" not in stderr and "Continuing from" in stderr
+    assert "The idle setting changed from 40 idle lines to 5 idle lines, 3600 idle seconds: the " \
+           f"{len(kept)} open sessions saved are kept and close by the new setting from now on " \
+           f"({len(idle_now)} of them already idle by it closed now)" in stderr, stderr
+    new = [json.loads(line) for line in out.read_text()[len(written):].splitlines()]
+    assert out.read_text().startswith(written)
+    assert {v["session_id"] for v in new if "verdict" in v} == idle_now
+    second = torch.load(f"{out}.state", weights_only=True)
+    assert set(second["detector"]["keys"]) == set(kept) - idle_now
+    assert (second["identity"]["idle_lines"], second["identity"]["idle_seconds"]) == (5, 3600)
+    # the rest close by the new setting as lines come: the 5th line after their last
+    with open(log, "a") as handle:
+        handle.write("".join(f'{{"session_id": "later{i}", "event_id": 5}}\n' for i in range(5)))
+    process = start(checkpoint, log, out, "--idle-lines", "5", "--idle-seconds", "3600")
+    caught_up(out, log)
+    stderr = stopped(process)
+    assert "The idle setting changed" not in stderr   # (the same setting again: nothing said)
+    closed = {json.loads(line)["session_id"] for line in out.read_text().splitlines() if '"verdict"' in line}
+    assert set(kept) <= closed
+
+
+def sessions_with_lines(path, runs_of_sessions) -> None:
+    """A sessions.jsonl as preprocess.py writes it: each session with its "lines" runs."""
+    path.write_text("".join(json.dumps({"session_id": f"s{i}", "event_ids": [1] * sum(r[2] for r in runs),
+                                        "label": 0, "lines": runs}) + "\n"
+                            for i, runs in enumerate(runs_of_sessions)))
+
+
+def test_the_live_idle_default_is_derived_from_the_training_datas_gaps(tmp_path):
+    """detect.idle_lines null: the parser state's session_idle, else the training data's p99.9 gap between a
+    session's consecutive lines times the margin (at least the floor), else 100,000 (issue #24 item 4)."""
+    from types import SimpleNamespace
+
+    data = tmp_path / "sessions.jsonl"
+    # gaps: 1 (inside a run) x 2, 3, 250, and none across files ([1, ...] after [0, ...])
+    sessions_with_lines(data, [[[0, 1, 2], [0, 5, 1]], [[0, 2, 2], [0, 253, 1], [1, 1, 1]], [[0, 9, 1]]])
+    assert D.session_gaps(data) == {1: 2, 3: 1, 250: 1}
+    assert D.gap_quantile(Counter({1: 998, 7: 1, 300: 1}), 0.999) == 7
+    config = Config()
+    config.data.preprocessed_dir = str(tmp_path)
+    keyed = SimpleNamespace(windows=None, cfg=SimpleNamespace(session_idle=None))
+    value, why = D.live_idle_lines(config, keyed, None)
+    assert value == 250 * D.IDLE_GAP_MARGIN and "derived from the training data" in why
+    assert str(tmp_path) in why
+    # the live clock counts only the lines that name a session: the gaps scaled by their share in the parse
+    (tmp_path / "sources.json").write_text(json.dumps({"files": ["a.log", "b.log"], "stats": {
+        "lines": 1000, "parsed": 900, "bad_time": 0, "lines_without_key": 400}}))
+    value, why = D.live_idle_lines(config, keyed, None)
+    assert value == 250 * 0.5 * D.IDLE_GAP_MARGIN and "x 0.50 (the share of lines naming a session)" in why
+    sessions_with_lines(data, [[[0, 1, 3]], [[0, 4, 1], [0, 10, 2]]])   # small gaps: the floor
+    assert D.live_idle_lines(config, keyed, None)[0] == D.MIN_IDLE_LINES
+    # no line positions in the training data, nor beside the parser state: today's default
+    data.write_text(json.dumps({"session_id": "a", "event_ids": [1, 2]}) + "\n")
+    state = tmp_path / "parse" / "parser_state.json"
+    state.parent.mkdir()
+    assert D.live_idle_lines(config, keyed, str(state))[0] == D.DEFAULT_IDLE_LINES
+    # ... where the parse of the parser state has them (its sessions.jsonl), from there
+    sessions_with_lines(state.parent / "sessions.jsonl", [[[0, 1, 1], [0, 301, 1]]])
+    assert D.live_idle_lines(config, keyed, str(state))[0] == 600
+    # the parser state's session_idle and an explicit detect.idle_lines come first; windows have none
+    assert D.live_idle_lines(config, SimpleNamespace(windows=None, cfg=SimpleNamespace(session_idle=77)),
+                             None)[0] == 77
+    assert D.live_idle_lines(config, SimpleNamespace(windows=object(), cfg=None), None)[0] is None
+    config.detect.idle_lines = 9
+    assert D.live_idle_lines(config, keyed, None) == (9, "detect.idle_lines")
+
+
+def test_a_small_live_log_gets_verdicts_by_the_derived_idle_default(checkpoint, sample_sessions, tmp_path):
+    """A model trained on preprocess.py's sessions (line positions): a live run without --idle-lines closes
+    the sessions of a small log that have gone quiet (with 100,000 it said nothing but early alerts)."""
+    normal, _ = sample_sessions
+    stored = torch.load(checkpoint, weights_only=True)
+    data = tmp_path / "train" / "sessions.jsonl"
+    data.parent.mkdir()
+    sessions_with_lines(data, [[[0, 1 + 3 * i, 2], [0, 30 + 3 * i, 1]] for i in range(50)])   # gaps 1 and 28
+    stored["config"]["data"]["preprocessed_dir"] = str(data)
+    trained = tmp_path / "model.pt"
+    torch.save(stored, trained)
+    log, out = tmp_path / "app.log", tmp_path / "app.jsonl"
+    sessions = normal[:60]
+    log.write_text("".join(json.dumps({"session_id": f"s{i}", "event_id": e}) + "\n"   # one after another
+                           for i, s in enumerate(sessions) for e in s))
+    lines = sum(map(len, sessions))
+    process = subprocess.Popen([sys.executable, str(REPO / "detect.py"), "--checkpoint", str(trained),
+                                str(log), "--follow", "--output", str(out), "--state-interval", "0.2"],
+                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+    caught_up(out, log)
+    stderr = stopped(process)
+    assert f"sessions close after {D.MIN_IDLE_LINES} idle lines" in stderr, stderr
+    assert "derived from the training data: 99.9% of the 100 gaps between a session's consecutive lines in " \
+           f"{data} are at most 28 lines" in stderr, stderr
+    ends, at = [], 0
+    for s in sessions:
+        at += len(s)
+        ends.append(at)
+    quiet = {f"s{i}" for i, end in enumerate(ends) if end <= lines - D.MIN_IDLE_LINES}
+    verdicts = {json.loads(line)["session_id"] for line in out.read_text().splitlines()
+                if '"verdict"' in line}
+    assert quiet and verdicts == quiet
 
 
 DAMAGES = {   # what is done to a saved state -> what the refusal names
