@@ -130,7 +130,8 @@ class PreprocessConfig:
 class DetectConfig:
     """detect.py --follow (live detection): when a session is complete, how often the place is saved."""
     idle_lines: typing.Optional[int] = None     # a session without an event for this many lines is closed;
-                                                # null: the parser state's session_idle, else 100,000
+                                                # null: the parser state's session_idle, else derived
+                                                # from the training data's gaps, else 100,000
     idle_seconds: typing.Optional[float] = None  # ... or for this many seconds of wall-clock time
     max_session_events: typing.Optional[int] = None  # a session is closed at this many events (a window
                                                      # fills); its next event opens a new one
