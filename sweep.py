@@ -72,15 +72,11 @@ class Histogram:
         return (indexes + 0.5) * self.width, np.array([self.bins[i] for i in indexes])
 
     def median(self) -> float:
-        values, weights = self._table()
-        return float(values[np.searchsorted(np.cumsum(weights), weights.sum() / 2)])
+        return weighted_percentile(*self._table(), 50)
 
     def mad(self, center: float) -> float:
         values, weights = self._table()
-        deviations = np.abs(values - center)
-        order = np.argsort(deviations)
-        cumulative = np.cumsum(weights[order])
-        return float(deviations[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+        return weighted_percentile(np.abs(values - center), weights, 50)
 
     @property
     def total(self) -> float:
