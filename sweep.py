@@ -36,6 +36,8 @@ from scoring import ChunkScorer, chunked, session_key
 
 SPREAD = 4.0          # scaled MADs above the median surprisal: the cut (benchmarks/contamination.py)
 COUNT_SPREAD = 3.0    # scaled MADs above the median leave-one-out distance: a count-vector outlier
+MIN_COUNT_SESSIONS = 30   # fewer training sessions: their spread is no yardstick (Hadoop's 17 sessions of up
+                          # to 99,001 events: 3 of them would go, and the rule's rate with them)
 BIN = 0.01            # nats: the resolution of the surprisal histograms
 MIN_MAD = 0.25        # nats: where the sessions' surprisals hardly differ, the cut is still 1.5 nats above
                       # the median (4.4 times less likely), not a rounding error above it
@@ -144,6 +146,8 @@ class Sweep:
         leave-one-out distance) and shelter the anomalies like it. The MAD counts as at least one event, so
         on data whose sessions repeat each other (HDFS: 90% at distance 0, the farthest at 2) only a session
         several events from every other one is an outlier."""
+        if counts.sessions < MIN_COUNT_SESSIONS:
+            return counts
         distances = counts.leave_one_out(rank=2)   # two odd sessions alike must not hide each other
         finite = np.isfinite(distances)
         if finite.sum() < 3:

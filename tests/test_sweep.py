@@ -207,8 +207,8 @@ def test_assume_clean_keeps_todays_behaviour(contaminated):
 def test_count_vector_outliers_leave_the_record_unless_most_sessions_repeat():
     found = sweep.Sweep(FixedScorer({}), 5.0, 1.0, 0.5, 31, set(), 0)
     rng = np.random.default_rng(3)
-    # 30 distinct normal sessions a few events from each other, one with 40 extra events of another type
-    normal = [[1] * int(n) + [2] * int(m) for n, m in rng.integers(5, 15, size=(30, 2))]
+    # distinct normal sessions a few events from each other, one with 40 extra events of another type
+    normal = [[1] * int(n) + [2] * int(m) for n, m in rng.integers(5, 15, size=(60, 2))]
     normal = [list(s) for s in {tuple(s) for s in normal}]
     odd = [1] * 10 + [3] * 40
     counts = CountVectors.from_chunks([normal + [odd]])
@@ -231,6 +231,10 @@ def test_count_vector_outliers_leave_the_record_unless_most_sessions_repeat():
     assert repeated.trim_count_outliers(counts) is counts and not repeated.count_outliers
     counts = CountVectors.from_chunks([close + [odd]])
     assert repeated.trim_count_outliers(counts).sessions == 101 and repeated.count_outlier_sessions == 1
+    # too few sessions to measure a spread by: nothing is an outlier
+    few = sweep.Sweep(FixedScorer({}), 5.0, 1.0, 0.5, 0, set(), 0)
+    counts = CountVectors.from_chunks([normal[:sweep.MIN_COUNT_SESSIONS - 2] + [odd]])
+    assert few.trim_count_outliers(counts) is counts and not few.count_outliers
 
 
 def test_a_model_that_learned_nothing_sweeps_nothing():
