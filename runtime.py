@@ -104,9 +104,18 @@ def setup_runtime(device_name: str, use_multi_gpu: bool) -> Runtime:
     return Runtime(device, data_parallel_gpus=max(gpus, 1))
 
 
-def barrier(runtime: Runtime) -> None:
-    if runtime.distributed:
-        torch.distributed.barrier()
+def leave_group(runtime: Runtime) -> None:
+    """Every rank leaves the process group together. A gloo barrier can return on one rank while its last
+    message to another is still in flight; tearing the group down then aborts that rank (SIGABRT,
+    pytorch/gloo#155). So after the barrier each rank checks in through the rendezvous store, which is not
+    gloo, and only when all have checked in does any rank destroy its group."""
+    if not runtime.distributed:
+        return
+    torch.distributed.barrier()
+    store = torch.distributed.distributed_c10d._get_default_store()
+    store.set(f"deeplog/left/{runtime.rank}", "1")
+    store.wait([f"deeplog/left/{rank}" for rank in range(runtime.world_size)])
+    torch.distributed.destroy_process_group()
 
 
 def all_gather(value, runtime: Runtime) -> list:

@@ -61,7 +61,7 @@ from runtime import (
     all_gather,
     all_reduce_sum,
     amp_settings,
-    barrier,
+    leave_group,
     lockstep,
     seed_everything,
     set_rng_state,
@@ -373,11 +373,7 @@ def train(args, logger):
     warn_if_nothing_learned(state.early_stopping.best_loss, data.seen_targets, logger)
     if run is not None:
         run.finish()
-    barrier(runtime)
-    if runtime.distributed:
-        # Every rank leaves the group together, before the master's single-process evaluation: a rank that
-        # tore its gloo group down while the master still held it open could abort at exit (SIGABRT).
-        torch.distributed.destroy_process_group()
+    leave_group(runtime)   # every rank together, before the master's single-process evaluation
     stop_signal.raise_now = True  # from here a signal stops the evaluation at once
     if tc.evaluate_after_training and runtime.is_master and best.exists():
         return evaluate_after_training(best, config, stop_signal, logger)
