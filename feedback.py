@@ -47,11 +47,14 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import (
+    MAX_VOCAB_SIZE,
     Config,
     reader_options,
     resolve_config,
 )
 from dataset import DataError, _numbered_items, _open, _record, collate, make_windows
+from logparse import load_state
+from model import DeepLog
 from rules import (
     MAX_COUNT_ENTRIES,
     MAX_COUNT_VECTORS,
@@ -165,6 +168,7 @@ class Feedback:
     sessions: list[list[int]]
     session_ids: list[str]
     skipped: Counter = field(default_factory=Counter)
+    first_new: tuple[str, int] | None = None   # (where, ID) of the first event ID the model has no place for
 
     def record(self) -> dict:
         return {"path": str(self.path.resolve()), "sha256": self.sha256, "sessions": len(self.sessions),
@@ -191,7 +195,8 @@ def feedback_format(file: Path) -> str:
 
 def read_feedback(path, vocab_size: int, options: dict | None = None) -> Feedback:
     """Every session of a feedback file, validated in full before any work starts: DataError naming the
-    file and the line of the first bad record (no skipping: feedback is few sessions, each deliberate)."""
+    file and the line of the first bad record (no skipping: feedback is few sessions, each deliberate). IDs
+    at or above vocab_size are event types new to the model (new_events says whether it can learn them)."""
     file, options = Path(path), options or reader_options(Config())
     if not file.exists():
         raise DataError(f"{file}: feedback file not found")
@@ -214,11 +219,8 @@ def read_feedback(path, vocab_size: int, options: dict | None = None) -> Feedbac
                 found.skipped["labelled_abnormal"] += 1
                 continue
             outside = next((e for e in record.event_ids if e >= vocab_size), None)
-            if outside is not None:
-                where = "record" if fmt == "json" else "line"
-                raise DataError(f"{file}: {where} {index}: event ID {outside} is outside the model's "
-                                f"vocabulary (0..{vocab_size - 1}): the model has no place for it; train a "
-                                f"new model with a larger model.vocab_size")
+            if outside is not None and found.first_new is None:
+                found.first_new = (f"{'record' if fmt == 'json' else 'line'} {index}", outside)
             found.sessions.append(record.event_ids)
             found.session_ids.append(record.session_id)
     except (OSError, EOFError, UnicodeDecodeError) as error:
@@ -226,6 +228,73 @@ def read_feedback(path, vocab_size: int, options: dict | None = None) -> Feedbac
     if not found.sessions:
         raise DataError(f"{file}: no feedback sessions to learn from{found.skipped_text()}")
     return found
+
+
+# ----------------------------------------------------------------------------- event types new to the model
+@dataclass
+class NewEvents:
+    vocab_size: int                 # the updated model's
+    templates: dict[int, str]       # each new ID the feedback holds -> its template
+    state_path: Path | None = None  # the parser state that names them
+    state: dict | None = None
+
+    def record(self, parent_vocab: int) -> dict:
+        return {"parent": parent_vocab, "updated": self.vocab_size, "parser_state": str(self.state_path),
+                "new_events": [[i, t] for i, t in sorted(self.templates.items())]}
+
+
+def new_events(found: Feedback, vocab_size: int, parser_state: str | None) -> NewEvents:
+    """The event types of the feedback that the model has no place for (IDs >= its vocab_size). Each must be
+    a template of the parser state that parsed the feedback's logs (--parser-state, else the
+    parser_state.json beside the feedback file): the vocabulary grows to that state's, so that the updated
+    model and later parses through the state agree on every ID. An ID that no template holds (a line that
+    matched none, under --match-only or in live detection) names nothing and cannot be learned."""
+    if found.first_new is None:
+        return NewEvents(vocab_size, {})
+    where, first = found.first_new
+    path = Path(parser_state) if parser_state else found.path.parent / "parser_state.json"
+    if not parser_state and not path.is_file():
+        raise DataError(f"{found.path}: {where}: event ID {first} is new to the model (its vocabulary is "
+                        f"0..{vocab_size - 1}) and no parser state names it: pass --parser-state, the "
+                        f"parser_state.json of the preprocess.py run that parsed these sessions (it learned "
+                        f"their new templates)")
+    state = load_state(str(path))
+    known = {t["id"]: t["template"] for t in state["templates"]}
+    ids = sorted({e for s in found.sessions for e in s if e >= vocab_size})
+    missing = next((i for i in ids if i not in known), None)
+    if missing is not None:
+        raise DataError(f"{found.path}: event ID {missing} is new to the model (its vocabulary is "
+                        f"0..{vocab_size - 1}) and no template of {path} has it (lines that matched no "
+                        f"template get ID {state['vocab_size']}): parse the logs with preprocess.py "
+                        f"--parser-state, which makes templates of new lines, and feed back its sessions")
+    if state["vocab_size"] > MAX_VOCAB_SIZE:
+        raise DataError(f"{path}: {state['vocab_size']:,} event types, more than a model holds "
+                        f"({MAX_VOCAB_SIZE:,})")
+    return NewEvents(state["vocab_size"], {i: known[i] for i in ids}, path.absolute(), state)
+
+
+def grown(model: DeepLog, vocab_size: int) -> DeepLog:
+    """`model` with room for event IDs up to vocab_size - 1 (tokens.py: the special tokens move above them).
+    The IDs it had keep every weight; a new ID reads as the model read it before (the unknown token's
+    embedding) and is predicted from the least likely event's bias, unseen until mark_seen: until the
+    update teaches them, the grown model scores sessions as the old one did (the softmax has a few more
+    classes, at the lowest logit)."""
+    old = model.vocab_size
+    larger = DeepLog(**{**model.model_args, "vocab_size": vocab_size})
+    before, after = model.state_dict(), larger.state_dict()
+    for key, value in before.items():
+        if key.startswith("lstm."):
+            after[key] = value
+    after["embedding.weight"][:old] = before["embedding.weight"][:old]
+    after["embedding.weight"][vocab_size:] = before["embedding.weight"][old:]   # end, pad, start, unk
+    after["embedding.weight"][old:vocab_size] = before["embedding.weight"][model.unk_id]
+    for key in ("head.weight", "head.bias", "seen_events"):   # classes: the events, then the end
+        after[key][:old], after[key][vocab_size] = before[key][:old], before[key][old]
+    after["head.weight"][old:vocab_size] = 0
+    after["head.bias"][old:vocab_size] = before["head.bias"].min()
+    after["seen_events"][old:vocab_size] = False
+    larger.load_state_dict(after)
+    return larger
 
 
 # ----------------------------------------------------------------------------- records joined
@@ -416,9 +485,10 @@ def evaluate_update(model, checkpoint_path: Path, calibration: dict, normal, abn
 
 
 def save_updated(state: TrainState, records: dict, parent: Parent, found: Feedback, replayed: int,
-                 calibration: dict, path: Path) -> dict:
+                 calibration: dict, path: Path, new: NewEvents) -> dict:
     """The new checkpoint, complete (weights, records, calibration, lineage), written once, atomically (the
-    parent is never touched); then calibration.json beside it."""
+    parent is never touched); then calibration.json beside it, and where the vocabulary grew, the parser
+    state that names the new IDs (for later parses and detection)."""
     checkpoint = state.state_dict([rng_state()])
     checkpoint.update({key: records[key] for key in ("event_sets", "event_pairs", "count_vectors")})
     checkpoint["calibration"] = calibration
@@ -427,10 +497,15 @@ def save_updated(state: TrainState, records: dict, parent: Parent, found: Feedba
                               "epochs": state.config.update.epochs,
                               "learning_rate": state.config.update.learning_rate,
                               "feedback_repeats": state.config.update.feedback_repeats}
+    if new.templates:
+        checkpoint["feedback"]["vocabulary"] = new.record(parent.checkpoint["model_args"]["vocab_size"])
     save_checkpoint(checkpoint, path)
     if state.run is not None:
         state.run.wrote(path.name)
-    cal.save_calibration(Path(state.config.training.output_dir) / "calibration.json", calibration)
+    output_dir = Path(state.config.training.output_dir)
+    cal.save_calibration(output_dir / "calibration.json", calibration)
+    if new.state is not None:
+        utils.save_json(output_dir / "parser_state.json", new.state)
     return checkpoint
 
 

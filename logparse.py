@@ -386,12 +386,16 @@ def _tree_from_json(data: dict) -> Node:
 
 
 class Parser:
-    """Drain3 with dense event IDs (ID = drain3's cluster ID - 1). Learning (state None) creates templates;
-    from a saved state it only matches, a line matching no template getting the unknown ID vocab_size. Calls
-    drain3's Drain directly (TemplateMiner's calls add a profiler's work to every line)."""
+    """Drain3 with dense event IDs (ID = drain3's cluster ID - 1). Learning (state None) creates templates.
+    From a saved state it matches; a line matching no template gets the unknown ID vocab_size, or, with
+    learn_new (preprocess.py: new message types after a deployment), a template of its own with the next ID,
+    which the parser's new state keeps and a model learns by feedback. Calls drain3's Drain directly
+    (TemplateMiner's calls add a profiler's work to every line)."""
 
-    def __init__(self, cfg: PreprocessConfig, state: dict | None = None):
+    def __init__(self, cfg: PreprocessConfig, state: dict | None = None, learn_new: bool = False):
         self.learning = state is None
+        self.learn_new = learn_new and not self.learning
+        self.known_vocab = 0 if state is None else state["vocab_size"]   # IDs the state had
         if state is None:
             # the default masks as one alternation: one scan of the line instead of one per mask (faster,
             # same result: each alternative starts where no earlier one could)
@@ -439,6 +443,10 @@ class Parser:
             event_id = self._event_of.get(masked)
             if event_id is None:
                 cluster = self._drain.match(masked, full_search_strategy="fallback")
+                if cluster is None and self.learn_new:
+                    cluster, _ = self._drain.add_log_message(masked)
+                    self.templates[cluster.cluster_id - 1] = cluster.get_template()
+                    self.counts += [0] * (self.vocab_size + 1 - len(self.counts))
                 event_id = self.vocab_size if cluster is None else cluster.cluster_id - 1
                 if len(self._event_of) >= MEMO_ENTRIES:
                     self._event_of.clear()

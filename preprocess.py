@@ -491,7 +491,7 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
                     continue
                 match = lines.match
                 stats["parsed"] += 1
-                stats["unknown"] += event >= parser.vocab_size
+                stats["unknown"] += not parser.learning and event >= parser.known_vocab
                 first_parsed = first_parsed or _sample(files, file_index, number, line)
                 if writer:
                     writer.writerow([stats["lines"], event, *(match.group(name) or "" for name in names)])
@@ -542,10 +542,11 @@ def peak_rss_mb() -> float:
 
 
 def preprocess(cfg: PreprocessConfig, inputs: list[str], output: Path, state: dict | None = None,
-               structured: str | None = None, config: Config | None = None) -> dict:
+               structured: str | None = None, config: Config | None = None, learn_new: bool = True) -> dict:
     """Parse and group `inputs` into a new generation of `output`, holding its lock, switched in at the end.
-    `config`: the one config whose other sections go into config.yaml."""
-    parser = Parser(cfg, state)
+    `config`: the one config whose other sections go into config.yaml; `learn_new`: from a state, lines no
+    template matches make new templates (else they get ID vocab_size)."""
+    parser = Parser(cfg, state, learn_new=learn_new)
     parse_only = make_grouper(cfg, parser, parse_only=True) is None  # settings checked before any work
     labels = read_labels(cfg.labels) if cfg.labels else None
     files = input_files(inputs)
@@ -614,7 +615,8 @@ def write_parse(place: Path, output: Path, cfg: PreprocessConfig, parser: Parser
         write_structured(rows_path, target, parser)
         rows_path.unlink()
     elapsed = time.perf_counter() - started
-    stats.update(templates=parser.vocab_size, seconds=round(elapsed, 3), peak_rss_mb=peak_rss_mb(),
+    stats.update(templates=parser.vocab_size, new_templates=parser.vocab_size - parser.known_vocab
+                 if parser.learn_new else 0, seconds=round(elapsed, 3), peak_rss_mb=peak_rss_mb(),
                  lines_per_s=round(stats["lines"] / max(elapsed, 1e-9)))
     if parse_only:
         stats["parse_only"] = True
@@ -778,9 +780,12 @@ def parse_args(argv=None):
     add("--depth", type=int, help="Drain prefix-tree depth, >= 3 (default 4)")
     add("--max-templates", type=int, help="cap on templates held (drain3 max_clusters, least recently used "
         "evicted; an evicted template seen again gets a new ID); default: no cap")
-    add("--parser-state", help="parser_state.json of an earlier run: match lines onto its event IDs, learn "
-        "nothing (unmatched lines get ID vocab_size); log format, masks and Drain settings come from it, and "
-        "the grouping unless given")
+    add("--parser-state", help="parser_state.json of an earlier run: match lines onto its event IDs; a "
+        "line no template matches makes a new template with the next ID (kept in OUTPUT/parser_state.json, "
+        "unknown to models until fed back with train.py --update); log format, masks and Drain settings "
+        "come from it, and the grouping unless given")
+    add("--match-only", action="store_true", help="with --parser-state: learn no new template (a line no "
+        "template matches gets ID vocab_size)")
     add("--session-key", help=r"regex of session identifiers, e.g. 'blk_-?\d+' (a line naming several joins "
         r"each); with a capture group the id is the first group's text: 'sshd\[(\d+)\]' gives 24200")
     add("--window", help="count:SIZE[:STEP] (lines) or time:SIZE[:STEP] (seconds; needs --time-field)")
@@ -817,7 +822,10 @@ def main(argv=None):
             state = load_state(args.parser_state)
         config = settings_config(base, [("parser state grouping", (state and state.get("grouping")) or {}),
                                         ("command line", flags)])
-        stats = preprocess(config.preprocess, args.inputs, Path(args.output), state, args.structured, config)
+        if args.match_only and not args.parser_state:
+            raise PreprocessError("--match-only goes with --parser-state (a new parse learns its templates)")
+        stats = preprocess(config.preprocess, args.inputs, Path(args.output), state, args.structured, config,
+                           learn_new=not args.match_only)
         print(f"{stats['lines']} lines: {stats['parsed']} parsed, {stats['unmatched']} not matching the log "
               f"format{', %d of unknown events' % stats['unknown'] if args.parser_state else ''}; "
               f"{stats['templates']} templates (vocab_size); "
@@ -825,6 +833,13 @@ def main(argv=None):
                  if stats.get("parse_only") else
                  f"{stats['sessions']} sessions, {stats['abnormal']} abnormal")
               + f"; {stats['lines_per_s']:,} lines/s. Output in {args.output}")
+        if stats["new_templates"]:
+            first = state["vocab_size"]
+            print(f"{stats['new_templates']} new templates (event IDs {first}..{stats['templates'] - 1}, in "
+                  f"{args.output}/templates.json): unknown to a model trained on {args.parser_state} until "
+                  f"it learns them: where they are normal, feed back sessions that hold them (train.py "
+                  f"--update CHECKPOINT --feedback FILE --parser-state {args.output}/parser_state.json) and "
+                  f"parse later logs with that parser state, so that they keep these IDs", file=sys.stderr)
         for key, what in (("sessions_closed_early", "sessions written early (raise --max-open-sessions)"),
                           ("unlabelled", "sessions missing from --labels (labelled normal)"),
                           ("bad_time", "lines with an unreadable --time-field (left out)"),

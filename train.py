@@ -96,9 +96,15 @@ def parse_args(argv=None):
                         "itself is never written)")
     parser.add_argument("--feedback", metavar="FILE", help="with --update: sessions marked normal (JSON "
                         "lines, DeepLog text, or detect.py's output lines)")
+    parser.add_argument("--parser-state", metavar="FILE", help="with --update: the parser_state.json of the "
+                        "preprocess.py run that parsed the feedback's logs, naming the event types new to "
+                        "the model that it holds (default: the one beside --feedback); the vocabulary grows "
+                        "to it")
     args = parser.parse_args(argv)
     if bool(args.update) != bool(args.feedback):
         parser.error("--update CHECKPOINT and --feedback FILE go together")
+    if args.parser_state and not args.update:
+        parser.error("--parser-state names the new event types of --update's feedback: give --update too")
     if args.update and (args.resume or args.overwrite):
         parser.error("--update writes a new folder of its own: no --resume, no --overwrite")
     return args
@@ -409,6 +415,9 @@ def update(args, logger) -> int:
     parent = feedback.Parent.load(args.update)
     config = feedback.update_config(parent, args)
     found = feedback.read_feedback(args.feedback, config.model.vocab_size, reader_options(config))
+    parent_vocab = config.model.vocab_size
+    new = feedback.new_events(found, parent_vocab, args.parser_state)
+    config.model.vocab_size = new.vocab_size   # the token layout (cache, windows) of the grown model
     tc, uc, output_dir = config.training, config.update, Path(config.training.output_dir)
     utils.setup_logger(None, logger=logger)
     run = feedback.claim_output(output_dir, logger)
@@ -426,6 +435,13 @@ def update(args, logger) -> int:
 
     model = DeepLog(**parent.checkpoint["model_args"])
     model.load_state_dict(parent.checkpoint["model_state_dict"])
+    if new.templates:
+        model = feedback.grown(model, new.vocab_size)
+        logger.info(f"Vocabulary grows from {parent_vocab} to {new.vocab_size} event types "
+                    f"({new.state_path}) for the {len(new.templates)} new to the model in the feedback: "
+                    + "; ".join(
+                        f"{i} {utils.short(t)}" for i, t in list(new.templates.items())[:5])
+                    + ("; ..." if len(new.templates) > 5 else ""))
     new_events = feedback.mark_seen(model, found.sessions)
     model.set_windows(config.data.max_seq_length, config.data.window_context).to(runtime.device)
     windows = feedback.update_windows(found.sessions, replay, config)
@@ -433,7 +449,7 @@ def update(args, logger) -> int:
     state.run = run
     logger.info(feedback.plan_line(found, replay, windows, state, parent, new_events))
     started = time.time()
-    records = dict(parent.checkpoint)   # the parent's records, joined with the feedback in this copy
+    records = {**parent.checkpoint, "model_args": model.model_args}   # joined with the feedback in this copy
     co_occurrence = feedback.join_records(records, found.sessions, config, logger)
     swept = (parent.checkpoint.get("calibration") or {}).get("training_sweep")   # the parent's records
     # The update checks itself: while fed-back sessions are still flagged, another round of update.epochs
@@ -462,9 +478,12 @@ def update(args, logger) -> int:
     best = output_dir / "checkpoints" / "best_model.pt"
     save_config(config, output_dir / "config.yaml")
     utils.save_json(output_dir / "training_history.json", state.history)
-    feedback.save_updated(state, records, parent, found, len(replay), calibration, best)
+    feedback.save_updated(state, records, parent, found, len(replay), calibration, best, new)
     logger.info(f"Updated model: {best} | parent {parent.path} {parent.still_unchanged()}: rollback is "
                 f"pointing detection back at it")
+    if new.templates:
+        logger.info(f"Parse later logs and detect with {output_dir / 'parser_state.json'} (a copy of "
+                    f"{new.state_path}), so that the new event types keep the IDs this model learned")
     try:
         feedback.evaluate_update(model, best, calibration, normal, abnormal, co_occurrence, config, logger)
     except utils.Stopped as signal_name:

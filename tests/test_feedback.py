@@ -172,7 +172,8 @@ def test_a_damaged_lineage_record_is_refused(updated, tmp_path):
     ("malformed.jsonl", '{"event_ids": [1, 2]}\n{"event_ids": [1,\n',
      "malformed.jsonl: line 2: malformed JSON"),
     ("outside.txt", "1 2 3\n1 2 3\n1 2 99\n",
-     "outside.txt: line 3: event ID 99 is outside the model's vocabulary"),
+     "outside.txt: line 3: event ID 99 is new to the model (its vocabulary is 0..28) and no parser state "
+     "names it: pass --parser-state"),
     ("negative.txt", "1 2 3\n1 -2 3\n", "negative.txt: line 2: event ID -2 is negative"),
     ("alerts.jsonl", '{"session_id": "a", "alert": "early"}\n',
      "alerts.jsonl: no feedback sessions to learn from; skipped: 1 early-alert lines"),
@@ -191,6 +192,68 @@ def test_bad_feedback_exits_with_one_line_and_writes_nothing(parent, tmp_path, n
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists() and checkpoint.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- event types new to the model
+def parser_state_of(folder: Path, templates: int) -> Path:
+    """A parser state of preprocess.py with `templates` templates (IDs 0..templates-1)."""
+    import itertools
+
+    import preprocess
+    words = ["".join(p) for p in itertools.product("ghjkmnpqrstvwxyz", repeat=2)][:templates]
+    folder.mkdir(parents=True)
+    (folder / "a.log").write_text("".join(f"{word} task finished\n" for word in words))
+    preprocess.main([str(folder / "a.log"), "--output", str(folder / "parsed")])
+    return folder / "parsed" / "parser_state.json"
+
+
+def test_a_grown_model_scores_the_old_ids_as_before_and_reads_a_new_one_as_unknown():
+    torch.manual_seed(0)
+    model = feedback.DeepLog(6, embedding_dim=8, hidden_size=8, num_layers=1, dropout=0.0).eval()
+    model.seen_events[3] = False
+    larger = feedback.grown(model, 9).eval()
+    assert larger.vocab_size == 9 and larger.model_args["vocab_size"] == 9
+    inputs = torch.tensor([[model.start_id, 1, 2, 5, model.unk_id]])
+    moved = torch.tensor([[larger.start_id, 1, 2, 5, 6]])          # 6: a new ID, read as unknown was
+    with torch.no_grad():
+        before, after = model(inputs), larger(moved)
+    assert torch.allclose(after[..., :6], before[..., :6], atol=1e-6)       # the same, up to matmul order
+    assert torch.allclose(after[..., 9], before[..., 6], atol=1e-6)         # the end, moved up
+    assert torch.equal(after[..., 6:9], before.new_full((1, 5, 3), model.head.bias.min().item()))
+    assert larger.seen_events.tolist() == [True, True, True, False, True, True, False, False, False, True]
+
+
+def test_an_update_learns_event_types_new_to_the_model(parent, sessions, tmp_path):
+    """Feedback holding IDs beyond the vocabulary, named by the parser state that parsed it: the vocabulary
+    grows to the state's, the fed-back sessions are normal afterwards, an ID of the state that no feedback
+    holds stays unknown, and the update's folder holds the state for later parses."""
+    root, config, checkpoint = parent
+    state = parser_state_of(tmp_path / "state", 32)
+    fed = [s + [29] for s in sessions["train"][:10]]
+    path = tmp_path / "fp.txt"
+    path.write_text("".join(" ".join(map(str, s)) + "\n" for s in fed))
+    missing = parser_state_of(tmp_path / "small", 29)
+    refused = run_script("train.py", "--config", config, "--update", checkpoint, "--feedback", path,
+                         "--parser-state", missing, "--output-dir", tmp_path / "refused")
+    assert refused.returncode == 2 and "event ID 29 is new to the model" in refused.stderr
+    assert f"no template of {missing} has it" in refused.stderr and not (tmp_path / "refused").exists()
+    before = feedback.flagged_sessions(checkpoint, fed)[0]
+    out = tmp_path / "update"
+    result = run_script("train.py", "--config", config, "--update", checkpoint, "--feedback", path,
+                        "--parser-state", state, "--output-dir", out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    log = (out / "training.log").read_text()
+    assert "Vocabulary grows from 29 to 32 event types" in log and "29 'hx task finished'" in log
+    assert "Self-check: none of the 10 fed-back sessions is flagged" in log
+    updated = out / "checkpoints" / "best_model.pt"
+    stored = load_checkpoint(updated)
+    assert stored["model_args"]["vocab_size"] == 32 and stored["config"]["model"]["vocab_size"] == 32
+    assert stored["feedback"]["vocabulary"] == {"parent": 29, "updated": 32, "parser_state": str(state),
+                                                "new_events": [[29, "hx task finished"]]}
+    assert json.loads((out / "parser_state.json").read_text()) == json.loads(state.read_text())
+    assert before.all() and not feedback.flagged_sessions(updated, fed)[0].any()
+    # 30 is a template of the state that no feedback held: still unknown to the model, still flagged
+    assert feedback.flagged_sessions(updated, [s[:-1] + [30] for s in fed[:3]])[0].all()
 
 
 def test_update_flags_go_together(parent, tmp_path):

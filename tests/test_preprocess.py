@@ -173,27 +173,45 @@ def test_labels_from_csv(tmp_path, capsys):
     assert "1 sessions missing from --labels" in capsys.readouterr().err
 
 
-def test_parser_state_maps_new_data_onto_the_same_ids(tmp_path):
+@pytest.mark.parametrize("match_only", [False, True])
+def test_parser_state_maps_new_data_onto_the_same_ids(tmp_path, capsys, match_only):
+    """Known lines keep their IDs; a line no template matches makes a new template with the next ID (kept in
+    the new parser state and templates.json, named in a warning), or with --match-only gets ID vocab_size."""
     learned = run(tmp_path, block_log(range(1, 6)), "--session-key", r"blk_-?\d+")
     state = json.loads((tmp_path / "out" / "parser_state.json").read_text())
     assert state["vocab_size"] == 3 and "py/object" not in json.dumps(state)  # plain JSON, not jsonpickle
     new = block_log(range(40, 42), second=100) + [line(200, "Evicted blk_40 from cache")]
     log = tmp_path / "new.log"
     log.write_text("\n".join(new) + "\n")
+    capsys.readouterr()
     preprocess.main([str(log), "--output", str(tmp_path / "new"), "--parser-state",
                      str(tmp_path / "out" / "parser_state.json"), "--session-key", r"blk_-?\d+",
-                     "--structured", str(tmp_path / "new.csv")])
+                     "--structured", str(tmp_path / "new.csv"), *(["--match-only"] if match_only else [])])
     result = read_output(tmp_path / "new")
     sessions = {s["session_id"]: s["event_ids"] for s in result["sessions"]}
-    assert sessions == {"blk_40": [0, 1, 1, 2, 3], "blk_41": [0, 1, 1, 2]}  # 3 = vocab_size: unknown
-    assert [(t["id"], t["template"]) for t in result["templates"]] == \
-        [(t["id"], t["template"]) for t in learned["templates"]]  # nothing learned
-    assert [t["count"] for t in result["templates"]] == [2, 4, 2]  # counted in this data
+    assert sessions == {"blk_40": [0, 1, 1, 2, 3], "blk_41": [0, 1, 1, 2]}  # 3: the line no template matched
+    old = [(t["id"], t["template"]) for t in learned["templates"]]
+    got = [(t["id"], t["template"]) for t in result["templates"]]
+    new_state = json.loads((tmp_path / "new" / "parser_state.json").read_text())
     assert result["sources"]["stats"]["unknown"] == 1
     assert not (tmp_path / "new" / "config.yaml").exists()  # unknown IDs are for detection, not training
     rows = list(csv.DictReader((tmp_path / "new.csv").open()))
-    assert {k: rows[-1][k] for k in ("LineId", "EventId", "EventTemplate")} == \
-        {"LineId": "9", "EventId": "3", "EventTemplate": "<unknown>"}
+    assert [t["count"] for t in result["templates"]][:3] == [2, 4, 2]  # counted in this data
+    warning = capsys.readouterr().err
+    if match_only:
+        assert got == old and new_state["vocab_size"] == 3 and "new templates" not in warning
+        assert (rows[-1]["EventId"], rows[-1]["EventTemplate"]) == ("3", "<unknown>")
+    else:
+        assert got == old + [(3, "Evicted <*> from cache")] and new_state["vocab_size"] == 4
+        assert {t["id"]: t["template"] for t in new_state["templates"]}[3] == "Evicted <*> from cache"
+        assert "1 new templates (event IDs 3..3" in warning
+        assert (rows[-1]["EventId"], rows[-1]["EventTemplate"]) == ("3", "Evicted <*> from cache")
+        # a later parse through the new state keeps the new ID, and learns nothing more
+        preprocess.main([str(log), "--output", str(tmp_path / "later"), "--parser-state",
+                         str(tmp_path / "new" / "parser_state.json")])
+        later = read_output(tmp_path / "later")
+        assert {s["session_id"]: s["event_ids"] for s in later["sessions"]} == sessions
+        assert len(later["templates"]) == 4 and later["sources"]["stats"]["unknown"] == 0
 
 
 def test_parser_state_refuses_parser_flags(tmp_path):
