@@ -5,6 +5,9 @@ Examples:
     python train.py --update outputs/checkpoints/best_model.pt --feedback false_positives.jsonl
     python train.py --update outputs/checkpoints/best_model.pt --feedback fp.txt --output-dir outputs/fixed
     python train.py --update outputs/checkpoints/best_model.pt --feedback detections.jsonl --epochs 5
+    # event types new to the model (templates preprocess.py --parser-state made): the vocabulary grows
+    python train.py --update outputs/checkpoints/best_model.pt --feedback today/fp.jsonl \
+        --parser-state today/parser_state.json
     python -c "import feedback; print(feedback.read_feedback('fp.jsonl', 29).sessions[:3])"
     # rollback: point detection back at outputs/checkpoints/best_model.pt (the parent is never written)
 

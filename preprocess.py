@@ -16,8 +16,8 @@ Examples:
         --log-format "$BGL" --label-field Label --normal-value - --structured outputs/bgl/structured.csv
     python preprocess.py ../shared/data/loghub/BGL_2k.log --output outputs/bgl2k --window count:20:10 ...
 
-    # new logs onto the SAME event IDs (nothing learned; a line no template matches gets ID vocab_size);
-    # format, masks and grouping come from the state
+    # new logs onto the SAME event IDs; a line no template matches makes a new template with the next ID
+    # (in outputs/today/parser_state.json; --match-only: ID vocab_size); format, masks, grouping: the state's
     python preprocess.py /logs/today/ --parser-state outputs/hdfs_raw/parser_state.json --output outputs/today
     python detect.py --checkpoint outputs/hdfs_raw/train/checkpoints/best_model.pt \
         outputs/today/sessions.jsonl --output outputs/today/detections.jsonl
