@@ -319,19 +319,24 @@ def pyplot_or_note(picture: str, logger):
     return plt
 
 
-# threshold labels: the first one's height and the drop to the next (fractions of the axes)
-LABEL_TOP, LABEL_STEP = 0.95, 0.08
-
-
-def threshold_label_positions(thresholds: dict[str, float]) -> list[tuple[str, float, float]]:
-    """(label, x, height) for each distinct threshold value, lowest value first: equal thresholds share one
-    label ("p90=p95"), and each label sits LABEL_STEP (of the axes height) below the one before it, so that
-    labels never overprint however close their values are (an 8-point label is ~0.03 of the axes high)."""
+def threshold_groups(thresholds: dict[str, float]) -> list[tuple[str, float]]:
+    """(label, value) per distinct threshold value, lowest first: equal thresholds share one ("p90=p95")."""
     names_at: dict[float, list[str]] = {}
     for name, value in thresholds.items():
         names_at.setdefault(value, []).append(name)
-    return [("=".join(names), value, LABEL_TOP - rank * LABEL_STEP)
-            for rank, (value, names) in enumerate(sorted(names_at.items()))]
+    return [("=".join(names), value) for value, names in sorted(names_at.items())]
+
+
+THRESHOLD_STYLES = ("--", "-.", ":")
+
+
+def draw_thresholds(axis, thresholds: dict[str, float]) -> list:
+    """A line at each distinct score threshold, each its own style, named in the legend (below the panel)
+    rather than on the panel: a label on the panel hid the bars under it. Under the bars (zorder 1), so a
+    threshold at a bar's edge never hides the bar either. The lines."""
+    return [axis.axvline(value, linestyle=THRESHOLD_STYLES[rank % len(THRESHOLD_STYLES)], color="black",
+                         linewidth=1.2, zorder=1, label=f"{label} threshold {value:.3g}")
+            for rank, (label, value) in enumerate(threshold_groups(thresholds))]
 
 
 RECORD_RULES = {"event_set": "sets", "event_pair": "pairs", "count_vector": "counts"}   # rule: its record
@@ -373,7 +378,7 @@ def plot_scores(histograms: dict, results, path: Path, logger) -> None:
         left.hist(SCORE_EDGES[:-1], SCORE_EDGES, weights=counts["score"], **style)
         right.hist(LOG10_PROBABILITY_EDGES[:-1], LOG10_PROBABILITY_EDGES, weights=counts["log10_probability"],
                    **style)
-    draw_threshold_labels(left, calibration["score_thresholds"])
+    draw_thresholds(left, calibration["score_thresholds"])
     left.set(title=f"anomaly score: share of events outside the top-{top_k}", xlabel="score",
              ylabel="sessions", yscale="log",
              xlim=data_range(SCORE_EDGES, histograms, "score", calibration["score_thresholds"].values()))
@@ -381,6 +386,7 @@ def plot_scores(histograms: dict, results, path: Path, logger) -> None:
     for axis in (left, right):
         axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
         plain_counts(axis)
+        axis.set_ylim(top=axis.get_ylim()[1] * (2 if axis.get_yscale() == "log" else 1))  # headroom
     draw_records_panel(sets, record_counts(histograms), calibration["combined_rules"])
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -407,19 +413,6 @@ def draw_probability_panel(axis, calibration: dict, histograms: dict) -> None:
                       (LOG10_PROBABILITY_EDGES[0], 0.6), xycoords=("data", "axes fraction"), xytext=(6, 0),
                       textcoords="offset points", fontsize=8,
                       bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
-
-
-def draw_threshold_labels(axis, thresholds: dict[str, float]) -> list:
-    """A dashed line at each score threshold, labelled at threshold_label_positions() on a white ground,
-    so that a bar behind never hides it: the annotations."""
-    labels = []
-    for text, value, height in threshold_label_positions(thresholds):
-        # under the bars (zorder 1): a threshold at a bar's edge never hides the bar
-        axis.axvline(value, linestyle="--", color="black", linewidth=0.8, zorder=1)
-        labels.append(axis.annotate(f"{text} threshold", (value, height), xycoords=("data", "axes fraction"),
-                                    fontsize=8, xytext=(3, 0), textcoords="offset points", va="center",
-                                    bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"}))
-    return labels
 
 
 def data_range(edges: np.ndarray, histograms: dict, name: str, marks) -> tuple[float, float]:

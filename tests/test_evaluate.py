@@ -942,30 +942,24 @@ def test_calibrations_written_before_the_rename_still_work(trained, tmp_path):
 @pytest.mark.parametrize("thresholds", [
     {"p90": 0.0, "p95": 0.0, "p99": 0.053},     # HDFS: p90 = p95, p99 close by
     {"p90": 0.05, "p95": 0.051, "p99": 0.052},  # close but unequal
-    {"p90": 0.1, "p95": 0.1, "p99": 0.1},
-    {"p90": 0.2, "p95": 0.5, "p99": 0.99}])
-def test_threshold_labels_never_overlap(thresholds):
-    positions = E.threshold_label_positions(thresholds)
-    assert [x for _, x, _ in positions] == sorted(set(thresholds.values()))   # one label per distinct value
-    assert sorted("=".join(label for label, _, _ in positions).split("=")) == sorted(thresholds)
-    heights = [height for _, _, height in positions]
-    assert all(0 < height < 1 for height in heights)
-    # staggered
-    assert all(upper - lower > E.LABEL_STEP - 1e-9 for lower, upper in zip(heights[1:], heights))
-    if thresholds == {"p90": 0.0, "p95": 0.0, "p99": 0.053}:
-        assert positions == [("p90=p95", 0.0, E.LABEL_TOP), ("p99", 0.053, E.LABEL_TOP - E.LABEL_STEP)]
-    # drawn as in the picture: no two labels' boxes meet
+    {"p90": 0.1, "p95": 0.1, "p99": 0.1}])
+def test_thresholds_are_named_in_the_legend_never_over_the_bars(thresholds):
+    groups = E.threshold_groups(thresholds)
+    assert [value for _, value in groups] == sorted(set(thresholds.values()))   # one line per distinct value
+    assert sorted("=".join(label for label, _ in groups).split("=")) == sorted(thresholds)
+    if thresholds["p90"] == thresholds["p95"] == 0.0:
+        assert groups == [("p90=p95", 0.0), ("p99", 0.053)]
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(5, 4.5))
-    axis.set(xlim=(0, 1), yscale="log", ylim=(0.8, 1e4))
-    labels = E.draw_threshold_labels(axis, thresholds)
-    figure.canvas.draw()
-    boxes = [label.get_window_extent() for label in labels]
+    figure, axis = plt.subplots()
+    axis.hist([0.0], [0, 0.5, 1], weights=[100])
+    lines = E.draw_thresholds(axis, thresholds)
+    labels = [text.get_text() for text in axis.legend().get_texts()]
     plt.close(figure)
-    assert len(boxes) == len(positions)
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert labels == [f"{label} threshold {value:.3g}" for label, value in groups]
+    assert len({line.get_linestyle() for line in lines}) == len(groups)   # told apart without the labels
+    assert not axis.texts                                                  # nothing written over the bars
 
 
 def test_event_set_panel_counts_what_the_rule_flags(tmp_path):
