@@ -28,6 +28,7 @@ import torch
 import utils
 from cache import (
     FLAG_ABNORMAL,
+    FLAG_APART,
     FLAG_CALIBRATION,
     FLAG_VALIDATION,
     PASS_SESSIONS,
@@ -60,7 +61,7 @@ def session_selection(flags: np.ndarray, split: str) -> np.ndarray:
     if split == "all":
         return normal
     validation = (flags & FLAG_VALIDATION) != 0
-    return normal & (validation if split == "val" else ~validation)
+    return normal & (flags & FLAG_APART == 0) & (validation if split == "val" else ~validation)
 
 
 class CachedSessions:
@@ -368,6 +369,7 @@ def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096,
                 end = min(max(end, begin + 1), begin + chunk_size, part.sessions)
                 flags = part["flags"][begin:end]
                 abnormal = (flags & FLAG_ABNORMAL) != 0
+                apart = (flags & FLAG_APART) != 0   # on neither side of the split
                 if wanted == "all":
                     chosen = np.ones(len(flags), dtype=bool)
                 elif wanted == "abnormal":
@@ -375,9 +377,9 @@ def session_chunks(entries: list[Path], wanted: str, chunk_size: int = 4096,
                 elif wanted == "normal":
                     chosen = ~abnormal
                 elif wanted == "train":   # the normal sessions training learned from
-                    chosen = ~abnormal & (split_is_zero | ((flags & FLAG_VALIDATION) == 0))
+                    chosen = ~abnormal & ~apart & (split_is_zero | ((flags & FLAG_VALIDATION) == 0))
                 else:
-                    held_out = ~abnormal & (split_is_zero | ((flags & FLAG_VALIDATION) != 0))
+                    held_out = ~abnormal & ~apart & (split_is_zero | ((flags & FLAG_VALIDATION) != 0))
                     calibration = (flags & FLAG_CALIBRATION) != 0
                     chosen = held_out & (calibration if wanted == "calibration" else ~calibration)
                 indices = np.flatnonzero(chosen)

@@ -58,25 +58,28 @@ import torch
 import utils
 from config import Config
 from dataset import (
+    APART,
+    CALIBRATION,
+    EVALUATION,
     DataError,
     SessionArrays,
     _format_of,
-    calibration_half,
     iter_session_arrays,
     list_data_files,
-    split_draws,
+    split_classes,
 )
 from rules import CoOccurrenceRecorder, merge_co_occurrence
 from tokens import lay_out, special_tokens
 from utils import excerpt, one_line
 
-CACHE_FORMAT = 3            # 2: event_pairs.npy (the pairs of event types of training sessions);
-                            # 3: meta.json's "files", the size and CRC-32 of every file of the entry
+CACHE_FORMAT = 4            # 2: event_pairs.npy (the pairs of event types of training sessions);
+                            # 3: meta.json's "files", the size and CRC-32 of every file of the entry;
+                            # 4: data.overlap in the key, FLAG_APART
 TAIL = 1024                  # zero tokens after each part: windows up to TAIL - 1 positions are one slice
 PART_BYTES = 64 * 2 ** 20    # a JSONL or text file bigger than this is parsed by several processes
 MIN_PART_BYTES = 2 ** 16     # ... and never in pieces smaller than this
-FLAG_ABNORMAL, FLAG_VALIDATION, FLAG_CALIBRATION = 1, 2, 4
-KNOWN_FLAGS = FLAG_ABNORMAL | FLAG_VALIDATION | FLAG_CALIBRATION
+FLAG_ABNORMAL, FLAG_VALIDATION, FLAG_CALIBRATION, FLAG_APART = 1, 2, 4, 8   # APART: see split_classes
+KNOWN_FLAGS = FLAG_ABNORMAL | FLAG_VALIDATION | FLAG_CALIBRATION | FLAG_APART
 CHECK_BYTES = 2 ** 24        # read at a time when a checksum is verified
 PASS_SESSIONS = 2 ** 18      # sessions per step of a pass over the per-session arrays: small temporaries
 ARRAYS = {"offsets": np.int64, "flags": np.uint8, "indexes": np.int64}  # besides tokens
@@ -94,6 +97,7 @@ class CacheSettings:
     skip_bad_records: bool
     validation_split: float
     seed: int
+    overlap: int
 
     @classmethod
     def of_key(cls, key: dict) -> CacheSettings:
@@ -114,7 +118,7 @@ def cache_settings(config: Config, vocab_size: int | None) -> CacheSettings:
     """The cache settings of a resolved config (Config); vocab_size None for evaluation data."""
     data = config.data
     return CacheSettings(vocab_size, data.event_ids_field, data.label_field, data.json_array_key,
-                         data.skip_bad_records, data.validation_split, config.training.seed)
+                         data.skip_bad_records, data.validation_split, config.training.seed, data.overlap)
 
 
 def default_cache_dir() -> Path:
@@ -348,11 +352,17 @@ def _build_part(task: _Task) -> dict:
             n = len(arrays.lengths)
             laid_out, local_starts = lay_out(arrays.tokens, arrays.lengths, vocab or 0, dtype)
             sizes = arrays.lengths + 2
-            validation = split_draws(task.file, arrays.indexes, settings.seed) < settings.validation_split
-            calibration = calibration_half(task.file, arrays.indexes, settings.seed)
-            flags = (arrays.labels | (validation.astype(np.uint8) << 1) | (calibration.astype(np.uint8) << 2))
+            sides = split_classes(task.file, arrays.indexes, settings.seed, settings.validation_split,
+                                  settings.overlap)
+            # with no split, the halves of every session (evaluation then scores the training data)
+            halves = sides if settings.validation_split else \
+                split_classes(task.file, arrays.indexes, settings.seed, 1.0, settings.overlap)
+            held_out = (sides == CALIBRATION) | (sides == EVALUATION)
+            flags = (arrays.labels | np.where(held_out, FLAG_VALIDATION, 0)
+                     | np.where(halves == CALIBRATION, FLAG_CALIBRATION, 0)
+                     | np.where(sides == APART, FLAG_APART, 0))
             if vocab is not None:
-                trained = (flags & (FLAG_ABNORMAL | FLAG_VALIDATION)) == 0
+                trained = (flags & (FLAG_ABNORMAL | FLAG_VALIDATION | FLAG_APART)) == 0
                 seen += _seen_targets(arrays, trained, vocab)
                 co_occurrence.add(arrays.tokens, arrays.lengths, trained)
             handles["tokens"].write(laid_out)
@@ -549,7 +559,7 @@ def _typed(value, *kinds) -> bool:
 
 _KEY_TYPES = {"format": (int,), "path": (str,), "size": (int,), "mtime_ns": (int,), "vocab_size": (int, None),
               "event_ids_field": (str,), "label_field": (str,), "json_array_key": (str,),
-              "skip_bad_records": (bool,), "validation_split": (float,), "seed": (int,)}
+              "skip_bad_records": (bool,), "validation_split": (float,), "seed": (int,), "overlap": (int,)}
 _PART_TYPES = {"part": (int,), "sessions": (int,), "tokens": (int,), "dtype": (str,), "bad_records": (int,),
                "first_bad_record": (str, None), "seen_targets": (list, None)}
 
@@ -782,11 +792,13 @@ def main(argv=None) -> int:
     parser.add_argument("--json-array-key", default=data.json_array_key, help="data.json_array_key")
     parser.add_argument("--skip-bad-records", action="store_true", default=data.skip_bad_records,
                         help="data.skip_bad_records")
+    parser.add_argument("--overlap", type=int, default=data.overlap, help="data.overlap (default: "
+                        "%(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s",
                         stream=sys.stderr)
     settings = CacheSettings(args.vocab_size, args.event_ids_field, args.label_field, args.json_array_key,
-                             args.skip_bad_records, args.validation_split, args.seed)
+                             args.skip_bad_records, args.validation_split, args.seed, args.overlap)
 
     def build() -> int:
         entries = build_caches(args.path, settings, args.cache_dir, args.workers)

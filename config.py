@@ -89,6 +89,7 @@ class DataConfig:
     max_seq_length: int = 256
     window_context: int = 32
     validation_split: float = 0.1
+    overlap: int = 0              # records on each side sharing lines with a record (overlapping windows)
     skip_bad_records: bool = False
     assume_clean: bool = False    # true: every normal-labelled training session is normal (no sweep)
     samples_per_epoch: typing.Optional[int] = None  # skip the counting pass on huge data
@@ -381,6 +382,7 @@ def check_values(config: Config) -> None:
               ("model.vocab_size", config.model.vocab_size <= MAX_VOCAB_SIZE, f"at most {MAX_VOCAB_SIZE:,}"),
               ("training.seed", 0 <= config.training.seed < 2 ** 32, "in [0, 2**32)"),
               ("data.validation_split", 0 <= config.data.validation_split < 1, "in [0, 1)"),
+              ("data.overlap", 0 <= config.data.overlap <= 10_000, "in [0, 10000]"),
               ("data.window_context", 0 <= config.data.window_context < config.data.max_seq_length,
                "in [0, data.max_seq_length)"),
               ("training.max_grad_norm", config.training.max_grad_norm >= 0, ">= 0"),

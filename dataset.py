@@ -512,15 +512,39 @@ def split_draws(file: str, indexes, seed: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
 
 
-def is_validation(file: str, index: int, seed: int, validation_split: float) -> bool:
-    """Deterministic per-session split: see split_draws."""
-    return validation_split > 0 and bool(split_draws(file, [index], seed)[0] < validation_split)
+TRAIN, CALIBRATION, EVALUATION, APART = 0, 1, 2, 3   # split_classes: the sides of the split
+SPLIT_BLOCK = 32   # records per draw where records overlap (data.overlap > 0): at least 8 x (overlap + 1)
 
 
-def calibration_half(file: str, indexes, seed: int) -> np.ndarray:
-    """Which sessions of the validation split fit the thresholds (True) and which are evaluated with them:
-    halved by another draw than the split's, so neither half ever scores what the other fitted."""
-    return split_draws(file, indexes, seed + 1) < 0.5
+def split_classes(file: str, indexes, seed: int, validation_split: float, overlap: int = 0) -> np.ndarray:
+    """Per record: TRAIN, or in the validation split its CALIBRATION half (fits the thresholds) or its
+    EVALUATION half (halved by another draw than the split's, so neither half scores what the other fitted),
+    or APART. Records that share lines with their `overlap` neighbours on each side (overlapping windows) are
+    drawn per block of consecutive records, and the first `overlap` records of a block whose side differs
+    from the block before are APART (neither trained on nor validated): no line is on two sides. With
+    overlap 0 every record is its own block and nothing is apart."""
+    indexes = np.asarray(indexes, dtype=np.int64)
+    block = max(SPLIT_BLOCK, 8 * (overlap + 1)) if overlap else 1
+
+    def side(blocks):
+        held_out = split_draws(file, blocks, seed) < validation_split
+        halves = np.where(split_draws(file, blocks, seed + 1) < 0.5, CALIBRATION, EVALUATION)
+        return np.where(held_out, halves, TRAIN)
+    blocks = indexes // block
+    classes = side(blocks)
+    if overlap:
+        edge = (indexes % block < overlap) & (blocks > 0)
+        classes[edge & (side(np.maximum(blocks - 1, 0)) != classes)] = APART
+    return classes
+
+
+def split_class(file: str, index: int, seed: int, validation_split: float, overlap: int = 0) -> int:
+    return int(split_classes(file, [index], seed, validation_split, overlap)[0])
+
+
+def is_validation(file: str, index: int, seed: int, validation_split: float, overlap: int = 0) -> bool:
+    """Whether a record is in the validation split (either half): see split_classes."""
+    return split_class(file, index, seed, validation_split, overlap) in (CALIBRATION, EVALUATION)
 
 
 def make_windows(event_ids: list[int], vocab_size: int, max_seq_length: int, window_context: int):
@@ -583,7 +607,8 @@ class SessionDataset(IterableDataset):
 
     def __init__(self, path, vocab_size: int, split: str = "train",
                  validation_split: float = _DATA.validation_split, seed: int = _DEFAULTS.training.seed,
-                 max_seq_length: int = _DATA.max_seq_length, window_context: int = _DATA.window_context,
+                 overlap: int = _DATA.overlap, max_seq_length: int = _DATA.max_seq_length,
+                 window_context: int = _DATA.window_context,
                  shuffle: bool = _DEFAULTS.lazy_loading.shuffle_buffer,
                  buffer_size: int = _DEFAULTS.lazy_loading.buffer_size, rank: int = 0, world_size: int = 1,
                  samples_per_rank: int | None = None, num_workers: int = _DEFAULTS.lazy_loading.num_workers,
@@ -593,7 +618,7 @@ class SessionDataset(IterableDataset):
         if not 0 <= window_context < max_seq_length:
             raise ValueError("window_context must be in [0, max_seq_length)")
         self.path, self.vocab_size, self.split = path, vocab_size, split
-        self.validation_split, self.seed = validation_split, seed
+        self.validation_split, self.seed, self.overlap = validation_split, seed, overlap
         self.max_seq_length, self.window_context = max_seq_length, window_context
         self.shuffle, self.buffer_size = shuffle, max(1, buffer_size)
         self.rank, self.world_size, self.samples_per_rank = rank, world_size, samples_per_rank
@@ -620,8 +645,8 @@ class SessionDataset(IterableDataset):
             if record.label != 0:  # DeepLog learns normal behaviour only
                 counters["abnormal_skipped"] += 1
                 continue
-            if self.split != "all" and is_validation(record.file, record.index, self.seed,
-                                                     self.validation_split) != (self.split == "val"):
+            side = split_class(record.file, record.index, self.seed, self.validation_split, self.overlap)
+            if self.split != "all" and (side == APART or (side != TRAIN) != (self.split == "val")):
                 continue
             counters["sessions"] += 1
             yield record

@@ -59,7 +59,16 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import Config, config_from_dict, reader_options
-from dataset import SPLIT_SCHEME, DataError, calibration_half, is_validation, iter_sessions, list_data_files
+from dataset import (
+    CALIBRATION,
+    EVALUATION,
+    SPLIT_SCHEME,
+    TRAIN,
+    DataError,
+    iter_sessions,
+    list_data_files,
+    split_class,
+)
 from rules import (
     MAX_COUNT_VECTORS,
     MAX_RECORD_SESSIONS,
@@ -519,9 +528,10 @@ def validation_sessions(config: Config, options: dict, chunk_size: int = CHUNK_S
 
     def normal_half(fitting: bool) -> Iterator[list[int]]:
         for r in iter_sessions(data.preprocessed_dir, None, **options):
-            validation = (data.validation_split == 0
-                          or is_validation(r.file, r.index, seed, data.validation_split))
-            if not r.label and validation and bool(calibration_half(r.file, [r.index], seed)[0]) == fitting:
+            side = split_class(r.file, r.index, seed, data.validation_split, data.overlap)
+            if not data.validation_split:   # the halves of every session (the cache's FLAG_CALIBRATION)
+                side = split_class(r.file, r.index, seed, 1.0, data.overlap) == CALIBRATION or EVALUATION
+            if not r.label and side == (CALIBRATION if fitting else EVALUATION):
                 yield r.event_ids
 
     return (chunked(normal_half(True), chunk_size), chunked(normal_half(False), chunk_size),
@@ -535,7 +545,8 @@ def training_sessions(config: Config, options: dict, logger=None) -> Iterator[li
         return session_chunks(cache_entries(data.preprocessed_dir, config, config.model.vocab_size, logger),
                               "train")
     return chunked(r.event_ids for r in iter_sessions(data.preprocessed_dir, None, **options)
-                   if not r.label and not is_validation(r.file, r.index, seed, data.validation_split))
+                   if not r.label and split_class(r.file, r.index, seed, data.validation_split,
+                                                  data.overlap) == TRAIN)
 
 
 def record_count_vectors(checkpoint: dict, co_occurrence: CoOccurrence, config: Config, options: dict,

@@ -61,6 +61,7 @@ import csv
 import gzip
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -626,7 +627,7 @@ def write_parse(place: Path, output: Path, cfg: PreprocessConfig, parser: Parser
     utils.save_json(place / "sources.json", {"files": [str(f.resolve()) for f in files],
                                              "stats": dict(stats)})
     if parser.learning and not parse_only:  # data with unknown IDs (>= vocab_size) is for detection only
-        write_train_config(config, place, output, parser.vocab_size)
+        write_train_config(config, place, output, parser.vocab_size, window_overlap(cfg.window))
     return dict(stats)
 
 
@@ -661,11 +662,20 @@ def write_structured(rows_path: Path, target: Path, parser: Parser) -> None:
     utils.atomic_write(target, _as_text(write))
 
 
-def write_train_config(config: Config, place: Path, output: Path, vocab_size: int) -> None:
-    """The one config with model.vocab_size, data.preprocessed_dir and training.output_dir set, paths through
-    `output`'s fixed names (not resolved: they name the current parse, whichever it is)."""
+def window_overlap(spec: str | None) -> int:
+    """How many windows on each side share lines with a window of --window SPEC (0 without windows, or with
+    windows that do not overlap): data.overlap, which keeps the validation split apart from training."""
+    if not spec:
+        return 0
+    windows = Windows(spec)
+    return math.ceil(windows.size / windows.step) - 1
+
+
+def write_train_config(config: Config, place: Path, output: Path, vocab_size: int, overlap: int = 0) -> None:
+    """The one config with model.vocab_size, data.preprocessed_dir, data.overlap and training.output_dir set,
+    paths through `output`'s fixed names (not resolved: they name the current parse, whichever it is)."""
     base = os.path.abspath(output)
-    for dotted, value in (("model.vocab_size", vocab_size),
+    for dotted, value in (("model.vocab_size", vocab_size), ("data.overlap", overlap),
                           ("data.preprocessed_dir", os.path.join(base, "sessions.jsonl")),
                           ("training.output_dir", os.path.join(base, "train"))):
         set_value(config, dotted, value, "preprocess.py")

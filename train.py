@@ -206,7 +206,7 @@ def _streaming_dataset(config, split, runtime, common, samples_per_rank=None,
                        shuffle=False) -> SessionDataset:
     data = config.data
     return SessionDataset(data.preprocessed_dir, config.model.vocab_size, split=split,
-                          validation_split=data.validation_split, shuffle=shuffle,
+                          validation_split=data.validation_split, overlap=data.overlap, shuffle=shuffle,
                           buffer_size=config.lazy_loading.buffer_size, samples_per_rank=samples_per_rank,
                           num_workers=config.lazy_loading.num_workers, **common,
                           **reader_options(config))

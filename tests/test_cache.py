@@ -231,7 +231,7 @@ DAMAGES = {
     "a session without its end": (lambda e: set_offsets(e, at4="at3"),
                                   "part-0.offsets leave fewer than 2 tokens (start and end) at session 3"),
     "offsets not from 0": (lambda e: set_offsets(e, at0=1), "part-0.offsets run from 1 to"),
-    "a flipped byte in flags": (lambda e: flip_byte(e / "part-0.flags", 7), "part-0.flags: bits besides 7"),
+    "a flipped byte in flags": (lambda e: flip_byte(e / "part-0.flags", 7), "part-0.flags: bits besides 15"),
     "a flipped byte in indexes": (lambda e: flip_byte(e / "part-0.indexes", 8 * 9 + 2), "part-0.indexes"),
     "a flipped byte in event_pairs": (lambda e: flip_byte(e / "event_pairs.npy", -3),
                                       "event_pairs.npy fails its checksum"),

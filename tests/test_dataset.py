@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 
 from dataset import (
+    APART,
+    CALIBRATION,
+    EVALUATION,
+    TRAIN,
     DataError,
     SessionDataset,
     collate,
@@ -17,6 +21,8 @@ from dataset import (
     list_data_files,
     make_windows,
     skip_hint,
+    split_classes,
+    split_draws,
 )
 from tokens import IGNORE_INDEX, special_tokens
 
@@ -487,3 +493,22 @@ def test_co_occurrence_record_keeps_exact_pairs_past_the_set_cap(monkeypatch, vo
     assert few.summary()["event_sets"] == [[1, 2, 3], [4, 5]]
     assert few.summary()["event_pairs"].tolist() == [1 * vocab_size + 2, 1 * vocab_size + 3,
                                                      2 * vocab_size + 3, 4 * vocab_size + 5]
+
+
+@pytest.mark.parametrize("overlap", [1, 3, 19])
+def test_records_that_share_lines_are_never_on_two_sides_of_the_split(overlap):
+    """Overlapping windows (data.overlap): no two records within `overlap` of each other are on different
+    sides (training, calibration half, evaluation half); those at the seams are apart, and few."""
+    indexes = np.arange(1, 20_001)
+    sides = split_classes("w.jsonl", indexes, 42, 0.2, overlap)
+    for distance in range(1, overlap + 1):
+        a, b = sides[:-distance], sides[distance:]
+        placed = (a != APART) & (b != APART)
+        assert (a[placed] == b[placed]).all()
+    held_out = np.isin(sides, (CALIBRATION, EVALUATION)).mean()
+    assert 0.15 < held_out < 0.25 and (sides == CALIBRATION).any() and (sides == EVALUATION).any()
+    assert 0 < (sides == APART).mean() < 0.06
+    # without overlap: one draw per record, as before (checkpoints of older runs name the same sessions)
+    plain = split_classes("w.jsonl", indexes, 42, 0.2)
+    assert ((plain != TRAIN) == (split_draws("w.jsonl", indexes, 42) < 0.2)).all()
+    assert not (plain == APART).any()

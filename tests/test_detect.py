@@ -809,8 +809,11 @@ def test_live_raw_logs_through_the_parser_state_give_the_batch_verdicts(tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     today_verdicts = {d["session_id"]: d for d in map(json.loads, (tmp_path / "today.jsonl").read_text()
                                                       .splitlines())}
+    # there the checksum line made a template of its own (a new ID), which the model never saw
     assert [m["actual_template"] for m in today_verdicts["blk_503"]["misses"]] == \
-        [m["actual_template"] for m in batch["blk_503"]["misses"]]
+        [m["actual_template"] if m.get("raw") != today[7] else
+         "<unknown to the model, never seen in training> Checksum error on <*> from disk sda3"
+         for m in batch["blk_503"]["misses"]]
     print(json.dumps(checksum))
 
 

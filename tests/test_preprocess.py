@@ -1215,3 +1215,41 @@ def test_time_windows_start_over_where_the_log_jumps_back_in_time(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "warning: 1 jumps back in time of more than a window" in result.stderr
     assert len(read_output(tmp_path / "w")["sessions"]) == 3
+
+
+@pytest.mark.parametrize("window,overlap", [("count:20:10", 1), ("count:20:4", 4), ("count:20", 0)])
+def test_overlapping_windows_keep_validation_apart_from_training(tmp_path, window, overlap):
+    """config.yaml's data.overlap for overlapping windows, and a split that then gives no line to both
+    training and validation, the same through the token cache and through the streaming reader."""
+    from collections import Counter
+
+    import evaluate
+    from config import load_config, reader_options
+    from dataset import TRAIN, iter_sessions, split_classes
+    lines = [line(i % 3000, f"Wrote {i} bytes to blk_{i % 9} in {i % 7}.5 ms") if i % 3 else
+             line(i % 3000, f"Closed block blk_{i % 5} after {i % 4} checks") for i in range(4000)]
+    run(tmp_path, lines, "--window", window)
+    config = load_config(str(tmp_path / "out" / "config.yaml"),
+                         {"lazy_loading.cache_dir": str(tmp_path / "cache")})
+    assert config.data.overlap == overlap
+    records = list(iter_sessions(config.data.preprocessed_dir))
+    stored = [json.loads(x) for x in (tmp_path / "out" / "sessions.jsonl").read_text().splitlines()]
+    sides = split_classes(records[0].file, [r.index for r in records], config.training.seed,
+                          config.data.validation_split, overlap)
+    covered = {side: set() for side in range(4)}
+    for side, session in zip(sides.tolist(), stored):
+        for _, first, count in session["lines"]:
+            covered[side].update(range(first, first + count))
+    held_out = set().union(*(lines for side, lines in covered.items() if side in (1, 2)))
+    assert held_out and not covered[TRAIN] & held_out
+    if overlap:
+        assert not covered[1] & covered[2]   # nor do the calibration and evaluation halves share lines
+    # the cache and the streaming reader take the same sides
+    options = reader_options(config)
+    taken = {}
+    for cache in (True, False):
+        config.lazy_loading.cache = cache
+        halves = evaluate.validation_sessions(config, options)[:2]
+        taken[cache] = [Counter(tuple(s) for chunk in source for s in chunk)
+                        for source in (evaluate.training_sessions(config, options), *halves)]
+    assert taken[True] == taken[False]
