@@ -118,13 +118,15 @@ class PreprocessConfig:
     max_templates: typing.Optional[int] = None  # Drain max_clusters: LRU cap on templates held in memory
     session_key: typing.Optional[str] = None    # regex of session identifiers
     window: typing.Optional[str] = None         # count:SIZE[:STEP] or time:SIZE[:STEP] (seconds)
-    time_field: typing.Optional[str] = None     # a log-format field holding the time (time windows)
+    time_field: typing.Optional[str] = None     # a log-format field holding the time (time windows; with
+                                                # --session-key, each event's time kept in "times")
     time_format: typing.Optional[str] = None    # strptime format of time_field; null: epoch seconds
     labels: typing.Optional[str] = None         # CSV of session id, label (Normal/Anomaly or 0/1)
     label_field: typing.Optional[str] = None    # a log-format field that labels each line
     normal_value: str = "-"                     # ... and its value on normal lines
     session_idle: typing.Optional[int] = None   # a session not named for this many lines is complete: written
     max_open_sessions: int = 1_000_000          # beyond this, the least recently active session is written
+    values: bool = True                         # keep each event's numeric parameters ("values")
 
 
 @dataclass

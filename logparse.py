@@ -52,7 +52,31 @@ DEFAULT_MASKS = [
 
 # The settings that group lines, saved in the parser state (so detection groups new logs the same way)
 GROUPING = ("session_key", "session_idle", "window", "time_field", "time_format", "label_field",
-            "normal_value")
+            "normal_value", "values")
+
+MAX_VALUES = 4   # numeric parameters kept per line
+
+
+def line_values(content: str) -> list[float]:
+    """The numeric parameters of a line's content, in order, at most MAX_VALUES: each word that is a finite
+    number (an integer, a decimal, an exponent; a comma, semicolon or full stop after it allowed), never a
+    part of an identifier, an address, a path, a date or a time of day (blk_-42, 10.0.0.1:80, HTTP/1.1,
+    2017-05-16, 12:30:00). Word by word rather than one regex: twice as fast, and parsing speed matters."""
+    found = []
+    for word in content.split():
+        if not (word[0].isdigit() or word[0] == "-"):
+            continue
+        if word[-1] in ",;.":
+            word = word[:-1]
+        try:
+            value = float(word)
+        except ValueError:
+            continue
+        if math.isfinite(value) and "_" not in word:
+            found.append(value)
+            if len(found) == MAX_VALUES:
+                break
+    return found
 
 
 class PreprocessError(utils.UserError):
@@ -719,7 +743,10 @@ class LineEvents:
         if cfg.session_key is not None and cfg.window is None:
             self.key = UserRegex(compile_regex(cfg.session_key, "--session-key"), key_flag)
         self.times = cfg.time_field is not None and (times or self.key is None)
+        self.values = cfg.values
         self.match: re.Match | None = None
+        self.time: float | None = None   # the last line's time (with `times`) and numeric parameters
+        self.numbers: list[float] = []
         self.error: ValueError | None = None   # (the last bad time's)
 
     def read(self, line: str) -> tuple:
@@ -727,11 +754,14 @@ class LineEvents:
         if match is None:
             return UNMATCHED, None, None
         # a field in an optional group (loghub's (\[<PID>\])?) is None where absent: read as ""
-        event = self.parser.parse(match.group("Content") or "")
+        content = match.group("Content") or ""
+        event = self.parser.parse(content)
         found = None
+        if self.values:
+            self.numbers = line_values(content)
         if self.times:
             try:
-                found = line_time(self.cfg, match)
+                found = self.time = line_time(self.cfg, match)
             except ValueError as error:
                 self.error = error
                 return BAD_TIME, event, None
@@ -833,7 +863,7 @@ class Windows:
             opened.extend(range(first if not opened else max(first, opened[-1] + 1), last + 1))
         return range(first, last + 1), closed
 
-    def add(self, when, event: int, ref: int, abnormal: bool):
+    def add(self, when, event: int, ref: int, abnormal: bool, extra=None):
         restarts = self.restarts
         joined, closed = self.place(when)
         lines = self.lines
@@ -847,12 +877,12 @@ class Windows:
             lines.clear()
             self.covered = None
         if joined:
-            lines.append((self.last, event, ref, abnormal))
+            lines.append((self.last, event, ref, abnormal, extra))
 
     def _window(self, inside: list):
         self.written += 1
         return (f"{self.kind}-window-{self.written}", [x[1] for x in inside], [x[2] for x in inside],
-                any(x[3] for x in inside))
+                any(x[3] for x in inside), [x[4] for x in inside])
 
     def close(self):
         if self.lines and (self.covered is None or self.lines[-1][0] >= self.covered):

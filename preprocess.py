@@ -348,7 +348,7 @@ class Sessions:
         self.max_open, self.idle, self.open = max_open, idle, collections.OrderedDict()
         self.seen = self.closed_early = self.closed_idle = self.no_key = self.lines = 0
 
-    def add(self, keys: tuple, event: int, ref: int, abnormal: bool):
+    def add(self, keys: tuple, event: int, ref: int, abnormal: bool, extra=None):
         self.lines += 1
         while self.idle and self.open and next(iter(self.open.values()))[4] <= self.lines - self.idle:
             self.closed_idle += 1
@@ -362,17 +362,18 @@ class Sessions:
                     self.closed_early += 1
                     yield self._finish(*self.open.popitem(last=False))
                 self.seen += 1
-                state = self.open[session_id] = [self.seen, array.array("l"), array.array("q"), False, 0]
+                state = self.open[session_id] = [self.seen, array.array("l"), array.array("q"), False, 0, []]
             else:
                 self.open.move_to_end(session_id)  # most recently active last: the LRU end is first
             state[1].append(event)
             state[2].append(ref)
             state[3] = state[3] or abnormal
             state[4] = self.lines
+            state[5].append(extra)
 
     @staticmethod
     def _finish(session_id, state):
-        return session_id, state[1], state[2], state[3]
+        return session_id, state[1], state[2], state[3], state[5]
 
     def close(self):
         for session_id, state in sorted(self.open.items(), key=lambda item: item[1][0]):  # first seen first
@@ -466,14 +467,19 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
 
     def finished(groups):
         nonlocal produced
-        for session_id, events, refs, abnormal in groups:
+        for session_id, events, refs, abnormal, extras in groups:
             label = labels.get(session_id, 0) if labels is not None else int(abnormal)
             produced += 1
             stats["sessions"] += 1
             stats["abnormal"] += label
             stats["unlabelled"] += labels is not None and session_id not in labels
-            yield {"session_id": session_id, "event_ids": list(events), "label": label,
-                   "lines": line_runs(refs)}
+            session = {"session_id": session_id, "event_ids": list(events), "label": label,
+                       "lines": line_runs(refs)}
+            if lines.times:
+                session["times"] = [extra[0] for extra in extras]
+            if lines.values:
+                session["values"] = [extra[1] for extra in extras]
+            yield session
 
     with WATCHDOG:
         for file_index, number, line in read_lines(files):
@@ -506,7 +512,8 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
                     continue
                 abnormal = cfg.label_field is not None and \
                     (match.group(cfg.label_field) or "") != cfg.normal_value
-                yield from finished(grouper.add(found, event, file_index << 40 | number, abnormal))
+                yield from finished(grouper.add(found, event, file_index << 40 | number, abnormal,
+                                                (lines.time, lines.numbers)))
             except PatternTimeout as error:
                 raise timeout_error(error, f"{files[file_index]}:{number}") from None
             except LineError as error:
@@ -810,6 +817,8 @@ def parse_args(argv=None):
         "written, which keeps memory flat on endless logs (default: sessions end with the input)")
     add("--max-open-sessions", type=int, help="open sessions held at most; then the least recently active "
         "is written early (default 1000000)")
+    add("--no-values", action="store_false", dest="values", default=None, help="do not keep each event's "
+        "numeric parameters (the \"values\" of sessions.jsonl)")
     add("--structured", help="also write this CSV: one row per input line, LineId (1-based, counted over "
         "all inputs), the log format's fields, EventId, EventTemplate (without --session-key or --window: "
         "parse only)")

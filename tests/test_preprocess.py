@@ -1009,7 +1009,7 @@ def expected_windows(positions: list, size, step) -> list[list[int]]:
 def windows_of(spec: str, positions: list) -> list[list[int]]:
     grouper = logparse.Windows(spec)
     groups = [group for i, p in enumerate(positions) for group in grouper.add(p, 0, i, False)]
-    return [refs for _, _, refs, _ in groups + list(grouper.close())]
+    return [group[2] for group in groups + list(grouper.close())]
 
 
 def test_windows_hold_what_a_direct_count_finds_and_jump_any_gap_at_once():
@@ -1253,3 +1253,56 @@ def test_overlapping_windows_keep_validation_apart_from_training(tmp_path, windo
         taken[cache] = [Counter(tuple(s) for chunk in source for s in chunk)
                         for source in (evaluate.training_sessions(config, options), *halves)]
     assert taken[True] == taken[False]
+
+
+# ----------------------------------------------------------------------------- times and values (issue #25)
+@pytest.mark.parametrize("content,values", [
+    ('10.11.10.1 "GET /v2/54fadb41/servers/detail HTTP/1.1" status: 200 len: 1893 time: 0.2477062',
+     [200, 1893, 0.2477062]),
+    ("Receiving block blk_-1608999687919862906 src: /10.250.19.102:54106 dest: /10.250.19.102:50010", []),
+    ("NameSystem.addStoredBlock: blockMap updated: 10.251.31.85:50010 is added to blk_-70 size 67108864",
+     [67108864]),
+    ("Took 19.05 seconds to spawn the instance.", [19.05]),
+    ("at 2017-05-16 00:00:00.008 value -5, 1e3 req-77 x5 0x1f", [-5, 1000]),
+    ("a 1 b 2 c 3 d 4 e 5", [1, 2, 3, 4]),     # at most logparse.MAX_VALUES
+])
+def test_the_values_of_a_line_are_its_numbers_standing_alone(content, values):
+    assert logparse.line_values(content) == values
+
+
+@pytest.mark.skipif(not LOGHUB.exists(), reason="needs ../shared/data/loghub")
+def test_sessions_keep_each_events_time_and_values_on_loghub_samples(tmp_path):
+    """OpenStack_2k in count windows with --time-field: one time (to the millisecond) and one list of values
+    per event, as the structured CSV's Time and Content say; HDFS_2k by block: the sizes; --no-values:
+    none."""
+    out = tmp_path / "os"
+    preprocess.main([str(LOGHUB / "OpenStack_2k.log"), "--output", str(out), "--log-format",
+                     r"<Logrecord> <Date> <Time> <Pid> <Level> <Component> \[<ADDR>\] <Content>",
+                     "--window", "count:50", "--time-field", "Time", "--time-format", "%H:%M:%S.%f"])
+    rows = list(csv.DictReader((LOGHUB / "OpenStack_2k.log_structured.csv").open()))
+    sessions = read_output(out)["sessions"]
+    assert sum(len(s["event_ids"]) for s in sessions) == len(rows) == 2000
+    checked = 0
+    for session in sessions:
+        numbers = [number for _, first, count in session["lines"] for number in range(first, first + count)]
+        assert len(session["times"]) == len(session["values"]) == len(session["event_ids"]) == len(numbers)
+        for number, when, values in zip(numbers, session["times"], session["values"]):
+            row = rows[number - 1]
+            hours, minutes, seconds = row["Time"].split(":")
+            assert when % 86400 == pytest.approx(int(hours) * 3600 + int(minutes) * 60 + float(seconds),
+                                                 abs=1e-6)
+            if " status: " in row["Content"]:   # nova-api: status, length, duration
+                tail = row["Content"].split(" status: ")[1].split()
+                assert values == [float(tail[0]), float(tail[2]), float(tail[4])]
+                checked += 1
+    assert checked > 1000   # most of the sample is nova-api requests
+    blocks = tmp_path / "hdfs"
+    preprocess.main([str(LOGHUB / "HDFS_2k.log"), "--output", str(blocks), "--log-format",
+                     "<Date> <Time> <Pid> <Level> <Component>: <Content>", "--session-key", r"blk_-?\d+"])
+    sizes = [v for s in read_output(blocks)["sessions"] for v in s["values"] if v]
+    assert sizes and all(len(v) == 1 for v in sizes) and {67108864.0} <= {v[0] for v in sizes}
+    assert "times" not in read_output(blocks)["sessions"][0]   # no --time-field: no times
+    preprocess.main([str(LOGHUB / "HDFS_2k.log"), "--output", str(tmp_path / "plain"), "--log-format",
+                     "<Date> <Time> <Pid> <Level> <Component>: <Content>", "--session-key", r"blk_-?\d+",
+                     "--no-values"])
+    assert "values" not in read_output(tmp_path / "plain")["sessions"][0]
