@@ -639,8 +639,9 @@ def _check_grouping(grouping, log_format: str) -> None:
         raise PreprocessError(str(error)) from None
     cfg, fields = config.preprocess, format_regex(log_format).groupindex
     for key in ("time_field", "label_field"):
-        _need(getattr(cfg, key) is None or getattr(cfg, key) in fields, f"grouping.{key}",
-              f"null or a field of log_format ({', '.join(fields)})", getattr(cfg, key))
+        value = getattr(cfg, key)
+        _need(value is None or all(name in fields for name in value.split(",")), f"grouping.{key}",
+              f"null or a field of log_format ({', '.join(fields)})", value)
     if cfg.window is not None:
         Windows(cfg.window)
     if cfg.session_key is not None:
@@ -890,9 +891,14 @@ class Windows:
         self.lines.clear()
 
 
+def time_text(cfg: PreprocessConfig, match: re.Match) -> str:
+    """The text of --time-field: one field, or several named with commas (Date,Time), joined by a space."""
+    return " ".join(match.group(name) or "" for name in cfg.time_field.split(","))
+
+
 def line_time(cfg: PreprocessConfig, match: re.Match) -> float:
     """The line's --time-field in seconds (--time-format read as UTC, else epoch seconds), or ValueError."""
-    value = match.group(cfg.time_field) or ""
+    value = time_text(cfg, match)
     when = datetime.strptime(value, cfg.time_format).replace(tzinfo=timezone.utc).timestamp() \
         if cfg.time_format else float(value)
     if not math.isfinite(when):

@@ -94,6 +94,7 @@ from logparse import (
     line_blocks,
     load_state,
     split_lines,
+    time_text,
     timeout_error,
 )
 
@@ -400,7 +401,7 @@ def make_grouper(cfg: PreprocessConfig, parser: Parser,
     --session-key nor --window given)."""
     fields = parser.regex.groupindex
     for flag, name in (("--label-field", cfg.label_field), ("--time-field", cfg.time_field)):
-        if name is not None and name not in fields:
+        if name is not None and not all(part in fields for part in name.split(",")):
             raise PreprocessError(f"{flag} {utils.short(name)}: not a field of the log format "
                                   f"({utils.short_text(', '.join(fields))})")
     if cfg.session_key is not None and cfg.window is not None or \
@@ -506,7 +507,7 @@ def iter_log_sessions(cfg: PreprocessConfig, parser: Parser, files: list[Path], 
                     continue
                 if status == BAD_TIME:
                     stats["bad_time"] += 1
-                    first_bad_time = first_bad_time or (f"{utils.short(match.group(cfg.time_field))}, "
+                    first_bad_time = first_bad_time or (f"{utils.short(time_text(cfg, match))}, "
                                                         f"{utils.one_line(lines.error, 80)}, on "
                                                         f"{_sample(files, file_index, number, line)}")
                     continue
@@ -806,7 +807,8 @@ def parse_args(argv=None):
     add("--session-key", help=r"regex of session identifiers, e.g. 'blk_-?\d+' (a line naming several joins "
         r"each); with a capture group the id is the first group's text: 'sshd\[(\d+)\]' gives 24200")
     add("--window", help="count:SIZE[:STEP] (lines) or time:SIZE[:STEP] (seconds; needs --time-field)")
-    add("--time-field", help="log-format field holding each line's time (default format: epoch seconds)")
+    add("--time-field", help="log-format field holding each line's time (default format: epoch seconds); "
+        "several joined by a space: Date,Time; with --session-key each event's time is kept (\"times\")")
     add("--time-format", help="strptime format of --time-field, e.g. '%%Y-%%m-%%d-%%H.%%M.%%S.%%f' (read "
         "as UTC)")
     add("--labels", help="CSV of session id, label (Normal/Anomaly or 0/1), such as HDFS's anomaly_label.csv")

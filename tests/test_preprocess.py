@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -1298,10 +1299,17 @@ def test_sessions_keep_each_events_time_and_values_on_loghub_samples(tmp_path):
     assert checked > 1000   # most of the sample is nova-api requests
     blocks = tmp_path / "hdfs"
     preprocess.main([str(LOGHUB / "HDFS_2k.log"), "--output", str(blocks), "--log-format",
-                     "<Date> <Time> <Pid> <Level> <Component>: <Content>", "--session-key", r"blk_-?\d+"])
-    sizes = [v for s in read_output(blocks)["sessions"] for v in s["values"] if v]
+                     "<Date> <Time> <Pid> <Level> <Component>: <Content>", "--session-key", r"blk_-?\d+",
+                     "--time-field", "Date,Time", "--time-format", "%y%m%d %H%M%S"])
+    sessions = read_output(blocks)["sessions"]
+    sizes = [v for s in sessions for v in s["values"] if v]
     assert sizes and all(len(v) == 1 for v in sizes) and {67108864.0} <= {v[0] for v in sizes}
-    assert "times" not in read_output(blocks)["sessions"][0]   # no --time-field: no times
+    first = next(csv.DictReader((LOGHUB / "HDFS_2k.log_structured.csv").open()))   # (line 1: its block first)
+    when = datetime.strptime(first["Date"] + first["Time"], "%y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+    assert sessions[0]["times"][0] == when.timestamp()
+    preprocess.main([str(LOGHUB / "HDFS_2k.log"), "--output", str(tmp_path / "untimed"), "--log-format",
+                     "<Date> <Time> <Pid> <Level> <Component>: <Content>", "--session-key", r"blk_-?\d+"])
+    assert "times" not in read_output(tmp_path / "untimed")["sessions"][0]   # no --time-field: no times
     preprocess.main([str(LOGHUB / "HDFS_2k.log"), "--output", str(tmp_path / "plain"), "--log-format",
                      "<Date> <Time> <Pid> <Level> <Component>: <Content>", "--session-key", r"blk_-?\d+",
                      "--no-values"])
