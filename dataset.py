@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import json.scanner
+import math
 import os
 import random
 import re
@@ -81,6 +82,8 @@ class Record:
     event_ids: list[int]
     label: int
     lines: list | None = None  # preprocess.py's provenance: [[file index, first line, count], ...], else None
+    times: list | None = None   # each event's time in seconds (None where unknown), for the parameter model
+    values: list | None = None  # each event's numeric parameters (a list per event, at most MAX_VALUES)
 
 
 def list_data_files(path: str | os.PathLike) -> list[Path]:
@@ -228,6 +231,41 @@ def text_event_ids(file: Path, line_no: int, tokens: list[str]) -> list[int]:
 
 
 MAX_EVENT_ID = 2 ** 63 - 1   # IDs are held as int64 (an ID a model never saw is scored as unknown)
+MAX_VALUES = 4               # numeric parameters per event (preprocess.py keeps the first 4 of a line)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def checked_times(where: str, times, events: int) -> list | None:
+    """A session's optional "times": one number (seconds) or null per event."""
+    if times is None:
+        return None
+    if not isinstance(times, list) or len(times) != events:
+        raise DataError(f"{where}: \"times\" must be a list of one time per event ({events}), got "
+                        f"{excerpt(times)}")
+    bad = next((t for t in times if t is not None and not _is_number(t)), _MISSING)
+    if bad is not _MISSING:
+        raise DataError(f"{where}: \"times\" holds {excerpt(bad)}, not a finite number of seconds or null")
+    return times
+
+
+def checked_values(where: str, values, events: int) -> list | None:
+    """A session's optional "values": one list of at most MAX_VALUES finite numbers per event."""
+    if values is None:
+        return None
+    if not isinstance(values, list) or len(values) != events:
+        raise DataError(f"{where}: \"values\" must be a list of one list per event ({events}), got "
+                        f"{excerpt(values)}")
+    for numbers in values:
+        if not isinstance(numbers, list) or len(numbers) > MAX_VALUES or not all(map(_is_number, numbers)):
+            raise DataError(f"{where}: \"values\" holds {excerpt(numbers)}, not a list of at most "
+                            f"{MAX_VALUES} finite numbers")
+    return values
+
+
+_MISSING = object()
 
 
 def validate_record(file: Path, index: int, item, fields, vocab_size: int | None, fmt: str) -> Record:
@@ -251,6 +289,7 @@ def validate_record(file: Path, index: int, item, fields, vocab_size: int | None
                             f"got {excerpt(label)}")
         session_id = str(item.get(session_id_field, session_id))
         lines = item.get("lines")
+        times, values = item.get("times"), item.get("values")
     if not events:
         raise DataError(f"{where}: empty session (no event IDs)")
     for event in events:
@@ -263,8 +302,11 @@ def validate_record(file: Path, index: int, item, fields, vocab_size: int | None
                             f"(raise model.vocab_size)")
         if event > MAX_EVENT_ID:
             raise DataError(f"{where}: event ID {excerpt(event)} is too large (IDs are 64-bit integers)")
+    if fmt == "text":
+        return Record(str(file), index, session_id, events, int(label))
     return Record(str(file), index, session_id, events, int(label),
-                  lines if isinstance(lines, list) else None)
+                  lines if isinstance(lines, list) else None,
+                  checked_times(where, times, len(events)), checked_values(where, values, len(events)))
 
 
 # ----------------------------------------------------------------------------- the fast first pass
@@ -389,17 +431,19 @@ def _json_array_chunks(file: Path, array_key: str, fields, vocab_size, chunk_rec
     done = 0
     with _open(file) as handle:
         items = ijson.items(_DepthBoundedReader(handle, file), prefix, use_float=True)
-        for_events, for_labels = itertools.tee(items)
-        pairs = zip(map(itemgetter(event_ids_field), for_events),
-                    map(dict.get, for_labels, itertools.repeat(label_field), itertools.repeat(0)))
+        for_events, for_labels, for_items = itertools.tee(items, 3)
+        triples = zip(map(itemgetter(event_ids_field), for_events),
+                      map(dict.get, for_labels, itertools.repeat(label_field), itertools.repeat(0)),
+                      for_items)
         while True:
             try:
-                chunk = list(itertools.islice(pairs, chunk_records))
+                chunk = list(itertools.islice(triples, chunk_records))
                 if not chunk:
                     break
                 events, labels = list(map(itemgetter(0), chunk)), list(map(itemgetter(1), chunk))
                 arrays = _arrays_at_c_speed(events, labels, np.arange(done + 1, done + 1 + len(chunk)),
-                                            vocab_size)
+                                            vocab_size) \
+                    if _extras_valid(map(itemgetter(2), chunk), event_ids_field) else None
             except (KeyError, TypeError, ijson.JSONError):  # not an object, a missing field, malformed JSON
                 arrays = None
             if arrays is None:
@@ -432,9 +476,25 @@ def _lines_at_c_speed(block_start: int, block: list[bytes], fmt: str, fields,
         items = list(map(itemgetter(0), parsed))
         events = list(map(itemgetter(event_ids_field), items))
         labels = list(map(dict.get, items, itertools.repeat(label_field), itertools.repeat(0)))
+        if not _extras_valid(items, event_ids_field):
+            return None
     except (ValueError, KeyError, TypeError, RecursionError):  # ValueError: malformed JSON or encoding
         return None
     return _arrays_at_c_speed(events, labels, np.arange(block_start, block_start + len(block)), vocab_size)
+
+
+def _extras_valid(items, event_ids_field: str) -> bool:
+    """Whether the optional "times" and "values" of these session objects are valid (the slow reader names
+    what is not): the fast first pass must refuse what validate_record refuses."""
+    for item in items:
+        if isinstance(item, dict) and ("times" in item or "values" in item):
+            events = len(item[event_ids_field]) if isinstance(item.get(event_ids_field), list) else -1
+            try:
+                checked_times("", item.get("times"), events)
+                checked_values("", item.get("values"), events)
+            except DataError:
+                return False
+    return True
 
 
 def _arrays_at_c_speed(events: list, labels: list | None, indexes: np.ndarray, vocab_size: int | None,

@@ -94,6 +94,11 @@ BAD = [
     ("x.txt", "1 2\n1_0 4\n", "line 2: '1_0' is not an integer"),
     ("x.txt", "1 2\n\u0661 4\n", "line 2: '\u0661' is not an integer"),  # an Arabic-Indic digit one
     ("x.txt", "1 2\n3 -5\n", "line 2: event ID -5 is negative"),
+    ("x.jsonl", '{"event_ids": [1, 2], "times": [1.5]}\n', 'line 1: "times" must be a list of one time per'),
+    ("x.jsonl", '{"event_ids": [1], "times": ["noon"]}\n', "\"times\" holds 'noon', not a finite number"),
+    ("x.json", '[{"event_ids": [1, 2], "values": [[1], [2, "x"]]}]', "record 1: \"values\" holds [2, 'x']"),
+    ("x.jsonl", '{"event_ids": [1], "values": [[1, 2, 3, 4, 5]]}\n', "not a list of at most 4 finite"),
+    ("x.jsonl", '{"event_ids": [1], "values": [[1e999]]}\n', "not a list of at most 4 finite numbers"),
     ("x.json", '{"other": []}', "no session array found"),
     ("x.json", "   ", "empty file"),
 ]
@@ -101,6 +106,8 @@ BAD = [
 
 @pytest.mark.parametrize("name,content,message", BAD)
 def test_bad_input_names_file_and_record(tmp_path, name, content, message):
+    """Every bad record (the optional "times" and "values" of the parameter model too) stops the read with
+    one message naming file and record."""
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(DataError) as error:
@@ -512,3 +519,14 @@ def test_records_that_share_lines_are_never_on_two_sides_of_the_split(overlap):
     plain = split_classes("w.jsonl", indexes, 42, 0.2)
     assert ((plain != TRAIN) == (split_draws("w.jsonl", indexes, 42) < 0.2)).all()
     assert not (plain == APART).any()
+
+
+def test_times_and_values_are_read_where_present_and_absent_otherwise(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"event_ids": [1, 2], "times": [10.5, null], "values": [[200, 0.25], []]}\n'
+                    '{"event_ids": [3]}\n')
+    first, second = iter_sessions(path, vocab_size=29)
+    assert (first.times, first.values) == ([10.5, None], [[200, 0.25], []])
+    assert (second.times, second.values) == (None, None)
+    arrays, = iter_session_arrays(path, vocab_size=29)   # the fast first pass takes them too
+    assert arrays.tokens.tolist() == [1, 2, 3]
