@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import calibration
+import values
 from config import Config, check_values, config_from_dict, config_to_dict
 from dataset import SPLIT_SCHEME
 from model import DeepLog
@@ -82,6 +83,7 @@ def load_checkpoint(path, map_location="cpu", for_resume: bool = False) -> dict:
     try:
         _check_model_keys(checkpoint)
         _check_records(checkpoint)
+        _check_parameter_model(checkpoint)
         if for_resume:
             _check_training_state(checkpoint)
     except (ValueError, TypeError, KeyError, ConfigError) as error:
@@ -156,6 +158,35 @@ def _check_records(checkpoint: dict) -> None:
         except calibration.CalibrationError as error:
             raise ValueError(str(error)) from None
     _check_lineage(checkpoint)
+
+
+def _check_parameter_model(checkpoint: dict) -> None:
+    """The parameter-value model (values.py), where the run trained one: its arguments, every tensor's
+    shape, per-type tables of the checkpoint's vocabulary, a threshold."""
+    state = checkpoint.get("parameter_model")
+    if state is None:
+        return
+    _expect(isinstance(state, dict) and isinstance(state.get("args"), dict)
+            and set(state["args"]) == {"vocab_size", "embedding_dim", "hidden_size"}
+            and all(_is_int(v) and 1 <= v <= 2 ** 24 for v in state["args"].values()),
+            "parameter_model must hold args (vocab_size, embedding_dim, hidden_size: positive integers)")
+    vocab_size = state["args"]["vocab_size"]
+    _expect(vocab_size == checkpoint["model_args"]["vocab_size"], "parameter_model's vocab_size is not the "
+            "model's")
+    expected = {k: tuple(v.shape) for k, v in values.ParameterNet(**state["args"]).state_dict().items()}
+    weights = state.get("state_dict")
+    _expect(isinstance(weights, dict) and set(weights) == set(expected) and all(
+        isinstance(weights[k], torch.Tensor) and tuple(weights[k].shape) == shape
+        for k, shape in expected.items()), "parameter_model's state_dict does not fit its args")
+    for key in ("median", "scale", "error_scale"):
+        table = state.get(key)
+        _expect(isinstance(table, torch.Tensor) and tuple(table.shape) == (vocab_size, values.SLOTS),
+                f"parameter_model's {key} must be a tensor of {vocab_size} x {values.SLOTS}")
+    threshold = state.get("threshold")
+    _expect(threshold is None or isinstance(threshold, float) and not math.isnan(threshold),
+            "parameter_model's threshold must be a number or null")
+    _expect(_is_int(state.get("calibration_sessions")), "parameter_model's calibration_sessions must be an "
+            "integer")
 
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -253,6 +284,9 @@ def model_from_checkpoint(checkpoint: dict) -> DeepLog:
                       data.get("window_context", model.window_context))
     model.calibration = checkpoint.get("calibration")
     model.co_occurrence = co_occurrence_of(checkpoint)
+    # the parameter-value model, where the run trained one (values.py); None otherwise
+    state = checkpoint.get("parameter_model")
+    model.parameter_model = values.model_from_state(state) if state is not None else None
     return model.eval()
 
 

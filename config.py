@@ -158,6 +158,19 @@ class UpdateConfig:
 
 
 @dataclass
+class ParameterConfig:
+    """DeepLog's parameter-value model (values.py): trained after the key model when the data has times or
+    values (preprocess.py's "times"/"values")."""
+    enabled: bool = True            # false: keys only, even where the data has times or values
+    epochs: int = 20
+    learning_rate: float = 3.0e-3
+    batch_size: int = 64
+    embedding_dim: int = 32
+    hidden_size: int = 64
+    patience: int = 3               # epochs without a better validation loss before it stops
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -168,6 +181,7 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    parameter: ParameterConfig = field(default_factory=ParameterConfig)
 
 CHOICES = {"training.optimizer": ("adam", "adamw"), "training.lr_schedule": ("cosine", "linear", "constant"),
            "training.amp_dtype": ("auto", "bfloat16", "float16")}
@@ -175,7 +189,9 @@ CHOICES = {"training.optimizer": ("adam", "adamw"), "training.lr_schedule": ("co
 POSITIVE = ("model.vocab_size", "model.embedding_dim", "model.hidden_size", "model.num_layers",
             "training.batch_size", "training.epochs", "training.learning_rate", "training.log_every_steps",
             "training.gpu_stats_every_steps", "training.keep_last_checkpoints", "lazy_loading.buffer_size",
-            "data.max_seq_length", "evaluation.top_k", "evaluation.top_g", "evaluation.batch_size")
+            "data.max_seq_length", "evaluation.top_k", "evaluation.top_g", "evaluation.batch_size",
+            "parameter.epochs", "parameter.learning_rate", "parameter.batch_size", "parameter.embedding_dim",
+            "parameter.hidden_size", "parameter.patience")
 
 
 MAX_YAML_DEPTH = 16      # a config nests 2 or 3 levels (section, key, a list of masks)

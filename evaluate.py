@@ -48,6 +48,7 @@ import torch
 import calibration as cal
 import detect
 import utils
+import values
 from batches import session_chunks
 from calibration import ScoreQuantiles
 from checkpoint import (
@@ -298,7 +299,28 @@ def format_report(r: dict) -> str:
     elif "false_positive_rate" in r:
         lines += ["FALSE-POSITIVE RATE ON NORMAL DATA (no abnormal sessions in the data)", "-" * 72]
         lines += [f"  {rule:<13}{fpr:.4%}" for rule, fpr in r["false_positive_rate"].items()] + [""]
+    if "parameter" in r:
+        lines += parameter_report(r["parameter"])
     return "\n".join(lines) + "\n"
+
+
+def parameter_report(p: dict) -> list[str]:
+    """The PARAMETER MODEL section: its rule and the per-type baseline, flagged normal and abnormal."""
+    lines = ["PARAMETER MODEL (times and values of each event, values.py)", "-" * 72,
+             f"  Threshold: {p['threshold']:.3g} scales (the per-type baseline, |value| alone: "
+             f"{p['baseline_threshold']:.3g})"]
+    for side, what in (("normal", "FPR"), ("abnormal", "recall")):
+        s = p[side]
+        if s["sessions"]:
+            lines.append(f"  {side:<9} sessions {s['sessions']:>7}: parameter rule {what} "
+                         f"{s['flagged'] / s['sessions']:.4f} ({s['flagged']}), per-type baseline "
+                         f"{s['baseline_flagged'] / s['sessions']:.4f} ({s['baseline_flagged']})")
+    for example in p["examples"]:
+        low, high = example["expected_range"]
+        lines.append(f"  e.g. {example['session_id']}: event {example['event']} at position "
+                     f"{example['position']}, {example['what']} {example['actual']:.6g}, expected "
+                     f"{low:.6g} .. {high:.6g}")
+    return lines + [""]
 
 
 def record_state(calibration: dict, rule: str, records: str) -> str:
@@ -474,7 +496,7 @@ def draw_records_panel(axis, counts: dict[str, tuple[float, float]] | None, comb
 
 # ----------------------------------------------------------------------------- entry points
 def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_paths, config, output_dir,
-                   top_k, tag, logger, co_occurrence) -> dict:
+                   top_k, tag, logger, co_occurrence, extra: dict | None = None) -> dict:
     started = time.time()
     ev = config.evaluation
     results, histograms = evaluate(model, calibration, normal, abnormal, top_k, ev.decision_rule,
@@ -487,7 +509,7 @@ def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_p
                "timing": {"scoring_seconds": elapsed, "sessions": sessions,
                           "distinct_sessions": None if None in distinct else sum(distinct),
                           "scored_sessions": sum(side["scored"] for side in sides),
-                          "sessions_per_second": sessions / max(elapsed, 1e-9)}, **results}
+                          "sessions_per_second": sessions / max(elapsed, 1e-9)}, **results, **(extra or {})}
     unseen, predictions = results["unknown_events"].get("normal", 0), results.get("next_event", {}).get(
         "total_predictions", 0)
     if predictions and unseen > 0.05 * predictions:
@@ -631,6 +653,7 @@ def after_training(checkpoint_path, config: Config, logger) -> dict:
     calibration_set, normal, abnormal = validation_sessions(config, options, logger=logger)
     # tiny data: the other half
     calibration_set = nonempty(calibration_set) or validation_sessions(config, options, logger=logger)[1]
+    parameter = parameter_stage(checkpoint, config, logger)   # stored with the calibration: one write
     top_k, top_g = ranks_within_reach(model, ev.top_k, ev.top_g, logger)
     calibration = fit_calibration(model, calibration_set, top_k, top_g, ev.target_fpr,
                                   f"validation split of {data.preprocessed_dir} (calibration half)",
@@ -642,8 +665,24 @@ def after_training(checkpoint_path, config: Config, logger) -> dict:
         abnormal = itertools.chain(abnormal, data_chunks(data.abnormal_dir, config, "all", logger))
     paths = {"normal": f"{data.preprocessed_dir} (validation split, evaluation half)",
              "abnormal": ", ".join(filter(None, [data.abnormal_dir, f"label 1 in {data.preprocessed_dir}"]))}
+    extra = {"parameter": values.evaluate_parameter_model(parameter, config)} if parameter else None
     return run_evaluation(model, checkpoint_path, calibration, normal, abnormal, paths, config, output_dir,
-                          top_k, None, logger, co_occurrence)
+                          top_k, None, logger, co_occurrence, extra)
+
+
+def parameter_stage(checkpoint: dict, config: Config, logger) -> values.ParameterModel | None:
+    """DeepLog's parameter-value model (values.py), trained where the data has times or values and
+    parameter.enabled, into the checkpoint ("parameter_model"); None otherwise."""
+    if not config.parameter.enabled or not values.data_has_parameters(config):
+        return None
+    started = time.time()
+    model = values.train_parameter_model(config, checkpoint["model_args"]["vocab_size"], logger.info)
+    checkpoint["parameter_model"] = values.model_state(model)
+    logger.info(f"Parameter model: trained in {utils.format_duration(time.time() - started)}; the "
+                f"parameter rule flags a session whose event is farther than {model.threshold:.3g} scales "
+                f"from what the model expects there (fitted on {model.calibration_sessions} normal "
+                f"calibration sessions at target FPR {config.evaluation.target_fpr:.2%})")
+    return model
 
 
 def ranks_within_reach(model, top_k: int, top_g: int, logger) -> tuple[int, int]:
