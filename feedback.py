@@ -322,7 +322,8 @@ def join_records(checkpoint: dict, sessions: list[list[int]], config: Config, lo
             logger.warning(f"With the feedback, more than {MAX_EVENT_PAIRS:,} pairs of event types: the "
                            f"event_pair rule is off for the updated model")
             pairs = None
-    counts = None if known.counts is None else join_count_vectors(known.counts, sessions)
+    repeats = config.update.feedback_repeats if config is not None else 2
+    counts = None if known.counts is None else join_count_vectors(known.counts, sessions, repeats)
     checkpoint["event_sets"] = None if sets is None else sorted(sorted(s) for s in sets)
     joined = CoOccurrence(vocab_size, checkpoint["event_sets"], pairs, counts)
     checkpoint["event_pairs"] = pair_table(joined)
@@ -333,10 +334,13 @@ def join_records(checkpoint: dict, sessions: list[list[int]], config: Config, lo
     return joined
 
 
-def join_count_vectors(known: CountVectors, sessions: list[list[int]]) -> CountVectors | None:
-    """The parent's count vectors and the feedback sessions', as CountVectors.from_chunks would have
-    recorded them all together; None beyond the record's bounds."""
-    added = CountVectors.from_chunks([sessions])
+def join_count_vectors(known: CountVectors, sessions: list[list[int]],
+                       repeats: int = 2) -> CountVectors | None:
+    """The parent's count vectors and the feedback sessions', each counted `repeats` times (at least 2), as
+    it is trained: a fed-back session is then the nearest normal session of its own vector (distance 0)
+    and never the lone odd one whose distance to the rest would set the count-vector threshold (one odd
+    fed-back session made that rule flag nothing); None beyond the record's bounds."""
+    added = CountVectors.from_chunks([[list(s) for s in sessions for _ in range(max(repeats, 2))]])
     weights: dict[bytes, int] = {}
     vectors: dict[bytes, np.ndarray] = {}
     for record in (known, added):

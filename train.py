@@ -492,7 +492,7 @@ def update(args, logger) -> int:
     return 0
 
 
-UPDATE_ROUNDS = 3     # rounds of update.epochs an update may take before it says what is still flagged
+UPDATE_ROUNDS = 5     # rounds of update.epochs an update may take before it says what is still flagged
 ROUND_LR_FACTOR = 3   # each round after the first at this many times the learning rate of the one before
 
 

@@ -301,8 +301,11 @@ def test_records_are_joined_with_the_feedback():
     assert joined.sets == {frozenset({1, 2}), frozenset({3}), frozenset({1, 4})}
     assert np.array_equal(joined.pairs, pairs_of_sets([[1, 2], [1, 4]], 5))
     merged = count_vectors_from_state(checkpoint["count_vectors"])
-    assert merged.sessions == 5 and len(merged.weights) == 3   # [1, 2, 2] three times, [3], [1, 4]
-    assert sorted(merged.weights.tolist()) == [1, 1, 3]
+    # each fed-back session counted twice (update.feedback_repeats without a config): [1, 2, 2] 2 + 2 times,
+    # [3] once, [1, 4] twice; so the odd [1, 4] is not a lone vector whose distance sets the threshold
+    assert merged.sessions == 7 and len(merged.weights) == 3
+    assert sorted(merged.weights.tolist()) == [1, 2, 4]
+    assert merged.leave_one_out()[merged.weights == 2].tolist() == [0.0]
     # a record the parent did not keep stays unkept
     unkept = {"model_args": {"vocab_size": 5}, "event_sets": None, "event_pairs": None, "count_vectors": None}
     feedback.join_records(unkept, [[1, 2]], None, logging.getLogger("test"))
