@@ -249,8 +249,9 @@ class NewEvents:
 def new_events(found: Feedback, vocab_size: int, parser_state: str | None) -> NewEvents:
     """The event types of the feedback that the model has no place for (IDs >= its vocab_size). Each must be
     a template of the parser state that parsed the feedback's logs (--parser-state, else the
-    parser_state.json beside the feedback file): the vocabulary grows to that state's, so that the updated
-    model and later parses through the state agree on every ID. An ID that no template holds (a line that
+    parser_state.json beside the feedback file): the vocabulary grows to hold them (up to the largest; the
+    state's later templates stay unknown until fed back), and the updated model and later parses through
+    the state agree on every ID. An ID that no template holds (a line that
     matched none, under --match-only or in live detection) names nothing and cannot be learned."""
     if found.first_new is None:
         return NewEvents(vocab_size, {})
@@ -273,15 +274,14 @@ def new_events(found: Feedback, vocab_size: int, parser_state: str | None) -> Ne
     if state["vocab_size"] > MAX_VOCAB_SIZE:
         raise DataError(f"{path}: {state['vocab_size']:,} event types, more than a model holds "
                         f"({MAX_VOCAB_SIZE:,})")
-    return NewEvents(state["vocab_size"], {i: known[i] for i in ids}, path.absolute(), state)
+    return NewEvents(ids[-1] + 1, {i: known[i] for i in ids}, path.absolute(), state)
 
 
 def grown(model: DeepLog, vocab_size: int) -> DeepLog:
     """`model` with room for event IDs up to vocab_size - 1 (tokens.py: the special tokens move above them).
     The IDs it had keep every weight; a new ID reads as the model read it before (the unknown token's
-    embedding) and is predicted from the least likely event's bias, unseen until mark_seen: until the
-    update teaches them, the grown model scores sessions as the old one did (the softmax has a few more
-    classes, at the lowest logit)."""
+    embedding) and starts below the least likely event (together they take no more than it), unseen until
+    mark_seen: until the update teaches them, the grown model scores sessions as the old one did."""
     old = model.vocab_size
     larger = DeepLog(**{**model.model_args, "vocab_size": vocab_size})
     before, after = model.state_dict(), larger.state_dict()
@@ -294,7 +294,7 @@ def grown(model: DeepLog, vocab_size: int) -> DeepLog:
     for key in ("head.weight", "head.bias", "seen_events"):   # classes: the events, then the end
         after[key][:old], after[key][vocab_size] = before[key][:old], before[key][old]
     after["head.weight"][old:vocab_size] = 0
-    after["head.bias"][old:vocab_size] = before["head.bias"].min()
+    after["head.bias"][old:vocab_size] = before["head.bias"].min() - math.log(vocab_size - old)
     after["seen_events"][old:vocab_size] = False
     larger.load_state_dict(after)
     return larger

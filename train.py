@@ -99,7 +99,7 @@ def parse_args(argv=None):
     parser.add_argument("--parser-state", metavar="FILE", help="with --update: the parser_state.json of the "
                         "preprocess.py run that parsed the feedback's logs, naming the event types new to "
                         "the model that it holds (default: the one beside --feedback); the vocabulary grows "
-                        "to it")
+                        "to hold them")
     args = parser.parse_args(argv)
     if bool(args.update) != bool(args.feedback):
         parser.error("--update CHECKPOINT and --feedback FILE go together")
