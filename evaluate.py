@@ -650,13 +650,10 @@ def after_training(checkpoint_path, config: Config, logger) -> dict:
     else:
         swept, co_occurrence = sweep_training_data(model, checkpoint, co_occurrence, config, options,
                                                    output_dir, logger)
-    calibration_set, normal, abnormal = validation_sessions(config, options, logger=logger)
-    # tiny data: the other half
-    calibration_set = nonempty(calibration_set) or validation_sessions(config, options, logger=logger)[1]
+    calibration_set, source, normal, abnormal = calibration_sessions(config, options, logger)
     parameter = parameter_stage(checkpoint, config, logger)   # stored with the calibration: one write
     top_k, top_g = ranks_within_reach(model, ev.top_k, ev.top_g, logger)
-    calibration = fit_calibration(model, calibration_set, top_k, top_g, ev.target_fpr,
-                                  f"validation split of {data.preprocessed_dir} (calibration half)",
+    calibration = fit_calibration(model, calibration_set, top_k, top_g, ev.target_fpr, source,
                                   ev.decision_rule, ev.batch_size, co_occurrence,
                                   training_sweep=swept.summary() if swept else None)
     store_calibration(checkpoint_path, checkpoint, calibration, output_dir)
@@ -668,6 +665,25 @@ def after_training(checkpoint_path, config: Config, logger) -> dict:
     extra = {"parameter": values.evaluate_parameter_model(parameter, config)} if parameter else None
     return run_evaluation(model, checkpoint_path, calibration, normal, abnormal, paths, config, output_dir,
                           top_k, None, logger, co_occurrence, extra)
+
+
+def calibration_sessions(config: Config, options: dict, logger, after: str = ""):
+    """(sessions to fit the thresholds on, how the report names them, the evaluation half, the abnormal
+    sessions): the calibration half of the normal validation split; where it holds none (tiny data), the
+    evaluation half, named so, with a WARNING: the report then scores the sessions the thresholds were
+    fitted on."""
+    calibration_set, normal, abnormal = validation_sessions(config, options, logger=logger)
+    where = f"validation split of {config.data.preprocessed_dir}"
+    found = nonempty(calibration_set)
+    if found is not None:
+        return found, f"{where} (calibration half){after}", normal, abnormal
+    logger.warning("The calibration half of the validation split holds no normal session (too little "
+                   "data): the thresholds are fitted on the evaluation half, the very sessions the report "
+                   "scores, so its false-positive figures are not held out; raise data.validation_split or "
+                   "add data")
+    return (validation_sessions(config, options, logger=logger)[1],
+            f"{where} (the evaluation half, as the calibration half is empty: not held out){after}", normal,
+            abnormal)
 
 
 def parameter_stage(checkpoint: dict, config: Config, logger) -> values.ParameterModel | None:

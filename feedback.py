@@ -70,7 +70,7 @@ from rules import (
     verdicts,
 )
 from runtime import Runtime, amp_settings, rng_state
-from scoring import ChunkScorer, data_chunks, nonempty
+from scoring import ChunkScorer, data_chunks
 from tokens import special_tokens
 
 UPDATE_FOLDER = "update-{time}"   # beside the parent's run: OUTPUT_DIR/update-YYYYmmdd-HHMMSS
@@ -465,12 +465,10 @@ def recalibrate(model, co_occurrence: CoOccurrence, config: Config, logger,
     the joined count vectors, and what the sweep of the parent's training data found: its records are the
     parent's, less what the feedback put back); the calibration, the evaluation half and the abnormal
     sessions."""
-    ev, data = config.evaluation, config.data
+    ev = config.evaluation
     options = reader_options(config)
-    calibration_set, normal, abnormal = evaluate.validation_sessions(config, options, logger=logger)
-    calibration_set = nonempty(calibration_set) or \
-        evaluate.validation_sessions(config, options, logger=logger)[1]
-    source = f"validation split of {data.preprocessed_dir} (calibration half), after the update"
+    calibration_set, source, normal, abnormal = evaluate.calibration_sessions(config, options, logger,
+                                                                              ", after the update")
     calibration = evaluate.fit_calibration(model, calibration_set, ev.top_k, ev.top_g, ev.target_fpr, source,
                                            ev.decision_rule, ev.batch_size, co_occurrence,
                                            training_sweep=training_sweep)

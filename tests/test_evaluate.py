@@ -1101,3 +1101,24 @@ def test_score_panels_show_where_the_data_is_and_count_in_plain_numbers(tmp_path
     assert labels and all(re.fullmatch(r"[\d.]+", text) for text in labels)   # no 2x10^0, no mathtext
     assert few.get_yscale() == "linear" and few.get_ylim()[0] == 0
     plt.close(figure)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_an_empty_calibration_half_is_named_and_warned_not_hidden(tmp_path, caplog, cache):
+    """Tiny data whose calibration half holds no session: the thresholds are fitted on the evaluation half,
+    and the source the report prints says so (not "calibration half"), with a WARNING."""
+    import logging
+
+    from config import load_config, reader_options
+    from dataset import CALIBRATION, split_classes
+    data = tmp_path / "d.txt"
+    sides = split_classes(str(data), np.arange(1, 201), 42, 0.2)
+    data.write_text("".join("\n" if side == CALIBRATION else "1 2 3\n" for side in sides.tolist()))
+    config = load_config(None, {"data.preprocessed_dir": str(data), "data.validation_split": 0.2,
+                                "training.seed": 42, "lazy_loading.cache": cache,
+                                "lazy_loading.cache_dir": str(tmp_path / "cache")})
+    with caplog.at_level(logging.WARNING):
+        chunks, source, _, _ = E.calibration_sessions(config, reader_options(config), logging.getLogger("t"))
+    assert sum(map(len, chunks)) == int((sides == 2).sum()) > 0           # the evaluation half's sessions
+    assert "(the evaluation half, as the calibration half is empty: not held out)" in source
+    assert "holds no normal session" in caplog.text
