@@ -254,6 +254,8 @@ def format_report(r: dict) -> str:
         lines += ["NEXT-EVENT PREDICTION (normal sessions, weighted by event)", "-" * 72,
                   f"  Loss:              {ne['loss']:.4f}", f"  Predictions:       {ne['total_predictions']}"]
         seen = ne.get("classes_seen", math.inf)
+        warning = learned_little(ne["loss"], seen if math.isfinite(seen) else 0, "loss on these sessions")
+        lines += [f"  WARNING: {warning}"] if warning else []
         lines += [f"  Top-{k:<2} accuracy:   {ne[f'top{k}_accuracy']:.4f}" + (
             f"   (k >= the {seen} classes the model saw in training: a trained model hits every time)"
             if k >= seen else "")
@@ -321,6 +323,21 @@ def parameter_report(p: dict) -> list[str]:
                      f"{example['position']}, {example['what']} {example['actual']:.6g}, expected "
                      f"{low:.6g} .. {high:.6g}")
     return lines + [""]
+
+
+LEARNED_LITTLE = 0.75   # a loss above this share of a uniform guess's: the model learned next to nothing
+
+
+def learned_little(loss: float, classes: int, what: str = "loss") -> str | None:
+    """The warning for a model whose loss stays near a uniform guess over the classes it saw in training
+    (ln of their number): it predicts nothing, and every rule built on its probabilities means little."""
+    if classes < 3 or not math.isfinite(loss) or loss < LEARNED_LITTLE * math.log(classes):
+        return None
+    return (f"The model learned next to nothing: its {what} {loss:.4f} is {loss / math.log(classes):.0%} of "
+            f"a uniform guess over the {classes} classes seen in training (ln {classes} = "
+            f"{math.log(classes):.4f}), so its predictions and the probability rule mean little. Usual "
+            "causes: too few epochs or too low a learning rate, too little data, or sessions whose next "
+            "event does not follow from the ones before (check the grouping: --session-key, --window)")
 
 
 def record_state(calibration: dict, rule: str, records: str) -> str:
@@ -515,6 +532,10 @@ def run_evaluation(model, checkpoint_path, calibration, normal, abnormal, data_p
     if predictions and unseen > 0.05 * predictions:
         logger.warning(f"{unseen} of {predictions} events in the normal data were never seen in training: "
                        f"is this checkpoint trained on this kind of data (vocab_size, event IDs)?")
+    ne = results.get("next_event", {})
+    warning = learned_little(ne.get("loss", 0.0), ne.get("classes_seen", 0), "loss on these sessions")
+    if warning:
+        logger.warning(warning)
     write_reports(results, histograms, Path(output_dir), tag, logger)
     for line in format_report(results).splitlines()[4:]:  # the report, without its title, into the log
         if line.strip():

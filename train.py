@@ -386,21 +386,11 @@ def train(args, logger):
     return 0
 
 
-LEARNED_LITTLE = 0.75   # a best loss above this share of a uniform guess's: the model learned next to nothing
-
-
 def warn_if_nothing_learned(best_loss: float, seen_targets: list | None, logger) -> None:
-    """A model whose loss stayed near a uniform guess over the classes seen in training (ln of their
-    number) predicts nothing, and every rule built on its probabilities means little: say so."""
-    classes = len(seen_targets or ())
-    if classes < 3 or not math.isfinite(best_loss) or best_loss < LEARNED_LITTLE * math.log(classes):
-        return
-    logger.warning(f"The model learned next to nothing: its best loss {best_loss:.4f} is "
-                   f"{best_loss / math.log(classes):.0%} of a uniform guess over the {classes} classes seen "
-                   f"in training (ln {classes} = {math.log(classes):.4f}), so its predictions and the "
-                   "probability rule mean little. Usual causes: too few epochs or too low a learning rate, "
-                   "too little data, or sessions whose next event does not follow from the ones before "
-                   "(check the grouping: --session-key, --window)")
+    """A model whose loss stayed near a uniform guess predicts nothing: say so (evaluate.learned_little)."""
+    message = evaluate.learned_little(best_loss, len(seen_targets or ()), "best loss")
+    if message:
+        logger.warning(message)
 
 
 def update(args, logger) -> int:

@@ -589,13 +589,20 @@ def test_a_model_that_learned_nothing_is_named(tmp_path):
     rng = random.Random(7)
     data = tmp_path / "noise.txt"
     data.write_text("".join(" ".join(str(rng.randrange(20)) for _ in range(12)) + "\n" for _ in range(300)))
-    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1}})
+    config = write_config(tmp_path / "c.yaml", {"training": {"epochs": 1, "evaluate_after_training": True}})
     result = run_script("train.py", "--config", config, "--data-dir", data, "--output-dir", tmp_path / "o")
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "o" / "training.log").read_text()
     warning = re.search(r"WARNING \| The model learned next to nothing: its best loss ([\d.]+) is (\d+)% "
                         r"of a uniform guess over the 21 classes seen in training \(ln 21 = 3\.0445\)", log)
     assert warning and float(warning.group(1)) > 0.75 * 3.0445
+    # evaluate.py alone says so too, in its log and in the report
+    result = run_script("evaluate.py", "--checkpoint", tmp_path / "o" / "checkpoints" / "best_model.pt",
+                        "--output-dir", tmp_path / "e")
+    assert result.returncode == 0, result.stderr
+    report = next((tmp_path / "e").glob("evaluation_report_*.txt")).read_text()
+    assert "  WARNING: The model learned next to nothing: its loss on these sessions" in report
+    assert "WARNING | The model learned next to nothing" in (tmp_path / "e" / "evaluation.log").read_text()
 
 
 def test_top_k_and_top_g_beyond_a_small_vocabulary_are_scaled_with_a_warning(tmp_path):
