@@ -495,6 +495,9 @@ def plan_rules(co_occurrence: CoOccurrence | None, target_fpr: float, vocab_size
     return plan
 
 
+FEW_TO_MEASURE = 100   # calibration sessions below which the share flagged there tells no rate
+
+
 def expected_rates(calibration: dict) -> dict:
     """What each rule is expected to flag of new normal sessions, at most (95% bounds): the probability rule
     its target; the event-set and event-pair rules the upper bound from the training sessions that brought a
@@ -682,7 +685,8 @@ def rule_summary(calibration: dict, rule: str) -> str:
     else:
         text = f"'{rule}'"
     flagged = calibration["flagged_on_calibration"].get(rule, 0.0)
-    expectation = f"{flagged:.3%} of the {calibration['sessions']} calibration sessions flagged"
+    expectation = f"{flagged:.3%} of the {calibration['sessions']} calibration sessions flagged" + (
+        " (too few to measure a rate)" if calibration["sessions"] < FEW_TO_MEASURE else "")
     rates = calibration["expected_fpr"] or {}
     if rule in rates:
         training = calibration["training_sessions"]

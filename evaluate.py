@@ -243,10 +243,17 @@ def write_reports(results: dict, histograms: dict, output_dir: Path, tag: str | 
     return json_path, text_path
 
 
+def abnormal_data(r: dict) -> str:
+    """Where abnormal sessions were looked for, and whether any were found (never named as data that the
+    report then says was not there)."""
+    found = "rules" in r or "false_positive_rate" not in r
+    return r["data"]["abnormal"] + ("" if found else " (none found there)")
+
+
 def format_report(r: dict) -> str:
     lines = ["=" * 72, "DeepLog evaluation report", "=" * 72,
              f"Date:        {r['date']}", f"Checkpoint:  {r['checkpoint']}",
-             f"Normal data: {r['data']['normal']}", f"Abnormal:    {r['data']['abnormal']}",
+             f"Normal data: {r['data']['normal']}", f"Abnormal:    {abnormal_data(r)}",
              (f"Top-k:       {r['top_k']}    Scoring time: {r['timing']['scoring_seconds']:.1f}s "
               f"({r['timing']['sessions_per_second']:.0f} sessions/s)"), ""]
     if "next_event" in r:

@@ -232,9 +232,10 @@ def describe(summary: dict, path) -> str:
                  f"{summary['cut']:.2f} nats, the median {summary['median']:.2f} + {summary['spread']:g} "
                  f"scaled MADs), or they are among {counts}")
     sets = f" with {summary['removed_sets']} set(s) of event types" if summary["removed_sets"] else ""
-    return (f"{summary['suspicious_sessions']:,} of {summary['sessions']:,} normal-labelled training "
-            f"sessions ({summary['share']:.2%}) look abnormal to the model trained on them: {basis}. They "
-            f"were left out of the records of normal sessions{sets}; listed in {path}")
+    return (f"{summary['suspicious_sessions']:,} of the {summary['sessions']:,} normal-labelled sessions of "
+            f"the training data (both sides of the validation split) ({summary['share']:.2%}) look abnormal "
+            f"to the model trained on them: {basis}. They were left out of the records of normal "
+            f"sessions{sets}; listed in {path}")
 
 
 def write_suspicious(found: Sweep, records: Iterable[Record], path: Path, data_path) -> int:

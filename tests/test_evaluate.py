@@ -1122,3 +1122,16 @@ def test_an_empty_calibration_half_is_named_and_warned_not_hidden(tmp_path, capl
     assert sum(map(len, chunks)) == int((sides == 2).sum()) > 0           # the evaluation half's sessions
     assert "(the evaluation half, as the calibration half is empty: not held out)" in source
     assert "holds no normal session" in caplog.text
+
+
+def test_the_report_never_names_abnormal_data_it_did_not_find():
+    """Abnormal data named (label 1 in the training data) but none there: the header says so, beside the
+    section that says there was none; and a share flagged on a few calibration sessions is marked as such."""
+    results = {"data": {"normal": "n", "abnormal": "label 1 in x.jsonl"}, "false_positive_rate": {}}
+    assert E.abnormal_data(results) == "label 1 in x.jsonl (none found there)"
+    assert E.abnormal_data({**results, "rules": {}}) == "label 1 in x.jsonl"
+    from calibration import FEW_TO_MEASURE, rule_summary
+    calibration = E.fit_calibration(fixed_model(), _chunks(Counter({(0, 1): 3})), 2, 5, 0.25, "hand",
+                                    "probability")
+    assert calibration["sessions"] < FEW_TO_MEASURE
+    assert "sessions flagged (too few to measure a rate)" in rule_summary(calibration, "probability")

@@ -178,11 +178,12 @@ def test_training_sweeps_its_data_and_lists_what_looks_abnormal(contaminated):
     swept = calibration["training_sweep"]
     assert swept["suspicious_sessions"] == len(rows) and swept["sessions"] == len(mixed)
     log = (out / "training.log").read_text()
-    assert "Training-data sweep:" in log and f"of {len(mixed)} normal-labelled training sessions" in log
+    assert "Training-data sweep:" in log
+    assert f"of the {len(mixed)} normal-labelled sessions of the training data" in log
     assert "look abnormal, more than the target false-positive rate allows" in log   # 2%+ > 2 x 0.05%
     report, = out.glob("evaluation_report_*.txt")
     section = report.read_text().split("TRAINING DATA")[1]
-    assert f"{len(rows)} of {len(mixed)} normal-labelled training sessions" in section
+    assert f"{len(rows)} of the {len(mixed)} normal-labelled sessions of the training data" in section
     checkpoint = torch.load(out / "checkpoints" / "best_model.pt", weights_only=True)
     recorded = {frozenset(s) for s in checkpoint["event_sets"]}
     assert not any(frozenset(s) in recorded for s in mixed_in if s in listed)
