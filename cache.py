@@ -15,8 +15,9 @@ One cache entry per data file, in `cache_dir/<file name>-<hash>/`, keyed by the 
 and every setting that changes its content. A big JSONL or text file is parsed by several processes, one per
 byte range ("part"); a .json array by one. Each part holds, as raw little-endian arrays:
 
-    tokens   uint16 when every token fits, else int32: each session as [start, e1..en, end], back to back,
-             then TAIL zeros (so that every window is one contiguous slice)
+    tokens   uint16 when every token fits, else int32 (int64 for evaluation data, whose IDs a model may
+             not know, up to 2**63 - 1: scored as unknown): each session as [start, e1..en, end], back to
+             back, then TAIL zeros (so that every window is one contiguous slice)
     offsets  int64, sessions + 1: where each session's start token is
     flags    uint8: 1 abnormal label, 2 validation split, 4 calibration half (of the validation split)
     indexes  int64: the record number (.json) or line number, as error messages and session IDs use
@@ -111,6 +112,8 @@ class CacheSettings:
     def token_dtype(self) -> np.dtype:
         # special tokens go up to vocab_size + 3
         small = self.vocab_size is not None and self.vocab_size + 4 <= 2 ** 16
+        if self.vocab_size is None:   # evaluation data: any ID, the unknown ones scored as unknown
+            return np.dtype(np.int64)
         return np.dtype(np.uint16 if small else np.int32)
 
 
@@ -343,8 +346,8 @@ def _build_part(task: _Task) -> dict:
     gc.disable()
     try:
         handles["offsets"].write(np.zeros(1, np.int64))
-        # without a vocabulary, IDs are bounded by what the token type holds (never silently wrapped)
-        limit = vocab if vocab is not None else 2 ** 31 - 4
+        # without a vocabulary (evaluation data) any 64-bit ID is taken: one a model never had is unknown
+        limit = vocab
         chunks = iter_session_arrays(file, limit, counters=counters, byte_range=task.byte_range,
                                      first_line=task.newlines_before + 1, chunk_records=1024,
                                      **settings.reader_options())

@@ -1135,3 +1135,16 @@ def test_the_report_never_names_abnormal_data_it_did_not_find():
                                     "probability")
     assert calibration["sessions"] < FEW_TO_MEASURE
     assert "sessions flagged (too few to measure a rate)" in rule_summary(calibration, "probability")
+
+
+def test_evaluation_data_with_ids_up_to_2_63_scores_them_as_unknown(trained, tmp_path):
+    """IDs far beyond the vocabulary in the data evaluated (not trained on): scored as unknown events (the
+    token cache's evaluation entries hold 64-bit IDs), never refused as beyond a vocabulary."""
+    _, out, _, abnormal_dir, _ = trained
+    data = tmp_path / "huge.jsonl"
+    data.write_text('{"event_ids": [1, 9223372036854775807, 2]}\n{"event_ids": [1, 2, 3]}\n')
+    result = run_script("evaluate.py", "--checkpoint", out / "checkpoints" / "best_model.pt",
+                        "--data-dir", data, "--abnormal-dir", abnormal_dir, "--output-dir", tmp_path / "e")
+    assert result.returncode == 0, result.stderr
+    results = json.loads(next((tmp_path / "e").glob("evaluation_results_*.json")).read_text())
+    assert results["unknown_events"]["normal"] == 1 and results["normal_scores"]["count"] == 2
