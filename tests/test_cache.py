@@ -466,10 +466,13 @@ def test_negative_seeds_shuffle_too(built):
     assert sum(len(b["lengths"]) for b, _ in data.batches(16)) == data.total_windows
 
 
-def test_evaluation_caches_refuse_ids_their_tokens_cannot_hold(tmp_path):
-    (tmp_path / "x.jsonl").write_text('{"event_ids": [1, 2]}\n{"event_ids": [4294967301]}\n')
-    with pytest.raises(DataError, match="line 2: event ID 4294967301 >="):
-        build_caches(tmp_path / "x.jsonl", settings_of(None), tmp_path / "cache")
+def test_evaluation_caches_hold_every_64_bit_id_exactly(tmp_path):
+    """Evaluation data may hold IDs no model has (scored as unknown): its cache keeps them, up to 2**63-1."""
+    (tmp_path / "x.jsonl").write_text('{"event_ids": [1, 2]}\n'
+                                      '{"event_ids": [4294967301, 9223372036854775807]}\n')
+    entries = build_caches(tmp_path / "x.jsonl", settings_of(None), tmp_path / "cache")
+    sessions = [s for chunk in session_chunks(entries, "all") for s in chunk]
+    assert sessions == [(1, 2), (4294967301, 2 ** 63 - 1)]
 
 
 def test_a_read_only_cache_of_complete_entries_is_used_and_one_with_gaps_is_one_error(tmp_path, monkeypatch,
