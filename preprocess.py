@@ -848,8 +848,10 @@ def main(argv=None):
         stats = preprocess(config.preprocess, args.inputs, Path(args.output), state, args.structured, config,
                            learn_new=not args.match_only)
         print(f"{stats['lines']} lines: {stats['parsed']} parsed, {stats['unmatched']} not matching the log "
-              f"format{', %d of unknown events' % stats['unknown'] if args.parser_state else ''}; "
-              f"{stats['templates']} templates (vocab_size); "
+              "format"
+              + (f", {stats['unknown']} lines of events the parser state did not know"
+                 if args.parser_state else "")
+              + f"; {stats['templates']} templates (vocab_size); "
               + ("parsed only (no --session-key or --window): no sessions.jsonl or config.yaml written"
                  if stats.get("parse_only") else
                  f"{stats['sessions']} sessions, {stats['abnormal']} abnormal")
