@@ -178,13 +178,14 @@ def _check_parameter_model(checkpoint: dict) -> None:
     _expect(isinstance(weights, dict) and set(weights) == set(expected) and all(
         isinstance(weights[k], torch.Tensor) and tuple(weights[k].shape) == shape
         for k, shape in expected.items()), "parameter_model's state_dict does not fit its args")
-    for key in ("median", "scale", "error_scale"):
+    for key in ("median", "scale", "error_scale", "low", "high"):
         table = state.get(key)
         _expect(isinstance(table, torch.Tensor) and tuple(table.shape) == (vocab_size, values.SLOTS),
                 f"parameter_model's {key} must be a tensor of {vocab_size} x {values.SLOTS}")
-    threshold = state.get("threshold")
-    _expect(threshold is None or isinstance(threshold, float) and not math.isnan(threshold),
-            "parameter_model's threshold must be a number or null")
+    for key in ("threshold", "range_threshold"):
+        threshold = state.get(key)
+        _expect(threshold is None or isinstance(threshold, float) and not math.isnan(threshold),
+                f"parameter_model's {key} must be a number or null")
     _expect(_is_int(state.get("calibration_sessions")), "parameter_model's calibration_sessions must be an "
             "integer")
 

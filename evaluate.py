@@ -316,8 +316,9 @@ def format_report(r: dict) -> str:
 def parameter_report(p: dict) -> list[str]:
     """The PARAMETER MODEL section: its rule and the per-type baseline, flagged normal and abnormal."""
     lines = ["PARAMETER MODEL (times and values of each event, values.py)", "-" * 72,
-             f"  Threshold: {p['threshold']:.3g} scales (the per-type baseline, |value| alone: "
-             f"{p['baseline_threshold']:.3g})"]
+             f"  Thresholds: {p['threshold']:.3g} spreads from the model's prediction, or "
+             f"{p['range_threshold']:.3g} scales beyond the type's training range (the per-type baseline, "
+             f"|value| alone: {p['baseline_threshold']:.3g})"]
     for side, what in (("normal", "FPR"), ("abnormal", "recall")):
         s = p[side]
         if s["sessions"]:
@@ -723,8 +724,9 @@ def parameter_stage(checkpoint: dict, config: Config, logger) -> values.Paramete
     model = values.train_parameter_model(config, checkpoint["model_args"]["vocab_size"], logger.info)
     checkpoint["parameter_model"] = values.model_state(model)
     logger.info(f"Parameter model: trained in {utils.format_duration(time.time() - started)}; the "
-                f"parameter rule flags a session whose event is farther than {model.threshold:.3g} scales "
-                f"from what the model expects there (fitted on {model.calibration_sessions} normal "
+                f"parameter rule flags a session with a time or value farther than {model.threshold:.3g} "
+                f"spreads from what the model expects there, or {model.range_threshold:.3g} scales beyond "
+                f"its event type's training range (fitted on {model.calibration_sessions} normal "
                 f"calibration sessions at target FPR {config.evaluation.target_fpr:.2%})")
     return model
 

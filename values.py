@@ -36,6 +36,7 @@ SLOTS = 1 + MAX_VALUES     # the gap since the previous event, then the event's 
 SLOT_NAMES = ("time since the previous event", *(f"value {i}" for i in range(1, MAX_VALUES + 1)))
 MIN_SCALE = 0.05           # a floor on each scale (log units, ~5%): a value constant in training is not
                            # infinitely surprising when it moves a little
+RANGE_FLOOR = 1.0          # a value must lie at least one scale beyond its type's training range to count
 ERROR_FLOOR = 0.25         # the model may predict a slot at most 4 times tighter than its type's spread
 RESERVOIR = 512            # values kept per (event type, slot) to fit its median and MAD, uniformly sampled
 MAX_SESSION_EVENTS = 256   # a longer session is read in consecutive pieces of this many events
@@ -69,17 +70,38 @@ def has_parameters(record) -> bool:
 
 
 # ----------------------------------------------------------------------------- the normaliser
+def robust_spread(values: np.ndarray) -> tuple[float, float]:
+    """(median, spread): the spread is 1.4826 x MAD (a normal's sigma), or, where more than half the values
+    are equal (whole-second gaps of 0, a status code), the 5%-95% range / 3.29 (also sigma for a normal),
+    at least MIN_SCALE. Either way a few percent of wild values move neither."""
+    median = float(np.median(values))
+    mad = 1.4826 * float(np.median(np.abs(values - median)))
+    low, high = np.percentile(values, [5, 95])
+    return median, max(mad, float(high - low) / 3.29, MIN_SCALE)
+
+
+def error_spread(errors: np.ndarray) -> tuple[float, float]:
+    """(0, scale) of the model's errors for one type and slot: their 99th percentile of |error| / 2.576 (a
+    normal's sigma), at least ERROR_FLOOR. A percentile, not the MAD: where a normal value is now and then
+    far off the usual (a step that sometimes waits), the errors have a second mode that the scale must
+    cover, or every such normal session would look extreme."""
+    return 0.0, max(float(np.percentile(np.abs(errors), 99)) / 2.576, ERROR_FLOOR)
 class Normaliser:
     """Per event type and slot: the median and scale (1.4826 x MAD, at least MIN_SCALE) of the training
     sessions' log-scale values; rows vocab_size.. (unknown types) have none (NaN)."""
 
-    def __init__(self, median: np.ndarray, scale: np.ndarray):
+    def __init__(self, median: np.ndarray, scale: np.ndarray, low: np.ndarray | None = None,
+                 high: np.ndarray | None = None):
         self.median, self.scale = median, scale
+        # the 0.5% and 99.5% quantiles of training (log scale): the range a value is expected in
+        self.low = low if low is not None else np.full_like(median, np.nan)
+        self.high = high if high is not None else np.full_like(median, np.nan)
 
     @classmethod
-    def fit(cls, sessions, vocab_size: int, seed: int = 0) -> "Normaliser":
+    def fit(cls, sessions, vocab_size: int, seed: int = 0, spread=None) -> "Normaliser":
         """From (event_ids, vectors) pairs, one pass: a uniform reservoir of RESERVOIR values per (type,
-        slot)."""
+        slot), summarised by `spread` (values -> (centre, scale); default robust_spread)."""
+        spread = spread or robust_spread
         rng = np.random.default_rng(seed)
         kept: dict[tuple[int, int], list] = {}
         seen: dict[tuple[int, int], int] = {}
@@ -95,13 +117,21 @@ class Normaliser:
                         sample.append(row[slot])
                     elif (j := int(rng.integers(n))) < RESERVOIR:
                         sample[j] = row[slot]
-        median = np.full((vocab_size, SLOTS), np.nan)
-        scale = np.full((vocab_size, SLOTS), np.nan)
+        median, scale, low, high = (np.full((vocab_size, SLOTS), np.nan) for _ in range(4))
         for (event, slot), sample in kept.items():
-            values = np.asarray(sample)
-            median[event, slot] = np.median(values)
-            scale[event, slot] = max(1.4826 * np.median(np.abs(values - median[event, slot])), MIN_SCALE)
-        return cls(median, scale)
+            median[event, slot], scale[event, slot] = spread(np.asarray(sample))
+            low[event, slot], high[event, slot] = np.percentile(sample, [0.5, 99.5])
+        return cls(median, scale, low, high)
+
+    def range_excess(self, events: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """[events, SLOTS]: how far each value lies outside its type's training range, in that type's
+        scales (0 inside; NaN where absent or never seen)."""
+        inside = events < len(self.median)
+        rows = np.where(inside, events, 0)
+        excess = np.maximum(vectors - self.high[rows], self.low[rows] - vectors).clip(min=0)
+        excess = excess / self.scale[rows]
+        excess[~inside] = np.nan
+        return excess
 
     def normalise(self, events: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """[events, SLOTS] in scales from each type's median; NaN where absent or never seen in training."""
@@ -188,8 +218,9 @@ def batches(sessions, batch_size: int):
 class ParameterModel:
     net: ParameterNet
     normaliser: Normaliser
-    threshold: float | None = None   # the parameter rule's, fitted on normal validation sessions
+    threshold: float | None = None   # on the model's errors, fitted on normal validation sessions
     error_scale: np.ndarray | None = None   # [vocab, SLOTS]: the spread of the model's errors there
+    range_threshold: float | None = None    # on the values beyond their type's training range (scales)
     history: list | None = None      # (training) the losses of each epoch
     calibration_sessions: int = 0    # (training) the sessions the threshold was fitted on
 
@@ -213,15 +244,24 @@ class ParameterModel:
         return error, z, predicted
 
     def score(self, events, vectors) -> dict | None:
-        """The session's largest error over its events and slots (errors()), and where: None without any
-        value the model can judge."""
+        """The session's worst value and where: its error against the model's prediction (errors()) or its
+        excess beyond its type's training range, whichever is the larger share of its threshold ("score":
+        that share; the parameter rule flags a score above 1). None without any value it can judge. Before
+        the thresholds are fitted: the largest error ("score") and range excess ("range")."""
         events = np.asarray(events, dtype=np.int64)
         error, z, predicted = self.errors(events, vectors)
         if np.isnan(error).all():
             return None
-        position, slot = np.unravel_index(np.nanargmax(error), error.shape)
-        return {"score": float(error[position, slot]), "position": int(position), "slot": int(slot),
-                "z": float(z[position, slot]), "predicted_z": float(predicted[position, slot])}
+        excess = self.normaliser.range_excess(events, vectors)
+        fitted = self.threshold is not None and self.range_threshold is not None
+        ratios = np.fmax(error / self.threshold, excess / self.range_threshold) if fitted else error
+        position, slot = np.unravel_index(np.nanargmax(ratios), ratios.shape)
+        beyond = fitted and \
+            excess[position, slot] / self.range_threshold > error[position, slot] / self.threshold
+        return {"score": float(ratios[position, slot]), "position": int(position), "slot": int(slot),
+                "z": float(z[position, slot]), "predicted_z": float(predicted[position, slot]),
+                "range": float(np.nanmax(excess)) if not np.isnan(excess).all() else 0.0,
+                "kind": "range" if beyond else "prediction"}
 
     def finding(self, events, times, values, found: dict) -> dict:
         """What an alert says: which event, which slot (the time since the previous event, or a value), its
@@ -229,11 +269,15 @@ class ParameterModel:
         position, slot = found["position"], found["slot"]
         event = int(events[position])
         actual = (times[position] - times[position - 1]) if slot == 0 else values[position][slot - 1]
-        margin = self.threshold if self.threshold is not None else found["score"]
-        if self.error_scale is not None:
-            margin *= float(self.error_scale[event, slot])
-        low, high = self.normaliser.value_range(event, slot, found["predicted_z"] - margin,
-                                                found["predicted_z"] + margin)
+        if found.get("kind") == "range":   # beyond its type's training range (widened by the threshold)
+            n = self.normaliser
+            margin = self.range_threshold * n.scale[event, slot]
+            low, high = (float(from_log_scale(np.array(b))) for b in (n.low[event, slot] - margin,
+                                                                     n.high[event, slot] + margin))
+        else:   # the model's prediction +- its threshold
+            margin = self.threshold * float(self.error_scale[event, slot])
+            low, high = self.normaliser.value_range(event, slot, found["predicted_z"] - margin,
+                                                    found["predicted_z"] + margin)
         low = max(low, 0.0) if slot == 0 else low   # a gap below 0 is no expectation
         return {"position": position, "event": event, "what": SLOT_NAMES[slot], "actual": actual,
                 "expected_range": [round(low, 6), round(high, 6)], "score": round(found["score"], 3)}
@@ -318,6 +362,8 @@ def model_state(model: ParameterModel) -> dict:
     normaliser = model.normaliser
     return {"args": dict(model.net.args), "state_dict": model.net.state_dict(),
             "median": torch.from_numpy(normaliser.median), "scale": torch.from_numpy(normaliser.scale),
+            "low": torch.from_numpy(normaliser.low), "high": torch.from_numpy(normaliser.high),
+            "range_threshold": model.range_threshold,
             "error_scale": torch.from_numpy(model.error_scale), "threshold": model.threshold,
             "calibration_sessions": model.calibration_sessions}
 
@@ -325,9 +371,10 @@ def model_state(model: ParameterModel) -> dict:
 def model_from_state(state: dict) -> ParameterModel:
     net = ParameterNet(**state["args"])
     net.load_state_dict(state["state_dict"])
-    normaliser = Normaliser(state["median"].numpy(), state["scale"].numpy())
+    normaliser = Normaliser(state["median"].numpy(), state["scale"].numpy(), state["low"].numpy(),
+                            state["high"].numpy())
     return ParameterModel(net.eval(), normaliser, state["threshold"], state["error_scale"].numpy(),
-                          calibration_sessions=state["calibration_sessions"])
+                          state["range_threshold"], calibration_sessions=state["calibration_sessions"])
 
 
 # ----------------------------------------------------------------------------- the stage after training
@@ -373,17 +420,20 @@ def train_parameter_model(config, vocab_size: int, log) -> ParameterModel:
     # own quantile and the paper's Gaussian, both on the calibration half (tiny data: the other half)
     sides = (CALIBRATION,) if next(arrays((CALIBRATION,)), None) is not None else (EVALUATION,)
     differences = ((e, np.subtract(*model.residuals(e, v))) for e, v in arrays(sides))
-    spread = Normaliser.fit(differences, vocab_size, config.training.seed)
-    model.error_scale = np.where(np.isnan(spread.scale), 1.0, np.maximum(spread.scale, ERROR_FLOOR))
-    scores, judged = [], []
+    spread = Normaliser.fit(differences, vocab_size, config.training.seed, error_spread)
+    model.error_scale = np.where(np.isnan(spread.scale), 1.0, spread.scale)
+    scores, ranges, judged = [], [], []
     for events, vectors in arrays(sides):
         error = model.errors(events, vectors)[0]
         if (~np.isnan(error)).any():
             scores.append(float(np.nanmax(error)))
+            ranges.append(float(np.nanmax(model.normaliser.range_excess(events, vectors))))
             judged.append(int((~np.isnan(error)).sum()))
-    target = config.evaluation.target_fpr
+    # the two tests share the target false-positive rate, half each (as the probability rule's bounds)
+    target = config.evaluation.target_fpr / 2
     model.threshold = max(fit_threshold(scores, target),
                           gaussian_threshold(float(np.mean(judged)) if judged else 1.0, target))
+    model.range_threshold = max(fit_threshold(ranges, target), RANGE_FLOOR)
     model.history, model.calibration_sessions = history, len(scores)
     return model
 
@@ -396,7 +446,8 @@ def evaluate_parameter_model(model: ParameterModel, config) -> dict:
                    for r in records_of(config, (CALIBRATION,)))
     target = config.evaluation.target_fpr
     baseline_threshold = fit_threshold([s for s in calibration if s is not None], target)
-    result = {"threshold": model.threshold, "baseline_threshold": baseline_threshold, "examples": []}
+    result = {"threshold": model.threshold, "range_threshold": model.range_threshold,
+              "baseline_threshold": baseline_threshold, "examples": []}
     sides = (("normal", records_of(config, (EVALUATION,))), ("abnormal", records_of(config, (), 1)))
     for side, records in sides:
         count = flagged = baseline_flagged = 0
@@ -405,9 +456,9 @@ def evaluate_parameter_model(model: ParameterModel, config) -> dict:
             found = model.score(record.event_ids, vectors)
             base = baseline_score(model.normaliser, record.event_ids, vectors)
             count += 1
-            flagged += found is not None and found["score"] > model.threshold
+            flagged += found is not None and found["score"] > 1
             baseline_flagged += base is not None and base > baseline_threshold
-            if side == "abnormal" and found is not None and found["score"] > model.threshold \
+            if side == "abnormal" and found is not None and found["score"] > 1 \
                     and len(result["examples"]) < 3:
                 result["examples"].append({"session_id": record.session_id, **model.finding(
                     record.event_ids, record.times, record.values, found)})

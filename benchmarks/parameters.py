@@ -53,8 +53,9 @@ Scorers:
     key_model       train.py on the training part's sessions, then detect.py's default verdict: the log-key
                     model (and its event-set/pair records); it sees no value or time, so it should miss most
                     of these anomalies
-    parameter       the parameter-value model's rule (#25): not built yet (parameter_rule_verdicts)
-    combined        the default rule with the parameter rule in it: not built yet (combined_default_verdicts)
+    parameter       the parameter-value model's rule (values.py), trained in the same train.py run as the key
+                    model, its threshold fitted at the default evaluation.target_fpr (0.05%)
+    combined        abnormal when the key model's default verdict or the parameter rule says so
 
 Everything is seeded (--seed): the generated log, the injections, train.py's weights. Work files go to
 --work-dir (each data set's subfolder is replaced at every run); the figures to --output as JSON.
@@ -608,12 +609,12 @@ def check_injections(sessions: list[dict], labels: dict[str, dict], resolution: 
 
 def key_model_verdicts(work: Path, train_dir: Path, copies: dict[str, list[dict]], epochs: int, seed: int,
                        env: dict) -> dict[str, dict[str, bool]]:
-    """train.py on the training part, the log-key model alone (parameter.enabled false where the config has
-    that section), then detect.py's default verdict on every copy. {copy: {session_id: flagged}}."""
+    """train.py on the training part (the key model, and the parameter model beside it: one run, as users
+    run it), then detect.py's default verdict on every copy, which is the key model's alone.
+    {copy: {session_id: flagged}}; the checkpoint is work/key_model/checkpoints/best_model.pt."""
     model_dir = work / "key_model"
     config = yaml.safe_load((train_dir / "config.yaml").read_text())
-    if isinstance(config.get("parameter"), dict):
-        config["parameter"]["enabled"] = False
+    config.setdefault("training", {})["evaluate_after_training"] = True   # the parameter model is fitted then
     config_path = work / "key_model_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     run([sys.executable, "train.py", "--config", str(config_path), "--epochs", str(epochs),
@@ -637,23 +638,34 @@ def key_model_verdicts(work: Path, train_dir: Path, copies: dict[str, list[dict]
     return verdicts
 
 
-def parameter_rule_verdicts(work: Path, train_dir: Path, copies: dict[str, list[dict]]) -> None:
-    """The parameter-value model's `parameter` rule (#25 items 2-3): not built yet.
+def parameter_rule_verdicts(work: Path, copies: dict[str, list[dict]]) -> dict | None:
+    """The parameter-value model's `parameter` rule (values.py), from the checkpoint key_model_verdicts
+    trained: a session is flagged when a value's error against the model's prediction, or its excess beyond
+    its type's training range, is above its threshold (fitted on the normal calibration sessions at
+    evaluation.target_fpr, the default config's). {copy: {session_id: flagged}}."""
+    sys.path.insert(0, str(REPO))
+    import values
+    from checkpoint import load_model
+    model = load_model(work / "key_model" / "checkpoints" / "best_model.pt").parameter_model
+    if model is None:
+        return None
 
-    When it exists: train.py on train_dir/config.yaml with the parameter model on (the sessions carry
-    times and values), then detect.py --rule parameter on the copies (with their times and values: write
-    them into the scored file, unlike key_model_verdicts), returning {copy: {session_id: flagged}} as
-    key_model_verdicts does. key_model_verdicts must then train with the parameter model off (its config
-    switch), so that it stays the key model alone."""
-    print("  parameter rule: not built yet", file=sys.stderr)
-    return None
+    def flagged(session: dict) -> bool:
+        if session.get("times") is None and session.get("values") is None:
+            return False
+        found = model.score(session["event_ids"], values.event_vectors(session.get("times"),
+                                                                        session.get("values")))
+        return found is not None and found["score"] > 1   # above its threshold
+    return {name: {s["session_id"]: flagged(s) for s in sessions} for name, sessions in copies.items()}
 
 
-def combined_default_verdicts(work: Path, train_dir: Path, copies: dict[str, list[dict]]) -> None:
-    """The default rule (`combined`) once it uses the parameter rule where the data supports it: not built
-    yet. When it is: detect.py's default verdict from the model that parameter_rule_verdicts trains."""
-    print("  combined default: not built yet", file=sys.stderr)
-    return None
+def combined_default_verdicts(key_model: dict | None, parameter: dict | None) -> dict | None:
+    """The default rule with the parameter rule in it: abnormal when the key model's default verdict or the
+    parameter rule says so."""
+    if key_model is None or parameter is None:
+        return None
+    return {name: {sid: flag or key_model[name].get(sid, False) for sid, flag in flags.items()}
+            for name, flags in parameter.items()}
 
 
 # ----------------------------------------------------------------------------- one data set
@@ -704,8 +716,8 @@ def evaluate_dataset(ds: Dataset, args, work: Path, env: dict) -> dict:
         verdicts["key_model"] = None
     else:
         verdicts["key_model"] = key_model_verdicts(work, train_dir, copies, args.epochs, args.seed, env)
-    verdicts["parameter"] = parameter_rule_verdicts(work, train_dir, copies)
-    verdicts["combined"] = combined_default_verdicts(work, train_dir, copies)
+    verdicts["parameter"] = None if args.no_key_model else parameter_rule_verdicts(work, copies)
+    verdicts["combined"] = combined_default_verdicts(verdicts["key_model"], verdicts["parameter"])
 
     results = {}
     for scorer in SCORERS:
