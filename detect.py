@@ -71,6 +71,7 @@ import calibration as cal
 import logparse
 import preprocess
 import utils
+import values
 from checkpoint import CheckpointError, co_occurrence_of, load_trained
 from config import (
     Config,
@@ -175,18 +176,40 @@ def verdict_lines(chunk: list, model, scorer, calibration: dict, rule: str, co_o
                     zip(distinct, abnormal, scores["novel_pair"]) if a and novel}
     # each session's own copy of its misses: identical sessions can come from different raw lines
     misses = [[dict(miss) for miss in reasons.get(session_key(record.event_ids), [])] for record in chunk]
+    odd = parameter_findings(model, chunk, rule)
     if raw_lines is not None:
-        raw_lines.annotate(list(zip((record.lines for record in chunk), misses)))
+        raw_lines.annotate(list(zip((record.lines for record in chunk), misses)) +
+                           [(record.lines, [found]) for record, found in zip(chunk, odd) if found])
     if names is not None:
         for miss in itertools.chain.from_iterable(misses):
             names.annotate(miss)
+        for found in filter(None, odd):
+            names.annotate(found, "event")
     lines, verdict_counts = [], Counter()
-    for record, record_misses in zip(chunk, misses):
+    for record, record_misses, found in zip(chunk, misses, odd):
         i = index[session_key(record.event_ids)]
         lines.append(verdict_line(record.session_id, record.event_ids, i, scores, abnormal, anomaly, rule,
-                                  unseen_pairs.get(distinct[i], []), record_misses))
-        verdict_counts["abnormal" if abnormal[i] else "normal"] += 1
+                                  unseen_pairs.get(distinct[i], []), record_misses, found))
+        verdict_counts["abnormal" if abnormal[i] or found else "normal"] += 1
     return "".join(lines), verdict_counts
+
+
+def parameter_findings(model, chunk: list, rule: str) -> list[dict | None]:
+    """Per Record: what the parameter-value model (values.py) found odd in its times or values, where the
+    checkpoint has one, the session carries them, the rule is 'combined' and the parameter rule flags it;
+    else None."""
+    parameter_model = getattr(model, "parameter_model", None)
+    if parameter_model is None or rule != "combined":
+        return [None] * len(chunk)
+    found = []
+    for record in chunk:
+        if record.times is None and record.values is None:
+            found.append(None)
+            continue
+        worst = parameter_model.score(record.event_ids, values.event_vectors(record.times, record.values))
+        found.append(parameter_model.finding(record.event_ids, record.times, record.values, worst)
+                     if worst is not None and worst["score"] > 1 else None)
+    return found
 
 
 def seen_list(model) -> list[bool]:

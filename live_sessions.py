@@ -142,16 +142,18 @@ def located(record: dict, ref: tuple) -> None:
 
 
 def verdict_line(session_id: str, events, i: int, scores: dict, abnormal: np.ndarray, anomaly: np.ndarray,
-                 rule: str, unseen_pairs: list, misses: list) -> str:
+                 rule: str, unseen_pairs: list, misses: list, parameter: dict | None = None) -> str:
     """One session's verdict as a JSON line, batch and live. An abnormal one carries its event IDs, so that
-    an operator can hand it back as normal (train.py --update --feedback)."""
-    flagged = bool(abnormal[i])
+    an operator can hand it back as normal (train.py --update --feedback). `parameter`: what the parameter
+    rule found odd (values.ParameterModel.finding), which makes the session abnormal under 'combined'."""
+    flagged = bool(abnormal[i]) or parameter is not None
     return json.dumps({
         "session_id": session_id, "score": round(float(anomaly[i]), 6),
         "verdict": "abnormal" if flagged else "normal", "rule": rule,
         "min_probability": float(math.exp(scores["min_log_prob"][i])),
         "novel_event_set": bool(scores["novel_set"][i]), "novel_event_pairs": unseen_pairs,
-        "misses": misses, **({"event_ids": list(events)} if flagged else {})}) + "\n"
+        "misses": misses, **({"parameter": parameter} if parameter is not None else {}),
+        **({"event_ids": list(events)} if flagged else {})}) + "\n"
 
 
 class LiveDetector:

@@ -136,3 +136,27 @@ def test_without_times_or_values_no_parameter_model_is_trained(tmp_path):
     assert "parameter_model" not in torch.load(tmp_path / "run" / "checkpoints" / "best_model.pt",
                                                weights_only=True)
     assert "Parameter model" not in (tmp_path / "run" / "training.log").read_text()
+
+
+def test_detection_names_the_odd_value_and_the_range_expected(trained, tmp_path):
+    """detect.py: a session whose step took 30 times its usual time is abnormal under 'combined', its line
+    saying which event, which value, what it was and the range expected; the usual ones are normal."""
+    sessions = tmp_path / "new.jsonl"
+    lines = [{"session_id": "slow", "event_ids": [1, 2, 3], "times": [0.0, 0.5, 30.5],
+              "values": [[], [110.0], [30.0]]},
+             {"session_id": "usual", "event_ids": [1, 2, 3], "times": [0.0, 0.5, 1.5],
+              "values": [[], [110.0], [1.0]]}]
+    sessions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = run_script("detect.py", "--checkpoint", trained / "run" / "checkpoints" / "best_model.pt",
+                        sessions, "--output", tmp_path / "out.jsonl")
+    assert result.returncode == 0, result.stderr
+    output = (tmp_path / "out.jsonl").read_text().splitlines()
+    verdicts = {v["session_id"]: v for v in map(json.loads, output)}
+    assert verdicts["usual"]["verdict"] == "normal" and "parameter" not in verdicts["usual"]
+    slow = verdicts["slow"]
+    assert slow["verdict"] == "abnormal" and slow["event_ids"] == [1, 2, 3]
+    found = slow["parameter"]
+    assert (found["position"], found["event"]) == (2, 3) and found["actual"] == 30.0
+    assert found["what"] in ("time since the previous event", "value 1")
+    low, high = found["expected_range"]
+    assert low < 1.0 < high < 30.0
