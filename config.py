@@ -168,6 +168,8 @@ class ParameterConfig:
     embedding_dim: int = 32
     hidden_size: int = 64
     patience: int = 3               # epochs without a better validation loss before it stops
+    max_sessions: int = 100_000     # sessions of each split side it reads (the first ones): it reads the
+                                    # data files each epoch, so this bounds its time on 100+ GB
 
 
 @dataclass
@@ -191,7 +193,7 @@ POSITIVE = ("model.vocab_size", "model.embedding_dim", "model.hidden_size", "mod
             "training.gpu_stats_every_steps", "training.keep_last_checkpoints", "lazy_loading.buffer_size",
             "data.max_seq_length", "evaluation.top_k", "evaluation.top_g", "evaluation.batch_size",
             "parameter.epochs", "parameter.learning_rate", "parameter.batch_size", "parameter.embedding_dim",
-            "parameter.hidden_size", "parameter.patience")
+            "parameter.hidden_size", "parameter.patience", "parameter.max_sessions")
 
 
 MAX_YAML_DEPTH = 16      # a config nests 2 or 3 levels (section, key, a list of masks)

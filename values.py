@@ -389,10 +389,11 @@ def side_of(record, config) -> int:
 
 def records_of(config, sides: tuple, label: int = 0):
     """The records of the training data with times or values, labelled `label`, on these split sides
-    (every side for label 1: abnormal sessions are never trained on), streamed."""
-    for record in iter_sessions(config.data.preprocessed_dir, None, **reader_options(config)):
-        if record.label == label and has_parameters(record) and (label or side_of(record, config) in sides):
-            yield record
+    (every side for label 1: abnormal sessions are never trained on), streamed; at most
+    parameter.max_sessions of them (the first)."""
+    records = (r for r in iter_sessions(config.data.preprocessed_dir, None, **reader_options(config))
+               if r.label == label and has_parameters(r) and (label or side_of(r, config) in sides))
+    return itertools.islice(records, config.parameter.max_sessions)
 
 
 def data_has_parameters(config, look_at: int = 1000) -> bool:
