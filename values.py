@@ -420,7 +420,9 @@ def train_parameter_model(config, vocab_size: int, log) -> ParameterModel:
     # the spread of the model's errors per type and slot, then the threshold: the larger of the sessions'
     # own quantile and the paper's Gaussian, both on the calibration half (tiny data: the other half)
     sides = (CALIBRATION,) if next(arrays((CALIBRATION,)), None) is not None else (EVALUATION,)
-    differences = ((e, np.subtract(*model.residuals(e, v))) for e, v in arrays(sides))
+    # the spreads from the training side's errors too: on small data the calibration half holds a few values
+    # of each type and slot, too few for a 99th percentile (a small network hardly overfits its errors)
+    differences = ((e, np.subtract(*model.residuals(e, v))) for e, v in arrays((TRAIN, *sides)))
     spread = Normaliser.fit(differences, vocab_size, config.training.seed, error_spread)
     model.error_scale = np.where(np.isnan(spread.scale), 1.0, spread.scale)
     scores, ranges, judged = [], [], []
