@@ -210,6 +210,7 @@ class RawParser:
                                                "window): it cannot group lines into sessions")
             self.lines = logparse.LineEvents(self.cfg, logparse.Parser(self.cfg, state),
                                              "the session key of --parser-state", times=False)
+            self.lines.values = False   # live detection has no use for them yet (values.py: batch only)
         except (logparse.PreprocessError, utils.ConfigError) as error:
             raise utils.ConfigError(str(error)) from None
 
