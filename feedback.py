@@ -236,14 +236,21 @@ def read_feedback(path, vocab_size: int, options: dict | None = None) -> Feedbac
 # ----------------------------------------------------------------------------- event types new to the model
 @dataclass
 class NewEvents:
+    parent_vocab: int
     vocab_size: int                 # the updated model's
     templates: dict[int, str]       # each new ID the feedback holds -> its template
     state_path: Path | None = None  # the parser state that names them
     state: dict | None = None
 
-    def record(self, parent_vocab: int) -> dict:
-        return {"parent": parent_vocab, "updated": self.vocab_size, "parser_state": str(self.state_path),
+    def record(self) -> dict:
+        return {"parent": self.parent_vocab, "updated": self.vocab_size, "parser_state": str(self.state_path),
                 "new_events": [[i, t] for i, t in sorted(self.templates.items())]}
+
+    def growth_line(self) -> str:
+        named = "; ".join(f"{i} {utils.short(t)}" for i, t in list(self.templates.items())[:5])
+        return (f"Vocabulary grows from {self.parent_vocab} to {self.vocab_size} event types "
+                f"({self.state_path}) for the {len(self.templates)} new to the model in the feedback: {named}"
+                + ("; ..." if len(self.templates) > 5 else ""))
 
 
 def new_events(found: Feedback, vocab_size: int, parser_state: str | None) -> NewEvents:
@@ -254,7 +261,7 @@ def new_events(found: Feedback, vocab_size: int, parser_state: str | None) -> Ne
     the state agree on every ID. An ID that no template holds (a line that
     matched none, under --match-only or in live detection) names nothing and cannot be learned."""
     if found.first_new is None:
-        return NewEvents(vocab_size, {})
+        return NewEvents(vocab_size, vocab_size, {})
     where, first = found.first_new
     path = Path(parser_state) if parser_state else found.path.parent / "parser_state.json"
     if not parser_state and not path.is_file():
@@ -274,7 +281,15 @@ def new_events(found: Feedback, vocab_size: int, parser_state: str | None) -> Ne
     if state["vocab_size"] > MAX_VOCAB_SIZE:
         raise DataError(f"{path}: {state['vocab_size']:,} event types, more than a model holds "
                         f"({MAX_VOCAB_SIZE:,})")
-    return NewEvents(ids[-1] + 1, {i: known[i] for i in ids}, path.absolute(), state)
+    return NewEvents(vocab_size, ids[-1] + 1, {i: known[i] for i in ids}, path.absolute(), state)
+
+
+def grown_for(model: DeepLog, new: NewEvents, logger) -> DeepLog:
+    """The model with room for the feedback's new event types (grown), said in the log; else itself."""
+    if not new.templates:
+        return model
+    logger.info(new.growth_line())
+    return grown(model, new.vocab_size)
 
 
 def grown(model: DeepLog, vocab_size: int) -> DeepLog:
@@ -490,7 +505,7 @@ def evaluate_update(model, checkpoint_path: Path, calibration: dict, normal, abn
 
 
 def save_updated(state: TrainState, records: dict, parent: Parent, found: Feedback, replayed: int,
-                 calibration: dict, path: Path, new: NewEvents) -> dict:
+                 calibration: dict, path: Path, new: NewEvents, logger) -> dict:
     """The new checkpoint, complete (weights, records, calibration, lineage), written once, atomically (the
     parent is never touched); then calibration.json beside it, and where the vocabulary grew, the parser
     state that names the new IDs (for later parses and detection)."""
@@ -503,7 +518,7 @@ def save_updated(state: TrainState, records: dict, parent: Parent, found: Feedba
                               "learning_rate": state.config.update.learning_rate,
                               "feedback_repeats": state.config.update.feedback_repeats}
     if new.templates:
-        checkpoint["feedback"]["vocabulary"] = new.record(parent.checkpoint["model_args"]["vocab_size"])
+        checkpoint["feedback"]["vocabulary"] = new.record()
     save_checkpoint(checkpoint, path)
     if state.run is not None:
         state.run.wrote(path.name)
@@ -511,6 +526,8 @@ def save_updated(state: TrainState, records: dict, parent: Parent, found: Feedba
     cal.save_calibration(output_dir / "calibration.json", calibration)
     if new.state is not None:
         utils.save_json(output_dir / "parser_state.json", new.state)
+        logger.info(f"Parse later logs and detect with {output_dir / 'parser_state.json'} (a copy of "
+                    f"{new.state_path}), so that the new event types keep the IDs this model learned")
     return checkpoint
 
 

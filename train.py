@@ -405,8 +405,7 @@ def update(args, logger) -> int:
     parent = feedback.Parent.load(args.update)
     config = feedback.update_config(parent, args)
     found = feedback.read_feedback(args.feedback, config.model.vocab_size, reader_options(config))
-    parent_vocab = config.model.vocab_size
-    new = feedback.new_events(found, parent_vocab, args.parser_state)
+    new = feedback.new_events(found, config.model.vocab_size, args.parser_state)
     config.model.vocab_size = new.vocab_size   # the token layout (cache, windows) of the grown model
     tc, uc, output_dir = config.training, config.update, Path(config.training.output_dir)
     utils.setup_logger(None, logger=logger)
@@ -425,13 +424,7 @@ def update(args, logger) -> int:
 
     model = DeepLog(**parent.checkpoint["model_args"])
     model.load_state_dict(parent.checkpoint["model_state_dict"])
-    if new.templates:
-        model = feedback.grown(model, new.vocab_size)
-        logger.info(f"Vocabulary grows from {parent_vocab} to {new.vocab_size} event types "
-                    f"({new.state_path}) for the {len(new.templates)} new to the model in the feedback: "
-                    + "; ".join(
-                        f"{i} {utils.short(t)}" for i, t in list(new.templates.items())[:5])
-                    + ("; ..." if len(new.templates) > 5 else ""))
+    model = feedback.grown_for(model, new, logger)
     new_events = feedback.mark_seen(model, found.sessions)
     model.set_windows(config.data.max_seq_length, config.data.window_context).to(runtime.device)
     windows = feedback.update_windows(found.sessions, replay, config)
@@ -468,12 +461,9 @@ def update(args, logger) -> int:
     best = output_dir / "checkpoints" / "best_model.pt"
     save_config(config, output_dir / "config.yaml")
     utils.save_json(output_dir / "training_history.json", state.history)
-    feedback.save_updated(state, records, parent, found, len(replay), calibration, best, new)
+    feedback.save_updated(state, records, parent, found, len(replay), calibration, best, new, logger)
     logger.info(f"Updated model: {best} | parent {parent.path} {parent.still_unchanged()}: rollback is "
                 f"pointing detection back at it")
-    if new.templates:
-        logger.info(f"Parse later logs and detect with {output_dir / 'parser_state.json'} (a copy of "
-                    f"{new.state_path}), so that the new event types keep the IDs this model learned")
     try:
         feedback.evaluate_update(model, best, calibration, normal, abnormal, co_occurrence, config, logger)
     except utils.Stopped as signal_name:
