@@ -728,6 +728,11 @@ def parameter_stage(checkpoint: dict, config: Config, logger) -> values.Paramete
                 f"spreads from what the model expects there, or {model.range_threshold:.3g} scales beyond "
                 f"its event type's training range (fitted on {model.calibration_sessions} normal "
                 f"calibration sessions at target FPR {config.evaluation.target_fpr:.2%})")
+    if model.calibration_sessions < cal.FEW_TO_MEASURE:
+        logger.warning(f"The parameter rule's thresholds rest on {model.calibration_sessions} calibration "
+                       f"session(s) with times or values, too few to promise its target false-positive rate: "
+                       f"on such data it has flagged 2-9% of normal sessions (benchmarks/README.md); train "
+                       f"on more sessions, or raise data.validation_split")
     return model
 
 
