@@ -91,8 +91,9 @@ class Normaliser:
     sessions' log-scale values; rows vocab_size.. (unknown types) have none (NaN)."""
 
     def __init__(self, median: np.ndarray, scale: np.ndarray, low: np.ndarray | None = None,
-                 high: np.ndarray | None = None):
+                 high: np.ndarray | None = None, count: np.ndarray | None = None):
         self.median, self.scale = median, scale
+        self.count = count   # (fit) values seen per type and slot
         # the 0.5% and 99.5% quantiles of training (log scale): the range a value is expected in
         self.low = low if low is not None else np.full_like(median, np.nan)
         self.high = high if high is not None else np.full_like(median, np.nan)
@@ -118,10 +119,12 @@ class Normaliser:
                     elif (j := int(rng.integers(n))) < RESERVOIR:
                         sample[j] = row[slot]
         median, scale, low, high = (np.full((vocab_size, SLOTS), np.nan) for _ in range(4))
+        count = np.zeros((vocab_size, SLOTS), dtype=np.int64)
         for (event, slot), sample in kept.items():
             median[event, slot], scale[event, slot] = spread(np.asarray(sample))
             low[event, slot], high[event, slot] = np.percentile(sample, [0.5, 99.5])
-        return cls(median, scale, low, high)
+            count[event, slot] = seen[(event, slot)]
+        return cls(median, scale, low, high, count)
 
     def range_excess(self, events: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """[events, SLOTS]: how far each value lies outside its type's training range, in that type's
@@ -420,11 +423,16 @@ def train_parameter_model(config, vocab_size: int, log) -> ParameterModel:
     # the spread of the model's errors per type and slot, then the threshold: the larger of the sessions'
     # own quantile and the paper's Gaussian, both on the calibration half (tiny data: the other half)
     sides = (CALIBRATION,) if next(arrays((CALIBRATION,)), None) is not None else (EVALUATION,)
-    # the spreads from the training side's errors too: on small data the calibration half holds a few values
-    # of each type and slot, too few for a 99th percentile (a small network hardly overfits its errors)
-    differences = ((e, np.subtract(*model.residuals(e, v))) for e, v in arrays((TRAIN, *sides)))
-    spread = Normaliser.fit(differences, vocab_size, config.training.seed, error_spread)
-    model.error_scale = np.where(np.isnan(spread.scale), 1.0, spread.scale)
+
+    def spread_of(of_sides):
+        differences = ((e, np.subtract(*model.residuals(e, v))) for e, v in arrays(of_sides))
+        return Normaliser.fit(differences, vocab_size, config.training.seed, error_spread)
+    # held-out errors where a type and slot has 100 of them for its 99th percentile; else the training
+    # side's too (on small data; a small network hardly overfits its errors)
+    held_out = spread_of(sides)
+    pooled = spread_of((TRAIN, *sides))
+    scale = np.where(held_out.count >= 100, held_out.scale, pooled.scale)
+    model.error_scale = np.where(np.isnan(scale), 1.0, scale)
     scores, ranges, judged = [], [], []
     for events, vectors in arrays(sides):
         error = model.errors(events, vectors)[0]
