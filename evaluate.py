@@ -680,7 +680,7 @@ def after_training(checkpoint_path, config: Config, logger) -> dict:
         swept, co_occurrence = sweep_training_data(model, checkpoint, co_occurrence, config, options,
                                                    output_dir, logger)
     calibration_set, source, normal, abnormal = calibration_sessions(config, options, logger)
-    parameter = parameter_stage(checkpoint, config, logger)   # stored with the calibration: one write
+    parameter = parameter_stage(checkpoint, config, logger, swept)   # stored with the calibration: one write
     top_k, top_g = ranks_within_reach(model, ev.top_k, ev.top_g, logger)
     calibration = fit_calibration(model, calibration_set, top_k, top_g, ev.target_fpr, source,
                                   ev.decision_rule, ev.batch_size, co_occurrence,
@@ -715,13 +715,18 @@ def calibration_sessions(config: Config, options: dict, logger, after: str = "")
             abnormal)
 
 
-def parameter_stage(checkpoint: dict, config: Config, logger) -> values.ParameterModel | None:
+def parameter_stage(checkpoint: dict, config: Config, logger, swept: Sweep | None = None
+                    ) -> values.ParameterModel | None:
     """DeepLog's parameter-value model (values.py), trained where the data has times or values and
-    parameter.enabled, into the checkpoint ("parameter_model"); None otherwise."""
+    parameter.enabled, into the checkpoint ("parameter_model"), without the training sessions the sweep
+    found suspicious; None otherwise."""
     if not config.parameter.enabled or not values.data_has_parameters(config):
         return None
     started = time.time()
-    model = values.train_parameter_model(config, checkpoint["model_args"]["vocab_size"], logger.info)
+    leave_out = (lambda events: bool(swept.flags([events])[0])) if swept is not None and swept.suspicious \
+        else None
+    model = values.train_parameter_model(config, checkpoint["model_args"]["vocab_size"], logger.info,
+                                         leave_out)
     checkpoint["parameter_model"] = values.model_state(model)
     logger.info(f"Parameter model: trained in {utils.format_duration(time.time() - started)}; the "
                 f"parameter rule flags a session with a time or value farther than {model.threshold:.3g} "

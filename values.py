@@ -390,12 +390,14 @@ def side_of(record, config) -> int:
     return split_class(record.file, record.index, seed, data.validation_split, data.overlap)
 
 
-def records_of(config, sides: tuple, label: int = 0):
+def records_of(config, sides: tuple, label: int = 0, leave_out=None):
     """The records of the training data with times or values, labelled `label`, on these split sides
     (every side for label 1: abnormal sessions are never trained on), streamed; at most
-    parameter.max_sessions of them (the first)."""
+    parameter.max_sessions of them (the first). `leave_out(event_ids)`: True for a session to leave out
+    (those the training-data sweep found suspicious)."""
     records = (r for r in iter_sessions(config.data.preprocessed_dir, None, **reader_options(config))
-               if r.label == label and has_parameters(r) and (label or side_of(r, config) in sides))
+               if r.label == label and has_parameters(r) and (label or side_of(r, config) in sides)
+               and not (leave_out and leave_out(r.event_ids)))
     return itertools.islice(records, config.parameter.max_sessions)
 
 
@@ -405,14 +407,15 @@ def data_has_parameters(config, look_at: int = 1000) -> bool:
     return any(has_parameters(r) for r in itertools.islice(records, look_at))
 
 
-def train_parameter_model(config, vocab_size: int, log) -> ParameterModel:
-    """The normaliser fitted and the network trained on the training side, the threshold fitted on the
-    calibration half of the normal validation split at evaluation.target_fpr."""
+def train_parameter_model(config, vocab_size: int, log, leave_out=None) -> ParameterModel:
+    """The normaliser fitted and the network trained on the training side (without the sessions
+    `leave_out` names: the sweep's suspicious ones), the threshold fitted on the calibration half of the
+    normal validation split at evaluation.target_fpr."""
     pc = config.parameter
 
     def arrays(sides):
         return ((np.asarray(r.event_ids, dtype=np.int64), event_vectors(r.times, r.values))
-                for r in records_of(config, sides))
+                for r in records_of(config, sides, leave_out=leave_out if TRAIN in sides else None))
     normaliser = Normaliser.fit(arrays((TRAIN,)), vocab_size, config.training.seed)
     model = ParameterModel(ParameterNet(vocab_size, pc.embedding_dim, pc.hidden_size), normaliser)
 

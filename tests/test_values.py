@@ -160,3 +160,18 @@ def test_detection_names_the_odd_value_and_the_range_expected(trained, tmp_path)
     assert found["what"] in ("time since the previous event", "value 1")
     low, high = found["expected_range"]
     assert low < 1.0 < high < 30.0
+
+
+def test_the_sessions_the_sweep_found_suspicious_are_not_trained_on(tmp_path):
+    """values.records_of leaves out what the training-data sweep names (evaluate.parameter_stage passes
+    Sweep.flags): contamination handling applies to the parameter model too."""
+    from config import load_config
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"event_ids": [1, 2, 3] if i % 10 == 0 else [1, 2],
+                                        "times": [0.0, 1.0, 2.0][:3 if i % 10 == 0 else 2]}) + "\n"
+                            for i in range(300)))
+    config = load_config(None, {"data.preprocessed_dir": str(data), "data.validation_split": 0.2})
+    kept = [r.event_ids for r in V.records_of(config, (V.TRAIN,))]
+    assert [1, 2, 3] in kept and len(kept) > 200
+    left = [r.event_ids for r in V.records_of(config, (V.TRAIN,), leave_out=lambda e: len(e) == 3)]
+    assert [1, 2, 3] not in left and len(left) == kept.count([1, 2])
