@@ -106,6 +106,9 @@ class EvaluationConfig:
     batch_size: int = 256
 
 
+MAX_VALUES = 4   # numeric parameters kept per event: preprocess.py writes them, values.py models them
+
+
 @dataclass
 class PreprocessConfig:
     """preprocess.py's settings (raw logs -> sessions); a parser state saves the grouping ones with it."""

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import utils
-from config import Config
+from config import MAX_VALUES, Config
 from rules import CoOccurrenceRecorder, merge_co_occurrence
 from tokens import IGNORE_INDEX, lay_out, special_tokens, window_table
 from utils import UserError, excerpt, file_kind, one_line
@@ -231,7 +231,6 @@ def text_event_ids(file: Path, line_no: int, tokens: list[str]) -> list[int]:
 
 
 MAX_EVENT_ID = 2 ** 63 - 1   # IDs are held as int64 (an ID a model never saw is scored as unknown)
-MAX_VALUES = 4               # numeric parameters per event (preprocess.py keeps the first 4 of a line)
 
 
 def _is_number(value) -> bool:

@@ -30,7 +30,7 @@ from drain3.masking import MaskingInstruction
 from drain3.template_miner_config import TemplateMinerConfig
 
 import utils
-from config import PreprocessConfig, settings_config
+from config import MAX_VALUES, PreprocessConfig, settings_config
 
 STATE_FORMAT = "deeplog parser state"
 # Default masks, applied in this order after the user's own (--mask). Each stands for a value, never for
@@ -53,8 +53,6 @@ DEFAULT_MASKS = [
 # The settings that group lines, saved in the parser state (so detection groups new logs the same way)
 GROUPING = ("session_key", "session_idle", "window", "time_field", "time_format", "label_field",
             "normal_value", "values")
-
-MAX_VALUES = 4   # numeric parameters kept per line
 
 
 def line_values(content: str) -> list[float]:
