@@ -581,7 +581,8 @@ def validation_sessions(config: Config, options: dict, chunk_size: int = CHUNK_S
         for r in iter_sessions(data.preprocessed_dir, None, **options):
             side = split_class(r.file, r.index, seed, data.validation_split, data.overlap)
             if not data.validation_split:   # the halves of every session (the cache's FLAG_CALIBRATION)
-                side = split_class(r.file, r.index, seed, 1.0, data.overlap) == CALIBRATION or EVALUATION
+                half = split_class(r.file, r.index, seed, 1.0, data.overlap)
+                side = CALIBRATION if half == CALIBRATION else EVALUATION
             if not r.label and side == (CALIBRATION if fitting else EVALUATION):
                 yield r.event_ids
 
