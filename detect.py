@@ -71,7 +71,6 @@ import calibration as cal
 import logparse
 import preprocess
 import utils
-import values
 from checkpoint import CheckpointError, co_occurrence_of, load_trained
 from config import (
     Config,
@@ -201,15 +200,7 @@ def parameter_findings(model, chunk: list, rule: str) -> list[dict | None]:
     parameter_model = getattr(model, "parameter_model", None)
     if parameter_model is None or rule != "combined":
         return [None] * len(chunk)
-    found = []
-    for record in chunk:
-        if record.times is None and record.values is None:
-            found.append(None)
-            continue
-        worst = parameter_model.score(record.event_ids, values.event_vectors(record.times, record.values))
-        found.append(parameter_model.finding(record.event_ids, record.times, record.values, worst)
-                     if worst is not None and worst["score"] > 1 else None)
-    return found
+    return [parameter_model.odd(record.event_ids, record.times, record.values) for record in chunk]
 
 
 def seen_list(model) -> list[bool]:

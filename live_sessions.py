@@ -44,11 +44,12 @@ class Item(NamedTuple):
     events: list
     at: str
     raw: str | None
+    parameters: tuple | None = None   # a whole session's (times, values), for the parameter-value model
 
 
 class LiveSession:
     __slots__ = ("session_id", "slot", "first_seq", "events", "misses", "alerted", "last_seq", "last_time",
-                 "types", "known", "candidates", "refs", "n0")
+                 "types", "known", "candidates", "refs", "n0", "parameters")
 
     def __init__(self, session_id: str, slot: int, first_seq: int):
         self.session_id, self.slot, self.first_seq = session_id, slot, first_seq
@@ -61,6 +62,7 @@ class LiveSession:
         self.candidates: int | None = None   # training sets holding every type so far, as bits (event_set)
         self.refs: list | None = None   # this step's new events: (seq, at, raw) each
         self.n0 = 0                     # events before this step
+        self.parameters = None          # a whole session's (times, values) (Item.parameters)
 
 
 class EarlyRules:
@@ -165,6 +167,8 @@ class LiveDetector:
                  max_misses: int, prefix_nodes: int = 0, names=None):
         self.calibration, self.rule, self.co_occurrence = calibration, rule, co_occurrence
         self.names = names   # the template text of events (preprocess.EventNames), for raw logs
+        # the parameter-value model (values.py) where the checkpoint has one: a part of 'combined'
+        self.parameter_model = getattr(model, "parameter_model", None) if rule == "combined" else None
         self.top_k = calibration["top_k"]
         self.early = EarlyRules(calibration, rule, co_occurrence)
         self.count_rule = "count_vector" in self.early.parts
@@ -191,7 +195,7 @@ class LiveDetector:
         closing: list[tuple[int, int, LiveSession]] = []
         opened, idle_lines, max_events = self.open, self.idle_lines, self.max_session_events
         seq, due = self.seq, self.idle_due
-        for kind, keys, events, at, raw in items:
+        for kind, keys, events, at, raw, parameters in items:
             if kind == "close":
                 closing.extend((seq, 0, opened.pop(key)) for key in keys if key in opened)
                 continue
@@ -223,6 +227,7 @@ class LiveDetector:
                 else:
                     session.refs += [ref] * len(events)
                 session.last_seq, session.last_time = seq, now
+                session.parameters = parameters
                 if kind == "session" or (max_events and len(session.events) >= max_events):
                     if kind == "event":
                         del opened[key]
@@ -344,11 +349,26 @@ class LiveDetector:
         for i, ((seq, phase, session), flagged) in enumerate(zip(closing, abnormal.tolist())):
             unseen = self.co_occurrence.unseen_pairs(session.events, self.max_misses) \
                 if flagged and scores["novel_pair"][i] else []
+            odd = self._parameter_finding(session)
             text = verdict_line(session.session_id, session.events, i, scores, abnormal, anomaly, self.rule,
-                                unseen, session.misses if flagged else [])
+                                unseen, session.misses if flagged else [], odd)
             output.append((seq, phase, i, text))
-            self.totals["abnormal" if flagged else "normal"] += 1
+            self.totals["abnormal" if flagged or odd else "normal"] += 1
             self.scorer.release(session.slot)
+
+    def _parameter_finding(self, session: LiveSession) -> dict | None:
+        """What the parameter-value model found odd in a whole session's times or values (under 'combined',
+        where the checkpoint has the model), with where it is; None otherwise. As detect.py's batch."""
+        if self.parameter_model is None or session.parameters is None:
+            return None
+        found = self.parameter_model.odd(session.events, *session.parameters)
+        if found is None:
+            return None
+        if session.refs and found["position"] < len(session.refs):
+            found["at"] = session.refs[found["position"]][1]
+        if self.names is not None:
+            self.names.annotate(found, "event")
+        return found
 
     # -------------------------------------------------------------- saved and restored
     def state_dict(self) -> dict:

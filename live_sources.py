@@ -197,6 +197,11 @@ class StandardInput(FollowedFile):
 TIMEOUT = BAD_TIME + 1   # RawParser's own status beside LineEvents': a user regex stopped on the line
 
 
+def parameters_of(record) -> tuple | None:
+    """A whole session's (times, values), for the parameter-value model, where it has either."""
+    return (record.times, record.values) if record.times is not None or record.values is not None else None
+
+
 class RawParser:
     """The part of parsing raw log lines that needs no order (it can run in a worker process): logparse's
     LineEvents through the saved parser state. Per line: LineEvents.read's tuple or (TIMEOUT, message)."""
@@ -285,7 +290,7 @@ class LineParser:
         self.counts["lines"] += len(lines)
         for status, name in ((UNMATCHED, "unmatched"), (NO_KEY, "lines_without_key"), (BAD_TIME, "bad_time")):
             self.counts[name] += statuses[status]
-        return [("event", p[2], [p[1]], f"{path}:{number}", text)
+        return [("event", p[2], [p[1]], f"{path}:{number}", text, None)
                 for (path, number, text), p in zip(lines, parsed) if p[0] == PARSED]
 
     def _line(self, path: str, number: int, text: str) -> list[Item]:
@@ -316,7 +321,7 @@ class LineParser:
                                 f"(data.session_id_field)")
             return Item("event", (str(session_id),), [event], at, raw)
         record = validate_record(Path(path), number, item, self.fields, None, "jsonl")
-        return Item("session", (record.session_id,), record.event_ids, at, None)
+        return Item("session", (record.session_id,), record.event_ids, at, None, parameters_of(record))
 
     def _raw_line(self, path: str, number: int, text: str, parsed: tuple) -> list[Item]:
         status = parsed[0]
@@ -328,7 +333,7 @@ class LineParser:
         _, event, keys_or_time = parsed
         at = f"{path}:{number}"
         if self.windows is None:
-            return [("event", keys_or_time, [event], at, text)]   # (an Item: a plain tuple is cheaper)
+            return [("event", keys_or_time, [event], at, text, None)]   # (an Item: a plain tuple is cheaper)
         try:
             joined, closed = self.windows.place(keys_or_time)
         except logparse.LineError as error:

@@ -266,6 +266,15 @@ class ParameterModel:
                 "range": float(np.nanmax(excess)) if not np.isnan(excess).all() else 0.0,
                 "kind": "range" if beyond else "prediction"}
 
+    def odd(self, events, times, values) -> dict | None:
+        """What an alert says of a session whose times or values the parameter rule flags (finding); None
+        when it does not, or the session has neither. One function for batch and live detection."""
+        if times is None and values is None:
+            return None
+        worst = self.score(events, event_vectors(times, values))
+        flagged = worst is not None and worst["score"] > 1
+        return self.finding(events, times, values, worst) if flagged else None
+
     def finding(self, events, times, values, found: dict) -> dict:
         """What an alert says: which event, which slot (the time since the previous event, or a value), its
         value, and the range expected there (the prediction +- the threshold, on the value's own scale)."""

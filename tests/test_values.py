@@ -175,3 +175,33 @@ def test_the_sessions_the_sweep_found_suspicious_are_not_trained_on(tmp_path):
     assert [1, 2, 3] in kept and len(kept) > 200
     left = [r.event_ids for r in V.records_of(config, (V.TRAIN,), leave_out=lambda e: len(e) == 3)]
     assert [1, 2, 3] not in left and len(left) == kept.count([1, 2])
+
+
+def test_live_detection_of_whole_sessions_gives_the_batch_parameter_verdicts(trained, tmp_path):
+    """detect.py --follow on sessions with times and values (JSON lines on standard input): the verdicts
+    and what the parameter rule found, as the batch run gives them."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    lines = [{"session_id": f"s{i}", "event_ids": [1, 2, 3], "times": [0.0, 0.5, 0.5 + duration],
+              "values": [[], [110.0], [duration]]} for i, duration in enumerate([1.0, 30.0, 1.2, 25.0, 0.9])]
+    sessions = tmp_path / "new.jsonl"
+    sessions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    checkpoint = trained / "run" / "checkpoints" / "best_model.pt"
+    out = tmp_path / "batch.jsonl"
+    result = run_script("detect.py", "--checkpoint", checkpoint, sessions, "--output", out)
+    assert result.returncode == 0, result.stderr
+    batch = {v["session_id"]: v for v in map(json.loads, out.read_text().splitlines())}
+    live = subprocess.run([sys.executable, str(REPO / "detect.py"), "--checkpoint", str(checkpoint), "-",
+                           "--follow"], cwd=REPO, input=sessions.read_text(), capture_output=True, text=True,
+                          timeout=300)
+    assert live.returncode == 0, live.stderr[-2000:]
+    verdicts = {v["session_id"]: v for v in map(json.loads, live.stdout.splitlines()) if "verdict" in v}
+    assert sorted(verdicts) == sorted(batch) == [f"s{i}" for i in range(5)]
+    assert [verdicts[s]["verdict"] for s in sorted(batch)] == [batch[s]["verdict"] for s in sorted(batch)]
+    assert [batch[s]["verdict"] for s in ("s1", "s3")] == ["abnormal", "abnormal"]
+    for name, verdict in verdicts.items():
+        drop = {"at", "raw"}   # live names the JSON line, batch the raw log line where it has one
+        assert {k: v for k, v in verdict.get("parameter", {}).items() if k not in drop} == \
+            {k: v for k, v in batch[name].get("parameter", {}).items() if k not in drop}
