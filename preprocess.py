@@ -59,6 +59,7 @@ import collections
 import contextlib
 import csv
 import gzip
+import itertools
 import json
 import logging
 import math
@@ -363,18 +364,25 @@ class Sessions:
                     self.closed_early += 1
                     yield self._finish(*self.open.popitem(last=False))
                 self.seen += 1
-                state = self.open[session_id] = [self.seen, array.array("l"), array.array("q"), False, 0, []]
+                state = self.open[session_id] = [self.seen, array.array("l"), array.array("q"), False, 0,
+                                                 array.array("d"), array.array("d"), array.array("b")]
             else:
                 self.open.move_to_end(session_id)  # most recently active last: the LRU end is first
             state[1].append(event)
             state[2].append(ref)
             state[3] = state[3] or abnormal
             state[4] = self.lines
-            state[5].append(extra)
+            if extra is not None:   # (time, values) kept as flat arrays: open sessions stay small
+                state[5].append(math.nan if extra[0] is None else extra[0])
+                state[6].extend(extra[1])
+                state[7].append(len(extra[1]))
 
     @staticmethod
     def _finish(session_id, state):
-        return session_id, state[1], state[2], state[3], state[5]
+        times, flat, counts = state[5], state[6].tolist(), state[7]
+        ends = list(itertools.accumulate(counts))
+        extras = [(None if math.isnan(t) else t, flat[end - n:end]) for t, n, end in zip(times, counts, ends)]
+        return session_id, state[1], state[2], state[3], extras
 
     def close(self):
         for session_id, state in sorted(self.open.items(), key=lambda item: item[1][0]):  # first seen first
