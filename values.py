@@ -10,13 +10,16 @@ Examples:
 Each event becomes a vector of SLOTS numbers: slot 0 the time since the session's previous event, slots
 1..MAX_VALUES its numeric parameters (preprocess.py's "times" and "values"), NaN where absent. Each number is
 put on a log scale (sign(x) log(1 + |x|): durations and sizes spread over orders of magnitude) and then
-normalised per event type and slot by the median and MAD of the training sessions (robust: a few anomalies
-among them move neither). One small network serves every event type (10,000 types cost a table of
-10,000 x SLOTS medians and scales, not 10,000 LSTMs as in the paper): an LSTM reads the session's events
+normalised per event type and slot by the median and spread of the training sessions (robust_spread: a few
+anomalies among them move neither). One small network serves every event type (10,000 types cost a table
+of 10,000 x SLOTS medians and scales, not 10,000 LSTMs as in the paper): an LSTM reads the session's events
 (type embedding and normalised vector) and, given the next event's type, predicts its normalised vector.
-A session's parameter score is its largest |actual - predicted| (in scales of that type and slot); the
-`parameter` rule flags a score above a threshold fitted on normal validation sessions at the target
-false-positive rate. The per-type baseline (no model) scores |normalised value| alone.
+The `parameter` rule has two tests, the target false-positive rate split between them: a value's error
+against the prediction, in spreads of the model's own errors for that type and slot (error_spread), above
+a threshold (the larger of the calibration quantile and the paper's Gaussian); or a value beyond its
+type's 0.5-99.5% training range by more than a threshold (at least RANGE_FLOOR scales). A session's score
+(ParameterModel.score) is its worst value's share of its threshold: above 1 it is flagged. The per-type
+baseline (no model) scores |normalised value| alone.
 """
 from __future__ import annotations
 
