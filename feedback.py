@@ -258,8 +258,8 @@ def new_events(found: Feedback, vocab_size: int, parser_state: str | None) -> Ne
     a template of the parser state that parsed the feedback's logs (--parser-state, else the
     parser_state.json beside the feedback file): the vocabulary grows to hold them (up to the largest; the
     state's later templates stay unknown until fed back), and the updated model and later parses through
-    the state agree on every ID. An ID that no template holds (a line that
-    matched none, under --match-only or in live detection) names nothing and cannot be learned."""
+    the state agree on every ID. An ID that no template holds (a line that matched none, under --match-only
+    or in live detection) names nothing and cannot be learned."""
     if found.first_new is None:
         return NewEvents(vocab_size, vocab_size, {})
     where, first = found.first_new
@@ -295,8 +295,9 @@ def grown_for(model: DeepLog, new: NewEvents, logger) -> DeepLog:
 def grown(model: DeepLog, vocab_size: int) -> DeepLog:
     """`model` with room for event IDs up to vocab_size - 1 (tokens.py: the special tokens move above them).
     The IDs it had keep every weight; a new ID reads as the model read it before (the unknown token's
-    embedding) and starts below the least likely event (together they take no more than it), unseen until
-    mark_seen: until the update teaches them, the grown model scores sessions as the old one did."""
+    embedding) and is predicted with no weight and the lowest bias less the log of their number (together,
+    the share of one class at the lowest bias), unseen until mark_seen: until the update teaches them, the
+    grown model scores sessions almost as the old one did (the old classes' logits are unchanged)."""
     old = model.vocab_size
     larger = DeepLog(**{**model.model_args, "vocab_size": vocab_size})
     before, after = model.state_dict(), larger.state_dict()
