@@ -117,11 +117,14 @@ def score_sessions(model: DeepLog, sessions: list[tuple], top_ks, batch_size: in
     return out
 
 
-def verdict(model: DeepLog, input_ids, rule: str | None = None) -> list[str]:
+def verdict(model: DeepLog, input_ids, rule: str | None = None, times=None, values=None) -> list[str]:
     """"abnormal" or "normal" per session (a 1-D sequence, a list of them or a right-padded 2-D tensor): the
     calibrated rule stored with a model that checkpoint.load_model built (the checkpoint's decision rule
     unless `rule` names another), with its thresholds and its record of event types seen together in
-    training: the same verdict as detect.py."""
+    training: the same verdict as detect.py. `times`, `values`: one list per session (for one session too:
+    [its times]) of its events' times and numeric parameters (or None), as sessions.jsonl holds them:
+    under 'combined', the parameter-value model's rule too, where the checkpoint has one (what it found:
+    model.parameter_model.odd)."""
     if model.calibration is None:
         raise ValueError("this model holds no calibration: load it with checkpoint.load_model from a "
                          "checkpoint whose training ended (or calibrate with evaluate.py --calibrate-on)")
@@ -130,8 +133,15 @@ def verdict(model: DeepLog, input_ids, rule: str | None = None) -> list[str]:
         raise ValueError(f"unknown decision rule '{rule}' (known: {', '.join(RULES)})")
     sessions = as_sessions(input_ids)
     scores = score_sessions(model, sessions, [model.calibration["top_k"]], co_occurrence=model.co_occurrence)
-    flagged = verdicts(scores, model.calibration, rule)
-    return ["abnormal" if abnormal else "normal" for abnormal in flagged.tolist()]
+    flagged = verdicts(scores, model.calibration, rule).tolist()
+    parameter_model = getattr(model, "parameter_model", None)
+    if parameter_model is not None and rule == "combined" and (times is not None or values is not None):
+        for i, session in enumerate(sessions):
+            session_times = times[i] if times is not None else None
+            session_values = values[i] if values is not None else None
+            odd = parameter_model.odd(list(session), session_times, session_values)
+            flagged[i] = flagged[i] or odd is not None
+    return ["abnormal" if abnormal else "normal" for abnormal in flagged]
 
 
 def session_key(events) -> tuple:

@@ -205,3 +205,16 @@ def test_live_detection_of_whole_sessions_gives_the_batch_parameter_verdicts(tra
         drop = {"at", "raw"}   # live names the JSON line, batch the raw log line where it has one
         assert {k: v for k, v in verdict.get("parameter", {}).items() if k not in drop} == \
             {k: v for k, v in batch[name].get("parameter", {}).items() if k not in drop}
+
+
+def test_the_python_verdict_takes_times_and_values_as_detect_does(trained):
+    from scoring import verdict
+    model = load_model(trained / "run" / "checkpoints" / "best_model.pt")
+    sessions = [[1, 2, 3], [1, 2, 3]]
+    times = [[0.0, 0.5, 30.5], [0.0, 0.5, 1.5]]
+    values = [[[], [110.0], [30.0]], [[], [110.0], [1.0]]]
+    assert verdict(model, sessions, times=times, values=values) == ["abnormal", "normal"]
+    assert verdict(model, sessions) == ["normal", "normal"]                     # the key model alone
+    assert verdict(model, sessions, "probability", times, values) == ["normal", "normal"]   # not 'combined'
+    found = model.parameter_model.odd(sessions[0], times[0], values[0])
+    assert found["position"] == 2 and found["actual"] == 30.0
