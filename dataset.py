@@ -34,7 +34,7 @@ import signal
 import struct
 import sys
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import contains, itemgetter
 from pathlib import Path
 from typing import Iterator
 
@@ -430,19 +430,15 @@ def _json_array_chunks(file: Path, array_key: str, fields, vocab_size, chunk_rec
     done = 0
     with _open(file) as handle:
         items = ijson.items(_DepthBoundedReader(handle, file), prefix, use_float=True)
-        for_events, for_labels, for_items = itertools.tee(items, 3)
-        triples = zip(map(itemgetter(event_ids_field), for_events),
-                      map(dict.get, for_labels, itertools.repeat(label_field), itertools.repeat(0)),
-                      for_items)
         while True:
             try:
-                chunk = list(itertools.islice(triples, chunk_records))
+                chunk = list(itertools.islice(items, chunk_records))
                 if not chunk:
                     break
-                events, labels = list(map(itemgetter(0), chunk)), list(map(itemgetter(1), chunk))
+                events = list(map(itemgetter(event_ids_field), chunk))
+                labels = list(map(dict.get, chunk, itertools.repeat(label_field), itertools.repeat(0)))
                 arrays = _arrays_at_c_speed(events, labels, np.arange(done + 1, done + 1 + len(chunk)),
-                                            vocab_size) \
-                    if _extras_valid(map(itemgetter(2), chunk), event_ids_field) else None
+                                            vocab_size) if _extras_valid(chunk, event_ids_field) else None
             except (KeyError, TypeError, ijson.JSONError):  # not an object, a missing field, malformed JSON
                 arrays = None
             if arrays is None:
@@ -484,7 +480,11 @@ def _lines_at_c_speed(block_start: int, block: list[bytes], fmt: str, fields,
 
 def _extras_valid(items, event_ids_field: str) -> bool:
     """Whether the optional "times" and "values" of these session objects are valid (the slow reader names
-    what is not): the fast first pass must refuse what validate_record refuses."""
+    what is not): the fast first pass must refuse what validate_record refuses. Where no session has them
+    (the usual case), one C-speed look per field."""
+    if not any(map(contains, items, itertools.repeat("times"))) and \
+            not any(map(contains, items, itertools.repeat("values"))):
+        return True
     for item in items:
         if isinstance(item, dict) and ("times" in item or "values" in item):
             events = len(item[event_ids_field]) if isinstance(item.get(event_ids_field), list) else -1

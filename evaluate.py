@@ -309,28 +309,8 @@ def format_report(r: dict) -> str:
         lines += ["FALSE-POSITIVE RATE ON NORMAL DATA (no abnormal sessions in the data)", "-" * 72]
         lines += [f"  {rule:<13}{fpr:.4%}" for rule, fpr in r["false_positive_rate"].items()] + [""]
     if "parameter" in r:
-        lines += parameter_report(r["parameter"])
+        lines += values.report_lines(r["parameter"])
     return "\n".join(lines) + "\n"
-
-
-def parameter_report(p: dict) -> list[str]:
-    """The PARAMETER MODEL section: its rule and the per-type baseline, flagged normal and abnormal."""
-    lines = ["PARAMETER MODEL (times and values of each event, values.py)", "-" * 72,
-             f"  Thresholds: {p['threshold']:.3g} spreads from the model's prediction, or "
-             f"{p['range_threshold']:.3g} scales beyond the type's training range (the per-type baseline, "
-             f"|value| alone: {p['baseline_threshold']:.3g})"]
-    for side, what in (("normal", "FPR"), ("abnormal", "recall")):
-        s = p[side]
-        if s["sessions"]:
-            lines.append(f"  {side:<9} sessions {s['sessions']:>7}: parameter rule {what} "
-                         f"{s['flagged'] / s['sessions']:.4f} ({s['flagged']}), per-type baseline "
-                         f"{s['baseline_flagged'] / s['sessions']:.4f} ({s['baseline_flagged']})")
-    for example in p["examples"]:
-        low, high = example["expected_range"]
-        lines.append(f"  e.g. {example['session_id']}: event {example['event']} at position "
-                     f"{example['position']}, {example['what']} {example['actual']:.6g}, expected "
-                     f"{low:.6g} .. {high:.6g}")
-    return lines + [""]
 
 
 LEARNED_LITTLE = 0.75   # a loss above this share of a uniform guess's: the model learned next to nothing
@@ -716,30 +696,11 @@ def calibration_sessions(config: Config, options: dict, logger, after: str = "")
             abnormal)
 
 
-def parameter_stage(checkpoint: dict, config: Config, logger, swept: Sweep | None = None
-                    ) -> values.ParameterModel | None:
-    """DeepLog's parameter-value model (values.py), trained where the data has times or values and
-    parameter.enabled, into the checkpoint ("parameter_model"), without the training sessions the sweep
-    found suspicious; None otherwise."""
-    if not config.parameter.enabled or not values.data_has_parameters(config):
-        return None
-    started = time.time()
+def parameter_stage(checkpoint: dict, config: Config, logger, swept: Sweep | None = None):
+    """values.stage, without the training sessions the sweep found suspicious."""
     leave_out = (lambda events: bool(swept.flags([events])[0])) if swept is not None and swept.suspicious \
         else None
-    model = values.train_parameter_model(config, checkpoint["model_args"]["vocab_size"], logger.info,
-                                         leave_out)
-    checkpoint["parameter_model"] = values.model_state(model)
-    logger.info(f"Parameter model: trained in {utils.format_duration(time.time() - started)}; the "
-                f"parameter rule flags a session with a time or value farther than {model.threshold:.3g} "
-                f"spreads from what the model expects there, or {model.range_threshold:.3g} scales beyond "
-                f"its event type's training range (fitted on {model.calibration_sessions} normal "
-                f"calibration sessions at target FPR {config.evaluation.target_fpr:.2%})")
-    if model.calibration_sessions < cal.FEW_TO_MEASURE:
-        logger.warning(f"The parameter rule's thresholds rest on {model.calibration_sessions} calibration "
-                       f"session(s) with times or values, too few to promise its target false-positive rate: "
-                       f"on such data it has flagged 2-9% of normal sessions (benchmarks/README.md); train "
-                       f"on more sessions, or raise data.validation_split")
-    return model
+    return values.stage(checkpoint, config, logger, leave_out)
 
 
 def ranks_within_reach(model, top_k: int, top_g: int, logger) -> tuple[int, int]:

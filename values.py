@@ -26,12 +26,15 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+import utils
+from calibration import FEW_TO_MEASURE
 from config import reader_options
 from dataset import CALIBRATION, EVALUATION, MAX_VALUES, TRAIN, iter_sessions, split_class
 
@@ -464,6 +467,28 @@ def train_parameter_model(config, vocab_size: int, log, leave_out=None) -> Param
     return model
 
 
+def stage(checkpoint: dict, config, logger, leave_out=None) -> ParameterModel | None:
+    """The stage after training (evaluate.after_training): the model trained where the data has times or
+    values and parameter.enabled, into the checkpoint ("parameter_model"), without the training sessions
+    `leave_out` names; None otherwise."""
+    if not config.parameter.enabled or not data_has_parameters(config):
+        return None
+    started = time.time()
+    model = train_parameter_model(config, checkpoint["model_args"]["vocab_size"], logger.info, leave_out)
+    checkpoint["parameter_model"] = model_state(model)
+    logger.info(f"Parameter model: trained in {utils.format_duration(time.time() - started)}; the "
+                f"parameter rule flags a session with a time or value farther than {model.threshold:.3g} "
+                f"spreads from what the model expects there, or {model.range_threshold:.3g} scales beyond "
+                f"its event type's training range (fitted on {model.calibration_sessions} normal "
+                f"calibration sessions at target FPR {config.evaluation.target_fpr:.2%})")
+    if model.calibration_sessions < FEW_TO_MEASURE:
+        logger.warning(f"The parameter rule's thresholds rest on {model.calibration_sessions} calibration "
+                       f"session(s) with times or values, too few to promise its target false-positive rate: "
+                       f"on such data it has flagged 2-9% of normal sessions (benchmarks/README.md); train "
+                       f"on more sessions, or raise data.validation_split")
+    return model
+
+
 def evaluate_parameter_model(model: ParameterModel, config) -> dict:
     """The parameter rule (and the per-type baseline, at a threshold fitted the same way) on the evaluation
     half of the normal validation split and on the sessions labelled abnormal: flagged counts, and the
@@ -490,3 +515,23 @@ def evaluate_parameter_model(model: ParameterModel, config) -> dict:
                     record.event_ids, record.times, record.values, found)})
         result[side] = {"sessions": count, "flagged": flagged, "baseline_flagged": baseline_flagged}
     return result
+
+
+def report_lines(p: dict) -> list[str]:
+    """The PARAMETER MODEL section: its rule and the per-type baseline, flagged normal and abnormal."""
+    lines = ["PARAMETER MODEL (times and values of each event, values.py)", "-" * 72,
+             f"  Thresholds: {p['threshold']:.3g} spreads from the model's prediction, or "
+             f"{p['range_threshold']:.3g} scales beyond the type's training range (the per-type baseline, "
+             f"|value| alone: {p['baseline_threshold']:.3g})"]
+    for side, what in (("normal", "FPR"), ("abnormal", "recall")):
+        s = p[side]
+        if s["sessions"]:
+            lines.append(f"  {side:<9} sessions {s['sessions']:>7}: parameter rule {what} "
+                         f"{s['flagged'] / s['sessions']:.4f} ({s['flagged']}), per-type baseline "
+                         f"{s['baseline_flagged'] / s['sessions']:.4f} ({s['baseline_flagged']})")
+    for example in p["examples"]:
+        low, high = example["expected_range"]
+        lines.append(f"  e.g. {example['session_id']}: event {example['event']} at position "
+                     f"{example['position']}, {example['what']} {example['actual']:.6g}, expected "
+                     f"{low:.6g} .. {high:.6g}")
+    return lines + [""]
